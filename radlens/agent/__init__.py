@@ -1,0 +1,1 @@
+"""The running agent: lifecycle, study assembly, the job queue, the worker and the outbox."""

@@ -1,0 +1,175 @@
+"""The outbox: owns the "delivered" state. Files queued per destination in SQLite, sent by
+``dicom_io.scu``, retried with exponential back-off while a destination is down, and kept across
+restarts. The agent's scheduler calls ``deliver_due`` every ``outbox.poll_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from radlens.config import Destination, OutboxSettings
+from radlens.db import Database
+from radlens.dicom_io import scu
+from radlens.errors import ConfigError, DestinationError, InvalidDatasetError
+from radlens.logs import kv
+
+log = logging.getLogger(__name__)
+
+BATCH_LIMIT = 500
+Sender = Callable[..., list[scu.SendResult]]
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+
+
+def describe_file(path: Path) -> scu.OutgoingFile:
+    """What the outbox needs to know of a file to send it later."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return scu.OutgoingFile(
+            path=path.resolve(),
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        )
+    except Exception as exc:
+        raise InvalidDatasetError(f"{path}: not a DICOM file radlens can send ({exc})") from exc
+
+
+class Outbox:
+    def __init__(self, db: Database, settings: OutboxSettings,
+                 destinations: Sequence[Destination], *, calling_aet: str,
+                 timeout_s: float = 30.0, sender: Sender = scu.send_files) -> None:
+        self.db = db
+        self.settings = settings
+        self.destinations = {d.name: d for d in destinations}
+        self.calling_aet = settings.calling_ae_title or calling_aet
+        self.timeout_s = timeout_s
+        self.sender = sender
+        self._delivering = threading.Lock()
+
+    def enqueue(self, paths: Iterable[Path], destination: str, *,
+                job_id: int | None = None) -> list[int]:
+        """Queue files for a configured destination; returns the outbox row ids."""
+        if destination not in self.destinations:
+            known = ", ".join(self.destinations) or "none configured"
+            raise ConfigError(f"unknown destination {destination!r} (known: {known})")
+        files = [describe_file(Path(p)) for p in paths]
+        now = time.time()
+        ids = []
+        with self.db.transaction() as conn:
+            for item in files:
+                ids.append(conn.execute(
+                    "INSERT INTO outbox (destination, path, sop_instance_uid, sop_class_uid,"
+                    " transfer_syntax_uid, job_id, state, created_at, next_attempt_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    (destination, str(item.path), item.sop_instance_uid, item.sop_class_uid,
+                     item.transfer_syntax_uid, job_id, now, now),
+                ).lastrowid)
+        log.info("queued for delivery", extra=kv(destination=destination, files=len(ids),
+                                                 job=job_id))
+        return [int(i) for i in ids if i is not None]
+
+    def backoff_s(self, attempts: int) -> float:
+        """Delay before attempt ``attempts + 1``: initial, then doubling, capped."""
+        delay = self.settings.retry_initial_s * (2 ** max(0, attempts - 1))
+        return float(min(delay, self.settings.retry_max_s))
+
+    def deliver_due(self, now: float | None = None) -> DeliveryReport:
+        """Send every due file, one association batch per destination."""
+        if not self._delivering.acquire(blocking=False):
+            return DeliveryReport()
+        try:
+            now = time.time() if now is None else now
+            rows = self.db.conn.execute(
+                "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY id LIMIT ?", (now, BATCH_LIMIT),
+            ).fetchall()
+            by_destination: dict[str, list[sqlite3.Row]] = defaultdict(list)
+            for row in rows:
+                by_destination[row["destination"]].append(row)
+            report = DeliveryReport()
+            for name, items in by_destination.items():
+                report = _add(report, self._deliver(name, items))
+            return report
+        finally:
+            self._delivering.release()
+
+    def _deliver(self, name: str, rows: list[sqlite3.Row]) -> DeliveryReport:
+        destination = self.destinations.get(name)
+        if destination is None:
+            return self._retry(rows, f"destination {name!r} is not configured any more")
+        files = [scu.OutgoingFile(Path(r["path"]), r["sop_class_uid"], r["sop_instance_uid"],
+                                  r["transfer_syntax_uid"]) for r in rows]
+        try:
+            results = self.sender(destination.host, destination.port, destination.ae_title, files,
+                                  calling_aet=self.calling_aet, timeout_s=self.timeout_s)
+        except DestinationError as exc:
+            report = self._retry(rows, str(exc))
+            log.warning("destination unreachable, will retry", extra=kv(
+                destination=name, files=len(rows), error=str(exc),
+                retry_in_s=self.backoff_s(rows[0]["attempts"] + 1)))
+            return report
+        by_path = {str(r.file.path): r for r in results}
+        delivered, undelivered = [], []
+        for row in rows:
+            result = by_path.get(row["path"])
+            (delivered if result is not None and result.delivered else undelivered).append(row)
+        now = time.time()
+        with self.db.transaction() as conn:
+            for row in delivered:
+                result = by_path[row["path"]]
+                conn.execute(
+                    "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
+                    " last_status = ?, last_error = NULL WHERE id = ?",
+                    (now, result.status, row["id"]),
+                )
+        report = DeliveryReport(sent=len(delivered))
+        if delivered:
+            log.info("delivered", extra=kv(destination=name, files=len(delivered)))
+        for row in undelivered:
+            result = by_path.get(row["path"])
+            error = result.error if result is not None else "not attempted"
+            status = result.status if result is not None else None
+            report = _add(report, self._retry([row], error or "failed", status=status))
+        return report
+
+    def _retry(self, rows: Sequence[sqlite3.Row], error: str, *,
+               status: int | None = None) -> DeliveryReport:
+        now = time.time()
+        retrying = failed = 0
+        with self.db.transaction() as conn:
+            for row in rows:
+                attempts = row["attempts"] + 1
+                give_up = bool(self.settings.max_attempts) and attempts >= self.settings.max_attempts
+                conn.execute(
+                    "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?,"
+                    " last_status = ?, last_error = ? WHERE id = ?",
+                    ("failed" if give_up else "pending", attempts, now + self.backoff_s(attempts),
+                     status, error, row["id"]),
+                )
+                if give_up:
+                    failed += 1
+                    log.error("delivery abandoned", extra=kv(
+                        destination=row["destination"], sop=row["sop_instance_uid"],
+                        attempts=attempts, error=error))
+                else:
+                    retrying += 1
+        return DeliveryReport(retrying=retrying, failed=failed)
+
+
+def _add(a: DeliveryReport, b: DeliveryReport) -> DeliveryReport:
+    return DeliveryReport(a.sent + b.sent, a.retrying + b.retrying, a.failed + b.failed)

@@ -1,0 +1,187 @@
+"""The agent's lifecycle: start every stage in order, stop them in reverse on SIGTERM/SIGINT.
+
+Start-up recovers from any earlier crash: partial files are removed, interrupted jobs re-queued,
+study timers re-armed from SQLite, and the outbox resumes. One agent owns a data folder at a time
+(an exclusive lock), so two processes can never assemble the same study twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import UTC
+from pathlib import Path
+from types import FrameType
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from radlens import __version__
+from radlens.agent.assembler import StudyAssembler
+from radlens.agent.outbox import Outbox
+from radlens.agent.pipeline import RESULTS_DIR
+from radlens.agent.queue import JobQueue
+from radlens.agent.worker import Worker
+from radlens.config import Settings
+from radlens.db import DB_FILENAME, Database
+from radlens.dicom_io.scp import StorageListener
+from radlens.dicom_io.spool import Spool, StoredInstance
+from radlens.errors import RadlensError
+from radlens.logs import kv
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "radlens.lock"
+SWEEP_INTERVAL_S = 30.0
+
+
+class AgentAlreadyRunningError(RadlensError):
+    """Another radlens process holds the data folder."""
+
+
+class DataDirLock:
+    """An exclusive flock on ``<data>/radlens.lock`` holding the owner's pid and address."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_FILE
+        self._handle: int | None = None
+
+    def acquire(self, details: dict[str, object]) -> None:
+        handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            owner = read_lock_details(self.path)
+            raise AgentAlreadyRunningError(
+                f"another radlens agent (pid {owner.get('pid', '?')}) is using "
+                f"{self.path.parent}"
+            ) from None
+        os.ftruncate(handle, 0)
+        os.write(handle, json.dumps(details).encode())
+        os.fsync(handle)
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            os.ftruncate(self._handle, 0)
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            os.close(self._handle)
+            self._handle = None
+
+
+def read_lock_details(path: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads(path.read_text() or "{}"))
+    except (OSError, ValueError):
+        return {}
+
+
+def agent_is_running(data_dir: Path) -> dict[str, object] | None:
+    """The running agent's details if one holds the data folder, else None."""
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        return None
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_lock_details(path)
+    else:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(handle)
+
+
+class Agent:
+    """Listener -> spool -> assembler -> jobs -> worker -> outbox, wired together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = settings.storage.data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = DataDirLock(self.data_dir)
+        self._stopping = threading.Event()
+        self.db: Database | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        self._lock.acquire({"pid": os.getpid(), "ae_title": s.dicom.ae_title,
+                            "host": s.dicom.host, "port": s.dicom.port,
+                            "version": __version__, "started_at": time.time()})
+        try:
+            self._start_stages()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start_stages(self) -> None:
+        s = self.settings
+        self.db = Database(self.data_dir / DB_FILENAME, durable=s.storage.fsync)
+        self.spool = Spool(self.data_dir, self.db, fsync=s.storage.fsync,
+                           min_free_mb=s.storage.min_free_mb)
+        self.queue = JobQueue(self.db, self.data_dir)
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=8)})
+        self.assembler = StudyAssembler(self.scheduler, self.queue,
+                                        quiet_period_s=s.assembly.quiet_period_s,
+                                        max_wait_s=s.assembly.max_wait_s)
+        self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, fsync=s.storage.fsync)
+        self.outbox = Outbox(self.db, s.outbox, s.destinations, calling_aet=s.dicom.ae_title,
+                             timeout_s=s.dicom.network_timeout_s)
+        self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored)
+
+        self.spool.remove_partials()
+        self.queue.requeue_interrupted()
+        self.scheduler.start()
+        self.assembler.rebuild()
+        self.scheduler.add_job(self.assembler.rebuild, "interval", seconds=SWEEP_INTERVAL_S,
+                               id="assembly-sweep", coalesce=True, max_instances=1)
+        self.scheduler.add_job(self.outbox.deliver_due, "interval",
+                               seconds=s.outbox.poll_interval_s, id="outbox",
+                               coalesce=True, max_instances=1)
+        self.worker.start()
+        self.listener.start()
+        log.info("radlens agent started", extra=kv(version=__version__,
+                                                   data_dir=str(self.data_dir),
+                                                   destinations=len(s.destinations)))
+
+    def _on_stored(self, stored: StoredInstance) -> None:
+        self.assembler.instance_received(stored.uids.study_instance_uid, stored.received_at)
+
+    def stop(self) -> None:
+        """Stop accepting, finish stores in flight, then the timers, the worker, the database."""
+        grace = self.settings.dicom.shutdown_grace_s
+        log.info("stopping", extra=kv(grace_s=grace))
+        try:
+            if hasattr(self, "listener"):
+                self.listener.stop(grace)
+            if hasattr(self, "scheduler") and self.scheduler.running:
+                self.scheduler.shutdown(wait=True)
+            if hasattr(self, "worker") and not self.worker.stop(grace):
+                log.warning("worker still busy at shutdown; its job re-runs at next start",
+                            extra=kv(job=self.worker.current_job))
+            if self.db is not None:
+                self.db.close()
+        finally:
+            self._lock.release()
+        log.info("radlens agent stopped")
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self._stopping.set()
+
+    def run_until_signalled(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        try:
+            while not self._stopping.wait(1.0):
+                pass
+        finally:
+            self.stop()

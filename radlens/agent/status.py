@@ -1,0 +1,72 @@
+"""What ``radlens status`` reports, read from SQLite whether the agent runs or not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from radlens.agent.service import agent_is_running
+from radlens.db import DB_FILENAME, open_readonly
+
+JOB_STATES = ("queued", "running", "done", "failed")
+OUTBOX_STATES = ("pending", "sent", "failed")
+
+
+class AgentState(BaseModel):
+    running: bool
+    pid: int | None = None
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
+    version: str | None = None
+
+
+class StatusReport(BaseModel):
+    data_dir: str
+    agent: AgentState
+    instances: int = 0
+    instance_bytes: int = 0
+    studies: int = 0
+    pending_instances: int = Field(default=0, description="received, study not yet complete")
+    last_received_at: float | None = None
+    quarantined: int = 0
+    jobs: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(JOB_STATES, 0))
+    outbox: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="per destination, counts by state")
+    recent_failures: list[dict[str, object]] = Field(default_factory=list)
+
+
+def collect_status(data_dir: Path) -> StatusReport:
+    data_dir = data_dir.resolve()
+    owner = agent_is_running(data_dir)
+    details = {k: v for k, v in (owner or {}).items() if k in AgentState.model_fields}
+    agent = AgentState(running=owner is not None, **{k: v for k, v in details.items()
+                                                     if k != "running"})
+    report = StatusReport(data_dir=str(data_dir), agent=agent)
+    db_path = data_dir / DB_FILENAME
+    if not db_path.is_file():
+        return report
+    conn = open_readonly(db_path)
+    try:
+        row = conn.execute(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS bytes,"
+            " COUNT(DISTINCT study_instance_uid) AS studies, MAX(received_at) AS last,"
+            " SUM(job_id IS NULL) AS pending FROM instances"
+        ).fetchone()
+        report.instances, report.instance_bytes = row["n"], row["bytes"]
+        report.studies, report.last_received_at = row["studies"], row["last"]
+        report.pending_instances = row["pending"] or 0
+        report.quarantined = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+        for state, count in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            report.jobs[state] = count
+        for destination, state, count in conn.execute(
+                "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state"):
+            report.outbox.setdefault(destination, dict.fromkeys(OUTBOX_STATES, 0))[state] = count
+        for job in conn.execute(
+                "SELECT id, study_instance_uid, error, finished_at FROM jobs"
+                " WHERE state = 'failed' ORDER BY id DESC LIMIT 5"):
+            report.recent_failures.append(dict(job))
+    finally:
+        conn.close()
+    return report

@@ -1,0 +1,200 @@
+"""The ``radlens`` command. Errors: one line on stderr, exit 2 for usage/config, 1 for failure."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from radlens import __version__
+from radlens.config import Settings, load_settings
+from radlens.errors import ConfigError, RadlensError
+from radlens.logs import configure_logging
+
+app = typer.Typer(
+    name="radlens",
+    help="A DICOM node that explains what it sees. Research use only, not for diagnostic use.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML configuration file (default: built-in defaults; "
+                 "RADLENS_CONFIG and RADLENS_* variables also apply).",
+                 dir_okay=False),
+]
+LogFormatOption = Annotated[
+    str | None, typer.Option("--log-format", help="text or json (overrides log.format)")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"radlens: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None, log_format: str | None = None, *,
+              client: bool = False) -> Settings:
+    try:
+        settings = load_settings(config)
+        if log_format is not None:
+            settings.log.format = log_format  # type: ignore[assignment]
+    except ConfigError as exc:
+        raise _fail(f"config error: {exc}", 2) from None
+    except ValueError as exc:  # validate_assignment on --log-format
+        raise _fail(f"config error: log.format: {exc.errors()[0]['msg']}", 2) from None  # type: ignore[attr-defined]
+    configure_logging(settings.log.level, settings.log.format, quiet_network=client)
+    return settings
+
+
+@app.command()
+def serve(config: ConfigOption = None, log_format: LogFormatOption = None) -> None:
+    """Run the agent: the DICOM listener, study assembly, the worker and the outbox."""
+    from radlens.agent.service import Agent
+
+    settings = _settings(config, log_format)
+    try:
+        Agent(settings).run_until_signalled()
+    except OSError as exc:
+        raise _fail(f"cannot start: {exc}", 1) from None
+    except RadlensError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+@app.command()
+def echo(
+    host: Annotated[str, typer.Argument(help="host of the remote node")],
+    port: Annotated[int, typer.Argument(help="its DICOM port")],
+    aet: Annotated[str, typer.Argument(help="its AE title (called AE)")],
+    calling_aet: Annotated[str | None, typer.Option(help="our AE title (default dicom.ae_title)")]
+    = None,
+    timeout: Annotated[float, typer.Option(help="seconds")] = 10.0,
+    config: ConfigOption = None,
+) -> None:
+    """Send a C-ECHO to a DICOM node."""
+    from radlens.dicom_io.scu import echo as send_echo
+
+    settings = _settings(config, client=True)
+    started = time.perf_counter()
+    try:
+        status = send_echo(host, port, aet, calling_aet=calling_aet or settings.dicom.ae_title,
+                           timeout_s=timeout)
+    except RadlensError as exc:
+        raise _fail(f"C-ECHO failed: {exc}", 1) from None
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if status != 0:
+        raise _fail(f"C-ECHO to {aet}@{host}:{port} answered 0x{status:04X}", 1)
+    out.print(f"C-ECHO to {aet}@{host}:{port}: Success in {elapsed_ms:.0f} ms")
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Counts of instances, studies, jobs and deliveries, whether the agent runs or not."""
+    from radlens.agent.status import collect_status
+
+    settings = _settings(config)
+    report = collect_status(settings.storage.data_dir)
+    if as_json:
+        out.print_json(report.model_dump_json())
+        return
+    agent = report.agent
+    running = (f"[green]running[/] pid {agent.pid}, {agent.ae_title}@{agent.host}:{agent.port}"
+               if agent.running else "[yellow]not running[/]")
+    out.print(f"radlens {__version__}  agent: {running}")
+    out.print(f"data: {report.data_dir}")
+    last = (datetime.fromtimestamp(report.last_received_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            if report.last_received_at else "never")
+    table = Table(title="received", show_header=False)
+    table.add_row("instances", f"{report.instances} ({report.instance_bytes / 2**20:.1f} MiB)")
+    table.add_row("studies", str(report.studies))
+    table.add_row("waiting for study completion", str(report.pending_instances))
+    table.add_row("quarantined", str(report.quarantined))
+    table.add_row("last received", last)
+    out.print(table)
+    jobs = Table(title="jobs")
+    for state in report.jobs:
+        jobs.add_column(state, justify="right")
+    jobs.add_row(*(str(n) for n in report.jobs.values()))
+    out.print(jobs)
+    deliveries = Table(title="outbox")
+    deliveries.add_column("destination")
+    for state in ("pending", "sent", "failed"):
+        deliveries.add_column(state, justify="right")
+    for name, counts in report.outbox.items():
+        deliveries.add_row(name, *(str(counts.get(s, 0)) for s in ("pending", "sent", "failed")))
+    out.print(deliveries)
+    for failure in report.recent_failures:
+        out.print(f"[red]job {failure['id']} failed[/]: {failure['error']}", highlight=False)
+
+
+@app.command()
+def forward(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders", exists=True)],
+    to: Annotated[str, typer.Option("--to", help="destination name from the configuration")],
+    config: ConfigOption = None,
+) -> None:
+    """Queue DICOM files for a destination; the running agent delivers them, with retries."""
+    from radlens.agent.outbox import Outbox
+    from radlens.db import DB_FILENAME, Database
+
+    settings = _settings(config, client=True)
+    files = sorted(p for path in paths for p in ([path] if path.is_file() else path.rglob("*"))
+                   if p.is_file())
+    data_dir = settings.storage.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(data_dir / DB_FILENAME, durable=settings.storage.fsync)
+    outbox = Outbox(db, settings.outbox, settings.destinations, calling_aet=settings.dicom.ae_title)
+    try:
+        ids = outbox.enqueue(files, to)
+    except ConfigError as exc:
+        raise _fail(f"config error: {exc}", 2) from None
+    except RadlensError as exc:
+        raise _fail(str(exc), 1) from None
+    finally:
+        db.close()
+    out.print(f"queued {len(ids)} file(s) for {to}")
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML")] = False,
+) -> None:
+    """Print the effective configuration (defaults, file and environment merged)."""
+    settings = _settings(config)
+    data = settings.model_dump(mode="json")
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+@app.command()
+def version() -> None:
+    """Print the radlens version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Configuration: pydantic-settings models, a YAML file and RADLENS_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from radlens.config.settings import (
+    AssemblySettings,
+    Destination,
+    DicomSettings,
+    LogSettings,
+    OutboxSettings,
+    Settings,
+    StorageSettings,
+    load_settings,
+)
+
+DEFAULT_YAML = Path(__file__).with_name("default.yaml")
+
+__all__ = [
+    "DEFAULT_YAML",
+    "AssemblySettings",
+    "Destination",
+    "DicomSettings",
+    "LogSettings",
+    "OutboxSettings",
+    "Settings",
+    "StorageSettings",
+    "load_settings",
+]

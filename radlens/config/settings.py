@@ -1,0 +1,199 @@
+"""Typed configuration: defaults here, then a YAML file, then RADLENS_* environment variables.
+
+The models below are the single source of the defaults; ``default.yaml`` beside this file documents
+them for users (a unit test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from radlens.errors import ConfigError
+
+CONFIG_ENV_VAR = "RADLENS_CONFIG"
+
+
+def _check_ae_title(value: str) -> str:
+    """An AE title is 1-16 characters of the default repertoire, no backslash, not all spaces."""
+    if not value.strip():
+        raise ValueError("an AE title cannot be empty or all spaces")
+    if len(value) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {value!r} has {len(value)}")
+    if "\\" in value or any(ord(ch) < 32 or ord(ch) > 126 for ch in value):
+        raise ValueError(f"an AE title holds printable ASCII without backslash, not {value!r}")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DicomSettings(_Section):
+    """The DICOM listener."""
+
+    ae_title: AETitle = "RADLENS"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    max_pdu_size: int = Field(default=1_048_576, ge=0)
+    tcp_nodelay: bool = True
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+
+class StorageSettings(_Section):
+    """Where received instances, results and the SQLite index live."""
+
+    data_dir: Path = Path("radlens-data")
+    fsync: bool = True
+    min_free_mb: int = Field(default=200, ge=0)
+
+
+class AssemblySettings(_Section):
+    """When a study counts as complete: quiet for ``quiet_period_s``, or open for ``max_wait_s``."""
+
+    quiet_period_s: float = Field(default=15.0, gt=0)
+    max_wait_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _max_wait_covers_quiet_period(self) -> AssemblySettings:
+        if self.max_wait_s < self.quiet_period_s:
+            raise ValueError(
+                f"max_wait_s ({self.max_wait_s}) must be at least quiet_period_s "
+                f"({self.quiet_period_s})"
+            )
+        return self
+
+
+class Destination(_Section):
+    """A DICOM node that receives what radlens sends (results, forwarded instances)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class OutboxSettings(_Section):
+    """Delivery to destinations: how often to look, and how to back off while one is down."""
+
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    retry_initial_s: float = Field(default=5.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=0, ge=0, description="0 = keep trying until delivered")
+    calling_ae_title: AETitle | None = None
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """Everything radlens reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADLENS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _destination_names_unique(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+    # The YAML file is chosen at run time, so the sources are built per load (see load_settings).
+    _yaml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"unknown destination {name!r} (known: {known})")
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming the first invalid field and why."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    more = len(error.errors()) - 1
+    suffix = f"; and {more} more problem{'s' if more > 1 else ''}" if more > 0 else ""
+    return f"{location}: {message}{shown}{suffix}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load the effective settings, or raise ConfigError with one readable line.
+
+    ``config_file`` falls back to the RADLENS_CONFIG environment variable.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV_VAR):
+        config_file = Path(os.environ[CONFIG_ENV_VAR])
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {str(config_file)!r} does not exist")
+        try:
+            import yaml
+
+            content = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {str(config_file)!r} is not valid YAML: {exc}") from exc
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"config file {str(config_file)!r} must hold a mapping at the top")
+
+    class _Loaded(Settings):
+        _yaml_file = config_file
+
+    try:
+        loaded = _Loaded(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    return Settings.model_validate(loaded.model_dump())

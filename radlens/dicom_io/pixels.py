@@ -1,0 +1,182 @@
+"""Decode any image object into float32 pixels plus its physical spacing.
+
+Greyscale comes out in modality units with MONOCHROME1 inverted (larger = brighter); colour
+(RGB, YBR_*, PALETTE COLOR) comes out as RGB. Compressed syntaxes decode through pydicom's
+pylibjpeg plugins. Spacing is read from PixelSpacing, the Pixel Measures functional group, or
+the ultrasound regions; when none applies it is None, never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+from radlens.errors import UnsupportedImageError
+from radlens.findings import DecodedImage, ImageInfo, ImageRef, PixelSpacing
+
+log = logging.getLogger(__name__)
+
+GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"})
+PALETTE = "PALETTE COLOR"
+SUPPORTED_PHOTOMETRIC = GREYSCALE | COLOUR | {PALETTE}
+
+_US_SPATIAL_2D = 1  # RegionSpatialFormat: 2D (tissue or flow)
+_US_UNITS_CM = 3  # PhysicalUnitsX/YDirection: cm
+
+
+def image_ref(ds: Dataset) -> ImageRef:
+    return ImageRef(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+    )
+
+
+def decode_file(path: Path) -> DecodedImage:
+    """Read and decode one file; raise UnsupportedImageError with a reason a person can act on."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types for damaged files
+        raise UnsupportedImageError(f"cannot read file: {type(exc).__name__}: {exc}") from exc
+    return decode_dataset(ds)
+
+
+def decode_dataset(ds: Dataset) -> DecodedImage:
+    if "PixelData" not in ds:
+        kind = "float pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) \
+            else "no pixel data"
+        name = getattr(getattr(ds, "SOPClassUID", None), "name", "unknown SOP class")
+        raise UnsupportedImageError(f"{kind} ({name})")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedImageError(f"unsupported photometric interpretation {photometric!r}")
+    transfer_syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(
+        ds, "file_meta", Dataset()) else pydicom.uid.ImplicitVRLittleEndian
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise UnsupportedImageError(
+            f"cannot decode pixel data ({transfer_syntax.name}): {detail}"
+        ) from exc
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if photometric in GREYSCALE or photometric == PALETTE:
+        if samples != 1:
+            raise UnsupportedImageError(f"{photometric} with {samples} samples per pixel")
+    elif samples != 3:
+        raise UnsupportedImageError(f"{photometric} with {samples} samples per pixel")
+
+    if photometric == PALETTE:
+        pixels = _palette_to_rgb(stored, ds)
+    elif photometric in GREYSCALE:
+        pixels = _greyscale(stored, ds, photometric)
+    else:
+        pixels = stored.astype(np.float32)  # pydicom already converted YBR_* to RGB
+
+    channels = 1 if photometric in GREYSCALE else 3
+    pixels = pixels.reshape(frames, rows, columns, channels)
+    info = ImageInfo(
+        ref=image_ref(ds),
+        modality=str(ds.Modality) if "Modality" in ds else None,
+        photometric_interpretation=photometric,
+        transfer_syntax_uid=str(transfer_syntax),
+        rows=rows,
+        columns=columns,
+        frames=frames,
+        channels=channels,
+        spacing=physical_spacing(ds),
+    )
+    return DecodedImage(info=info, pixels=np.ascontiguousarray(pixels, dtype=np.float32))
+
+
+def _palette_to_rgb(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """RGB on the 0-255 scale, whatever the palette's entry size (8 or 16 bits)."""
+    rgb = apply_color_lut(stored, ds).astype(np.float32)
+    descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+    entry_bits = int(descriptor[2]) if descriptor is not None and len(descriptor) == 3 else 8
+    if entry_bits == 16:
+        rgb *= 255.0 / 65535.0
+    return rgb
+
+
+def _greyscale(stored: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        low, high = _output_range(ds, values)
+        values = (low + high) - values
+    return values
+
+
+def _output_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
+    """The range stored values can take after the modality LUT, for MONOCHROME1 inversion."""
+    if "ModalityLUTSequence" in ds:
+        return float(values.min()), float(values.max())
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        low, high = 0, 2**bits - 1
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    return ends[0], ends[1]
+
+
+def physical_spacing(ds: Dataset) -> PixelSpacing | None:
+    """Millimetres per pixel from the attributes that state it; None when none does."""
+    direct = _pair(ds.get("PixelSpacing"))
+    if direct:
+        return PixelSpacing(row_mm=direct[0], column_mm=direct[1], source="PixelSpacing")
+    for group in ds.get("SharedFunctionalGroupsSequence", []) or []:
+        for measures in group.get("PixelMeasuresSequence", []) or []:
+            pair = _pair(measures.get("PixelSpacing"))
+            if pair:
+                return PixelSpacing(row_mm=pair[0], column_mm=pair[1],
+                                    source="PixelMeasuresSequence")
+    return _ultrasound_spacing(ds)
+
+
+def _pair(value: object) -> tuple[float, float] | None:
+    try:
+        row, column = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if row > 0 and column > 0 and np.isfinite(row) and np.isfinite(column):
+        return row, column
+    return None
+
+
+def _ultrasound_spacing(ds: Dataset) -> PixelSpacing | None:
+    """PhysicalDeltaX/Y (cm) of the 2-D tissue regions; the largest region wins if they differ."""
+    candidates: list[tuple[int, float, float]] = []
+    for region in ds.get("SequenceOfUltrasoundRegions", []) or []:
+        if (region.get("RegionSpatialFormat") != _US_SPATIAL_2D
+                or region.get("PhysicalUnitsXDirection") != _US_UNITS_CM
+                or region.get("PhysicalUnitsYDirection") != _US_UNITS_CM):
+            continue
+        try:
+            delta_x = abs(float(region.PhysicalDeltaX))
+            delta_y = abs(float(region.PhysicalDeltaY))
+            width = int(region.RegionLocationMaxX1) - int(region.RegionLocationMinX0) + 1
+            height = int(region.RegionLocationMaxY1) - int(region.RegionLocationMinY0) + 1
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if delta_x > 0 and delta_y > 0:
+            candidates.append((width * height, delta_y, delta_x))
+    if not candidates:
+        return None
+    if len({(dy, dx) for _, dy, dx in candidates}) > 1:
+        log.info("ultrasound regions disagree on spacing; using the largest region")
+    _, delta_y, delta_x = max(candidates)
+    return PixelSpacing(row_mm=delta_y * 10.0, column_mm=delta_x * 10.0,
+                        source="SequenceOfUltrasoundRegions")

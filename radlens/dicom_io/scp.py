@@ -1,0 +1,172 @@
+"""The DICOM listener: a pynetdicom AE whose handlers do one thing each and return a status.
+
+Storage logic lives in ``spool.py``; heavy work never runs in a DIMSE handler. Handlers answer
+Success only after the spool has made the instance durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from radlens.config import DicomSettings
+from radlens.dicom_io.spool import MissingUidError, Spool, StoredInstance, UnparseableDatasetError
+from radlens.errors import SpoolError
+from radlens.logs import kv
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_PARSE = 0xC000
+STATUS_MISSING_UIDS = 0xC001
+STATUS_PROCESSING_FAILURE = 0x0110
+
+# pynetdicom accepts, per context, the first syntax of *our* list that the peer proposes. Keeping
+# encapsulated syntaxes first means a sender offering its file's own compressed syntax is never
+# asked to transcode, and what we store is what it had. Explicit VR beats implicit, little beats big.
+_NATIVE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    [uid for uid in ALL_TRANSFER_SYNTAXES if uid not in _NATIVE] + list(_NATIVE)
+)
+
+# pynetdicom's standard handlers log every PDU at INFO and cost time on every message.
+_config.LOG_HANDLER_LEVEL = "none"
+
+
+def build_ae(settings: DicomSettings) -> AE:
+    """An acceptor for C-ECHO and every storage SOP class in every supported transfer syntax."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
+    return ae
+
+
+class StorageListener:
+    """Accepts associations, files each C-STORE in the spool, tells ``on_stored`` about it."""
+
+    def __init__(self, settings: DicomSettings, spool: Spool,
+                 on_stored: Callable[[StoredInstance], None]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.on_stored = on_stored
+        self.ae = build_ae(settings)
+        self._server: ThreadedAssociationServer | None = None
+        self._accepting = threading.Event()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("listener is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection_open),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        )
+        self._accepting.set()
+        log.info("listening", extra=kv(ae_title=self.settings.ae_title, host=self.settings.host,
+                                       port=self.port))
+
+    def stop(self, grace_s: float) -> int:
+        """Stop accepting, let associations in flight finish for ``grace_s``; returns how many
+        had to be aborted."""
+        if self._server is None:
+            return 0
+        self._accepting.clear()
+        server, self._server = self._server, None
+        in_flight = server.active_associations
+        server.shutdown()
+        deadline = time.monotonic() + grace_s
+        for assoc in in_flight:
+            assoc.join(timeout=max(0.0, deadline - time.monotonic()))
+        aborted = 0
+        for assoc in in_flight:
+            if assoc.is_alive():
+                assoc.abort()
+                aborted += 1
+        log.info("listener stopped", extra=kv(finished=len(in_flight) - aborted, aborted=aborted))
+        return aborted
+
+    # -- handlers ------------------------------------------------------------------------------
+    def _on_connection_open(self, event: evt.Event) -> None:
+        if not self.settings.tcp_nodelay:
+            return
+        raw = getattr(event.assoc.dul.socket, "socket", None)
+        if isinstance(raw, socket.socket):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        log.debug("association accepted", extra=kv(calling_aet=event.assoc.requestor.ae_title,
+                                                   address=event.assoc.requestor.address))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning(
+            "association rejected",
+            extra=kv(calling_aet=event.assoc.requestor.ae_title,
+                     called_aet=event.assoc.acceptor.ae_title,
+                     address=event.assoc.requestor.address),
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        calling_aet = event.assoc.requestor.ae_title
+        try:
+            encoded = event.encoded_dataset(include_meta=True)
+            transfer_syntax = str(event.context.transfer_syntax)
+        except Exception as exc:  # pynetdicom could not even hand us the bytes
+            log.error("cannot read C-STORE dataset", extra=kv(calling_aet=calling_aet,
+                                                              error=str(exc)))
+            return STATUS_PROCESSING_FAILURE
+        try:
+            stored = self.spool.store(encoded, calling_aet=calling_aet,
+                                      transfer_syntax_uid=transfer_syntax)
+        except (UnparseableDatasetError, MissingUidError) as exc:
+            try:
+                self.spool.quarantine(encoded, calling_aet=calling_aet, reason=str(exc))
+            except SpoolError as quarantine_error:
+                log.error("cannot quarantine", extra=kv(error=str(quarantine_error)))
+                return STATUS_OUT_OF_RESOURCES
+            if isinstance(exc, UnparseableDatasetError):
+                return STATUS_CANNOT_PARSE
+            return STATUS_MISSING_UIDS
+        except SpoolError as exc:
+            log.error("cannot store instance", extra=kv(calling_aet=calling_aet, error=str(exc)))
+            return STATUS_OUT_OF_RESOURCES
+        if stored.duplicate:
+            log.info("instance already held", extra=kv(sop=stored.uids.sop_instance_uid,
+                                                       calling_aet=calling_aet))
+            return STATUS_SUCCESS
+        log.debug("instance stored", extra=kv(sop=stored.uids.sop_instance_uid,
+                                              study=stored.uids.study_instance_uid,
+                                              calling_aet=calling_aet, bytes=stored.size_bytes))
+        try:
+            self.on_stored(stored)
+        except Exception:  # the instance is durable; assembly is rebuilt from SQLite anyway
+            log.exception("assembler notification failed", extra=kv(
+                study=stored.uids.study_instance_uid))
+        return STATUS_SUCCESS

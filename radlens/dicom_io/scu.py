@@ -1,0 +1,142 @@
+"""Sending: C-ECHO and C-STORE to a remote node, files sent byte for byte as stored."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from radlens.errors import DestinationError
+
+log = logging.getLogger(__name__)
+
+# Stream each file's encoded dataset as it is on disk instead of decoding and re-encoding it.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+MAX_CONTEXTS_PER_ASSOCIATION = 128
+# Success and the C-STORE warning statuses: the peer has the instance.
+DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116})
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class SendResult:
+    file: OutgoingFile
+    status: int | None
+    error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status in DELIVERED_STATUSES
+
+
+def _ae(calling_aet: str, timeout_s: float) -> AE:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    return ae
+
+
+def _associate(ae: AE, host: str, port: int, called_aet: str) -> Association:
+    """Associate, or raise DestinationError saying why (with the peer's rejection reason)."""
+    responses: list[object] = []
+
+    def keep_response(event: evt.Event) -> None:
+        responses.append(event.primitive)
+
+    assoc = ae.associate(host, port, ae_title=called_aet,
+                         evt_handlers=[(evt.EVT_ACSE_RECV, keep_response)])
+    if assoc.is_established:
+        return assoc
+    where = f"{called_aet}@{host}:{port}"
+    if assoc.is_rejected:
+        reason = next((getattr(r, "reason_str", None) for r in responses
+                       if getattr(r, "reason_str", None)), None)
+        raise DestinationError(f"association rejected by {where}" +
+                               (f": {reason}" if reason else ""))
+    if responses:
+        raise DestinationError(f"association aborted by {where}")
+    # pynetdicom marks a failed TCP connect as aborted too; no ACSE answer means no connection.
+    raise DestinationError(f"cannot connect to {where} (refused, unreachable or timed out)")
+
+
+def echo(host: str, port: int, called_aet: str, *, calling_aet: str = "RADLENS",
+         timeout_s: float = 10.0) -> int:
+    """Send a C-ECHO; returns the status, raises DestinationError if no association."""
+    ae = _ae(calling_aet, timeout_s)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, host, port, called_aet)
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in response:
+        raise DestinationError(f"no C-ECHO response from {called_aet}@{host}:{port}")
+    return int(response.Status)
+
+
+def send_files(host: str, port: int, called_aet: str, files: Sequence[OutgoingFile], *,
+               calling_aet: str, timeout_s: float = 30.0) -> list[SendResult]:
+    """C-STORE each file in its stored transfer syntax, over as few associations as contexts
+    allow. Raises DestinationError when the node cannot be reached at all."""
+    results: list[SendResult] = []
+    remaining = list(files)
+    while remaining:
+        batch, contexts = [], set()
+        for item in remaining:
+            key = (item.sop_class_uid, item.transfer_syntax_uid)
+            if key not in contexts and len(contexts) == MAX_CONTEXTS_PER_ASSOCIATION:
+                continue
+            contexts.add(key)
+            batch.append(item)
+        remaining = [item for item in remaining if item not in batch]
+        results.extend(_send_batch(host, port, called_aet, batch, sorted(contexts),
+                                   calling_aet, timeout_s))
+    return results
+
+
+def _send_batch(host: str, port: int, called_aet: str, batch: list[OutgoingFile],
+                contexts: list[tuple[str, str]], calling_aet: str,
+                timeout_s: float) -> list[SendResult]:
+    ae = _ae(calling_aet, timeout_s)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = _associate(ae, host, port, called_aet)
+    results = []
+    try:
+        for item in batch:
+            if not assoc.is_established:
+                results.append(SendResult(item, None, "association ended before this file"))
+                continue
+            if not item.path.is_file():
+                results.append(SendResult(item, None, f"file missing: {item.path}"))
+                continue
+            try:
+                response = assoc.send_c_store(item.path)
+            except (ValueError, RuntimeError, OSError) as exc:
+                results.append(SendResult(item, None, str(exc)))
+                continue
+            if "Status" in response:
+                status = int(response.Status)
+                error = None if status in DELIVERED_STATUSES else f"status 0x{status:04X}"
+                results.append(SendResult(item, status, error))
+            else:
+                results.append(SendResult(item, None, "no response (timeout or abort)"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results

@@ -1,0 +1,237 @@
+"""The durable spool: received instances on disk, exactly as received, indexed in SQLite.
+
+The spool owns the "received" state. ``store`` returns only after the file is fsync'ed under its
+final name (temp file + fsync + rename + directory fsync) and its index row is committed, so the
+listener may answer Success; anything less raises and the listener answers a failure status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from radlens.db import Database
+from radlens.errors import InvalidDatasetError, SpoolError
+from radlens.logs import kv
+
+log = logging.getLogger(__name__)
+
+SPOOL_DIR = "spool"
+QUARANTINE_DIR = "quarantine"
+_PARTIAL_SUFFIX = ".partial"
+# UIDs become path components: accept only what cannot escape the spool folder.
+_PATH_SAFE_UID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+_IDENTIFYING_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class UnparseableDatasetError(InvalidDatasetError):
+    """The bytes are not a DICOM dataset pydicom can read."""
+
+
+class MissingUidError(InvalidDatasetError):
+    """The dataset lacks (or has unusable) SOP, study or series UIDs."""
+
+
+@dataclass(frozen=True)
+class InstanceUids:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One instance made durable (or recognised as already held, ``duplicate=True``)."""
+
+    uids: InstanceUids
+    transfer_syntax_uid: str
+    calling_aet: str
+    path: Path
+    size_bytes: int
+    received_at: float
+    duplicate: bool = False
+
+
+def read_uids(encoded: bytes) -> InstanceUids:
+    """Parse just enough of a Part 10 byte stream to file it; raise InvalidDatasetError if not."""
+    try:
+        ds = pydicom.dcmread(
+            BytesIO(encoded), stop_before_pixels=True, specific_tags=list(_IDENTIFYING_TAGS)
+        )
+        values = {tag: str(ds.get(tag, "") or "").strip() for tag in _IDENTIFYING_TAGS}
+    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError,
+            AttributeError, NotImplementedError, IndexError, OverflowError) as exc:
+        raise UnparseableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+    missing = [tag for tag, value in values.items() if not value]
+    if missing:
+        raise MissingUidError(f"dataset lacks {', '.join(missing)}")
+    unsafe = [tag for tag, value in values.items() if not _PATH_SAFE_UID.match(value)]
+    if unsafe:
+        raise MissingUidError(f"dataset has malformed {', '.join(unsafe)}")
+    return InstanceUids(
+        sop_class_uid=values["SOPClassUID"],
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` at ``path`` so that a crash leaves either the whole file or none."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_PARTIAL_SUFFIX}")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+        if fsync:
+            _fsync_dir(path.parent)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+class Spool:
+    """Files received instances under ``<data>/spool/<Study>/<Series>/<SOP>.dcm``."""
+
+    def __init__(self, data_dir: Path, db: Database, *, fsync: bool = True,
+                 min_free_mb: int = 0) -> None:
+        self.data_dir = data_dir
+        self.root = data_dir / SPOOL_DIR
+        self.quarantine_root = data_dir / QUARANTINE_DIR
+        self.db = db
+        self.fsync = fsync
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        for folder in (self.root, self.quarantine_root):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # -- receiving -------------------------------------------------------------------------
+    def store(self, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str) -> StoredInstance:
+        """Make one Part 10 byte stream durable and indexed; raises InvalidDatasetError/SpoolError."""
+        uids = read_uids(encoded)
+        now = time.time()
+        existing = self.db.conn.execute(
+            "SELECT path, size_bytes, received_at FROM instances WHERE sop_instance_uid = ?",
+            (uids.sop_instance_uid,),
+        ).fetchone()
+        if existing is not None:
+            return StoredInstance(uids, transfer_syntax_uid, calling_aet,
+                                  self.data_dir / existing["path"], existing["size_bytes"],
+                                  existing["received_at"], duplicate=True)
+        self._check_free_space(len(encoded))
+        relative = Path(SPOOL_DIR, uids.study_instance_uid, uids.series_instance_uid,
+                        f"{uids.sop_instance_uid}.dcm")
+        path = self.data_dir / relative
+        try:
+            self._ensure_dir(path.parent)
+            write_durably(path, encoded, fsync=self.fsync)
+        except OSError as exc:
+            raise SpoolError(f"cannot write {relative}: {exc.strerror or exc}") from exc
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+                    " series_instance_uid, transfer_syntax_uid, calling_aet, path, size_bytes,"
+                    " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (uids.sop_instance_uid, uids.sop_class_uid, uids.study_instance_uid,
+                     uids.series_instance_uid, transfer_syntax_uid, calling_aet, str(relative),
+                     len(encoded), now),
+                )
+        except sqlite3.IntegrityError:
+            # The same instance arrived concurrently on another association and won the race.
+            return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now,
+                                  duplicate=True)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot index {relative}: {exc}") from exc
+        return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now)
+
+    def _check_free_space(self, needed: int) -> None:
+        if not self.min_free_bytes:
+            return
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:
+            raise SpoolError(f"cannot read free space of {self.root}: {exc}") from exc
+        if free - needed < self.min_free_bytes:
+            raise SpoolError(
+                f"disk nearly full: {free // 2**20} MiB free, reserve is "
+                f"{self.min_free_bytes // 2**20} MiB (storage.min_free_mb)"
+            )
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        with self._dirs_lock:
+            # Create each missing level and fsync its parent so the new entry itself is durable.
+            missing = []
+            probe = folder
+            while not probe.exists():
+                missing.append(probe)
+                probe = probe.parent
+            for level in reversed(missing):
+                level.mkdir(exist_ok=True)
+                if self.fsync:
+                    _fsync_dir(level.parent)
+            self._known_dirs.add(folder)
+
+    # -- bad input ---------------------------------------------------------------------------
+    def quarantine(self, encoded: bytes, *, calling_aet: str, reason: str) -> Path:
+        """Keep bytes we could not file, with the reason beside them; raises SpoolError."""
+        now = time.time()
+        stem = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:12]
+        path = self.quarantine_root / f"{stem}.dcm"
+        sidecar = {"received_at": now, "calling_aet": calling_aet, "reason": reason,
+                   "size_bytes": len(encoded)}
+        try:
+            write_durably(path, encoded, fsync=self.fsync)
+            write_durably(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode(),
+                          fsync=self.fsync)
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO quarantine (received_at, calling_aet, path, size_bytes, reason)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (now, calling_aet, str(path.relative_to(self.data_dir)), len(encoded), reason),
+                )
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"cannot quarantine dataset: {exc}") from exc
+        log.warning("dataset quarantined", extra=kv(path=path.name, calling_aet=calling_aet,
+                                                   reason=reason))
+        return path
+
+    # -- start-up ----------------------------------------------------------------------------
+    def remove_partials(self) -> int:
+        """Delete temp files a crash left behind (never acknowledged, so nothing is lost)."""
+        removed = 0
+        for folder in (self.root, self.quarantine_root):
+            for partial in folder.rglob(f"*{_PARTIAL_SUFFIX}"):
+                partial.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed partial files left by an earlier crash", extra=kv(count=removed))
+        return removed

@@ -1,0 +1,27 @@
+"""The exceptions radlens raises: one per failure a stage boundary must tell apart."""
+
+from __future__ import annotations
+
+
+class RadlensError(Exception):
+    """Base class of every error radlens raises on purpose."""
+
+
+class ConfigError(RadlensError):
+    """The configuration is invalid; the message names the field and the reason."""
+
+
+class SpoolError(RadlensError):
+    """An instance could not be made durable (disk full, I/O error)."""
+
+
+class InvalidDatasetError(RadlensError):
+    """A received dataset cannot be parsed or lacks the UIDs needed to file it."""
+
+
+class UnsupportedImageError(RadlensError):
+    """An object has no usable pixels (no pixel data, unknown photometric, undecodable)."""
+
+
+class DestinationError(RadlensError):
+    """A destination could not be reached or refused the association."""

@@ -1,0 +1,94 @@
+"""The domain types every stage speaks: what an image is, where it came from, what was found.
+
+Pydantic models are the boundary (they become ``findings.json``); ``DecodedImage`` carries pixels
+between stages in memory. Nothing heavy is imported here so any package can depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FINDINGS_SCHEMA_VERSION = 1
+
+SpacingSource = Literal["PixelSpacing", "PixelMeasuresSequence", "SequenceOfUltrasoundRegions"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageRef(_Frozen):
+    """Which DICOM object an image or a finding belongs to."""
+
+    study_instance_uid: str = Field(min_length=1, max_length=64)
+    series_instance_uid: str = Field(min_length=1, max_length=64)
+    sop_instance_uid: str = Field(min_length=1, max_length=64)
+    sop_class_uid: str = Field(min_length=1, max_length=64)
+
+
+class PixelSpacing(_Frozen):
+    """Physical size of one pixel, in millimetres, and the attribute it was read from."""
+
+    row_mm: float = Field(gt=0, description="distance between the centres of adjacent rows")
+    column_mm: float = Field(gt=0, description="distance between the centres of adjacent columns")
+    source: SpacingSource
+
+
+class ImageInfo(_Frozen):
+    """A decoded image as the later stages see it (no pixels: those travel in DecodedImage)."""
+
+    ref: ImageRef
+    modality: str | None
+    photometric_interpretation: str = Field(description="as stored in the source object")
+    transfer_syntax_uid: str
+    rows: int = Field(ge=1)
+    columns: int = Field(ge=1)
+    frames: int = Field(ge=1)
+    channels: Literal[1, 3] = Field(description="1 = greyscale, 3 = RGB after colour conversion")
+    spacing: PixelSpacing | None = Field(description="None when unknown: never guessed")
+
+
+class SkippedObject(_Frozen):
+    """An object of the study that no image came from, and why."""
+
+    ref: ImageRef
+    reason: str
+
+
+class StudyFindings(_Frozen):
+    """The result of one job over one study: written as ``results/<StudyUID>/findings.json``."""
+
+    schema_version: int = FINDINGS_SCHEMA_VERSION
+    study_instance_uid: str
+    job_id: int
+    revision: int = Field(ge=1, description="1 for a study's first job, then 2, 3, ...")
+    radlens_version: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    images: list[ImageInfo] = Field(default_factory=list)
+    skipped: list[SkippedObject] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels as float32, shaped (frames, rows, columns, channels), greyscale or RGB.
+
+    Greyscale values are in modality units (rescale applied) with MONOCHROME1 already inverted
+    so that larger is brighter; colour is RGB whatever the stored photometric interpretation.
+    """
+
+    info: ImageInfo
+    pixels: np.ndarray
+
+    def __post_init__(self) -> None:
+        expected = (self.info.frames, self.info.rows, self.info.columns, self.info.channels)
+        if tuple(self.pixels.shape) != expected:
+            raise ValueError(f"pixels shaped {tuple(self.pixels.shape)}, info says {expected}")
+        if str(self.pixels.dtype) != "float32":
+            raise ValueError(f"pixels must be float32, not {self.pixels.dtype}")

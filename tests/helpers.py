@@ -1,0 +1,196 @@
+"""Shared test helpers: free ports, running ``radlens serve`` as a subprocess, dcmtk wrappers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+RADLENS = [sys.executable, "-m", "radlens.cli"]
+
+# storescu only proposes a compressed syntax when told to, as a modality configured for it would.
+STORESCU_OPTION_BY_SYNTAX = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed: run `make test`, which installs it")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class RadlensServer:
+    """``radlens serve`` in a subprocess with its own data folder, port and environment."""
+
+    data_dir: Path
+    port: int
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    config_file: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    starts: int = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "RADLENS_STORAGE__DATA_DIR": str(self.data_dir),
+            "RADLENS_DICOM__PORT": str(self.port),
+            "RADLENS_DICOM__HOST": "127.0.0.1",
+            "RADLENS_STORAGE__MIN_FREE_MB": "0",
+            "RADLENS_ASSEMBLY__QUIET_PERIOD_S": "1.5",
+            "RADLENS_DICOM__SHUTDOWN_GRACE_S": "20",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.env_overrides)
+        return env
+
+    def start(self, wait: bool = True) -> RadlensServer:
+        self.starts += 1
+        self.log_path = self.data_dir.parent / f"radlens-serve-{self.port}-{self.starts}.log"
+        args = [*RADLENS, "serve"]
+        if self.config_file is not None:
+            args += ["--config", str(self.config_file)]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(args, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        if wait:
+            wait_for(lambda: port_open(self.port) or self._died(), 30, "radlens to listen")
+            if self.process.poll() is not None:
+                raise AssertionError(f"radlens serve exited early:\n{self.log()}")
+        return self
+
+    def _died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.data_dir / "radlens.sqlite", timeout=30)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        conn = self.db()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def jobs_done(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM jobs WHERE state IN ('done', 'failed')")
+
+    def findings(self, study_uid: str) -> dict:
+        path = self.data_dir / "results" / study_uid / "findings.json"
+        return json.loads(path.read_text())
+
+
+def storescu(port: int, files: Iterable[Path], *, called_aet: str = "RADLENS",
+             calling_aet: str = "STORESCU", extra: Sequence[str] = (),
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """One storescu run; the files' own transfer syntax is proposed (grouped by the caller)."""
+    args = [require_tool("storescu"), "-v", "-nh", "-aet", calling_aet, "-aec", called_aet,
+            *extra, "127.0.0.1", str(port), *[str(f) for f in files]]
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def storescu_by_syntax(port: int, files: Iterable[Path], **kwargs: object) -> list[
+        subprocess.CompletedProcess[str]]:
+    """Send each group of files with the storescu option proposing their transfer syntax."""
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_OPTION_BY_SYNTAX[syntax], []).append(path)
+    return [storescu(port, group, extra=[option], **kwargs)  # type: ignore[arg-type]
+            for option, group in groups.items()]
+
+
+def acknowledged_files(storescu_output: str) -> list[str]:
+    """Files storescu saw answered with Success, from its -v log."""
+    acked, current = [], None
+    for line in storescu_output.splitlines():
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response" in line and "(Success)" in line and current:
+            acked.append(current)
+            current = None
+    return acked
+
+
+def echoscu(port: int, *, called_aet: str = "RADLENS", calling_aet: str = "ECHOSCU",
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    args = [require_tool("echoscu"), "-v", "-aet", calling_aet, "-aec", called_aet, "127.0.0.1",
+            str(port)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def radlens_cli(*args: str, env: dict[str, str] | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([*RADLENS, *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
