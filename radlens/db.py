@@ -137,16 +137,29 @@ class Database:
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One state change = one transaction; rolled back on any error."""
+    def transaction(self, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One state change = one transaction; rolled back on any error.
+
+        ``sync=False`` commits without fsyncing the WAL: the change survives a crash of the
+        process (the WAL is in the OS cache) but not a power loss. Use it only for rows that can
+        be rebuilt from durable files (the spool index, see ``Spool.reconcile``); a later synced
+        commit makes it durable too.
+        """
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        relaxed = self.durable and not sync
+        if relaxed:
+            conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if relaxed:
+                conn.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -61,7 +61,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text", *, quiet_network: bool = False) -> None:
+def configure_logging(level: str = "INFO", fmt: str = "text", *,
+                      quiet_network: bool = False) -> None:
     """Send radlens logs to stderr; keep pynetdicom's per-PDU chatter out unless DEBUG.
 
     ``quiet_network`` silences pynetdicom entirely (client commands report failures themselves).

@@ -154,7 +154,8 @@ class Outbox:
         with self.db.transaction() as conn:
             for row in rows:
                 attempts = row["attempts"] + 1
-                give_up = bool(self.settings.max_attempts) and attempts >= self.settings.max_attempts
+                limit = self.settings.max_attempts
+                give_up = bool(limit) and attempts >= limit
                 conn.execute(
                     "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?,"
                     " last_status = ?, last_error = ? WHERE id = ?",

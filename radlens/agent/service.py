@@ -37,6 +37,7 @@ from radlens.logs import kv
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "radlens.lock"
+CLEAN_STOP_MARKER = "clean-stop"
 SWEEP_INTERVAL_S = 30.0
 
 
@@ -138,6 +139,10 @@ class Agent:
         self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored)
 
         self.spool.remove_partials()
+        marker = self.data_dir / CLEAN_STOP_MARKER
+        if not marker.exists():  # the last run did not stop cleanly (or this is the first)
+            self.spool.reconcile()
+        marker.unlink(missing_ok=True)
         self.queue.requeue_interrupted()
         self.scheduler.start()
         self.assembler.rebuild()
@@ -169,6 +174,7 @@ class Agent:
                             extra=kv(job=self.worker.current_job))
             if self.db is not None:
                 self.db.close()
+                (self.data_dir / CLEAN_STOP_MARKER).touch()
         finally:
             self._lock.release()
         log.info("radlens agent stopped")

@@ -30,10 +30,12 @@ from radlens.logs import kv
 log = logging.getLogger(__name__)
 
 SPOOL_DIR = "spool"
+INCOMING_DIR = ".incoming"  # inside spool/: same filesystem, so adopting a file is a rename
 QUARANTINE_DIR = "quarantine"
 _PARTIAL_SUFFIX = ".partial"
 # UIDs become path components: accept only what cannot escape the spool folder.
 _PATH_SAFE_UID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
+RECOVERED_CALLING_AET = "(recovered)"
 _IDENTIFYING_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -66,17 +68,22 @@ class StoredInstance:
     duplicate: bool = False
 
 
-def read_uids(encoded: bytes) -> InstanceUids:
-    """Parse just enough of a Part 10 byte stream to file it; raise InvalidDatasetError if not."""
+def read_uids(source: bytes | Path) -> InstanceUids:
+    """Parse just enough of a Part 10 stream to file it; raise InvalidDatasetError if not."""
     try:
         ds = pydicom.dcmread(
-            BytesIO(encoded), stop_before_pixels=True, specific_tags=list(_IDENTIFYING_TAGS)
+            BytesIO(source) if isinstance(source, bytes) else source,
+            stop_before_pixels=True, specific_tags=list(_IDENTIFYING_TAGS),
         )
         values = {tag: str(ds.get(tag, "") or "").strip() for tag in _IDENTIFYING_TAGS}
     except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError,
             AttributeError, NotImplementedError, IndexError, OverflowError) as exc:
         raise UnparseableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
     missing = [tag for tag, value in values.items() if not value]
+    if "SOPClassUID" in missing and "SOPInstanceUID" in missing:
+        # pydicom reads garbage leniently as "no elements": that is an unparseable stream.
+        raise UnparseableDatasetError(
+            "cannot parse dataset: no identifying element could be read (corrupt or not DICOM)")
     if missing:
         raise MissingUidError(f"dataset lacks {', '.join(missing)}")
     unsafe = [tag for tag, value in values.items() if not _PATH_SAFE_UID.match(value)]
@@ -92,6 +99,14 @@ def read_uids(encoded: bytes) -> InstanceUids:
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -128,13 +143,43 @@ class Spool:
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
-        for folder in (self.root, self.quarantine_root):
+        for folder in (self.root, self.incoming, self.quarantine_root):
             folder.mkdir(parents=True, exist_ok=True)
 
     # -- receiving -------------------------------------------------------------------------
-    def store(self, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str) -> StoredInstance:
-        """Make one Part 10 byte stream durable and indexed; raises InvalidDatasetError/SpoolError."""
-        uids = read_uids(encoded)
+    @property
+    def incoming(self) -> Path:
+        """Where datasets are written while they arrive (pynetdicom streams into it)."""
+        return self.root / INCOMING_DIR
+
+    def store(self, encoded: bytes, *, calling_aet: str,
+              transfer_syntax_uid: str) -> StoredInstance:
+        """Make one Part 10 byte stream durable and indexed.
+
+        Raises InvalidDatasetError (unusable dataset) or SpoolError (disk, I/O, index)."""
+        self._check_free_space(len(encoded))
+        temp = self.incoming / f"{uuid.uuid4().hex}.dcm"
+        try:
+            temp.write_bytes(encoded)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise SpoolError(f"cannot write incoming dataset: {exc.strerror or exc}") from exc
+        try:
+            return self.adopt(temp, calling_aet=calling_aet,
+                              transfer_syntax_uid=transfer_syntax_uid)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def adopt(self, received: Path, *, calling_aet: str,
+              transfer_syntax_uid: str) -> StoredInstance:
+        """File a complete Part 10 file written under ``incoming``: fsync it, rename it to
+        ``<Study>/<Series>/<SOP>.dcm``, fsync the folder, commit the index row.
+
+        On return the instance is durable and the caller may answer Success. A duplicate SOP
+        Instance UID leaves ``received`` where it is. The caller checked the disk reserve before
+        writing ``received``. Raises InvalidDatasetError or SpoolError.
+        """
+        uids = read_uids(received)
         now = time.time()
         existing = self.db.conn.execute(
             "SELECT path, size_bytes, received_at FROM instances WHERE sop_instance_uid = ?",
@@ -144,32 +189,42 @@ class Spool:
             return StoredInstance(uids, transfer_syntax_uid, calling_aet,
                                   self.data_dir / existing["path"], existing["size_bytes"],
                                   existing["received_at"], duplicate=True)
-        self._check_free_space(len(encoded))
         relative = Path(SPOOL_DIR, uids.study_instance_uid, uids.series_instance_uid,
                         f"{uids.sop_instance_uid}.dcm")
         path = self.data_dir / relative
         try:
+            size = received.stat().st_size
+            if self.fsync:
+                _fsync_file(received)
             self._ensure_dir(path.parent)
-            write_durably(path, encoded, fsync=self.fsync)
+            os.replace(received, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
         except OSError as exc:
             raise SpoolError(f"cannot write {relative}: {exc.strerror or exc}") from exc
         try:
-            with self.db.transaction() as conn:
-                conn.execute(
-                    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
-                    " series_instance_uid, transfer_syntax_uid, calling_aet, path, size_bytes,"
-                    " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (uids.sop_instance_uid, uids.sop_class_uid, uids.study_instance_uid,
-                     uids.series_instance_uid, transfer_syntax_uid, calling_aet, str(relative),
-                     len(encoded), now),
-                )
+            # The file above is the durable record; this row can be rebuilt from it
+            # (reconcile), so its commit does not wait for a WAL fsync of its own.
+            self._index(uids, transfer_syntax_uid, calling_aet, relative, size, now)
         except sqlite3.IntegrityError:
             # The same instance arrived concurrently on another association and won the race.
-            return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now,
+            return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, size, now,
                                   duplicate=True)
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot index {relative}: {exc}") from exc
-        return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now)
+        return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, size, now)
+
+    def _index(self, uids: InstanceUids, transfer_syntax_uid: str, calling_aet: str,
+               relative: Path, size: int, received_at: float) -> None:
+        with self.db.transaction(sync=False) as conn:
+            conn.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+                " series_instance_uid, transfer_syntax_uid, calling_aet, path, size_bytes,"
+                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (uids.sop_instance_uid, uids.sop_class_uid, uids.study_instance_uid,
+                 uids.series_instance_uid, transfer_syntax_uid, calling_aet, str(relative),
+                 size, received_at),
+            )
 
     def _check_free_space(self, needed: int) -> None:
         if not self.min_free_bytes:
@@ -201,22 +256,34 @@ class Spool:
             self._known_dirs.add(folder)
 
     # -- bad input ---------------------------------------------------------------------------
-    def quarantine(self, encoded: bytes, *, calling_aet: str, reason: str) -> Path:
-        """Keep bytes we could not file, with the reason beside them; raises SpoolError."""
+    def quarantine(self, received: bytes | Path, *, calling_aet: str, reason: str) -> Path:
+        """Keep what we could not file, with the reason beside it; raises SpoolError.
+
+        A file under ``incoming`` is moved (no copy); bytes are written.
+        """
         now = time.time()
         stem = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:12]
         path = self.quarantine_root / f"{stem}.dcm"
-        sidecar = {"received_at": now, "calling_aet": calling_aet, "reason": reason,
-                   "size_bytes": len(encoded)}
         try:
-            write_durably(path, encoded, fsync=self.fsync)
+            if isinstance(received, Path):
+                size = received.stat().st_size
+                if self.fsync:
+                    _fsync_file(received)
+                os.replace(received, path)
+                if self.fsync:
+                    _fsync_dir(path.parent)
+            else:
+                size = len(received)
+                write_durably(path, received, fsync=self.fsync)
+            sidecar = {"received_at": now, "calling_aet": calling_aet, "reason": reason,
+                       "size_bytes": size}
             write_durably(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode(),
                           fsync=self.fsync)
             with self.db.transaction() as conn:
                 conn.execute(
                     "INSERT INTO quarantine (received_at, calling_aet, path, size_bytes, reason)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (now, calling_aet, str(path.relative_to(self.data_dir)), len(encoded), reason),
+                    (now, calling_aet, str(path.relative_to(self.data_dir)), size, reason),
                 )
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot quarantine dataset: {exc}") from exc
@@ -225,6 +292,34 @@ class Spool:
         return path
 
     # -- start-up ----------------------------------------------------------------------------
+    def reconcile(self) -> int:
+        """Index every spooled file that has no index row (after a power loss the last rows may
+        be gone while their fsync'ed files are not); returns how many were recovered."""
+        indexed = {row[0] for row in self.db.conn.execute("SELECT path FROM instances")}
+        recovered = 0
+        for path in sorted(self.root.glob("*/*/*.dcm")):
+            relative = path.relative_to(self.data_dir)
+            if str(relative) in indexed:
+                continue
+            try:
+                uids = read_uids(path)
+                syntax = str(pydicom.dcmread(path, stop_before_pixels=True,
+                                             specific_tags=["SOPInstanceUID"]
+                                             ).file_meta.TransferSyntaxUID)
+                self._index(uids, syntax, RECOVERED_CALLING_AET, relative, path.stat().st_size,
+                            path.stat().st_mtime)
+            except sqlite3.IntegrityError:
+                continue
+            except (InvalidDatasetError, OSError, AttributeError) as exc:
+                log.warning("cannot recover spooled file", extra=kv(path=str(relative),
+                                                                    error=str(exc)))
+                continue
+            recovered += 1
+        if recovered:
+            log.warning("indexed spooled files missing from the index", extra=kv(
+                count=recovered))
+        return recovered
+
     def remove_partials(self) -> int:
         """Delete temp files a crash left behind (never acknowledged, so nothing is lost)."""
         removed = 0
@@ -232,6 +327,9 @@ class Spool:
             for partial in folder.rglob(f"*{_PARTIAL_SUFFIX}"):
                 partial.unlink(missing_ok=True)
                 removed += 1
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
         if removed:
             log.info("removed partial files left by an earlier crash", extra=kv(count=removed))
         return removed

@@ -1,0 +1,115 @@
+"""Study assembly and the job queue against a real scheduler and a real SQLite database."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from radlens.agent.assembler import StudyAssembler
+from radlens.agent.queue import JobQueue
+from radlens.db import DB_FILENAME, Database
+from tests.helpers import wait_for
+
+
+def _add_instance(db: Database, study: str, sop: str, received_at: float) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+            " series_instance_uid, transfer_syntax_uid, calling_aet, path, size_bytes,"
+            " received_at) VALUES (?, '1.2', ?, '9.9', '1.2.840.10008.1.2.1', 'T', 'p', 1, ?)",
+            (sop, study, received_at),
+        )
+
+
+@pytest.fixture
+def parts(tmp_path: Path):
+    db = Database(tmp_path / DB_FILENAME)
+    queue = JobQueue(db, tmp_path)
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.start()
+    yield db, queue, scheduler
+    scheduler.shutdown(wait=True)
+
+
+def _jobs(db: Database) -> list:
+    return db.conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+
+
+def test_quiet_period_is_rearmed_by_each_instance(parts):
+    db, queue, scheduler = parts
+    assembler = StudyAssembler(scheduler, queue, quiet_period_s=0.4, max_wait_s=30)
+    start = time.time()
+    for i in range(6):  # 6 instances 0.15 s apart: never quiet for 0.4 s
+        now = time.time()
+        _add_instance(db, "1.1", f"1.1.{i}", now)
+        assembler.instance_received("1.1", now)
+        time.sleep(0.15)
+        assert _jobs(db) == [], f"job created while instances still arrive ({i})"
+    wait_for(lambda: _jobs(db), 5, "the job")
+    assert time.time() - start >= 0.75 + 0.4 - 0.05
+    job = _jobs(db)[0]
+    assert job["state"] == "queued" and job["study_instance_uid"] == "1.1"
+    assert db.conn.execute("SELECT COUNT(*) FROM instances WHERE job_id = ?",
+                           (job["id"],)).fetchone()[0] == 6
+    assert assembler.open_studies() == 0
+
+
+def test_max_wait_closes_a_study_that_never_goes_quiet(parts):
+    db, queue, scheduler = parts
+    assembler = StudyAssembler(scheduler, queue, quiet_period_s=0.5, max_wait_s=1.0)
+    start = time.time()
+    i = 0
+    while not _jobs(db) and time.time() - start < 5:
+        now = time.time()
+        _add_instance(db, "2.1", f"2.1.{i}", now)
+        assembler.instance_received("2.1", now)
+        i += 1
+        time.sleep(0.1)
+    elapsed = time.time() - start
+    assert _jobs(db), "max_wait_s did not close the study"
+    assert 0.9 <= elapsed < 2.0
+
+
+def test_rebuild_after_restart_fires_overdue_studies_once(parts):
+    db, queue, scheduler = parts
+    long_ago = time.time() - 3600
+    for i in range(3):
+        _add_instance(db, "3.1", f"3.1.{i}", long_ago)
+    _add_instance(db, "3.2", "3.2.0", long_ago)
+    assembler = StudyAssembler(scheduler, queue, quiet_period_s=15, max_wait_s=600)
+    assert assembler.rebuild() == 2
+    wait_for(lambda: len(_jobs(db)) == 2, 5, "both overdue studies")
+    assert assembler.rebuild() == 0  # the sweep finds nothing left to arm
+    time.sleep(0.3)
+    assert sorted(j["study_instance_uid"] for j in _jobs(db)) == ["3.1", "3.2"]
+
+
+def test_queue_claims_in_order_and_requeues_interrupted_jobs(tmp_path):
+    db = Database(tmp_path / DB_FILENAME)
+    queue = JobQueue(db, tmp_path)
+    assert queue.create_job_for_pending("none") is None
+    _add_instance(db, "4.1", "4.1.0", 1.0)
+    first = queue.create_job_for_pending("4.1")
+    _add_instance(db, "4.1", "4.1.1", 2.0)
+    second = queue.create_job_for_pending("4.1")
+    assert queue.wakeup.is_set()
+    claimed = queue.claim_next()
+    assert claimed.id == first and claimed.attempts == 1
+    # A crash while running: the job runs again after restart.
+    assert queue.requeue_interrupted() == 1
+    again = queue.claim_next()
+    assert again.id == first and again.attempts == 2
+    queue.finish(again.id)
+    later = queue.claim_next()
+    assert later.id == second
+    assert queue.revision(later) == 2
+    assert [i.sop_instance_uid for i in queue.instances(later)] == ["4.1.0", "4.1.1"]
+    assert [i.sop_instance_uid for i in queue.instances(again)] == ["4.1.0"]
+    queue.finish(later.id, error="ValueError: boom")
+    states = {j["id"]: (j["state"], j["error"]) for j in _jobs(db)}
+    assert states == {first: ("done", None), second: ("failed", "ValueError: boom")}
+    assert queue.claim_next() is None

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from radlens.config import DEFAULT_YAML, Settings, load_settings
+from radlens.errors import ConfigError
+from tests.helpers import radlens_cli
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("RADLENS_"):
+            monkeypatch.delenv(key)
+
+
+def test_default_yaml_documents_exactly_the_built_in_defaults():
+    documented = yaml.safe_load(DEFAULT_YAML.read_text())
+    assert documented == Settings().model_dump(mode="json")
+
+
+def test_yaml_file_then_environment_with_nesting(tmp_path, monkeypatch):
+    config = tmp_path / "radlens.yaml"
+    config.write_text("dicom:\n  port: 4000\n  ae_title: HOSPITAL_AI\n"
+                      "destinations:\n"
+                      "  - {name: pacs, ae_title: PACS, host: 10.0.0.5, port: 104}\n")
+    settings = load_settings(config)
+    assert (settings.dicom.port, settings.dicom.ae_title) == (4000, "HOSPITAL_AI")
+    assert settings.destination("pacs").port == 104
+    monkeypatch.setenv("RADLENS_DICOM__PORT", "11113")
+    monkeypatch.setenv("RADLENS_DICOM__ALLOWED_CALLING_AETS", '["CT01", "US02"]')
+    settings = load_settings(config)
+    assert settings.dicom.port == 11113  # environment beats the file
+    assert settings.dicom.ae_title == "HOSPITAL_AI"  # the rest of the file still applies
+    assert settings.dicom.allowed_calling_aets == ["CT01", "US02"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("dicom:\n  port: 70000\n", "dicom.port: Input should be less than or equal to 65535"),
+    ("dicom:\n  ae_title: WAY_TOO_LONG_AE_TITLE\n", "dicom.ae_title: Value error, an AE title has"),
+    ("dicom:\n  allowed_calling_aets: ['OK', 'BAD\\\\AE']\n", "dicom.allowed_calling_aets.1"),
+    ("dicomm:\n  port: 1\n", "dicomm: unknown key"),
+    ("assembly:\n  quiet_period_s: 30\n  max_wait_s: 10\n", "must be at least quiet_period_s"),
+    ("destinations:\n  - {name: a, ae_title: A, host: h, port: 1}\n"
+     "  - {name: a, ae_title: B, host: h, port: 2}\n", "destination names must be unique"),
+    ("log:\n  level: LOUD\n", "log.level"),
+    ("- just\n- a list\n", "must hold a mapping"),
+])
+def test_invalid_values_name_the_field(tmp_path, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=None) as error:
+        load_settings(config)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+def test_unknown_destination_lists_the_known_ones():
+    settings = Settings(destinations=[{"name": "pacs", "ae_title": "P", "host": "h", "port": 1}])
+    with pytest.raises(ConfigError, match=r"unknown destination 'x' \(known: pacs\)"):
+        settings.destination("x")
+
+
+def test_cli_invalid_config_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("dicom:\n  port: -1\n")
+    for command in (["config", "show"], ["serve"], ["status"]):
+        result = radlens_cli(*command, "--config", str(config))
+        assert result.returncode == 2, command
+        lines = result.stderr.strip().splitlines()
+        assert lines == ["radlens: config error: dicom.port: Input should be greater than or "
+                         "equal to 1 (got -1)"]
+
+
+def test_cli_config_show_prints_effective_yaml(tmp_path):
+    result = radlens_cli("config", "show", env={"RADLENS_DICOM__PORT": "11999",
+                                                "RADLENS_LOG__FORMAT": "json"})
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["dicom"]["port"] == 11999
+    assert shown["log"]["format"] == "json"
+    assert shown["storage"]["data_dir"] == str(Path("radlens-data"))

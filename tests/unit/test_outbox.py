@@ -1,0 +1,58 @@
+"""Outbox bookkeeping against a real closed port (connection refused), no stand-ins."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from radlens.agent.outbox import Outbox
+from radlens.config import Destination, OutboxSettings
+from radlens.db import DB_FILENAME, Database
+from radlens.errors import ConfigError, InvalidDatasetError
+from tests.helpers import TEST_FILES, free_port
+
+
+def _outbox(tmp_path, **settings) -> Outbox:
+    down = Destination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port())
+    return Outbox(Database(tmp_path / DB_FILENAME), OutboxSettings(**settings), [down],
+                  calling_aet="RADLENS", timeout_s=5)
+
+
+def test_backoff_doubles_from_initial_up_to_the_cap(tmp_path):
+    outbox = _outbox(tmp_path, retry_initial_s=2, retry_max_s=30)
+    assert [outbox.backoff_s(n) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+
+
+def test_unreachable_destination_is_retried_later(tmp_path):
+    outbox = _outbox(tmp_path, retry_initial_s=60)
+    outbox.enqueue([TEST_FILES / "CT_small.dcm"], "down")
+    before = time.time()
+    report = outbox.deliver_due()
+    assert (report.sent, report.retrying, report.failed) == (0, 1, 0)
+    row = outbox.db.conn.execute("SELECT * FROM outbox").fetchone()
+    assert row["state"] == "pending" and row["attempts"] == 1
+    assert "cannot connect to NOBODY@127.0.0.1" in row["last_error"]
+    assert row["next_attempt_at"] >= before + 60
+    assert outbox.deliver_due().retrying == 0  # not due yet: nothing attempted
+
+
+def test_max_attempts_gives_up_and_says_so(tmp_path):
+    outbox = _outbox(tmp_path, retry_initial_s=0.01, retry_max_s=0.01, max_attempts=2)
+    outbox.enqueue([TEST_FILES / "CT_small.dcm"], "down")
+    outbox.deliver_due()
+    time.sleep(0.05)
+    assert outbox.deliver_due().failed == 1
+    row = outbox.db.conn.execute("SELECT state, attempts FROM outbox").fetchone()
+    assert (row["state"], row["attempts"]) == ("failed", 2)
+
+
+def test_enqueue_checks_destination_and_file(tmp_path):
+    outbox = _outbox(tmp_path)
+    with pytest.raises(ConfigError, match="unknown destination 'pacs'"):
+        outbox.enqueue([TEST_FILES / "CT_small.dcm"], "pacs")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"junk")
+    with pytest.raises(InvalidDatasetError, match="not a DICOM file"):
+        outbox.enqueue([junk], "down")
+    assert outbox.db.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0

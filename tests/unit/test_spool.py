@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from radlens.db import DB_FILENAME, Database
+from radlens.dicom_io.spool import (
+    MissingUidError,
+    Spool,
+    UnparseableDatasetError,
+    read_uids,
+    write_durably,
+)
+from radlens.errors import SpoolError
+from tests.helpers import TEST_FILES
+
+CT = TEST_FILES / "CT_small.dcm"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path, Database(tmp_path / DB_FILENAME), fsync=True)
+
+
+def test_store_files_under_study_series_sop_and_indexes(spool):
+    encoded = CT.read_bytes()
+    stored = spool.store(encoded, calling_aet="CT01", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    ds = pydicom.dcmread(CT)
+    assert stored.path == spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / \
+        f"{ds.SOPInstanceUID}.dcm"
+    assert stored.path.read_bytes() == encoded
+    assert not stored.duplicate
+    row = spool.db.conn.execute("SELECT * FROM instances").fetchone()
+    assert (row["calling_aet"], row["size_bytes"]) == ("CT01", len(encoded))
+    assert row["job_id"] is None
+
+
+def test_same_sop_instance_is_not_stored_twice(spool):
+    encoded = CT.read_bytes()
+    spool.store(encoded, calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    again = spool.store(encoded, calling_aet="B", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    assert again.duplicate
+    assert spool.db.conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1
+    assert spool.db.conn.execute("SELECT calling_aet FROM instances").fetchone()[0] == "A"
+
+
+def test_garbage_is_unparseable_and_missing_uids_are_named():
+    with pytest.raises(UnparseableDatasetError):
+        read_uids(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    with pytest.raises(UnparseableDatasetError):
+        read_uids(b"hello, not dicom")
+    ds = pydicom.dcmread(CT)
+    del ds.SeriesInstanceUID
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(MissingUidError, match="lacks SeriesInstanceUID"):
+        read_uids(buffer.getvalue())
+
+
+def test_uid_that_could_escape_the_spool_is_refused(tmp_path):
+    from io import BytesIO
+
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID = "../../outside"
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(MissingUidError, match="malformed StudyInstanceUID"):
+        read_uids(buffer.getvalue())
+
+
+def test_quarantine_keeps_bytes_and_reason(spool):
+    path = spool.quarantine(b"broken", calling_aet="X", reason="cannot parse dataset: test")
+    assert path.read_bytes() == b"broken"
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["reason"] == "cannot parse dataset: test"
+    assert sidecar["calling_aet"] == "X"
+    assert spool.db.conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0] == 1
+
+
+def test_disk_reserve_refuses_before_writing(tmp_path):
+    spool = Spool(tmp_path, Database(tmp_path / DB_FILENAME), min_free_mb=10**9)
+    with pytest.raises(SpoolError, match="disk nearly full"):
+        spool.store(CT.read_bytes(), calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    assert not list(spool.root.rglob("*.dcm"))
+
+
+def test_write_error_becomes_spool_error_and_leaves_no_partial(spool, monkeypatch):
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("radlens.dicom_io.spool.os.replace", failing_replace)
+    with pytest.raises(SpoolError, match="No space left on device"):
+        spool.store(CT.read_bytes(), calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    assert not list(spool.root.rglob("*.partial"))
+    assert spool.db.conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+
+
+def test_partials_from_a_crash_are_removed(spool):
+    leftover = spool.root / "1.2" / ".x.dcm.abc.partial"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half")
+    assert spool.remove_partials() == 1
+    assert not leftover.exists()
+
+
+def test_write_durably_replaces_whole_file(tmp_path):
+    target = tmp_path / "f.json"
+    write_durably(target, b"one")
+    write_durably(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_reconcile_indexes_spooled_files_whose_row_was_lost(spool):
+    stored = spool.store(CT.read_bytes(), calling_aet="CT01",
+                         transfer_syntax_uid="1.2.840.10008.1.2.1")
+    with spool.db.transaction() as conn:  # what a power loss can do to an unsynced commit
+        conn.execute("DELETE FROM instances")
+    assert spool.reconcile() == 1
+    row = spool.db.conn.execute("SELECT * FROM instances").fetchone()
+    assert row["sop_instance_uid"] == stored.uids.sop_instance_uid
+    assert row["transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
+    assert row["calling_aet"] == "(recovered)"
+    assert spool.reconcile() == 0
