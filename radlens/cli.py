@@ -139,7 +139,10 @@ def status(
         deliveries.add_column(state, justify="right")
     for name, counts in report.outbox.items():
         deliveries.add_row(name, *(str(counts.get(s, 0)) for s in ("pending", "sent", "failed")))
-    out.print(deliveries)
+    if report.outbox:
+        out.print(deliveries)
+    else:
+        out.print("outbox: nothing queued")
     for failure in report.recent_failures:
         out.print(f"[red]job {failure['id']} failed[/]: {failure['error']}", highlight=False)
 

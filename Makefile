@@ -1,0 +1,48 @@
+# radlens: `make serve` runs the agent, `make test` runs the whole suite. Both set up .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.radlens-runtime
+DEV_STAMP := $(VENV)/.radlens-dev
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
+
+.PHONY: serve test lint demo bench tools clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[dev]'
+	@touch $@ $(RUNTIME_STAMP)
+
+## serve: install radlens in .venv and run the agent (AE RADLENS, port 11112, ./radlens-data)
+serve: $(RUNTIME_STAMP)
+	$(BIN)/radlens serve $(if $(CONFIG),--config $(CONFIG))
+
+## tools: install the DICOM peers the tests talk to (dcmtk, dicom3tools) when missing
+tools:
+	@scripts/install-test-tools.sh
+
+## test: install what the tests need and run the whole suite
+test: $(DEV_STAMP) tools
+	$(BIN)/python -m pytest
+
+## lint: ruff over the package, tests and benchmarks
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check radlens tests benchmarks
+
+## demo: start the agent, push a synthetic study with storescu, show what it found
+demo: $(RUNTIME_STAMP) tools
+	@scripts/demo.sh
+
+## bench: ingest throughput, storescu to storescp vs radlens (prints a table)
+bench: $(DEV_STAMP) tools
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
