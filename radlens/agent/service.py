@@ -1,7 +1,8 @@
 """The agent's lifecycle: start every stage in order, stop them in reverse on SIGTERM/SIGINT.
 
-Start-up recovers from any earlier crash: partial files are removed, interrupted jobs re-queued,
-study timers re-armed from SQLite, and the outbox resumes. One agent owns a data folder at a time
+Start-up recovers from any earlier crash: partial files are removed, spooled files missing from
+the index are re-indexed (after an unclean stop only), interrupted jobs re-queued, study timers
+re-armed from SQLite, and the outbox resumes. One agent owns a data folder at a time
 (an exclusive lock), so two processes can never assemble the same study twice.
 """
 

@@ -30,7 +30,6 @@ from radlens.logs import kv
 log = logging.getLogger(__name__)
 
 SPOOL_DIR = "spool"
-INCOMING_DIR = ".incoming"  # inside spool/: same filesystem, so adopting a file is a rename
 QUARANTINE_DIR = "quarantine"
 _PARTIAL_SUFFIX = ".partial"
 # UIDs become path components: accept only what cannot escape the spool folder.
@@ -105,14 +104,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durably(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` at ``path`` so that a crash leaves either the whole file or none."""
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_PARTIAL_SUFFIX}")
@@ -143,43 +134,19 @@ class Spool:
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
-        for folder in (self.root, self.incoming, self.quarantine_root):
+        for folder in (self.root, self.quarantine_root):
             folder.mkdir(parents=True, exist_ok=True)
 
     # -- receiving -------------------------------------------------------------------------
-    @property
-    def incoming(self) -> Path:
-        """Where datasets are written while they arrive (pynetdicom streams into it)."""
-        return self.root / INCOMING_DIR
-
     def store(self, encoded: bytes, *, calling_aet: str,
               transfer_syntax_uid: str) -> StoredInstance:
         """Make one Part 10 byte stream durable and indexed.
 
-        Raises InvalidDatasetError (unusable dataset) or SpoolError (disk, I/O, index)."""
-        self._check_free_space(len(encoded))
-        temp = self.incoming / f"{uuid.uuid4().hex}.dcm"
-        try:
-            temp.write_bytes(encoded)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise SpoolError(f"cannot write incoming dataset: {exc.strerror or exc}") from exc
-        try:
-            return self.adopt(temp, calling_aet=calling_aet,
-                              transfer_syntax_uid=transfer_syntax_uid)
-        finally:
-            temp.unlink(missing_ok=True)
-
-    def adopt(self, received: Path, *, calling_aet: str,
-              transfer_syntax_uid: str) -> StoredInstance:
-        """File a complete Part 10 file written under ``incoming``: fsync it, rename it to
-        ``<Study>/<Series>/<SOP>.dcm``, fsync the folder, commit the index row.
-
-        On return the instance is durable and the caller may answer Success. A duplicate SOP
-        Instance UID leaves ``received`` where it is. The caller checked the disk reserve before
-        writing ``received``. Raises InvalidDatasetError or SpoolError.
+        On return the file is fsync'ed under its final name (temp file, fsync, rename, folder
+        fsync) and its index row committed: the caller may answer Success. Raises
+        InvalidDatasetError (unusable dataset) or SpoolError (disk, I/O, index).
         """
-        uids = read_uids(received)
+        uids = read_uids(encoded)
         now = time.time()
         existing = self.db.conn.execute(
             "SELECT path, size_bytes, received_at FROM instances WHERE sop_instance_uid = ?",
@@ -189,30 +156,26 @@ class Spool:
             return StoredInstance(uids, transfer_syntax_uid, calling_aet,
                                   self.data_dir / existing["path"], existing["size_bytes"],
                                   existing["received_at"], duplicate=True)
+        self._check_free_space(len(encoded))
         relative = Path(SPOOL_DIR, uids.study_instance_uid, uids.series_instance_uid,
                         f"{uids.sop_instance_uid}.dcm")
         path = self.data_dir / relative
         try:
-            size = received.stat().st_size
-            if self.fsync:
-                _fsync_file(received)
             self._ensure_dir(path.parent)
-            os.replace(received, path)
-            if self.fsync:
-                _fsync_dir(path.parent)
+            write_durably(path, encoded, fsync=self.fsync)
         except OSError as exc:
             raise SpoolError(f"cannot write {relative}: {exc.strerror or exc}") from exc
         try:
             # The file above is the durable record; this row can be rebuilt from it
             # (reconcile), so its commit does not wait for a WAL fsync of its own.
-            self._index(uids, transfer_syntax_uid, calling_aet, relative, size, now)
+            self._index(uids, transfer_syntax_uid, calling_aet, relative, len(encoded), now)
         except sqlite3.IntegrityError:
             # The same instance arrived concurrently on another association and won the race.
-            return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, size, now,
-                                  duplicate=True)
+            return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded),
+                                  now, duplicate=True)
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot index {relative}: {exc}") from exc
-        return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, size, now)
+        return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now)
 
     def _index(self, uids: InstanceUids, transfer_syntax_uid: str, calling_aet: str,
                relative: Path, size: int, received_at: float) -> None:
@@ -256,34 +219,22 @@ class Spool:
             self._known_dirs.add(folder)
 
     # -- bad input ---------------------------------------------------------------------------
-    def quarantine(self, received: bytes | Path, *, calling_aet: str, reason: str) -> Path:
-        """Keep what we could not file, with the reason beside it; raises SpoolError.
-
-        A file under ``incoming`` is moved (no copy); bytes are written.
-        """
+    def quarantine(self, encoded: bytes, *, calling_aet: str, reason: str) -> Path:
+        """Keep bytes we could not file, with the reason beside them; raises SpoolError."""
         now = time.time()
         stem = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:12]
         path = self.quarantine_root / f"{stem}.dcm"
+        sidecar = {"received_at": now, "calling_aet": calling_aet, "reason": reason,
+                   "size_bytes": len(encoded)}
         try:
-            if isinstance(received, Path):
-                size = received.stat().st_size
-                if self.fsync:
-                    _fsync_file(received)
-                os.replace(received, path)
-                if self.fsync:
-                    _fsync_dir(path.parent)
-            else:
-                size = len(received)
-                write_durably(path, received, fsync=self.fsync)
-            sidecar = {"received_at": now, "calling_aet": calling_aet, "reason": reason,
-                       "size_bytes": size}
+            write_durably(path, encoded, fsync=self.fsync)
             write_durably(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode(),
                           fsync=self.fsync)
             with self.db.transaction() as conn:
                 conn.execute(
                     "INSERT INTO quarantine (received_at, calling_aet, path, size_bytes, reason)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (now, calling_aet, str(path.relative_to(self.data_dir)), size, reason),
+                    (now, calling_aet, str(path.relative_to(self.data_dir)), len(encoded), reason),
                 )
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot quarantine dataset: {exc}") from exc
@@ -327,9 +278,6 @@ class Spool:
             for partial in folder.rglob(f"*{_PARTIAL_SUFFIX}"):
                 partial.unlink(missing_ok=True)
                 removed += 1
-        for leftover in self.incoming.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
         if removed:
             log.info("removed partial files left by an earlier crash", extra=kv(count=removed))
         return removed

@@ -66,3 +66,13 @@ def test_radlens_echo_command(server):
     assert wrong.returncode == 1
     assert "rejected" in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_agent_on_the_same_data_folder_is_refused(server, server_factory):
+    second = server_factory()
+    second.data_dir = server.data_dir
+    second.start(wait=False)
+    assert second.process.wait(timeout=60) == 1
+    log = second.log()
+    assert f"another radlens agent (pid {server.process.pid}) is using" in log
+    assert echoscu(server.port).returncode == 0  # the first one is untouched
