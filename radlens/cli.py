@@ -175,6 +175,41 @@ def forward(
     out.print(f"queued {len(ids)} file(s) for {to}")
 
 
+@app.command()
+def phantoms(
+    out: Annotated[Path, typer.Option(help="folder to write images/, masks/, labels.csv")],
+    n: Annotated[int, typer.Option(min=1, help="number of cases")] = 100,
+    seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
+    size: Annotated[int, typer.Option(min=64, max=2048, help="frame size in pixels")] = 256,
+    dicom: Annotated[bool, typer.Option("--dicom", help="also one DICOM study per case")]
+    = False,
+    config: ConfigOption = None,
+) -> None:
+    """Write synthetic breast-ultrasound phantoms in the BUS-UCLM folder layout."""
+    from rich.progress import Progress
+
+    from radlens.models.phantoms import generate, write_dataset
+
+    _settings(config)
+    counts: dict[str, int] = {}
+    with Progress(console=err, transient=False) as progress:
+        task = progress.add_task("phantoms", total=n)
+
+        def advance(phantom: object) -> None:
+            label = getattr(phantom, "label", "?")
+            counts[label] = counts.get(label, 0) + 1
+            progress.advance(task)
+
+        write_dataset(out, generate(n, seed, size=size), dicom=dicom,
+                      uid_seed=f"radlens-phantoms-{seed}-{size}", on_case=advance)
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "benign", "malignant"))
+    out.mkdir(parents=True, exist_ok=True)
+    console_line = f"wrote {n} phantoms ({summary}) to {out}"
+    if dicom:
+        console_line += f"; DICOM studies in {out / 'dicom'}"
+    sys.stdout.write(console_line + "\n")
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOption = None,

@@ -20,29 +20,40 @@ US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 def us_instance(*, study_uid: str, series_uid: str, instance_number: int, rows: int = 512,
                 columns: int = 1024, spacing_cm: float = 0.01, seed: int = 0,
                 patient_id: str = "SYNTH-0001") -> Dataset:
-    """One 8-bit MONOCHROME2 ultrasound frame (rows x columns bytes of pixel data)."""
+    """One 8-bit MONOCHROME2 ultrasound frame of plain speckle (rows x columns bytes)."""
     rng = np.random.default_rng(seed)
     depth = np.linspace(1.0, 0.35, rows, dtype=np.float32)[:, None]
     speckle = rng.rayleigh(scale=0.35, size=(rows, columns)).astype(np.float32)
     pixels = np.clip(speckle * depth * 180.0, 0, 255).astype(np.uint8)
+    return us_dataset(pixels, study_uid=study_uid, series_uid=series_uid,
+                      instance_number=instance_number, spacing_cm=spacing_cm,
+                      patient_id=patient_id)
 
+
+def us_dataset(pixels: np.ndarray, *, study_uid: str, series_uid: str, instance_number: int,
+               spacing_cm: float, patient_id: str, patient_name: str = "SYNTHETIC^PHANTOM",
+               accession: str = "SYNTH", sop_uid: str | None = None) -> Dataset:
+    """US Image Storage around an 8-bit greyscale frame, with one 2-D tissue region."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D uint8 frame, got {pixels.dtype} {pixels.shape}")
+    rows, columns = pixels.shape
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID = US_IMAGE_STORAGE
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.PatientName = "SYNTHETIC^PHANTOM"
+    ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyDate = "20260101"
     ds.StudyTime = "120000"
-    ds.AccessionNumber = "SYNTH"
+    ds.AccessionNumber = accession
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
     ds.Modality = "US"
@@ -87,3 +98,21 @@ def write_us_studies(folder: Path, *, studies: int, instances_per_study: int,
             path = folder / f"study{s:03d}_{i:05d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             yield path
+
+
+def write_phantom_study(folder: Path, pixels: np.ndarray, *, spacing_mm: float, case_id: str,
+                        patient_id: str, uid_seed: str) -> Path:
+    """One phantom frame as a one-instance US study, ready to push with storescu.
+
+    UIDs derive from ``uid_seed`` and the case, so the same phantom gives the same file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = lambda part: generate_uid(entropy_srcs=[uid_seed, case_id, part])  # noqa: E731
+    ds = us_dataset(pixels, study_uid=uid("study"), series_uid=uid("series"), sop_uid=uid("sop"),
+                    instance_number=1, spacing_cm=spacing_mm / 10.0, patient_id=patient_id,
+                    patient_name=f"PHANTOM^{case_id.upper()}", accession=case_id[-16:])
+    ds.StudyDescription = "radlens phantom"
+    ds.SeriesDescription = "synthetic breast ultrasound"
+    path = folder / "IM0001.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
