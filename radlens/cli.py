@@ -29,7 +29,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-out = Console()
+console = Console()
 err = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -98,7 +98,7 @@ def echo(
     elapsed_ms = (time.perf_counter() - started) * 1000
     if status != 0:
         raise _fail(f"C-ECHO to {aet}@{host}:{port} answered 0x{status:04X}", 1)
-    out.print(f"C-ECHO to {aet}@{host}:{port}: Success in {elapsed_ms:.0f} ms")
+    console.print(f"C-ECHO to {aet}@{host}:{port}: Success in {elapsed_ms:.0f} ms")
 
 
 @app.command()
@@ -112,13 +112,13 @@ def status(
     settings = _settings(config)
     report = collect_status(settings.storage.data_dir)
     if as_json:
-        out.print_json(report.model_dump_json())
+        console.print_json(report.model_dump_json())
         return
     agent = report.agent
     running = (f"[green]running[/] pid {agent.pid}, {agent.ae_title}@{agent.host}:{agent.port}"
                if agent.running else "[yellow]not running[/]")
-    out.print(f"radlens {__version__}  agent: {running}")
-    out.print(f"data: {report.data_dir}")
+    console.print(f"radlens {__version__}  agent: {running}")
+    console.print(f"data: {report.data_dir}")
     last = (datetime.fromtimestamp(report.last_received_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
             if report.last_received_at else "never")
     table = Table(title="received", show_header=False)
@@ -127,12 +127,12 @@ def status(
     table.add_row("waiting for study completion", str(report.pending_instances))
     table.add_row("quarantined", str(report.quarantined))
     table.add_row("last received", last)
-    out.print(table)
+    console.print(table)
     jobs = Table(title="jobs")
     for state in report.jobs:
         jobs.add_column(state, justify="right")
     jobs.add_row(*(str(n) for n in report.jobs.values()))
-    out.print(jobs)
+    console.print(jobs)
     deliveries = Table(title="outbox")
     deliveries.add_column("destination")
     for state in ("pending", "sent", "failed"):
@@ -140,11 +140,11 @@ def status(
     for name, counts in report.outbox.items():
         deliveries.add_row(name, *(str(counts.get(s, 0)) for s in ("pending", "sent", "failed")))
     if report.outbox:
-        out.print(deliveries)
+        console.print(deliveries)
     else:
-        out.print("outbox: nothing queued")
+        console.print("outbox: nothing queued")
     for failure in report.recent_failures:
-        out.print(f"[red]job {failure['id']} failed[/]: {failure['error']}", highlight=False)
+        console.print(f"[red]job {failure['id']} failed[/]: {failure['error']}", highlight=False)
 
 
 @app.command()
@@ -172,7 +172,7 @@ def forward(
         raise _fail(str(exc), 1) from None
     finally:
         db.close()
-    out.print(f"queued {len(ids)} file(s) for {to}")
+    console.print(f"queued {len(ids)} file(s) for {to}")
 
 
 @app.command()
@@ -210,6 +210,120 @@ def phantoms(
     sys.stdout.write(console_line + "\n")
 
 
+@app.command()
+def models() -> None:
+    """The registered architectures with their parameter counts, and the shipped models."""
+    from radlens.models.infer import WEIGHTS_DIR
+    from radlens.models.networks import REGISTRY, parameter_count
+
+    table = Table(title="architectures")
+    for column in ("name", "parameters", "size (float32)", "encoder depths", "description"):
+        table.add_column(column, justify="right" if column in ("parameters", "size (float32)",
+                                                               "encoder depths") else "left")
+    for name, architecture in REGISTRY.items():
+        network = architecture.build(1)
+        count = parameter_count(network)
+        table.add_row(name, f"{count:,}", f"{count * 4 / 2**20:.1f} MiB", str(network.depth),
+                      architecture.description)
+    console.print(table)
+    for card_path in sorted(WEIGHTS_DIR.glob("*/card.json")):
+        card = json.loads(card_path.read_text())
+        console.print(f"shipped: {card_path.parent.name} = {card['name']} {card['version']} "
+                  f"({card['architecture']})", highlight=False)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="dataset folder: images/, masks/ [labels.csv]",
+                                       exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="where model.pt, card, metrics and curves go")],
+    arch: Annotated[str, typer.Option(help="architecture (see radlens models)")] = "unet",
+    folds: Annotated[int, typer.Option(min=0, help="k-fold cross-validation (0: one split)")]
+    = 0,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    learning_rate: Annotated[float, typer.Option()] = 1e-4,
+    patience: Annotated[int, typer.Option(min=1, help="early stopping patience (epochs)")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+    size: Annotated[int, typer.Option(min=32, help="network input size")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    workers: Annotated[int, typer.Option(min=0, help="data-loading processes")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Train a segmentation network with the science.md settings."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from radlens.models.datasets import DatasetError
+    from radlens.models.networks import REGISTRY
+    from radlens.models.train import TrainSettings, run_training
+
+    _settings(config)
+    if arch not in REGISTRY:
+        raise _fail(f"unknown architecture {arch!r} (known: {', '.join(REGISTRY)})", 2)
+    settings = TrainSettings(arch=arch, epochs=epochs, batch_size=batch_size,
+                             learning_rate=learning_rate, patience=patience, folds=folds,
+                             seed=seed, device=device, size=size, workers=workers)
+    command = "radlens " + " ".join(sys.argv[1:])
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err) as progress:
+        tasks: dict[int, int] = {}
+
+        def on_epoch(fold: int, record: object, planned: int) -> None:
+            if fold not in tasks:
+                tasks[fold] = progress.add_task(f"{arch} fold {fold}", total=planned, info="")
+            dice = getattr(record, "val_lesion_dice", None)
+            progress.update(tasks[fold], completed=record.epoch,
+                            info=f"loss {record.train_loss:.3f} / "
+                                 f"{record.val_loss:.3f}  lesion Dice "
+                                 + (f"{dice:.3f}" if dice is not None else "n/a"))
+
+        try:
+            metrics = run_training(data, settings, out, command=command, on_epoch=on_epoch)
+        except (DatasetError, ValueError) as exc:
+            raise _fail(str(exc), 1) from None
+    summary = metrics["summary"]
+    dice = summary["lesion_dice"]["mean"]
+    console.print(f"trained {arch} on {metrics['data']['cases']} cases; validation lesion Dice "
+              f"{dice:.3f}; image accuracy "
+              f"{summary['from_segmentation']['accuracy']['mean']:.3f}; wrote {out}")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="dataset folder with masks", exists=True,
+                                       file_okay=False)],
+    out: Annotated[Path, typer.Option(help="where report.json and report.md go")],
+    model: Annotated[str, typer.Option(help="weights folder or shipped model name")]
+    = "default",
+    compare: Annotated[str | None, typer.Option(
+        help="train these architectures (comma-separated) under identical settings and "
+             "compare them instead")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="epochs per architecture with --compare")]
+    = 100,
+    folds: Annotated[int, typer.Option(min=0, help="folds per architecture with --compare")]
+    = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Evaluate a model on a labelled dataset, or compare architectures trained identically."""
+    from radlens.models import evaluate as evaluation
+    from radlens.models.datasets import DatasetError
+
+    _settings(config)
+    try:
+        if compare:
+            report = evaluation.compare_architectures(
+                data, [a.strip() for a in compare.split(",") if a.strip()], out,
+                epochs=epochs, folds=folds, device=device, seed=seed)
+        else:
+            report = evaluation.evaluate_folder(data, model, out, device=device, seed=seed)
+    except (DatasetError, ValueError, RadlensError) as exc:
+        raise _fail(str(exc), 1) from None
+    console.print((out / "report.md").read_text(), markup=False, highlight=False)
+    del report
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOption = None,
@@ -227,7 +341,7 @@ def config_show(
 @app.command()
 def version() -> None:
     """Print the radlens version."""
-    out.print(__version__)
+    console.print(__version__)
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import AttentionUnet, ResNet, SegResNet, UNet
 from monai.networks.nets.attentionunet import AttentionLayer
-from monai.networks.layers.simplelayers import SkipConnection
 from torch import nn
 
 NUM_CLASSES = 3

@@ -1,0 +1,76 @@
+"""Evaluation: a model on a labelled dataset, or several architectures trained and evaluated
+under identical settings, side by side (``radlens evaluate``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radlens.models.datasets import SegmentationDataset, load_cases
+from radlens.models.infer import Segmenter
+from radlens.models.metrics import PIXEL_METRICS, evaluation_report, markdown_table, predict
+from radlens.models.train import TrainSettings, run_training
+
+
+def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "auto",
+                    seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
+    """Evaluate a weights folder on every case of ``data``; writes report.json and report.md."""
+    segmenter = Segmenter(model, device=device, batch_size=batch_size)
+    cases = load_cases(data)
+    dataset = SegmentationDataset(cases, size=segmenter.input_size[0])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    report = evaluation_report(predict(segmenter.model, loader, segmenter.device), seed)
+    report["model"] = {"name": segmenter.name, "version": segmenter.version,
+                       "folder": str(segmenter.folder)}
+    report["data"] = str(data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_table(
+        report, f"{segmenter.name} {segmenter.version} on {data}"))
+    return report
+
+
+def compare_architectures(data: Path, architectures: list[str], out: Path, *, epochs: int,
+                          folds: int = 0, device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Train each architecture with the same settings, split and seed; compare their validation
+    results (mean over folds) in one table."""
+    if not architectures:
+        raise ValueError("--compare needs at least one architecture")
+    results: dict[str, Any] = {}
+    for arch in architectures:
+        settings = TrainSettings(arch=arch, epochs=epochs, folds=folds, device=device, seed=seed)
+        metrics = run_training(data, settings, out / arch,
+                               command=f"radlens evaluate --compare {','.join(architectures)}")
+        card = json.loads((out / arch / "card.json").read_text())
+        results[arch] = {"parameters": card["parameters"], "summary": metrics["summary"]}
+    report = {"data": str(data), "epochs": epochs, "folds": folds, "seed": seed,
+              "architectures": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(comparison_table(report))
+    return report
+
+
+def comparison_table(report: dict[str, Any]) -> str:
+    def cell(spread: dict[str, float | None]) -> str:
+        if spread["mean"] is None:
+            return "n/a"
+        text = f"{100 * spread['mean']:.2f}"
+        return text + (f" ± {100 * spread['std']:.2f}" if report["folds"] > 1 else "")
+
+    header = ("| architecture | parameters | " + " | ".join(
+        m.replace("_", " ") for m in PIXEL_METRICS)
+        + " | lesion Dice | image accuracy | latent-probe accuracy |")
+    lines = [f"## Architectures compared on {report['data']} ({report['epochs']} epochs max, "
+             f"{max(report['folds'], 1)} fold(s), seed {report['seed']}); averages over classes, "
+             "percent", "", header, "|---" + "|---:" * (len(PIXEL_METRICS) + 4) + "|"]
+    for arch, result in report["architectures"].items():
+        summary = result["summary"]
+        lines.append(f"| {arch} | {result['parameters'] / 1e6:.2f} M | " + " | ".join(
+            cell(summary["average"][m]) for m in PIXEL_METRICS) + f" | "
+            f"{cell(summary['lesion_dice'])} | {cell(summary['from_segmentation']['accuracy'])} | "
+            f"{cell(summary['linear_probe_on_latents']['accuracy'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""Inference with a weights folder: ``model.pt`` (a state dict) beside ``card.json``.
+
+Images of any size go in (greyscale or RGB, any value range); each is scaled to [0, 1], converted
+to greyscale, resized to the card's input size, and its probability maps are resized back to the
+source size. Batched, under ``torch.inference_mode``, on CUDA when present (device "auto").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from radlens.models.metrics import image_probabilities
+from radlens.models.networks import SegmentationNetwork, build
+from radlens.models.train import resolve_device
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+DEFAULT_MODEL = "default"
+
+
+class ModelError(RuntimeError):
+    """A weights folder that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result at its source size."""
+
+    probabilities: np.ndarray  # (3, H, W) float32: background, benign, malignant
+    image_probabilities: np.ndarray  # (3,) normal, benign, malignant
+    latent: np.ndarray  # (C,) deepest encoder map, global-average pooled
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=0).astype(np.uint8)
+
+
+def model_folder(name_or_path: str | Path) -> Path:
+    """A folder path, or the name of a model shipped in ``radlens/models/weights``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = WEIGHTS_DIR / str(name_or_path)
+    if shipped.is_dir():
+        return shipped
+    raise ModelError(f"no model folder {name_or_path!r} (nor {shipped})")
+
+
+class Segmenter:
+    def __init__(self, folder: str | Path = DEFAULT_MODEL, *, device: str = "auto",
+                 batch_size: int = 8) -> None:
+        self.folder = model_folder(folder)
+        try:
+            self.card: dict[str, Any] = json.loads((self.folder / "card.json").read_text())
+            state = torch.load(self.folder / "model.pt", map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"cannot load model from {self.folder}: {exc}") from exc
+        self.device = resolve_device(device)
+        self.model: SegmentationNetwork = build(self.card["architecture"],
+                                                in_channels=self.card.get("in_channels", 1))
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelError(f"{self.folder}: weights do not fit {self.card['architecture']}: "
+                             f"{exc}") from exc
+        self.model.to(self.device).eval()
+        self.input_size = tuple(self.card["input_size"])
+        self.batch_size = batch_size
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.card["version"])
+
+    def _prepare(self, image: np.ndarray) -> torch.Tensor:
+        array = np.asarray(image, dtype=np.float32)
+        if array.ndim == 3:  # (H, W, channels): ITU-R 601 luma for colour
+            if array.shape[-1] == 3:
+                array = array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            elif array.shape[-1] == 1:
+                array = array[..., 0]
+            else:
+                raise ValueError(f"expected 1 or 3 channels, got {array.shape[-1]}")
+        if array.ndim != 2:
+            raise ValueError(f"expected a 2-D image, got shape {image.shape}")
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
+        tensor = torch.from_numpy(scaled)[None, None]
+        return F.interpolate(tensor, size=self.input_size, mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Probability maps at each image's own size, image-level probabilities, latents."""
+        results: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            batch = torch.cat([self._prepare(image) for image in chunk]).to(self.device)
+            logits, features = self.model.forward_with_features(batch)
+            probs = logits.softmax(dim=1)
+            per_image = image_probabilities(probs).cpu().numpy()
+            latents = features[-1].mean(dim=(2, 3)).float().cpu().numpy()
+            for index, image in enumerate(chunk):
+                size = np.asarray(image).shape[:2]
+                full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
+                                     align_corners=False)[0]
+                results.append(Prediction(full.float().cpu().numpy(), per_image[index],
+                                          latents[index]))
+        return results

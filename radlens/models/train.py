@@ -1,0 +1,296 @@
+"""Training with the science.md settings, identical for every architecture.
+
+AdamW at 1e-4, cosine annealing (T_max 100, eta_min 1e-6), Dice + cross-entropy, early stopping on
+validation loss (min improvement 1e-4, patience 4), optional k-fold cross-validation grouped by
+patient. Seeded: the same data, settings and seed give the same weights on the same device.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from monai.losses import DiceCELoss
+from monai.utils import set_determinism
+
+from radlens import __version__
+from radlens.logs import kv
+from radlens.models.datasets import (
+    INPUT_SIZE,
+    Case,
+    SegmentationDataset,
+    augmentations,
+    folds,
+    holdout,
+    load_cases,
+)
+from radlens.models.metrics import evaluation_report, markdown_table, predict
+from radlens.models.networks import CLASS_NAMES, build, parameter_count
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    arch: str = "unet"
+    epochs: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    t_max: int = 100
+    eta_min: float = 1e-6
+    patience: int = 4
+    min_delta: float = 1e-4
+    folds: int = 0  # 0 or 1: one patient-grouped hold-out split
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    size: int = INPUT_SIZE
+    workers: int = 0  # data-loading processes; MONAI re-seeds each, so results stay seeded
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_lesion_dice: float | None
+    learning_rate: float
+    seconds: float
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    train_cases: int
+    val_cases: int
+    best_epoch: int
+    best_val_loss: float
+    stopped_early: bool
+    history: list[EpochRecord] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+EpochCallback = Callable[[int, EpochRecord, int], None]  # fold, record, planned epochs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but no CUDA device is available")
+    return device
+
+
+def _loader(dataset: SegmentationDataset, batch_size: int, shuffle: bool, seed: int,
+            workers: int = 0) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=workers, persistent_workers=workers > 0)
+
+
+def train_fold(fold: int, train_cases: list[Case], val_cases: list[Case],
+               settings: TrainSettings, out: Path,
+               on_epoch: EpochCallback | None = None) -> tuple[FoldResult, torch.nn.Module]:
+    """Train one model; returns its result and the weights of its best validation epoch."""
+    set_determinism(settings.seed + fold)
+    device = resolve_device(settings.device)
+    model = build(settings.arch).to(device)
+    train_data = SegmentationDataset(train_cases, size=settings.size,
+                                     transform=augmentations(settings.seed + fold))
+    val_data = SegmentationDataset(val_cases, size=settings.size)
+    train_loader = _loader(train_data, settings.batch_size, True, settings.seed + fold,
+                           settings.workers)
+    val_loader = _loader(val_data, settings.batch_size, False, settings.seed + fold)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.t_max,
+                                                           eta_min=settings.eta_min)
+    result = FoldResult(fold, len(train_cases), len(val_cases), 0, float("inf"), False)
+    best_state = copy.deepcopy(model.state_dict())
+    waited = 0
+    for epoch in range(1, settings.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        losses = []
+        for batch in train_loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(batch["image"].to(device)), batch["mask"].to(device))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        learning_rate = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_loss, val_dice = _validate(model, val_loader, loss_fn, device)
+        record = EpochRecord(epoch, float(np.mean(losses)), val_loss, val_dice, learning_rate,
+                             time.perf_counter() - started)
+        result.history.append(record)
+        log.info("epoch", extra=kv(fold=fold, epoch=epoch, train_loss=round(record.train_loss, 4),
+                                   val_loss=round(val_loss, 4), val_lesion_dice=val_dice))
+        if on_epoch is not None:
+            on_epoch(fold, record, settings.epochs)
+        if val_loss < result.best_val_loss - settings.min_delta:
+            result.best_val_loss, result.best_epoch, waited = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+            if waited >= settings.patience:
+                result.stopped_early = True
+                break
+    model.load_state_dict(best_state)
+    result.report = evaluation_report(predict(model, val_loader, device), settings.seed)
+    fold_dir = out / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(best_state, fold_dir / "model.pt")
+    plot_curves(result.history, fold_dir / "curves.png", title=f"{settings.arch}, fold {fold}")
+    return result, model
+
+
+@torch.inference_mode()
+def _validate(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
+              loss_fn: DiceCELoss, device: torch.device) -> tuple[float, float | None]:
+    model.eval()
+    losses, overlap, total = [], 0.0, 0.0
+    dices = []
+    for batch in loader:
+        logits = model(batch["image"].to(device))
+        mask = batch["mask"].to(device)
+        losses.append(float(loss_fn(logits, mask)) * len(mask))
+        predicted, reference = logits.argmax(1) > 0, mask[:, 0] > 0
+        for pred, ref in zip(predicted, reference, strict=True):
+            if ref.any():
+                overlap = float((pred & ref).sum())
+                total = float(pred.sum() + ref.sum())
+                dices.append(2 * overlap / total)
+    return float(np.sum(losses) / len(loader.dataset)), (float(np.mean(dices)) if dices
+                                                          else None)
+
+
+def plot_curves(history: list[EpochRecord], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r.train_loss for r in history], label="training")
+    left.plot(epochs, [r.val_loss for r in history], label="validation")
+    left.set_xlabel("epoch")
+    left.set_ylabel("Dice + cross-entropy loss")
+    left.legend()
+    right.plot(epochs, [r.val_lesion_dice or 0 for r in history], color="tab:green")
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation lesion Dice")
+    right.set_ylim(0, 1)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def summarise(results: list[FoldResult]) -> dict[str, Any]:
+    """Mean and standard deviation over folds of every averaged pixel metric and image score."""
+    def spread(values: list[float | None]) -> dict[str, float | None]:
+        present = [v for v in values if v is not None]
+        if not present:
+            return {"mean": None, "std": None}
+        return {"mean": float(np.mean(present)), "std": float(np.std(present))}
+
+    summary: dict[str, Any] = {"average": {}, "lesion_dice": spread(
+        [r.report["segmentation"]["lesion"]["dice"] for r in results])}
+    for metric in results[0].report["segmentation"]["average"]:
+        summary["average"][metric] = spread(
+            [r.report["segmentation"]["average"][metric] for r in results])
+    for source in ("from_segmentation", "linear_probe_on_latents"):
+        summary[source] = {m: spread([r.report["image_level"][source][m] for r in results])
+                           for m in ("accuracy", "auc_ovr")}
+    return summary
+
+
+def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str = "",
+                 on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """Train (with k-fold cross-validation when ``settings.folds > 1``) and write ``out``:
+    ``model.pt`` + ``card.json`` + ``card.md`` (a weights folder), ``metrics.json``,
+    ``metrics.md`` and per-fold curves."""
+    cases = load_cases(data)
+    splits = (folds(cases, settings.folds, settings.seed) if settings.folds > 1
+              else [holdout(cases, settings.val_fraction, settings.seed)])
+    out.mkdir(parents=True, exist_ok=True)
+    results, best_model, best_loss = [], None, float("inf")
+    for fold, (train_idx, val_idx) in enumerate(splits):
+        result, model = train_fold(fold, [cases[i] for i in train_idx],
+                                   [cases[i] for i in val_idx], settings, out, on_epoch)
+        results.append(result)
+        if result.best_val_loss < best_loss:
+            best_loss, best_model = result.best_val_loss, model
+    assert best_model is not None
+    best_fold = min(results, key=lambda r: r.best_val_loss)
+    metrics = {
+        "settings": asdict(settings),
+        "data": {"path": str(data), "cases": len(cases),
+                 "labels": {k: sum(c.label == k for c in cases)
+                            for k in ("normal", "benign", "malignant")},
+                 "patients": len({c.patient_id for c in cases})},
+        "folds": [{**asdict(r), "history": [asdict(h) for h in r.history]} for r in results],
+        "summary": summarise(results),
+        "selected_fold": best_fold.fold,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.md").write_text("".join(
+        markdown_table(r.report, f"{settings.arch}, fold {r.fold} (validation)")
+        for r in results))
+    torch.save(best_model.state_dict(), out / "model.pt")
+    card = model_card(settings, metrics, best_fold, command, parameter_count(best_model))
+    write_card(card, out)
+    return metrics
+
+
+def model_card(settings: TrainSettings, metrics: dict[str, Any], selected: FoldResult,
+               command: str, parameters: int) -> dict[str, Any]:
+    return {
+        "name": f"radlens-{settings.arch}",
+        "version": datetime.now(UTC).strftime("%Y.%m.%d"),
+        "architecture": settings.arch,
+        "in_channels": 1,
+        "classes": list(CLASS_NAMES),
+        "image_labels": ["normal", "benign", "malignant"],
+        "input_size": [settings.size, settings.size],
+        "input_normalisation": "greyscale, scaled to [0, 1] from the image's 8-bit range",
+        "parameters": parameters,
+        "training": {"data": metrics["data"], "command": command, "settings": asdict(settings),
+                     "selected_fold": selected.fold, "best_epoch": selected.best_epoch,
+                     "radlens_version": __version__, "torch_version": torch.__version__},
+        "validation": selected.report,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "intended_use": "Research and demonstration only. Not for diagnostic use.",
+    }
+
+
+def write_card(card: dict[str, Any], folder: Path) -> None:
+    (folder / "card.json").write_text(json.dumps(card, indent=2))
+    validation = card.get("validation") or {}
+    lines = [f"# {card['name']} {card['version']}", "",
+             "**Research use only. Not for diagnostic use.**", "",
+             f"- architecture: {card['architecture']} ({card['parameters']:,} parameters)",
+             f"- input: {card['input_size'][0]}x{card['input_size'][1]} greyscale, "
+             f"classes {', '.join(card['classes'])}",
+             f"- trained with: `{card['training']['command']}`",
+             f"- data: {card['training']['data']}", ""]
+    if validation:
+        lines.append(markdown_table(validation, "Validation"))
+    for name, measured in (card.get("measured") or {}).items():
+        lines += ["", markdown_table(measured, f"Measured: {name}")]
+    (folder / "card.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,85 @@
+"""The model commands end to end, and the shipped model held to its card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from radlens.models.infer import WEIGHTS_DIR
+from tests.helpers import radlens_cli
+
+FRESH_SEED = 4242  # neither the training seed nor the card's measurement seed
+
+
+@pytest.mark.slow
+def test_shipped_model_meets_its_card(tmp_path):
+    card = json.loads((WEIGHTS_DIR / "default" / "card.json").read_text())
+    assert "not for diagnostic use" in card["intended_use"].lower()
+    assert (WEIGHTS_DIR / "default" / "model.pt").stat().st_size <= 20 * 2**20
+    acceptance = card["acceptance"]
+    made = radlens_cli("phantoms", "--out", str(tmp_path / "fresh"), "--n", "300", "--seed",
+                       str(FRESH_SEED))
+    assert made.returncode == 0, made.stderr
+    result = radlens_cli("evaluate", "--data", str(tmp_path / "fresh"), "--out",
+                         str(tmp_path / "eval"), "--device", "cpu", timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    lesion_dice = report["segmentation"]["lesion"]["dice"]
+    accuracy = report["image_level"]["from_segmentation"]["accuracy"]
+    assert lesion_dice >= acceptance["lesion_dice_min"], report["segmentation"]
+    assert accuracy >= acceptance["image_accuracy_min"], report["image_level"]
+    assert report["model"]["name"] == card["name"]
+    assert "| malignant |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_train_command_writes_a_usable_weights_folder(tmp_path):
+    assert radlens_cli("phantoms", "--out", str(tmp_path / "data"), "--n", "24", "--seed", "9",
+                       "--size", "64").returncode == 0
+    out = tmp_path / "model"
+    trained = radlens_cli("train", "--data", str(tmp_path / "data"), "--out", str(out),
+                          "--arch", "segresnet", "--epochs", "2", "--folds", "2", "--size",
+                          "64", "--batch-size", "4", "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert "trained segresnet on 24 cases" in trained.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["folds"]) == 2
+    assert metrics["settings"]["t_max"] == 100 and metrics["settings"]["eta_min"] == 1e-6
+    assert metrics["summary"]["lesion_dice"]["std"] is not None
+    for fold in (0, 1):
+        assert (out / f"fold{fold}" / "curves.png").is_file()
+    card = json.loads((out / "card.json").read_text())
+    assert card["architecture"] == "segresnet"
+    assert card["training"]["command"].startswith("radlens train --data")
+    evaluated = radlens_cli("evaluate", "--data", str(tmp_path / "data"), "--model", str(out),
+                            "--out", str(tmp_path / "eval"), "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "linear probe on latents" in evaluated.stdout
+
+
+def test_compare_trains_architectures_side_by_side(tmp_path):
+    assert radlens_cli("phantoms", "--out", str(tmp_path / "data"), "--n", "16", "--seed", "3",
+                       "--size", "64").returncode == 0
+    result = radlens_cli("evaluate", "--data", str(tmp_path / "data"), "--out",
+                         str(tmp_path / "cmp"), "--compare", "unet,deeplabv3", "--epochs", "1",
+                         "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert list(report["architectures"]) == ["unet", "deeplabv3"]
+    table = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| unet |" in table and "| deeplabv3 |" in table
+
+
+def test_models_command_lists_architectures_and_the_shipped_model():
+    result = radlens_cli("models")
+    assert result.returncode == 0, result.stderr
+    for name in ("unet", "attention_unet", "segresnet", "deeplabv3"):
+        assert name in result.stdout
+    assert "shipped: default = radlens-unet-phantom" in result.stdout
+
+
+def test_unknown_architecture_is_a_usage_error(tmp_path):
+    result = radlens_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                         "--arch", "resnet9000")
+    assert result.returncode == 2
+    assert "unknown architecture 'resnet9000'" in result.stderr
