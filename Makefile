@@ -40,9 +40,10 @@ lint: $(DEV_STAMP)
 demo: $(RUNTIME_STAMP) tools
 	@scripts/demo.sh
 
-## bench: ingest throughput, storescu to storescp vs radlens (prints a table)
+## bench: ingest throughput (storescu to storescp vs radlens) and inference speed (tables)
 bench: $(DEV_STAMP) tools
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/infer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

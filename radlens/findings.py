@@ -41,6 +41,27 @@ class PixelSpacing(_Frozen):
     source: SpacingSource
 
 
+class ClassProbabilities(_Frozen):
+    normal: float = Field(ge=0, le=1)
+    benign: float = Field(ge=0, le=1)
+    malignant: float = Field(ge=0, le=1)
+
+
+class FramePrediction(_Frozen):
+    """What the model made of one frame, at the frame's own size."""
+
+    frame: int = Field(ge=0)
+    class_probabilities: ClassProbabilities
+    predicted_class: Literal["normal", "benign", "malignant"]
+    lesion_pixels: dict[Literal["benign", "malignant"], int]
+
+
+class ModelRef(_Frozen):
+    name: str
+    version: str
+    architecture: str
+
+
 class ImageInfo(_Frozen):
     """A decoded image as the later stages see it (no pixels: those travel in DecodedImage)."""
 
@@ -53,6 +74,8 @@ class ImageInfo(_Frozen):
     frames: int = Field(ge=1)
     channels: Literal[1, 3] = Field(description="1 = greyscale, 3 = RGB after colour conversion")
     spacing: PixelSpacing | None = Field(description="None when unknown: never guessed")
+    predictions: list[FramePrediction] = Field(default_factory=list)
+    not_analysed: str | None = Field(default=None, description="why the model did not run")
 
 
 class SkippedObject(_Frozen):
@@ -70,6 +93,7 @@ class StudyFindings(_Frozen):
     job_id: int
     revision: int = Field(ge=1, description="1 for a study's first job, then 2, 3, ...")
     radlens_version: str
+    model: ModelRef | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     images: list[ImageInfo] = Field(default_factory=list)
     skipped: list[SkippedObject] = Field(default_factory=list)

@@ -2,8 +2,9 @@
 
 Each stage takes the previous stage's result and returns its own; nothing reaches back. Images
 flow through the per-image stages one by one so a large study never sits in memory whole. Stages
-built so far: decoding (``dicom_io.pixels``). Inference, saliency, measurement, narrative and the
-DICOM writers plug in after ``decode_image`` and before ``write_findings`` (issues 3 to 6).
+built so far: decoding (``dicom_io.pixels``), then segmentation and classification
+(``models.infer``). Saliency, measurement, narrative and the DICOM writers plug in after
+``analyse_image`` and before ``write_findings`` (issues 4 to 6).
 """
 
 from __future__ import annotations
@@ -11,14 +12,30 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from radlens import __version__
 from radlens.agent.queue import JobInstance
+from radlens.config import ModelSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
 from radlens.errors import UnsupportedImageError
-from radlens.findings import DecodedImage, ImageInfo, ImageRef, SkippedObject, StudyFindings
+from radlens.findings import (
+    ClassProbabilities,
+    DecodedImage,
+    FramePrediction,
+    ImageInfo,
+    ImageRef,
+    ModelRef,
+    SkippedObject,
+    StudyFindings,
+)
 from radlens.logs import kv
+
+if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
+    from radlens.models.infer import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +66,56 @@ def decode_image(instance: JobInstance) -> DecodedImage:
     return pixels.decode_file(instance.path)
 
 
-def findings_for(study: StudyInput, outcome: StudyOutcome) -> StudyFindings:
+@dataclass(frozen=True)
+class Analyser:
+    """The model stage: a loaded segmenter and the settings saying which images it may see."""
+
+    segmenter: Segmenter
+    settings: ModelSettings
+
+    @property
+    def model_ref(self) -> ModelRef:
+        return ModelRef(name=self.segmenter.name, version=self.segmenter.version,
+                        architecture=str(self.segmenter.card["architecture"]))
+
+
+def analyse_image(decoded: DecodedImage, analyser: Analyser) -> ImageInfo:
+    """Stage 2: segmentation and image-level class probabilities for every frame, or the reason
+    the model did not run (a modality it was not trained for)."""
+    info = decoded.info
+    allowed = analyser.settings.modalities
+    if allowed and (info.modality or "") not in allowed:
+        return info.model_copy(update={"not_analysed": (
+            f"modality {info.modality or 'unknown'} is not one the model was trained for "
+            f"({', '.join(allowed)})")})
+    frames = decoded.pixels
+    if analyser.settings.max_frames:
+        frames = frames[:analyser.settings.max_frames]
+    predictions = []
+    for index, result in enumerate(analyser.segmenter.predict(list(frames))):
+        normal, benign, malignant = (float(p) for p in result.image_probabilities)
+        classes = result.classes
+        predictions.append(FramePrediction(
+            frame=index,
+            class_probabilities=ClassProbabilities(normal=normal, benign=benign,
+                                                   malignant=malignant),
+            predicted_class=("normal", "benign", "malignant")[
+                int(np.argmax(result.image_probabilities))],
+            lesion_pixels={"benign": int((classes == 1).sum()),
+                           "malignant": int((classes == 2).sum())},
+        ))
+    return info.model_copy(update={"predictions": predictions})
+
+
+def findings_for(study: StudyInput, outcome: StudyOutcome,
+                 model: ModelRef | None = None) -> StudyFindings:
     """Last stage before the writers: the study's findings as one validated object."""
     return StudyFindings(
         study_instance_uid=study.study_instance_uid,
         job_id=study.job_id,
         revision=study.revision,
         radlens_version=__version__,
+        model=model,
         images=outcome.images,
         skipped=outcome.skipped,
     )
@@ -69,7 +129,8 @@ def write_findings(findings: StudyFindings, results_root: Path, *, fsync: bool =
     return path
 
 
-def run_study(study: StudyInput, results_root: Path, *, fsync: bool = True) -> StudyFindings:
+def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | None = None,
+              fsync: bool = True) -> StudyFindings:
     """Run every stage over one study and write its findings; an image that cannot be used is
     skipped with its reason, never a failure of the study."""
     outcome = StudyOutcome()
@@ -85,8 +146,9 @@ def run_study(study: StudyInput, results_root: Path, *, fsync: bool = True) -> S
             log.info("object skipped", extra=kv(job=study.job_id, sop=ref.sop_instance_uid,
                                                 reason=str(exc)))
             continue
-        outcome.images.append(decoded.info)
-    findings = findings_for(study, outcome)
+        info = analyse_image(decoded, analyser) if analyser is not None else decoded.info
+        outcome.images.append(info)
+    findings = findings_for(study, outcome, analyser.model_ref if analyser else None)
     path = write_findings(findings, results_root, fsync=fsync)
     log.info("findings written", extra=kv(job=study.job_id, study=study.study_instance_uid,
                                           images=len(outcome.images),

@@ -25,7 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from radlens import __version__
 from radlens.agent.assembler import StudyAssembler
 from radlens.agent.outbox import Outbox
-from radlens.agent.pipeline import RESULTS_DIR
+from radlens.agent.pipeline import RESULTS_DIR, Analyser
 from radlens.agent.queue import JobQueue
 from radlens.agent.worker import Worker
 from radlens.config import Settings
@@ -101,6 +101,23 @@ def agent_is_running(data_dir: Path) -> dict[str, object] | None:
         os.close(handle)
 
 
+def load_analyser(settings: Settings) -> Analyser | None:
+    """The model stage, loaded once at start-up so a broken model fails loudly there."""
+    if not settings.model.enabled:
+        log.info("model disabled: images are decoded but not analysed")
+        return None
+    from radlens.models.infer import ModelError, Segmenter
+
+    try:
+        segmenter = Segmenter(settings.model.weights, device=settings.model.device,
+                              batch_size=settings.model.batch_size)
+    except (ModelError, ValueError) as exc:
+        raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
+    log.info("model loaded", extra=kv(name=segmenter.name, version=segmenter.version,
+                                      device=str(segmenter.device)))
+    return Analyser(segmenter, settings.model)
+
+
 class Agent:
     """Listener -> spool -> assembler -> jobs -> worker -> outbox, wired together."""
 
@@ -134,7 +151,8 @@ class Agent:
         self.assembler = StudyAssembler(self.scheduler, self.queue,
                                         quiet_period_s=s.assembly.quiet_period_s,
                                         max_wait_s=s.assembly.max_wait_s)
-        self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, fsync=s.storage.fsync)
+        self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
+                             fsync=s.storage.fsync)
         self.outbox = Outbox(self.db, s.outbox, s.destinations, calling_aet=s.dicom.ae_title,
                              timeout_s=s.dicom.network_timeout_s)
         self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored)

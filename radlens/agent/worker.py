@@ -9,7 +9,7 @@ import logging
 import threading
 from pathlib import Path
 
-from radlens.agent.pipeline import StudyInput, run_study
+from radlens.agent.pipeline import Analyser, StudyInput, run_study
 from radlens.agent.queue import Job, JobQueue
 from radlens.logs import kv
 
@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, queue: JobQueue, results_root: Path, *, fsync: bool = True,
-                 poll_interval_s: float = 2.0) -> None:
+    def __init__(self, queue: JobQueue, results_root: Path, *, analyser: Analyser | None = None,
+                 fsync: bool = True, poll_interval_s: float = 2.0) -> None:
         self.queue = queue
+        self.analyser = analyser
         self.results_root = results_root
         self.fsync = fsync
         self.poll_interval_s = poll_interval_s
@@ -58,7 +59,7 @@ class Worker:
             study = StudyInput(job_id=job.id, revision=self.queue.revision(job),
                                study_instance_uid=job.study_instance_uid,
                                instances=self.queue.instances(job))
-            run_study(study, self.results_root, fsync=self.fsync)
+            run_study(study, self.results_root, analyser=self.analyser, fsync=self.fsync)
         except Exception as exc:
             log.exception("job failed", extra=kv(job=job.id, study=job.study_instance_uid))
             self.queue.finish(job.id, error=f"{type(exc).__name__}: {exc}")

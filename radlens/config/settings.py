@@ -101,6 +101,17 @@ class OutboxSettings(_Section):
     calling_ae_title: AETitle | None = None
 
 
+class ModelSettings(_Section):
+    """The segmentation model the pipeline runs on every usable image."""
+
+    enabled: bool = True
+    weights: str = "default"  # a shipped model's name, or a weights folder (model.pt + card.json)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    modalities: list[str] = Field(default_factory=lambda: ["US"])  # empty = every modality
+    batch_size: int = Field(default=8, ge=1, le=256)
+    max_frames: int = Field(default=0, ge=0, description="frames analysed per image; 0 = all")
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -121,6 +132,7 @@ class Settings(BaseSettings):
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

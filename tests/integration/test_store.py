@@ -113,6 +113,12 @@ def test_every_syntax_is_spooled_as_received_and_decoded(server, corpus):
         else:
             assert image["spacing"]["row_mm"] == pytest.approx(spacing), name
             assert image["spacing"]["source"] == source_attr
+    # The shipped model analyses ultrasound; other modalities say why it did not run.
+    ct = images[pydicom.dcmread(corpus["CT_small.dcm"], stop_before_pixels=True).SOPInstanceUID]
+    assert ct["predictions"] == [] and "modality CT is not one" in ct["not_analysed"]
+    clip = images[pydicom.dcmread(corpus["examples_ybr_color.dcm"],
+                                  stop_before_pixels=True).SOPInstanceUID]
+    assert len(clip["predictions"]) == 30 and clip["not_analysed"] is None
     for name, words in SKIPPED.items():
         uid = pydicom.dcmread(corpus[name], stop_before_pixels=True).SOPInstanceUID
         assert uid in skipped, f"{name} should be skipped"

@@ -1,0 +1,42 @@
+"""The agent runs the shipped model on pushed studies: phantom DICOM in, class probabilities out."""
+
+from __future__ import annotations
+
+import csv
+
+import pydicom
+
+from tests.helpers import radlens_cli, storescu, wait_for
+
+
+def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tmp_path):
+    made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "8", "--seed", "31",
+                       "--dicom")
+    assert made.returncode == 0, made.stderr
+    with open(tmp_path / "ph" / "labels.csv") as handle:
+        truth = {row["case_id"]: row for row in csv.DictReader(handle)}
+    files = sorted((tmp_path / "ph" / "dicom").glob("*/IM0001.dcm"))
+    assert len(files) == 8
+    sent = storescu(server.port, files)
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: len(server.jobs_done()) == 8, 120, "eight studies to be processed")
+    assert {j["state"] for j in server.jobs_done()} == {"done"}
+
+    for path in files:
+        case_id = path.parent.name
+        study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+        findings = server.findings(study)
+        assert findings["model"]["name"] == "radlens-unet-phantom"
+        (image,) = findings["images"]
+        assert image["not_analysed"] is None
+        (frame,) = image["predictions"]
+        probabilities = frame["class_probabilities"]
+        assert abs(sum(probabilities.values()) - 1) < 1e-4
+        label = truth[case_id]["label"]
+        assert frame["predicted_class"] == label, (case_id, probabilities)
+        predicted_area = sum(frame["lesion_pixels"].values())
+        true_area = int(truth[case_id]["lesion_pixels"])
+        if label == "normal":
+            assert predicted_area < 50
+        else:
+            assert 0.5 * true_area <= predicted_area <= 1.5 * true_area, (case_id, frame)
