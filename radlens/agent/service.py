@@ -109,8 +109,8 @@ def load_analyser(settings: Settings) -> Analyser | None:
     from radlens.models.infer import ModelError, Segmenter
 
     try:
-        segmenter = Segmenter(settings.model.weights, device=settings.model.device,
-                              batch_size=settings.model.batch_size)
+        segmenter = Segmenter(settings.model.weights, version=settings.model.version,
+                              device=settings.model.device, batch_size=settings.model.batch_size)
     except (ModelError, ValueError) as exc:
         raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
     log.info("model loaded", extra=kv(name=segmenter.name, version=segmenter.version,

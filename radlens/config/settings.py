@@ -106,6 +106,7 @@ class ModelSettings(_Section):
 
     enabled: bool = True
     weights: str = "default"  # a shipped model's name, or a weights folder (model.pt + card.json)
+    version: str | None = None  # when set, the card's version must match
     device: Literal["auto", "cpu", "cuda"] = "auto"
     modalities: list[str] = Field(default_factory=lambda: ["US"])  # empty = every modality
     batch_size: int = Field(default=8, ge=1, le=256)

@@ -54,11 +54,19 @@ def model_folder(name_or_path: str | Path) -> Path:
 
 
 class Segmenter:
-    def __init__(self, folder: str | Path = DEFAULT_MODEL, *, device: str = "auto",
-                 batch_size: int = 8) -> None:
+    def __init__(self, folder: str | Path = DEFAULT_MODEL, *, version: str | None = None,
+                 device: str = "auto", batch_size: int = 8) -> None:
+        """``version``, when given, must equal the card's: a pinned deployment never silently
+        runs other weights."""
         self.folder = model_folder(folder)
         try:
             self.card: dict[str, Any] = json.loads((self.folder / "card.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {self.folder / 'card.json'}: {exc}") from exc
+        if version is not None and str(self.card.get("version")) != version:
+            raise ModelError(f"{self.folder} holds version {self.card.get('version')!r}, "
+                             f"not the pinned {version!r}")
+        try:
             state = torch.load(self.folder / "model.pt", map_location="cpu", weights_only=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load model from {self.folder}: {exc}") from exc

@@ -40,3 +40,11 @@ def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tm
             assert predicted_area < 50
         else:
             assert 0.5 * true_area <= predicted_area <= 1.5 * true_area, (case_id, frame)
+
+
+def test_agent_refuses_to_start_with_a_model_it_cannot_load(server_factory):
+    server = server_factory(RADLENS_MODEL__VERSION="1999.01.01")
+    server.start(wait=False)
+    assert server.process.wait(timeout=60) == 1
+    assert "cannot load model 'default'" in server.log()
+    assert "not the pinned '1999.01.01'" in server.log()

@@ -105,3 +105,22 @@ def test_bad_model_folders_are_clear_errors(tmp_path):
     torch.save(build("segresnet").state_dict(), tmp_path / "model.pt")
     with pytest.raises(ModelError, match="weights do not fit unet"):
         Segmenter(tmp_path)
+
+
+def test_same_seed_trains_the_same_weights(tiny_phantoms, tmp_path):
+    settings = TrainSettings(arch="unet", epochs=1, batch_size=4, size=64)
+    _, first = train_fold(0, tiny_phantoms[:8], tiny_phantoms[8:], settings, tmp_path / "a")
+    _, second = train_fold(0, tiny_phantoms[:8], tiny_phantoms[8:], settings, tmp_path / "b")
+    _, other = train_fold(0, tiny_phantoms[:8], tiny_phantoms[8:],
+                          TrainSettings(arch="unet", epochs=1, batch_size=4, size=64, seed=1),
+                          tmp_path / "c")
+    a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_pinned_version_must_match_the_card():
+    card_version = Segmenter("default", device="cpu").version
+    assert Segmenter("default", version=card_version, device="cpu").version == card_version
+    with pytest.raises(ModelError, match="not the pinned '1999.01.01'"):
+        Segmenter("default", version="1999.01.01", device="cpu")
