@@ -188,16 +188,15 @@ def phantoms(
     """Write synthetic breast-ultrasound phantoms in the BUS-UCLM folder layout."""
     from rich.progress import Progress
 
-    from radlens.models.phantoms import generate, write_dataset
+    from radlens.models.phantoms import Phantom, generate, write_dataset
 
     _settings(config)
     counts: dict[str, int] = {}
     with Progress(console=err, transient=False) as progress:
         task = progress.add_task("phantoms", total=n)
 
-        def advance(phantom: object) -> None:
-            label = getattr(phantom, "label", "?")
-            counts[label] = counts.get(label, 0) + 1
+        def advance(phantom: Phantom) -> None:
+            counts[phantom.label] = counts.get(phantom.label, 0) + 1
             progress.advance(task)
 
         write_dataset(out, generate(n, seed, size=size), dicom=dicom,
@@ -255,7 +254,7 @@ def train(
 
     from radlens.models.datasets import DatasetError
     from radlens.models.networks import REGISTRY
-    from radlens.models.train import TrainSettings, run_training
+    from radlens.models.train import EpochRecord, TrainSettings, run_training
 
     _settings(config)
     if arch not in REGISTRY:
@@ -268,14 +267,13 @@ def train(
                   TimeElapsedColumn(), console=err) as progress:
         tasks: dict[int, int] = {}
 
-        def on_epoch(fold: int, record: object, planned: int) -> None:
+        def on_epoch(fold: int, record: EpochRecord, planned: int) -> None:
             if fold not in tasks:
                 tasks[fold] = progress.add_task(f"{arch} fold {fold}", total=planned, info="")
-            dice = getattr(record, "val_lesion_dice", None)
+            dice = record.val_lesion_dice
             progress.update(tasks[fold], completed=record.epoch,
-                            info=f"loss {record.train_loss:.3f} / "
-                                 f"{record.val_loss:.3f}  lesion Dice "
-                                 + (f"{dice:.3f}" if dice is not None else "n/a"))
+                            info=f"loss {record.train_loss:.3f} / {record.val_loss:.3f}  "
+                                 f"lesion Dice " + (f"{dice:.3f}" if dice is not None else "n/a"))
 
         try:
             metrics = run_training(data, settings, out, command=command, on_epoch=on_epoch)
@@ -313,15 +311,14 @@ def evaluate(
     _settings(config)
     try:
         if compare:
-            report = evaluation.compare_architectures(
+            evaluation.compare_architectures(
                 data, [a.strip() for a in compare.split(",") if a.strip()], out,
                 epochs=epochs, folds=folds, device=device, seed=seed)
         else:
-            report = evaluation.evaluate_folder(data, model, out, device=device, seed=seed)
+            evaluation.evaluate_folder(data, model, out, device=device, seed=seed)
     except (DatasetError, ValueError, RadlensError) as exc:
         raise _fail(str(exc), 1) from None
     console.print((out / "report.md").read_text(), markup=False, highlight=False)
-    del report
 
 
 @config_app.command("show")

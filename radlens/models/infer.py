@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from radlens.models.metrics import image_probabilities
-from radlens.models.networks import SegmentationNetwork, build
+from radlens.models.networks import SegmentationNetwork, build, pooled_latents
 from radlens.models.train import resolve_device
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -116,7 +116,7 @@ class Segmenter:
             logits, features = self.model.forward_with_features(batch)
             probs = logits.softmax(dim=1)
             per_image = image_probabilities(probs).cpu().numpy()
-            latents = features[-1].mean(dim=(2, 3)).float().cpu().numpy()
+            latents = pooled_latents(features).float().cpu().numpy()
             for index, image in enumerate(chunk):
                 size = np.asarray(image).shape[:2]
                 full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",

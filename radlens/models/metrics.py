@@ -21,7 +21,12 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from radlens.models.networks import CLASS_NAMES, NUM_CLASSES, SegmentationNetwork
+from radlens.models.networks import (
+    CLASS_NAMES,
+    NUM_CLASSES,
+    SegmentationNetwork,
+    pooled_latents,
+)
 
 PIXEL_METRICS = ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1")
 IMAGE_LABELS = ("normal", "benign", "malignant")
@@ -148,7 +153,7 @@ def predict(model: SegmentationNetwork, loader: torch.utils.data.DataLoader,
         probs = logits.softmax(dim=1)
         metrics.update(probs.argmax(dim=1), batch["mask"][:, 0])
         probabilities.append(image_probabilities(probs).cpu().numpy())
-        latents.append(features[-1].mean(dim=(2, 3)).float().cpu().numpy())
+        latents.append(pooled_latents(features).float().cpu().numpy())
         labels.append(batch["label"].numpy())
     return Predictions(metrics.aggregate(), np.concatenate(labels),
                        np.concatenate(probabilities), np.concatenate(latents))

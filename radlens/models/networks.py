@@ -65,6 +65,11 @@ class SegmentationNetwork(nn.Module):
         return self.forward_with_features(x)[1]
 
 
+def pooled_latents(features: list[torch.Tensor]) -> torch.Tensor:
+    """One vector per image: the deepest encoder map, global-average pooled (latent probing)."""
+    return features[-1].mean(dim=(2, 3))
+
+
 def _unet_stages(net: UNet) -> list[nn.Module]:
     stages, level = [], net.model
     while True:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -224,7 +224,8 @@ def generate(n: int, seed: int, *, size: int = 256,
 
 
 def write_dataset(out: Path, phantoms: Iterator[Phantom], *, dicom: bool = False,
-                  uid_seed: str = "radlens-phantoms", on_case: object = None) -> list[Phantom]:
+                  uid_seed: str = "radlens-phantoms",
+                  on_case: Callable[[Phantom], None] | None = None) -> list[Phantom]:
     """Write ``images/``, ``masks/``, ``labels.csv`` (and ``dicom/<case>/`` when asked)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -239,7 +240,7 @@ def write_dataset(out: Path, phantoms: Iterator[Phantom], *, dicom: bool = False
                                 spacing_mm=phantom.pixel_spacing_mm, case_id=phantom.case_id,
                                 patient_id=phantom.patient_id, uid_seed=uid_seed)
         written.append(phantom)
-        if callable(on_case):
+        if on_case is not None:
             on_case(phantom)
     with open(out / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -34,7 +34,12 @@ from radlens.models.datasets import (
     holdout,
     load_cases,
 )
-from radlens.models.metrics import evaluation_report, markdown_table, predict
+from radlens.models.metrics import (
+    SegmentationMetrics,
+    evaluation_report,
+    markdown_table,
+    predict,
+)
 from radlens.models.networks import CLASS_NAMES, build, parameter_count
 
 log = logging.getLogger(__name__)
@@ -162,20 +167,15 @@ def train_fold(fold: int, train_cases: list[Case], val_cases: list[Case],
 def _validate(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
               loss_fn: DiceCELoss, device: torch.device) -> tuple[float, float | None]:
     model.eval()
-    losses, overlap, total = [], 0.0, 0.0
-    dices = []
+    losses = []
+    metrics = SegmentationMetrics()
     for batch in loader:
         logits = model(batch["image"].to(device))
         mask = batch["mask"].to(device)
         losses.append(float(loss_fn(logits, mask)) * len(mask))
-        predicted, reference = logits.argmax(1) > 0, mask[:, 0] > 0
-        for pred, ref in zip(predicted, reference, strict=True):
-            if ref.any():
-                overlap = float((pred & ref).sum())
-                total = float(pred.sum() + ref.sum())
-                dices.append(2 * overlap / total)
-    return float(np.sum(losses) / len(loader.dataset)), (float(np.mean(dices)) if dices
-                                                          else None)
+        metrics.update(logits.argmax(1), mask[:, 0])
+    return (float(np.sum(losses) / len(loader.dataset)),
+            metrics.aggregate()["lesion"]["dice"])
 
 
 def plot_curves(history: list[EpochRecord], path: Path, title: str) -> None:
