@@ -24,15 +24,25 @@ CLASS_NAMES = ("background", "benign", "malignant")
 
 
 class SegmentationNetwork(nn.Module):
-    """A network plus the encoder stages whose outputs ``features`` returns."""
+    """A network plus the encoder stages whose outputs ``features`` returns, and the layer
+    Grad-CAM explains (``cam_layer``).
 
-    def __init__(self, name: str, net: nn.Module, stages: list[nn.Module]) -> None:
+    For skip-connected U-shaped networks the CAM layer is the decoder block at half resolution:
+    their encoder's deepest stage barely localises under Grad-CAM (measured on the shipped
+    UNet: Dice with the lesion 0.0-0.1 at every encoder stage, 0.94-0.98 at that decoder block),
+    because the skips carry the spatial detail around it. DeepLabV3's head reads its last
+    encoder stage directly, which is therefore its CAM layer, as science.md §3 describes.
+    """
+
+    def __init__(self, name: str, net: nn.Module, stages: list[nn.Module],
+                 cam_layer: nn.Module | None = None) -> None:
         super().__init__()
         if len(stages) < 3:
             raise ValueError(f"{name}: expected at least 3 encoder stages, found {len(stages)}")
         self.name = name
         self.net = net
-        self._stages = stages
+        self._stages = stages  # plain lists: these modules are already registered inside ``net``
+        self._cam_layer = [cam_layer if cam_layer is not None else stages[-1]]
         self._captured: list[torch.Tensor] | None = None
         for index, stage in enumerate(stages):
             stage.register_forward_hook(self._capture_hook(index))
@@ -47,6 +57,14 @@ class SegmentationNetwork(nn.Module):
     @property
     def depth(self) -> int:
         return len(self._stages)
+
+    @property
+    def last_encoder_stage(self) -> nn.Module:
+        return self._stages[-1]
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self._cam_layer[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -172,19 +190,22 @@ def _unet(in_channels: int) -> SegmentationNetwork:
     net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=NUM_CLASSES,
                channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2,
                norm="batch")
-    return SegmentationNetwork("unet", net, _unet_stages(net))
+    return SegmentationNetwork("unet", net, _unet_stages(net),
+                               cam_layer=net.model[1].submodule[2])
 
 
 def _attention_unet(in_channels: int) -> SegmentationNetwork:
     net = AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=NUM_CLASSES,
                         channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
-    return SegmentationNetwork("attention_unet", net, _attention_unet_stages(net))
+    return SegmentationNetwork("attention_unet", net, _attention_unet_stages(net),
+                               cam_layer=net.model[1].submodule[1])
 
 
 def _segresnet(in_channels: int) -> SegmentationNetwork:
     net = SegResNet(spatial_dims=2, init_filters=16, in_channels=in_channels,
                     out_channels=NUM_CLASSES, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
-    return SegmentationNetwork("segresnet", net, list(net.down_layers))
+    return SegmentationNetwork("segresnet", net, list(net.down_layers),
+                               cam_layer=net.up_layers[-2])
 
 
 def _deeplabv3(in_channels: int) -> SegmentationNetwork:

@@ -1,0 +1,218 @@
+"""Where the model looked: Grad-CAM, Grad-CAM++, occlusion and gradient-free prototype similarity.
+
+Every method returns a float map in [0, 1] at the source image's size. A segmentation network has
+no single class logit, so the gradient and occlusion methods see it through ``RegionScores``: the
+logits of each class summed over the predicted lesion region (science.md §3). Prototype
+similarity (science.md §2) needs no gradient: at every encoder depth it compares each feature
+vector with the lesion's mean feature (the prototype), in three stages that narrow from broad
+similarity to a sharp map. These maps show what the model attends to, not whether it is right.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
+from torch import nn
+
+from radlens.models.infer import Segmenter
+from radlens.models.networks import SegmentationNetwork
+
+Method = Literal["gradcam", "gradcam++", "occlusion", "prototype"]
+METHODS: tuple[Method, ...] = ("gradcam", "gradcam++", "occlusion", "prototype")
+MEASURE_NOTE = "Saliency shows what the model attends to, not whether it is right."
+
+
+@dataclass(frozen=True)
+class SaliencyMap:
+    method: Method
+    target_class: int  # 1 benign, 2 malignant
+    map: np.ndarray  # (H, W) float32 in [0, 1], source size
+    stages: list[np.ndarray] = field(default_factory=list)  # prototype: stage 1, 2, 3
+    per_depth: list[np.ndarray] = field(default_factory=list)  # prototype stage 1, each depth
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How well a saliency map and the predicted mask agree."""
+
+    dice: float  # map thresholded at the adaptive percentile vs the mask
+    mass_inside: float  # share of the map's total value inside the mask
+    threshold: float
+
+
+class RegionScores(nn.Module):
+    """(B, 3) scores: each class's logits summed over a fixed region, so that Grad-CAM and
+    occlusion have one number per class to explain."""
+
+    def __init__(self, network: SegmentationNetwork, region: torch.Tensor) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("region", region.float())  # (1, 1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.network(x)
+        weight = self.region / self.region.sum().clamp_min(1.0)
+        return (logits * weight).sum(dim=(2, 3))
+
+
+def _identity(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
+def _normalise(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) \
+        else np.asarray(values, dtype=np.float32)
+    low, high = float(array.min()), float(array.max())
+    if high - low < 1e-12:
+        return np.zeros_like(array, dtype=np.float32)
+    return ((array - low) / (high - low)).astype(np.float32)
+
+
+def _to_source(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(h, w) or (1, 1, h, w) tensor -> (H, W) at the source size, bilinear."""
+    tensor = values.float().reshape(1, 1, *values.shape[-2:])
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("target layer is not part of the model")
+
+
+class SaliencyExplainer:
+    """Saliency for one loaded model; ``explain`` runs the chosen methods on one image."""
+
+    def __init__(self, segmenter: Segmenter, *, cam_layer: Literal["auto", "encoder"] = "auto",
+                 occlusion_mask: int = 32, occlusion_batch: int = 16) -> None:
+        """``cam_layer``: "auto" is the network's own CAM layer (see SegmentationNetwork),
+        "encoder" its last encoder stage."""
+        self.segmenter = segmenter
+        self.cam_layer = cam_layer
+        self.occlusion_mask = occlusion_mask
+        self.occlusion_batch = occlusion_batch
+
+    def _forward(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor,
+                                                   list[torch.Tensor], int]:
+        """Input tensor, predicted lesion region (network size), features, target class."""
+        x = self.segmenter._prepare(image).to(self.segmenter.device)
+        with torch.inference_mode():
+            logits, features = self.segmenter.model.forward_with_features(x)
+        probs = logits.softmax(1)[0]
+        classes = probs.argmax(0)
+        lesion = classes > 0
+        if lesion.any():
+            target = int(torch.bincount(classes[lesion], minlength=3)[1:].argmax()) + 1
+        else:  # nothing predicted: explain the most confident lesion pixels instead
+            target = int(probs[1:].flatten(1).max(1).values.argmax()) + 1
+            lesion = probs[target] >= probs[target].flatten().quantile(0.99)
+        return x, lesion[None, None], [f.clone() for f in features], target
+
+    def explain(self, image: np.ndarray, methods: Sequence[Method] = ("prototype", "gradcam++")
+                ) -> list[SaliencyMap]:
+        unknown = set(methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown saliency methods {sorted(unknown)} (known: {METHODS})")
+        size = tuple(np.asarray(image).shape[:2])
+        x, region, features, target = self._forward(image)
+        maps = []
+        for method in methods:
+            if method == "prototype":
+                maps.append(self._prototype(features, region, target, size))
+            elif method == "occlusion":
+                maps.append(self._occlusion(x, region, target, size))
+            else:
+                maps.append(self._cam(method, x, region, target, size))
+        return maps
+
+    def _cam(self, method: Method, x: torch.Tensor, region: torch.Tensor, target: int,
+             size: tuple[int, int]) -> SaliencyMap:
+        network = self.segmenter.model
+        wrapper = RegionScores(network, region).to(x.device).eval()
+        target_layer = (network.last_encoder_stage if self.cam_layer == "encoder"
+                        else network.cam_layer)
+        layer = _module_name(wrapper, target_layer)
+        cam_class = GradCAMpp if method == "gradcam++" else GradCAM
+        # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map; keep the
+        # raw map and normalise it here instead.
+        cam = cam_class(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
+        with torch.enable_grad():
+            result = cam(x.clone().requires_grad_(True), class_idx=target)
+        return SaliencyMap(method, target, _normalise(_to_source(result[0, 0], size)))
+
+    def _occlusion(self, x: torch.Tensor, region: torch.Tensor, target: int,
+                   size: tuple[int, int]) -> SaliencyMap:
+        wrapper = RegionScores(self.segmenter.model, region).to(x.device).eval()
+        occlusion = OcclusionSensitivity(nn_module=wrapper, mask_size=self.occlusion_mask,
+                                         n_batch=self.occlusion_batch, verbose=False,
+                                         mode="mean_img", overlap=0.5, activate=False)
+        with torch.inference_mode():
+            sensitivity, _ = occlusion(x)
+            baseline = wrapper(x)[0, target]
+        drop = (baseline - sensitivity[0, target]).clamp_min(0)  # score lost when hidden
+        return SaliencyMap("occlusion", target, _normalise(_to_source(drop, size)))
+
+    def _prototype(self, features: list[torch.Tensor], region: torch.Tensor, target: int,
+                   size: tuple[int, int]) -> SaliencyMap:
+        stage1_depths, stage2_depths, stage3_depths = [], [], []
+        mask = region.float()
+        for feature in features:
+            fmap = F.normalize(feature[0].float(), dim=0)  # (C, h, w), unit vectors
+            h, w = fmap.shape[-2:]
+            inside = F.interpolate(mask, size=(h, w), mode="area")[0, 0]
+            if inside.sum() < 1e-6:
+                inside = F.interpolate(mask, size=(h, w), mode="bilinear")[0, 0] + 1e-6
+            prototype = F.normalize((fmap * inside).sum((1, 2)) / inside.sum(), dim=0)
+            outside = (1 - F.max_pool2d(inside[None, None], 3, 1, 1)[0, 0]).clamp_min(0)
+            background = F.normalize((fmap * outside).sum((1, 2)) / outside.sum().clamp_min(1e-6),
+                                     dim=0)
+            similarity = torch.einsum("chw,c->hw", fmap, prototype)
+            baseline = torch.einsum("chw,c->hw", fmap, background)
+            prior = _spatial_prior(inside)
+            energy = feature[0].float().norm(dim=0)
+            energy = energy / energy.max().clamp_min(1e-9)
+            stage1 = (similarity + 1) / 2  # broad: everything that looks like the lesion
+            stage2 = stage1 * prior  # narrower: near the lesion
+            stage3 = (similarity - baseline).clamp_min(0) * prior * energy  # sharp
+            for depth_list, stage in ((stage1_depths, stage1), (stage2_depths, stage2),
+                                      (stage3_depths, stage3)):
+                depth_list.append(_normalise(_to_source(stage, size)))
+        stages = [_normalise(np.mean(depths, axis=0))
+                  for depths in (stage1_depths, stage2_depths, stage3_depths)]
+        return SaliencyMap("prototype", target, stages[-1], stages=stages,
+                           per_depth=stage1_depths)
+
+
+def _spatial_prior(inside: torch.Tensor) -> torch.Tensor:
+    """A Gaussian centred on the lesion, as wide as the lesion (science.md §2, stage 2)."""
+    h, w = inside.shape
+    rows = torch.arange(h, device=inside.device, dtype=torch.float32)[:, None]
+    columns = torch.arange(w, device=inside.device, dtype=torch.float32)[None, :]
+    total = inside.sum().clamp_min(1e-6)
+    cy, cx = (inside * rows).sum() / total, (inside * columns).sum() / total
+    radius = math.sqrt(float(total) / math.pi)
+    sigma = max(radius * 1.5, 1.0)
+    return torch.exp(-((rows - cy) ** 2 + (columns - cx) ** 2) / (2 * sigma ** 2))
+
+
+def agreement(saliency: np.ndarray, mask: np.ndarray) -> Agreement:
+    """Dice between the mask and the map thresholded at an adaptive percentile (the one that
+    keeps as many pixels as the mask has, at least 1 % of the image), and the share of the map's
+    mass inside the mask."""
+    mask = np.asarray(mask, dtype=bool)
+    keep = max(mask.mean(), 0.01)
+    threshold = float(np.quantile(saliency, 1 - keep))
+    hot = saliency >= threshold
+    denominator = hot.sum() + mask.sum()
+    dice = float(2 * (hot & mask).sum() / denominator) if denominator else 0.0
+    total = float(saliency.sum())
+    inside = float(saliency[mask].sum()) / total if total > 0 else 0.0
+    return Agreement(dice=dice, mass_inside=inside, threshold=threshold)
