@@ -321,6 +321,40 @@ def evaluate(
     console.print((out / "report.md").read_text(), markup=False, highlight=False)
 
 
+@app.command()
+def cohort(
+    data: Annotated[Path, typer.Option(help="dataset folder with masks (images/, masks/)",
+                                       exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="where cohort.json, cohort.md and the t-SNE go")],
+    model: Annotated[str, typer.Option(help="weights folder or shipped model name")]
+    = "default",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Latent probing: cluster the encoder latents nine ways, score, draw, tabulate."""
+    from rich.progress import Progress
+
+    from radlens.analysis.cohort import analyse_dataset
+    from radlens.models.datasets import DatasetError
+
+    _settings(config)
+    with Progress(console=err) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        try:
+            analyse_dataset(data, out, model=model, device=device, seed=seed,
+                            on_progress=on_progress)
+        except (DatasetError, ValueError, RadlensError) as exc:
+            raise _fail(str(exc), 1) from None
+    console.print((out / "cohort.md").read_text(), markup=False, highlight=False)
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOption = None,

@@ -83,3 +83,29 @@ def test_unknown_architecture_is_a_usage_error(tmp_path):
                          "--arch", "resnet9000")
     assert result.returncode == 2
     assert "unknown architecture 'resnet9000'" in result.stderr
+
+
+def test_cohort_command_reproduces_the_published_tables(tmp_path):
+    assert radlens_cli("phantoms", "--out", str(tmp_path / "data"), "--n", "60", "--seed",
+                       "56").returncode == 0
+    result = radlens_cli("cohort", "--data", str(tmp_path / "data"), "--out",
+                         str(tmp_path / "cohort"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
+    assert [row["algorithm"] for row in report["clustering"]] == [
+        "kmeans", "agglomerative", "spectral", "gmm", "birch", "dbscan", "optics", "meanshift",
+        "affinity_propagation"]
+    for picture in ("tsne_classes.png", "tsne_clusters.png"):
+        assert (tmp_path / "cohort" / picture).stat().st_size > 5000
+    per_class = {row["group"]: row for row in report["per_class"]}
+    assert set(per_class) == {"normal", "benign", "malignant"}
+    assert per_class["normal"]["lesions"] == 0
+    assert per_class["benign"]["compactness"] > per_class["malignant"]["compactness"]
+    assert per_class["benign"]["edge_sharpness"] > per_class["malignant"]["edge_sharpness"]
+    assert per_class["benign"]["area_mm2"] > 0
+    clusters = report["per_cluster"]
+    assert sum(row["samples"] for row in clusters) == 60
+    for row in clusters:
+        assert sum(row["class_percent"].values()) == pytest.approx(100)
+    assert report["linear_probe"]["accuracy"] > 0.6
+    assert "| malignant |" in result.stdout and "Per cluster" in result.stdout
