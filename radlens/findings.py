@@ -41,6 +41,63 @@ class PixelSpacing(_Frozen):
     source: SpacingSource
 
 
+LesionClass = Literal["benign", "malignant"]
+
+
+class Levels(_Frozen):
+    """Each descriptor on a 1 (very low) to 5 (very high) scale, for reports and narratives."""
+
+    size: int | None
+    compactness: int | None
+    edge_sharpness: int | None
+    asymmetry: int | None
+    border_irregularity: int | None
+    intensity_variation: int | None
+
+
+class LesionMeasurements(_Frozen):
+    """One lesion of one frame. Pixel coordinates are (row, column) of the source frame."""
+
+    index: int = Field(ge=1, description="1-based, largest lesion first")
+    frame: int = Field(ge=0)
+    lesion_class: LesionClass
+    probability: float = Field(ge=0, le=1, description="mean class probability inside it")
+    area_px: int = Field(ge=1)
+    area_mm2: float | None
+    perimeter_px: float
+    perimeter_mm: float | None
+    compactness: float = Field(description="4*pi*area/perimeter^2: 1 for a disc")
+    edge_sharpness: float = Field(description="mean gradient magnitude on the boundary")
+    centroid_fraction: tuple[float, float] = Field(description="(x, y) over width and height")
+    centroid_px: tuple[float, float] = Field(description="(row, column)")
+    bbox_px: tuple[int, int, int, int] = Field(description="row min, column min, row max, "
+                                                            "column max (inclusive)")
+    longest_diameter_px: float
+    longest_diameter_mm: float | None
+    perpendicular_diameter_px: float
+    perpendicular_diameter_mm: float | None
+    long_axis_px: tuple[tuple[float, float], tuple[float, float]] = Field(
+        description="end points (row, column) of the longest diameter")
+    short_axis_px: tuple[tuple[float, float], tuple[float, float]] = Field(
+        description="end points (row, column) of the perpendicular diameter")
+    elongation: float
+    asymmetry: float = Field(description="|M - mirror(M)| / area about the principal axes")
+    mean_abs_curvature_px: float = Field(description="mean |d tangent angle / d arc length| "
+                                                     "of the smoothed contour, per pixel")
+    border_irregularity: float = Field(description="total absolute turning / 2*pi: 1 for a "
+                                                   "convex outline")
+    intensity_mean: list[float]
+    intensity_std: list[float]
+    levels: Levels
+
+
+class SaliencyAgreement(_Frozen):
+    """How a saliency map agrees with the predicted lesion mask of its frame."""
+
+    dice: float = Field(ge=0, le=1, description="map at an adaptive percentile vs the mask")
+    mass_inside: float = Field(ge=0, le=1, description="share of the map's mass in the mask")
+
+
 class ClassProbabilities(_Frozen):
     normal: float = Field(ge=0, le=1)
     benign: float = Field(ge=0, le=1)
@@ -54,6 +111,13 @@ class FramePrediction(_Frozen):
     class_probabilities: ClassProbabilities
     predicted_class: Literal["normal", "benign", "malignant"]
     lesion_pixels: dict[Literal["benign", "malignant"], int]
+    lesions: list[LesionMeasurements] = Field(default_factory=list)
+    saliency: dict[str, SaliencyAgreement] = Field(
+        default_factory=dict, description="per method; saliency shows what the model attends "
+                                          "to, not whether it is right")
+    maps_file: str | None = Field(default=None, description="npz with the class map, "
+                                  "probabilities and saliency maps, relative to the study's "
+                                  "results folder")
 
 
 class ModelRef(_Frozen):

@@ -9,6 +9,7 @@ built so far: decoding (``dicom_io.pixels``), then segmentation and classificati
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from radlens import __version__
 from radlens.agent.queue import JobInstance
+from radlens.analysis.lesions import measure_frame
 from radlens.config import ModelSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
@@ -29,6 +31,7 @@ from radlens.findings import (
     ImageInfo,
     ImageRef,
     ModelRef,
+    SaliencyAgreement,
     SkippedObject,
     StudyFindings,
 )
@@ -36,6 +39,7 @@ from radlens.logs import kv
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
     from radlens.models.infer import Segmenter
+    from radlens.models.saliency import SaliencyExplainer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class Analyser:
 
     segmenter: Segmenter
     settings: ModelSettings
+    explainer: SaliencyExplainer | None = None
 
     @property
     def model_ref(self) -> ModelRef:
@@ -79,9 +84,12 @@ class Analyser:
                         architecture=str(self.segmenter.card["architecture"]))
 
 
-def analyse_image(decoded: DecodedImage, analyser: Analyser) -> ImageInfo:
-    """Stage 2: segmentation and image-level class probabilities for every frame, or the reason
-    the model did not run (a modality it was not trained for)."""
+def analyse_image(decoded: DecodedImage, analyser: Analyser,
+                  maps_dir: Path | None = None) -> ImageInfo:
+    """Stages 2-4 for every frame: segmentation and image-level class probabilities, then each
+    lesion's measurements and, where a lesion was found, the configured saliency maps and their
+    agreement with the mask. The maps are kept in ``maps_dir`` for the DICOM writers. Images of
+    a modality the model was not trained for carry the reason instead."""
     info = decoded.info
     allowed = analyser.settings.modalities
     if allowed and (info.modality or "") not in allowed:
@@ -91,10 +99,28 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser) -> ImageInfo:
     frames = decoded.pixels
     if analyser.settings.max_frames:
         frames = frames[:analyser.settings.max_frames]
+    spacing = (info.spacing.row_mm, info.spacing.column_mm) if info.spacing else None
     predictions = []
     for index, result in enumerate(analyser.segmenter.predict(list(frames))):
-        normal, benign, malignant = (float(p) for p in result.image_probabilities)
+        frame = frames[index][..., 0] if frames.shape[-1] == 1 else frames[index]
         classes = result.classes
+        lesions = measure_frame(frame, classes, result.probabilities, spacing_mm=spacing,
+                                frame=index, min_pixels=analyser.settings.min_lesion_pixels)
+        maps: dict[str, np.ndarray] = {}
+        agreements: dict[str, SaliencyAgreement] = {}
+        if lesions and analyser.explainer is not None and analyser.settings.saliency:
+            from radlens.models.saliency import agreement
+
+            for saliency in analyser.explainer.explain(frame, analyser.settings.saliency):
+                measured = agreement(saliency.map, classes > 0)
+                agreements[saliency.method] = SaliencyAgreement(
+                    dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0))
+                maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
+        maps_file = None
+        if maps_dir is not None:
+            maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, index, classes,
+                                    result.probabilities, maps)
+        normal, benign, malignant = (float(p) for p in result.image_probabilities)
         predictions.append(FramePrediction(
             frame=index,
             class_probabilities=ClassProbabilities(normal=normal, benign=benign,
@@ -103,8 +129,26 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser) -> ImageInfo:
                 int(np.argmax(result.image_probabilities))],
             lesion_pixels={"benign": int((classes == 1).sum()),
                            "malignant": int((classes == 2).sum())},
+            lesions=lesions,
+            saliency=agreements,
+            maps_file=maps_file,
         ))
     return info.model_copy(update={"predictions": predictions})
+
+
+MAPS_DIR = "maps"
+
+
+def _write_maps(maps_dir: Path, sop_uid: str, frame: int, classes: np.ndarray,
+                probabilities: np.ndarray, saliency: dict[str, np.ndarray]) -> str:
+    """Class map, probabilities and saliency maps of one frame, as a compressed npz."""
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, classes=classes.astype(np.uint8),
+                        probabilities=probabilities.astype(np.float16), **saliency)
+    name = f"{sop_uid}_f{frame:04d}.npz"
+    write_durably(maps_dir / name, buffer.getvalue())
+    return f"{MAPS_DIR}/{name}"
 
 
 def findings_for(study: StudyInput, outcome: StudyOutcome,
@@ -146,7 +190,9 @@ def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | Non
             log.info("object skipped", extra=kv(job=study.job_id, sop=ref.sop_instance_uid,
                                                 reason=str(exc)))
             continue
-        info = analyse_image(decoded, analyser) if analyser is not None else decoded.info
+        maps_dir = results_root / study.study_instance_uid / MAPS_DIR
+        info = (analyse_image(decoded, analyser, maps_dir) if analyser is not None
+                else decoded.info)
         outcome.images.append(info)
     findings = findings_for(study, outcome, analyser.model_ref if analyser else None)
     path = write_findings(findings, results_root, fsync=fsync)

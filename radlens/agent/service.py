@@ -115,7 +115,9 @@ def load_analyser(settings: Settings) -> Analyser | None:
         raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
     log.info("model loaded", extra=kv(name=segmenter.name, version=segmenter.version,
                                       device=str(segmenter.device)))
-    return Analyser(segmenter, settings.model)
+    from radlens.models.saliency import SaliencyExplainer
+
+    return Analyser(segmenter, settings.model, SaliencyExplainer(segmenter))
 
 
 class Agent:

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
-from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage import measure
 
-LesionClass = Literal["benign", "malignant"]
+from radlens.findings import LesionClass, LesionMeasurements, Levels
+
 CLASS_NAMES: dict[int, LesionClass] = {1: "benign", 2: "malignant"}
 LEVEL_WORDS = ("very low", "low", "moderate", "high", "very high")
 
@@ -50,55 +49,6 @@ SCALES = {
     "border_irregularity": Scale((1.2, 1.6, 2.2, 3.0)),
     "intensity_std": Scale((5.0, 10.0, 20.0, 35.0)),
 }
-
-
-class Levels(BaseModel):
-    """Each descriptor on a 1 (very low) to 5 (very high) scale, for reports and narratives."""
-
-    model_config = ConfigDict(frozen=True)
-    size: int | None
-    compactness: int | None
-    edge_sharpness: int | None
-    asymmetry: int | None
-    border_irregularity: int | None
-    intensity_variation: int | None
-
-
-class LesionMeasurements(BaseModel):
-    """One lesion of one frame. Pixel coordinates are (row, column) of the source frame."""
-
-    model_config = ConfigDict(frozen=True)
-    index: int = Field(ge=1, description="1-based, largest lesion first")
-    frame: int = Field(ge=0)
-    lesion_class: LesionClass
-    probability: float = Field(ge=0, le=1, description="mean class probability inside it")
-    area_px: int = Field(ge=1)
-    area_mm2: float | None
-    perimeter_px: float
-    perimeter_mm: float | None
-    compactness: float = Field(description="4*pi*area/perimeter^2: 1 for a disc")
-    edge_sharpness: float = Field(description="mean gradient magnitude on the boundary")
-    centroid_fraction: tuple[float, float] = Field(description="(x, y) over width and height")
-    centroid_px: tuple[float, float] = Field(description="(row, column)")
-    bbox_px: tuple[int, int, int, int] = Field(description="row min, column min, row max, "
-                                                            "column max (inclusive)")
-    longest_diameter_px: float
-    longest_diameter_mm: float | None
-    perpendicular_diameter_px: float
-    perpendicular_diameter_mm: float | None
-    long_axis_px: tuple[tuple[float, float], tuple[float, float]] = Field(
-        description="end points (row, column) of the longest diameter")
-    short_axis_px: tuple[tuple[float, float], tuple[float, float]] = Field(
-        description="end points (row, column) of the perpendicular diameter")
-    elongation: float
-    asymmetry: float = Field(description="|M - mirror(M)| / area about the principal axes")
-    mean_abs_curvature_px: float = Field(description="mean |d tangent angle / d arc length| "
-                                                     "of the smoothed contour, per pixel")
-    border_irregularity: float = Field(description="total absolute turning / 2*pi: 1 for a "
-                                                   "convex outline")
-    intensity_mean: list[float]
-    intensity_std: list[float]
-    levels: Levels
 
 
 def find_lesions(classes: np.ndarray, *, min_pixels: int = 20) -> list[tuple[np.ndarray, int]]:

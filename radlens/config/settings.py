@@ -111,6 +111,9 @@ class ModelSettings(_Section):
     modalities: list[str] = Field(default_factory=lambda: ["US"])  # empty = every modality
     batch_size: int = Field(default=8, ge=1, le=256)
     max_frames: int = Field(default=0, ge=0, description="frames analysed per image; 0 = all")
+    min_lesion_pixels: int = Field(default=20, ge=1)
+    saliency: list[Literal["gradcam", "gradcam++", "occlusion", "prototype"]] = Field(
+        default_factory=lambda: ["prototype", "gradcam++"])
 
 
 class LogSettings(_Section):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pydicom
+import pytest
 
 from tests.helpers import radlens_cli, storescu, wait_for
 
@@ -36,10 +38,22 @@ def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tm
         assert frame["predicted_class"] == label, (case_id, probabilities)
         predicted_area = sum(frame["lesion_pixels"].values())
         true_area = int(truth[case_id]["lesion_pixels"])
+        maps = np.load(server.data_dir / "results" / study / frame["maps_file"])
+        assert maps["classes"].shape == (256, 256) and maps["probabilities"].shape[0] == 3
         if label == "normal":
             assert predicted_area < 50
-        else:
-            assert 0.5 * true_area <= predicted_area <= 1.5 * true_area, (case_id, frame)
+            assert frame["lesions"] == [] and frame["saliency"] == {}
+            continue
+        assert 0.5 * true_area <= predicted_area <= 1.5 * true_area, (case_id, frame)
+        lesion = frame["lesions"][0]
+        assert lesion["lesion_class"] == label
+        spacing = float(truth[case_id]["pixel_spacing_mm"])
+        assert lesion["area_mm2"] == pytest.approx(lesion["area_px"] * spacing**2, rel=1e-3)
+        assert lesion["longest_diameter_mm"] >= lesion["perpendicular_diameter_mm"] > 0
+        assert all(1 <= v <= 5 for v in lesion["levels"].values())
+        assert set(frame["saliency"]) == {"prototype", "gradcam++"}
+        assert frame["saliency"]["prototype"]["dice"] > 0.5
+        assert set(maps.files) >= {"saliency_prototype", "saliency_gradcam++"}
 
 
 def test_agent_refuses_to_start_with_a_model_it_cannot_load(server_factory):
