@@ -355,6 +355,24 @@ def cohort(
     console.print((out / "cohort.md").read_text(), markup=False, highlight=False)
 
 
+@app.command("export-nifti")
+def export_nifti(
+    results: Annotated[Path, typer.Argument(help="a study's results folder "
+                                            "(<data>/results/<StudyInstanceUID>)",
+                                            exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="where the .nii.gz files go")],
+    config: ConfigOption = None,
+) -> None:
+    """Write a processed study's class maps, probabilities and saliency maps as NIfTI."""
+    from radlens.analysis.nifti import export_study
+
+    _settings(config)
+    if not (results / "findings.json").is_file():
+        raise _fail(f"{results} holds no findings.json", 1)
+    written = export_study(results, out)
+    console.print(f"wrote {len(written)} NIfTI file(s) to {out}")
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOption = None,

@@ -62,3 +62,28 @@ def test_agent_refuses_to_start_with_a_model_it_cannot_load(server_factory):
     assert server.process.wait(timeout=60) == 1
     assert "cannot load model 'default'" in server.log()
     assert "not the pinned '1999.01.01'" in server.log()
+
+
+def test_processed_study_exports_as_nifti(server, tmp_path):
+    import nibabel as nib
+
+    made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "1", "--seed", "8",
+                       "--dicom")
+    assert made.returncode == 0, made.stderr
+    (path,) = sorted((tmp_path / "ph" / "dicom").glob("*/IM0001.dcm"))
+    assert storescu(server.port, [path]).returncode == 0
+    wait_for(lambda: server.jobs_done(), 60, "the study to be processed")
+    study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    results = server.data_dir / "results" / study
+    exported = radlens_cli("export-nifti", str(results), "--out", str(tmp_path / "nifti"))
+    assert exported.returncode == 0, exported.stderr
+    findings = server.findings(study)
+    (frame,) = findings["images"][0]["predictions"]
+    stem = frame["maps_file"].split("/")[-1].removesuffix(".npz")
+    classes = nib.load(str(tmp_path / "nifti" / f"{stem}_classes.nii.gz"))
+    kept = np.load(results / frame["maps_file"])["classes"]
+    assert np.array_equal(np.asarray(classes.dataobj)[..., 0].T, kept)
+    spacing = findings["images"][0]["spacing"]
+    assert classes.header.get_zooms()[:2] == pytest.approx(
+        (spacing["column_mm"], spacing["row_mm"]), rel=1e-5)
+    assert (tmp_path / "nifti" / f"{stem}_probability_malignant.nii.gz").is_file()
