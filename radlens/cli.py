@@ -323,9 +323,13 @@ def evaluate(
 
 @app.command()
 def cohort(
-    data: Annotated[Path, typer.Option(help="dataset folder with masks (images/, masks/)",
-                                       exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option(help="where cohort.json, cohort.md and the t-SNE go")],
+    data: Annotated[Path | None, typer.Option(
+        help="dataset folder with masks (images/, masks/)", exists=True, file_okay=False)]
+    = None,
+    from_agent: Annotated[bool, typer.Option(
+        "--from-agent", help="everything the agent processed (storage.data_dir)")] = False,
+    latent: Annotated[str, typer.Option(help="with --from-agent: image or lesion")] = "image",
     model: Annotated[str, typer.Option(help="weights folder or shipped model name")]
     = "default",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -335,10 +339,12 @@ def cohort(
     """Latent probing: cluster the encoder latents nine ways, score, draw, tabulate."""
     from rich.progress import Progress
 
-    from radlens.analysis.cohort import analyse_dataset
+    from radlens.analysis.cohort import analyse_agent, analyse_dataset
     from radlens.models.datasets import DatasetError
 
-    _settings(config)
+    settings = _settings(config)
+    if (data is None) == (not from_agent):
+        raise _fail("give either --data DIR or --from-agent", 2)
     with Progress(console=err) as progress:
         tasks: dict[str, int] = {}
 
@@ -348,8 +354,13 @@ def cohort(
             progress.update(tasks[stage], completed=done)
 
         try:
-            analyse_dataset(data, out, model=model, device=device, seed=seed,
-                            on_progress=on_progress)
+            if from_agent:
+                analyse_agent(settings.storage.data_dir, out, latent=latent, seed=seed,
+                              on_progress=on_progress)
+            else:
+                assert data is not None
+                analyse_dataset(data, out, model=model, device=device, seed=seed,
+                                on_progress=on_progress)
         except (DatasetError, ValueError, RadlensError) as exc:
             raise _fail(str(exc), 1) from None
     console.print((out / "cohort.md").read_text(), markup=False, highlight=False)

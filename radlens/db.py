@@ -76,6 +76,25 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
     """,
+    # 2: what the model made of each analysed frame, for cohort analysis over the agent's data
+    """
+    CREATE TABLE frame_analyses (
+        id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id             INTEGER NOT NULL REFERENCES jobs(id),
+        study_instance_uid TEXT NOT NULL,
+        sop_instance_uid   TEXT NOT NULL,
+        frame              INTEGER NOT NULL,
+        predicted_class    TEXT NOT NULL,
+        p_normal           REAL NOT NULL,
+        p_benign           REAL NOT NULL,
+        p_malignant        REAL NOT NULL,
+        latent             BLOB NOT NULL,
+        lesion_latent      BLOB,
+        largest_lesion     TEXT,
+        created_at         REAL NOT NULL
+    );
+    CREATE INDEX frame_analyses_by_study ON frame_analyses(study_instance_uid, job_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

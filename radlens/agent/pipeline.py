@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from radlens import __version__
+from radlens.agent.analyses import FrameRecord
 from radlens.agent.queue import JobInstance
 from radlens.analysis.lesions import measure_frame
 from radlens.config import ModelSettings
@@ -63,6 +64,13 @@ class StudyOutcome:
 
     images: list[ImageInfo] = field(default_factory=list)
     skipped: list[SkippedObject] = field(default_factory=list)
+    records: list[FrameRecord] = field(default_factory=list)  # for the SQLite analyses
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    findings: StudyFindings
+    records: list[FrameRecord]
 
 
 def decode_image(instance: JobInstance) -> DecodedImage:
@@ -85,7 +93,7 @@ class Analyser:
 
 
 def analyse_image(decoded: DecodedImage, analyser: Analyser,
-                  maps_dir: Path | None = None) -> ImageInfo:
+                  maps_dir: Path | None = None) -> tuple[ImageInfo, list[FrameRecord]]:
     """Stages 2-4 for every frame: segmentation and image-level class probabilities, then each
     lesion's measurements and, where a lesion was found, the configured saliency maps and their
     agreement with the mask. The maps are kept in ``maps_dir`` for the DICOM writers. Images of
@@ -95,12 +103,12 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
     if allowed and (info.modality or "") not in allowed:
         return info.model_copy(update={"not_analysed": (
             f"modality {info.modality or 'unknown'} is not one the model was trained for "
-            f"({', '.join(allowed)})")})
+            f"({', '.join(allowed)})")}), []
     frames = decoded.pixels
     if analyser.settings.max_frames:
         frames = frames[:analyser.settings.max_frames]
     spacing = (info.spacing.row_mm, info.spacing.column_mm) if info.spacing else None
-    predictions = []
+    predictions, records = [], []
     for index, result in enumerate(analyser.segmenter.predict(list(frames))):
         frame = frames[index][..., 0] if frames.shape[-1] == 1 else frames[index]
         classes = result.classes
@@ -121,19 +129,24 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
             maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, index, classes,
                                     result.probabilities, maps)
         normal, benign, malignant = (float(p) for p in result.image_probabilities)
+        predicted_class = ("normal", "benign", "malignant")[
+            int(np.argmax(result.image_probabilities))]
+        records.append(FrameRecord(
+            info.ref.sop_instance_uid, index, predicted_class, (normal, benign, malignant),
+            result.latent, result.lesion_latent,
+            lesions[0].model_dump(mode="json") if lesions else None))
         predictions.append(FramePrediction(
             frame=index,
             class_probabilities=ClassProbabilities(normal=normal, benign=benign,
                                                    malignant=malignant),
-            predicted_class=("normal", "benign", "malignant")[
-                int(np.argmax(result.image_probabilities))],
+            predicted_class=predicted_class,
             lesion_pixels={"benign": int((classes == 1).sum()),
                            "malignant": int((classes == 2).sum())},
             lesions=lesions,
             saliency=agreements,
             maps_file=maps_file,
         ))
-    return info.model_copy(update={"predictions": predictions})
+    return info.model_copy(update={"predictions": predictions}), records
 
 
 MAPS_DIR = "maps"
@@ -174,7 +187,7 @@ def write_findings(findings: StudyFindings, results_root: Path, *, fsync: bool =
 
 
 def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | None = None,
-              fsync: bool = True) -> StudyFindings:
+              fsync: bool = True) -> StudyResult:
     """Run every stage over one study and write its findings; an image that cannot be used is
     skipped with its reason, never a failure of the study."""
     outcome = StudyOutcome()
@@ -191,12 +204,15 @@ def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | Non
                                                 reason=str(exc)))
             continue
         maps_dir = results_root / study.study_instance_uid / MAPS_DIR
-        info = (analyse_image(decoded, analyser, maps_dir) if analyser is not None
-                else decoded.info)
+        if analyser is not None:
+            info, records = analyse_image(decoded, analyser, maps_dir)
+            outcome.records.extend(records)
+        else:
+            info = decoded.info
         outcome.images.append(info)
     findings = findings_for(study, outcome, analyser.model_ref if analyser else None)
     path = write_findings(findings, results_root, fsync=fsync)
     log.info("findings written", extra=kv(job=study.job_id, study=study.study_instance_uid,
                                           images=len(outcome.images),
                                           skipped=len(outcome.skipped), path=str(path)))
-    return findings
+    return StudyResult(findings, outcome.records)

@@ -172,11 +172,29 @@ class Agent:
         self.scheduler.add_job(self.outbox.deliver_due, "interval",
                                seconds=s.outbox.poll_interval_s, id="outbox",
                                coalesce=True, max_instances=1)
+        if s.cohort.schedule:
+            from apscheduler.triggers.cron import CronTrigger
+
+            self.scheduler.add_job(self._scheduled_cohort, CronTrigger.from_crontab(
+                s.cohort.schedule, timezone=UTC), id="cohort", coalesce=True, max_instances=1)
+            log.info("cohort analysis scheduled", extra=kv(crontab=s.cohort.schedule))
         self.worker.start()
         self.listener.start()
         log.info("radlens agent started", extra=kv(version=__version__,
                                                    data_dir=str(self.data_dir),
                                                    destinations=len(s.destinations)))
+
+    def _scheduled_cohort(self) -> None:
+        from radlens.analysis.cohort import analyse_agent
+
+        out = self.data_dir / "cohort" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            report = analyse_agent(self.data_dir, out, latent=self.settings.cohort.latent)
+        except ValueError as exc:
+            log.info("scheduled cohort analysis skipped", extra=kv(reason=str(exc)))
+            return
+        log.info("cohort analysis written", extra=kv(out=str(out), images=report["images"],
+                                                     best=report["best"]))
 
     def _on_stored(self, stored: StoredInstance) -> None:
         self.assembler.instance_received(stored.uids.study_instance_uid, stored.received_at)

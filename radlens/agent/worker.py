@@ -9,6 +9,7 @@ import logging
 import threading
 from pathlib import Path
 
+from radlens.agent import analyses
 from radlens.agent.pipeline import Analyser, StudyInput, run_study
 from radlens.agent.queue import Job, JobQueue
 from radlens.logs import kv
@@ -59,7 +60,10 @@ class Worker:
             study = StudyInput(job_id=job.id, revision=self.queue.revision(job),
                                study_instance_uid=job.study_instance_uid,
                                instances=self.queue.instances(job))
-            run_study(study, self.results_root, analyser=self.analyser, fsync=self.fsync)
+            result = run_study(study, self.results_root, analyser=self.analyser,
+                               fsync=self.fsync)
+            if result.records:
+                analyses.record(self.queue.db, job.id, job.study_instance_uid, result.records)
         except Exception as exc:
             log.exception("job failed", extra=kv(job=job.id, study=job.study_instance_uid))
             self.queue.finish(job.id, error=f"{type(exc).__name__}: {exc}")

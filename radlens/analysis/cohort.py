@@ -179,7 +179,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def markdown_report(report: dict[str, Any]) -> str:
     lines = [f"# Cohort: {report['images']} images from {report['data']}", "",
              f"Model: {report['model']}. Latents: deepest encoder map, average-pooled "
-             f"({report['latent_size']} values), standardised.", "",
+             f"({report['latent_size']} values), standardised. Classes: "
+             f"{report.get('grouping', 'reference class')}.", "",
              "## Clustering (silhouette and Calinski-Harabasz: higher is better; "
              "Davies-Bouldin: lower is better)", "",
              "| algorithm | clusters | noise | silhouette | Calinski-Harabasz | Davies-Bouldin |",
@@ -222,7 +223,6 @@ def analyse_dataset(data: Path, out: Path, *, model: str = "default", device: st
     from radlens.models.datasets import LABELS as DATA_LABELS
     from radlens.models.datasets import decode_mask, load_cases
     from radlens.models.infer import Segmenter
-    from radlens.models.metrics import linear_probe
 
     cases = load_cases(data)
     segmenter = Segmenter(model, device=device)
@@ -240,47 +240,85 @@ def analyse_dataset(data: Path, out: Path, *, model: str = "default", device: st
         labels.append(DATA_LABELS.index(case.label))
         lesions = measure_frame(image.astype(np.float64), classes, None,
                                 spacing_mm=spacing.get(case.case_id))
-        if lesions:
-            lesion = lesions[0]
-            attributes.append({"area_px": lesion.area_px, "area_mm2": lesion.area_mm2,
-                               "compactness": lesion.compactness,
-                               "edge_sharpness": lesion.edge_sharpness,
-                               "centroid_x": lesion.centroid_fraction[0],
-                               "centroid_y": lesion.centroid_fraction[1],
-                               "border_irregularity": lesion.border_irregularity,
-                               "asymmetry": lesion.asymmetry})
-        else:
-            attributes.append(None)
+        attributes.append(_attributes(lesions[0].model_dump(mode="json")) if lesions else None)
         if on_progress is not None:
             on_progress("images", index + 1, len(cases))
     del torch
-    latent_array, label_array = np.stack(latents), np.asarray(labels)
+    return summarise_cohort(np.stack(latents), np.asarray(labels), attributes, out,
+                            data=str(data), model=f"{segmenter.name} {segmenter.version}",
+                            grouping="reference class", seed=seed, on_progress=on_progress)
+
+
+def summarise_cohort(latents: np.ndarray, labels: np.ndarray,
+                     attributes: list[dict[str, Any] | None], out: Path, *, data: str,
+                     model: str, grouping: str, seed: int = 0,
+                     on_progress: Callable[[str, int, int], None] | None = None
+                     ) -> dict[str, Any]:
+    """Nine clusterings, the best one, t-SNE pictures, per-class and per-cluster tables and a
+    linear probe; writes ``cohort.json`` and ``cohort.md``."""
+    from radlens.models.metrics import linear_probe
+
+    if len(latents) < 4:
+        raise ValueError(f"a cohort needs at least 4 images, got {len(latents)}")
     scores, labelings = run_clusterings(
-        latent_array, seed=seed,
+        latents, seed=seed,
         on_done=(lambda name: on_progress("clustering", ALGORITHMS.index(name) + 1,
                                           len(ALGORITHMS))) if on_progress else None)
     chosen = best(scores)
     clusters = labelings[chosen.algorithm]
     out.mkdir(parents=True, exist_ok=True)
-    tsne_pictures(latent_array, label_array, clusters, chosen.algorithm, out, seed)
+    tsne_pictures(latents, labels, clusters, chosen.algorithm, out, seed)
     per_class = attribute_table({k: [i for i, y in enumerate(labels) if y == c]
-                                 for c, k in enumerate(LABELS)}, attributes, label_array)
-    cluster_ids = sorted(set(clusters.tolist()))
+                                 for c, k in enumerate(LABELS)}, attributes, labels)
     per_cluster = attribute_table(
         {("noise" if c < 0 else f"cluster {c}"): [i for i, v in enumerate(clusters) if v == c]
-         for c in cluster_ids}, attributes, label_array)
+         for c in sorted(set(clusters.tolist()))}, attributes, labels)
     report = {
-        "data": str(data), "images": len(cases),
-        "model": f"{segmenter.name} {segmenter.version}",
-        "latent_size": int(latent_array.shape[1]),
+        "data": data, "images": int(len(latents)), "model": model, "grouping": grouping,
+        "latent_size": int(latents.shape[1]),
         "clustering": [asdict(s) for s in scores], "best": chosen.algorithm,
-        "linear_probe": linear_probe(latent_array, label_array, seed),
+        "linear_probe": linear_probe(latents, labels, seed),
         "per_class": per_class, "per_cluster": per_cluster,
         "pictures": ["tsne_classes.png", "tsne_clusters.png"],
     }
     (out / "cohort.json").write_text(json.dumps(report, indent=2))
     (out / "cohort.md").write_text(markdown_report(report))
     return report
+
+
+def analyse_agent(data_dir: Path, out: Path, *, latent: str = "image", seed: int = 0,
+                  on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """The cohort over everything the agent processed (each study's latest job): classes are
+    the model's predictions, lesion attributes its measured lesions. ``latent`` "image" uses
+    every frame's global latent, "lesion" the lesion-pooled latent of frames with a lesion."""
+    from radlens.agent.analyses import load
+
+    records = load(data_dir.resolve())
+    if latent == "lesion":
+        records = [r for r in records if r["lesion_latent"] is not None]
+    elif latent != "image":
+        raise ValueError(f"latent must be 'image' or 'lesion', not {latent!r}")
+    if not records:
+        raise ValueError(f"no analysed frames in {data_dir} (has the agent processed studies "
+                         "with the model enabled?)")
+    latents = np.stack([r["lesion_latent" if latent == "lesion" else "latent"]
+                        for r in records])
+    labels = np.array([LABELS.index(r["predicted_class"]) for r in records])
+    attributes = [_attributes(r["largest_lesion"]) for r in records]
+    return summarise_cohort(latents, labels, attributes, out, data=f"agent data {data_dir}",
+                            model="as recorded per job", grouping="predicted class",
+                            seed=seed, on_progress=on_progress)
+
+
+def _attributes(lesion: dict[str, Any] | None) -> dict[str, Any] | None:
+    if lesion is None:
+        return None
+    return {"area_px": lesion["area_px"], "area_mm2": lesion["area_mm2"],
+            "compactness": lesion["compactness"], "edge_sharpness": lesion["edge_sharpness"],
+            "centroid_x": lesion["centroid_fraction"][0],
+            "centroid_y": lesion["centroid_fraction"][1],
+            "border_irregularity": lesion["border_irregularity"],
+            "asymmetry": lesion["asymmetry"]}
 
 
 def _spacings(data: Path) -> dict[str, tuple[float, float]]:

@@ -116,6 +116,24 @@ class ModelSettings(_Section):
         default_factory=lambda: ["prototype", "gradcam++"])
 
 
+class CohortSettings(_Section):
+    """Re-running the cohort analysis over the agent's data on a schedule."""
+
+    schedule: str | None = None  # crontab, e.g. "0 2 * * *" for 02:00 every night (UTC)
+    latent: Literal["image", "lesion"] = "image"
+
+    @model_validator(mode="after")
+    def _valid_crontab(self) -> CohortSettings:
+        if self.schedule is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(self.schedule)
+            except ValueError as exc:
+                raise ValueError(f"schedule {self.schedule!r} is not a crontab: {exc}") from None
+        return self
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -137,6 +155,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    cohort: CohortSettings = Field(default_factory=CohortSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from radlens.models.metrics import image_probabilities
-from radlens.models.networks import SegmentationNetwork, build, pooled_latents
+from radlens.models.networks import (
+    SegmentationNetwork,
+    build,
+    lesion_pooled_latents,
+    pooled_latents,
+)
 from radlens.models.train import resolve_device
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -36,6 +41,7 @@ class Prediction:
     probabilities: np.ndarray  # (3, H, W) float32: background, benign, malignant
     image_probabilities: np.ndarray  # (3,) normal, benign, malignant
     latent: np.ndarray  # (C,) deepest encoder map, global-average pooled
+    lesion_latent: np.ndarray | None  # (C,) the same map averaged inside the predicted lesion
 
     @property
     def classes(self) -> np.ndarray:
@@ -117,10 +123,14 @@ class Segmenter:
             probs = logits.softmax(dim=1)
             per_image = image_probabilities(probs).cpu().numpy()
             latents = pooled_latents(features).float().cpu().numpy()
+            lesion = probs.argmax(dim=1) > 0
+            has_lesion = lesion.flatten(1).any(dim=1).cpu().numpy()
+            lesion_latents = lesion_pooled_latents(features, lesion).float().cpu().numpy()
             for index, image in enumerate(chunk):
                 size = np.asarray(image).shape[:2]
                 full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
                                      align_corners=False)[0]
-                results.append(Prediction(full.float().cpu().numpy(), per_image[index],
-                                          latents[index]))
+                results.append(Prediction(
+                    full.float().cpu().numpy(), per_image[index], latents[index],
+                    lesion_latents[index] if has_lesion[index] else None))
         return results

@@ -88,6 +88,16 @@ def pooled_latents(features: list[torch.Tensor]) -> torch.Tensor:
     return features[-1].mean(dim=(2, 3))
 
 
+def lesion_pooled_latents(features: list[torch.Tensor], lesion: torch.Tensor
+                          ) -> torch.Tensor:
+    """One vector per image: the deepest encoder map averaged inside the predicted lesion
+    ((B, H, W) boolean, resized to the map); all zeros where no lesion was predicted."""
+    deepest = features[-1]
+    weight = F.interpolate(lesion[:, None].float(), size=deepest.shape[-2:], mode="area")
+    total = weight.sum(dim=(2, 3))
+    return (deepest * weight).sum(dim=(2, 3)) / total.clamp_min(1e-6)
+
+
 def _unet_stages(net: UNet) -> list[nn.Module]:
     stages, level = [], net.model
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pydicom
@@ -54,6 +55,20 @@ def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tm
         assert set(frame["saliency"]) == {"prototype", "gradcam++"}
         assert frame["saliency"]["prototype"]["dice"] > 0.5
         assert set(maps.files) >= {"saliency_prototype", "saliency_gradcam++"}
+
+    # Everything processed is kept for cohort analysis, and radlens cohort can run over it.
+    rows = server.query("SELECT predicted_class, lesion_latent FROM frame_analyses")
+    assert len(rows) == 8
+    assert sum(r["lesion_latent"] is not None for r in rows) == 4
+    result = radlens_cli("cohort", "--from-agent", "--out", str(tmp_path / "cohort"),
+                         env=server.env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
+    assert report["images"] == 8 and report["grouping"] == "predicted class"
+    assert len(report["clustering"]) == 9
+    assert {row["group"]: row["samples"] for row in report["per_class"]} == {
+        "normal": 4, "benign": 2, "malignant": 2}
+    assert (tmp_path / "cohort" / "tsne_clusters.png").is_file()
 
 
 def test_agent_refuses_to_start_with_a_model_it_cannot_load(server_factory):

@@ -90,3 +90,28 @@ def test_cli_config_show_prints_effective_yaml(tmp_path):
     assert shown["dicom"]["port"] == 11999
     assert shown["log"]["format"] == "json"
     assert shown["storage"]["data_dir"] == str(Path("radlens-data"))
+
+
+def test_cohort_schedule_must_be_a_crontab(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("cohort:\n  schedule: 'every night'\n")
+    with pytest.raises(ConfigError, match="is not a crontab"):
+        load_settings(config)
+    config.write_text("cohort:\n  schedule: '0 2 * * *'\n")
+    assert load_settings(config).cohort.schedule == "0 2 * * *"
+
+
+def test_a_configured_schedule_registers_the_cohort_job(tmp_path):
+    from radlens.agent.service import Agent
+    from tests.helpers import free_port
+
+    settings = Settings(storage={"data_dir": tmp_path / "data"},
+                        dicom={"port": free_port(), "host": "127.0.0.1"},
+                        model={"enabled": False}, cohort={"schedule": "0 2 * * *"})
+    agent = Agent(settings)
+    agent.start()
+    try:
+        job = agent.scheduler.get_job("cohort")
+        assert job is not None and job.next_run_time.hour == 2
+    finally:
+        agent.stop()
