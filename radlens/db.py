@@ -89,11 +89,20 @@ MIGRATIONS: tuple[str, ...] = (
         p_benign           REAL NOT NULL,
         p_malignant        REAL NOT NULL,
         latent             BLOB NOT NULL,
-        lesion_latent      BLOB,
-        largest_lesion     TEXT,
         created_at         REAL NOT NULL
     );
     CREATE INDEX frame_analyses_by_study ON frame_analyses(study_instance_uid, job_id);
+
+    CREATE TABLE lesion_analyses (
+        id                INTEGER PRIMARY KEY AUTOINCREMENT,
+        frame_analysis_id INTEGER NOT NULL REFERENCES frame_analyses(id),
+        lesion_index      INTEGER NOT NULL,
+        lesion_class      TEXT NOT NULL,
+        probability       REAL NOT NULL,
+        latent            BLOB NOT NULL,
+        measurements      TEXT NOT NULL
+    );
+    CREATE INDEX lesion_analyses_by_frame ON lesion_analyses(frame_analysis_id);
     """,
 )
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from radlens import __version__
-from radlens.agent.analyses import FrameRecord
+from radlens.agent.analyses import FrameRecord, LesionRecord
 from radlens.agent.queue import JobInstance
-from radlens.analysis.lesions import measure_frame
+from radlens.analysis.lesions import find_lesions, measure_regions
 from radlens.config import ModelSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
@@ -112,8 +112,9 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
     for index, result in enumerate(analyser.segmenter.predict(list(frames))):
         frame = frames[index][..., 0] if frames.shape[-1] == 1 else frames[index]
         classes = result.classes
-        lesions = measure_frame(frame, classes, result.probabilities, spacing_mm=spacing,
-                                frame=index, min_pixels=analyser.settings.min_lesion_pixels)
+        regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
+        lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
+                                  frame=index)
         maps: dict[str, np.ndarray] = {}
         agreements: dict[str, SaliencyAgreement] = {}
         if lesions and analyser.explainer is not None and analyser.settings.saliency:
@@ -133,8 +134,10 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
             int(np.argmax(result.image_probabilities))]
         records.append(FrameRecord(
             info.ref.sop_instance_uid, index, predicted_class, (normal, benign, malignant),
-            result.latent, result.lesion_latent,
-            lesions[0].model_dump(mode="json") if lesions else None))
+            result.latent,
+            [LesionRecord(lesion.index, lesion.lesion_class, lesion.probability,
+                          result.region_latent(region), lesion.model_dump(mode="json"))
+             for lesion, (region, _) in zip(lesions, regions, strict=True)]))
         predictions.append(FramePrediction(
             frame=index,
             class_probabilities=ClassProbabilities(normal=normal, benign=benign,

@@ -288,25 +288,29 @@ def summarise_cohort(latents: np.ndarray, labels: np.ndarray,
 
 def analyse_agent(data_dir: Path, out: Path, *, latent: str = "image", seed: int = 0,
                   on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """The cohort over everything the agent processed (each study's latest job): classes are
-    the model's predictions, lesion attributes its measured lesions. ``latent`` "image" uses
-    every frame's global latent, "lesion" the lesion-pooled latent of frames with a lesion."""
-    from radlens.agent.analyses import load
+    """The cohort over everything the agent processed (each study's latest job), grouped by the
+    model's predictions. ``latent`` "image": one sample per frame (its global latent, its largest
+    lesion's attributes); "lesion": one sample per lesion (the latent pooled inside it, its own
+    measurements)."""
+    from radlens.agent.analyses import load_frames, load_lesions
 
-    records = load(data_dir.resolve())
-    if latent == "lesion":
-        records = [r for r in records if r["lesion_latent"] is not None]
-    elif latent != "image":
+    if latent == "image":
+        frames = load_frames(data_dir.resolve())
+        samples = [(r["latent"], r["predicted_class"], r["largest_lesion"]) for r in frames]
+    elif latent == "lesion":
+        lesions = load_lesions(data_dir.resolve())
+        samples = [(r["latent"], r["lesion_class"], r["measurements"]) for r in lesions]
+    else:
         raise ValueError(f"latent must be 'image' or 'lesion', not {latent!r}")
-    if not records:
-        raise ValueError(f"no analysed frames in {data_dir} (has the agent processed studies "
-                         "with the model enabled?)")
-    latents = np.stack([r["lesion_latent" if latent == "lesion" else "latent"]
-                        for r in records])
-    labels = np.array([LABELS.index(r["predicted_class"]) for r in records])
-    attributes = [_attributes(r["largest_lesion"]) for r in records]
+    if not samples:
+        raise ValueError(f"no analysed {'lesions' if latent == 'lesion' else 'frames'} in "
+                         f"{data_dir} (has the agent processed studies with the model on?)")
+    latents = np.stack([s[0] for s in samples])
+    labels = np.array([LABELS.index(s[1]) for s in samples])
+    attributes = [_attributes(s[2]) for s in samples]
     return summarise_cohort(latents, labels, attributes, out, data=f"agent data {data_dir}",
-                            model="as recorded per job", grouping="predicted class",
+                            model="as recorded per job",
+                            grouping=f"predicted class, one sample per {latent}",
                             seed=seed, on_progress=on_progress)
 
 

@@ -72,11 +72,20 @@ def measure_frame(image: np.ndarray, classes: np.ndarray, probabilities: np.ndar
                   min_pixels: int = 20) -> list[LesionMeasurements]:
     """Every lesion of one frame. ``image`` is (H, W) or (H, W, channels); ``probabilities``
     (3, H, W) from the model, or None (probability reported as 1)."""
+    return measure_regions(image, find_lesions(classes, min_pixels=min_pixels), probabilities,
+                           spacing_mm=spacing_mm, frame=frame)
+
+
+def measure_regions(image: np.ndarray, regions: list[tuple[np.ndarray, int]],
+                    probabilities: np.ndarray | None, *,
+                    spacing_mm: tuple[float, float] | None,
+                    frame: int = 0) -> list[LesionMeasurements]:
+    """The lesions ``find_lesions`` returned, measured in the same order (index 1 first)."""
     grey = image if image.ndim == 2 else image.mean(axis=-1)
     channels = image[..., None] if image.ndim == 2 else image
     gradient = np.hypot(*np.gradient(grey.astype(np.float64)))
     lesions = []
-    for index, (region, cls) in enumerate(find_lesions(classes, min_pixels=min_pixels), start=1):
+    for index, (region, cls) in enumerate(regions, start=1):
         probability = (float(probabilities[cls][region].mean()) if probabilities is not None
                        else 1.0)
         lesions.append(_measure(region, cls, probability, channels, gradient, spacing_mm,

@@ -41,7 +41,12 @@ class Prediction:
     probabilities: np.ndarray  # (3, H, W) float32: background, benign, malignant
     image_probabilities: np.ndarray  # (3,) normal, benign, malignant
     latent: np.ndarray  # (C,) deepest encoder map, global-average pooled
-    lesion_latent: np.ndarray | None  # (C,) the same map averaged inside the predicted lesion
+    deepest: np.ndarray  # (C, h, w) the deepest encoder map itself, for lesion-pooled latents
+
+    def region_latent(self, region: np.ndarray) -> np.ndarray:
+        """(C,) the deepest map averaged inside one lesion (a boolean mask at source size)."""
+        features = torch.from_numpy(self.deepest)[None]
+        return lesion_pooled_latents([features], torch.from_numpy(region)[None])[0].numpy()
 
     @property
     def classes(self) -> np.ndarray:
@@ -123,14 +128,11 @@ class Segmenter:
             probs = logits.softmax(dim=1)
             per_image = image_probabilities(probs).cpu().numpy()
             latents = pooled_latents(features).float().cpu().numpy()
-            lesion = probs.argmax(dim=1) > 0
-            has_lesion = lesion.flatten(1).any(dim=1).cpu().numpy()
-            lesion_latents = lesion_pooled_latents(features, lesion).float().cpu().numpy()
+            deepest = features[-1].float().cpu().numpy()
             for index, image in enumerate(chunk):
                 size = np.asarray(image).shape[:2]
                 full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
                                      align_corners=False)[0]
-                results.append(Prediction(
-                    full.float().cpu().numpy(), per_image[index], latents[index],
-                    lesion_latents[index] if has_lesion[index] else None))
+                results.append(Prediction(full.float().cpu().numpy(), per_image[index],
+                                          latents[index], deepest[index]))
         return results

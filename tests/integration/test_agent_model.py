@@ -57,18 +57,29 @@ def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tm
         assert set(maps.files) >= {"saliency_prototype", "saliency_gradcam++"}
 
     # Everything processed is kept for cohort analysis, and radlens cohort can run over it.
-    rows = server.query("SELECT predicted_class, lesion_latent FROM frame_analyses")
+    rows = server.query("SELECT predicted_class FROM frame_analyses")
     assert len(rows) == 8
-    assert sum(r["lesion_latent"] is not None for r in rows) == 4
+    lesion_rows = server.query("SELECT * FROM lesion_analyses")
+    assert len(lesion_rows) >= 4  # at least the planted lesion of each lesion case
+    assert all(len(r["latent"]) == 256 * 4 for r in lesion_rows)  # float32 per channel
+    assert {json.loads(r["measurements"])["lesion_class"] for r in lesion_rows} <= {
+        "benign", "malignant"}
     result = radlens_cli("cohort", "--from-agent", "--out", str(tmp_path / "cohort"),
                          env=server.env)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "cohort" / "cohort.json").read_text())
-    assert report["images"] == 8 and report["grouping"] == "predicted class"
+    assert report["images"] == 8
+    assert report["grouping"] == "predicted class, one sample per image"
     assert len(report["clustering"]) == 9
     assert {row["group"]: row["samples"] for row in report["per_class"]} == {
         "normal": 4, "benign": 2, "malignant": 2}
     assert (tmp_path / "cohort" / "tsne_clusters.png").is_file()
+    by_lesion = radlens_cli("cohort", "--from-agent", "--latent", "lesion", "--out",
+                            str(tmp_path / "lesions"), env=server.env)
+    assert by_lesion.returncode == 0, by_lesion.stderr
+    lesion_report = json.loads((tmp_path / "lesions" / "cohort.json").read_text())
+    assert lesion_report["images"] == len(lesion_rows)
+    assert {row["group"]: row["lesions"] for row in lesion_report["per_class"]}["normal"] == 0
 
 
 def test_agent_refuses_to_start_with_a_model_it_cannot_load(server_factory):
