@@ -44,6 +44,15 @@ class PixelSpacing(_Frozen):
 LesionClass = Literal["benign", "malignant"]
 
 
+class AnatomyOverlap(_Frozen):
+    """A named structure of the configured label map that a mask overlaps."""
+
+    label: int
+    name: str
+    pixels: int = Field(ge=1)
+    fraction_of_mask: float = Field(ge=0, le=1)
+
+
 class Levels(_Frozen):
     """Each descriptor on a 1 (very low) to 5 (very high) scale, for reports and narratives."""
 
@@ -89,6 +98,7 @@ class LesionMeasurements(_Frozen):
     intensity_mean: list[float]
     intensity_std: list[float]
     levels: Levels
+    anatomy: list[AnatomyOverlap] = Field(default_factory=list)
 
 
 class SaliencyAgreement(_Frozen):
@@ -96,6 +106,8 @@ class SaliencyAgreement(_Frozen):
 
     dice: float = Field(ge=0, le=1, description="map at an adaptive percentile vs the mask")
     mass_inside: float = Field(ge=0, le=1, description="share of the map's mass in the mask")
+    anatomy: list[AnatomyOverlap] = Field(default_factory=list,
+                                          description="where the thresholded map lies")
 
 
 class ClassProbabilities(_Frozen):
@@ -115,6 +127,7 @@ class FramePrediction(_Frozen):
     saliency: dict[str, SaliencyAgreement] = Field(
         default_factory=dict, description="per method; saliency shows what the model attends "
                                           "to, not whether it is right")
+    anatomy_note: str | None = Field(default=None, description="why anatomy was not mapped")
     maps_file: str | None = Field(default=None, description="npz with the class map, "
                                   "probabilities and saliency maps, relative to the study's "
                                   "results folder")

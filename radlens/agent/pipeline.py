@@ -26,6 +26,7 @@ from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
 from radlens.errors import UnsupportedImageError
 from radlens.findings import (
+    AnatomyOverlap,
     ClassProbabilities,
     DecodedImage,
     FramePrediction,
@@ -39,6 +40,7 @@ from radlens.findings import (
 from radlens.logs import kv
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
+    from radlens.analysis.nifti import LabelMap
     from radlens.models.infer import Segmenter
     from radlens.models.saliency import SaliencyExplainer
 
@@ -85,6 +87,7 @@ class Analyser:
     segmenter: Segmenter
     settings: ModelSettings
     explainer: SaliencyExplainer | None = None
+    anatomy: LabelMap | None = None
 
     @property
     def model_ref(self) -> ModelRef:
@@ -115,6 +118,10 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
         regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
         lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
                                   frame=index)
+        atlas, anatomy_note = _atlas_for(analyser, classes.shape)
+        if atlas is not None:
+            lesions = [lesion.model_copy(update={"anatomy": _overlaps(atlas, region)})
+                       for lesion, (region, _) in zip(lesions, regions, strict=True)]
         maps: dict[str, np.ndarray] = {}
         agreements: dict[str, SaliencyAgreement] = {}
         if lesions and analyser.explainer is not None and analyser.settings.saliency:
@@ -122,8 +129,10 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
 
             for saliency in analyser.explainer.explain(frame, analyser.settings.saliency):
                 measured = agreement(saliency.map, classes > 0)
+                hot = saliency.map >= measured.threshold
                 agreements[saliency.method] = SaliencyAgreement(
-                    dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0))
+                    dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
+                    anatomy=_overlaps(atlas, hot) if atlas is not None else [])
                 maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
         maps_file = None
         if maps_dir is not None:
@@ -147,9 +156,28 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
                            "malignant": int((classes == 2).sum())},
             lesions=lesions,
             saliency=agreements,
+            anatomy_note=anatomy_note,
             maps_file=maps_file,
         ))
     return info.model_copy(update={"predictions": predictions}), records
+
+
+def _atlas_for(analyser: Analyser, shape: tuple[int, ...]) -> tuple[LabelMap | None,
+                                                                      str | None]:
+    """The label map when one is configured and lies on this frame's grid."""
+    atlas = analyser.anatomy
+    if atlas is None:
+        return None, None
+    if atlas.labels.shape != tuple(shape):
+        return None, (f"label map grid {atlas.labels.shape} differs from the image's "
+                      f"{tuple(shape)}: anatomy not mapped")
+    return atlas, None
+
+
+def _overlaps(atlas: LabelMap, mask: np.ndarray) -> list[AnatomyOverlap]:
+    return [AnatomyOverlap(label=o.label, name=o.name, pixels=o.pixels,
+                           fraction_of_mask=min(o.fraction_of_mask, 1.0))
+            for o in atlas.overlaps(mask)]
 
 
 MAPS_DIR = "maps"

@@ -117,7 +117,17 @@ def load_analyser(settings: Settings) -> Analyser | None:
                                       device=str(segmenter.device)))
     from radlens.models.saliency import SaliencyExplainer
 
-    return Analyser(segmenter, settings.model, SaliencyExplainer(segmenter))
+    anatomy = None
+    if settings.anatomy.label_map is not None and settings.anatomy.names is not None:
+        from radlens.analysis.nifti import LabelMap
+
+        try:
+            anatomy = LabelMap.load(settings.anatomy.label_map, settings.anatomy.names)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RadlensError(f"cannot load anatomy label map: {exc}") from exc
+        log.info("anatomy label map loaded", extra=kv(structures=len(anatomy.names),
+                                                      grid=str(anatomy.labels.shape)))
+    return Analyser(segmenter, settings.model, SaliencyExplainer(segmenter), anatomy)
 
 
 class Agent:

@@ -116,6 +116,20 @@ class ModelSettings(_Section):
         default_factory=lambda: ["prototype", "gradcam++"])
 
 
+class AnatomySettings(_Section):
+    """A label map of named structures on the image grid (science.md §5): lesions and saliency
+    masks are reported with the structures they overlap."""
+
+    label_map: Path | None = None  # NIfTI, one frame on the image grid
+    names: Path | None = None  # CSV with columns label,name
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> AnatomySettings:
+        if (self.label_map is None) != (self.names is None):
+            raise ValueError("label_map and names go together: give both or neither")
+        return self
+
+
 class CohortSettings(_Section):
     """Re-running the cohort analysis over the agent's data on a schedule."""
 
@@ -155,6 +169,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    anatomy: AnatomySettings = Field(default_factory=AnatomySettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 

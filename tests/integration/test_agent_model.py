@@ -113,3 +113,57 @@ def test_processed_study_exports_as_nifti(server, tmp_path):
     assert classes.header.get_zooms()[:2] == pytest.approx(
         (spacing["column_mm"], spacing["row_mm"]), rel=1e-5)
     assert (tmp_path / "nifti" / f"{stem}_probability_malignant.nii.gz").is_file()
+
+
+def test_lesions_and_saliency_are_reported_in_named_structures(server_factory, tmp_path):
+    import nibabel as nib
+
+    from radlens.analysis.nifti import to_nifti
+
+    labels = np.ones((256, 256), np.int16)
+    labels[128:] = 2
+    nib.save(to_nifti(labels, None), str(tmp_path / "atlas.nii.gz"))
+    (tmp_path / "names.csv").write_text("label,name\n1,upper breast\n2,lower breast\n")
+    server = server_factory(RADLENS_ANATOMY__LABEL_MAP=str(tmp_path / "atlas.nii.gz"),
+                            RADLENS_ANATOMY__NAMES=str(tmp_path / "names.csv")).start()
+    made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "1", "--seed", "31",
+                       "--dicom")  # case 0 of seed 31 is a malignant lesion
+    assert made.returncode == 0, made.stderr
+    (path,) = sorted((tmp_path / "ph" / "dicom").glob("*/IM0001.dcm"))
+    assert storescu(server.port, [path]).returncode == 0
+    wait_for(lambda: server.jobs_done(), 60, "the study to be processed")
+    study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    (frame,) = server.findings(study)["images"][0]["predictions"]
+    assert frame["anatomy_note"] is None
+    lesion = frame["lesions"][0]
+    classes = np.load(server.data_dir / "results" / study / frame["maps_file"])["classes"]
+    from radlens.analysis.lesions import find_lesions
+
+    region, _ = find_lesions(classes)[0]
+    expected_upper = region[:128].sum() / region.sum()
+    reported = {o["name"]: o["fraction_of_mask"] for o in lesion["anatomy"]}
+    assert sum(reported.values()) == pytest.approx(1.0)
+    assert reported.get("upper breast", 0.0) == pytest.approx(expected_upper)
+    for method in ("prototype", "gradcam++"):
+        shares = frame["saliency"][method]["anatomy"]
+        assert shares and sum(o["fraction_of_mask"] for o in shares) == pytest.approx(1.0)
+
+
+def test_a_label_map_on_another_grid_is_reported_not_guessed(server_factory, tmp_path):
+    import nibabel as nib
+
+    from radlens.analysis.nifti import to_nifti
+
+    nib.save(to_nifti(np.ones((64, 64), np.int16), None), str(tmp_path / "atlas.nii.gz"))
+    (tmp_path / "names.csv").write_text("label,name\n1,somewhere\n")
+    server = server_factory(RADLENS_ANATOMY__LABEL_MAP=str(tmp_path / "atlas.nii.gz"),
+                            RADLENS_ANATOMY__NAMES=str(tmp_path / "names.csv")).start()
+    assert radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "1", "--seed", "31",
+                       "--dicom").returncode == 0
+    (path,) = sorted((tmp_path / "ph" / "dicom").glob("*/IM0001.dcm"))
+    assert storescu(server.port, [path]).returncode == 0
+    wait_for(lambda: server.jobs_done(), 60, "the study to be processed")
+    study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    (frame,) = server.findings(study)["images"][0]["predictions"]
+    assert "differs from the image's (256, 256)" in frame["anatomy_note"]
+    assert frame["lesions"][0]["anatomy"] == []
