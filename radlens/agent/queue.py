@@ -122,10 +122,6 @@ class JobQueue:
             self.wakeup.set()
         return count
 
-    def has_queued(self) -> bool:
-        return self.db.conn.execute(
-            "SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is not None
-
     def pending_studies(self) -> list[PendingStudy]:
         rows = self.db.conn.execute(
             "SELECT study_instance_uid, MIN(received_at) AS first, MAX(received_at) AS last"

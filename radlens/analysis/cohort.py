@@ -217,7 +217,7 @@ def analyse_dataset(data: Path, out: Path, *, model: str = "default", device: st
                     ) -> dict[str, Any]:
     """Latents from the model, attributes from the reference masks, nine clusterings, tables,
     pictures; writes ``cohort.json`` and ``cohort.md`` into ``out``."""
-    import torch
+    from PIL import Image
 
     from radlens.analysis.lesions import measure_frame
     from radlens.models.datasets import LABELS as DATA_LABELS
@@ -228,8 +228,6 @@ def analyse_dataset(data: Path, out: Path, *, model: str = "default", device: st
     segmenter = Segmenter(model, device=device)
     spacing = _spacings(data)
     latents, labels, attributes = [], [], []
-    from PIL import Image
-
     for index, case in enumerate(cases):
         image = np.asarray(Image.open(case.image_path).convert("L"))
         mask_image = Image.open(case.mask_path)
@@ -243,7 +241,6 @@ def analyse_dataset(data: Path, out: Path, *, model: str = "default", device: st
         attributes.append(_attributes(lesions[0].model_dump(mode="json")) if lesions else None)
         if on_progress is not None:
             on_progress("images", index + 1, len(cases))
-    del torch
     return summarise_cohort(np.stack(latents), np.asarray(labels), attributes, out,
                             data=str(data), model=f"{segmenter.name} {segmenter.version}",
                             grouping="reference class", seed=seed, on_progress=on_progress)

@@ -24,7 +24,6 @@ from skimage import measure
 from radlens.findings import LesionClass, LesionMeasurements, Levels
 
 CLASS_NAMES: dict[int, LesionClass] = {1: "benign", 2: "malignant"}
-LEVEL_WORDS = ("very low", "low", "moderate", "high", "very high")
 
 
 @dataclass(frozen=True)
@@ -252,8 +251,3 @@ def asymmetry(region: np.ndarray) -> float:
                                             order=0, mode="constant")
         values.append(np.abs(region - mirrored).sum() / region.sum())
     return float(np.mean(values))
-
-
-def border_irregularity(region: np.ndarray) -> float:
-    """Total absolute turning of the smoothed outer contour over 2*pi."""
-    return _curvature(_outer_contour(region))[1]

@@ -52,6 +52,7 @@ class InstanceUids:
     sop_instance_uid: str
     study_instance_uid: str
     series_instance_uid: str
+    file_transfer_syntax_uid: str | None = None  # from the file meta, when the stream has one
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def read_uids(source: bytes | Path) -> InstanceUids:
             stop_before_pixels=True, specific_tags=list(_IDENTIFYING_TAGS),
         )
         values = {tag: str(ds.get(tag, "") or "").strip() for tag in _IDENTIFYING_TAGS}
+        meta_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError,
             AttributeError, NotImplementedError, IndexError, OverflowError) as exc:
         raise UnparseableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
@@ -93,6 +95,7 @@ def read_uids(source: bytes | Path) -> InstanceUids:
         sop_instance_uid=values["SOPInstanceUID"],
         study_instance_uid=values["StudyInstanceUID"],
         series_instance_uid=values["SeriesInstanceUID"],
+        file_transfer_syntax_uid=str(meta_syntax) if meta_syntax else None,
     )
 
 
@@ -254,14 +257,14 @@ class Spool:
                 continue
             try:
                 uids = read_uids(path)
-                syntax = str(pydicom.dcmread(path, stop_before_pixels=True,
-                                             specific_tags=["SOPInstanceUID"]
-                                             ).file_meta.TransferSyntaxUID)
-                self._index(uids, syntax, RECOVERED_CALLING_AET, relative, path.stat().st_size,
-                            path.stat().st_mtime)
+                if uids.file_transfer_syntax_uid is None:
+                    raise InvalidDatasetError("no transfer syntax in its file meta")
+                status = path.stat()
+                self._index(uids, uids.file_transfer_syntax_uid, RECOVERED_CALLING_AET,
+                            relative, status.st_size, status.st_mtime)
             except sqlite3.IntegrityError:
                 continue
-            except (InvalidDatasetError, OSError, AttributeError) as exc:
+            except (InvalidDatasetError, OSError) as exc:
                 log.warning("cannot recover spooled file", extra=kv(path=str(relative),
                                                                     error=str(exc)))
                 continue

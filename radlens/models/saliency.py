@@ -26,7 +26,6 @@ from radlens.models.networks import SegmentationNetwork
 
 Method = Literal["gradcam", "gradcam++", "occlusion", "prototype"]
 METHODS: tuple[Method, ...] = ("gradcam", "gradcam++", "occlusion", "prototype")
-MEASURE_NOTE = "Saliency shows what the model attends to, not whether it is right."
 
 
 @dataclass(frozen=True)
