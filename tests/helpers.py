@@ -38,7 +38,12 @@ STORESCU_OPTION_BY_SYNTAX = {
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    """The system's tool (dcmtk, dicom3tools, Orthanc), never pynetdicom's console script of the
+    same name (storescu, echoscu...) that an activated virtual environment puts first on PATH."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    search = os.pathsep.join(part for part in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                             if part and os.path.realpath(part) != os.path.realpath(venv_bin))
+    path = shutil.which(name, path=search)
     if path is None:
         raise RuntimeError(f"{name} is not installed: run `make test`, which installs it")
     return path

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
+from scipy import ndimage
 from torch import nn
 
 from radlens.models.infer import Segmenter
@@ -145,7 +146,8 @@ class SaliencyExplainer:
         cam = cam_class(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
         with torch.enable_grad():
             result = cam(x.clone().requires_grad_(True), class_idx=target)
-        return SaliencyMap(method, target, _normalise(_to_source(result[0, 0], size)))
+        raw = _to_source(result[0, 0], size).detach().cpu().numpy()
+        return SaliencyMap(method, target, _normalise(_remove_floor(raw, region, size)))
 
     def _occlusion(self, x: torch.Tensor, region: torch.Tensor, target: int,
                    size: tuple[int, int]) -> SaliencyMap:
@@ -157,7 +159,8 @@ class SaliencyExplainer:
             sensitivity, _ = occlusion(x)
             baseline = wrapper(x)[0, target]
         drop = (baseline - sensitivity[0, target]).clamp_min(0)  # score lost when hidden
-        return SaliencyMap("occlusion", target, _normalise(_to_source(drop, size)))
+        raw = _to_source(drop, size).detach().cpu().numpy()
+        return SaliencyMap("occlusion", target, _normalise(_remove_floor(raw, region, size)))
 
     def _prototype(self, features: list[torch.Tensor], region: torch.Tensor, target: int,
                    size: tuple[int, int]) -> SaliencyMap:
@@ -188,6 +191,28 @@ class SaliencyExplainer:
                   for depths in (stage1_depths, stage2_depths, stage3_depths)]
         return SaliencyMap("prototype", target, stages[-1], stages=stages,
                            per_depth=stage1_depths)
+
+
+def _remove_floor(values: np.ndarray, region: torch.Tensor, size: tuple[int, int]
+                  ) -> np.ndarray:
+    """Subtract the map's typical level far from the explained region, clipping at zero.
+
+    A CAM carries a spatially constant floor: channels that fire all over the image, weighted
+    by the pooled gradient (Grad-CAM++ more than Grad-CAM, as its weights count every positive
+    gradient alike). A constant says nothing about where the model looked, yet under min-max
+    normalisation it spreads most of the map's mass over the whole frame. The floor is the
+    median of the map outside the region grown by its own radius; with no such pixels (a
+    region covering the frame) the map is left as it is.
+    """
+    inside = F.interpolate(region.float().cpu(), size=size, mode="nearest")[0, 0].numpy() > 0
+    if not inside.any():
+        return values
+    radius = max(math.sqrt(inside.sum() / math.pi), 1.0)
+    away = ndimage.distance_transform_edt(~inside) > radius
+    if not away.any():
+        return values
+    floor = float(np.median(values[away]))
+    return np.clip(values - floor, 0.0, None)
 
 
 def _spatial_prior(inside: torch.Tensor) -> torch.Tensor:

@@ -74,14 +74,36 @@ def test_unknown_method_is_refused():
         explainer.explain(np.zeros((64, 64), np.uint8), ["lime"])
 
 
-def test_most_mass_inside_the_largest_planted_lesions():
-    """The issue's literal criterion, on the largest lesions of the held-out seed (about 8 % of
-    the frame). Grad-CAM++ keeps a wider halo (0.37-0.40 inside here) and is held to the
-    concentration test above instead; see the README."""
+def test_each_method_puts_most_mass_inside_the_planted_lesion():
+    """The issue's criterion, literally: on held-out phantoms whose lesion covers at least 3 % of
+    the frame (the first four of seed 123), every method puts most of its mass inside the lesion,
+    on average and on the largest of them. Smaller lesions are held to the concentration test."""
     explainer = SaliencyExplainer(Segmenter("default", device="cpu"))
-    candidates = [make_phantom(321, index) for index in (4, 53)]
-    for phantom in candidates:
-        assert (phantom.mask > 0).mean() > 0.07
-        for saliency in explainer.explain(phantom.image, ("gradcam", "occlusion", "prototype")):
-            inside = agreement(saliency.map, phantom.mask > 0).mass_inside
-            assert inside > 0.5, (saliency.method, inside)
+    phantoms = [make_phantom(HELD_OUT_SEED, index) for index in range(12)]
+    phantoms = [p for p in phantoms if (p.mask > 0).mean() >= 0.03][:4]
+    assert len(phantoms) == 4
+    inside = np.array([[agreement(m.map, p.mask > 0).mass_inside
+                        for m in explainer.explain(p.image, METHODS)] for p in phantoms])
+    largest = int(np.argmax([(p.mask > 0).mean() for p in phantoms]))
+    for column, method in enumerate(METHODS):
+        assert inside[:, column].mean() > 0.5, (method, inside[:, column])
+        assert inside[largest, column] > 0.5, (method, inside[largest, column])
+
+
+def test_a_constant_floor_carries_no_mass():
+    """A CAM's spatially constant floor is removed before normalising, so it cannot spread the
+    mass over the frame; without that, one cold pixel leaves less than half of it in the lesion."""
+    import torch
+
+    from radlens.models.saliency import _normalise, _remove_floor
+
+    mask = np.zeros((64, 64), bool)
+    mask[24:40, 24:40] = True
+    raw = np.full((64, 64), 0.1, np.float32)
+    raw[mask] = 1.0
+    region = torch.from_numpy(mask)[None, None]
+    assert agreement(_normalise(raw), mask).mass_inside == pytest.approx(1.0)  # min is the floor
+    raw[0, 0] = 0.0  # one cold pixel: min-max keeps the floor
+    assert agreement(_normalise(raw), mask).mass_inside < 0.5
+    cleaned = _normalise(_remove_floor(raw, region, (64, 64)))
+    assert agreement(cleaned, mask).mass_inside == pytest.approx(1.0)
