@@ -366,6 +366,45 @@ def cohort(
     console.print((out / "cohort.md").read_text(), markup=False, highlight=False)
 
 
+@app.command()
+def process(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders", exists=True)],
+    out: Annotated[Path, typer.Option(help="results/<StudyUID>/ go here")],
+    config: ConfigOption = None,
+) -> None:
+    """Run the agent's pipeline on files or folders, without the network: findings.json, SEG,
+    SR, saliency map and overlay per study, as `radlens serve` writes them."""
+    from rich.progress import Progress
+
+    from radlens.agent.offline import collect_studies, process_study
+    from radlens.agent.service import load_analyser
+
+    settings = _settings(config)
+    try:
+        analyser = load_analyser(settings)
+    except RadlensError as exc:
+        raise _fail(str(exc), 1) from None
+    if analyser is None:
+        raise _fail("model.enabled is false: nothing to process", 2)
+    studies, unreadable = collect_studies(paths)
+    table = Table(title="processed")
+    for column in ("study", "revision", "lesions", "SEG", "SR", "maps", "overlays"):
+        table.add_column(column)
+    with Progress(console=err) as progress:
+        task = progress.add_task("studies", total=len(studies))
+        for study_uid, instances in studies.items():
+            done = process_study(study_uid, instances, out / "results", analyser, settings)
+            table.add_row(study_uid, str(done.revision), str(done.lesions),
+                          str(len(done.outputs.seg)), str(len(done.outputs.sr)),
+                          str(len(done.outputs.parametric_map)), str(len(done.outputs.overlay)))
+            progress.advance(task)
+    console.print(table)
+    for item in unreadable:
+        err.print(f"skipped {item.path}: {item.reason}", markup=False, highlight=False)
+    if not studies:
+        raise _fail("no DICOM study found in the given paths", 1)
+
+
 @app.command("export-nifti")
 def export_nifti(
     results: Annotated[Path, typer.Argument(help="a study's results folder "

@@ -71,6 +71,9 @@ class LesionMeasurements(_Frozen):
     frame: int = Field(ge=0)
     lesion_class: LesionClass
     probability: float = Field(ge=0, le=1, description="mean class probability inside it")
+    malignant_probability: float | None = Field(
+        default=None, ge=0, le=1, description="mean malignant probability inside it: the "
+        "likelihood behind the BI-RADS-style suggestion")
     area_px: int = Field(ge=1)
     area_mm2: float | None
     perimeter_px: float

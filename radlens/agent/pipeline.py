@@ -137,6 +137,7 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
         maps_file = None
         if maps_dir is not None:
             maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, index, classes,
+                                    lesion_labels(classes.shape, regions),
                                     result.probabilities, maps)
         normal, benign, malignant = (float(p) for p in result.image_probabilities)
         predicted_class = ("normal", "benign", "malignant")[
@@ -183,12 +184,23 @@ def _overlaps(atlas: LabelMap, mask: np.ndarray) -> list[AnatomyOverlap]:
 MAPS_DIR = "maps"
 
 
+def lesion_labels(shape: tuple[int, ...], regions: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """The measured lesions as one label image: 0 background, k the lesion of index k (largest
+    first, as in the findings). This is the mask the SEG and the SR contours carry; components
+    under the minimum size are not lesions and are left out."""
+    labels = np.zeros(shape, dtype=np.uint16)
+    for index, (region, _) in enumerate(regions, start=1):
+        labels[region] = index
+    return labels
+
+
 def _write_maps(maps_dir: Path, sop_uid: str, frame: int, classes: np.ndarray,
-                probabilities: np.ndarray, saliency: dict[str, np.ndarray]) -> str:
-    """Class map, probabilities and saliency maps of one frame, as a compressed npz."""
+                lesions: np.ndarray, probabilities: np.ndarray,
+                saliency: dict[str, np.ndarray]) -> str:
+    """Class map, lesion labels, probabilities and saliency maps of one frame, as an npz."""
     maps_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, classes=classes.astype(np.uint8),
+    np.savez_compressed(buffer, classes=classes.astype(np.uint8), lesions=lesions,
                         probabilities=probabilities.astype(np.float16), **saliency)
     name = f"{sop_uid}_f{frame:04d}.npz"
     write_durably(maps_dir / name, buffer.getvalue())

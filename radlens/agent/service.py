@@ -163,10 +163,11 @@ class Agent:
         self.assembler = StudyAssembler(self.scheduler, self.queue,
                                         quiet_period_s=s.assembly.quiet_period_s,
                                         max_wait_s=s.assembly.max_wait_s)
-        self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
-                             fsync=s.storage.fsync)
         self.outbox = Outbox(self.db, s.outbox, s.destinations, calling_aet=s.dicom.ae_title,
                              timeout_s=s.dicom.network_timeout_s)
+        self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
+                             fsync=s.storage.fsync, outputs=s.outputs,
+                             deliver=self._deliver_results)
         self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored)
 
         self.spool.remove_partials()
@@ -193,6 +194,14 @@ class Agent:
         log.info("radlens agent started", extra=kv(version=__version__,
                                                    data_dir=str(self.data_dir),
                                                    destinations=len(s.destinations)))
+
+    def _deliver_results(self, job_id: int, paths: list[Path]) -> None:
+        """Queue a job's outputs for every configured destination and wake the outbox."""
+        for destination in self.settings.destinations:
+            self.outbox.enqueue(paths, destination.name, job_id=job_id)
+        if self.settings.destinations:
+            self.scheduler.add_job(self.outbox.deliver_due, id=f"deliver-{job_id}",
+                                   replace_existing=True)
 
     def _scheduled_cohort(self) -> None:
         from radlens.analysis.cohort import analyse_agent

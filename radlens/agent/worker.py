@@ -7,20 +7,28 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from radlens.agent import analyses
-from radlens.agent.pipeline import Analyser, StudyInput, run_study
+from radlens.agent.pipeline import Analyser, StudyInput, StudyResult, run_study
 from radlens.agent.queue import Job, JobQueue
+from radlens.config import OutputSettings
 from radlens.logs import kv
+
+Deliver = Callable[[int, list[Path]], None]
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
     def __init__(self, queue: JobQueue, results_root: Path, *, analyser: Analyser | None = None,
-                 fsync: bool = True, poll_interval_s: float = 2.0) -> None:
+                 fsync: bool = True, poll_interval_s: float = 2.0,
+                 outputs: OutputSettings | None = None, deliver: Deliver | None = None) -> None:
+        """``deliver(job_id, paths)`` hands each job's DICOM outputs to the outbox."""
         self.queue = queue
+        self.outputs = outputs or OutputSettings()
+        self.deliver = deliver
         self.analyser = analyser
         self.results_root = results_root
         self.fsync = fsync
@@ -64,6 +72,8 @@ class Worker:
                                fsync=self.fsync)
             if result.records:
                 analyses.record(self.queue.db, job.id, job.study_instance_uid, result.records)
+            if self.analyser is not None:
+                self._write_outputs(study, result)
         except Exception as exc:
             log.exception("job failed", extra=kv(job=job.id, study=job.study_instance_uid))
             self.queue.finish(job.id, error=f"{type(exc).__name__}: {exc}")
@@ -72,3 +82,18 @@ class Worker:
             log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
         finally:
             self.current_job = None
+
+    def _write_outputs(self, study: StudyInput, result: StudyResult) -> None:
+        """SEG, SR and maps next to findings.json, then into the outbox. Written before the
+        job is marked done, so a crash here re-runs the job rather than losing its answer."""
+        from radlens.dicom_io.writers import write_outputs
+        from radlens.reporting.template import template_narrative
+
+        assert self.analyser is not None
+        written = write_outputs(
+            result.findings, {i.sop_instance_uid: i.path for i in study.instances},
+            self.results_root / study.study_instance_uid, template_narrative(result.findings),
+            settings=self.outputs, saliency_methods=self.analyser.settings.saliency,
+            fsync=self.fsync)
+        if written.all and self.deliver is not None:
+            self.deliver(study.job_id, written.all)

@@ -87,8 +87,13 @@ def measure_regions(image: np.ndarray, regions: list[tuple[np.ndarray, int]],
     for index, (region, cls) in enumerate(regions, start=1):
         probability = (float(probabilities[cls][region].mean()) if probabilities is not None
                        else 1.0)
-        lesions.append(_measure(region, cls, probability, channels, gradient, spacing_mm,
-                                frame, index))
+        malignant = (float(probabilities[2][region].mean()) if probabilities is not None
+                     else None)
+        lesion = _measure(region, cls, probability, channels, gradient, spacing_mm, frame, index)
+        if malignant is not None:
+            lesion = lesion.model_copy(update={
+                "malignant_probability": min(max(malignant, 0.0), 1.0)})
+        lesions.append(lesion)
     return lesions
 
 

@@ -116,6 +116,15 @@ class ModelSettings(_Section):
         default_factory=lambda: ["prototype", "gradcam++"])
 
 
+class OutputSettings(_Section):
+    """Which DICOM objects each job writes next to findings.json and sends to every destination."""
+
+    seg: bool = True  # lesion segmentation (SEG), one segment per lesion class
+    sr: bool = True  # TID 1500 measurement report with the narrative
+    parametric_map: bool = True  # the first saliency method as a Parametric Map
+    overlay: bool = True  # RGB Secondary Capture: image, heat map, lesion contours
+
+
 class AnatomySettings(_Section):
     """A label map of named structures on the image grid (science.md §5): lesions and saliency
     masks are reported with the structures they overlap."""
@@ -168,6 +177,7 @@ class Settings(BaseSettings):
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     anatomy: AnatomySettings = Field(default_factory=AnatomySettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)

@@ -116,3 +116,25 @@ def write_phantom_study(folder: Path, pixels: np.ndarray, *, spacing_mm: float, 
     path = folder / "IM0001.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+US_MULTIFRAME_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
+
+
+def us_multiframe_dataset(frames: np.ndarray, *, study_uid: str, series_uid: str,
+                          instance_number: int, spacing_cm: float, patient_id: str,
+                          sop_uid: str | None = None, frame_time_ms: float = 50.0) -> Dataset:
+    """US Multi-frame Image Storage around (frames, rows, columns) uint8: a short cine loop."""
+    if frames.dtype != np.uint8 or frames.ndim != 3:
+        raise ValueError(f"expected (frames, rows, columns) uint8, got {frames.dtype} "
+                         f"{frames.shape}")
+    ds = us_dataset(frames[0], study_uid=study_uid, series_uid=series_uid,
+                    instance_number=instance_number, spacing_cm=spacing_cm,
+                    patient_id=patient_id, sop_uid=sop_uid)
+    ds.SOPClassUID = US_MULTIFRAME_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = US_MULTIFRAME_IMAGE_STORAGE
+    ds.NumberOfFrames = int(frames.shape[0])
+    ds.FrameTime = frame_time_ms
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time
+    ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    return ds

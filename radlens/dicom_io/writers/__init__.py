@@ -1,0 +1,124 @@
+"""The study's answer as DICOM: SEG, TID 1500 SR, saliency Parametric Map and RGB overlay.
+
+``write_outputs`` builds every configured object of one job from its findings and the maps the
+pipeline kept, and writes them durably under ``results/<Study>/dicom/`` (one folder per job
+revision), ready for the outbox. Every object lies in the source study, in its own new series.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+
+from radlens.config import OutputSettings
+from radlens.dicom_io import pixels
+from radlens.dicom_io.spool import write_durably
+from radlens.dicom_io.writers.analysed import AnalysedImage, load_analysed
+from radlens.dicom_io.writers.common import Equipment, OutputKind, SeriesPlan
+from radlens.dicom_io.writers.overlay import (
+    build_overlays,
+    build_parametric_map,
+    chosen_method,
+)
+from radlens.dicom_io.writers.seg import build_segmentations
+from radlens.dicom_io.writers.sr import build_report
+from radlens.errors import UnsupportedImageError
+from radlens.findings import StudyFindings
+from radlens.logs import kv
+from radlens.reporting.narrative import Narrative
+
+log = logging.getLogger(__name__)
+
+DICOM_DIR = "dicom"
+
+
+@dataclass(frozen=True)
+class WrittenOutputs:
+    """Paths of the objects one job wrote, by kind."""
+
+    seg: list[Path]
+    sr: list[Path]
+    parametric_map: list[Path]
+    overlay: list[Path]
+
+    @property
+    def all(self) -> list[Path]:
+        return [*self.seg, *self.sr, *self.parametric_map, *self.overlay]
+
+
+def study_notes(findings: StudyFindings, has_seg: bool) -> list[str]:
+    """Plain statements for the SR: what was not analysed, and why there is no SEG."""
+    notes = [f"Image {image.ref.sop_instance_uid} not analysed: {image.not_analysed}."
+             for image in findings.images if image.not_analysed]
+    notes += [f"Object {skipped.ref.sop_instance_uid} skipped: {skipped.reason}."
+              for skipped in findings.skipped]
+    if not has_seg:
+        notes.append("No lesion was found, so no segmentation (SEG) was written.")
+    return notes
+
+
+def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_results: Path,
+                  narrative: Narrative, *, settings: OutputSettings,
+                  saliency_methods: Sequence[str], fsync: bool = True) -> WrittenOutputs:
+    """Build and write the study's DICOM outputs. ``sources`` maps each source SOP Instance
+    UID to its file; images without predictions contribute notes only."""
+    equipment = Equipment.for_model(findings.model)
+    images: list[AnalysedImage] = []
+    for info in findings.images:
+        if info.predictions and info.ref.sop_instance_uid in sources:
+            images.append(load_analysed(info, sources[info.ref.sop_instance_uid],
+                                        study_results))
+    folder = study_results / DICOM_DIR / f"revision-{findings.revision}"
+    written = WrittenOutputs([], [], [], [])
+
+    segmentations = []
+    if settings.seg:
+        segmentations = build_segmentations(images, equipment,
+                                            SeriesPlan.new(OutputKind.SEG, findings.revision))
+        written.seg.extend(_save(seg.dataset, folder, "SEG", fsync) for seg in segmentations)
+    if settings.sr:
+        report = build_report(images, segmentations, narrative, equipment,
+                              SeriesPlan.new(OutputKind.SR, findings.revision),
+                              notes=study_notes(findings, bool(segmentations)))
+        written.sr.append(_save(report, folder, "SR", fsync))
+    if settings.parametric_map or settings.overlay:
+        map_plan = SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision)
+        overlay_plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
+        for image in images:
+            method = chosen_method(image, saliency_methods)
+            if method is None:
+                continue
+            if settings.parametric_map:
+                pm = build_parametric_map(image, method, equipment, map_plan,
+                                          len(written.parametric_map) + 1)
+                written.parametric_map.append(_save(pm, folder, "PM", fsync))
+            if settings.overlay:
+                try:
+                    decoded = pixels.decode_file(sources[image.sop_instance_uid])
+                except UnsupportedImageError as exc:
+                    log.warning("no overlay: source cannot be decoded again",
+                                extra=kv(sop=image.sop_instance_uid, reason=str(exc)))
+                    continue
+                with_pixels = dataclasses.replace(image, pixels=decoded.pixels)
+                for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
+                                         len(written.overlay) + 1):
+                    written.overlay.append(_save(sc, folder, "SC", fsync))
+    log.info("DICOM outputs written", extra=kv(
+        study=findings.study_instance_uid, revision=findings.revision, seg=len(written.seg),
+        sr=len(written.sr), pm=len(written.parametric_map), sc=len(written.overlay)))
+    return written
+
+
+def _save(dataset: Dataset, folder: Path, prefix: str, fsync: bool) -> Path:
+    buffer = DicomBytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    path = folder / f"{prefix}_{dataset.SOPInstanceUID}.dcm"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_durably(path, buffer.getvalue(), fsync=fsync)
+    return path

@@ -1,0 +1,99 @@
+"""``radlens process``: the agent's pipeline over files and folders, without the network.
+
+Files are grouped into studies by their headers, each study runs through the same stages as a
+job of the agent, and the same objects land in ``OUT/results/<StudyUID>/``. A file that is not
+DICOM, or not a usable image, is reported and skipped; it never stops the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from radlens.agent.pipeline import Analyser, StudyInput, run_study
+from radlens.agent.queue import JobInstance
+from radlens.config import Settings
+from radlens.dicom_io.writers import WrittenOutputs, write_outputs
+from radlens.logs import kv
+from radlens.reporting.template import template_narrative
+
+log = logging.getLogger(__name__)
+
+OFFLINE_JOB_ID = 0
+
+
+@dataclass(frozen=True)
+class ProcessedStudy:
+    study_instance_uid: str
+    revision: int
+    findings_path: Path
+    outputs: WrittenOutputs
+    lesions: int
+
+
+@dataclass(frozen=True)
+class UnreadableFile:
+    path: Path
+    reason: str
+
+
+def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+
+
+def collect_studies(paths: Iterable[Path]) -> tuple[dict[str, list[JobInstance]],
+                                                     list[UnreadableFile]]:
+    """Group DICOM files by study; everything else is listed with the reason."""
+    studies: dict[str, list[JobInstance]] = defaultdict(list)
+    unreadable = []
+    for path in iter_files(paths):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            instance = JobInstance(
+                sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=path.resolve())
+            studies[str(ds.StudyInstanceUID)].append(instance)
+        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+            reason = f"not a DICOM instance radlens can read ({type(exc).__name__}: {exc})"
+            unreadable.append(UnreadableFile(path, reason))
+            log.warning("file skipped", extra=kv(path=str(path), reason=reason))
+    return dict(studies), unreadable
+
+
+def next_revision(study_results: Path) -> int:
+    """1 for a study never processed into this folder, then 2, 3, ..."""
+    done = study_results / "dicom"
+    if not done.is_dir():
+        return 1
+    revisions = [int(p.name.split("-")[1]) for p in done.glob("revision-*")
+                 if p.name.split("-")[1].isdigit()]
+    return max(revisions, default=0) + 1
+
+
+def process_study(study_uid: str, instances: list[JobInstance], results_root: Path,
+                  analyser: Analyser, settings: Settings) -> ProcessedStudy:
+    revision = next_revision(results_root / study_uid)
+    study = StudyInput(job_id=OFFLINE_JOB_ID, revision=revision, study_instance_uid=study_uid,
+                       instances=sorted(instances, key=lambda i: str(i.path)))
+    result = run_study(study, results_root, analyser=analyser, fsync=settings.storage.fsync)
+    written = write_outputs(
+        result.findings, {i.sop_instance_uid: i.path for i in instances},
+        results_root / study_uid, template_narrative(result.findings),
+        settings=settings.outputs, saliency_methods=settings.model.saliency,
+        fsync=settings.storage.fsync)
+    lesions = sum(len(p.lesions) for image in result.findings.images for p in image.predictions)
+    return ProcessedStudy(study_uid, revision, results_root / study_uid / "findings.json",
+                          written, lesions)

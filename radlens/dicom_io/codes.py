@@ -1,0 +1,61 @@
+"""Coded concepts radlens writes into its DICOM outputs (SNOMED CT, DCM, UCUM, LOINC).
+
+Kept in one place so the SEG, the SR and the maps say the same thing in the same words.
+"""
+
+from __future__ import annotations
+
+from pydicom.sr.coding import Code
+
+# SEG: segmented property category and type (CID 7150 / CID 7151 family).
+MORPHOLOGICALLY_ALTERED_STRUCTURE = Code("49755003", "SCT", "Morphologically Altered Structure")
+LESION_TYPES: dict[str, Code] = {
+    "benign": Code("3898006", "SCT", "Neoplasm, benign"),
+    "malignant": Code("86049000", "SCT", "Neoplasm, Malignant (Primary)"),
+}
+LESION_CLASS_VALUE: dict[str, int] = {"benign": 1, "malignant": 2}
+
+# Algorithm family for AlgorithmIdentification.
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
+
+# SR: procedure reported and anatomy.
+ULTRASONOGRAPHY_OF_BREAST = Code("47079000", "SCT", "Ultrasonography of breast")
+ULTRASONOGRAPHY = Code("16310003", "SCT", "Diagnostic ultrasonography")
+BREAST = Code("76752008", "SCT", "Breast")
+LESION = Code("52988006", "SCT", "Lesion")
+
+# SR measurement concepts (DCM / SCT) and their UCUM units.
+AREA = Code("42798000", "SCT", "Area")
+PERIMETER = Code("131191004", "SCT", "Perimeter")
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short Axis")
+MEAN_INTENSITY = Code("RADL006", "99RADLENS", "Mean intensity")
+INTENSITY_SD = Code("RADL007", "99RADLENS", "Intensity standard deviation")
+COMPACTNESS = Code("RADL001", "99RADLENS", "Compactness 4*pi*A/P^2")
+EDGE_SHARPNESS = Code("RADL002", "99RADLENS", "Edge sharpness")
+ASYMMETRY = Code("RADL003", "99RADLENS", "Asymmetry about principal axes")
+BORDER_IRREGULARITY = Code("RADL004", "99RADLENS", "Border irregularity")
+ELONGATION = Code("RADL005", "99RADLENS", "Elongation")
+CLASS_PROBABILITY = Code("RADL010", "99RADLENS", "Class probability")
+PREDICTED_CLASS = Code("RADL011", "99RADLENS", "Predicted lesion class")
+AI_CATEGORY_SUGGESTION = Code("RADL012", "99RADLENS", "BI-RADS-style category (AI suggestion)")
+SALIENCY_DICE = Code("RADL020", "99RADLENS", "Saliency agreement Dice")
+SALIENCY_MASS_INSIDE = Code("RADL021", "99RADLENS", "Saliency mass inside lesion")
+NORMAL_PROBABILITY = Code("RADL030", "99RADLENS", "Probability of normal image")
+BENIGN_PROBABILITY = Code("RADL031", "99RADLENS", "Probability of benign lesion")
+MALIGNANT_PROBABILITY = Code("RADL032", "99RADLENS", "Probability of malignant lesion")
+NARRATIVE = Code("121073", "DCM", "Impression")
+NOT_FOR_DIAGNOSTIC_USE = Code("RADL040", "99RADLENS", "Not for diagnostic use")
+NARRATIVE_AUTHOR = Code("RADL041", "99RADLENS", "Narrative author")
+SEGMENTATION_NOTE = Code("RADL042", "99RADLENS", "Segmentation note")
+SALIENCY_MAP = Code("RADL050", "99RADLENS", "Saliency")
+
+UCUM_MM = Code("mm", "UCUM", "millimeter")
+UCUM_MM2 = Code("mm2", "UCUM", "square millimeter")
+UCUM_NO_UNITS = Code("1", "UCUM", "no units")
+UCUM_GREY_PER_PIXEL = Code("{grey level}/{pixel}", "UCUM", "grey levels per pixel")
+UCUM_GREY = Code("{grey level}", "UCUM", "grey level")
+REFERENCED_SEGMENT = Code("121191", "DCM", "Referenced Segment")
+REPORT_NOTE = Code("RADL043", "99RADLENS", "Processing note")
+UCUM_PIXELS = Code("{pixels}", "UCUM", "pixels")
+UCUM_SQUARE_PIXELS = Code("{pixels}2", "UCUM", "square pixels")

@@ -1,0 +1,166 @@
+"""Saliency as DICOM: a Parametric Map per source image (OHIF overlays it on the image) and an
+RGB Secondary Capture per frame (image, heat map, lesion contours) that every viewer shows.
+
+The map is the first configured saliency method (``model.saliency``). Saliency shows what the
+model attends to, not whether it is right; both objects say so in their descriptions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from matplotlib import colormaps
+from pydicom.uid import generate_uid
+from skimage import measure
+
+from radlens.dicom_io import codes
+from radlens.dicom_io.writers.analysed import AnalysedImage
+from radlens.dicom_io.writers.common import (
+    Equipment,
+    SeriesPlan,
+    has_patient_geometry,
+    with_nominal_geometry,
+)
+from radlens.logs import kv
+
+log = logging.getLogger(__name__)
+
+HEAT_ALPHA = 0.45  # heat map opacity at full saliency
+CONTOUR_RGB = (0, 255, 0)
+HEAT_COLOURMAP = "inferno"
+
+
+def chosen_method(image: AnalysedImage, methods: Sequence[str]) -> str | None:
+    """The first configured method that has a map on any frame of the image."""
+    for method in methods:
+        if any(method in frame.saliency for frame in image.frames.values()):
+            return method
+    return None
+
+
+def build_parametric_map(image: AnalysedImage, method: str, equipment: Equipment,
+                         plan: SeriesPlan, instance_number: int) -> hd.pm.ParametricMap:
+    """Float saliency in [0, 1] for every frame of the source (0 where none was computed)."""
+    planes = np.zeros((image.info.frames, image.info.rows, image.info.columns), np.float32)
+    for number, frame in image.frames.items():
+        if method in frame.saliency:
+            planes[number] = np.clip(frame.saliency[method], 0.0, 1.0)
+    headers = [image.header]
+    pixel_measures = None
+    if not has_patient_geometry(image.header):
+        spacing = image.info.spacing
+        spacing_mm = (spacing.row_mm, spacing.column_mm) if spacing else (1.0, 1.0)
+        headers = with_nominal_geometry(headers, spacing_mm)
+        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=list(spacing_mm),
+                                                  slice_thickness=1.0)
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=method[:16], lut_explanation=f"{method} saliency, 0 to 1"[:64],
+        unit=codes.UCUM_NO_UNITS, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)
+    pm = hd.pm.ParametricMap(
+        source_images=headers,
+        pixel_array=planes if image.info.frames > 1 else planes[0],
+        series_instance_uid=plan.series_instance_uid,
+        series_number=plan.series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer=equipment.manufacturer,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_versions,
+        device_serial_number=equipment.device_serial_number,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        window_center=0.5,
+        window_width=1.0,
+        content_label="SALIENCY",
+        content_description=f"{method}: where the model looked, not whether it is right"[:64],
+        pixel_measures=pixel_measures,
+    )
+    pm.SeriesDescription = plan.description
+    _copy_laterality(pm, image)
+    log.info("parametric map built", extra=kv(sop=pm.SOPInstanceUID, method=method,
+                                              frames=int(image.info.frames)))
+    return pm
+
+
+def render_overlay(frame_pixels: np.ndarray, saliency: np.ndarray,
+                   lesion_mask: np.ndarray) -> np.ndarray:
+    """(rows, columns, 3) uint8: the image in grey, the map as a heat colour blended by its own
+    value, and the outline of every lesion."""
+    grey = frame_pixels.astype(np.float32)
+    if grey.ndim == 3 and grey.shape[-1] == 3:
+        grey = grey.mean(axis=-1)
+    elif grey.ndim == 3:
+        grey = grey[..., 0]
+    low, high = np.percentile(grey, (0.5, 99.5))
+    grey = np.clip((grey - low) / max(high - low, 1e-6), 0.0, 1.0)
+    base = np.repeat(grey[..., None], 3, axis=-1)
+    heat = colormaps[HEAT_COLOURMAP](np.clip(saliency, 0.0, 1.0))[..., :3]
+    alpha = HEAT_ALPHA * np.clip(saliency, 0.0, 1.0)[..., None]
+    rgb = (1 - alpha) * base + alpha * heat
+    image = np.round(rgb * 255).astype(np.uint8)
+    for contour in measure.find_contours(np.pad(lesion_mask.astype(np.float32), 1), 0.5):
+        rows = np.clip(np.round(contour[:, 0] - 1).astype(int), 0, lesion_mask.shape[0] - 1)
+        columns = np.clip(np.round(contour[:, 1] - 1).astype(int), 0, lesion_mask.shape[1] - 1)
+        image[rows, columns] = CONTOUR_RGB
+    return image
+
+
+def build_overlays(image: AnalysedImage, method: str, equipment: Equipment, plan: SeriesPlan,
+                   first_instance_number: int) -> list[hd.sc.SCImage]:
+    """One RGB Secondary Capture per frame with a map; needs the decoded pixels."""
+    if image.pixels is None:
+        raise ValueError("overlays need the decoded source pixels")
+    overlays = []
+    for number, frame in sorted(image.frames.items()):
+        if method not in frame.saliency:
+            continue
+        rgb = render_overlay(image.pixels[number], frame.saliency[method], image.mask(number))
+        spacing = image.info.spacing
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=image.header,
+            pixel_array=rgb,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            patient_orientation=("L", "F"),  # replaced by the source's own below
+            series_instance_uid=plan.series_instance_uid,
+            series_number=plan.series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=first_instance_number + len(overlays),
+            manufacturer=equipment.manufacturer,
+            pixel_spacing=(spacing.row_mm, spacing.column_mm) if spacing else None,
+            series_description=plan.description,
+        )
+        sc.ImageComments = (f"{method} saliency over frame {number + 1} of "
+                            f"{image.sop_instance_uid}, lesions outlined in green. Saliency "
+                            "shows what the model attends to, not whether it is right.")
+        sc.BurnedInAnnotation = "NO"
+        # The overlay lies on the source's pixel grid: it has the source's orientation, which
+        # for 2-D ultrasound is usually unknown (an empty Patient Orientation).
+        sc.PatientOrientation = image.header.get("PatientOrientation", "")
+        _copy_laterality(sc, image)
+        _reference_source(sc, image, number)
+        overlays.append(sc)
+    return overlays
+
+
+def _copy_laterality(dataset: hd.SOPClass, image: AnalysedImage) -> None:
+    """A paired body part's series says which side (General Series, type 2C)."""
+    laterality = image.header.get("Laterality") or image.header.get("ImageLaterality")
+    if laterality in ("L", "R"):
+        dataset.Laterality = laterality
+
+
+def _reference_source(sc: hd.sc.SCImage, image: AnalysedImage, frame: int) -> None:
+    """Source Image Sequence: the overlay derives from this frame of this image."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.ReferencedSOPClassUID = image.info.ref.sop_class_uid
+    item.ReferencedSOPInstanceUID = image.sop_instance_uid
+    if image.info.frames > 1:
+        item.ReferencedFrameNumber = frame + 1
+    sc.SourceImageSequence = [item]

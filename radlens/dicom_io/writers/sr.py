@@ -1,0 +1,244 @@
+"""TID 1500 measurement report (Comprehensive 3D SR, highdicom) of a study's findings.
+
+Per analysed image a group with its class probabilities and saliency agreement; per lesion a
+measurement group (TID 1501) with a tracking identifier and UID, its area inferred from its
+contour (a closed SCOORD polyline on the source image), its long and short diameters as length
+measurements inferred from their two-point SCOORD lines (the image coordinates OHIF draws; TID
+1410's planar ROI group allows no SCOORD on its measurements), the other measurements in UCUM
+units, the predicted class and a BI-RADS-style category worded as an AI suggestion, and a
+reference to its SEG segment. The
+segment is referenced whole (segment number without frame numbers): highdicom's
+``ReferencedSegmentationFrame`` puts both in one item, which the SR IOD forbids. The narrative,
+its author and a not-for-diagnostic-use statement close the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+from skimage import measure
+
+from radlens.dicom_io import codes
+from radlens.dicom_io.writers.analysed import AnalysedImage
+from radlens.dicom_io.writers.common import NOT_FOR_DIAGNOSTIC_USE, Equipment, SeriesPlan
+from radlens.dicom_io.writers.seg import WrittenSegmentation
+from radlens.findings import LesionMeasurements
+from radlens.logs import kv
+from radlens.reporting.narrative import Category, Narrative
+
+log = logging.getLogger(__name__)
+
+DEVICE_UID_ROOT = "radlens device"
+MAX_CONTOUR_POINTS = 256
+
+
+def lesion_contour(mask: np.ndarray) -> np.ndarray:
+    """Closed outline of a mask as (column, row) image coordinates: pixel centres sit at .5,
+    as the DICOM image coordinate system puts (0, 0) at the first pixel's outer corner."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = measure.find_contours(padded, 0.5)
+    outline = max(contours, key=len) - 1.0  # (row, column), undo the padding
+    outline = measure.approximate_polygon(outline, tolerance=0.5)
+    if len(outline) > MAX_CONTOUR_POINTS:
+        step = int(np.ceil(len(outline) / MAX_CONTOUR_POINTS))
+        outline = np.vstack([outline[:-1:step], outline[:1]])
+    if not np.allclose(outline[0], outline[-1]):
+        outline = np.vstack([outline, outline[:1]])
+    return np.stack([outline[:, 1] + 0.5, outline[:, 0] + 0.5], axis=1).astype(np.float32)
+
+
+def _line(points: tuple[tuple[float, float], tuple[float, float]]) -> np.ndarray:
+    """Two (row, column) end points as (column, row) image coordinates."""
+    return np.array([[c + 0.5, r + 0.5] for r, c in points], dtype=np.float32)
+
+
+def _num(name: Code, value: float | None, unit: Code, source: hd.sr.SourceImageForRegion
+         | None = None, line: np.ndarray | None = None) -> hd.sr.Measurement | None:
+    if value is None or not np.isfinite(value):
+        return None
+    coordinates = None
+    if line is not None and source is not None:
+        coordinates = [hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=line,
+            source_image=source)]
+    return hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit,
+                             referenced_coordinates=coordinates)
+
+
+def _lesion_group(image: AnalysedImage, lesion: LesionMeasurements, number: int,
+                  segmentation: WrittenSegmentation | None, algorithm: hd.sr.AlgorithmIdentification
+                  ) -> Dataset:
+    frame_numbers = [lesion.frame + 1] if image.info.frames > 1 else None
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=image.info.ref.sop_class_uid,
+        referenced_sop_instance_uid=image.sop_instance_uid,
+        referenced_frame_numbers=frame_numbers)
+    contour = lesion_contour(image.frames[lesion.frame].lesions == lesion.index)
+    mm = lesion.longest_diameter_mm is not None
+    length_unit = codes.UCUM_MM if mm else codes.UCUM_PIXELS
+    measurements = [m for m in (
+        _num(codes.LONG_AXIS, lesion.longest_diameter_mm if mm else lesion.longest_diameter_px,
+             length_unit, source, _line(lesion.long_axis_px)),
+        _num(codes.SHORT_AXIS, lesion.perpendicular_diameter_mm if mm
+             else lesion.perpendicular_diameter_px, length_unit, source,
+             _line(lesion.short_axis_px)),
+        _num(codes.AREA, lesion.area_mm2 if mm else float(lesion.area_px),
+             codes.UCUM_MM2 if mm else codes.UCUM_SQUARE_PIXELS, source, contour),
+        _num(codes.PERIMETER, lesion.perimeter_mm if mm else lesion.perimeter_px, length_unit),
+        _num(codes.COMPACTNESS, lesion.compactness, codes.UCUM_NO_UNITS),
+        _num(codes.EDGE_SHARPNESS, lesion.edge_sharpness, codes.UCUM_GREY_PER_PIXEL),
+        _num(codes.ASYMMETRY, lesion.asymmetry, codes.UCUM_NO_UNITS),
+        _num(codes.BORDER_IRREGULARITY, lesion.border_irregularity, codes.UCUM_NO_UNITS),
+        _num(codes.ELONGATION, lesion.elongation, codes.UCUM_NO_UNITS),
+        _num(codes.MEAN_INTENSITY, float(np.mean(lesion.intensity_mean)), codes.UCUM_GREY),
+        _num(codes.INTENSITY_SD, float(np.mean(lesion.intensity_std)), codes.UCUM_GREY),
+        _num(codes.CLASS_PROBABILITY, lesion.probability, codes.UCUM_NO_UNITS),
+    ) if m is not None]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(codes.PREDICTED_CLASS, codes.LESION_TYPES[lesion.lesion_class]),
+        hd.sr.QualitativeEvaluation(codes.AI_CATEGORY_SUGGESTION,
+                                    _category_code(Category.for_lesion(lesion))),
+    ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
+                                                     identifier=f"Lesion {number}"),
+        finding_type=codes.LESION,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(codes.BREAST)],
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=image.info.ref.sop_class_uid,
+            referenced_sop_instance_uid=image.sop_instance_uid,
+            referenced_frame_numbers=frame_numbers)],
+    )
+    container = group[0]
+    if segmentation is not None:
+        seg = segmentation.dataset
+        reference = hd.sr.ImageContentItem(
+            name=codes.REFERENCED_SEGMENT,
+            referenced_sop_class_uid=seg.SOPClassUID,
+            referenced_sop_instance_uid=seg.SOPInstanceUID,
+            referenced_segment_numbers=[segmentation.segment_numbers[lesion.lesion_class]],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        container.ContentSequence.append(reference)
+    return group
+
+
+def _image_group(image: AnalysedImage, algorithm: hd.sr.AlgorithmIdentification
+                 ) -> list[Dataset]:
+    groups = []
+    for frame_number, frame in sorted(image.frames.items()):
+        prediction = frame.prediction
+        probabilities = prediction.class_probabilities
+        measurements = [
+            hd.sr.Measurement(codes.NORMAL_PROBABILITY, round(probabilities.normal, 4),
+                              codes.UCUM_NO_UNITS),
+            hd.sr.Measurement(codes.BENIGN_PROBABILITY, round(probabilities.benign, 4),
+                              codes.UCUM_NO_UNITS),
+            hd.sr.Measurement(codes.MALIGNANT_PROBABILITY, round(probabilities.malignant, 4),
+                              codes.UCUM_NO_UNITS),
+        ]
+        for method, agreement in sorted(prediction.saliency.items()):
+            measurements.append(hd.sr.Measurement(
+                codes.SALIENCY_DICE, round(agreement.dice, 4), codes.UCUM_NO_UNITS,
+                method=Code(f"RADL06{_METHOD_DIGIT[method]}", "99RADLENS", method)))
+            measurements.append(hd.sr.Measurement(
+                codes.SALIENCY_MASS_INSIDE, round(agreement.mass_inside, 4),
+                codes.UCUM_NO_UNITS,
+                method=Code(f"RADL06{_METHOD_DIGIT[method]}", "99RADLENS", method)))
+        finding = (dcm_codes.SCT.BreastNormal if prediction.predicted_class == "normal"
+                   else codes.LESION_TYPES[prediction.predicted_class])
+        frame_numbers = [frame_number + 1] if image.info.frames > 1 else None
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(), identifier=f"Image {image.info.ref.sop_instance_uid[-12:]}"
+                f" frame {frame_number + 1}"),
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PREDICTED_CLASS,
+                                                                 finding)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=image.info.ref.sop_class_uid,
+                referenced_sop_instance_uid=image.sop_instance_uid,
+                referenced_frame_numbers=frame_numbers)],
+        ))
+    return groups
+
+
+_METHOD_DIGIT = {"gradcam": 1, "gradcam++": 2, "occlusion": 3, "prototype": 4}
+
+
+def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[WrittenSegmentation],
+                 narrative: Narrative, equipment: Equipment, plan: SeriesPlan, *,
+                 notes: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
+    """The study's TID 1500 report. ``notes``: plain statements for the reader (images not
+    analysed, no lesion and so no SEG)."""
+    algorithm = hd.sr.AlgorithmIdentification(name=equipment.algorithm_name,
+                                               version=equipment.algorithm_version)
+    segment_of = {sop: seg for seg in segmentations for sop in seg.source_sop_instance_uids}
+    groups: list[Dataset] = []
+    number = 0
+    for image in images:
+        groups.extend(_image_group(image, algorithm))
+        for lesion in image.lesions:
+            number += 1
+            groups.append(_lesion_group(image, lesion, number,
+                                        segment_of.get(image.sop_instance_uid), algorithm))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=[DEVICE_UID_ROOT]), name="radlens",
+        manufacturer_name=equipment.manufacturer, model_name=equipment.model_name,
+        serial_number=equipment.device_serial_number)
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=dcm_codes.DCM.Device, observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=codes.ULTRASONOGRAPHY_OF_BREAST,
+        imaging_measurements=groups or None,
+        title=dcm_codes.cid7021.ImagingMeasurementReport,
+    )
+    root = report[0]
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    text_items = [hd.sr.TextContentItem(codes.NARRATIVE, narrative.text[:_UT_LIMIT], contains),
+                  hd.sr.TextContentItem(codes.NARRATIVE_AUTHOR, narrative.author_line,
+                                        contains)]
+    text_items += [hd.sr.TextContentItem(codes.REPORT_NOTE, note[:_UT_LIMIT], contains)
+                   for note in notes]
+    text_items.append(hd.sr.TextContentItem(codes.NOT_FOR_DIAGNOSTIC_USE,
+                                            NOT_FOR_DIAGNOSTIC_USE, contains))
+    root.ContentSequence.extend(text_items)
+    evidence = [image.header for image in images] + [seg.dataset for seg in segmentations]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=plan.series_instance_uid,
+        series_number=plan.series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=equipment.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = plan.description
+    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: narratives say mm², names may be anything
+    sr.ManufacturerModelName = equipment.model_name
+    sr.SoftwareVersions = equipment.software_versions
+    log.info("SR built", extra=kv(sop=sr.SOPInstanceUID, lesions=number,
+                                  author=narrative.author))
+    return sr
+
+
+_UT_LIMIT = 10_000
+
+
+def _category_code(category: Category) -> Code:
+    return Code(f"RADL10{category.value}", "99RADLENS",
+                f"Category {category.value} ({category.meaning}), AI suggestion"[:64])
