@@ -1,0 +1,290 @@
+"""SEG, SR, Parametric Map and overlay of phantom studies, checked by independent tools:
+dciodvfy (dicom3tools) for the IODs, dsrdump (dcmtk) for the SR tree, highdicom to read back."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from radlens.agent.offline import collect_studies, process_study
+from radlens.agent.service import load_analyser
+from radlens.config import Settings
+from radlens.dicom_io.synthetic import us_dataset, us_multiframe_dataset
+from radlens.models.phantoms import make_phantom
+from tests.helpers import radlens_cli, require_tool
+
+SPACING_MM = 0.2
+# Held-out phantoms (the shipped model trained on another seed) with large lesions, and a normal.
+LESION_CASES = ((321, 4), (321, 53))
+NORMAL_CASE = (321, 7)
+
+
+def _phantom(case: tuple[int, int], label: str | None = None) -> np.ndarray:
+    return make_phantom(*case, label=label).image  # type: ignore[arg-type]
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    """Four studies through the real pipeline: one lesion image, one normal image, a 3-frame
+    cine with lesions on two frames, and a series of two lesion images."""
+    root = tmp_path_factory.mktemp("outputs")
+    sources = root / "sources"
+    made = {}
+
+    def study(name: str) -> tuple[str, str]:
+        uid = generate_uid(entropy_srcs=["radlens outputs test", name])
+        return uid, generate_uid(entropy_srcs=["radlens outputs test", name, "series"])
+
+    study_uid, series_uid = study("single")
+    made["single"] = [_write(us_dataset(
+        _phantom(LESION_CASES[0]), study_uid=study_uid, series_uid=series_uid, instance_number=1,
+        spacing_cm=SPACING_MM / 10, patient_id="OUT-1"), sources / "single" / "IM1.dcm")]
+    study_uid, series_uid = study("normal")
+    made["normal"] = [_write(us_dataset(
+        _phantom(NORMAL_CASE, "normal"), study_uid=study_uid, series_uid=series_uid,
+        instance_number=1, spacing_cm=SPACING_MM / 10, patient_id="OUT-2"),
+        sources / "normal" / "IM1.dcm")]
+    study_uid, series_uid = study("cine")
+    frames = np.stack([_phantom(LESION_CASES[0]), _phantom(NORMAL_CASE, "normal"),
+                       _phantom(LESION_CASES[1])])
+    made["cine"] = [_write(us_multiframe_dataset(
+        frames, study_uid=study_uid, series_uid=series_uid, instance_number=1,
+        spacing_cm=SPACING_MM / 10, patient_id="OUT-3"), sources / "cine" / "IM1.dcm")]
+    study_uid, series_uid = study("series")
+    made["series"] = [_write(us_dataset(
+        _phantom(case), study_uid=study_uid, series_uid=series_uid, instance_number=n,
+        spacing_cm=SPACING_MM / 10, patient_id="OUT-4"), sources / "series" / f"IM{n}.dcm")
+        for n, case in enumerate(LESION_CASES, start=1)]
+
+    settings = Settings()
+    settings.storage.fsync = False
+    analyser = load_analyser(settings)
+    studies, unreadable = collect_studies([sources])
+    assert not unreadable and len(studies) == 4
+    results = root / "results"
+    done = {}
+    for name, paths in made.items():
+        uid = pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+        done[name] = process_study(uid, studies[uid], results, analyser, settings)
+    return done, made
+
+
+def _errors(path: Path) -> list[str]:
+    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
+                            text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+
+
+@pytest.mark.parametrize("name", ["single", "normal", "cine", "series"])
+def test_every_object_passes_dciodvfy(processed, name):
+    done, made = processed
+    outputs = done[name].outputs
+    for source in made[name]:  # the sources are clean, so nothing is inherited
+        assert _errors(source) == []
+    assert outputs.sr, "every study gets an SR"
+    for path in outputs.all:
+        assert _errors(path) == [], path.name
+
+
+def test_what_each_study_gets(processed):
+    done, _ = processed
+    counts = {name: (len(d.outputs.seg), len(d.outputs.sr), len(d.outputs.parametric_map),
+                     len(d.outputs.overlay)) for name, d in done.items()}
+    assert counts["single"] == (1, 1, 1, 1)
+    assert counts["normal"] == (0, 1, 0, 0)  # no lesion: no SEG, no map
+    assert counts["cine"] == (1, 1, 1, 2)  # one SEG and map for the cine, an overlay per frame
+    assert counts["series"] == (1, 1, 2, 2)  # one SEG for the series
+
+
+def _pipeline_mask(study_dir: Path, sop_uid: str, frame: int, lesion_class: str,
+                   findings: dict) -> np.ndarray:
+    (image,) = [i for i in findings["images"] if i["ref"]["sop_instance_uid"] == sop_uid]
+    (prediction,) = [p for p in image["predictions"] if p["frame"] == frame]
+    lesions = np.load(study_dir / prediction["maps_file"])["lesions"]
+    indices = [lesion["index"] for lesion in prediction["lesions"]
+               if lesion["lesion_class"] == lesion_class]
+    return np.isin(lesions, indices)
+
+
+def test_seg_reads_back_to_the_pipeline_mask(processed):
+    import json
+
+    done, made = processed
+    for name in ("single", "cine", "series"):
+        study = done[name]
+        findings = json.loads(study.findings_path.read_text())
+        (seg_path,) = study.outputs.seg
+        seg = hd.seg.segread(seg_path)
+        assert seg.StudyInstanceUID == findings["study_instance_uid"]
+        assert seg.SeriesInstanceUID != made[name][0] and seg.Modality == "SEG"
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == "radlens-unet-phantom"
+        assert algorithm.AlgorithmVersion == findings["model"]["version"]
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == \
+            pytest.approx([SPACING_MM, SPACING_MM])
+        assert "PlaneOrientationSequence" in shared
+        assert all("PlanePositionSequence" in item
+                   for item in seg.PerFrameFunctionalGroupsSequence)
+        segments = {item.SegmentLabel.split()[0]: int(item.SegmentNumber)
+                    for item in seg.SegmentSequence}
+        compared = 0
+        for source_path in made[name]:
+            source = pydicom.dcmread(source_path, stop_before_pixels=True)
+            frames = int(source.get("NumberOfFrames", 1))
+            for frame in range(frames):
+                for lesion_class, number in segments.items():
+                    expected = _pipeline_mask(study.findings_path.parent,
+                                              source.SOPInstanceUID, frame, lesion_class,
+                                              findings)
+                    if frames > 1:
+                        if not expected.any():
+                            continue
+                        got = seg.get_pixels_by_source_frame(
+                            source.SOPInstanceUID, source_frame_numbers=[frame + 1],
+                            segment_numbers=[number], skip_overlap_checks=True)[0, ..., 0]
+                    else:
+                        got = seg.get_pixels_by_source_instance(
+                            [source.SOPInstanceUID], segment_numbers=[number],
+                            skip_overlap_checks=True)[0, ..., 0]
+                    assert np.array_equal(got > 0, expected), (name, frame, lesion_class)
+                    compared += 1
+        assert compared >= 2 if name != "single" else compared >= 1
+
+
+def _sr_groups(path: Path) -> dict[str, dict]:
+    """Each lesion group of the SR as {tracking id: {concept meaning: value}}."""
+    sr = hd.sr.srread(path)
+    groups = {}
+    for group in sr.content.get_image_measurement_groups():
+        identifier = group.tracking_identifier
+        if not identifier.startswith("Lesion"):
+            continue
+        values: dict = {m.name.meaning: m.value for m in group.get_measurements()}
+        values["_scoords"] = [m.referenced_coordinates for m in group.get_measurements()
+                              if m.referenced_coordinates]
+        groups[identifier] = values
+    return groups
+
+
+def test_sr_reads_back_to_the_same_measurements(processed):
+    import json
+
+    done, _ = processed
+    for name in ("single", "cine", "series"):
+        study = done[name]
+        findings = json.loads(study.findings_path.read_text())
+        lesions = [lesion for image in findings["images"] for p in image["predictions"]
+                   for lesion in p["lesions"]]
+        groups = _sr_groups(study.outputs.sr[0])
+        assert len(groups) == len(lesions) == study.lesions
+        for number, lesion in enumerate(lesions, start=1):
+            group = groups[f"Lesion {number}"]
+            assert float(group["Long Axis"]) == pytest.approx(lesion["longest_diameter_mm"],
+                                                              abs=1e-3)
+            assert float(group["Short Axis"]) == pytest.approx(
+                lesion["perpendicular_diameter_mm"], abs=1e-3)
+            assert float(group["Area"]) == pytest.approx(lesion["area_mm2"], abs=1e-3)
+            assert float(group["Compactness 4*pi*A/P^2"]) == pytest.approx(
+                lesion["compactness"], abs=1e-3)
+            assert float(group["Edge sharpness"]) == pytest.approx(lesion["edge_sharpness"],
+                                                                   abs=1e-3)
+            assert len(group["_scoords"]) == 3  # long axis, short axis, contour
+
+
+def test_dsrdump_shows_groups_scoords_and_narrative(processed):
+    done, _ = processed
+    study = done["series"]
+    dump = subprocess.run([require_tool("dsrdump"), "-Ec", "+U8", "+Pl", str(study.outputs.sr[0])],
+                          capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    text = dump.stdout
+    assert text.count('"Measurement Group"') == 2 + study.lesions  # two images + lesions
+    assert text.count("SCOORD") == 3 * study.lesions
+    assert '"Referenced Segment"' in text and "(SG image" in text
+    assert '"Impression"' in text and "Automated analysis of 2 ultrasound image(s)" in text
+    assert "NOT FOR DIAGNOSTIC USE" in text
+    assert '"Device Observer Name")="radlens"' in text
+
+
+def test_no_lesion_is_said_in_the_sr(processed):
+    done, _ = processed
+    dump = subprocess.run([require_tool("dsrdump"), "-Ec", "+U8", "+Pl",
+                           str(done["normal"].outputs.sr[0])],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "No lesion was found, so no segmentation (SEG) was written." in dump
+    assert "no focal lesion detected" in dump
+
+
+def test_parametric_map_and_overlay_carry_the_saliency(processed):
+    done, made = processed
+    study = done["single"]
+    pm = pydicom.dcmread(study.outputs.parametric_map[0])
+    assert pm.Modality == "RWV" or pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    values = pm.pixel_array
+    assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
+    source = pydicom.dcmread(made["single"][0])
+    assert values.shape == source.pixel_array.shape
+    sc = pydicom.dcmread(study.outputs.overlay[0])
+    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape[-1] == 3
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    green = np.all(sc.pixel_array == (0, 255, 0), axis=-1)
+    assert green.sum() > 20  # the lesion outline is drawn
+    for dataset in (pm, sc):
+        assert dataset.StudyInstanceUID == source.StudyInstanceUID
+        assert dataset.SeriesInstanceUID != source.SeriesInstanceUID
+
+
+def test_reprocessing_makes_new_objects_and_says_which_revision(processed, tmp_path):
+    done, made = processed
+    first = done["single"]
+    settings = Settings()
+    settings.storage.fsync = False
+    studies, _ = collect_studies(made["single"])
+    (uid,) = studies
+    results = first.findings_path.parent.parent
+    again = process_study(uid, studies[uid], results, load_analyser(settings), settings)
+    assert again.revision == first.revision + 1
+    before = pydicom.dcmread(first.outputs.seg[0], stop_before_pixels=True)
+    after = pydicom.dcmread(again.outputs.seg[0], stop_before_pixels=True)
+    assert after.SOPInstanceUID != before.SOPInstanceUID
+    assert after.SeriesInstanceUID != before.SeriesInstanceUID
+    assert f"(revision {again.revision})" in after.SeriesDescription
+    assert first.outputs.seg[0].exists()  # the earlier revision is kept
+
+
+def test_process_command_writes_the_outputs_and_names_what_it_skipped(processed, tmp_path):
+    _, made = processed
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not DICOM")
+    source = made["single"][0]
+    (folder / source.name).write_bytes(source.read_bytes())
+    result = radlens_cli("process", str(folder), "--out", str(tmp_path / "out"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "notes.txt" in result.stderr and "not a DICOM instance" in result.stderr
+    study = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
+    written = sorted(p.name.split("_")[0] for p in
+                     (tmp_path / "out" / "results" / study / "dicom" / "revision-1").iterdir())
+    assert written == ["PM", "SC", "SEG", "SR"]
+    assert (tmp_path / "out" / "results" / study / "findings.json").exists()
+
+
+def test_process_command_fails_clearly_without_any_dicom(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    result = radlens_cli("process", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "no DICOM study found" in result.stderr
