@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# Install the real DICOM peers the tests use, from Debian's packages, when they are missing:
-#   dcmtk (storescu, storescp, echoscu, dcmdump, dsrdump) and dicom3tools (dciodvfy).
+# Install the real peers the tests use, from Debian's packages, when they are missing:
+#   dcmtk (storescu, storescp, echoscu, dcmdump, dsrdump), dicom3tools (dciodvfy),
+#   Orthanc with its DICOMweb plugin (the PACS), Chromium (the browser that runs OHIF),
+#   and, when the viewer test runs, OHIF's prebuilt viewer and playwright-core from npm.
 set -euo pipefail
 
-declare -A package_for=([storescu]=dcmtk [storescp]=dcmtk [echoscu]=dcmtk [dciodvfy]=dicom3tools)
+declare -A package_for=([storescu]=dcmtk [storescp]=dcmtk [echoscu]=dcmtk [dsrdump]=dcmtk
+                        [dciodvfy]=dicom3tools [Orthanc]=orthanc [chromium]=chromium)
 missing=()
 for tool in "${!package_for[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package_for[$tool]}")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-
-packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 || { echo "install as root: apt-get install -y $packages" >&2; exit 1; }
-  sudo="sudo"
+if [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+   && [ ! -e /usr/lib/orthanc/plugins/libOrthancDicomWeb.so ]; then
+  missing+=(orthanc-dicomweb)
 fi
-echo "installing $packages(Debian packages) for the tests"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $packages >/dev/null
+
+if [ ${#missing[@]} -gt 0 ]; then
+  packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "install as root: apt-get install -y $packages" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  echo "installing $packages(Debian packages) for the tests"
+  $sudo apt-get update -qq
+  # Debian's orthanc package starts a system service where an init system runs; the tests
+  # start their own Orthanc, on free ports, so that one is not needed.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $packages >/dev/null
+fi

@@ -170,8 +170,9 @@ def _sr_groups(path: Path) -> dict[str, dict]:
     groups = {}
     for group in sr.content.get_image_measurement_groups():
         identifier = group.tracking_identifier
-        if not identifier.startswith("Lesion"):
+        if ":Lesion" not in identifier:
             continue
+        identifier = identifier.split(":")[-1]
         values: dict = {m.name.meaning: m.value for m in group.get_measurements()}
         values["_scoords"] = [m.referenced_coordinates for m in group.get_measurements()
                               if m.referenced_coordinates]
@@ -212,7 +213,7 @@ def test_dsrdump_shows_groups_scoords_and_narrative(processed):
     assert dump.returncode == 0, dump.stderr
     text = dump.stdout
     assert text.count('"Measurement Group"') == 2 + study.lesions  # two images + lesions
-    assert text.count("SCOORD") == 3 * study.lesions
+    assert text.count("SCOORD") == 3 * study.lesions + 2  # + each image's outline
     assert '"Referenced Segment"' in text and "(SG image" in text
     assert '"Impression"' in text and "Automated analysis of 2 ultrasound image(s)" in text
     assert "NOT FOR DIAGNOSTIC USE" in text

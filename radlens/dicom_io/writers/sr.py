@@ -36,6 +36,10 @@ from radlens.reporting.narrative import Category, Narrative
 log = logging.getLogger(__name__)
 
 DEVICE_UID_ROOT = "radlens device"
+# A lesion's tracking identifier starts with the Cornerstone3D tool convention that OHIF's own
+# SR export writes: OHIF then rehydrates the group (long and short axis with their lines) as a
+# bidirectional measurement and lists it in its measurement panel. The lesion's name follows.
+VIEWER_BIDIRECTIONAL = "Cornerstone3DTools@^0.1.0:Bidirectional"
 MAX_CONTOUR_POINTS = 256
 
 
@@ -52,6 +56,13 @@ def lesion_contour(mask: np.ndarray) -> np.ndarray:
     if not np.allclose(outline[0], outline[-1]):
         outline = np.vstack([outline, outline[:1]])
     return np.stack([outline[:, 1] + 0.5, outline[:, 0] + 0.5], axis=1).astype(np.float32)
+
+
+def _frame_outline(rows: int, columns: int) -> np.ndarray:
+    """The frame's border through the outer pixel centres, closed, as (column, row)."""
+    corners = [(0.5, 0.5), (columns - 0.5, 0.5), (columns - 0.5, rows - 0.5),
+               (0.5, rows - 0.5), (0.5, 0.5)]
+    return np.array(corners, dtype=np.float32)
 
 
 def _line(points: tuple[tuple[float, float], tuple[float, float]]) -> np.ndarray:
@@ -107,8 +118,8 @@ def _lesion_group(image: AnalysedImage, lesion: LesionMeasurements, number: int,
                                     _category_code(Category.for_lesion(lesion))),
     ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
-                                                     identifier=f"Lesion {number}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier=f"{VIEWER_BIDIRECTIONAL}:Lesion {number}"),
         finding_type=codes.LESION,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.BREAST)],
@@ -138,9 +149,21 @@ def _image_group(image: AnalysedImage, algorithm: hd.sr.AlgorithmIdentification
     for frame_number, frame in sorted(image.frames.items()):
         prediction = frame.prediction
         probabilities = prediction.class_probabilities
+        frame_numbers = [frame_number + 1] if image.info.frames > 1 else None
+        source = hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=image.info.ref.sop_class_uid,
+            referenced_sop_instance_uid=image.sop_instance_uid,
+            referenced_frame_numbers=frame_numbers)
+        # The probabilities concern the whole frame: their SCOORD is the frame's outline. OHIF
+        # needs image coordinates on every group of an SR to load any of it.
         measurements = [
             hd.sr.Measurement(codes.NORMAL_PROBABILITY, round(probabilities.normal, 4),
-                              codes.UCUM_NO_UNITS),
+                              codes.UCUM_NO_UNITS, referenced_coordinates=[
+                                  hd.sr.CoordinatesForMeasurement(
+                                      graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                                      graphic_data=_frame_outline(image.info.rows,
+                                                                  image.info.columns),
+                                      source_image=source)]),
             hd.sr.Measurement(codes.BENIGN_PROBABILITY, round(probabilities.benign, 4),
                               codes.UCUM_NO_UNITS),
             hd.sr.Measurement(codes.MALIGNANT_PROBABILITY, round(probabilities.malignant, 4),
@@ -156,7 +179,6 @@ def _image_group(image: AnalysedImage, algorithm: hd.sr.AlgorithmIdentification
                 method=Code(f"RADL06{_METHOD_DIGIT[method]}", "99RADLENS", method)))
         finding = (dcm_codes.SCT.BreastNormal if prediction.predicted_class == "normal"
                    else codes.LESION_TYPES[prediction.predicted_class])
-        frame_numbers = [frame_number + 1] if image.info.frames > 1 else None
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=generate_uid(), identifier=f"Image {image.info.ref.sop_instance_uid[-12:]}"
@@ -184,14 +206,17 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
     algorithm = hd.sr.AlgorithmIdentification(name=equipment.algorithm_name,
                                                version=equipment.algorithm_version)
     segment_of = {sop: seg for seg in segmentations for sop in seg.source_sop_instance_uids}
+    # Lesion groups first: OHIF's SR viewport opens on the first group, and only groups with
+    # image coordinates (the lesions') can be drawn.
     groups: list[Dataset] = []
     number = 0
     for image in images:
-        groups.extend(_image_group(image, algorithm))
         for lesion in image.lesions:
             number += 1
             groups.append(_lesion_group(image, lesion, number,
                                         segment_of.get(image.sop_instance_uid), algorithm))
+    for image in images:
+        groups.extend(_image_group(image, algorithm))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=[DEVICE_UID_ROOT]), name="radlens",
         manufacturer_name=equipment.manufacturer, model_name=equipment.model_name,
