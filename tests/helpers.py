@@ -19,6 +19,7 @@ import pydicom
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 RADLENS = [sys.executable, "-m", "radlens.cli"]
+REPO = Path(__file__).resolve().parent.parent
 
 # storescu only proposes a compressed syntax when told to, as a modality configured for it would.
 STORESCU_OPTION_BY_SYNTAX = {

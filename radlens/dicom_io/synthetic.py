@@ -101,10 +101,12 @@ def write_us_studies(folder: Path, *, studies: int, instances_per_study: int,
 
 
 def write_phantom_study(folder: Path, pixels: np.ndarray, *, spacing_mm: float, case_id: str,
-                        patient_id: str, uid_seed: str) -> Path:
+                        patient_id: str, uid_seed: str, tracked: bool = False) -> Path:
     """One phantom frame as a one-instance US study, ready to push with storescu.
 
     UIDs derive from ``uid_seed`` and the case, so the same phantom gives the same file.
+    ``tracked``: the frame also carries patient geometry (frame of reference, image plane), as
+    frames from a position-tracked probe do on fusion-imaging systems.
     """
     folder.mkdir(parents=True, exist_ok=True)
     uid = lambda part: generate_uid(entropy_srcs=[uid_seed, case_id, part])  # noqa: E731
@@ -113,6 +115,13 @@ def write_phantom_study(folder: Path, pixels: np.ndarray, *, spacing_mm: float, 
                     patient_name=f"PHANTOM^{case_id.upper()}", accession=case_id[-16:])
     ds.StudyDescription = "radlens phantom"
     ds.SeriesDescription = "synthetic breast ultrasound"
+    if tracked:
+        ds.FrameOfReferenceUID = uid("frame of reference")
+        ds.PositionReferenceIndicator = ""
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+        ds.PixelSpacing = [spacing_mm, spacing_mm]
+        ds.SeriesDescription = "synthetic breast ultrasound (tracked probe)"
     path = folder / "IM0001.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path

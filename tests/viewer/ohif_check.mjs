@@ -1,12 +1,13 @@
-// Drives OHIF in Debian's Chromium (playwright-core) through one study: the source image, the
-// SEG, the SR with its measurement panel, and the Parametric Map. Writes screenshots and
-// facts.json to the output folder; the Python test judges them. Exits 1 on a page error.
+// Drives OHIF in Debian's Chromium (playwright-core) through one study and writes screenshots
+// and facts.json to the output folder; the Python test judges them. Steps, in order, from:
+// source (open the study), seg, sr, overlay, pmap. Exits 1 on any page error.
+//   node ohif_check.mjs VIEWER_URL OUT_DIR SOURCE_SOP_UID STEP,STEP,...
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
-const [viewerUrl, outDir, sourceSopUid] = process.argv.slice(2);
-const facts = { pageErrors: [], consoleErrors: [], steps: [] };
+const [viewerUrl, outDir, sourceSopUid, stepList] = process.argv.slice(2);
+const facts = { pageErrors: [], consoleErrors: [], steps: {} };
 let current = 'start';
 const save = () => writeFileSync(join(outDir, 'facts.json'), JSON.stringify(facts, null, 2));
 
@@ -26,96 +27,121 @@ async function settle(ms = 3000) {
   await page.waitForTimeout(ms);
 }
 
-// Where the source image lies on the page: its four corners through cornerstone's own
-// image-to-canvas transform, offset by the canvas's place in the page.
+async function answerYes() {
+  const yes = page.getByRole('button', { name: 'Yes' });
+  if (await yes.count()) {
+    await yes.first().click();
+    await settle(4000);
+  }
+}
+
+// Where the source image lies on the page: its corners through cornerstone's own image-to-canvas
+// transform, offset by the canvas's place on the page.
 async function imageOnScreen() {
   return page.evaluate((sop) => {
     const { cornerstone } = window;
-    const element = cornerstone.getEnabledElements().find((e) => {
-      const id = e.viewport.getCurrentImageId && e.viewport.getCurrentImageId();
-      return id && (!sop || id.includes(sop));
-    });
-    if (!element) return null;
-    const viewport = element.viewport;
-    const imageId = viewport.getCurrentImageId();
-    const image = cornerstone.cache.getImage(imageId) || {};
-    const rows = image.rows || image.height;
-    const columns = image.columns || image.width;
-    const rect = viewport.canvas.getBoundingClientRect();
-    const toPage = ([x, y]) => {
-      const world = cornerstone.utilities.imageToWorldCoords(imageId, [x, y]);
-      const [cx, cy] = viewport.worldToCanvas(world);
-      return [rect.left + cx, rect.top + cy];
-    };
-    return { rows, columns, topLeft: toPage([0, 0]), bottomRight: toPage([columns, rows]),
-             imageId };
+    for (const enabled of cornerstone.getEnabledElements()) {
+      const viewport = enabled.viewport;
+      const ids = viewport.getImageIds ? viewport.getImageIds() : [];
+      const imageId = ids.find((id) => id.includes(sop));
+      if (!imageId) continue;
+      const rect = viewport.canvas.getBoundingClientRect();
+      const toPage = ([x, y]) => {
+        const world = cornerstone.utilities.imageToWorldCoords(imageId, [x, y]);
+        const [cx, cy] = viewport.worldToCanvas(world);
+        return [rect.left + cx, rect.top + cy];
+      };
+      const plane = cornerstone.metaData.get('imagePlaneModule', imageId) || {};
+      const rows = plane.rows;
+      const columns = plane.columns;
+      return { rows, columns, topLeft: toPage([0, 0]), bottomRight: toPage([columns, rows]),
+               viewportType: viewport.type };
+    }
+    return null;
   }, sourceSopUid);
 }
 
-async function step(name, action) {
+async function openSeries(modality, nth = 0) {
+  await page.locator('[data-cy=series-modality-label]', { hasText: new RegExp(`^${modality}$`) })
+    .nth(nth).dblclick();
+  await settle(4000);
+}
+
+const steps = {
+  async source() {
+    await page.goto(viewerUrl);
+    await page.waitForSelector('[data-cy=viewport-pane] canvas', { timeout: 90000 });
+    await settle(5000);
+    const skip = page.getByText('Skip all');
+    if (await skip.count()) await skip.first().click();
+    await settle(1000);
+    await page.screenshot({ path: join(outDir, 'source.png') });
+    return { image: await imageOnScreen() };
+  },
+  async seg() {
+    await openSeries('SEG');
+    await answerYes();
+    await page.screenshot({ path: join(outDir, 'seg.png') });
+    const segments = await page.evaluate(() => window.services.segmentationService
+      .getSegmentations().map((s) => Object.keys(s.segments || {}).length));
+    return { image: await imageOnScreen(), segments };
+  },
+  async sr() {
+    await openSeries('SR');
+    await page.screenshot({ path: join(outDir, 'sr.png') });
+    // OHIF's badge has no LOAD button for an SR: run the command that button runs for a SEG.
+    const hydrated = await page.evaluate(async () => {
+      const sr = window.services.displaySetService.getActiveDisplaySets()
+        .find((d) => d.Modality === 'SR');
+      await window.commandsManager.runCommand('hydrateSecondaryDisplaySet',
+                                              { displaySet: sr, viewportId: 'default' });
+      return Boolean(sr.isHydrated);
+    });
+    await settle(3000);
+    await page.locator('[data-cy=trackedMeasurements-btn]').click();
+    await settle(2000);
+    await page.screenshot({ path: join(outDir, 'sr-measurements.png') });
+    // The right-hand side panel only: the viewport draws the same labels on the image.
+    const panel = await page.evaluate(() => {
+      const button = document.querySelector('[data-cy=trackedMeasurements-btn]');
+      let node = button;
+      while (node && !/Measurements \(\d+\)/.test(node.innerText || '')) node = node.parentElement;
+      return node ? node.innerText : '';
+    });
+    return { hydrated, panel };
+  },
+  async overlay() {
+    await page.locator('[data-cy=series-description-label]', { hasText: /saliency overlay/ })
+      .first().dblclick();
+    await settle(4000);
+    await page.screenshot({ path: join(outDir, 'overlay.png') });
+    return {};
+  },
+  async pmap() {
+    await openSeries('PMAP');
+    await answerYes();
+    await page.waitForFunction(() => {
+      const pmap = window.services.displaySetService.getActiveDisplaySets()
+        .find((d) => d.Modality === 'PMAP');
+      return pmap && pmap.isLoaded;
+    }, null, { timeout: 90000 });
+    await settle(5000);
+    await page.screenshot({ path: join(outDir, 'pmap.png') });
+    return { image: await imageOnScreen() };
+  },
+};
+
+for (const name of stepList.split(',')) {
   current = name;
-  const record = { name, ok: false };
-  facts.steps.push(record);
+  const record = { ok: false };
+  facts.steps[name] = record;
   try {
-    Object.assign(record, (await action()) || {});
+    Object.assign(record, (await steps[name]()) || {});
     record.ok = true;
   } catch (error) {
-    record.error = String(error && error.stack || error);
+    record.error = String((error && error.stack) || error);
   }
   save();
 }
-
-await step('open', async () => {
-  await page.goto(viewerUrl);
-  await page.waitForSelector('[data-cy=viewport-pane] canvas', { timeout: 60000 });
-  await settle(5000);
-  const skip = page.getByText('Skip all');
-  if (await skip.count()) await skip.first().click();
-  await settle(1000);
-  await page.screenshot({ path: join(outDir, '1-source.png') });
-  return { image: await imageOnScreen() };
-});
-
-await step('seg', async () => {
-  await page.locator('[data-cy=series-modality-label]', { hasText: /^SEG$/ }).first().dblclick();
-  await settle(3000);
-  const yes = page.getByRole('button', { name: 'Yes' });
-  if (await yes.count()) await yes.first().click();
-  await settle(5000);
-  await page.screenshot({ path: join(outDir, '2-seg.png') });
-  return { image: await imageOnScreen() };
-});
-
-await step('sr', async () => {
-  await page.locator('[data-cy=series-modality-label]', { hasText: /^SR$/ }).first().dblclick();
-  await settle(5000);
-  await page.screenshot({ path: join(outDir, '3-sr.png') });
-  // The LOAD action of OHIF's viewport badge: the command its button runs for SEG, for the SR.
-  const hydrated = await page.evaluate(async () => {
-    const sr = window.services.displaySetService.getActiveDisplaySets()
-      .find((d) => d.Modality === 'SR');
-    await window.commandsManager.runCommand('hydrateSecondaryDisplaySet',
-                                            { displaySet: sr, viewportId: 'default' });
-    return Boolean(sr.isHydrated);
-  });
-  await settle(3000);
-  await page.locator('[data-cy=trackedMeasurements-btn]').click();
-  await settle(2000);
-  await page.screenshot({ path: join(outDir, '4-measurements.png') });
-  const panel = await page.evaluate(() => document.body.innerText);
-  return { hydrated, panel };
-});
-
-await step('pmap', async () => {
-  await page.locator('[data-cy=series-modality-label]', { hasText: /^PMAP$/ }).first().dblclick();
-  await settle(3000);
-  const yes = page.getByRole('button', { name: 'Yes' });
-  if (await yes.count()) await yes.first().click();
-  await settle(5000);
-  await page.screenshot({ path: join(outDir, '5-pmap.png') });
-  return { image: await imageOnScreen() };
-});
-
-save();
 await browser.close();
 process.exit(facts.pageErrors.length ? 1 : 0);

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -141,3 +142,29 @@ def with_nominal_geometry(sources: Sequence[Dataset], spacing_mm: tuple[float, f
             plane += 1
         standins.append(copied)
     return standins
+
+
+def geometry_sources(headers: Sequence[Dataset], spacing_mm: tuple[float, float] | None
+                     ) -> tuple[list[Dataset], hd.PixelMeasuresSequence | None]:
+    """The headers highdicom should derive geometry from, and the pixel measures to write.
+
+    Images with patient geometry are used as they are, given a nominal 1 mm slice thickness
+    when they lack one (2-D images from a tracked probe); images without it get the nominal
+    geometry of ``with_nominal_geometry``. Unknown spacing means nominal 1 mm pixels, logged by
+    the caller: a viewer needs some pixel measures, and the SR says the spacing is unknown.
+    """
+    row_mm, column_mm = spacing_mm or (1.0, 1.0)
+    measures = hd.PixelMeasuresSequence(pixel_spacing=[row_mm, column_mm], slice_thickness=1.0)
+    if all(has_patient_geometry(header) for header in headers):
+        if all(is_multiframe(h) or "SliceThickness" in h for h in headers):
+            return list(headers), None
+        completed = []
+        for header in headers:
+            copied = copy.deepcopy(header)
+            if not is_multiframe(copied):
+                copied.SliceThickness = 1.0
+                if "PixelSpacing" not in copied:
+                    copied.PixelSpacing = [row_mm, column_mm]
+            completed.append(copied)
+        return completed, None
+    return with_nominal_geometry(headers, (row_mm, column_mm)), measures

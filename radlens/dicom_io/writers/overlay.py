@@ -21,8 +21,7 @@ from radlens.dicom_io.writers.analysed import AnalysedImage
 from radlens.dicom_io.writers.common import (
     Equipment,
     SeriesPlan,
-    has_patient_geometry,
-    with_nominal_geometry,
+    geometry_sources,
 )
 from radlens.logs import kv
 
@@ -48,14 +47,9 @@ def build_parametric_map(image: AnalysedImage, method: str, equipment: Equipment
     for number, frame in image.frames.items():
         if method in frame.saliency:
             planes[number] = np.clip(frame.saliency[method], 0.0, 1.0)
-    headers = [image.header]
-    pixel_measures = None
-    if not has_patient_geometry(image.header):
-        spacing = image.info.spacing
-        spacing_mm = (spacing.row_mm, spacing.column_mm) if spacing else (1.0, 1.0)
-        headers = with_nominal_geometry(headers, spacing_mm)
-        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=list(spacing_mm),
-                                                  slice_thickness=1.0)
+    spacing = image.info.spacing
+    headers, pixel_measures = geometry_sources(
+        [image.header], (spacing.row_mm, spacing.column_mm) if spacing else None)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=method[:16], lut_explanation=f"{method} saliency, 0 to 1"[:64],
         unit=codes.UCUM_NO_UNITS, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)

@@ -21,16 +21,12 @@ from radlens.dicom_io.writers.analysed import AnalysedImage
 from radlens.dicom_io.writers.common import (
     Equipment,
     SeriesPlan,
-    has_patient_geometry,
+    geometry_sources,
     is_multiframe,
-    with_nominal_geometry,
 )
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
-
-NOMINAL_SPACING_MM = (1.0, 1.0)
-
 
 @dataclass(frozen=True)
 class WrittenSegmentation:
@@ -81,17 +77,13 @@ def _segmentation(images: list[AnalysedImage], equipment: Equipment, plan: Serie
             planes.append(np.stack([image.mask(frame, name) for name in classes], axis=-1))
     pixel_array = np.stack(planes).astype(np.uint8)  # (planes, rows, columns, segments)
 
-    headers = [image.header for image in images]
-    pixel_measures = None
-    if not all(has_patient_geometry(header) for header in headers):
-        spacing = images[0].info.spacing
-        if spacing is None:
-            log.warning("no physical spacing: SEG pixel measures are nominal 1 mm",
-                        extra=kv(sop=images[0].sop_instance_uid))
-        spacing_mm = (spacing.row_mm, spacing.column_mm) if spacing else NOMINAL_SPACING_MM
-        headers = with_nominal_geometry(headers, spacing_mm)
-        pixel_measures = hd.PixelMeasuresSequence(pixel_spacing=list(spacing_mm),
-                                                  slice_thickness=1.0)
+    spacing = images[0].info.spacing
+    if spacing is None:
+        log.warning("no physical spacing: SEG pixel measures are nominal 1 mm",
+                    extra=kv(sop=images[0].sop_instance_uid))
+    headers, pixel_measures = geometry_sources(
+        [image.header for image in images],
+        (spacing.row_mm, spacing.column_mm) if spacing else None)
     seg = hd.seg.Segmentation(
         source_images=headers,
         pixel_array=pixel_array,

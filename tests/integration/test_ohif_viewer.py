@@ -1,0 +1,178 @@
+"""In a real browser: OHIF's prebuilt viewer (npm @ohif/app 3.13.x) reading a real Orthanc through
+a same-origin proxy, driven in Debian's Chromium by playwright-core. The SEG's colour must cover
+the lesion and nothing else, the SR's measurement panel must list every lesion with its numbers,
+the overlay and the Parametric Map must display, and no page error may occur. Screenshots stay in
+test-artifacts/ohif/."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from radlens.agent.offline import collect_studies, process_study
+from radlens.agent.service import load_analyser
+from radlens.config import Settings
+from radlens.demo.ohif import OhifServer, fetch_ohif
+from radlens.demo.orthanc import Orthanc
+from radlens.dicom_io.synthetic import write_phantom_study
+from radlens.models.phantoms import make_phantom
+from tests.helpers import REPO, require_tool
+
+VIEWER_DIR = REPO / "tests" / "viewer"
+ARTIFACTS = REPO / "test-artifacts" / "ohif"
+SPACING_MM = 0.2
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None or not (VIEWER_DIR / "node_modules" / "playwright-core").exists():
+        raise RuntimeError("node and tests/viewer/node_modules are needed: run `make test`, "
+                           "which installs playwright-core with npm")
+    return node
+
+
+def _push(orthanc: Orthanc, files: list[Path]) -> None:
+    sent = subprocess.run([require_tool("storescu"), "-aec", orthanc.aet, "-R", "127.0.0.1",
+                           str(orthanc.dicom_port), *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+
+
+def _study(root: Path, name: str, *, tracked: bool) -> tuple[Path, object]:
+    """The largest-lesion phantom of a held-out seed, through the real pipeline."""
+    candidates = [make_phantom(321, index) for index in (4, 53)]
+    phantom = max(candidates, key=lambda p: int((p.mask > 0).sum()))
+    source = write_phantom_study(root / name, phantom.image, spacing_mm=SPACING_MM,
+                                 case_id=name, patient_id=f"OHIF-{name}", uid_seed="ohif test",
+                                 tracked=tracked)
+    settings = Settings()
+    settings.storage.fsync = False
+    studies, _ = collect_studies([source])
+    (uid,) = studies
+    done = process_study(uid, studies[uid], root / "results", load_analyser(settings), settings)
+    return source, done
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ohif")
+    orthanc = Orthanc(root / "orthanc").start()
+    server = OhifServer(fetch_ohif(REPO / ".cache" / "ohif"), orthanc.url).start()
+    yield root, orthanc, server
+    server.stop()
+    orthanc.stop()
+
+
+def _drive(server: OhifServer, source: Path, out: Path, steps: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    run = subprocess.run([_node(), str(VIEWER_DIR / "ohif_check.mjs"),
+                          server.viewer_url(ds.StudyInstanceUID), str(out), ds.SOPInstanceUID,
+                          steps], capture_output=True, text=True, timeout=400, cwd=VIEWER_DIR)
+    facts = json.loads((out / "facts.json").read_text())
+    assert facts["pageErrors"] == [], facts["pageErrors"]
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name, step in facts["steps"].items():
+        assert step["ok"], (name, step.get("error"))
+    return facts
+
+
+def _on_screen(mask: np.ndarray, image: dict, shape: tuple[int, int]) -> np.ndarray:
+    """The image-grid mask drawn where OHIF draws the image (nearest neighbour)."""
+    (x0, y0), (x1, y1) = image["topLeft"], image["bottomRight"]
+    rows, columns = mask.shape
+    ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
+    column = np.floor((xs + 0.5 - x0) * columns / (x1 - x0)).astype(int)
+    row = np.floor((ys + 0.5 - y0) * rows / (y1 - y0)).astype(int)
+    inside = (column >= 0) & (column < columns) & (row >= 0) & (row < rows)
+    drawn = np.zeros(shape, dtype=bool)
+    drawn[inside] = mask[row[inside], column[inside]]
+    return drawn
+
+
+def _image_box(image: dict, shape: tuple[int, int]) -> np.ndarray:
+    return _on_screen(np.ones((image["rows"], image["columns"]), bool), image, shape)
+
+
+def _coloured(png: Path) -> np.ndarray:
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return (rgb.max(axis=-1) - rgb.min(axis=-1)) > 40
+
+
+def test_seg_sr_and_overlay_in_ohif(viewer):
+    root, orthanc, server = viewer
+    source, done = _study(root, "plain", tracked=False)
+    _push(orthanc, [source, *done.outputs.all])
+    out = ARTIFACTS / "plain"
+    facts = _drive(server, source, out, "source,seg,sr,overlay")
+
+    # SEG: the overlay colour covers the lesion and nothing else.
+    seg = hd.seg.segread(done.outputs.seg[0])
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    lesion = seg.get_pixels_by_source_instance([ds.SOPInstanceUID],
+                                               skip_overlap_checks=True)[0].any(axis=-1)
+    image = facts["steps"]["seg"]["image"]
+    assert image is not None and image["rows"] == lesion.shape[0]
+    shot = _coloured(out / "seg.png")
+    box = _image_box(image, shot.shape)
+    expected = _on_screen(lesion, image, shot.shape)
+    coloured = shot & box
+    assert coloured.sum() > 0.5 * expected.sum(), "no SEG overlay drawn"
+    near = ndimage.binary_dilation(expected, iterations=4)
+    core = ndimage.binary_erosion(expected, iterations=4)
+    assert (coloured & near).sum() / coloured.sum() >= 0.95  # nothing else coloured
+    assert (coloured & core).sum() / core.sum() >= 0.85  # the lesion is covered
+
+    # SR: the measurement panel lists each lesion with its long and short axes.
+    findings = json.loads(done.findings_path.read_text())
+    lesions = [x for i in findings["images"] for p in i["predictions"] for x in p["lesions"]]
+    sr = facts["steps"]["sr"]
+    assert sr["hydrated"]
+    assert f"Measurements ({len(lesions)})" in sr["panel"]
+    lengths = [float(v) * 10 for v in re.findall(r"L: ([0-9.]+) cm", sr["panel"])]
+    widths = [float(v) * 10 for v in re.findall(r"W: ([0-9.]+) cm", sr["panel"])]
+    assert len(lengths) == len(widths) == len(lesions)
+    for lesion_found, length, width in zip(lesions, lengths, widths, strict=True):
+        assert length == pytest.approx(lesion_found["longest_diameter_mm"], abs=2 * SPACING_MM)
+        assert width == pytest.approx(lesion_found["perpendicular_diameter_mm"],
+                                      abs=2 * SPACING_MM)
+
+    # The RGB overlay, shown as an ordinary image: heat colours and the green lesion outline.
+    overlay = np.asarray(Image.open(out / "overlay.png").convert("RGB")).astype(int)
+    green = (overlay[..., 1] > 180) & (overlay[..., 0] < 90) & (overlay[..., 2] < 90)
+    assert green.sum() > 50
+
+
+def test_parametric_map_in_ohif(viewer):
+    """OHIF overlays a Parametric Map only on a volume it can build from the source's patient
+    geometry ("stack viewport PMAP is not supported yet", in its own words): the map is shown
+    for a frame from a position-tracked probe. Without geometry the overlay above carries it."""
+    root, orthanc, server = viewer
+    source, done = _study(root, "tracked", tracked=True)
+    _push(orthanc, [source, *done.outputs.all])
+    out = ARTIFACTS / "tracked"
+    facts = _drive(server, source, out, "source,pmap")
+    image = facts["steps"]["pmap"]["image"]
+    assert image is not None
+    shot = _coloured(out / "pmap.png")
+    box = _image_box(image, shot.shape)
+    coloured = shot & box
+    assert coloured.sum() > 100, "no saliency colour drawn"
+    seg = hd.seg.segread(done.outputs.seg[0])
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    lesion = seg.get_pixels_by_source_instance([ds.SOPInstanceUID],
+                                               skip_overlap_checks=True)[0].any(axis=-1)
+    expected = _on_screen(lesion, image, shot.shape)
+    radius = int(np.sqrt(expected.sum() / np.pi))
+    near = ndimage.binary_dilation(expected, iterations=radius)
+    assert (coloured & near).sum() / coloured.sum() >= 0.5  # the map's colour is at the lesion
