@@ -7,7 +7,7 @@ RUNTIME_STAMP := $(VENV)/.radlens-runtime
 DEV_STAMP := $(VENV)/.radlens-dev
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: serve test lint demo bench tools clean
+.PHONY: serve test lint demo bench tools viewer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,20 +24,27 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 serve: $(RUNTIME_STAMP)
 	$(BIN)/radlens serve $(if $(CONFIG),--config $(CONFIG))
 
-## tools: install the DICOM peers the tests talk to (dcmtk, dicom3tools) when missing
+## tools: install the peers the tests talk to when missing (dcmtk, dicom3tools, Orthanc with
+## DICOMweb, Chromium, Node.js): Debian packages
 tools:
 	@scripts/install-test-tools.sh
 
+## viewer: OHIF's prebuilt viewer (npm @ohif/app) and playwright-core, for the browser test
+viewer: $(RUNTIME_STAMP) tools
+	@test -d tests/viewer/node_modules/playwright-core || (cd tests/viewer && npm ci --silent --no-audit --no-fund)
+	@$(BIN)/python -m radlens.demo fetch-ohif >/dev/null
+
 ## test: install what the tests need and run the whole suite
-test: $(DEV_STAMP) tools
+test: $(DEV_STAMP) tools viewer
 	$(BIN)/python -m pytest
 
 ## lint: ruff over the package, tests and benchmarks
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check radlens tests benchmarks
 
-## demo: start the agent, push a synthetic study with storescu, show what it found
-demo: $(RUNTIME_STAMP) tools
+## demo: Orthanc + OHIF + the agent on loopback; push a phantom study, print the findings and
+## the OHIF URL that shows them (Ctrl-C stops)
+demo: $(RUNTIME_STAMP) tools viewer
 	@scripts/demo.sh
 
 ## bench: ingest throughput (storescu to storescp vs radlens) and inference speed (tables)

@@ -289,3 +289,51 @@ def test_process_command_fails_clearly_without_any_dicom(tmp_path):
     result = radlens_cli("process", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
     assert result.returncode == 1
     assert "no DICOM study found" in result.stderr
+
+
+def test_a_source_missing_type2_attributes_still_gets_every_output(tmp_path):
+    ds = us_dataset(_phantom(LESION_CASES[0]), study_uid=generate_uid(), series_uid=generate_uid(),
+                    instance_number=1, spacing_cm=SPACING_MM / 10, patient_id="OUT-5")
+    for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "ReferringPhysicianName",
+                    "StudyID"):
+        delattr(ds, keyword)
+    source = _write(ds, tmp_path / "src" / "IM1.dcm")
+    settings = Settings()
+    settings.storage.fsync = False
+    studies, _ = collect_studies([source])
+    (uid,) = studies
+    done = process_study(uid, studies[uid], tmp_path / "results", load_analyser(settings),
+                         settings)
+    assert [len(x) for x in (done.outputs.seg, done.outputs.sr, done.outputs.parametric_map,
+                             done.outputs.overlay)] == [1, 1, 1, 1]
+    for path in done.outputs.all:
+        assert _errors(path) == [], path.name  # nothing missing is passed on
+
+
+def test_an_output_that_cannot_be_built_is_named_in_the_sr_and_costs_nothing_else(tmp_path):
+    """The source's pixels are damaged after the analysis: the overlay (the one object that
+    needs them again) fails, the SEG, the map and the SR are still written, and the SR says so."""
+    from radlens.agent.pipeline import StudyInput, run_study
+    from radlens.dicom_io.writers import write_outputs
+    from radlens.reporting.template import template_narrative
+
+    ds = us_dataset(_phantom(LESION_CASES[0]), study_uid=generate_uid(), series_uid=generate_uid(),
+                    instance_number=1, spacing_cm=SPACING_MM / 10, patient_id="OUT-6")
+    source = _write(ds, tmp_path / "src" / "IM1.dcm")
+    settings = Settings()
+    studies, _ = collect_studies([source])
+    (uid,) = studies
+    result = run_study(StudyInput(1, 1, uid, studies[uid]), tmp_path / "results",
+                       analyser=load_analyser(settings), fsync=False)
+    damaged = pydicom.dcmread(source)
+    damaged.PixelData = damaged.PixelData[:100]  # truncated: no longer decodable
+    damaged.save_as(source, enforce_file_format=True)
+    written = write_outputs(result.findings, {ds.SOPInstanceUID: source},
+                            tmp_path / "results" / uid, template_narrative(result.findings),
+                            settings=settings.outputs, saliency_methods=settings.model.saliency,
+                            fsync=False)
+    assert (len(written.seg), len(written.parametric_map), len(written.overlay),
+            len(written.sr)) == (1, 1, 0, 1)
+    dump = subprocess.run([require_tool("dsrdump"), "-Ec", "+U8", "+Pl", str(written.sr[0])],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert f"The saliency overlay of {ds.SOPInstanceUID} could not be written" in dump

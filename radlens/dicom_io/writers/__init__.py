@@ -28,7 +28,6 @@ from radlens.dicom_io.writers.overlay import (
 )
 from radlens.dicom_io.writers.seg import build_segmentations
 from radlens.dicom_io.writers.sr import build_report
-from radlens.errors import UnsupportedImageError
 from radlens.findings import StudyFindings
 from radlens.logs import kv
 from radlens.reporting.narrative import Narrative
@@ -52,13 +51,13 @@ class WrittenOutputs:
         return [*self.seg, *self.sr, *self.parametric_map, *self.overlay]
 
 
-def study_notes(findings: StudyFindings, has_seg: bool) -> list[str]:
+def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
     """Plain statements for the SR: what was not analysed, and why there is no SEG."""
     notes = [f"Image {image.ref.sop_instance_uid} not analysed: {image.not_analysed}."
              for image in findings.images if image.not_analysed]
     notes += [f"Object {skipped.ref.sop_instance_uid} skipped: {skipped.reason}."
               for skipped in findings.skipped]
-    if not has_seg:
+    if not has_lesions:
         notes.append("No lesion was found, so no segmentation (SEG) was written.")
     return notes
 
@@ -77,42 +76,66 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
     folder = study_results / DICOM_DIR / f"revision-{findings.revision}"
     written = WrittenOutputs([], [], [], [])
 
+    failures: list[str] = []
     segmentations = []
     if settings.seg:
-        segmentations = build_segmentations(images, equipment,
-                                            SeriesPlan.new(OutputKind.SEG, findings.revision))
-        written.seg.extend(_save(seg.dataset, folder, "SEG", fsync) for seg in segmentations)
+        try:
+            segmentations = build_segmentations(
+                images, equipment, SeriesPlan.new(OutputKind.SEG, findings.revision))
+            written.seg.extend(_save(seg.dataset, folder, "SEG", fsync) for seg in segmentations)
+        except Exception as exc:  # one object that cannot be built must not cost the others
+            failures.append(_failed("segmentation (SEG)", findings, exc))
+            segmentations = []
+    if settings.parametric_map or settings.overlay:
+        _write_maps(images, sources, equipment, findings, folder, settings, saliency_methods,
+                    written, failures, fsync)
     if settings.sr:
+        notes = study_notes(findings, any(image.lesions for image in images))
         report = build_report(images, segmentations, narrative, equipment,
                               SeriesPlan.new(OutputKind.SR, findings.revision),
-                              notes=study_notes(findings, bool(segmentations)))
+                              notes=notes + failures)
         written.sr.append(_save(report, folder, "SR", fsync))
-    if settings.parametric_map or settings.overlay:
-        map_plan = SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision)
-        overlay_plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
-        for image in images:
-            method = chosen_method(image, saliency_methods)
-            if method is None:
-                continue
-            if settings.parametric_map:
-                pm = build_parametric_map(image, method, equipment, map_plan,
-                                          len(written.parametric_map) + 1)
-                written.parametric_map.append(_save(pm, folder, "PM", fsync))
-            if settings.overlay:
-                try:
-                    decoded = pixels.decode_file(sources[image.sop_instance_uid])
-                except UnsupportedImageError as exc:
-                    log.warning("no overlay: source cannot be decoded again",
-                                extra=kv(sop=image.sop_instance_uid, reason=str(exc)))
-                    continue
-                with_pixels = dataclasses.replace(image, pixels=decoded.pixels)
-                for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
-                                         len(written.overlay) + 1):
-                    written.overlay.append(_save(sc, folder, "SC", fsync))
     log.info("DICOM outputs written", extra=kv(
         study=findings.study_instance_uid, revision=findings.revision, seg=len(written.seg),
         sr=len(written.sr), pm=len(written.parametric_map), sc=len(written.overlay)))
     return written
+
+
+def _failed(what: str, findings: StudyFindings, exc: Exception) -> str:
+    log.error("DICOM output not written", exc_info=exc,
+              extra=kv(study=findings.study_instance_uid, output=what))
+    return f"The {what} could not be written: {type(exc).__name__}: {exc}"[:1000]
+
+
+def _write_maps(images: list[AnalysedImage], sources: Mapping[str, Path], equipment: Equipment,
+                findings: StudyFindings, folder: Path, settings: OutputSettings,
+                saliency_methods: Sequence[str], written: WrittenOutputs, failures: list[str],
+                fsync: bool) -> None:
+    """Parametric Map and RGB overlay of every image with a saliency map."""
+    map_plan = SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision)
+    overlay_plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
+    for image in images:
+        method = chosen_method(image, saliency_methods)
+        if method is None:
+            continue
+        if settings.parametric_map:
+            try:
+                pm = build_parametric_map(image, method, equipment, map_plan,
+                                          len(written.parametric_map) + 1)
+                written.parametric_map.append(_save(pm, folder, "PM", fsync))
+            except Exception as exc:
+                failures.append(_failed(f"saliency Parametric Map of {image.sop_instance_uid}",
+                                        findings, exc))
+        if settings.overlay:
+            try:
+                decoded = pixels.decode_file(sources[image.sop_instance_uid])
+                with_pixels = dataclasses.replace(image, pixels=decoded.pixels)
+                for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
+                                         len(written.overlay) + 1):
+                    written.overlay.append(_save(sc, folder, "SC", fsync))
+            except Exception as exc:  # an undecodable source, a refused header
+                failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
+                                        findings, exc))
 
 
 def _save(dataset: Dataset, folder: Path, prefix: str, fsync: bool) -> Path:

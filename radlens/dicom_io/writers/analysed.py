@@ -55,10 +55,23 @@ class AnalysedImage:
         return np.isin(analysed.lesions, indices) if indices else np.zeros(shape, dtype=bool)
 
 
+# Type 2 attributes every derived object copies from its source. Real sources often omit them;
+# an empty value is what the standard asks for, and highdicom needs them present.
+COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName")
+
+
+def with_type2_present(header: Dataset) -> Dataset:
+    for keyword in COPIED_TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
 def load_analysed(info: ImageInfo, source_path: Path, study_results: Path, *,
                   pixels: np.ndarray | None = None) -> AnalysedImage:
     """The source header and every analysed frame's maps of one image."""
-    header = pydicom.dcmread(source_path, stop_before_pixels=True)
+    header = with_type2_present(pydicom.dcmread(source_path, stop_before_pixels=True))
     frames: dict[int, AnalysedFrame] = {}
     for prediction in info.predictions:
         if prediction.maps_file is None:
