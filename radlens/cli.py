@@ -145,6 +145,10 @@ def status(
         console.print("outbox: nothing queued")
     for failure in report.recent_failures:
         console.print(f"[red]job {failure['id']} failed[/]: {failure['error']}", highlight=False)
+    if report.llm is not None:
+        colour = "green" if report.llm.ready else "yellow"
+        console.print(f"narrative: [{colour}]{report.llm.provider}[/] - ", end="")
+        console.print(report.llm.message, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

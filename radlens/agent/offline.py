@@ -21,7 +21,7 @@ from radlens.agent.queue import JobInstance
 from radlens.config import Settings
 from radlens.dicom_io.writers import WrittenOutputs, write_outputs
 from radlens.logs import kv
-from radlens.reporting.template import template_narrative
+from radlens.reporting.ollama import narrate
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,10 @@ def process_study(study_uid: str, instances: list[JobInstance], results_root: Pa
     study = StudyInput(job_id=OFFLINE_JOB_ID, revision=revision, study_instance_uid=study_uid,
                        instances=sorted(instances, key=lambda i: str(i.path)))
     result = run_study(study, results_root, analyser=analyser, fsync=settings.storage.fsync)
+    narrative = narrate(result.findings, settings.llm)
     written = write_outputs(
         result.findings, {i.sop_instance_uid: i.path for i in instances},
-        results_root / study_uid, template_narrative(result.findings),
+        results_root / study_uid, narrative,
         settings=settings.outputs, saliency_methods=settings.model.saliency,
         fsync=settings.storage.fsync)
     lesions = sum(len(p.lesions) for image in result.findings.images for p in image.predictions)

@@ -28,7 +28,7 @@ from radlens.agent.outbox import Outbox
 from radlens.agent.pipeline import RESULTS_DIR, Analyser
 from radlens.agent.queue import JobQueue
 from radlens.agent.worker import Worker
-from radlens.config import Settings
+from radlens.config import LlmSettings, Settings
 from radlens.db import DB_FILENAME, Database
 from radlens.dicom_io.scp import StorageListener
 from radlens.dicom_io.spool import Spool, StoredInstance
@@ -36,6 +36,8 @@ from radlens.errors import RadlensError
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
+
+LLM_STATUS_FILE = "llm-status.json"
 
 LOCK_FILE = "radlens.lock"
 CLEAN_STOP_MARKER = "clean-stop"
@@ -130,6 +132,28 @@ def load_analyser(settings: Settings) -> Analyser | None:
     return Analyser(segmenter, settings.model, SaliencyExplainer(segmenter), anatomy)
 
 
+def check_llm(settings: LlmSettings, data_dir: Path) -> bool:
+    """Check the narrative's LLM once at start-up; log it and leave it for ``radlens status``.
+    Returns whether the model takes images. The agent runs either way: without the LLM the
+    template writes the narrative."""
+    if settings.provider == "template":
+        state = {"provider": "template", "ready": True, "vision": False,
+                 "message": "deterministic template (llm.provider: template)"}
+    else:
+        from radlens.reporting.ollama import OllamaNarrator
+
+        found = OllamaNarrator(settings).status()
+        state = {"provider": "ollama", "host": found.host, "model": found.model,
+                 "ready": found.ready, "vision": found.vision, "message": found.message}
+        (log.info if found.ready else log.warning)(
+            "narrative LLM " + ("ready" if found.ready else "unavailable"),
+            extra=kv(host=found.host, model=found.model, vision=found.vision,
+                     detail=found.message))
+    state["checked_at"] = time.time()
+    (data_dir / LLM_STATUS_FILE).write_text(json.dumps(state))
+    return bool(state["vision"])
+
+
 class Agent:
     """Listener -> spool -> assembler -> jobs -> worker -> outbox, wired together."""
 
@@ -167,7 +191,8 @@ class Agent:
                              timeout_s=s.dicom.network_timeout_s)
         self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
                              fsync=s.storage.fsync, outputs=s.outputs,
-                             deliver=self._deliver_results)
+                             deliver=self._deliver_results, llm=s.llm,
+                             llm_vision=check_llm(s.llm, self.data_dir))
         self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored)
 
         self.spool.remove_partials()

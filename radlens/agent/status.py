@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from radlens.agent.service import agent_is_running
+from radlens.agent.service import LLM_STATUS_FILE, agent_is_running
 from radlens.db import DB_FILENAME, open_readonly
 
 JOB_STATES = ("queued", "running", "done", "failed")
@@ -22,6 +23,18 @@ class AgentState(BaseModel):
     version: str | None = None
 
 
+class LlmState(BaseModel):
+    """Who writes the narrative, as the agent found it at start-up."""
+
+    provider: str
+    host: str | None = None
+    model: str | None = None
+    ready: bool = True
+    vision: bool = False
+    message: str = ""
+    checked_at: float | None = None
+
+
 class StatusReport(BaseModel):
     data_dir: str
     agent: AgentState
@@ -35,6 +48,7 @@ class StatusReport(BaseModel):
     outbox: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="per destination, counts by state")
     recent_failures: list[dict[str, object]] = Field(default_factory=list)
+    llm: LlmState | None = None
 
 
 def collect_status(data_dir: Path) -> StatusReport:
@@ -44,6 +58,12 @@ def collect_status(data_dir: Path) -> StatusReport:
     agent = AgentState(running=owner is not None, **{k: v for k, v in details.items()
                                                      if k != "running"})
     report = StatusReport(data_dir=str(data_dir), agent=agent)
+    llm_file = data_dir / LLM_STATUS_FILE
+    if llm_file.is_file():
+        try:
+            report.llm = LlmState.model_validate(json.loads(llm_file.read_text()))
+        except ValueError:
+            report.llm = None
     db_path = data_dir / DB_FILENAME
     if not db_path.is_file():
         return report

@@ -13,7 +13,7 @@ from pathlib import Path
 from radlens.agent import analyses
 from radlens.agent.pipeline import Analyser, StudyInput, StudyResult, run_study
 from radlens.agent.queue import Job, JobQueue
-from radlens.config import OutputSettings
+from radlens.config import LlmSettings, OutputSettings
 from radlens.logs import kv
 
 Deliver = Callable[[int, list[Path]], None]
@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, queue: JobQueue, results_root: Path, *, analyser: Analyser | None = None,
                  fsync: bool = True, poll_interval_s: float = 2.0,
-                 outputs: OutputSettings | None = None, deliver: Deliver | None = None) -> None:
+                 outputs: OutputSettings | None = None, deliver: Deliver | None = None,
+                 llm: LlmSettings | None = None, llm_vision: bool = False) -> None:
         """``deliver(job_id, paths)`` hands each job's DICOM outputs to the outbox."""
         self.queue = queue
+        self.llm = llm or LlmSettings()
+        self.llm_vision = llm_vision
         self.outputs = outputs or OutputSettings()
         self.deliver = deliver
         self.analyser = analyser
@@ -84,16 +87,21 @@ class Worker:
             self.current_job = None
 
     def _write_outputs(self, study: StudyInput, result: StudyResult) -> None:
-        """SEG, SR and maps next to findings.json, then into the outbox. Written before the
-        job is marked done, so a crash here re-runs the job rather than losing its answer."""
-        from radlens.dicom_io.writers import write_outputs
-        from radlens.reporting.template import template_narrative
+        """Narrative, then SEG, SR and maps next to findings.json, then into the outbox. Written
+        before the job is marked done, so a crash here re-runs the job rather than losing its
+        answer. The narrative waits at most ``llm.timeout_s``."""
+        from radlens.dicom_io.writers import overlay_pngs, write_outputs
+        from radlens.reporting.ollama import narrate
 
         assert self.analyser is not None
-        written = write_outputs(
-            result.findings, {i.sop_instance_uid: i.path for i in study.instances},
-            self.results_root / study.study_instance_uid, template_narrative(result.findings),
-            settings=self.outputs, saliency_methods=self.analyser.settings.saliency,
-            fsync=self.fsync)
+        sources = {i.sop_instance_uid: i.path for i in study.instances}
+        study_dir = self.results_root / study.study_instance_uid
+        methods = self.analyser.settings.saliency
+        narrative = narrate(result.findings, self.llm, vision_capable=self.llm_vision,
+                            images=lambda: overlay_pngs(result.findings, sources, study_dir,
+                                                        methods))
+        written = write_outputs(result.findings, sources, study_dir, narrative,
+                                settings=self.outputs, saliency_methods=methods,
+                                fsync=self.fsync)
         if written.all and self.deliver is not None:
             self.deliver(study.job_id, written.all)

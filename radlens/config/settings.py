@@ -157,6 +157,19 @@ class CohortSettings(_Section):
         return self
 
 
+class LlmSettings(_Section):
+    """Who writes the narrative: the deterministic template, or a local LLM through Ollama."""
+
+    provider: Literal["template", "ollama"] = "template"
+    host: str = "http://127.0.0.1:11434"  # Ollama's address; keep it on this machine
+    model: str = "llama3.1:8b"  # a model pulled into that Ollama (e.g. a MedGemma build)
+    timeout_s: float = Field(default=60.0, gt=0, description="longest wait for the narrative "
+                             "before the template text goes out")
+    keep_alive: str = "10m"  # how long Ollama keeps the model loaded after a request
+    seed: int = 0
+    vision: bool = False  # also send the saliency overlay (only to a vision-capable model)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -181,6 +194,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     anatomy: AnatomySettings = Field(default_factory=AnatomySettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

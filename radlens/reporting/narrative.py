@@ -16,12 +16,16 @@ class Narrative:
     text: str
     author: str
     grounded: bool | None = None  # None: no grounding check applies (the template)
+    note: str | None = None  # why the template stands in for the LLM, when it does
 
     @property
     def author_line(self) -> str:
-        if self.grounded is None:
-            return self.author
-        return f"{self.author} (grounding {'passed' if self.grounded else 'failed'})"
+        line = self.author
+        if self.grounded is not None:
+            line += f" (grounding {'passed' if self.grounded else 'failed'})"
+        if self.note:
+            line += f"; {self.note}"
+        return line
 
 
 @dataclass(frozen=True)

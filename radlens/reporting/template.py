@@ -59,6 +59,6 @@ def template_narrative(findings: StudyFindings) -> Narrative:
         lines.append(f"{len(not_analysed)} image(s) were not analysed (see the report notes).")
     lines.append("Limitations: automated segmentation and classification of 2-D images "
                  "without clinical context or prior studies; saliency maps show where the "
-                 "model looked, not whether it is right. Not for diagnostic use: to be "
+                 "model looked, not whether it is correct. Not for diagnostic use: to be "
                  "reviewed by a qualified reader.")
     return Narrative(text="\n".join(lines), author=TEMPLATE_AUTHOR)

@@ -101,6 +101,35 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
     return written
 
 
+def overlay_pngs(findings: StudyFindings, sources: Mapping[str, Path], study_results: Path,
+                 saliency_methods: Sequence[str], *, limit: int = 4) -> list[bytes]:
+    """The saliency overlays as PNG, for a vision-capable LLM the user enabled (at most
+    ``limit``: a prompt is not an archive)."""
+    import io
+
+    from PIL import Image
+
+    from radlens.dicom_io.writers.overlay import render_overlay
+
+    pngs: list[bytes] = []
+    for info in findings.images:
+        if not info.predictions or info.ref.sop_instance_uid not in sources:
+            continue
+        image = load_analysed(info, sources[info.ref.sop_instance_uid], study_results)
+        method = chosen_method(image, saliency_methods)
+        if method is None:
+            continue
+        decoded = pixels.decode_file(sources[image.sop_instance_uid])
+        for number, frame in sorted(image.frames.items()):
+            if method in frame.saliency and len(pngs) < limit:
+                rgb = render_overlay(decoded.pixels[number], frame.saliency[method],
+                                     image.mask(number))
+                buffer = io.BytesIO()
+                Image.fromarray(rgb).save(buffer, format="PNG")
+                pngs.append(buffer.getvalue())
+    return pngs
+
+
 def _failed(what: str, findings: StudyFindings, exc: Exception) -> str:
     log.error("DICOM output not written", exc_info=exc,
               extra=kv(study=findings.study_instance_uid, output=what))

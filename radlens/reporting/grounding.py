@@ -1,0 +1,109 @@
+"""Checks that a narrative says nothing the findings do not hold.
+
+Every number must be one of the facts' numbers (within the rounding it was given at, in the
+unit it was given in, or converted between mm and cm, or a percentage of a probability); the
+lesions it names must exist and carry the class it gives them; no side, quadrant or clock
+position may appear (2-D images without geometry know none), and no identifier-like string.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from radlens.reporting.prompt import StudyFacts
+
+_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)")
+_LESION = re.compile(r"\blesion\s+(\d+)\b", re.IGNORECASE)
+_SIDES = re.compile(r"\b(left|right|bilateral|(upper|lower)[- ](inner|outer)|quadrants?|axilla"
+                    r"|axillary|retroareolar|subareolar|periareolar|nipple)\b", re.IGNORECASE)
+_CLOCK = re.compile(r"\b\d{1,2}\s*(?::00)?\s*o[' ]?clock\b", re.IGNORECASE)
+_IDENTIFIER = re.compile(r"\b\d+(?:\.\d+){4,}\b|\b(19|20)\d{2}-\d{2}-\d{2}\b|\bMRN\b|\bDOB\b",
+                         re.IGNORECASE)
+_CLASS_WORDS = {"benign": "benign", "malignant": "malignant"}
+# Small integers a report needs whatever the findings: task and list numbering, BI-RADS
+# category digits, the five-level scale, "2-D".
+_ALWAYS = {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def allowed_numbers(facts: StudyFacts) -> set[float]:
+    """Every number the narrative may write, in every unit and rounding it may use."""
+    values: set[float] = set(_ALWAYS)
+
+    def add(value: float | None, *, decimals: Iterable[int] = (0, 1, 2)) -> None:
+        if value is None:
+            return
+        for d in decimals:
+            values.add(round(float(value), d))
+
+    for image in facts.images:
+        add(image.number)
+        add(image.frame)
+        for percent in image.probability_percent.values():
+            add(percent)
+            add(percent / 100)
+        for agreement in image.saliency_agreement.values():
+            for value in agreement.values():
+                add(value)
+                add(value * 100, decimals=(0,))
+    for lesion in facts.lesions:
+        for value in (lesion.number, lesion.image, lesion.frame, lesion.probability_percent,
+                      lesion.malignant_probability_percent, lesion.compactness,
+                      lesion.edge_sharpness, lesion.asymmetry, lesion.border_irregularity,
+                      lesion.longest_diameter_px, lesion.suggested_category):
+            add(value)
+        for percent in (lesion.probability_percent, lesion.malignant_probability_percent):
+            if percent is not None:
+                add(percent / 100)
+        for mm in (lesion.longest_diameter_mm, lesion.perpendicular_diameter_mm):
+            add(mm)
+            add(None if mm is None else mm / 10)  # cm
+        add(lesion.area_mm2)
+        add(None if lesion.area_mm2 is None else lesion.area_mm2 / 100)  # cm²
+        for level in lesion.levels.values():
+            add(level)
+    values.add(float(facts.images_analysed))
+    values.add(float(len(facts.lesions)))
+    values.add(float(facts.images_not_analysed))
+    return values
+
+
+def check(text: str, facts: StudyFacts) -> list[str]:
+    """The narrative's violations, each a sentence a model (or a person) can act on."""
+    violations: list[str] = []
+    allowed = allowed_numbers(facts)
+    text = text.replace(facts.model, "the model")  # its name and version are facts too
+    for match in _NUMBER.finditer(text):
+        value = float(match.group(1))
+        decimals = len(match.group(1).split(".")[1]) if "." in match.group(1) else 0
+        tolerance = 0.5 * 10 ** -decimals + 1e-9
+        if not any(abs(value - a) <= tolerance for a in allowed):
+            violations.append(f"the number {match.group(1)} is not in the findings")
+    numbers = {lesion.number: lesion for lesion in facts.lesions}
+    for match in _LESION.finditer(text):
+        number = int(match.group(1))
+        if number not in numbers:
+            violations.append(f"lesion {number} does not exist (the findings hold "
+                              f"{len(numbers)} lesion(s))")
+    for number, lesion in numbers.items():
+        for sentence in _sentences_naming(text, number):
+            other = "malignant" if lesion.lesion_class == "benign" else "benign"
+            if re.search(rf"\b{other}(-appearing| lesion)?\b", sentence, re.IGNORECASE) and \
+                    not re.search(rf"\b{lesion.lesion_class}\b", sentence, re.IGNORECASE):
+                violations.append(f"lesion {number} is {lesion.lesion_class}, not {other}")
+    if not facts.lesions and re.search(r"\b(a|one|two|\d+) (focal )?(lesion|mass)(es|s)? "
+                                       r"(is|are|was|were) (seen|detected|found|present)",
+                                       text, re.IGNORECASE):
+        violations.append("the findings hold no lesion")
+    for match in _SIDES.finditer(text):
+        violations.append(f"'{match.group(0)}': the findings give no side or location")
+    if _CLOCK.search(text):
+        violations.append("a clock-face position: the findings give none")
+    if _IDENTIFIER.search(text):
+        violations.append("an identifier or date: the narrative must hold none")
+    return list(dict.fromkeys(violations))
+
+
+def _sentences_naming(text: str, number: int) -> list[str]:
+    sentences = re.split(r"(?<=[.;\n])\s+", text)
+    return [s for s in sentences if re.search(rf"\blesion\s+{number}\b", s, re.IGNORECASE)]

@@ -1,0 +1,280 @@
+"""The narrative through the real ``ollama`` client against a local server speaking Ollama's API:
+grounded answers go into the SR with the model's name; altered numbers, extra lesions, invented
+sides, timeouts, server errors, a refused connection and a missing model all end in the template,
+saying why, and the study's outputs still arrive. No identifier ever reaches the server."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from radlens.agent.offline import collect_studies
+from radlens.agent.pipeline import StudyInput, run_study
+from radlens.agent.service import load_analyser
+from radlens.config import LlmSettings, Settings
+from radlens.dicom_io.synthetic import us_dataset
+from radlens.dicom_io.writers import write_outputs
+from radlens.models.phantoms import make_phantom
+from radlens.reporting import grounding
+from radlens.reporting.ollama import OllamaNarrator, narrate
+from radlens.reporting.prompt import StudyFacts
+from radlens.reporting.template import template_narrative
+from tests.fake_ollama import FakeOllama, answer
+from tests.helpers import free_port, require_tool
+
+IDENTIFIERS = {"PatientName": "ZYXWVUT^QWERTYKLM", "PatientID": "PID-987654321",
+               "PatientBirthDate": "19450317", "AccessionNumber": "ACC5551234"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Two phantom images with a lesion each, headers filled with distinctive identifiers."""
+    root = tmp_path_factory.mktemp("llm")
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = []
+    for number, index in enumerate((4, 53), start=1):
+        ds = us_dataset(make_phantom(321, index).image, study_uid=study_uid,
+                        series_uid=series_uid, instance_number=number, spacing_cm=0.02,
+                        patient_id=IDENTIFIERS["PatientID"])
+        ds.PatientName = IDENTIFIERS["PatientName"]
+        ds.PatientBirthDate = IDENTIFIERS["PatientBirthDate"]
+        ds.AccessionNumber = IDENTIFIERS["AccessionNumber"]
+        path = root / "src" / f"IM{number}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    studies, _ = collect_studies(paths)
+    result = run_study(StudyInput(1, 1, study_uid, studies[study_uid]), root / "results",
+                       analyser=load_analyser(Settings()), fsync=False)
+    return root, result.findings, paths
+
+
+@pytest.fixture
+def fake():
+    server = FakeOllama().start()
+    yield server
+    server.stop()
+
+
+def _settings(host: str, **overrides) -> LlmSettings:
+    return LlmSettings(provider="ollama", host=host, timeout_s=overrides.pop("timeout_s", 20.0),
+                       **overrides)
+
+
+def _grounded(facts: StudyFacts) -> str:
+    lesions = [f"Lesion {x.number}: {x.lesion_class}-appearing, {x.longest_diameter_mm} x "
+               f"{x.perpendicular_diameter_mm} mm, model probability {x.probability_percent}%."
+               for x in facts.lesions]
+    return answer(impression=f"{len(facts.lesions)} lesions detected on breast ultrasound.",
+                  lesions=lesions, comparison="Lesion 1 is the larger.",
+                  recommendation="; ".join(f"Lesion {x.number}: BI-RADS-style category "
+                                           f"{x.suggested_category}, an AI suggestion"
+                                           for x in facts.lesions),
+                  limitations="2-D images without clinical context.")
+
+
+def _sr_text(findings, paths, root: Path, narrative) -> str:
+    written = write_outputs(findings, {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID:
+                                       p for p in paths},
+                            root / "results" / findings.study_instance_uid, narrative,
+                            settings=Settings().outputs, saliency_methods=["prototype"],
+                            fsync=False)
+    assert written.seg and written.sr, "the study's outputs still arrive"
+    return subprocess.run([require_tool("dsrdump"), "-Ec", "+U8", "+Pl", str(written.sr[0])],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+def test_a_grounded_answer_goes_into_the_sr_with_the_models_name(study, fake):
+    root, findings, paths = study
+    facts = StudyFacts.from_findings(findings)
+    assert len(facts.lesions) == 2
+    fake.replies = [_grounded(facts)]
+    narrative = narrate(findings, _settings(fake.host))
+    assert narrative.author == "llama3.1:8b" and narrative.grounded is True
+    assert len(fake.requests) == 1
+    request = fake.requests[0]
+    assert request["stream"] is False and request["options"] == {"temperature": 0, "seed": 0}
+    assert request["format"]["title"] == "LlmNarrative" and request["keep_alive"] == "10m"
+    dump = _sr_text(findings, paths, root, narrative)
+    assert '"Narrative author")="llama3.1:8b (grounding passed)"' in dump
+    assert "BI-RADS-style category" in dump
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("number", "is not in the findings"),
+    ("lesion", "lesion 3 does not exist"),
+    ("side", "'left': the findings give no side or location"),
+])
+def test_an_ungrounded_answer_is_retried_then_replaced_by_the_template(study, fake, fault,
+                                                                      expected, caplog):
+    root, findings, paths = study
+    facts = StudyFacts.from_findings(findings)
+    good = _grounded(facts)
+    bad = {"number": good.replace(f"{facts.lesions[0].longest_diameter_mm} x",
+                                  f"{facts.lesions[0].longest_diameter_mm + 7.3:.1f} x"),
+           "lesion": good.replace("Lesion 1 is the larger.",
+                                  "Lesion 1 is the larger; Lesion 3 is a small cyst."),
+           "side": good.replace("detected on breast ultrasound",
+                                "detected in the left breast")}[fault]
+    assert bad != good
+    fake.replies = [bad, bad]
+    with caplog.at_level(logging.WARNING):
+        narrative = narrate(findings, _settings(fake.host))
+    assert len(fake.requests) == 2  # retried once
+    retry = fake.requests[1]["messages"][-1]["content"]
+    assert "rejected" in retry and expected in retry
+    assert narrative.author == "radlens template" and narrative.grounded is False
+    assert narrative.text == template_narrative(findings).text
+    assert "LLM narrative not grounded" in caplog.text
+    dump = _sr_text(findings, paths, root, narrative)
+    assert "radlens template (grounding failed); template used because the LLM's text failed " \
+           "grounding twice" in dump
+
+
+def test_a_corrected_second_answer_is_accepted(study, fake):
+    _, findings, _ = study
+    facts = StudyFacts.from_findings(findings)
+    good = _grounded(facts)
+    fake.replies = [good.replace("breast ultrasound", "right breast ultrasound"), good]
+    narrative = narrate(findings, _settings(fake.host))
+    assert narrative.grounded is True and narrative.author == "llama3.1:8b"
+
+
+def _fallback_reason(findings, settings, caplog) -> str:
+    with caplog.at_level(logging.WARNING):
+        narrative = narrate(findings, settings)
+    assert narrative.author == "radlens template" and narrative.note
+    assert "template narrative used instead of the LLM" in caplog.text
+    return narrative.note
+
+
+def test_timeout_falls_back_to_the_template(study, fake, caplog):
+    _, findings, _ = study
+    fake.delay_s = 3.0
+    note = _fallback_reason(findings, _settings(fake.host, timeout_s=1.0), caplog)
+    assert "timed out" in note
+
+
+def test_server_error_falls_back_to_the_template(study, fake, caplog):
+    _, findings, _ = study
+    fake.replies = [lambda body: (500, {"error": "llama runner process has terminated"})]
+    note = _fallback_reason(findings, _settings(fake.host), caplog)
+    assert "HTTP 500" in note and "llama runner" in note
+
+
+def test_refused_connection_falls_back_to_the_template(study, caplog):
+    _, findings, _ = study
+    note = _fallback_reason(findings, _settings(f"http://127.0.0.1:{free_port()}"), caplog)
+    assert "connection refused" in note or "ConnectError" in note
+
+
+def test_missing_model_falls_back_to_the_template(study, fake, caplog):
+    _, findings, _ = study
+    fake.models = ["mistral:7b"]
+    note = _fallback_reason(findings, _settings(fake.host, model="llama3.1:8b"), caplog)
+    assert "HTTP 404" in note and "not found" in note
+    status = OllamaNarrator(_settings(fake.host, model="llama3.1:8b")).status()
+    assert status.reachable and not status.pulled
+    assert "ollama pull llama3.1:8b" in status.message
+
+
+def test_status_of_a_ready_vision_model_and_of_a_server_that_is_down(fake):
+    fake.capabilities = ["completion", "vision"]
+    ready = OllamaNarrator(_settings(fake.host)).status()
+    assert ready.ready and ready.vision
+    down = OllamaNarrator(_settings(f"http://127.0.0.1:{free_port()}")).status()
+    assert not down.reachable and "not reachable" in down.message
+
+
+def test_the_request_holds_no_identifier(study, fake):
+    _, findings, paths = study
+    fake.replies = [_grounded(StudyFacts.from_findings(findings))]
+    narrate(findings, _settings(fake.host))
+    body = fake.raw_bodies[0].decode()
+    forbidden = list(IDENTIFIERS.values()) + ["ZYXWVUT", "1945"]
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        forbidden += [ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID]
+    for value in forbidden:
+        assert value not in body, value
+
+
+def test_images_go_only_to_a_vision_model_the_user_enabled(study, fake):
+    _, findings, _ = study
+    facts = StudyFacts.from_findings(findings)
+    png = b"\x89PNG\r\n\x1a\nfake"
+    fake.replies = [_grounded(facts), _grounded(facts)]
+    narrate(findings, _settings(fake.host, vision=True), images=lambda: [png],
+            vision_capable=False)
+    narrate(findings, _settings(fake.host, vision=True), images=lambda: [png],
+            vision_capable=True)
+    assert "images" not in fake.requests[0]["messages"][1]
+    assert fake.requests[1]["messages"][1]["images"]
+
+
+def test_the_template_names_both_lesions_with_their_sizes_and_passes_grounding(study):
+    _, findings, _ = study
+    narrative = template_narrative(findings)
+    facts = StudyFacts.from_findings(findings)
+    for lesion in facts.lesions:
+        assert (f"Lesion {lesion.number} " in narrative.text
+                and f"{lesion.longest_diameter_mm:.1f} x {lesion.perpendicular_diameter_mm:.1f} mm"
+                in narrative.text)
+    assert grounding.check(narrative.text, facts) == []
+
+
+def test_the_agent_checks_the_llm_at_start_and_uses_it(server_factory, fake, tmp_path):
+    """`radlens serve` with llm.provider ollama: the start-up check shows in `radlens status`,
+    and a pushed study's SR carries the LLM's grounded text."""
+    from tests.helpers import radlens_cli, storescu, wait_for
+
+    ds = us_dataset(make_phantom(321, 4).image, study_uid=generate_uid(),
+                    series_uid=generate_uid(), instance_number=1, spacing_cm=0.02,
+                    patient_id="LLM-AGENT")
+    source = tmp_path / "IM1.dcm"
+    ds.save_as(source, enforce_file_format=True)
+
+    def reply(body: dict) -> str:  # grounded, whatever the study: built from the prompt's facts
+        import json as _json
+
+        facts = StudyFacts.model_validate_json(
+            body["messages"][1]["content"].split("Findings JSON:\n", 1)[1])
+        return _json.loads(_json.dumps(_grounded(facts)))
+
+    fake.replies = [reply]
+    server = server_factory(RADLENS_LLM__PROVIDER="ollama", RADLENS_LLM__HOST=fake.host,
+                            RADLENS_LLM__TIMEOUT_S="20").start()
+    status = radlens_cli("status", env=server.env)
+    assert "narrative: ollama - model llama3.1:8b ready at" in status.stdout, status.stdout
+    assert storescu(server.port, [source]).returncode == 0
+    wait_for(lambda: len(server.jobs_done()) == 1, 120, "the study to be processed")
+    (sr,) = (server.data_dir / "results" / ds.StudyInstanceUID / "dicom").glob("*/SR_*.dcm")
+    dump = subprocess.run([require_tool("dsrdump"), "-Ec", "+U8", "+Pl", str(sr)],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert '"Narrative author")="llama3.1:8b (grounding passed)"' in dump
+    assert "lesions detected on breast ultrasound" in dump
+
+
+def test_the_agent_says_when_the_llm_is_missing_and_still_answers(server_factory, tmp_path):
+    from tests.helpers import radlens_cli, storescu, wait_for
+
+    ds = us_dataset(make_phantom(321, 4).image, study_uid=generate_uid(),
+                    series_uid=generate_uid(), instance_number=1, spacing_cm=0.02,
+                    patient_id="LLM-DOWN")
+    source = tmp_path / "IM1.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    server = server_factory(RADLENS_LLM__PROVIDER="ollama",
+                            RADLENS_LLM__HOST=f"http://127.0.0.1:{free_port()}").start()
+    assert "narrative LLM unavailable" in server.log()
+    status = radlens_cli("status", env=server.env).stdout
+    assert "not reachable" in status and "the template narrative is used" in status
+    assert storescu(server.port, [source]).returncode == 0
+    wait_for(lambda: len(server.jobs_done()) == 1, 120, "the study to be processed")
+    assert {j["state"] for j in server.jobs_done()} == {"done"}
+    outputs = list((server.data_dir / "results" / ds.StudyInstanceUID / "dicom").glob("*/*.dcm"))
+    assert {p.name.split("_")[0] for p in outputs} == {"SEG", "SR", "PM", "SC"}
