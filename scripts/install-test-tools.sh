@@ -7,7 +7,7 @@ set -euo pipefail
 
 declare -A package_for=([storescu]=dcmtk [storescp]=dcmtk [echoscu]=dcmtk [dsrdump]=dcmtk
                         [dciodvfy]=dicom3tools [Orthanc]=orthanc [chromium]=chromium
-                        [node]=nodejs [npm]=npm)
+                        [node]=nodejs [npm]=npm [pdftotext]=poppler-utils)
 missing=()
 for tool in "${!package_for[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package_for[$tool]}")

@@ -123,6 +123,7 @@ class OutputSettings(_Section):
     sr: bool = True  # TID 1500 measurement report with the narrative
     parametric_map: bool = True  # the first saliency method as a Parametric Map
     overlay: bool = True  # RGB Secondary Capture: image, heat map, lesion contours
+    pdf: bool = True  # the report as Encapsulated PDF (and results/<Study>/report.pdf)
 
 
 class AnatomySettings(_Section):

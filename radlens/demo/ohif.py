@@ -59,7 +59,7 @@ window.config = {
         supportsFuzzyMatching: false,
         supportsWildcard: true,
         staticWado: false,
-        singlepart: 'bulkdata,video,pdf',
+        singlepart: 'bulkdata,video',  // PDFs as bulk data: Orthanc cannot render them
         bulkDataURI: { enabled: true, relativeResolution: 'studies' },
         omitQuotationForMultipartRequest: true,
       },
@@ -165,8 +165,9 @@ def _handler(dist: Path, upstream: str) -> type[BaseHTTPRequestHandler]:
         def _proxy(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in HOP_BY_HOP and k.lower() != "host"}
+            # The browser's Host goes through: Orthanc writes the BulkDataURIs of its metadata
+            # from it, so they point back at this same-origin server.
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
             request = urllib.request.Request(upstream + self.path, data=body, headers=headers,
                                              method=self.command)
             try:

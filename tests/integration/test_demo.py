@@ -17,7 +17,7 @@ def test_demo_prints_findings_and_a_working_ohif_url():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     assert re.search(r"lesion 1: (benign|malignant), [0-9.]+ x [0-9.]+ mm", out), out
-    assert re.search(r"OT x2, SEG x1, SR x1, US x1", out), out  # map + overlay are OT
+    assert re.search(r"DOC x1, OT x2, SEG x1, SR x1, US x1", out), out  # map + overlay: OT
     url = re.search(r"open in OHIF: (http://127\.0\.0\.1:\d+/viewer\?StudyInstanceUIDs=\S+)",
                     out)
     assert url, out

@@ -279,7 +279,7 @@ def test_process_command_writes_the_outputs_and_names_what_it_skipped(processed,
     study = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
     written = sorted(p.name.split("_")[0] for p in
                      (tmp_path / "out" / "results" / study / "dicom" / "revision-1").iterdir())
-    assert written == ["PM", "SC", "SEG", "SR"]
+    assert written == ["PDF", "PM", "SC", "SEG", "SR"]
     assert (tmp_path / "out" / "results" / study / "findings.json").exists()
 
 

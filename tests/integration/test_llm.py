@@ -277,4 +277,40 @@ def test_the_agent_says_when_the_llm_is_missing_and_still_answers(server_factory
     wait_for(lambda: len(server.jobs_done()) == 1, 120, "the study to be processed")
     assert {j["state"] for j in server.jobs_done()} == {"done"}
     outputs = list((server.data_dir / "results" / ds.StudyInstanceUID / "dicom").glob("*/*.dcm"))
-    assert {p.name.split("_")[0] for p in outputs} == {"SEG", "SR", "PM", "SC"}
+    assert {p.name.split("_")[0] for p in outputs} == {"SEG", "SR", "PM", "SC", "PDF"}
+
+
+def test_the_pdf_report_holds_the_narrative_and_each_lesions_size(study, tmp_path):
+    root, findings, paths = study
+    narrative = template_narrative(findings)
+    written = write_outputs(findings, {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID:
+                                       p for p in paths},
+                            root / "results" / findings.study_instance_uid, narrative,
+                            settings=Settings().outputs, saliency_methods=["prototype"],
+                            fsync=False)
+    (document,) = written.pdf
+    errors = subprocess.run([require_tool("dciodvfy"), str(document)], capture_output=True,
+                            text=True, timeout=60)
+    assert [line for line in (errors.stdout + errors.stderr).splitlines() if "Error" in line] == []
+    ds = pydicom.dcmread(document)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1" and ds.Modality == "DOC"
+    assert ds.StudyInstanceUID == findings.study_instance_uid
+    assert {item.ReferencedSOPInstanceUID for item in ds.SourceInstanceSequence} == {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
+    extracted = tmp_path / "from-dicom.pdf"
+    extracted.write_bytes(ds.EncapsulatedDocument[:ds.EncapsulatedDocumentLength])
+    on_disk = root / "results" / findings.study_instance_uid / "report.pdf"
+    assert extracted.read_bytes() == on_disk.read_bytes()
+    text = subprocess.run(["pdftotext", "-layout", str(extracted), "-"], capture_output=True,
+                          text=True, timeout=60, check=True).stdout
+    flat = " ".join(text.split())
+    assert "NOT FOR DIAGNOSTIC USE" in flat and "radlens-unet-phantom" in flat
+    assert "Narrative written by: radlens template" in flat
+    first_line = narrative.text.splitlines()[1]  # "Impression: ..."
+    assert " ".join(first_line.split()) in flat
+    facts = StudyFacts.from_findings(findings)
+    for lesion in facts.lesions:
+        size = f"{lesion.longest_diameter_mm:.1f} x {lesion.perpendicular_diameter_mm:.1f} mm"
+        assert flat.count(size) >= 2, size  # in the narrative and in the table
+    for value in IDENTIFIERS.values():
+        assert value not in text

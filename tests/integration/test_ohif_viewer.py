@@ -1,8 +1,8 @@
 """In a real browser: OHIF's prebuilt viewer (npm @ohif/app 3.13.x) reading a real Orthanc through
 a same-origin proxy, driven in Debian's Chromium by playwright-core. The SEG's colour must cover
 the lesion and nothing else, the SR's measurement panel must list every lesion with its numbers,
-the overlay and the Parametric Map must display, and no page error may occur. Screenshots stay in
-test-artifacts/ohif/."""
+the overlay, the PDF report and the Parametric Map must display, and no page error may occur.
+Screenshots stay in test-artifacts/ohif/."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_seg_sr_and_overlay_in_ohif(viewer):
     source, done = _study(root, "plain", tracked=False)
     _push(orthanc, [source, *done.outputs.all])
     out = ARTIFACTS / "plain"
-    facts = _drive(server, source, out, "source,seg,sr,overlay")
+    facts = _drive(server, source, out, "source,seg,sr,overlay,pdf")
 
     # SEG: the overlay colour covers the lesion and nothing else.
     seg = hd.seg.segread(done.outputs.seg[0])
@@ -146,6 +146,13 @@ def test_seg_sr_and_overlay_in_ohif(viewer):
         assert length == pytest.approx(lesion_found["longest_diameter_mm"], abs=2 * SPACING_MM)
         assert width == pytest.approx(lesion_found["perpendicular_diameter_mm"],
                                       abs=2 * SPACING_MM)
+
+    # The PDF report: OHIF's PDF viewport embeds the document it fetched through DICOMweb.
+    embedded = facts["steps"]["pdf"]["embedded"]
+    assert embedded and embedded["type"] == "application/pdf"
+    fetched = (out / "pdf-from-ohif.pdf").read_bytes()
+    assert fetched.startswith(b"%PDF") and fetched.rstrip(b"\0") == (
+        done.findings_path.parent / "report.pdf").read_bytes()
 
     # The RGB overlay, shown as an ordinary image: heat colours and the green lesion outline.
     overlay = np.asarray(Image.open(out / "overlay.png").convert("RGB")).astype(int)

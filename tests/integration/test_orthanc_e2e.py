@@ -18,6 +18,7 @@ OUTPUT_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.34": "SR",
     "1.2.840.10008.5.1.4.1.1.30": "PM",
     "1.2.840.10008.5.1.4.1.1.7": "SC",
+    "1.2.840.10008.5.1.4.1.1.104.1": "PDF",
 }
 
 
@@ -67,7 +68,7 @@ def _outputs_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[dict
 
 def _expect_all_kinds(orthanc: Orthanc, study_uid: str) -> dict[str, list[dict]]:
     wait_for(lambda: set(_outputs_in_orthanc(orthanc, study_uid)) == set(OUTPUT_CLASSES.values()),
-             120, "SEG, SR, map and overlay to reach Orthanc")
+             120, "SEG, SR, map, overlay and PDF to reach Orthanc")
     return _outputs_in_orthanc(orthanc, study_uid)
 
 
@@ -107,7 +108,7 @@ def test_results_reach_orthanc_in_the_source_study(server_factory, orthanc, phan
               for kind, items in outputs.items()}
     assert all(len(uids) == 1 for uids in series.values())  # each kind in its own series
     all_series = set().union(*series.values())
-    assert len(all_series) == 4 and source.SeriesInstanceUID not in all_series
+    assert len(all_series) == 5 and source.SeriesInstanceUID not in all_series
     for kind, items in outputs.items():
         for item in items:
             assert item["StudyInstanceUID"] == source.StudyInstanceUID
@@ -117,9 +118,9 @@ def test_results_reach_orthanc_in_the_source_study(server_factory, orthanc, phan
     # The same study through DICOMweb (what OHIF reads).
     dicomweb = orthanc.get(f"/dicom-web/studies/{source.StudyInstanceUID}/series")
     modalities = sorted(s["00080060"]["Value"][0] for s in dicomweb)
-    assert set(modalities) == {"US", "SEG", "SR", "OT"} and len(modalities) == 5
+    assert set(modalities) == {"US", "SEG", "SR", "OT", "DOC"} and len(modalities) == 6
     rows = agent.query("SELECT state FROM outbox")
-    assert len(rows) == 4 and {r["state"] for r in rows} == {"sent"}
+    assert len(rows) == 5 and {r["state"] for r in rows} == {"sent"}
 
 
 def test_results_arrive_once_orthanc_comes_up_across_an_agent_restart(
@@ -128,8 +129,8 @@ def test_results_arrive_once_orthanc_comes_up_across_an_agent_restart(
     source = pydicom.dcmread(phantom_study, stop_before_pixels=True)
     sent = storescu(agent.port, [phantom_study])
     assert sent.returncode == 0, sent.stderr
-    wait_for(lambda: agent.query("SELECT COUNT(*) FROM outbox WHERE attempts >= 1")[0][0] == 4,
-             120, "the job's four outputs to fail their first delivery")
+    wait_for(lambda: agent.query("SELECT COUNT(*) FROM outbox WHERE attempts >= 1")[0][0] == 5,
+             120, "the job's five outputs to fail their first delivery")
     assert {r["state"] for r in agent.query("SELECT state FROM outbox")} == {"pending"}
     assert agent.stop() == 0
     orthanc.start()

@@ -117,6 +117,33 @@ const steps = {
     await page.screenshot({ path: join(outDir, 'overlay.png') });
     return {};
   },
+  async pdf() {
+    await openSeries('DOC');
+    await page.waitForFunction(() => {
+      const element = document.querySelector('object[type="application/pdf"]');
+      return element && element.getAttribute('data');
+    }, null, { timeout: 60000 });
+    await settle(2000);
+    await page.screenshot({ path: join(outDir, 'pdf.png') });
+    // OHIF's PDF viewport embeds the document the DICOM object carries (headless Chromium has
+    // no PDF plug-in to paint it): fetch what it embedded, as the plug-in would.
+    const embedded = await page.evaluate(async () => {
+      const pane = document.querySelector('[data-cy=viewport-pane]') || document.body;
+      const element = pane.querySelector('object[type="application/pdf"], embed, iframe');
+      if (!element) return null;
+      const url = element.getAttribute('data') || element.getAttribute('src');
+      const bytes = new Uint8Array(await (await fetch(url)).arrayBuffer());
+      let binary = '';
+      for (let i = 0; i < bytes.length; i += 1) binary += String.fromCharCode(bytes[i]);
+      return { tag: element.tagName, type: element.getAttribute('type'), url,
+               base64: btoa(binary) };
+    });
+    if (embedded) {
+      writeFileSync(join(outDir, 'pdf-from-ohif.pdf'), Buffer.from(embedded.base64, 'base64'));
+      delete embedded.base64;
+    }
+    return { embedded };
+  },
   async pmap() {
     await openSeries('PMAP');
     await answerYes();

@@ -13,28 +13,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
 from radlens.config import OutputSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
-from radlens.dicom_io.writers.analysed import AnalysedImage, load_analysed
+from radlens.dicom_io.writers.analysed import AnalysedImage, load_analysed, with_type2_present
 from radlens.dicom_io.writers.common import Equipment, OutputKind, SeriesPlan
 from radlens.dicom_io.writers.overlay import (
     build_overlays,
     build_parametric_map,
     chosen_method,
 )
+from radlens.dicom_io.writers.pdf import build_encapsulated_pdf
 from radlens.dicom_io.writers.seg import build_segmentations
 from radlens.dicom_io.writers.sr import build_report
 from radlens.findings import StudyFindings
 from radlens.logs import kv
 from radlens.reporting.narrative import Narrative
+from radlens.reporting.pdf import Figure, render_report
 
 log = logging.getLogger(__name__)
 
 DICOM_DIR = "dicom"
+REPORT_PDF = "report.pdf"
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,11 @@ class WrittenOutputs:
     sr: list[Path]
     parametric_map: list[Path]
     overlay: list[Path]
+    pdf: list[Path] = dataclasses.field(default_factory=list)
 
     @property
     def all(self) -> list[Path]:
-        return [*self.seg, *self.sr, *self.parametric_map, *self.overlay]
+        return [*self.seg, *self.sr, *self.parametric_map, *self.overlay, *self.pdf]
 
 
 def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
@@ -95,6 +100,19 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
                               SeriesPlan.new(OutputKind.SR, findings.revision),
                               notes=notes + failures)
         written.sr.append(_save(report, folder, "SR", fsync))
+    if settings.pdf:
+        try:
+            pdf = render_report(findings, narrative, _figures(images, sources, saliency_methods))
+            write_durably(study_results / REPORT_PDF, pdf, fsync=fsync)
+            headers = [image.header for image in images] or [
+                with_type2_present(pydicom.dcmread(path, stop_before_pixels=True))
+                for path in list(sources.values())[:1]]
+            if headers:
+                document = build_encapsulated_pdf(
+                    pdf, headers, equipment, SeriesPlan.new(OutputKind.PDF, findings.revision))
+                written.pdf.append(_save(document, folder, "PDF", fsync))
+        except Exception as exc:  # the report must not cost the SEG and SR already written
+            _failed("PDF report", findings, exc)
     log.info("DICOM outputs written", extra=kv(
         study=findings.study_instance_uid, revision=findings.revision, seg=len(written.seg),
         sr=len(written.sr), pm=len(written.parametric_map), sc=len(written.overlay)))
@@ -128,6 +146,30 @@ def overlay_pngs(findings: StudyFindings, sources: Mapping[str, Path], study_res
                 Image.fromarray(rgb).save(buffer, format="PNG")
                 pngs.append(buffer.getvalue())
     return pngs
+
+
+def _figures(images: list[AnalysedImage], sources: Mapping[str, Path],
+             saliency_methods: Sequence[str], *, limit: int = 2) -> list[Figure]:
+    """The first frames with a lesion: outlined image beside the saliency overlay."""
+    import numpy as np
+
+    from radlens.dicom_io.writers.overlay import render_overlay
+
+    figures: list[Figure] = []
+    for number, image in enumerate(images, start=1):
+        frames = [f for f, frame in sorted(image.frames.items()) if frame.prediction.lesions]
+        if not frames or len(figures) >= limit:
+            continue
+        decoded = pixels.decode_file(sources[image.sop_instance_uid])
+        method = chosen_method(image, saliency_methods)
+        for frame in frames[:limit - len(figures)]:
+            mask = image.mask(frame)
+            zero = np.zeros(mask.shape, np.float32)
+            saliency = image.frames[frame].saliency.get(method, zero) if method else zero
+            title = f"image {number}" + (f", frame {frame + 1}" if image.info.frames > 1 else "")
+            figures.append(Figure(title, render_overlay(decoded.pixels[frame], zero, mask),
+                                  render_overlay(decoded.pixels[frame], saliency, mask)))
+    return figures
 
 
 def _failed(what: str, findings: StudyFindings, exc: Exception) -> str:
