@@ -359,15 +359,30 @@ def cohort(
 
         try:
             if from_agent:
-                analyse_agent(settings.storage.data_dir, out, latent=latent, seed=seed,
-                              on_progress=on_progress)
+                report = analyse_agent(settings.storage.data_dir, out, latent=latent,
+                                       seed=seed, on_progress=on_progress)
             else:
                 assert data is not None
-                analyse_dataset(data, out, model=model, device=device, seed=seed,
-                                on_progress=on_progress)
+                report = analyse_dataset(data, out, model=model, device=device, seed=seed,
+                                         on_progress=on_progress)
         except (DatasetError, ValueError, RadlensError) as exc:
             raise _fail(str(exc), 1) from None
+    from radlens.reporting.cohort_report import REPORT_FILE, write_cohort_report
+
+    narrative = write_cohort_report(out, report, settings.llm,
+                                    vision_capable=_llm_takes_images(settings))
     console.print((out / "cohort.md").read_text(), markup=False, highlight=False)
+    console.print(narrative.text, markup=False, highlight=False)
+    console.print(f"written by {narrative.author_line}; report: {out / REPORT_FILE}",
+                  markup=False, highlight=False)
+
+
+def _llm_takes_images(settings: Settings) -> bool:
+    if settings.llm.provider != "ollama" or not settings.llm.vision:
+        return False
+    from radlens.reporting.ollama import OllamaNarrator
+
+    return OllamaNarrator(settings.llm).status().vision
 
 
 @app.command()

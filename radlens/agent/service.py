@@ -237,8 +237,13 @@ class Agent:
         except ValueError as exc:
             log.info("scheduled cohort analysis skipped", extra=kv(reason=str(exc)))
             return
+        from radlens.reporting.cohort_report import write_cohort_report
+
+        narrative = write_cohort_report(out, report, self.settings.llm,
+                                        vision_capable=self.worker.llm_vision)
         log.info("cohort analysis written", extra=kv(out=str(out), images=report["images"],
-                                                     best=report["best"]))
+                                                     best=report["best"],
+                                                     author=narrative.author))
 
     def _on_stored(self, stored: StoredInstance) -> None:
         self.assembler.instance_received(stored.uids.study_instance_uid, stored.received_at)

@@ -68,17 +68,32 @@ def allowed_numbers(facts: StudyFacts) -> set[float]:
     return values
 
 
-def check(text: str, facts: StudyFacts) -> list[str]:
-    """The narrative's violations, each a sentence a model (or a person) can act on."""
-    violations: list[str] = []
-    allowed = allowed_numbers(facts)
-    text = text.replace(facts.model, "the model")  # its name and version are facts too
+def number_violations(text: str, allowed: set[float]) -> list[str]:
+    """Numbers the text writes that none of ``allowed`` rounds to."""
+    violations = []
     for match in _NUMBER.finditer(text):
         value = float(match.group(1))
         decimals = len(match.group(1).split(".")[1]) if "." in match.group(1) else 0
         tolerance = 0.5 * 10 ** -decimals + 1e-9
         if not any(abs(value - a) <= tolerance for a in allowed):
             violations.append(f"the number {match.group(1)} is not in the findings")
+    return violations
+
+
+def location_and_identifier_violations(text: str) -> list[str]:
+    violations = [f"'{match.group(0)}': the findings give no side or location"
+                  for match in _SIDES.finditer(text)]
+    if _CLOCK.search(text):
+        violations.append("a clock-face position: the findings give none")
+    if _IDENTIFIER.search(text):
+        violations.append("an identifier or date: the narrative must hold none")
+    return violations
+
+
+def check(text: str, facts: StudyFacts) -> list[str]:
+    """The narrative's violations, each a sentence a model (or a person) can act on."""
+    text = text.replace(facts.model, "the model")  # its name and version are facts too
+    violations = number_violations(text, allowed_numbers(facts))
     numbers = {lesion.number: lesion for lesion in facts.lesions}
     for match in _LESION.finditer(text):
         number = int(match.group(1))
@@ -95,12 +110,7 @@ def check(text: str, facts: StudyFacts) -> list[str]:
                                        r"(is|are|was|were) (seen|detected|found|present)",
                                        text, re.IGNORECASE):
         violations.append("the findings hold no lesion")
-    for match in _SIDES.finditer(text):
-        violations.append(f"'{match.group(0)}': the findings give no side or location")
-    if _CLOCK.search(text):
-        violations.append("a clock-face position: the findings give none")
-    if _IDENTIFIER.search(text):
-        violations.append("an identifier or date: the narrative must hold none")
+    violations += location_and_identifier_violations(text)
     return list(dict.fromkeys(violations))
 
 

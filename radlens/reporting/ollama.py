@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import ollama
@@ -28,6 +28,9 @@ from radlens.reporting.prompt import StudyFacts, chat_messages
 from radlens.reporting.template import template_narrative
 
 log = logging.getLogger(__name__)
+
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class LlmNarrative(BaseModel):
@@ -102,23 +105,24 @@ class OllamaNarrator:
         return ModelStatus("ollama", s.host, s.model, True, True, "vision" in capabilities,
                            f"model {s.model} ready at {s.host}")
 
-    def ask(self, facts: StudyFacts, *, timeout_s: float, violations: list[str] | None = None,
-            images: list[bytes] | None = None) -> LlmNarrative:
-        """One chat request; raises LlmUnavailable, or ValueError for an unusable answer."""
-        messages: list[dict[str, Any]] = chat_messages(facts, violations=violations)
+    def ask(self, messages: list[dict[str, Any]], schema: type[Answer], *, timeout_s: float,
+            images: list[bytes] | None = None) -> Answer:
+        """One chat request answered in ``schema``; raises LlmUnavailable, or ValueError for an
+        answer that is not that JSON."""
+        messages = [dict(m) for m in messages]
         if images:
             messages[1]["images"] = images
         try:
             response = self._client(timeout_s).chat(
                 model=self.settings.model, messages=messages, stream=False,
-                format=LlmNarrative.model_json_schema(),
+                format=schema.model_json_schema(),
                 options={"temperature": 0, "seed": self.settings.seed},
                 keep_alive=self.settings.keep_alive)
         except (httpx.HTTPError, ollama.ResponseError, ConnectionError) as exc:
             raise LlmUnavailable(_reason(exc)) from exc
         content = response.message.content or ""
         try:
-            return LlmNarrative.model_validate(json.loads(content))
+            return schema.model_validate(json.loads(content))
         except (json.JSONDecodeError, ValidationError) as exc:
             raise ValueError(f"the answer is not the requested JSON ({exc.__class__.__name__})"
                              ) from exc
@@ -134,6 +138,41 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+def grounded_text(settings: LlmSettings, schema: type[Answer],
+                  messages: Callable[[list[str] | None], list[dict[str, Any]]],
+                  check: Callable[[str], list[str]], *, subject: str,
+                  images: list[bytes] | None = None) -> tuple[str | None, str | None, bool | None]:
+    """Ask, check, retry once with the violations. Returns (text, why not, grounded): the
+    text when a grounded answer came within ``settings.timeout_s``, else the reason."""
+    started = time.monotonic()
+    remaining = lambda: settings.timeout_s - (time.monotonic() - started)  # noqa: E731
+    narrator = OllamaNarrator(settings)
+    violations: list[str] | None = None
+    for attempt in (1, 2):
+        if remaining() <= 0:
+            return None, f"the LLM did not answer within {settings.timeout_s:g} s", None
+        try:
+            answer = narrator.ask(messages(violations), schema, timeout_s=remaining(),
+                                  images=images)
+        except LlmUnavailable as exc:
+            return None, f"the LLM was unavailable ({exc})", None
+        except ValueError as exc:
+            violations = [str(exc)]
+            log.warning("LLM answer unusable", extra=kv(subject=subject, attempt=attempt,
+                                                        reason=str(exc)))
+            continue
+        text = answer.text()  # type: ignore[attr-defined]
+        violations = check(text)
+        if not violations:
+            log.info("LLM narrative grounded", extra=kv(subject=subject, model=settings.model,
+                                                        attempt=attempt))
+            return text, None, True
+        log.warning("LLM narrative not grounded", extra=kv(
+            subject=subject, attempt=attempt, violations="; ".join(violations)[:500]))
+    return None, ("the LLM's text failed grounding twice ("
+                  + "; ".join(violations or [])[:300] + ")"), False
+
+
 def narrate(findings: StudyFindings, settings: LlmSettings, *,
             images: Callable[[], list[bytes]] | None = None,
             vision_capable: bool = False) -> Narrative:
@@ -142,42 +181,21 @@ def narrate(findings: StudyFindings, settings: LlmSettings, *,
     template = template_narrative(findings)
     if settings.provider == "template":
         return template
-    started = time.monotonic()
-    remaining = lambda: settings.timeout_s - (time.monotonic() - started)  # noqa: E731
     facts = StudyFacts.from_findings(findings)
-    narrator = OllamaNarrator(settings)
     attachments = images() if (images and settings.vision and vision_capable) else None
-    violations: list[str] | None = None
-    for attempt in (1, 2):
-        if remaining() <= 0:
-            return _fallback(template, findings, "the LLM did not answer within "
-                             f"{settings.timeout_s:g} s")
-        try:
-            answer = narrator.ask(facts, timeout_s=remaining(), violations=violations,
-                                  images=attachments)
-        except LlmUnavailable as exc:
-            return _fallback(template, findings, f"the LLM was unavailable ({exc})")
-        except ValueError as exc:
-            violations = [str(exc)]
-            log.warning("LLM answer unusable", extra=kv(study=findings.study_instance_uid,
-                                                        attempt=attempt, reason=str(exc)))
-            continue
-        text = answer.text()
-        violations = grounding.check(text, facts)
-        if not violations:
-            log.info("LLM narrative grounded", extra=kv(study=findings.study_instance_uid,
-                                                        model=settings.model, attempt=attempt))
-            return Narrative(text=text, author=settings.model, grounded=True)
-        log.warning("LLM narrative not grounded", extra=kv(
-            study=findings.study_instance_uid, attempt=attempt,
-            violations="; ".join(violations)[:500]))
-    return _fallback(template, findings, "the LLM's text failed grounding twice ("
-                     + "; ".join(violations or [])[:300] + ")", grounded=False)
+    text, reason, grounded = grounded_text(
+        settings, LlmNarrative, lambda violations: chat_messages(facts, violations=violations),
+        lambda answer: grounding.check(answer, facts), subject=findings.study_instance_uid,
+        images=attachments)
+    if text is not None:
+        return Narrative(text=text, author=settings.model, grounded=True)
+    assert reason is not None
+    return _fallback(template, findings.study_instance_uid, reason, grounded=grounded)
 
 
-def _fallback(template: Narrative, findings: StudyFindings, reason: str, *,
+def _fallback(template: Narrative, subject: str, reason: str, *,
               grounded: bool | None = None) -> Narrative:
     log.warning("template narrative used instead of the LLM",
-                extra=kv(study=findings.study_instance_uid, reason=reason))
+                extra=kv(subject=subject, reason=reason))
     return Narrative(text=template.text, author=template.author, grounded=grounded,
                      note=f"template used because {reason}")

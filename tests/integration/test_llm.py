@@ -314,3 +314,57 @@ def test_the_pdf_report_holds_the_narrative_and_each_lesions_size(study, tmp_pat
         assert flat.count(size) >= 2, size  # in the narrative and in the table
     for value in IDENTIFIERS.values():
         assert value not in text
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """A real cohort analysis (nine clusterings, t-SNE, tables) over three separated groups."""
+    import numpy as np
+
+    from radlens.analysis.cohort import summarise_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2], 12)
+    latents = rng.normal(size=(36, 16)) + labels[:, None] * 6.0
+    attributes = [None if y == 0 else {
+        "area_px": 900.0 + 300 * y, "area_mm2": 36.0 + 12 * y, "compactness": 0.95 - 0.15 * y,
+        "edge_sharpness": 24.0 - 3 * y, "centroid_x": 0.5, "centroid_y": 0.5,
+        "border_irregularity": 1.0 + 0.4 * y, "asymmetry": 0.05 * y} for y in labels]
+    report = summarise_cohort(latents, labels, attributes, out, data="synthetic",
+                              model="test", grouping="ground truth")
+    return out, report
+
+
+def test_the_cohort_report_is_grounded_and_written_next_to_the_tables(cohort, fake):
+    from radlens.reporting.cohort_report import REPORT_FILE, cohort_facts, write_cohort_report
+
+    out, report = cohort
+    facts = cohort_facts(report)
+    best = facts["best_clustering"]
+    first = facts["per_cluster"][0]
+    good = answer(summary=f"{facts['images']} images in {best['clusters']} clusters.",
+                  latent_picture=f"{best['algorithm']} separates them (silhouette "
+                                 f"{best['silhouette']}); the linear probe reaches "
+                                 f"{facts['linear_probe_accuracy_percent']}% accuracy.",
+                  cluster_comparison=f"{first['group']} holds {first['samples']} images.",
+                  interpretation="Normal maps to BI-RADS-style 1, an AI suggestion.",
+                  subgroups="The clusters follow the known classes.")
+    fake.replies = [good]
+    fake.capabilities = ["completion", "vision"]
+    narrative = write_cohort_report(out, report, _settings(fake.host, vision=True),
+                                    vision_capable=True)
+    assert narrative.grounded and narrative.author == "llama3.1:8b"
+    assert len(fake.requests[0]["messages"][1]["images"]) == 2  # both t-SNE pictures
+    written = (out / REPORT_FILE).read_text()
+    assert "Written by: llama3.1:8b (grounding passed)" in written
+    assert "tsne_clusters.png" in written and "| cluster" in written.lower()
+
+    fake.replies = [good.replace(" clusters.", " clusters; cluster 9 is new."),
+                    good.replace(f"{first['samples']} images", f"{first['samples'] + 17} images")]
+    fallback = write_cohort_report(out, report, _settings(fake.host))
+    assert fallback.author == "radlens template" and fallback.grounded is False
+    retry = fake.requests[-1]["messages"][-1]["content"]
+    assert "cluster 9 does not exist" in retry
+    assert "template used because the LLM's text failed grounding twice" in \
+        (out / REPORT_FILE).read_text()
