@@ -20,7 +20,14 @@ _SIDES = re.compile(r"\b(left|right|bilateral|(upper|lower)[- ](inner|outer)|qua
 _CLOCK = re.compile(r"\b\d{1,2}\s*(?::00)?\s*o[' ]?clock\b", re.IGNORECASE)
 _IDENTIFIER = re.compile(r"\b\d+(?:\.\d+){4,}\b|\b(19|20)\d{2}-\d{2}-\d{2}\b|\bMRN\b|\bDOB\b",
                          re.IGNORECASE)
-_CLASS_WORDS = {"benign": "benign", "malignant": "malignant"}
+_WORD_NUMBERS = {"no": 0, "one": 1, "a single": 1, "single": 1, "two": 2, "three": 3,
+                 "four": 4, "five": 5, "six": 6}
+_COUNT = re.compile(r"\b(\d+|no|one|a single|single|two|three|four|five|six)\s+(?:focal\s+|"
+                    r"distinct\s+|separate\s+)?lesions?\b", re.IGNORECASE)
+# Findings the model does not make: naming one invents it.
+_UNSUPPORTED = re.compile(r"\b(calcifications?|microcalcifications?|cysts?|cystic|lymph nodes?|"
+                          r"metasta\w*|architectural distortion|haematoma|hematoma|abscess|"
+                          r"implants?|ductal|invasive|carcinoma|fibroadenoma)\b", re.IGNORECASE)
 # Small integers a report needs whatever the findings: task and list numbering, BI-RADS
 # category digits, the five-level scale, "2-D".
 _ALWAYS = {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
@@ -110,6 +117,14 @@ def check(text: str, facts: StudyFacts) -> list[str]:
                                        r"(is|are|was|were) (seen|detected|found|present)",
                                        text, re.IGNORECASE):
         violations.append("the findings hold no lesion")
+    for match in _COUNT.finditer(text):
+        said = match.group(1).lower()
+        count = int(said) if said.isdigit() else _WORD_NUMBERS[said]
+        if count != len(facts.lesions):
+            violations.append(f"'{match.group(0)}': the findings hold {len(facts.lesions)} "
+                              "lesion(s)")
+    violations += [f"'{m.group(0)}': the findings hold no such finding"
+                   for m in _UNSUPPORTED.finditer(text)]
     violations += location_and_identifier_violations(text)
     return list(dict.fromkeys(violations))
 

@@ -145,38 +145,38 @@ def test_a_corrected_second_answer_is_accepted(study, fake):
     assert narrative.grounded is True and narrative.author == "llama3.1:8b"
 
 
-def _fallback_reason(findings, settings, caplog) -> str:
+def _fallback_reason(study, settings, caplog) -> str:
+    """The template stands in, the log says so in one line, and the outputs still arrive with
+    the reason in the SR."""
+    root, findings, paths = study
     with caplog.at_level(logging.WARNING):
         narrative = narrate(findings, settings)
     assert narrative.author == "radlens template" and narrative.note
     assert "template narrative used instead of the LLM" in caplog.text
+    assert narrative.note in _sr_text(findings, paths, root, narrative)
     return narrative.note
 
 
 def test_timeout_falls_back_to_the_template(study, fake, caplog):
-    _, findings, _ = study
     fake.delay_s = 3.0
-    note = _fallback_reason(findings, _settings(fake.host, timeout_s=1.0), caplog)
+    note = _fallback_reason(study, _settings(fake.host, timeout_s=1.0), caplog)
     assert "timed out" in note
 
 
 def test_server_error_falls_back_to_the_template(study, fake, caplog):
-    _, findings, _ = study
     fake.replies = [lambda body: (500, {"error": "llama runner process has terminated"})]
-    note = _fallback_reason(findings, _settings(fake.host), caplog)
+    note = _fallback_reason(study, _settings(fake.host), caplog)
     assert "HTTP 500" in note and "llama runner" in note
 
 
 def test_refused_connection_falls_back_to_the_template(study, caplog):
-    _, findings, _ = study
-    note = _fallback_reason(findings, _settings(f"http://127.0.0.1:{free_port()}"), caplog)
+    note = _fallback_reason(study, _settings(f"http://127.0.0.1:{free_port()}"), caplog)
     assert "connection refused" in note or "ConnectError" in note
 
 
 def test_missing_model_falls_back_to_the_template(study, fake, caplog):
-    _, findings, _ = study
     fake.models = ["mistral:7b"]
-    note = _fallback_reason(findings, _settings(fake.host, model="llama3.1:8b"), caplog)
+    note = _fallback_reason(study, _settings(fake.host, model="llama3.1:8b"), caplog)
     assert "HTTP 404" in note and "not found" in note
     status = OllamaNarrator(_settings(fake.host, model="llama3.1:8b")).status()
     assert status.reachable and not status.pulled
@@ -368,3 +368,14 @@ def test_the_cohort_report_is_grounded_and_written_next_to_the_tables(cohort, fa
     assert "cluster 9 does not exist" in retry
     assert "template used because the LLM's text failed grounding twice" in \
         (out / REPORT_FILE).read_text()
+
+
+def test_grounding_catches_a_wrong_count_and_an_invented_finding(study):
+    _, findings, _ = study
+    facts = StudyFacts.from_findings(findings)
+    assert len(facts.lesions) == 2
+    assert any("the findings hold 2 lesion(s)" in v
+               for v in grounding.check("Three lesions are seen.", facts))
+    assert any("no such finding" in v
+               for v in grounding.check("Lesion 1 shows calcifications.", facts))
+    assert grounding.check("Two lesions are seen.", facts) == []
