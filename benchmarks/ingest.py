@@ -25,7 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from radlens.demo.tools import system_tool  # noqa: E402
 from radlens.dicom_io.synthetic import write_us_studies  # noqa: E402
+
+
+def tool(name: str) -> str:
+    """dcmtk's tool, not pynetdicom's console script of the same name in a venv on PATH."""
+    path = system_tool(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed (dcmtk): make tools")
+    return path
 
 BARE_PYNETDICOM_SCP = r'''
 import sys
@@ -62,7 +71,7 @@ def wait_listening(port: int, timeout: float = 30) -> None:
 def send(port: int, called: str, files: list[Path]) -> float:
     env = dict(os.environ, TCP_NODELAY="1")
     started = time.perf_counter()
-    result = subprocess.run(["storescu", "-aec", called, "127.0.0.1", str(port),
+    result = subprocess.run([tool("storescu"), "-aec", called, "127.0.0.1", str(port),
                              *map(str, files)], env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
@@ -80,8 +89,8 @@ def run_receiver(name: str, files: list[Path], work: Path) -> float:
         env.pop("TCP_NODELAY")
         name = "storescp"
     if name == "storescp":
-        args, called = ["storescp", "-aet", "STORESCP", "+xa", "-od", str(target), str(port)], \
-            "STORESCP"
+        args = [tool("storescp"), "-aet", "STORESCP", "+xa", "-od", str(target), str(port)]
+        called = "STORESCP"
     elif name == "bare pynetdicom":
         args, called = [sys.executable, "-c", BARE_PYNETDICOM_SCP, str(port), str(target)], "BARE"
     else:

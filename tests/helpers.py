@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+
+from radlens.demo.tools import system_tool
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 RADLENS = [sys.executable, "-m", "radlens.cli"]
@@ -40,11 +41,8 @@ STORESCU_OPTION_BY_SYNTAX = {
 
 def require_tool(name: str) -> str:
     """The system's tool (dcmtk, dicom3tools, Orthanc), never pynetdicom's console script of the
-    same name (storescu, echoscu...) that an activated virtual environment puts first on PATH."""
-    venv_bin = str(Path(sys.prefix) / "bin")
-    search = os.pathsep.join(part for part in os.environ.get("PATH", os.defpath).split(os.pathsep)
-                             if part and os.path.realpath(part) != os.path.realpath(venv_bin))
-    path = shutil.which(name, path=search)
+    same name (storescu, echoscu...) that a virtual environment on PATH may put first."""
+    path = system_tool(name)
     if path is None:
         raise RuntimeError(f"{name} is not installed: run `make test`, which installs it")
     return path

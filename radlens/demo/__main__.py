@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from rich.console import Console
 
 from radlens.demo.ohif import OhifServer, fetch_ohif
 from radlens.demo.orthanc import Orthanc, free_port, wait_for
+from radlens.demo.tools import system_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "ohif"
@@ -42,9 +42,9 @@ def _port(preferred: int) -> int:
 
 
 def _storescu(aet: str, port: int, files: list[Path]) -> None:
-    storescu = shutil.which("storescu")
-    if storescu is None or "venv" in storescu:
-        storescu = "/usr/bin/storescu"
+    storescu = system_tool("storescu")
+    if storescu is None:
+        raise RuntimeError("dcmtk's storescu is not installed: apt-get install -y dcmtk")
     say(f"$ storescu -aec {aet} 127.0.0.1 {port} {' '.join(str(f) for f in files)}")
     subprocess.run([storescu, "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
                    check=True, timeout=120)

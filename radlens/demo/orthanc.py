@@ -4,7 +4,6 @@ of the end-to-end tests. HTTP answers on 127.0.0.1 only (RemoteAccessAllowed fal
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -14,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from radlens.demo.tools import system_tool
 
 
 def free_port() -> int:
@@ -82,7 +83,7 @@ class Orthanc:
         config = self.folder / "orthanc.json"
         config.write_text(json.dumps(self.config(), indent=2))
         log = (self.folder / "orthanc.log").open("ab")
-        binary = shutil.which("Orthanc")
+        binary = system_tool("Orthanc")
         if binary is None:
             raise RuntimeError("Orthanc is not installed: apt-get install -y orthanc "
                                "orthanc-dicomweb (make test and make demo do it)")
@@ -148,4 +149,4 @@ class Orthanc:
 
 
 def orthanc_available() -> bool:
-    return shutil.which("Orthanc") is not None
+    return system_tool("Orthanc") is not None

@@ -1,0 +1,236 @@
+"""The research commands: phantoms, models, train, evaluate, cohort, export-nifti.
+
+Registered on the ``radlens`` app by ``radlens.cli``; kept apart so the agent's commands and the
+research pipeline's each stay readable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from radlens.cli_support import ConfigOption, cli_settings, console, err, fail
+from radlens.config import Settings
+from radlens.errors import RadlensError
+
+
+def phantoms(
+    out: Annotated[Path, typer.Option(help="folder to write images/, masks/, labels.csv")],
+    n: Annotated[int, typer.Option(min=1, help="number of cases")] = 100,
+    seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
+    size: Annotated[int, typer.Option(min=64, max=2048, help="frame size in pixels")] = 256,
+    dicom: Annotated[bool, typer.Option("--dicom", help="also one DICOM study per case")]
+    = False,
+    config: ConfigOption = None,
+) -> None:
+    """Write synthetic breast-ultrasound phantoms in the BUS-UCLM folder layout."""
+    from rich.progress import Progress
+
+    from radlens.models.phantoms import Phantom, generate, write_dataset
+
+    cli_settings(config)
+    counts: dict[str, int] = {}
+    with Progress(console=err, transient=False) as progress:
+        task = progress.add_task("phantoms", total=n)
+
+        def advance(phantom: Phantom) -> None:
+            counts[phantom.label] = counts.get(phantom.label, 0) + 1
+            progress.advance(task)
+
+        write_dataset(out, generate(n, seed, size=size), dicom=dicom,
+                      uid_seed=f"radlens-phantoms-{seed}-{size}", on_case=advance)
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "benign", "malignant"))
+    out.mkdir(parents=True, exist_ok=True)
+    console_line = f"wrote {n} phantoms ({summary}) to {out}"
+    if dicom:
+        console_line += f"; DICOM studies in {out / 'dicom'}"
+    sys.stdout.write(console_line + "\n")
+
+
+def models() -> None:
+    """The registered architectures with their parameter counts, and the shipped models."""
+    from radlens.models.infer import WEIGHTS_DIR
+    from radlens.models.networks import REGISTRY, parameter_count
+
+    table = Table(title="architectures")
+    for column in ("name", "parameters", "size (float32)", "encoder depths", "description"):
+        table.add_column(column, justify="right" if column in ("parameters", "size (float32)",
+                                                               "encoder depths") else "left")
+    for name, architecture in REGISTRY.items():
+        network = architecture.build(1)
+        count = parameter_count(network)
+        table.add_row(name, f"{count:,}", f"{count * 4 / 2**20:.1f} MiB", str(network.depth),
+                      architecture.description)
+    console.print(table)
+    for card_path in sorted(WEIGHTS_DIR.glob("*/card.json")):
+        card = json.loads(card_path.read_text())
+        console.print(f"shipped: {card_path.parent.name} = {card['name']} {card['version']} "
+                  f"({card['architecture']})", highlight=False)
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="dataset folder: images/, masks/ [labels.csv]",
+                                       exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="where model.pt, card, metrics and curves go")],
+    arch: Annotated[str, typer.Option(help="architecture (see radlens models)")] = "unet",
+    folds: Annotated[int, typer.Option(min=0, help="k-fold cross-validation (0: one split)")]
+    = 0,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    learning_rate: Annotated[float, typer.Option()] = 1e-4,
+    patience: Annotated[int, typer.Option(min=1, help="early stopping patience (epochs)")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+    size: Annotated[int, typer.Option(min=32, help="network input size")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    workers: Annotated[int, typer.Option(min=0, help="data-loading processes")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Train a segmentation network with the science.md settings."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from radlens.models.datasets import DatasetError
+    from radlens.models.networks import REGISTRY
+    from radlens.models.train import EpochRecord, TrainSettings, run_training
+
+    cli_settings(config)
+    if arch not in REGISTRY:
+        raise fail(f"unknown architecture {arch!r} (known: {', '.join(REGISTRY)})", 2)
+    settings = TrainSettings(arch=arch, epochs=epochs, batch_size=batch_size,
+                             learning_rate=learning_rate, patience=patience, folds=folds,
+                             seed=seed, device=device, size=size, workers=workers)
+    command = "radlens " + " ".join(sys.argv[1:])
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err) as progress:
+        tasks: dict[int, int] = {}
+
+        def on_epoch(fold: int, record: EpochRecord, planned: int) -> None:
+            if fold not in tasks:
+                tasks[fold] = progress.add_task(f"{arch} fold {fold}", total=planned, info="")
+            dice = record.val_lesion_dice
+            progress.update(tasks[fold], completed=record.epoch,
+                            info=f"loss {record.train_loss:.3f} / {record.val_loss:.3f}  "
+                                 f"lesion Dice " + (f"{dice:.3f}" if dice is not None else "n/a"))
+
+        try:
+            metrics = run_training(data, settings, out, command=command, on_epoch=on_epoch)
+        except (DatasetError, ValueError) as exc:
+            raise fail(str(exc), 1) from None
+    summary = metrics["summary"]
+    dice = summary["lesion_dice"]["mean"]
+    console.print(f"trained {arch} on {metrics['data']['cases']} cases; validation lesion Dice "
+              f"{dice:.3f}; image accuracy "
+              f"{summary['from_segmentation']['accuracy']['mean']:.3f}; wrote {out}")
+
+
+def evaluate(
+    data: Annotated[Path, typer.Option(help="dataset folder with masks", exists=True,
+                                       file_okay=False)],
+    out: Annotated[Path, typer.Option(help="where report.json and report.md go")],
+    model: Annotated[str, typer.Option(help="weights folder or shipped model name")]
+    = "default",
+    compare: Annotated[str | None, typer.Option(
+        help="train these architectures (comma-separated) under identical settings and "
+             "compare them instead")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="epochs per architecture with --compare")]
+    = 100,
+    folds: Annotated[int, typer.Option(min=0, help="folds per architecture with --compare")]
+    = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Evaluate a model on a labelled dataset, or compare architectures trained identically."""
+    from radlens.models import evaluate as evaluation
+    from radlens.models.datasets import DatasetError
+
+    cli_settings(config)
+    try:
+        if compare:
+            evaluation.compare_architectures(
+                data, [a.strip() for a in compare.split(",") if a.strip()], out,
+                epochs=epochs, folds=folds, device=device, seed=seed)
+        else:
+            evaluation.evaluate_folder(data, model, out, device=device, seed=seed)
+    except (DatasetError, ValueError, RadlensError) as exc:
+        raise fail(str(exc), 1) from None
+    console.print((out / "report.md").read_text(), markup=False, highlight=False)
+
+
+def cohort(
+    out: Annotated[Path, typer.Option(help="where cohort.json, cohort.md and the t-SNE go")],
+    data: Annotated[Path | None, typer.Option(
+        help="dataset folder with masks (images/, masks/)", exists=True, file_okay=False)]
+    = None,
+    from_agent: Annotated[bool, typer.Option(
+        "--from-agent", help="everything the agent processed (storage.data_dir)")] = False,
+    latent: Annotated[str, typer.Option(help="with --from-agent: image or lesion")] = "image",
+    model: Annotated[str, typer.Option(help="weights folder or shipped model name")]
+    = "default",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Latent probing: cluster the encoder latents nine ways, score, draw, tabulate."""
+    from rich.progress import Progress
+
+    from radlens.analysis.cohort import analyse_agent, analyse_dataset
+    from radlens.models.datasets import DatasetError
+
+    settings = cli_settings(config)
+    if (data is None) == (not from_agent):
+        raise fail("give either --data DIR or --from-agent", 2)
+    with Progress(console=err) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        try:
+            if from_agent:
+                report = analyse_agent(settings.storage.data_dir, out, latent=latent,
+                                       seed=seed, on_progress=on_progress)
+            else:
+                assert data is not None
+                report = analyse_dataset(data, out, model=model, device=device, seed=seed,
+                                         on_progress=on_progress)
+        except (DatasetError, ValueError, RadlensError) as exc:
+            raise fail(str(exc), 1) from None
+    from radlens.reporting.cohort_report import REPORT_FILE, write_cohort_report
+
+    narrative = write_cohort_report(out, report, settings.llm,
+                                    vision_capable=_llm_takes_images(settings))
+    console.print((out / "cohort.md").read_text(), markup=False, highlight=False)
+    console.print(narrative.text, markup=False, highlight=False)
+    console.print(f"written by {narrative.author_line}; report: {out / REPORT_FILE}",
+                  markup=False, highlight=False)
+
+
+def _llm_takes_images(settings: Settings) -> bool:
+    if settings.llm.provider != "ollama" or not settings.llm.vision:
+        return False
+    from radlens.reporting.ollama import OllamaNarrator
+
+    return OllamaNarrator(settings.llm).status().vision
+
+
+def export_nifti(
+    results: Annotated[Path, typer.Argument(help="a study's results folder "
+                                            "(<data>/results/<StudyInstanceUID>)",
+                                            exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="where the .nii.gz files go")],
+    config: ConfigOption = None,
+) -> None:
+    """Write a processed study's class maps, probabilities and saliency maps as NIfTI."""
+    from radlens.analysis.nifti import export_study
+
+    cli_settings(config)
+    if not (results / "findings.json").is_file():
+        raise fail(f"{results} holds no findings.json", 1)
+    written = export_study(results, out)
+    console.print(f"wrote {len(written)} NIfTI file(s) to {out}")
