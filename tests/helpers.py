@@ -9,14 +9,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 
-from radlens.demo.tools import system_tool
+from radlens.demo.tools import free_port, system_tool, wait_for  # noqa: F401 (re-exported)
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 RADLENS = [sys.executable, "-m", "radlens.cli"]
@@ -46,23 +45,6 @@ def require_tool(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not installed: run `make test`, which installs it")
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.1) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def port_open(port: int) -> bool:

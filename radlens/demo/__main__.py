@@ -20,8 +20,8 @@ from pathlib import Path
 from rich.console import Console
 
 from radlens.demo.ohif import OhifServer, fetch_ohif
-from radlens.demo.orthanc import Orthanc, free_port, wait_for
-from radlens.demo.tools import system_tool
+from radlens.demo.orthanc import Orthanc
+from radlens.demo.tools import free_port, system_tool, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "ohif"

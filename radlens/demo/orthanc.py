@@ -4,33 +4,14 @@ of the end-to-end tests. HTTP answers on 127.0.0.1 only (RemoteAccessAllowed fal
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radlens.demo.tools import system_tool
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
+from radlens.demo.tools import free_port, system_tool, wait_for
 
 DICOMWEB_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins"))
 
@@ -146,7 +127,3 @@ class Orthanc:
 
     def instance_tags(self, instance_id: str) -> dict:
         return self.get(f"/instances/{instance_id}/simplified-tags")
-
-
-def orthanc_available() -> bool:
-    return system_tool("Orthanc") is not None

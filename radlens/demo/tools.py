@@ -1,4 +1,5 @@
-"""Finding the real DICOM peers (dcmtk, dicom3tools, Orthanc) on PATH.
+"""Finding the real DICOM peers (dcmtk, dicom3tools, Orthanc) on PATH, free ports and waiting:
+what the demo and the tests share when they start real peers.
 
 pynetdicom installs console scripts named like dcmtk's tools (storescu, echoscu, storescp...) into
 any virtual environment it is installed in, and an activated environment puts them first on
@@ -7,6 +8,9 @@ PATH: those are Python scripts, not the peers the tests and the demo mean."""
 from __future__ import annotations
 
 import os
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -29,3 +33,21 @@ def system_tool(name: str) -> str | None:
                 and not _is_python_script(candidate):
             return str(candidate)
     return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.1) -> object:
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
