@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DICOM_DIR = "dicom"
 REPORT_PDF = "report.pdf"
+FIGURES = 2  # frames shown in the PDF report
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,8 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
         except Exception as exc:  # one object that cannot be built must not cost the others
             failures.append(_failed("segmentation (SEG)", findings, exc))
             segmentations = []
-    if settings.parametric_map or settings.overlay:
-        _write_maps(images, sources, equipment, findings, folder, settings, saliency_methods,
-                    written, failures, fsync)
+    figures = _write_per_image(images, sources, equipment, findings, folder, settings,
+                               saliency_methods, written, failures, fsync)
     if settings.sr:
         notes = study_notes(findings, any(image.lesions for image in images))
         report = build_report(images, segmentations, narrative, equipment,
@@ -102,7 +103,7 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
         written.sr.append(_save(report, folder, "SR", fsync))
     if settings.pdf:
         try:
-            pdf = render_report(findings, narrative, _figures(images, sources, saliency_methods))
+            pdf = render_report(findings, narrative, figures)
             write_durably(study_results / REPORT_PDF, pdf, fsync=fsync)
             headers = [image.header for image in images] or [
                 with_type2_present(pydicom.dcmread(path, stop_before_pixels=True))
@@ -148,48 +149,24 @@ def overlay_pngs(findings: StudyFindings, sources: Mapping[str, Path], study_res
     return pngs
 
 
-def _figures(images: list[AnalysedImage], sources: Mapping[str, Path],
-             saliency_methods: Sequence[str], *, limit: int = 2) -> list[Figure]:
-    """The first frames with a lesion: outlined image beside the saliency overlay."""
-    import numpy as np
-
-    from radlens.dicom_io.writers.overlay import render_overlay
-
-    figures: list[Figure] = []
-    for number, image in enumerate(images, start=1):
-        frames = [f for f, frame in sorted(image.frames.items()) if frame.prediction.lesions]
-        if not frames or len(figures) >= limit:
-            continue
-        decoded = pixels.decode_file(sources[image.sop_instance_uid])
-        method = chosen_method(image, saliency_methods)
-        for frame in frames[:limit - len(figures)]:
-            mask = image.mask(frame)
-            zero = np.zeros(mask.shape, np.float32)
-            saliency = image.frames[frame].saliency.get(method, zero) if method else zero
-            title = f"image {number}" + (f", frame {frame + 1}" if image.info.frames > 1 else "")
-            figures.append(Figure(title, render_overlay(decoded.pixels[frame], zero, mask),
-                                  render_overlay(decoded.pixels[frame], saliency, mask)))
-    return figures
-
-
 def _failed(what: str, findings: StudyFindings, exc: Exception) -> str:
     log.error("DICOM output not written", exc_info=exc,
               extra=kv(study=findings.study_instance_uid, output=what))
     return f"The {what} could not be written: {type(exc).__name__}: {exc}"[:1000]
 
 
-def _write_maps(images: list[AnalysedImage], sources: Mapping[str, Path], equipment: Equipment,
-                findings: StudyFindings, folder: Path, settings: OutputSettings,
-                saliency_methods: Sequence[str], written: WrittenOutputs, failures: list[str],
-                fsync: bool) -> None:
-    """Parametric Map and RGB overlay of every image with a saliency map."""
+def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
+                     equipment: Equipment, findings: StudyFindings, folder: Path,
+                     settings: OutputSettings, saliency_methods: Sequence[str],
+                     written: WrittenOutputs, failures: list[str], fsync: bool) -> list[Figure]:
+    """Parametric Map and RGB overlay of every image with a saliency map, and the PDF's figures
+    (the first frames with a lesion), decoding each source at most once."""
     map_plan = SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision)
     overlay_plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
-    for image in images:
+    figures: list[Figure] = []
+    for number, image in enumerate(images, start=1):
         method = chosen_method(image, saliency_methods)
-        if method is None:
-            continue
-        if settings.parametric_map:
+        if method is not None and settings.parametric_map:
             try:
                 pm = build_parametric_map(image, method, equipment, map_plan,
                                           len(written.parametric_map) + 1)
@@ -197,16 +174,45 @@ def _write_maps(images: list[AnalysedImage], sources: Mapping[str, Path], equipm
             except Exception as exc:
                 failures.append(_failed(f"saliency Parametric Map of {image.sop_instance_uid}",
                                         findings, exc))
-        if settings.overlay:
+        overlay = method is not None and settings.overlay
+        figure = settings.pdf and len(figures) < FIGURES and bool(image.lesions)
+        if not (overlay or figure):
+            continue
+        try:
+            frames = pixels.decode_file(sources[image.sop_instance_uid]).pixels
+        except Exception as exc:  # an undecodable source
+            if overlay:
+                failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
+                                        findings, exc))
+            continue
+        if overlay:
             try:
-                decoded = pixels.decode_file(sources[image.sop_instance_uid])
-                with_pixels = dataclasses.replace(image, pixels=decoded.pixels)
+                with_pixels = dataclasses.replace(image, pixels=frames)
                 for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
                                          len(written.overlay) + 1):
                     written.overlay.append(_save(sc, folder, "SC", fsync))
-            except Exception as exc:  # an undecodable source, a refused header
+            except Exception as exc:  # a refused header
                 failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
                                         findings, exc))
+        if figure:
+            figures += _figures(image, number, frames, method, FIGURES - len(figures))
+    return figures
+
+
+def _figures(image: AnalysedImage, number: int, frames: np.ndarray, method: str | None,
+             limit: int) -> list[Figure]:
+    """The image's first frames with a lesion: outlined, and beside it the saliency overlay."""
+    from radlens.dicom_io.writers.overlay import render_overlay
+
+    figures = []
+    for frame in [f for f, a in sorted(image.frames.items()) if a.prediction.lesions][:limit]:
+        mask = image.mask(frame)
+        zero = np.zeros(mask.shape, np.float32)
+        saliency = image.frames[frame].saliency.get(method, zero) if method else zero
+        title = f"image {number}" + (f", frame {frame + 1}" if image.info.frames > 1 else "")
+        figures.append(Figure(title, render_overlay(frames[frame], zero, mask),
+                              render_overlay(frames[frame], saliency, mask)))
+    return figures
 
 
 def _save(dataset: Dataset, folder: Path, prefix: str, fsync: bool) -> Path:

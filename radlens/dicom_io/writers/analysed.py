@@ -21,7 +21,6 @@ from radlens.findings import FramePrediction, ImageInfo, LesionMeasurements
 class AnalysedFrame:
     prediction: FramePrediction
     lesions: np.ndarray  # (rows, columns) uint16: 0 background, k = lesion index k
-    probabilities: np.ndarray | None = None  # (3, rows, columns): normal, benign, malignant
     saliency: dict[str, np.ndarray] = field(default_factory=dict)  # method -> map in [0, 1]
 
 
@@ -81,6 +80,5 @@ def load_analysed(info: ImageInfo, source_path: Path, study_results: Path, *,
                        else np.zeros((info.rows, info.columns), np.uint16))
             saliency = {name.removeprefix("saliency_"): stored[name].astype(np.float32)
                         for name in stored.files if name.startswith("saliency_")}
-            probabilities = stored["probabilities"].astype(np.float32)
-        frames[prediction.frame] = AnalysedFrame(prediction, lesions, probabilities, saliency)
+        frames[prediction.frame] = AnalysedFrame(prediction, lesions, saliency)
     return AnalysedImage(header=header, info=info, frames=frames, pixels=pixels)
