@@ -1,10 +1,11 @@
 """The pipeline: typed stages from a study's files to its findings, one image at a time.
 
 Each stage takes the previous stage's result and returns its own; nothing reaches back. Images
-flow through the per-image stages one by one so a large study never sits in memory whole. Stages
-built so far: decoding (``dicom_io.pixels``), then segmentation and classification
-(``models.infer``). Saliency, measurement, narrative and the DICOM writers plug in after
-``analyse_image`` and before ``write_findings`` (issues 4 to 6).
+flow through the per-image stages one by one so a large study never sits in memory whole:
+decoding (``dicom_io.pixels``), segmentation and classification (``models.infer``), lesion
+measurement (``analysis.lesions``) and saliency (``models.saliency``), their maps kept on disk.
+The narrative (``reporting``) and the DICOM writers (``dicom_io.writers``) run after
+``write_findings``, from the findings and those maps (``agent.worker``, ``agent.offline``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
 # SR: procedure reported and anatomy.
 ULTRASONOGRAPHY_OF_BREAST = Code("47079000", "SCT", "Ultrasonography of breast")
-ULTRASONOGRAPHY = Code("16310003", "SCT", "Diagnostic ultrasonography")
 BREAST = Code("76752008", "SCT", "Breast")
 LESION = Code("52988006", "SCT", "Lesion")
 
@@ -47,8 +46,6 @@ MALIGNANT_PROBABILITY = Code("RADL032", "99RADLENS", "Probability of malignant l
 NARRATIVE = Code("121073", "DCM", "Impression")
 NOT_FOR_DIAGNOSTIC_USE = Code("RADL040", "99RADLENS", "Not for diagnostic use")
 NARRATIVE_AUTHOR = Code("RADL041", "99RADLENS", "Narrative author")
-SEGMENTATION_NOTE = Code("RADL042", "99RADLENS", "Segmentation note")
-SALIENCY_MAP = Code("RADL050", "99RADLENS", "Saliency")
 
 UCUM_MM = Code("mm", "UCUM", "millimeter")
 UCUM_MM2 = Code("mm2", "UCUM", "square millimeter")

@@ -240,11 +240,9 @@ def test_the_agent_checks_the_llm_at_start_and_uses_it(server_factory, fake, tmp
     ds.save_as(source, enforce_file_format=True)
 
     def reply(body: dict) -> str:  # grounded, whatever the study: built from the prompt's facts
-        import json as _json
-
         facts = StudyFacts.model_validate_json(
             body["messages"][1]["content"].split("Findings JSON:\n", 1)[1])
-        return _json.loads(_json.dumps(_grounded(facts)))
+        return _grounded(facts)
 
     fake.replies = [reply]
     server = server_factory(RADLENS_LLM__PROVIDER="ollama", RADLENS_LLM__HOST=fake.host,
