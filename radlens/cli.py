@@ -112,6 +112,16 @@ def status(
         console.print("outbox: nothing queued")
     for failure in report.recent_failures:
         console.print(f"[red]job {failure['id']} failed[/]: {failure['error']}", highlight=False)
+    for job in report.retrying:
+        console.print(f"[yellow]job {job['id']} will be retried[/] (attempt {job['attempts']} "
+                      f"failed): {job['error']}", highlight=False)
+    if report.recent_not_analysed:
+        skipped = Table(title="not analysed (latest studies)")
+        for column in ("study", "object", "reason"):
+            skipped.add_column(column, overflow="fold")
+        for item in report.recent_not_analysed:
+            skipped.add_row(str(item["study"]), str(item["sop"]), str(item["reason"]))
+        console.print(skipped)
     if report.llm is not None:
         colour = "green" if report.llm.ready else "yellow"
         console.print(f"narrative: [{colour}]{report.llm.provider}[/] - ", end="")
@@ -168,27 +178,96 @@ def process(
         raise fail("model.enabled is false: nothing to process", 2)
     studies, unreadable = collect_studies(paths)
     table = Table(title="processed")
-    for column in ("study", "revision", "lesions", "SEG", "SR", "maps", "overlays"):
+    for column in ("study", "revision", "lesions", "SEG", "SR", "maps", "overlays", "outcome"):
         table.add_column(column)
+    processed = []
     with Progress(console=err) as progress:
         task = progress.add_task("studies", total=len(studies))
         for study_uid, instances in studies.items():
             done = process_study(study_uid, instances, out / "results", analyser, settings)
+            processed.append(done)
             table.add_row(study_uid, str(done.revision), str(done.lesions),
                           str(len(done.outputs.seg)), str(len(done.outputs.sr)),
-                          str(len(done.outputs.parametric_map)), str(len(done.outputs.overlay)))
+                          str(len(done.outputs.parametric_map)), str(len(done.outputs.overlay)),
+                          "failed" if done.error else "done")
             progress.advance(task)
     console.print(table)
+    console.print(summary_table(processed, unreadable))
     for item in unreadable:
         err.print(f"skipped {item.path}: {item.reason}", markup=False, highlight=False)
     if not studies:
         raise fail("no DICOM study found in the given paths", 1)
+    failed = [done for done in processed if done.error]
+    if failed:
+        raise fail(f"{len(failed)} of {len(processed)} studies failed (an SR saying so was "
+                   "written for each; the log has the reason)", 1)
+
+
+def summary_table(processed: list, unreadable: list) -> Table:
+    """Files, studies, images analysed, and what was not analysed, counted by reason."""
+    from radlens.agent.offline import outcome_counts
+
+    counts = outcome_counts(processed, unreadable)
+    table = Table(title="summary")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for what, count in counts.items():
+        table.add_row(what, str(count))
+    return table
+
+
+@app.command()
+def route(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders", exists=True)],
+    calling_aet: Annotated[str | None, typer.Option(
+        help="calling AE title the images would arrive from (routing rules may use it)")]
+    = None,
+    config: ConfigOption = None,
+) -> None:
+    """Say for each file which model would run on it and why, or why none would."""
+    import pydicom
+
+    from radlens.agent.offline import iter_files
+    from radlens.agent.routing import ImageFacts, ModelScope, Router
+    from radlens.models.infer import ModelError, model_folder
+
+    settings = cli_settings(config)
+    try:
+        folder = model_folder(settings.model.weights)
+        card = json.loads((folder / "card.json").read_text())
+        scope = ModelScope.from_card(card)
+    except (ModelError, OSError, ValueError) as exc:
+        raise fail(f"cannot read the model's card: {exc}", 1) from None
+    router = Router(settings.routing, scope)
+    table = Table(title=f"routing ({card.get('name')} {card.get('version')})")
+    for column in ("file", "modality", "body part", "model", "why"):
+        table.add_column(column, overflow="fold")
+    try:
+        files = list(iter_files(paths))
+    except FileNotFoundError as exc:
+        raise fail(str(exc), 2) from None
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            facts = ImageFacts.from_dataset(ds)
+        except Exception as exc:
+            table.add_row(str(path), "", "", "none", f"not DICOM radlens can read ({exc})")
+            continue
+        if not settings.model.enabled:
+            decision_model, reason = None, "model.enabled is false"
+        else:
+            decision = router.route(facts, calling_aet)
+            decision_model, reason = decision.model, decision.reason
+        shown = (f"{card.get('name')} {card.get('version')}" if decision_model else "none")
+        table.add_row(str(path), facts.modality or "-", facts.body_part or "-", shown, reason)
+    console.print(table)
 
 
 app.command()(research.phantoms)
 app.command()(research.models)
 app.command()(research.train)
 app.command()(research.evaluate)
+app.command("calibrate-ood")(research.calibrate_ood)
 app.command()(research.cohort)
 app.command("export-nifti")(research.export_nifti)
 

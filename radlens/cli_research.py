@@ -89,7 +89,7 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="data-loading processes")] = 0,
     config: ConfigOption = None,
 ) -> None:
-    """Train a segmentation network with the science.md settings."""
+    """Train a segmentation network with the published settings (docs/method.md)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from radlens.models.datasets import DatasetError
@@ -141,6 +141,9 @@ def evaluate(
     = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
+    unlike: Annotated[list[Path] | None, typer.Option(
+        help="DICOM files or folders the model should abstain on: their out-of-distribution "
+             "scores are printed beside the dataset's")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Evaluate a model on a labelled dataset, or compare architectures trained identically."""
@@ -154,10 +157,81 @@ def evaluate(
                 data, [a.strip() for a in compare.split(",") if a.strip()], out,
                 epochs=epochs, folds=folds, device=device, seed=seed)
         else:
-            evaluation.evaluate_folder(data, model, out, device=device, seed=seed)
+            evaluation.evaluate_folder(data, model, out, device=device, seed=seed,
+                                       unlike=unlike_frames(unlike) if unlike else None)
     except (DatasetError, ValueError, RadlensError) as exc:
         raise fail(str(exc), 1) from None
     console.print((out / "report.md").read_text(), markup=False, highlight=False)
+
+
+def calibrate_ood(
+    fit: Annotated[Path, typer.Option(help="phantom/dataset folder of the training "
+                                           "distribution the detector is fitted on",
+                                      exists=True, file_okay=False)],
+    calibration: Annotated[Path, typer.Option(help="held-out folder of the same distribution "
+                                                   "that sets the threshold",
+                                              exists=True, file_okay=False)],
+    model: Annotated[str, typer.Option(help="weights folder or shipped model name")]
+    = "default",
+    quantile: Annotated[float, typer.Option(min=0.5, max=0.999, help="share of held-out "
+                                            "images that must pass")] = 0.99,
+    unlike: Annotated[list[Path] | None, typer.Option(
+        help="DICOM files or folders the model must abstain on (measured into the card)")]
+    = None,
+    version: Annotated[str | None, typer.Option(help="new card version (weights unchanged)")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Fit a model's out-of-distribution detector and threshold (ood.npz, card.json) and state
+    the breast-ultrasound scope in its card, without retraining the weights."""
+    from radlens.models.datasets import DatasetError, load_cases
+    from radlens.models.infer import Segmenter
+    from radlens.models.ood import calibrate, case_images, summary
+    from radlens.models.scope import BREAST_ULTRASOUND_SCOPE
+    from radlens.models.train import write_card
+
+    try:
+        segmenter = Segmenter(model, device=device)
+        fit_cases, calibration_cases = load_cases(fit), load_cases(calibration)
+    except (DatasetError, RadlensError, RuntimeError) as exc:
+        raise fail(str(exc), 1) from None
+    detector, section = calibrate(
+        segmenter, case_images(fit_cases), case_images(calibration_cases), quantile=quantile,
+        described={"fit_on": str(fit), "calibrated_on": str(calibration)})
+    if unlike:
+        frames = unlike_frames(unlike)
+        section["measured"] = {
+            f"{name} (must abstain)": summary(detector.score(segmenter.latents(images)),
+                                              detector.threshold)
+            for name, images in frames.items()}
+    card = segmenter.card
+    card["ood"] = section
+    card.setdefault("scope", BREAST_ULTRASOUND_SCOPE)
+    card["intended_use"] = card["scope"]["intended_use"]
+    if version:
+        card["version"] = version
+    write_card(card, segmenter.folder)
+    console.print(f"threshold {detector.threshold:.2f} (quantile {quantile}); held-out abstain "
+                  f"rate {section['calibration']['abstain_rate']:.3f}")
+    for name, measured in (section.get("measured") or {}).items():
+        console.print(f"{name}: {measured['n']} frames, abstain rate "
+                      f"{measured['abstain_rate']:.3f}, median {measured['median']:.1f}")
+
+
+def unlike_frames(paths: list[Path]) -> dict[str, list]:
+    """Every frame of every decodable DICOM image under ``paths``, by file name."""
+    from radlens.agent.offline import iter_files
+    from radlens.dicom_io.pixels import decode_file
+    from radlens.errors import UnsupportedImageError
+
+    frames: dict[str, list] = {}
+    for path in iter_files(paths):
+        try:
+            decoded = decode_file(path)
+        except UnsupportedImageError:
+            continue
+        frames[path.name] = list(decoded.pixels)
+    return frames
 
 
 def cohort(

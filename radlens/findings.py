@@ -131,9 +131,25 @@ class FramePrediction(_Frozen):
         default_factory=dict, description="per method; saliency shows what the model attends "
                                           "to, not whether it is right")
     anatomy_note: str | None = Field(default=None, description="why anatomy was not mapped")
+    ood_score: float | None = Field(default=None, description="out-of-distribution score of "
+                                    "the frame (below the model's threshold, or it would have "
+                                    "abstained); None when the model has no detector")
     maps_file: str | None = Field(default=None, description="npz with the class map, "
                                   "probabilities and saliency maps, relative to the study's "
                                   "results folder")
+
+
+class AbstainedFrame(_Frozen):
+    """A frame the model ran on but reports nothing for: it is unlike the training images."""
+
+    frame: int = Field(ge=0)
+    ood_score: float
+    threshold: float
+
+    @property
+    def reason(self) -> str:
+        return (f"unlike the model's training images (score {self.ood_score:.1f} > threshold "
+                f"{self.threshold:.1f})")
 
 
 class ModelRef(_Frozen):
@@ -155,7 +171,11 @@ class ImageInfo(_Frozen):
     channels: Literal[1, 3] = Field(description="1 = greyscale, 3 = RGB after colour conversion")
     spacing: PixelSpacing | None = Field(description="None when unknown: never guessed")
     predictions: list[FramePrediction] = Field(default_factory=list)
-    not_analysed: str | None = Field(default=None, description="why the model did not run")
+    abstained: list[AbstainedFrame] = Field(
+        default_factory=list, description="frames the model ran on but reports nothing for")
+    route: str | None = Field(default=None, description="why the model did or did not see it")
+    not_analysed: str | None = Field(default=None, description="why the model did not run, or "
+                                     "why none of its frames has a finding")
 
 
 class SkippedObject(_Frozen):

@@ -31,6 +31,7 @@ class _OpenStudy:
     first_received_at: float
     last_received_at: float
     armed: bool = False
+    not_before: float = 0.0  # recovered after a stop: the sender may still be sending
 
 
 class StudyAssembler:
@@ -44,8 +45,8 @@ class StudyAssembler:
         self._lock = threading.Lock()
 
     def _deadline(self, study: _OpenStudy) -> float:
-        return min(study.last_received_at + self.quiet_period_s,
-                   study.first_received_at + self.max_wait_s)
+        return max(min(study.last_received_at + self.quiet_period_s,
+                       study.first_received_at + self.max_wait_s), study.not_before)
 
     def instance_received(self, study_uid: str, received_at: float) -> None:
         with self._lock:
@@ -61,15 +62,20 @@ class StudyAssembler:
         """Arm a timer for every study with pending instances and none armed.
 
         Called at start-up (after a crash the timers are gone) and periodically as a sweep, so a
-        study can never stay pending because a timer was lost.
+        study can never stay pending because a timer was lost. A recovered study's old deadline
+        has usually passed during the stop, while its sender may be re-sending the rest: it
+        waits for the later of that deadline and one quiet period from now, so it is never
+        processed on the part that arrived before the stop.
         """
         rearmed = 0
+        not_before = time.time() + self.quiet_period_s
         pending = self.queue.pending_studies()
         with self._lock:
             for item in pending:
                 if item.study_instance_uid in self._open:
                     continue
-                study = _OpenStudy(item.first_received_at, item.last_received_at, armed=True)
+                study = _OpenStudy(item.first_received_at, item.last_received_at, armed=True,
+                                   not_before=not_before)
                 self._open[item.study_instance_uid] = study
                 self._arm(item.study_instance_uid, self._deadline(study))
                 rearmed += 1

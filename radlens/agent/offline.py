@@ -8,7 +8,7 @@ DICOM, or not a usable image, is reported and skipped; it never stops the batch.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 from radlens.agent.pipeline import Analyser, StudyInput, run_study
 from radlens.agent.queue import JobInstance
 from radlens.config import Settings
-from radlens.dicom_io.writers import WrittenOutputs, write_outputs
+from radlens.dicom_io.writers import WrittenOutputs, write_failure_report, write_outputs
 from radlens.logs import kv
 from radlens.reporting.ollama import narrate
 
@@ -32,9 +32,10 @@ OFFLINE_JOB_ID = 0
 class ProcessedStudy:
     study_instance_uid: str
     revision: int
-    findings_path: Path
+    findings_path: Path | None
     outputs: WrittenOutputs
     lesions: int
+    error: str | None = None  # the study failed; its SR says so
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,24 @@ def next_revision(study_results: Path) -> int:
 
 def process_study(study_uid: str, instances: list[JobInstance], results_root: Path,
                   analyser: Analyser, settings: Settings) -> ProcessedStudy:
+    """One study, as a job of the agent would run it. An unexpected error (a bug) fails the
+    study alone, and its SR still says so."""
     revision = next_revision(results_root / study_uid)
+    try:
+        return _process(study_uid, revision, instances, results_root, analyser, settings)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        log.exception("study failed", extra=kv(study=study_uid))
+        sr = write_failure_report(study_uid, revision,
+                                  {i.sop_instance_uid: i.path for i in instances},
+                                  results_root / study_uid, error, model=analyser.model_ref,
+                                  fsync=settings.storage.fsync)
+        return ProcessedStudy(study_uid, revision, None,
+                              WrittenOutputs([], [sr] if sr else [], [], []), 0, error)
+
+
+def _process(study_uid: str, revision: int, instances: list[JobInstance], results_root: Path,
+             analyser: Analyser, settings: Settings) -> ProcessedStudy:
     study = StudyInput(job_id=OFFLINE_JOB_ID, revision=revision, study_instance_uid=study_uid,
                        instances=sorted(instances, key=lambda i: str(i.path)))
     result = run_study(study, results_root, analyser=analyser, fsync=settings.storage.fsync)
@@ -98,3 +116,36 @@ def process_study(study_uid: str, instances: list[JobInstance], results_root: Pa
     lesions = sum(len(p.lesions) for image in result.findings.images for p in image.predictions)
     return ProcessedStudy(study_uid, revision, results_root / study_uid / "findings.json",
                           written, lesions)
+
+
+def outcome_counts(processed: list[ProcessedStudy], unreadable: list[UnreadableFile]
+                   ) -> dict[str, int]:
+    """What a batch did, for people and for the corpus test: files, studies done and failed,
+    images analysed, and every reason an image or object was not analysed, with its count."""
+    import json
+
+    counts: Counter[str] = Counter()
+    counts["files not DICOM or unreadable"] = len(unreadable)
+    for study in processed:
+        counts["studies failed" if study.error else "studies done"] += 1
+        if study.findings_path is None or not study.findings_path.is_file():
+            continue
+        findings = json.loads(study.findings_path.read_text())
+        for image in findings["images"]:
+            counts["images analysed" if image["predictions"] else "images not analysed"] += 1
+            counts["frames analysed"] += len(image["predictions"])
+            counts["frames abstained (unlike the training images)"] += len(image["abstained"])
+            if image["not_analysed"]:
+                counts[f"not analysed: {_reason_kind(image['not_analysed'])}"] += 1
+        for skipped in findings["skipped"]:
+            counts[f"skipped: {_reason_kind(skipped['reason'])}"] += 1
+    return dict(sorted(counts.items(), key=lambda item: (not item[0].startswith(
+        ("files", "studies", "images", "frames")), item[0])))
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its numbers and details, so alike reasons count together."""
+    import re
+
+    kind = re.sub(r"\(scores? [^)]*\)|\d+(\.\d+)?", "#", reason)
+    return kind.split(": ", 2)[0] if kind.startswith("cannot decode") else kind[:90]

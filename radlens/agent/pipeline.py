@@ -21,12 +21,14 @@ import numpy as np
 from radlens import __version__
 from radlens.agent.analyses import FrameRecord, LesionRecord
 from radlens.agent.queue import JobInstance
+from radlens.agent.routing import ImageFacts, Router
 from radlens.analysis.lesions import find_lesions, measure_regions
 from radlens.config import ModelSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
 from radlens.errors import UnsupportedImageError
 from radlens.findings import (
+    AbstainedFrame,
     AnatomyOverlap,
     ClassProbabilities,
     DecodedImage,
@@ -76,17 +78,13 @@ class StudyResult:
     records: list[FrameRecord]
 
 
-def decode_image(instance: JobInstance) -> DecodedImage:
-    """Stage 1: pixels and physical spacing (raises UnsupportedImageError with a reason)."""
-    return pixels.decode_file(instance.path)
-
-
 @dataclass(frozen=True)
 class Analyser:
     """The model stage: a loaded segmenter and the settings saying which images it may see."""
 
     segmenter: Segmenter
     settings: ModelSettings
+    router: Router
     explainer: SaliencyExplainer | None = None
     anatomy: LabelMap | None = None
 
@@ -103,17 +101,18 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
     agreement with the mask. The maps are kept in ``maps_dir`` for the DICOM writers. Images of
     a modality the model was not trained for carry the reason instead."""
     info = decoded.info
-    allowed = analyser.settings.modalities
-    if allowed and (info.modality or "") not in allowed:
-        return info.model_copy(update={"not_analysed": (
-            f"modality {info.modality or 'unknown'} is not one the model was trained for "
-            f"({', '.join(allowed)})")}), []
     frames = decoded.pixels
     if analyser.settings.max_frames:
         frames = frames[:analyser.settings.max_frames]
+    detector = analyser.segmenter.ood if analyser.settings.abstain else None
     spacing = (info.spacing.row_mm, info.spacing.column_mm) if info.spacing else None
-    predictions, records = [], []
+    predictions, records, abstained = [], [], []
     for index, result in enumerate(analyser.segmenter.predict(list(frames))):
+        ood_score = float(detector.score(result.latent)[0]) if detector is not None else None
+        if detector is not None and ood_score > detector.threshold:
+            abstained.append(AbstainedFrame(frame=index, ood_score=round(ood_score, 3),
+                                            threshold=round(detector.threshold, 3)))
+            continue
         frame = frames[index][..., 0] if frames.shape[-1] == 1 else frames[index]
         classes = result.classes
         regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
@@ -160,8 +159,19 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
             saliency=agreements,
             anatomy_note=anatomy_note,
             maps_file=maps_file,
+            ood_score=round(ood_score, 3) if ood_score is not None else None,
         ))
-    return info.model_copy(update={"predictions": predictions}), records
+    update: dict[str, object] = {"predictions": predictions, "abstained": abstained}
+    if abstained and not predictions:
+        scores = [a.ood_score for a in abstained]
+        update["not_analysed"] = (
+            f"unlike the model's training images: all {len(abstained)} frame(s) abstained "
+            f"(scores {min(scores):.1f} to {max(scores):.1f} > threshold "
+            f"{abstained[0].threshold:.1f})")
+    if abstained:
+        log.info("frames unlike the training images: no finding reported", extra=kv(
+            sop=info.ref.sop_instance_uid, abstained=len(abstained), analysed=len(predictions)))
+    return info.model_copy(update=update), records
 
 
 def _atlas_for(analyser: Analyser, shape: tuple[int, ...]) -> tuple[LabelMap | None,
@@ -230,29 +240,56 @@ def write_findings(findings: StudyFindings, results_root: Path, *, fsync: bool =
     return path
 
 
+def _image(instance: JobInstance, analyser: Analyser | None, maps_dir: Path,
+           job_id: int) -> tuple[ImageInfo, list[FrameRecord]]:
+    """One object through routing, decoding and the model. Raises UnsupportedImageError for an
+    object without usable pixels; an image the router keeps from the model is described from
+    its header alone, and one whose analysis fails says why instead of costing the study."""
+    ds = pixels.read_dataset(instance.path)
+    if analyser is None:
+        return pixels.decode_dataset(ds).info, []
+    described = pixels.describe(ds)
+    decision = analyser.router.route(ImageFacts.from_dataset(ds), instance.calling_aet)
+    if not decision.analyse:
+        log.info("image not analysed", extra=kv(job=job_id, sop=instance.sop_instance_uid,
+                                                reason=decision.reason))
+        return described.model_copy(update={"not_analysed": decision.reason,
+                                            "route": decision.reason}), []
+    decoded = pixels.decode_dataset(ds)
+    try:
+        info, records = analyse_image(decoded, analyser, maps_dir)
+    except Exception as exc:
+        log.exception("analysis failed", extra=kv(job=job_id, sop=instance.sop_instance_uid))
+        reason = f"the analysis failed (logged): {type(exc).__name__}: {exc}"[:500]
+        return decoded.info.model_copy(update={"not_analysed": reason,
+                                               "route": decision.reason}), []
+    return info.model_copy(update={"route": decision.reason}), records
+
+
 def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | None = None,
               fsync: bool = True) -> StudyResult:
     """Run every stage over one study and write its findings; an image that cannot be used is
     skipped with its reason, never a failure of the study."""
     outcome = StudyOutcome()
+    maps_dir = results_root / study.study_instance_uid / MAPS_DIR
     for instance in study.instances:
         ref = ImageRef(study_instance_uid=study.study_instance_uid,
                        series_instance_uid=instance.series_instance_uid,
                        sop_instance_uid=instance.sop_instance_uid,
                        sop_class_uid=instance.sop_class_uid)
         try:
-            decoded = decode_image(instance)
+            info, records = _image(instance, analyser, maps_dir, study.job_id)
         except UnsupportedImageError as exc:
             outcome.skipped.append(SkippedObject(ref=ref, reason=str(exc)))
             log.info("object skipped", extra=kv(job=study.job_id, sop=ref.sop_instance_uid,
                                                 reason=str(exc)))
             continue
-        maps_dir = results_root / study.study_instance_uid / MAPS_DIR
-        if analyser is not None:
-            info, records = analyse_image(decoded, analyser, maps_dir)
-            outcome.records.extend(records)
-        else:
-            info = decoded.info
+        except Exception as exc:  # a bug must cost this object, never the study
+            log.exception("object failed", extra=kv(job=study.job_id, sop=ref.sop_instance_uid))
+            outcome.skipped.append(SkippedObject(ref=ref, reason=(
+                f"unexpected error (logged): {type(exc).__name__}: {exc}")[:500]))
+            continue
+        outcome.records.extend(records)
         outcome.images.append(info)
     findings = findings_for(study, outcome, analyser.model_ref if analyser else None)
     path = write_findings(findings, results_root, fsync=fsync)

@@ -32,6 +32,7 @@ class JobInstance:
     series_instance_uid: str
     transfer_syntax_uid: str
     path: Path
+    calling_aet: str | None = None  # who sent it (routing rules may use it)
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,14 @@ class JobQueue:
         """Every instance of the job's study received up to this job: a later job re-processes
         the whole study as a new revision, not just the late arrivals."""
         rows = self.db.conn.execute(
-            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, transfer_syntax_uid, path"
-            " FROM instances WHERE study_instance_uid = ? AND job_id <= ?"
+            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, transfer_syntax_uid,"
+            " path, calling_aet FROM instances WHERE study_instance_uid = ? AND job_id <= ?"
             " ORDER BY series_instance_uid, received_at",
             (job.study_instance_uid, job.id),
         ).fetchall()
         return [JobInstance(r["sop_instance_uid"], r["sop_class_uid"], r["series_instance_uid"],
-                            r["transfer_syntax_uid"], self.data_dir / r["path"]) for r in rows]
+                            r["transfer_syntax_uid"], self.data_dir / r["path"],
+                            r["calling_aet"]) for r in rows]
 
     def revision(self, job: Job) -> int:
         """1 for a study's first job, 2 for the next, and so on."""
@@ -104,12 +106,20 @@ class JobQueue:
         ).fetchone()[0])
 
     def finish(self, job_id: int, *, error: str | None = None) -> None:
+        """Done (an earlier attempt's error is cleared) or failed for good with ``error``."""
         state = "failed" if error else "done"
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
                 (state, time.time(), error, job_id),
             )
+
+    def retry(self, job_id: int, *, error: str) -> None:
+        """Back to the queue after a failure (the error stays visible until it succeeds)."""
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE jobs SET state = 'queued', started_at = NULL, error = ?"
+                         " WHERE id = ?", (error, job_id))
+        self.wakeup.set()
 
     def requeue_interrupted(self) -> int:
         """Jobs left 'running' by a crash run again (their outputs are written atomically)."""

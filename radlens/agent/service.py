@@ -115,8 +115,22 @@ def load_analyser(settings: Settings) -> Analyser | None:
                               device=settings.model.device, batch_size=settings.model.batch_size)
     except (ModelError, ValueError) as exc:
         raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
+    from radlens.agent.routing import ModelScope, Router
+
+    try:
+        scope = ModelScope.from_card(segmenter.card)
+    except ValueError as exc:
+        raise RadlensError(f"model {settings.model.weights!r}: invalid scope in its card: "
+                           f"{exc}") from exc
+    if scope is None:
+        log.warning("the model's card states no scope: every image routing lets through runs")
+    if segmenter.ood is None and settings.model.abstain:
+        log.warning("the model has no out-of-distribution detector: it cannot abstain "
+                    "(radlens calibrate-ood builds one)")
     log.info("model loaded", extra=kv(name=segmenter.name, version=segmenter.version,
-                                      device=str(segmenter.device)))
+                                      device=str(segmenter.device),
+                                      ood_threshold=segmenter.ood.threshold
+                                      if segmenter.ood else None))
     from radlens.models.saliency import SaliencyExplainer
 
     anatomy = None
@@ -129,7 +143,8 @@ def load_analyser(settings: Settings) -> Analyser | None:
             raise RadlensError(f"cannot load anatomy label map: {exc}") from exc
         log.info("anatomy label map loaded", extra=kv(structures=len(anatomy.names),
                                                       grid=str(anatomy.labels.shape)))
-    return Analyser(segmenter, settings.model, SaliencyExplainer(segmenter), anatomy)
+    return Analyser(segmenter, settings.model, Router(settings.routing, scope),
+                    SaliencyExplainer(segmenter), anatomy)
 
 
 def check_llm(settings: LlmSettings, data_dir: Path) -> bool:
@@ -192,7 +207,8 @@ class Agent:
         self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
                              fsync=s.storage.fsync, outputs=s.outputs,
                              deliver=self._deliver_results, llm=s.llm,
-                             llm_vision=check_llm(s.llm, self.data_dir))
+                             llm_vision=check_llm(s.llm, self.data_dir),
+                             max_attempts=s.jobs.max_attempts)
         self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored)
 
         self.spool.remove_partials()

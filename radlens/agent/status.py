@@ -48,6 +48,11 @@ class StatusReport(BaseModel):
     outbox: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="per destination, counts by state")
     recent_failures: list[dict[str, object]] = Field(default_factory=list)
+    retrying: list[dict[str, object]] = Field(
+        default_factory=list, description="queued again after a failed attempt")
+    recent_not_analysed: list[dict[str, object]] = Field(
+        default_factory=list, description="images of the latest jobs the model did not "
+        "analyse (outside its scope, unlike its training images, unusable), with the reason")
     llm: LlmState | None = None
 
 
@@ -87,6 +92,36 @@ def collect_status(data_dir: Path) -> StatusReport:
                 "SELECT id, study_instance_uid, error, finished_at FROM jobs"
                 " WHERE state = 'failed' ORDER BY id DESC LIMIT 5"):
             report.recent_failures.append(dict(job))
+        for job in conn.execute(
+                "SELECT id, study_instance_uid, error, attempts FROM jobs"
+                " WHERE state = 'queued' AND error IS NOT NULL ORDER BY id"):
+            report.retrying.append(dict(job))
+        studies = [row[0] for row in conn.execute(
+            "SELECT study_instance_uid FROM jobs WHERE state = 'done' GROUP BY"
+            " study_instance_uid ORDER BY MAX(id) DESC LIMIT ?", (RECENT_STUDIES,))]
     finally:
         conn.close()
+    report.recent_not_analysed = _not_analysed(data_dir / "results", studies)
     return report
+
+
+RECENT_STUDIES = 20
+RECENT_NOT_ANALYSED = 10
+
+
+def _not_analysed(results: Path, studies: list[str]) -> list[dict[str, object]]:
+    """Why images of the latest studies were not analysed, from their findings.json."""
+    found: list[dict[str, object]] = []
+    for study in studies:
+        try:
+            findings = json.loads((results / study / "findings.json").read_text())
+        except (OSError, ValueError):
+            continue
+        items = [(image["ref"]["sop_instance_uid"], image["not_analysed"])
+                 for image in findings.get("images", []) if image.get("not_analysed")]
+        items += [(skipped["ref"]["sop_instance_uid"], skipped["reason"])
+                  for skipped in findings.get("skipped", [])]
+        found += [{"study": study, "sop": sop, "reason": reason} for sop, reason in items]
+        if len(found) >= RECENT_NOT_ANALYSED:
+            break
+    return found[:RECENT_NOT_ANALYSED]

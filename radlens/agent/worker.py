@@ -25,8 +25,11 @@ class Worker:
     def __init__(self, queue: JobQueue, results_root: Path, *, analyser: Analyser | None = None,
                  fsync: bool = True, poll_interval_s: float = 2.0,
                  outputs: OutputSettings | None = None, deliver: Deliver | None = None,
-                 llm: LlmSettings | None = None, llm_vision: bool = False) -> None:
-        """``deliver(job_id, paths)`` hands each job's DICOM outputs to the outbox."""
+                 llm: LlmSettings | None = None, llm_vision: bool = False,
+                 max_attempts: int = 3) -> None:
+        """``deliver(job_id, paths)`` hands each job's DICOM outputs to the outbox; a job that
+        raises is retried until it has run ``max_attempts`` times."""
+        self.max_attempts = max_attempts
         self.queue = queue
         self.llm = llm or LlmSettings()
         self.llm_vision = llm_vision
@@ -78,13 +81,39 @@ class Worker:
             if self.analyser is not None:
                 self._write_outputs(study, result)
         except Exception as exc:
-            log.exception("job failed", extra=kv(job=job.id, study=job.study_instance_uid))
-            self.queue.finish(job.id, error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if job.attempts < self.max_attempts:
+                log.exception("job failed; it will be retried", extra=kv(
+                    job=job.id, study=job.study_instance_uid, attempt=job.attempts,
+                    max_attempts=self.max_attempts))
+                self.queue.retry(job.id, error=error)
+            else:
+                log.exception("job failed for good", extra=kv(
+                    job=job.id, study=job.study_instance_uid, attempts=job.attempts))
+                self.queue.finish(job.id, error=error)
+                self._report_failure(job, error)
         else:
             self.queue.finish(job.id)
             log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
         finally:
             self.current_job = None
+
+    def _report_failure(self, job: Job, error: str) -> None:
+        """A job that failed for good still answers the sender: an SR saying the analysis
+        failed and why, so nobody waits for results that will not come."""
+        from radlens.dicom_io.writers import write_failure_report
+
+        try:
+            instances = self.queue.instances(job)
+            path = write_failure_report(
+                job.study_instance_uid, self.queue.revision(job),
+                {i.sop_instance_uid: i.path for i in instances},
+                self.results_root / job.study_instance_uid, error,
+                model=self.analyser.model_ref if self.analyser else None, fsync=self.fsync)
+            if path is not None and self.deliver is not None:
+                self.deliver(job.id, [path])
+        except Exception:  # the failure is already recorded on the job
+            log.exception("cannot write the failure report", extra=kv(job=job.id))
 
     def _write_outputs(self, study: StudyInput, result: StudyResult) -> None:
         """Narrative, then SEG, SR and maps next to findings.json, then into the outbox. Written

@@ -1,4 +1,4 @@
-"""Latent probing over a cohort (science.md §1): encoder latents clustered nine ways, scored,
+"""Latent probing over a cohort (docs/method.md): encoder latents clustered nine ways, scored,
 drawn with t-SNE, and described by the lesions' measurements per class and per cluster.
 
 Latents are the deepest encoder map, global-average pooled, one per image, standardised before

@@ -1,4 +1,4 @@
-"""Per-lesion measurements: size, shape, border and intensity descriptors (science.md §1 and §4).
+"""Per-lesion measurements: size, shape, border and intensity descriptors (docs/method.md).
 
 Connected components of a predicted class map become lesions. The perimeter is the length of the
 marching-squares contour (scikit-image), in millimetres when the spacing is known; SimpleITK's

@@ -4,7 +4,7 @@ A 2-D frame of shape (rows, columns) is written with x = column and y = row, and
 diagonal is the physical spacing (mm); when the spacing is unknown the affine is the identity
 and the header's description says so, rather than inventing millimetres.
 
-Anatomy (science.md §5): a label map on the image grid (NIfTI) plus a names table (CSV with
+Anatomy (docs/method.md): a label map on the image grid (NIfTI) plus a names table (CSV with
 ``label,name``) turns any mask into the named structures it overlaps and by how much.
 """
 

@@ -82,6 +82,12 @@ class AssemblySettings(_Section):
         return self
 
 
+class JobSettings(_Section):
+    """Study jobs: a job that fails (a bug, not a bad image) is retried, then reported failed."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+
 class Destination(_Section):
     """A DICOM node that receives what radlens sends (results, forwarded instances)."""
 
@@ -108,12 +114,43 @@ class ModelSettings(_Section):
     weights: str = "default"  # a shipped model's name, or a weights folder (model.pt + card.json)
     version: str | None = None  # when set, the card's version must match
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    modalities: list[str] = Field(default_factory=lambda: ["US"])  # empty = every modality
     batch_size: int = Field(default=8, ge=1, le=256)
     max_frames: int = Field(default=0, ge=0, description="frames analysed per image; 0 = all")
     min_lesion_pixels: int = Field(default=20, ge=1)
     saliency: list[Literal["gradcam", "gradcam++", "occlusion", "prototype"]] = Field(
         default_factory=lambda: ["prototype", "gradcam++"])
+    abstain: bool = True  # frames unlike the training images (OOD score > threshold) get no finding
+
+
+class RoutingRule(_Section):
+    """One routing rule: every criterion given must hold; the first rule that matches decides."""
+
+    name: str | None = None
+    calling_ae: AETitle | None = None
+    modality: str | None = None
+    body_part: str | None = None  # BodyPartExamined, e.g. BREAST
+    anatomic_region: str | None = None  # SNOMED CT code value in AnatomicRegionSequence
+    description: str | None = None  # regular expression over Study and Series Description
+    model: Literal["default", "none"] = "default"  # default: the configured model; none: skip
+
+    @model_validator(mode="after")
+    def _valid_pattern(self) -> RoutingRule:
+        if self.description is not None:
+            import re
+
+            try:
+                re.compile(self.description)
+            except re.error as exc:
+                raise ValueError(f"description {self.description!r} is not a regular "
+                                 f"expression: {exc}") from None
+        return self
+
+
+class RoutingSettings(_Section):
+    """Which images the model sees when their header does not say (see radlens route)."""
+
+    rules: list[RoutingRule] = Field(default_factory=list)
+    unstated_body_part: Literal["analyse", "skip"] = "analyse"
 
 
 class OutputSettings(_Section):
@@ -127,7 +164,7 @@ class OutputSettings(_Section):
 
 
 class AnatomySettings(_Section):
-    """A label map of named structures on the image grid (science.md §5): lesions and saliency
+    """A label map of named structures on the image grid (docs/method.md): lesions and saliency
     masks are reported with the structures they overlap."""
 
     label_map: Path | None = None  # NIfTI, one frame on the image grid
@@ -189,10 +226,12 @@ class Settings(BaseSettings):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     anatomy: AnatomySettings = Field(default_factory=AnatomySettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)

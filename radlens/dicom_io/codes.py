@@ -20,6 +20,14 @@ ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
 # SR: procedure reported and anatomy.
 ULTRASONOGRAPHY_OF_BREAST = Code("47079000", "SCT", "Ultrasonography of breast")
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging")  # a study none of whose images ran
+# TID 1500 row 10: the container a report without measurements carries instead of row 6.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+ANALYSIS_OUTCOME = Code("RADL044", "99RADLENS", "Analysis outcome")
+NO_IMAGE_ANALYSED = Code("RADL045", "99RADLENS", "No image analysed")
+ANALYSIS_FAILED = Code("RADL046", "99RADLENS", "Analysis failed")
+OOD_SCORE = Code("RADL033", "99RADLENS", "Out-of-distribution score")
+OOD_THRESHOLD = Code("RADL034", "99RADLENS", "Out-of-distribution threshold")
 BREAST = Code("76752008", "SCT", "Breast")
 LESION = Code("52988006", "SCT", "Lesion")
 

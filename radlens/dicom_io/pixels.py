@@ -18,6 +18,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from radlens.errors import UnsupportedImageError
 from radlens.findings import DecodedImage, ImageInfo, ImageRef, PixelSpacing
+from radlens.logs import kv
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_I
 PALETTE = "PALETTE COLOR"
 SUPPORTED_PHOTOMETRIC = GREYSCALE | COLOUR | {PALETTE}
 
+DEFER_BYTES = 64 * 1024  # values larger than this (the pixels) are read when first used
 _US_SPATIAL_2D = 1  # RegionSpatialFormat: 2D (tissue or flow)
 _US_UNITS_CM = 3  # PhysicalUnitsX/YDirection: cm
 
@@ -39,63 +41,88 @@ def image_ref(ds: Dataset) -> ImageRef:
     )
 
 
-def decode_file(path: Path) -> DecodedImage:
-    """Read and decode one file; raise UnsupportedImageError with a reason a person can act on."""
+def read_dataset(path: Path) -> Dataset:
+    """The whole dataset with its large values (the pixels) read only when used."""
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for damaged files
         raise UnsupportedImageError(f"cannot read file: {type(exc).__name__}: {exc}") from exc
-    return decode_dataset(ds)
 
 
-def decode_dataset(ds: Dataset) -> DecodedImage:
+def decode_file(path: Path) -> DecodedImage:
+    """Read and decode one file; raise UnsupportedImageError with a reason a person can act on."""
+    return decode_dataset(read_dataset(path))
+
+
+def describe(ds: Dataset) -> ImageInfo:
+    """What an image object is, from its header alone (no pixel is decoded): for images that
+    are not analysed, and the first step of decoding those that are."""
     if "PixelData" not in ds:
         kind = "float pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) \
             else "no pixel data"
         name = getattr(getattr(ds, "SOPClassUID", None), "name", "unknown SOP class")
         raise UnsupportedImageError(f"{kind} ({name})")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    if photometric not in SUPPORTED_PHOTOMETRIC:
-        raise UnsupportedImageError(f"unsupported photometric interpretation {photometric!r}")
-    transfer_syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(
-        ds, "file_meta", Dataset()) else pydicom.uid.ImplicitVRLittleEndian
     try:
-        stored = ds.pixel_array
-    except Exception as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        transfer_syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(
+            ds, "file_meta", Dataset()) else pydicom.uid.ImplicitVRLittleEndian
+        return ImageInfo(
+            ref=image_ref(ds),
+            modality=str(ds.Modality) if "Modality" in ds else None,
+            photometric_interpretation=photometric or "unknown",
+            transfer_syntax_uid=str(transfer_syntax),
+            rows=rows, columns=columns, frames=frames,
+            channels=3 if photometric == PALETTE or samples == 3 else 1,  # palette: RGB
+            spacing=physical_spacing(ds),
+        )
+    except UnsupportedImageError:
+        raise
+    except Exception as exc:  # a header whose image attributes are missing or malformed
         raise UnsupportedImageError(
-            f"cannot decode pixel data ({transfer_syntax.name}): {detail}"
+            f"unusable image header: {type(exc).__name__}: {' '.join(str(exc).split())}"
         ) from exc
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    samples = int(ds.get("SamplesPerPixel", 1))
+
+def decode_dataset(ds: Dataset) -> DecodedImage:
+    """Pixels of any supported image. Every way real data can be wrong (pixel data of the
+    wrong length, a frame count that disagrees with it, a broken LUT or palette, a rescale that
+    is not a finite number) ends as UnsupportedImageError naming what was wrong."""
+    info = describe(ds)
+    photometric = info.photometric_interpretation
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedImageError(f"unsupported photometric interpretation {photometric!r}")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if photometric in GREYSCALE or photometric == PALETTE:
         if samples != 1:
             raise UnsupportedImageError(f"{photometric} with {samples} samples per pixel")
     elif samples != 3:
         raise UnsupportedImageError(f"{photometric} with {samples} samples per pixel")
-
-    if photometric == PALETTE:
-        pixels = _palette_to_rgb(stored, ds)
-    elif photometric in GREYSCALE:
-        pixels = _greyscale(stored, ds, photometric)
-    else:
-        pixels = stored.astype(np.float32)  # pydicom already converted YBR_* to RGB
-
-    channels = 1 if photometric in GREYSCALE else 3
-    pixels = pixels.reshape(frames, rows, columns, channels)
-    info = ImageInfo(
-        ref=image_ref(ds),
-        modality=str(ds.Modality) if "Modality" in ds else None,
-        photometric_interpretation=photometric,
-        transfer_syntax_uid=str(transfer_syntax),
-        rows=rows,
-        columns=columns,
-        frames=frames,
-        channels=channels,
-        spacing=physical_spacing(ds),
-    )
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise UnsupportedImageError(
+            f"cannot decode pixel data ({pydicom.uid.UID(info.transfer_syntax_uid).name}): "
+            f"{detail}") from exc
+    try:
+        if photometric == PALETTE:
+            pixels = _palette_to_rgb(stored, ds)
+        elif photometric in GREYSCALE:
+            pixels = _greyscale(stored, ds, photometric)
+        else:
+            pixels = stored.astype(np.float32)  # pydicom already converted YBR_* to RGB
+        pixels = pixels.reshape(info.frames, info.rows, info.columns, info.channels)
+    except Exception as exc:
+        raise UnsupportedImageError(
+            f"pixel data do not fit the header ({info.frames} frame(s) of {info.rows}x"
+            f"{info.columns}x{info.channels}): {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}") from exc
+    if not np.isfinite(pixels).all():
+        raise UnsupportedImageError("pixel values are not finite after the modality rescale "
+                                    "(RescaleSlope/RescaleIntercept or the Modality LUT)")
     return DecodedImage(info=info, pixels=np.ascontiguousarray(pixels, dtype=np.float32))
 
 
@@ -133,7 +160,18 @@ def _output_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
 
 
 def physical_spacing(ds: Dataset) -> PixelSpacing | None:
-    """Millimetres per pixel from the attributes that state it; None when none does."""
+    """Millimetres per pixel from the attributes that state it; None when none does, or when
+    they cannot be read (a region sequence with an unknown VR, say): never guessed."""
+    try:
+        return _stated_spacing(ds)
+    except Exception as exc:
+        log.warning("pixel spacing unreadable; treated as unknown",
+                    extra=kv(sop=str(ds.get("SOPInstanceUID", "")),
+                             error=f"{type(exc).__name__}: {exc}"[:200]))
+        return None
+
+
+def _stated_spacing(ds: Dataset) -> PixelSpacing | None:
     direct = _pair(ds.get("PixelSpacing"))
     if direct:
         return PixelSpacing(row_mm=direct[0], column_mm=direct[1], source="PixelSpacing")
@@ -171,7 +209,7 @@ def _ultrasound_spacing(ds: Dataset) -> PixelSpacing | None:
             height = int(region.RegionLocationMaxY1) - int(region.RegionLocationMinY0) + 1
         except (AttributeError, TypeError, ValueError):
             continue
-        if delta_x > 0 and delta_y > 0:
+        if delta_x > 0 and delta_y > 0 and np.isfinite(delta_x) and np.isfinite(delta_y):
             candidates.append((width * height, delta_y, delta_x))
     if not candidates:
         return None

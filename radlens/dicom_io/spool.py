@@ -21,7 +21,6 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from radlens.db import Database
 from radlens.errors import InvalidDatasetError, SpoolError
@@ -77,8 +76,8 @@ def read_uids(source: bytes | Path) -> InstanceUids:
         )
         values = {tag: str(ds.get(tag, "") or "").strip() for tag in _IDENTIFYING_TAGS}
         meta_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError,
-            AttributeError, NotImplementedError, IndexError, OverflowError) as exc:
+    except Exception as exc:  # pydicom raises many types on damaged bytes (zlib.error on a
+        # broken deflate stream, RecursionError on absurd nesting): each is "cannot parse"
         raise UnparseableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
     missing = [tag for tag, value in values.items() if not value]
     if "SOPClassUID" in missing and "SOPInstanceUID" in missing:

@@ -7,17 +7,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from radlens.models.datasets import SegmentationDataset, load_cases
 from radlens.models.infer import Segmenter
 from radlens.models.metrics import PIXEL_METRICS, evaluation_report, markdown_table, predict
+from radlens.models.ood import case_images, summary
 from radlens.models.train import TrainSettings, run_training
 
 
 def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "auto",
-                    seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
-    """Evaluate a weights folder on every case of ``data``; writes report.json and report.md."""
+                    seed: int = 0, batch_size: int = 8,
+                    unlike: dict[str, list[np.ndarray]] | None = None) -> dict[str, Any]:
+    """Evaluate a weights folder on every case of ``data``; writes report.json and report.md.
+    With an OOD detector, the score distribution of ``data`` and of each ``unlike`` source
+    (frames the model should abstain on) is reported beside the metrics."""
     segmenter = Segmenter(model, device=device, batch_size=batch_size)
     cases = load_cases(data)
     dataset = SegmentationDataset(cases, size=segmenter.input_size[0])
@@ -26,11 +31,37 @@ def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "
     report["model"] = {"name": segmenter.name, "version": segmenter.version,
                        "folder": str(segmenter.folder)}
     report["data"] = str(data)
+    table = markdown_table(report, f"{segmenter.name} {segmenter.version} on {data}")
+    if segmenter.ood is not None:
+        report["ood"] = ood_report(segmenter, case_images(cases), unlike or {}, str(data))
+        table += ood_table(report["ood"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown_table(
-        report, f"{segmenter.name} {segmenter.version} on {data}"))
+    (out / "report.md").write_text(table)
     return report
+
+
+def ood_report(segmenter: Segmenter, images: list[np.ndarray],
+               unlike: dict[str, list[np.ndarray]], name: str) -> dict[str, Any]:
+    detector = segmenter.ood
+    assert detector is not None
+    distributions = {f"{name} (should pass)": summary(
+        detector.score(segmenter.latents(images)), detector.threshold)}
+    for source, frames in unlike.items():
+        distributions[f"{source} (should abstain)"] = summary(
+            detector.score(segmenter.latents(frames)), detector.threshold)
+    return {"threshold": detector.threshold, "distributions": distributions}
+
+
+def ood_table(ood: dict[str, Any]) -> str:
+    lines = ["", f"## Out-of-distribution score (threshold {ood['threshold']:.2f}; above it a "
+             "frame abstains)", "",
+             "| images | frames | abstain rate | min | 5 % | median | 95 % | max |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, d in ood["distributions"].items():
+        lines.append(f"| {name} | {d['n']} | {d['abstain_rate']:.3f} | {d['min']:.1f} | "
+                     f"{d['p5']:.1f} | {d['median']:.1f} | {d['p95']:.1f} | {d['max']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def compare_architectures(data: Path, architectures: list[str], out: Path, *, epochs: int,

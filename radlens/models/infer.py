@@ -24,6 +24,7 @@ from radlens.models.networks import (
     lesion_pooled_latents,
     pooled_latents,
 )
+from radlens.models.ood import OodDetector
 from radlens.models.train import resolve_device
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -90,6 +91,7 @@ class Segmenter:
             raise ModelError(f"{self.folder}: weights do not fit {self.card['architecture']}: "
                              f"{exc}") from exc
         self.model.to(self.device).eval()
+        self.ood = OodDetector.load(self.folder)
         self.input_size = tuple(self.card["input_size"])
         self.batch_size = batch_size
 
@@ -116,6 +118,17 @@ class Segmenter:
         scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
         tensor = torch.from_numpy(scaled)[None, None]
         return F.interpolate(tensor, size=self.input_size, mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def latents(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, C) pooled deepest latents only: what the OOD score reads, without the maps."""
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            batch = torch.cat([self._prepare(image) for image in chunk])
+            _, features = self.model.forward_with_features(batch.to(self.device))
+            chunks.append(pooled_latents(features).float().cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:

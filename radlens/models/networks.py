@@ -31,7 +31,7 @@ class SegmentationNetwork(nn.Module):
     their encoder's deepest stage barely localises under Grad-CAM (measured on the shipped
     UNet: Dice with the lesion 0.0-0.1 at every encoder stage, 0.94-0.98 at that decoder block),
     because the skips carry the spatial detail around it. DeepLabV3's head reads its last
-    encoder stage directly, which is therefore its CAM layer, as science.md §3 describes.
+    encoder stage directly, which is therefore its CAM layer, as docs/method.md describes.
     """
 
     def __init__(self, name: str, net: nn.Module, stages: list[nn.Module],

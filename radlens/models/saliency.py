@@ -2,8 +2,8 @@
 
 Every method returns a float map in [0, 1] at the source image's size. A segmentation network has
 no single class logit, so the gradient and occlusion methods see it through ``RegionScores``: the
-logits of each class summed over the predicted lesion region (science.md §3). Prototype
-similarity (science.md §2) needs no gradient: at every encoder depth it compares each feature
+logits of each class summed over the predicted lesion region (docs/method.md). Prototype
+similarity (docs/method.md) needs no gradient: at every encoder depth it compares each feature
 vector with the lesion's mean feature (the prototype), in three stages that narrow from broad
 similarity to a sharp map. These maps show what the model attends to, not whether it is right.
 """
@@ -216,7 +216,8 @@ def _remove_floor(values: np.ndarray, region: torch.Tensor, size: tuple[int, int
 
 
 def _spatial_prior(inside: torch.Tensor) -> torch.Tensor:
-    """A Gaussian centred on the lesion, as wide as the lesion (science.md §2, stage 2)."""
+    """A Gaussian centred on the lesion, as wide as the lesion (the prototype method's stage
+    2, docs/method.md)."""
     h, w = inside.shape
     rows = torch.arange(h, device=inside.device, dtype=torch.float32)[:, None]
     columns = torch.arange(w, device=inside.device, dtype=torch.float32)[None, :]

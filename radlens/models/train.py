@@ -1,4 +1,4 @@
-"""Training with the science.md settings, identical for every architecture.
+"""Training with the published settings (docs/method.md), identical for every architecture.
 
 AdamW at 1e-4, cosine annealing (T_max 100, eta_min 1e-6), Dice + cross-entropy, early stopping on
 validation loss (min improvement 1e-4, patience 4), optional k-fold cross-validation grouped by
@@ -41,6 +41,7 @@ from radlens.models.metrics import (
     predict,
 )
 from radlens.models.networks import CLASS_NAMES, build, parameter_count
+from radlens.models.scope import BREAST_ULTRASOUND_SCOPE
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,25 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     torch.save(best_model.state_dict(), out / "model.pt")
     card = model_card(settings, metrics, best_fold, command, parameter_count(best_model))
     write_card(card, out)
+    train_idx, val_idx = splits[best_fold.fold]
+    card["ood"] = calibrate_ood(out, [cases[i] for i in train_idx], [cases[i] for i in val_idx],
+                                device=settings.device)
+    write_card(card, out)
     return metrics
+
+
+def calibrate_ood(folder: Path, fit_cases: list, calibration_cases: list, *,
+                  device: str = "auto") -> dict[str, Any]:
+    """The OOD detector of a trained weights folder: fitted on its training images, the
+    threshold set on its validation images; returns the card's ``ood`` section."""
+    from radlens.models.infer import Segmenter
+    from radlens.models.ood import calibrate, case_images
+
+    segmenter = Segmenter(folder, device=device)
+    _, section = calibrate(segmenter, case_images(fit_cases), case_images(calibration_cases),
+                           described={"fit_on": "the training split",
+                                      "calibrated_on": "the validation split"})
+    return section
 
 
 def model_card(settings: TrainSettings, metrics: dict[str, Any], selected: FoldResult,
@@ -275,7 +294,8 @@ def model_card(settings: TrainSettings, metrics: dict[str, Any], selected: FoldR
                      "radlens_version": __version__, "torch_version": torch.__version__},
         "validation": selected.report,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "intended_use": "Research and demonstration only. Not for diagnostic use.",
+        "intended_use": BREAST_ULTRASOUND_SCOPE["intended_use"],
+        "scope": BREAST_ULTRASOUND_SCOPE,
     }
 
 
@@ -289,6 +309,23 @@ def write_card(card: dict[str, Any], folder: Path) -> None:
              f"classes {', '.join(card['classes'])}",
              f"- trained with: `{card['training']['command']}`",
              f"- data: {card['training']['data']}", ""]
+    scope, ood = card.get("scope"), card.get("ood")
+    if scope:
+        lines += ["## Scope", "", scope["intended_use"], "",
+                  f"- modalities: {', '.join(scope['modalities'])}; body parts: "
+                  f"{', '.join(scope['body_parts'])} (SNOMED CT "
+                  f"{', '.join(r['value'] for r in scope['anatomic_regions'])})",
+                  f"- SOP classes: {', '.join(scope['sop_classes'])}",
+                  f"- photometric interpretations: "
+                  f"{', '.join(scope['photometric_interpretations'])}", ""]
+    if ood:
+        lines += ["## Abstention (out-of-distribution score)", "",
+                  f"- {ood['method']}; threshold {ood['threshold']:.2f} (quantile "
+                  f"{ood['quantile']} of {ood['calibration_images']} held-out images)", ""]
+        lines += [f"- {name}: {s['n']} frames, abstain rate {s['abstain_rate']:.3f}, median "
+                  f"score {s['median']:.1f} (min {s['min']:.1f}, max {s['max']:.1f})"
+                  for name, s in (ood.get("measured") or {}).items()]
+        lines.append("")
     if validation:
         lines.append(markdown_table(validation, "Validation"))
     for name, measured in (card.get("measured") or {}).items():

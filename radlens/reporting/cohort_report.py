@@ -1,7 +1,8 @@
-"""The cohort report of science.md §1: the cluster tables of ``radlens cohort`` turned into one
-structured prompt, answered by the local LLM (with the t-SNE pictures when the model takes images
-and the user enabled it), grounded like the study narrative, and written as Markdown next to the
-tables. A deterministic summary stands in whenever the LLM is off, slow, wrong or absent."""
+"""The cohort report of latent probing (docs/method.md): the cluster tables of ``radlens
+cohort`` turned into one structured prompt, answered by the local LLM (with the t-SNE pictures
+when the model takes images and the user enabled it), grounded like the study narrative, and
+written as Markdown next to the tables. A deterministic summary stands in whenever the LLM is
+off, slow, wrong or absent."""
 
 from __future__ import annotations
 

@@ -27,6 +27,13 @@ class Narrative:
             line += f"; {self.note}"
         return line
 
+    @classmethod
+    def failure(cls, reason: str) -> Narrative:
+        """The text of a report whose analysis failed: no finding is stated, either way."""
+        return cls(text=("The automated analysis of this study failed, so radlens makes no "
+                         f"statement about it. Reason: {reason}"[:2000]),
+                   author=TEMPLATE_AUTHOR)
+
 
 @dataclass(frozen=True)
 class Category:

@@ -179,8 +179,8 @@ def narrate(findings: StudyFindings, settings: LlmSettings, *,
     """The study's narrative: the LLM's when it answers, grounded, within ``timeout_s``;
     otherwise the template, saying why."""
     template = template_narrative(findings)
-    if settings.provider == "template":
-        return template
+    if settings.provider == "template" or not any(i.predictions for i in findings.images):
+        return template  # nothing analysed: there is nothing for an LLM to put into words
     facts = StudyFacts.from_findings(findings)
     attachments = images() if (images and settings.vision and vision_capable) else None
     text, reason, grounded = grounded_text(

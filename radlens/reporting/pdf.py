@@ -34,6 +34,7 @@ class Figure:
     title: str
     image_rgb: np.ndarray  # (rows, columns, 3) uint8, outlines drawn
     overlay_rgb: np.ndarray  # (rows, columns, 3) uint8, heat map and outlines
+    confidence: float = 0.0  # the frame's most probable lesion: key frames go first
 
 
 def _size(lesion: LesionMeasurements) -> str:
@@ -95,10 +96,14 @@ def render_report(findings: StudyFindings, narrative: Narrative,
             page.text(0.06, y, "* BI-RADS-style category: an AI suggestion, not a BI-RADS "
                       "assessment.", fontsize=7.5, style="italic")
             y -= 0.02
+        elif not any(image.predictions for image in findings.images):
+            page.text(0.06, y - 0.01, "No image was analysed, so nothing is stated about this "
+                      "study (the reasons are in the narrative and the SR).", fontsize=9)
+            y -= 0.03
         else:
             page.text(0.06, y - 0.01, "No lesion was detected by the model.", fontsize=9)
             y -= 0.03
-        for figure in figures[:2]:
+        for figure in figures:  # the key frames, most confident first
             if y < 0.3:
                 break
             height = min(0.3, y - 0.09)

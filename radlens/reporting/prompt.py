@@ -1,4 +1,4 @@
-"""The LLM prompt, built from a study's findings alone (science.md §1 and §5).
+"""The LLM prompt, built from a study's findings alone (docs/method.md: the narrative).
 
 Free of identifiers by construction: ``StudyFacts`` is made from ``StudyFindings``, which holds no
 names, IDs, dates or header free text, and images are numbered here instead of being named by

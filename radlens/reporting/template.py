@@ -35,10 +35,18 @@ def describe_lesion(number: int, lesion: LesionMeasurements, image_number: int,
             f"{lesion.probability:.0%}. Suggested: {Category.for_lesion(lesion).wording}.")
 
 
+LIMITATIONS = ("Limitations: automated segmentation and classification of 2-D images without "
+               "clinical context or prior studies; saliency maps show where the model looked, "
+               "not whether it is correct. Not for diagnostic use: to be reviewed by a "
+               "qualified reader.")
+
+
 def template_narrative(findings: StudyFindings) -> Narrative:
     analysed = [image for image in findings.images if image.predictions]
     model = (f"{findings.model.name} {findings.model.version}" if findings.model
              else "no model")
+    if not analysed:
+        return _nothing_analysed(findings, model)
     lines = [f"Automated analysis of {len(analysed)} ultrasound image(s) by {model}."]
     lesions = [(image_number, image.frames, lesion)
                for image_number, image in enumerate(analysed, start=1)
@@ -57,8 +65,19 @@ def template_narrative(findings: StudyFindings) -> Narrative:
     not_analysed = [image for image in findings.images if image.not_analysed]
     if not_analysed:
         lines.append(f"{len(not_analysed)} image(s) were not analysed (see the report notes).")
-    lines.append("Limitations: automated segmentation and classification of 2-D images "
-                 "without clinical context or prior studies; saliency maps show where the "
-                 "model looked, not whether it is correct. Not for diagnostic use: to be "
-                 "reviewed by a qualified reader.")
+    abstained = sum(len(image.abstained) for image in findings.images if image.predictions)
+    if abstained:
+        lines.append(f"{abstained} frame(s) were not analysed because they are unlike the "
+                     "images the model was trained on; no finding is stated for them.")
+    lines.append(LIMITATIONS)
+    return Narrative(text="\n".join(lines), author=TEMPLATE_AUTHOR)
+
+
+def _nothing_analysed(findings: StudyFindings, model: str) -> Narrative:
+    """No frame was analysed: say so, and state no finding either way."""
+    received = len(findings.images) + len(findings.skipped)
+    lines = [f"No image of this study was analysed by {model}: {received} object(s) received, "
+             "none within the model's scope or like its training images (the reasons are in "
+             "the report notes). radlens makes no statement about this study.",
+             "Not for diagnostic use."]
     return Narrative(text="\n".join(lines), author=TEMPLATE_AUTHOR)

@@ -20,15 +20,29 @@ from tests.helpers import TEST_FILES, acknowledged_files, echoscu, storescu
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def _part10(body: bytes, sop_uid: str) -> bytes:
+def _part10(body: bytes, sop_uid: str, syntax: str = "1.2.840.10008.1.2.1") -> bytes:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    meta.TransferSyntaxUID = syntax
     buffer = BytesIO()
     buffer.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)
     return buffer.getvalue() + body
+
+
+def _send_raw(port: int, path: Path, syntax: str) -> int:
+    """C-STORE the file's bytes as they are (pynetdicom reads no further than the meta): the
+    status the listener answered. storescu will not send what it cannot parse."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(SECONDARY_CAPTURE, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADLENS")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
 
 
 def _quarantine_reasons(server) -> list[str]:
@@ -37,20 +51,10 @@ def _quarantine_reasons(server) -> list[str]:
 
 
 def test_corrupt_dataset_is_refused_quarantined_and_next_association_served(server, tmp_path):
-    # storescu will not send what it cannot parse, so pynetdicom sends the raw bytes.
     body = b"\xff" * 300
     corrupt = tmp_path / "corrupt.dcm"
     corrupt.write_bytes(_part10(body, "1.2.826.0.1.3680043.8.498.1"))
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(SECONDARY_CAPTURE, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="RADLENS")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(corrupt)
-    finally:
-        assoc.release()
-    assert status.Status == 0xC000
+    assert _send_raw(server.port, corrupt, "1.2.840.10008.1.2.1") == 0xC000
 
     kept = list((server.data_dir / "quarantine").glob("*.dcm"))
     assert len(kept) == 1
@@ -65,6 +69,20 @@ def test_corrupt_dataset_is_refused_quarantined_and_next_association_served(serv
     good = storescu(server.port, [TEST_FILES / "CT_small.dcm"])
     assert good.returncode == 0
     assert server.query("SELECT COUNT(*) FROM instances")[0][0] == 1
+
+
+def test_broken_deflate_stream_is_refused_as_unparseable_and_quarantined(server, tmp_path):
+    """A deflate data set whose stream is not valid deflate: 0xC000 with the bytes kept, not
+    pynetdicom's 0xC211 with a traceback (zlib.error used to escape the parser)."""
+    deflate = "1.2.840.10008.1.2.1.99"
+    body = b"\x78\x9c" + bytes(range(256)) * 2  # a zlib header, then no valid stream
+    broken = tmp_path / "deflate.dcm"
+    broken.write_bytes(_part10(body, "1.2.826.0.1.3680043.8.498.2", deflate))
+    assert _send_raw(server.port, broken, deflate) == 0xC000
+    assert "cannot parse" in _quarantine_reasons(server)[0]
+    assert server.query("SELECT COUNT(*) FROM instances")[0][0] == 0
+    assert "Traceback" not in server.log()
+    assert echoscu(server.port).returncode == 0
 
 
 @pytest.mark.parametrize("change,expected", [

@@ -104,7 +104,7 @@ def test_what_each_study_gets(processed):
                      len(d.outputs.overlay)) for name, d in done.items()}
     assert counts["single"] == (1, 1, 1, 1)
     assert counts["normal"] == (0, 1, 0, 0)  # no lesion: no SEG, no map
-    assert counts["cine"] == (1, 1, 1, 2)  # one SEG and map for the cine, an overlay per frame
+    assert counts["cine"] == (1, 1, 1, 1)  # one SEG, map and (multi-frame) overlay for the cine
     assert counts["series"] == (1, 1, 2, 2)  # one SEG for the series
 
 
@@ -227,6 +227,22 @@ def test_no_lesion_is_said_in_the_sr(processed):
                           capture_output=True, text=True, timeout=60).stdout
     assert "No lesion was found, so no segmentation (SEG) was written." in dump
     assert "no focal lesion detected" in dump
+
+
+def test_a_cine_loop_gets_one_multiframe_overlay_that_plays(processed):
+    done, made = processed
+    (path,) = done["cine"].outputs.overlay
+    sc = pydicom.dcmread(path)
+    source = pydicom.dcmread(made["cine"][0])
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7.4"  # Multi-frame True Color SC
+    assert int(sc.NumberOfFrames) == 3 and sc.pixel_array.shape == (3, 256, 256, 3)
+    assert sc.FrameIncrementPointer == pydicom.tag.Tag("FrameTime") and float(sc.FrameTime) > 0
+    (reference,) = sc.SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert list(reference.ReferencedFrameNumber) == [1, 2, 3]
+    green = [int(np.all(frame == (0, 255, 0), axis=-1).sum()) for frame in sc.pixel_array]
+    assert green[0] > 20 and green[2] > 20  # the lesions of frames 1 and 3 are outlined
+    assert green[1] == 0  # the normal frame: the image, no outline
 
 
 def test_parametric_map_and_overlay_carry_the_saliency(processed):

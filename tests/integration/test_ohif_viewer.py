@@ -24,7 +24,7 @@ from radlens.agent.service import load_analyser
 from radlens.config import Settings
 from radlens.demo.ohif import OhifServer, fetch_ohif
 from radlens.demo.orthanc import Orthanc
-from radlens.dicom_io.synthetic import write_phantom_study
+from radlens.dicom_io.synthetic import us_multiframe_dataset, write_phantom_study
 from radlens.models.phantoms import make_phantom
 from tests.helpers import REPO, require_tool
 
@@ -183,3 +183,34 @@ def test_parametric_map_in_ohif(viewer):
     radius = int(np.sqrt(expected.sum() / np.pi))
     near = ndimage.binary_dilation(expected, iterations=radius)
     assert (coloured & near).sum() / coloured.sum() >= 0.5  # the map's colour is at the lesion
+
+
+def test_cine_overlay_opens_in_ohif(viewer):
+    """A 3-frame clip with lesions on frames 1 and 3: its one multi-frame overlay opens in OHIF
+    as a 3-image stack, showing the heat map and the green outline of frame 1's lesion."""
+    root, orthanc, server = viewer
+    frames = np.stack([make_phantom(321, 4).image, make_phantom(321, 7, label="normal").image,
+                       make_phantom(321, 53).image])
+    study_uid = pydicom.uid.generate_uid(entropy_srcs=["ohif test", "cine"])
+    series_uid = pydicom.uid.generate_uid(entropy_srcs=["ohif test", "cine", "series"])
+    ds = us_multiframe_dataset(frames, study_uid=study_uid, series_uid=series_uid,
+                               instance_number=1, spacing_cm=SPACING_MM / 10,
+                               patient_id="OHIF-cine")
+    source = root / "cine" / "IM1.dcm"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(source, enforce_file_format=True)
+    settings = Settings()
+    settings.storage.fsync = False
+    studies, _ = collect_studies([source])
+    done = process_study(study_uid, studies[study_uid], root / "results",
+                         load_analyser(settings), settings)
+    (overlay,) = done.outputs.overlay
+    assert int(pydicom.dcmread(overlay, stop_before_pixels=True).NumberOfFrames) == 3
+    _push(orthanc, [source, *done.outputs.all])
+    out = ARTIFACTS / "cine"
+    facts = _drive(server, source, out, "source,overlay")
+    assert re.search(r"\b1\s*/\s*3\b", facts["steps"]["overlay"]["viewportText"]), \
+        facts["steps"]["overlay"]["viewportText"]
+    shot = np.asarray(Image.open(out / "overlay.png").convert("RGB")).astype(int)
+    green = (shot[..., 1] > 180) & (shot[..., 0] < 90) & (shot[..., 2] < 90)
+    assert green.sum() > 50  # frame 1's lesion outline, drawn by OHIF from the cine object

@@ -32,9 +32,9 @@ DECODABLE = {
 }
 # file -> words the skip reason must contain
 SKIPPED = {
-    "JPEG-lossy.dcm": "cannot decode pixel data",
     "test-SR.dcm": "no pixel data",
 }
+NOT_ANALYSED = ("JPEG-lossy.dcm",)  # an undecodable CT: the model's scope decides first
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def corpus(tmp_path: Path) -> dict[str, Path]:
     folder.mkdir()
     seen: set[str] = set()
     files = {}
-    for name in [*DECODABLE, *SKIPPED]:
+    for name in [*DECODABLE, *SKIPPED, *NOT_ANALYSED]:
         target = folder / (name.replace("/", "_") + ("" if name.endswith(".dcm") else ".dcm"))
         ds = pydicom.dcmread(TEST_FILES / name)
         if ds.SOPInstanceUID in seen:
@@ -113,12 +113,20 @@ def test_every_syntax_is_spooled_as_received_and_decoded(server, corpus):
         else:
             assert image["spacing"]["row_mm"] == pytest.approx(spacing), name
             assert image["spacing"]["source"] == source_attr
-    # The shipped model analyses ultrasound; other modalities say why it did not run.
+    # The shipped model reads breast ultrasound; other modalities say why it did not run.
     ct = images[pydicom.dcmread(corpus["CT_small.dcm"], stop_before_pixels=True).SOPInstanceUID]
-    assert ct["predictions"] == [] and "modality CT is not one" in ct["not_analysed"]
+    assert ct["predictions"] == []
+    assert ct["not_analysed"] == "outside the model's scope: modality CT"
+    # The echocardiogram clip states no body part: the model runs, and abstains on every frame.
     clip = images[pydicom.dcmread(corpus["examples_ybr_color.dcm"],
                                   stop_before_pixels=True).SOPInstanceUID]
-    assert len(clip["predictions"]) == 30 and clip["not_analysed"] is None
+    assert clip["predictions"] == [] and len(clip["abstained"]) == 30
+    assert clip["not_analysed"].startswith("unlike the model's training images")
+    # A CT whose JPEG cannot be decoded: the model would not read it anyway, so it is not
+    # decoded at all, and the reason given is the one that decides (decode errors: test_pixels).
+    lossy = images[pydicom.dcmread(corpus["JPEG-lossy.dcm"], stop_before_pixels=True)
+                   .SOPInstanceUID]
+    assert lossy["not_analysed"].startswith("outside the model's scope: modality")
     for name, words in SKIPPED.items():
         uid = pydicom.dcmread(corpus[name], stop_before_pixels=True).SOPInstanceUID
         assert uid in skipped, f"{name} should be skipped"

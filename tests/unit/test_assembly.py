@@ -80,12 +80,38 @@ def test_rebuild_after_restart_fires_overdue_studies_once(parts):
     for i in range(3):
         _add_instance(db, "3.1", f"3.1.{i}", long_ago)
     _add_instance(db, "3.2", "3.2.0", long_ago)
-    assembler = StudyAssembler(scheduler, queue, quiet_period_s=15, max_wait_s=600)
+    assembler = StudyAssembler(scheduler, queue, quiet_period_s=0.6, max_wait_s=600)
+    restarted = time.time()
     assert assembler.rebuild() == 2
+    time.sleep(0.3)
+    assert _jobs(db) == [], "an overdue study waits one quiet period after a restart"
     wait_for(lambda: len(_jobs(db)) == 2, 5, "both overdue studies")
+    assert time.time() - restarted >= 0.6 - 0.05
     assert assembler.rebuild() == 0  # the sweep finds nothing left to arm
     time.sleep(0.3)
     assert sorted(j["study_instance_uid"] for j in _jobs(db)) == ["3.1", "3.2"]
+
+
+def test_study_still_arriving_after_a_crash_is_processed_once_whole(parts):
+    """kill -9 in the middle of a burst: the study's old deadline passed during the stop, the
+    sender re-sends the rest after the restart; the study runs once, on every instance."""
+    db, queue, scheduler = parts
+    before_crash = time.time() - 30
+    for i in range(4):
+        _add_instance(db, "5.1", f"5.1.{i}", before_crash)
+    assembler = StudyAssembler(scheduler, queue, quiet_period_s=0.8, max_wait_s=600)
+    assert assembler.rebuild() == 1
+    for i in range(4, 8):  # the sender goes on right after the restart
+        time.sleep(0.1)
+        now = time.time()
+        _add_instance(db, "5.1", f"5.1.{i}", now)
+        assembler.instance_received("5.1", now)
+    wait_for(lambda: _jobs(db), 5, "the study's job")
+    time.sleep(0.3)
+    jobs = _jobs(db)
+    assert len(jobs) == 1
+    assert db.conn.execute("SELECT COUNT(*) FROM instances WHERE job_id = ?",
+                           (jobs[0]["id"],)).fetchone()[0] == 8
 
 
 def test_queue_claims_in_order_and_requeues_interrupted_jobs(tmp_path):
@@ -109,7 +135,11 @@ def test_queue_claims_in_order_and_requeues_interrupted_jobs(tmp_path):
     assert queue.revision(later) == 2
     assert [i.sop_instance_uid for i in queue.instances(later)] == ["4.1.0", "4.1.1"]
     assert [i.sop_instance_uid for i in queue.instances(again)] == ["4.1.0"]
-    queue.finish(later.id, error="ValueError: boom")
+    queue.retry(later.id, error="ValueError: boom")  # a failed attempt goes back to the queue
+    assert _jobs(db)[1]["state"] == "queued" and _jobs(db)[1]["error"] == "ValueError: boom"
+    retried = queue.claim_next()
+    assert retried.id == second and retried.attempts == 2
+    queue.finish(retried.id, error="ValueError: boom")
     states = {j["id"]: (j["state"], j["error"]) for j in _jobs(db)}
     assert states == {first: ("done", None), second: ("failed", "ValueError: boom")}
     assert queue.claim_next() is None

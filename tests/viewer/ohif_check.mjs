@@ -115,7 +115,12 @@ const steps = {
       .first().dblclick();
     await settle(4000);
     await page.screenshot({ path: join(outDir, 'overlay.png') });
-    return {};
+    // What the viewport says about the displayed image set (OHIF shows "I: n (k/N)").
+    const viewportText = await page.evaluate(() => {
+      const pane = document.querySelector('[data-cy=viewport-pane]') || document.body;
+      return pane.innerText;
+    });
+    return { viewportText };
   },
   async pdf() {
     await openSeries('DOC');

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
 from radlens.config import OutputSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
-from radlens.dicom_io.writers.analysed import AnalysedImage, load_analysed, with_type2_present
+from radlens.dicom_io.writers.analysed import AnalysedImage, load_analysed, read_header
 from radlens.dicom_io.writers.common import Equipment, OutputKind, SeriesPlan
 from radlens.dicom_io.writers.overlay import (
     build_overlays,
@@ -31,7 +30,7 @@ from radlens.dicom_io.writers.overlay import (
 from radlens.dicom_io.writers.pdf import build_encapsulated_pdf
 from radlens.dicom_io.writers.seg import build_segmentations
 from radlens.dicom_io.writers.sr import build_report
-from radlens.findings import StudyFindings
+from radlens.findings import ModelRef, StudyFindings
 from radlens.logs import kv
 from radlens.reporting.narrative import Narrative
 from radlens.reporting.pdf import Figure, render_report
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DICOM_DIR = "dicom"
 REPORT_PDF = "report.pdf"
-FIGURES = 2  # frames shown in the PDF report
+FIGURES = 2  # key frames shown in the PDF report: those with lesions, most confident first
 
 
 @dataclass(frozen=True)
@@ -62,24 +61,52 @@ def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
     """Plain statements for the SR: what was not analysed, and why there is no SEG."""
     notes = [f"Image {image.ref.sop_instance_uid} not analysed: {image.not_analysed}."
              for image in findings.images if image.not_analysed]
+    for image in findings.images:
+        if image.abstained:
+            scores = ", ".join(f"{a.frame + 1}: {a.ood_score:.1f}" for a in image.abstained[:60])
+            more = f" and {len(image.abstained) - 60} more" if len(image.abstained) > 60 else ""
+            notes.append(f"Image {image.ref.sop_instance_uid}: {len(image.abstained)} frame(s) "
+                         f"not analysed, unlike the model's training images (out-of-"
+                         f"distribution score above the threshold "
+                         f"{image.abstained[0].threshold:.1f}; frame: score {scores}{more}).")
     notes += [f"Object {skipped.ref.sop_instance_uid} skipped: {skipped.reason}."
               for skipped in findings.skipped]
-    if not has_lesions:
+    if not any(image.predictions for image in findings.images):
+        notes.append("No image was analysed, so no segmentation (SEG), saliency map or overlay "
+                     "was written.")
+    elif not has_lesions:
         notes.append("No lesion was found, so no segmentation (SEG) was written.")
     return notes
+
+
+def source_headers(sources: Mapping[str, Path]) -> dict[str, Dataset]:
+    """Every readable source's conformant header by SOP Instance UID: the SR accounts for all
+    of them, and the analysed images' objects copy theirs. Unreadable files are left out (the
+    findings already say why)."""
+    headers: dict[str, Dataset] = {}
+    for sop_uid, path in sources.items():
+        try:
+            headers[sop_uid] = read_header(path)
+        except Exception as exc:  # a file pydicom cannot read even without its pixels
+            log.warning("source header unreadable", extra=kv(sop=sop_uid, error=str(exc)))
+    return headers
 
 
 def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_results: Path,
                   narrative: Narrative, *, settings: OutputSettings,
                   saliency_methods: Sequence[str], fsync: bool = True) -> WrittenOutputs:
     """Build and write the study's DICOM outputs. ``sources`` maps each source SOP Instance
-    UID to its file; images without predictions contribute notes only."""
+    UID to its file; images without predictions contribute notes only. One object that cannot
+    be built costs the others nothing, and the SR always goes out: with the measurements, or,
+    when they cannot be written, with the reason."""
     equipment = Equipment.for_model(findings.model)
+    headers = source_headers(sources)
     images: list[AnalysedImage] = []
     for info in findings.images:
-        if info.predictions and info.ref.sop_instance_uid in sources:
-            images.append(load_analysed(info, sources[info.ref.sop_instance_uid],
-                                        study_results))
+        sop_uid = info.ref.sop_instance_uid
+        if info.predictions and sop_uid in headers:
+            images.append(load_analysed(info, sources[sop_uid], study_results,
+                                        header=headers[sop_uid]))
     folder = study_results / DICOM_DIR / f"revision-{findings.revision}"
     written = WrittenOutputs([], [], [], [])
 
@@ -95,22 +122,20 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
             segmentations = []
     figures = _write_per_image(images, sources, equipment, findings, folder, settings,
                                saliency_methods, written, failures, fsync)
-    if settings.sr:
+    if settings.sr and headers:
         notes = study_notes(findings, any(image.lesions for image in images))
-        report = build_report(images, segmentations, narrative, equipment,
-                              SeriesPlan.new(OutputKind.SR, findings.revision),
-                              notes=notes + failures)
-        written.sr.append(_save(report, folder, "SR", fsync))
+        written.sr.append(_save(_report(images, segmentations, narrative, equipment, findings,
+                                        notes + failures, list(headers.values())),
+                                folder, "SR", fsync))
     if settings.pdf:
         try:
             pdf = render_report(findings, narrative, figures)
             write_durably(study_results / REPORT_PDF, pdf, fsync=fsync)
-            headers = [image.header for image in images] or [
-                with_type2_present(pydicom.dcmread(path, stop_before_pixels=True))
-                for path in list(sources.values())[:1]]
-            if headers:
+            pdf_headers = [image.header for image in images] or list(headers.values())[:1]
+            if pdf_headers:
                 document = build_encapsulated_pdf(
-                    pdf, headers, equipment, SeriesPlan.new(OutputKind.PDF, findings.revision))
+                    pdf, pdf_headers, equipment,
+                    SeriesPlan.new(OutputKind.PDF, findings.revision))
                 written.pdf.append(_save(document, folder, "PDF", fsync))
         except Exception as exc:  # the report must not cost the SEG and SR already written
             _failed("PDF report", findings, exc)
@@ -118,6 +143,38 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
         study=findings.study_instance_uid, revision=findings.revision, seg=len(written.seg),
         sr=len(written.sr), pm=len(written.parametric_map), sc=len(written.overlay)))
     return written
+
+
+def _report(images: list[AnalysedImage], segmentations: list, narrative: Narrative,
+            equipment: Equipment, findings: StudyFindings, notes: list[str],
+            evidence: list[Dataset]) -> Dataset:
+    """The SR with every measurement; if that cannot be built, one that says why."""
+    plan = SeriesPlan.new(OutputKind.SR, findings.revision)
+    try:
+        return build_report(images, segmentations, narrative, equipment, plan, notes=notes,
+                            evidence=evidence)
+    except Exception as exc:
+        failure = _failed("measurement report", findings, exc)
+        return build_report([], [], narrative, equipment, plan, evidence=evidence, failed=True,
+                            notes=[*notes, failure])
+
+
+def write_failure_report(study_uid: str, revision: int, sources: Mapping[str, Path],
+                         study_results: Path, reason: str, *, model: ModelRef | None,
+                         fsync: bool = True) -> Path | None:
+    """The SR of a study whose analysis failed for good: it names the reason, so the sender
+    hears of the failure instead of waiting for results that never come. None when no source
+    header can be read to place it in the study."""
+    headers = source_headers(sources)
+    if not headers:
+        return None
+    narrative = Narrative.failure(reason)
+    report = build_report([], [], narrative, Equipment.for_model(model),
+                          SeriesPlan.new(OutputKind.SR, revision),
+                          notes=[f"The analysis of this study failed: {reason}"[:1000]],
+                          evidence=list(headers.values()), failed=True)
+    folder = study_results / DICOM_DIR / f"revision-{revision}"
+    return _save(report, folder, "SR", fsync)
 
 
 def overlay_pngs(findings: StudyFindings, sources: Mapping[str, Path], study_results: Path,
@@ -160,7 +217,7 @@ def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
                      settings: OutputSettings, saliency_methods: Sequence[str],
                      written: WrittenOutputs, failures: list[str], fsync: bool) -> list[Figure]:
     """Parametric Map and RGB overlay of every image with a saliency map, and the PDF's figures
-    (the first frames with a lesion), decoding each source at most once."""
+    (the key frames: with a lesion, most confident first), decoding each source at most once."""
     map_plan = SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision)
     overlay_plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
     figures: list[Figure] = []
@@ -175,7 +232,7 @@ def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
                 failures.append(_failed(f"saliency Parametric Map of {image.sop_instance_uid}",
                                         findings, exc))
         overlay = method is not None and settings.overlay
-        figure = settings.pdf and len(figures) < FIGURES and bool(image.lesions)
+        figure = settings.pdf and bool(image.lesions)
         if not (overlay or figure):
             continue
         try:
@@ -195,23 +252,31 @@ def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
                 failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
                                         findings, exc))
         if figure:
-            figures += _figures(image, number, frames, method, FIGURES - len(figures))
+            figures += _figures(image, number, frames, method, FIGURES)
+            figures = sorted(figures, key=lambda f: -f.confidence)[:FIGURES]
     return figures
 
 
 def _figures(image: AnalysedImage, number: int, frames: np.ndarray, method: str | None,
              limit: int) -> list[Figure]:
-    """The image's first frames with a lesion: outlined, and beside it the saliency overlay."""
+    """The image's most confident frames with a lesion (at most ``limit``): outlined, and beside
+    it the saliency overlay."""
     from radlens.dicom_io.writers.overlay import render_overlay
 
+    def confidence(frame: int) -> float:
+        return max(lesion.probability for lesion in image.frames[frame].prediction.lesions)
+
     figures = []
-    for frame in [f for f, a in sorted(image.frames.items()) if a.prediction.lesions][:limit]:
+    key_frames = sorted((f for f, a in image.frames.items() if a.prediction.lesions),
+                        key=lambda f: (-confidence(f), f))[:limit]
+    for frame in key_frames:
         mask = image.mask(frame)
         zero = np.zeros(mask.shape, np.float32)
         saliency = image.frames[frame].saliency.get(method, zero) if method else zero
         title = f"image {number}" + (f", frame {frame + 1}" if image.info.frames > 1 else "")
         figures.append(Figure(title, render_overlay(frames[frame], zero, mask),
-                              render_overlay(frames[frame], saliency, mask)))
+                              render_overlay(frames[frame], saliency, mask),
+                              confidence=confidence(frame)))
     return figures
 
 

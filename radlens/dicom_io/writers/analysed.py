@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from radlens.dicom_io.conformance import TYPE2_COPIED, conformant_header
 from radlens.findings import FramePrediction, ImageInfo, LesionMeasurements
 
 
@@ -54,23 +55,27 @@ class AnalysedImage:
         return np.isin(analysed.lesions, indices) if indices else np.zeros(shape, dtype=bool)
 
 
-# Type 2 attributes every derived object copies from its source. Real sources often omit them;
-# an empty value is what the standard asks for, and highdicom needs them present.
-COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName")
-
-
 def with_type2_present(header: Dataset) -> Dataset:
-    for keyword in COPIED_TYPE2:
+    """Every type 2 attribute outputs copy is present (empty when the source lacks it):
+    highdicom needs them, and an empty value is what the standard asks for."""
+    for keyword in sorted(TYPE2_COPIED):
         if keyword not in header:
             setattr(header, keyword, "")
     return header
 
 
+def read_header(source_path: Path) -> Dataset:
+    """A source's header without pixels, made conformant to be copied into outputs."""
+    header = pydicom.dcmread(source_path, stop_before_pixels=True)
+    return with_type2_present(conformant_header(header, source=str(header.get(
+        "SOPInstanceUID", source_path.name))))
+
+
 def load_analysed(info: ImageInfo, source_path: Path, study_results: Path, *,
-                  pixels: np.ndarray | None = None) -> AnalysedImage:
-    """The source header and every analysed frame's maps of one image."""
-    header = with_type2_present(pydicom.dcmread(source_path, stop_before_pixels=True))
+                  pixels: np.ndarray | None = None, header: Dataset | None = None
+                  ) -> AnalysedImage:
+    """The source header (read here unless given) and every analysed frame's maps."""
+    header = header if header is not None else read_header(source_path)
     frames: dict[int, AnalysedFrame] = {}
     for prediction in info.predictions:
         if prediction.maps_file is None:

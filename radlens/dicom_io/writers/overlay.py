@@ -1,5 +1,6 @@
 """Saliency as DICOM: a Parametric Map per source image (OHIF overlays it on the image) and an
-RGB Secondary Capture per frame (image, heat map, lesion contours) that every viewer shows.
+RGB overlay (image, heat map, lesion contours) that every viewer shows: a Secondary Capture per
+single-frame image, one Multi-frame True Color Secondary Capture per cine loop.
 
 The map is the first configured saliency method (``model.saliency``). Saliency shows what the
 model attends to, not whether it is right; both objects say so in their descriptions.
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from matplotlib import colormaps
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 from skimage import measure
 
@@ -103,41 +106,88 @@ def render_overlay(frame_pixels: np.ndarray, saliency: np.ndarray,
 
 def build_overlays(image: AnalysedImage, method: str, equipment: Equipment, plan: SeriesPlan,
                    first_instance_number: int) -> list[hd.sc.SCImage]:
-    """One RGB Secondary Capture per frame with a map; needs the decoded pixels."""
+    """The overlay of an image, which needs the decoded pixels: one RGB Secondary Capture for a
+    single-frame source; for a multi-frame source (a cine loop) one Multi-frame True Color
+    Secondary Capture of its analysed frames, in order, that viewers play as a cine. Frames
+    without a map (no lesion, nothing to explain) show the image and the lesion outlines."""
     if image.pixels is None:
         raise ValueError("overlays need the decoded source pixels")
-    overlays = []
-    for number, frame in sorted(image.frames.items()):
-        if method not in frame.saliency:
-            continue
-        rgb = render_overlay(image.pixels[number], frame.saliency[method], image.mask(number))
-        spacing = image.info.spacing
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=image.header,
-            pixel_array=rgb,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            patient_orientation=("L", "F"),  # replaced by the source's own below
-            series_instance_uid=plan.series_instance_uid,
-            series_number=plan.series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=first_instance_number + len(overlays),
-            manufacturer=equipment.manufacturer,
-            pixel_spacing=(spacing.row_mm, spacing.column_mm) if spacing else None,
-            series_description=plan.description,
-        )
-        sc.ImageComments = (f"{method} saliency over frame {number + 1} of "
+    numbers = sorted(image.frames) if image.info.frames > 1 else [
+        n for n, f in sorted(image.frames.items()) if method in f.saliency]
+    if not numbers:
+        return []
+    rendered = [render_overlay(image.pixels[n], image.frames[n].saliency.get(
+        method, np.zeros((image.info.rows, image.info.columns), np.float32)), image.mask(n))
+        for n in numbers]
+    sc = _secondary_capture(image, rendered[0], equipment, plan, first_instance_number)
+    if image.info.frames > 1:
+        _as_multiframe(sc, image, rendered)
+        sc.ImageComments = (f"{method} saliency over {len(numbers)} frame(s) of "
                             f"{image.sop_instance_uid}, lesions outlined in green. Saliency "
                             "shows what the model attends to, not whether it is right.")
-        sc.BurnedInAnnotation = "NO"
-        # The overlay lies on the source's pixel grid: it has the source's orientation, which
-        # for 2-D ultrasound is usually unknown (an empty Patient Orientation).
-        sc.PatientOrientation = image.header.get("PatientOrientation", "")
-        _copy_laterality(sc, image)
-        _reference_source(sc, image, number)
-        overlays.append(sc)
-    return overlays
+    else:
+        sc.ImageComments = (f"{method} saliency over {image.sop_instance_uid}, lesions "
+                            "outlined in green. Saliency shows what the model attends to, "
+                            "not whether it is right.")
+    _reference_source(sc, image, numbers)
+    return [sc]
+
+
+def _secondary_capture(image: AnalysedImage, rgb: np.ndarray, equipment: Equipment,
+                       plan: SeriesPlan, instance_number: int) -> hd.sc.SCImage:
+    spacing = image.info.spacing
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=image.header,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=("L", "F"),  # replaced by the source's own below
+        series_instance_uid=plan.series_instance_uid,
+        series_number=plan.series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer=equipment.manufacturer,
+        pixel_spacing=(spacing.row_mm, spacing.column_mm) if spacing else None,
+        series_description=plan.description,
+    )
+    sc.BurnedInAnnotation = "NO"
+    # The overlay lies on the source's pixel grid: it has the source's orientation, which for
+    # 2-D ultrasound is usually unknown (an empty Patient Orientation).
+    sc.PatientOrientation = image.header.get("PatientOrientation", "")
+    _copy_laterality(sc, image)
+    return sc
+
+
+MULTIFRAME_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
+DEFAULT_FRAME_TIME_MS = 33.3  # 30 frames per second, when the source states no timing
+
+
+def _as_multiframe(sc: hd.sc.SCImage, image: AnalysedImage, frames: list[np.ndarray]) -> None:
+    """Turn highdicom's single-frame SC (its header copied and checked) into the Multi-frame
+    True Color SC of the frames, timed like the source (Cine module) so a viewer plays it."""
+    sc.SOPClassUID = MULTIFRAME_TRUE_COLOR_SC
+    sc.file_meta.MediaStorageSOPClassUID = MULTIFRAME_TRUE_COLOR_SC
+    sc.NumberOfFrames = len(frames)
+    sc.PixelData = np.ascontiguousarray(np.stack(frames), dtype=np.uint8).tobytes()
+    sc.FrameIncrementPointer = Tag("FrameTime")
+    sc.FrameTime = _frame_time_ms(image.header)
+    for keyword in ("ConversionType",):  # SC Equipment stays; nothing of single-frame SC left
+        if keyword not in sc:
+            sc.ConversionType = "WSD"
+
+
+def _frame_time_ms(header: Dataset) -> float:
+    for read in (lambda: float(header.FrameTime),
+                 lambda: 1000.0 / float(header.CineRate),
+                 lambda: 1000.0 / float(header.RecommendedDisplayFrameRate)):
+        try:
+            value = read()
+        except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return round(value, 3)
+    return DEFAULT_FRAME_TIME_MS
 
 
 def _copy_laterality(dataset: hd.SOPClass, image: AnalysedImage) -> None:
@@ -147,13 +197,11 @@ def _copy_laterality(dataset: hd.SOPClass, image: AnalysedImage) -> None:
         dataset.Laterality = laterality
 
 
-def _reference_source(sc: hd.sc.SCImage, image: AnalysedImage, frame: int) -> None:
-    """Source Image Sequence: the overlay derives from this frame of this image."""
-    from pydicom.dataset import Dataset
-
+def _reference_source(sc: hd.sc.SCImage, image: AnalysedImage, frames: list[int]) -> None:
+    """Source Image Sequence: the overlay derives from these frames of this image."""
     item = Dataset()
     item.ReferencedSOPClassUID = image.info.ref.sop_class_uid
     item.ReferencedSOPInstanceUID = image.sop_instance_uid
     if image.info.frames > 1:
-        item.ReferencedFrameNumber = frame + 1
+        item.ReferencedFrameNumber = [n + 1 for n in frames] if len(frames) > 1 else frames[0] + 1
     sc.SourceImageSequence = [item]

@@ -14,11 +14,13 @@ its author and a not-for-diagnostic-use statement close the report.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
@@ -36,6 +38,7 @@ from radlens.reporting.narrative import Category, Narrative
 log = logging.getLogger(__name__)
 
 DEVICE_UID_ROOT = "radlens device"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 # A lesion's tracking identifier starts with the Cornerstone3D tool convention that OHIF's own
 # SR export writes: OHIF then rehydrates the group (long and short axis with their lines) as a
 # bidirectional measurement and lists it in its measurement panel. The lesion's name follows.
@@ -169,6 +172,9 @@ def _image_group(image: AnalysedImage, algorithm: hd.sr.AlgorithmIdentification
             hd.sr.Measurement(codes.MALIGNANT_PROBABILITY, round(probabilities.malignant, 4),
                               codes.UCUM_NO_UNITS),
         ]
+        if prediction.ood_score is not None:
+            measurements.append(hd.sr.Measurement(
+                codes.OOD_SCORE, round(prediction.ood_score, 3), codes.UCUM_NO_UNITS))
         for method, agreement in sorted(prediction.saliency.items()):
             measurements.append(hd.sr.Measurement(
                 codes.SALIENCY_DICE, round(agreement.dice, 4), codes.UCUM_NO_UNITS,
@@ -200,9 +206,13 @@ _METHOD_DIGIT = {"gradcam": 1, "gradcam++": 2, "occlusion": 3, "prototype": 4}
 
 def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[WrittenSegmentation],
                  narrative: Narrative, equipment: Equipment, plan: SeriesPlan, *,
-                 notes: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
+                 notes: Sequence[str] = (), evidence: Sequence[Dataset] = (),
+                 failed: bool = False) -> hd.sr.Comprehensive3DSR:
     """The study's TID 1500 report. ``notes``: plain statements for the reader (images not
-    analysed, no lesion and so no SEG)."""
+    analysed, no lesion and so no SEG). ``evidence``: headers of the study's other objects
+    (received, not analysed) that the report accounts for. With no analysed image the report
+    carries TID 1500's qualitative evaluations instead of its imaging measurements, saying that
+    nothing was analysed (or, with ``failed``, that the analysis failed)."""
     algorithm = hd.sr.AlgorithmIdentification(name=equipment.algorithm_name,
                                                version=equipment.algorithm_version)
     segment_of = {sop: seg for seg in segmentations for sop in seg.source_sop_instance_uids}
@@ -223,13 +233,17 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
         serial_number=equipment.device_serial_number)
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device, observer_identifying_attributes=device))
-    report = hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=codes.ULTRASONOGRAPHY_OF_BREAST,
-        imaging_measurements=groups or None,
-        title=dcm_codes.cid7021.ImagingMeasurementReport,
-    )
-    root = report[0]
+    if groups:
+        report = hd.sr.MeasurementReport(
+            observation_context=context,
+            procedure_reported=codes.ULTRASONOGRAPHY_OF_BREAST,
+            imaging_measurements=groups,
+            title=dcm_codes.cid7021.ImagingMeasurementReport,
+        )
+        root = report[0]
+    else:
+        root = _report_without_measurements(
+            context, codes.ANALYSIS_FAILED if failed else codes.NO_IMAGE_ANALYSED)
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     text_items = [hd.sr.TextContentItem(codes.NARRATIVE, narrative.text[:_UT_LIMIT], contains),
                   hd.sr.TextContentItem(codes.NARRATIVE_AUTHOR, narrative.author_line,
@@ -239,10 +253,13 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
     text_items.append(hd.sr.TextContentItem(codes.NOT_FOR_DIAGNOSTIC_USE,
                                             NOT_FOR_DIAGNOSTIC_USE, contains))
     root.ContentSequence.extend(text_items)
-    evidence = [image.header for image in images] + [seg.dataset for seg in segmentations]
+    analysed = {image.sop_instance_uid for image in images}
+    others = [h for h in evidence if str(h.SOPInstanceUID) not in analysed]
+    ordered, stand_ins = _evidence_order([image.header for image in images]
+                                         + [seg.dataset for seg in segmentations] + others)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
+        evidence=ordered,
+        content=root,
         series_instance_uid=plan.series_instance_uid,
         series_number=plan.series_number,
         sop_instance_uid=generate_uid(),
@@ -252,6 +269,7 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
         is_final=False,
         is_verified=False,
     )
+    _restore_evidence_classes(sr, stand_ins)
     sr.SeriesDescription = plan.description
     sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: narratives say mm², names may be anything
     sr.ManufacturerModelName = equipment.model_name
@@ -262,6 +280,52 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
 
 
 _UT_LIMIT = 10_000
+
+
+def _evidence_order(evidence: list[Dataset]) -> tuple[list[Dataset], dict[str, str]]:
+    """highdicom copies the patient and study modules from the first evidence item, looked up
+    by its SOP class: put an item of a class it knows first. When it knows none (a study of
+    retired SOP classes only), the first item goes in as a Secondary Capture stand-in whose
+    real class is restored in the evidence afterwards (``_restore_evidence_classes``)."""
+    from highdicom._standard_utils import get_sop_class_iod_map  # private: no public twin
+
+    known = get_sop_class_iod_map()
+    ordered = sorted(evidence, key=lambda ds: str(ds.SOPClassUID) not in known)
+    if not ordered or str(ordered[0].SOPClassUID) in known:
+        return ordered, {}
+    stand_in = copy.deepcopy(ordered[0])
+    stand_in.SOPClassUID = SECONDARY_CAPTURE
+    return [stand_in, *ordered[1:]], {str(stand_in.SOPInstanceUID): str(ordered[0].SOPClassUID)}
+
+
+def _restore_evidence_classes(sr: Dataset, stand_ins: dict[str, str]) -> None:
+    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.get("ReferencedSeriesSequence", []):
+            for item in series.get("ReferencedSOPSequence", []):
+                if str(item.ReferencedSOPInstanceUID) in stand_ins:
+                    item.ReferencedSOPClassUID = stand_ins[str(item.ReferencedSOPInstanceUID)]
+
+
+def _report_without_measurements(context: hd.sr.ObservationContext, outcome: Code
+                                 ) -> hd.sr.ContainerContentItem:
+    """A TID 1500 root whose content is row 10 (qualitative evaluations) instead of row 6: the
+    template asks for at least one of rows 6, 8 and 10, and highdicom builds only row 6."""
+    root = hd.sr.ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport,
+                                      template_id="1500")
+    root.ContentSequence = hd.sr.ContentSequence()
+    root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
+    root.ContentSequence.extend(context)
+    root.ContentSequence.append(hd.sr.CodeContentItem(
+        name=dcm_codes.DCM.ProcedureReported, value=codes.IMAGING_PROCEDURE,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD))
+    evaluations = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    evaluations.ContentSequence = hd.sr.ContentSequence([hd.sr.CodeContentItem(
+        name=codes.ANALYSIS_OUTCOME, value=outcome,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)])
+    root.ContentSequence.append(evaluations)
+    return root
 
 
 def _category_code(category: Category) -> Code:

@@ -1,0 +1,171 @@
+"""Which model, if any, may look at an image: the model's scope and the site's routing rules.
+
+A model card states the model's scope: modalities, body parts (BodyPartExamined values and
+SNOMED CT anatomic region codes), SOP classes and photometric interpretations, and its intended
+use. An image outside that scope is not analysed, with the reason. Many ultrasound headers state
+no body part at all; routing rules from the configuration decide then (by calling AE title,
+modality, body part, anatomic region code, or a Study/Series Description pattern), the first rule
+that matches wins, and ``routing.unstated_body_part`` is the documented default when none does.
+A rule can send an image to the model or to none; it never widens the modality, SOP class or
+photometric scope, since the model cannot read what it was not built for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydicom.dataset import Dataset
+
+from radlens.config import RoutingRule, RoutingSettings
+
+NO_MODEL = "none"
+DEFAULT_MODEL = "default"
+
+
+class AnatomicRegion(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    value: str
+    scheme: str = "SCT"
+    meaning: str
+
+
+class ModelScope(BaseModel):
+    """What a model was built for, as its card states it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    modalities: list[str] = Field(min_length=1)
+    body_parts: list[str] = Field(min_length=1, description="BodyPartExamined values")
+    anatomic_regions: list[AnatomicRegion] = Field(min_length=1)
+    sop_classes: list[str] = Field(min_length=1, description="SOP Class UIDs")
+    photometric_interpretations: list[str] = Field(min_length=1)
+    intended_use: str
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> ModelScope | None:
+        scope = card.get("scope")
+        return cls.model_validate(scope) if scope is not None else None
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """The header values routing looks at, read once from an image's header."""
+
+    modality: str
+    body_part: str
+    anatomic_region_codes: tuple[str, ...]
+    sop_class_uid: str
+    photometric: str
+    descriptions: str
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> ImageFacts:
+        codes = []
+        for item in ds.get("AnatomicRegionSequence", []) or []:
+            value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "")).strip()
+            if value:
+                codes.append(value)
+        descriptions = " | ".join(str(ds.get(k, "") or "").strip()
+                                  for k in ("StudyDescription", "SeriesDescription")
+                                  if str(ds.get(k, "") or "").strip())
+        return cls(modality=_text(ds, "Modality").upper(),
+                   body_part=_text(ds, "BodyPartExamined").upper(),
+                   anatomic_region_codes=tuple(codes),
+                   sop_class_uid=_text(ds, "SOPClassUID"),
+                   photometric=_text(ds, "PhotometricInterpretation").upper(),
+                   descriptions=descriptions)
+
+    @property
+    def states_anatomy(self) -> bool:
+        return bool(self.body_part or self.anatomic_region_codes)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        return str(ds.get(keyword, "") or "").strip()
+    except Exception:  # a value pydicom cannot convert says nothing usable
+        return ""
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """``model`` is the model that runs (``default``), or None with the reason it does not."""
+
+    model: str | None
+    reason: str
+
+    @property
+    def analyse(self) -> bool:
+        return self.model is not None
+
+
+class Router:
+    def __init__(self, settings: RoutingSettings, scope: ModelScope | None) -> None:
+        self.settings = settings
+        self.scope = scope
+
+    def route(self, facts: ImageFacts, calling_ae: str | None = None) -> RouteDecision:
+        """The first matching rule decides about anatomy; the model's scope decides the rest."""
+        technical = self._outside_technical_scope(facts)
+        if technical:
+            return RouteDecision(None, f"outside the model's scope: {technical}")
+        for number, rule in enumerate(self.settings.rules, start=1):
+            if rule_matches(rule, facts, calling_ae):
+                name = rule.name or f"rule {number}"
+                if rule.model == NO_MODEL:
+                    return RouteDecision(None, f"routing rule {name!r} sends it to no model")
+                return RouteDecision(rule.model, f"routing rule {name!r} matched")
+        if facts.states_anatomy:
+            return self._by_anatomy(facts)
+        if self.settings.unstated_body_part == "analyse":
+            return RouteDecision(DEFAULT_MODEL, "no body part stated and no routing rule "
+                                 "matched: routing.unstated_body_part is 'analyse' (the "
+                                 "out-of-distribution check still applies)")
+        return RouteDecision(None, "no body part stated and no routing rule matched "
+                             "(routing.unstated_body_part is 'skip')")
+
+    def _outside_technical_scope(self, facts: ImageFacts) -> str | None:
+        scope = self.scope
+        if scope is None:
+            return None
+        if facts.modality not in scope.modalities:
+            return f"modality {facts.modality or 'unknown'}"
+        if facts.sop_class_uid not in scope.sop_classes:
+            from pydicom.uid import UID
+
+            return f"SOP class {UID(facts.sop_class_uid).name or facts.sop_class_uid}"
+        if facts.photometric not in scope.photometric_interpretations:
+            return f"photometric interpretation {facts.photometric or 'unknown'}"
+        return None
+
+    def _by_anatomy(self, facts: ImageFacts) -> RouteDecision:
+        scope = self.scope
+        if scope is None:
+            return RouteDecision(DEFAULT_MODEL, "the model states no scope")
+        codes = {region.value for region in scope.anatomic_regions}
+        if facts.body_part and facts.body_part in scope.body_parts:
+            return RouteDecision(DEFAULT_MODEL, f"body part {facts.body_part} is in scope")
+        if set(facts.anatomic_region_codes) & codes:
+            return RouteDecision(DEFAULT_MODEL, "anatomic region code is in scope")
+        stated = (f"body part {facts.body_part}" if facts.body_part else
+                  f"anatomic region {', '.join(facts.anatomic_region_codes)}")
+        return RouteDecision(None, f"outside the model's scope: {stated}")
+
+
+def rule_matches(rule: RoutingRule, facts: ImageFacts, calling_ae: str | None) -> bool:
+    """Every criterion the rule gives must hold; a rule with none matches everything."""
+    if rule.calling_ae is not None and (calling_ae or "").strip() != rule.calling_ae:
+        return False
+    if rule.modality is not None and facts.modality != rule.modality.upper():
+        return False
+    if rule.body_part is not None and facts.body_part != rule.body_part.upper():
+        return False
+    if rule.anatomic_region is not None and rule.anatomic_region not in \
+            facts.anatomic_region_codes:
+        return False
+    return rule.description is None or re.search(rule.description, facts.descriptions,
+                                                 re.IGNORECASE) is not None

@@ -1,0 +1,222 @@
+"""Source headers made safe to copy into the objects radlens writes.
+
+Every output copies attributes from its source (patient and study modules, dates, times, names,
+character set). Real senders put anything there: ``14:04:38`` as a time, ``19700230`` as a date,
+``heavy`` as a weight, an unknown character set, sequences nested hundreds deep. A strict library
+(highdicom) refuses such a value at construction, which would sink the study's answer; copying it
+as it is would make our objects non-conformant. So each header is read once and made conformant
+here: a value that can be repaired is repaired (separators dropped from a date or a time, a code
+string upper-cased, text cut to its VR's length), one that cannot is emptied where the standard
+requires the attribute (type 2) or left out otherwise. Each change is one log line naming the
+attribute and the fix, never a value (it may identify a patient). UIDs are never changed: they
+are how the outputs reference the source.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from datetime import date
+
+from pydicom import config
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+from pydicom.valuerep import validate_value
+
+from radlens.logs import kv
+
+log = logging.getLogger(__name__)
+
+UTF8 = "ISO_IR 192"
+MAX_SEQUENCE_DEPTH = 6  # deeper nesting is no image header a writer needs
+
+# Type 2 attributes of the patient and study modules that every derived object copies: an empty
+# value is conformant, so an unusable one is emptied rather than removed.
+TYPE2_COPIED = frozenset({"PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                          "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+                          "ReferringPhysicianName"})
+_TEXT_LIMITS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "AS": 4}
+_CHECKED_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                          "TM", "AE"})
+_CS_ALLOWED = re.compile(r"^[A-Z0-9 _]*$")
+
+
+def conformant_header(header: Dataset, *, source: str = "") -> Dataset:
+    """Make ``header`` (a source's header read without pixels) safe to copy into outputs, in
+    place, and return it. Text is decoded with the source's character set and re-declared as
+    UTF-8, so a broken or unknown character set costs nothing but a log line."""
+    _declare_utf8(header, source)
+    _prune_deep_sequences(header, source, depth=0)
+    for tag in list(header.keys()):
+        element = _element(header, tag)
+        if element.VR not in _CHECKED_VRS or element.tag.group in (0x0002, 0x7FE0):
+            continue
+        fixed, action = _conform(element)
+        if action is None:
+            continue
+        keyword = element.keyword or str(element.tag)
+        if fixed is None and keyword in TYPE2_COPIED:
+            fixed, action = "", "emptied (type 2)"
+        if fixed is None:
+            del header[tag]
+        else:
+            header[tag] = DataElement(tag, element.VR, fixed)
+        log.warning("source attribute made conformant",
+                    extra=kv(source=source, attribute=keyword, vr=element.VR, fix=action))
+    return header
+
+
+def _element(header: Dataset, tag: BaseTag) -> DataElement:
+    """The element, or, when pydicom cannot convert its stored bytes (a DS of ``heavy``), the
+    stored text as it is, for ``_conform`` to judge."""
+    try:
+        return header[tag]
+    except Exception:
+        raw = header.get_item(tag)
+        text = raw.value.decode("latin-1") if isinstance(raw.value, bytes) else str(raw.value)
+        element = DataElement(tag, "UN", None)
+        element.VR = raw.VR or "UN"
+        element._value = text.strip(" \x00")
+        return element
+
+
+def _declare_utf8(header: Dataset, source: str) -> None:
+    declared = header.get("SpecificCharacterSet")
+    try:
+        header.decode()  # every text value to str, with pydicom's fallbacks for unknown sets
+    except Exception as exc:  # an undecodable value: keep what decoded, log the rest
+        log.warning("source text could not be decoded",
+                    extra=kv(source=source, error=f"{type(exc).__name__}: {exc}"))
+    if declared not in (None, "", UTF8, "ISO_IR 6", ["ISO_IR 192"]):
+        log.info("source character set re-declared", extra=kv(
+            source=source, attribute="SpecificCharacterSet", fix=f"written as {UTF8}"))
+    header.SpecificCharacterSet = UTF8
+
+
+def _prune_deep_sequences(dataset: Dataset, source: str, depth: int) -> None:
+    for element in list(dataset):
+        if element.VR != "SQ":
+            continue
+        if depth >= MAX_SEQUENCE_DEPTH:
+            del dataset[element.tag]
+            log.warning("source attribute made conformant", extra=kv(
+                source=source, attribute=element.keyword or str(element.tag), vr="SQ",
+                fix=f"left out: nested deeper than {MAX_SEQUENCE_DEPTH}"))
+            continue
+        for item in element.value:
+            _prune_deep_sequences(item, source, depth + 1)
+
+
+def _values(element: DataElement) -> list[object]:
+    value = element.value
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
+
+
+def _conform(element: DataElement) -> tuple[object | None, str | None]:
+    """(new value, what was done) or (value, None) when it is conformant already. A new value
+    of None means: no conformant value could be made."""
+    values = _values(element)
+    if not values:
+        return element.value, None
+    vr = element.VR
+    repaired: list[object] = []
+    actions: set[str] = set()
+    for value in values:
+        fixed, action = _conform_one(vr, value)
+        if fixed is None:
+            return None, f"left out: {action}"
+        repaired.append(fixed)
+        if action:
+            actions.add(action)
+    if not actions:
+        return element.value, None
+    new_value: object = repaired[0] if len(repaired) == 1 else repaired
+    return new_value, "; ".join(sorted(actions))
+
+
+def _conform_one(vr: str, value: object) -> tuple[object | None, str | None]:
+    if vr in ("DS", "IS"):
+        return _number(vr, value)
+    text = str(value)
+    if vr == "DA":
+        return _date(text)
+    if vr == "TM":
+        return _time(text)
+    if vr == "CS" and not _CS_ALLOWED.match(text):
+        upper = text.upper().strip()
+        if _CS_ALLOWED.match(upper) and len(upper) <= 16:
+            return upper, "code string upper-cased"
+        return None, "not a code string"
+    limit = _TEXT_LIMITS.get(vr)
+    if limit is not None and len(text) > limit:
+        text, cut = text[:limit], f"cut to {limit} characters"
+    else:
+        cut = None
+    if "\\" in text and vr not in ("PN", "LT", "ST"):  # elsewhere a value delimiter
+        return None, "holds a backslash"
+    try:
+        validate_value(vr, text, config.RAISE)
+    except (ValueError, TypeError) as exc:
+        return None, _reason(exc)
+    if cut:
+        return text, cut
+    return value, None
+
+
+def _number(vr: str, value: object) -> tuple[object | None, str | None]:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None, "not a number"
+    if not math.isfinite(number):
+        return None, "not a finite number"
+    if vr == "IS":
+        if not number.is_integer() or abs(number) >= 2**31:
+            return None, "not a 32-bit integer"
+    try:
+        validate_value(vr, str(value).strip(), config.RAISE)
+    except (ValueError, TypeError):
+        return (int(number) if vr == "IS" else _ds_text(number)), "number re-written"
+    return value, None
+
+
+def _ds_text(number: float) -> str:
+    text = f"{number:.10g}"
+    return text if len(text) <= 16 else f"{number:.8e}"[:16]
+
+
+def _date(text: str) -> tuple[str | None, str | None]:
+    digits = re.sub(r"[.\-/ ]", "", text.strip())
+    if not re.fullmatch(r"\d{8}", digits):
+        return None, "not a date"
+    try:
+        date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        return None, "not a calendar date"
+    return (text, None) if digits == text else (digits, "separators removed")
+
+
+def _time(text: str) -> tuple[str | None, str | None]:
+    stripped = text.strip()
+    compact = stripped.replace(":", "")
+    match = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", compact)
+    if not match:
+        return None, "not a time"
+    hours, minutes, seconds = (int(g) if g else 0 for g in match.groups()[:3])
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return None, "not a time of day"
+    if compact == text:
+        return text, None
+    return compact, "separators removed"
+
+
+def _reason(exc: Exception) -> str:
+    message = str(exc).split("\n")[0]
+    return re.sub(r"'.*'", "(value)", message)[:120]
