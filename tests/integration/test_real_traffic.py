@@ -19,7 +19,14 @@ from radlens.config import Settings
 from radlens.db import DB_FILENAME, Database
 from radlens.dicom_io.synthetic import us_dataset
 from radlens.models.phantoms import make_phantom
-from tests.helpers import TEST_FILES, radlens_cli, require_tool
+from tests.helpers import (
+    TEST_FILES,
+    acknowledged_files,
+    radlens_cli,
+    require_tool,
+    storescu,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 ECHO = TEST_FILES / "examples_ybr_color.dcm"
@@ -153,3 +160,104 @@ def test_route_says_which_model_runs_and_why(tmp_path):
     assert "routing rule 'echo-lab' sends it to no model" in \
         from_echo_lab["examples_ybr_color.dcm"]
     assert "outside the model's scope: modality CT" in from_echo_lab["CT_small.dcm"]
+
+
+def _mutated_study(folder: Path) -> dict[str, Path]:
+    """One study: a valid phantom with a lesion, and copies of it each broken the way a real
+    sender broke one (pixel data, header values, nesting)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+    from pydicom.uid import generate_uid
+
+    study = "1.2.826.0.1.3680043.8.498.781"
+    valid = _phantom_file(folder / "valid.dcm", study, 1)
+
+    def raw(ds: Dataset, keyword: str, vr: str, value: bytes) -> None:
+        tag = Tag(keyword)
+        ds[tag] = RawDataElement(tag, vr, len(value), value, 0, True, True)
+
+    def double_pixel_data(ds):
+        ds.PixelData = ds.PixelData * 2
+
+    def frames_disagree(ds):
+        ds.NumberOfFrames = 3
+
+    def bits_allocated_1(ds):
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+
+    def broken_palette(ds):
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        for offset in range(3):  # Red, Green, Blue: data shorter than their descriptors
+            ds.add_new(Tag(0x0028, 0x1101 + offset), "US", [256, 0, 8])
+            ds.add_new(Tag(0x0028, 0x1201 + offset), "OW", bytes(10))
+
+    def deep_nesting(ds):
+        item = ds
+        for _ in range(60):
+            child = Dataset()
+            item.ReferencedImageSequence = [child]
+            item = child
+
+    mutations = {
+        "double_pixel_data": double_pixel_data,
+        "frames_disagree": frames_disagree,
+        "bits_allocated_1": bits_allocated_1,
+        "rescale_abc": lambda ds: raw(ds, "RescaleSlope", "DS", b"abc "),
+        "rescale_nan": lambda ds: (raw(ds, "RescaleSlope", "DS", b"NaN "),
+                                   raw(ds, "RescaleIntercept", "DS", b"0 ")),
+        "broken_palette": broken_palette,
+        "birth_date_0230": lambda ds: raw(ds, "PatientBirthDate", "DA", b"19700230"),
+        "charset_999": lambda ds: raw(ds, "SpecificCharacterSet", "CS", b"ISO_IR 999"),
+        "weight_heavy": lambda ds: raw(ds, "PatientWeight", "DS", b"heavy "),
+        "study_time_colons": lambda ds: raw(ds, "StudyTime", "TM", b"14:04:38"),
+        "deep_nesting": deep_nesting,
+    }
+    files = {"valid": valid}
+    for number, (name, mutate) in enumerate(mutations.items(), start=2):
+        ds = pydicom.dcmread(valid)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=["mutated", name])
+        ds.InstanceNumber = number
+        mutate(ds)
+        ds.save_as(folder / f"{name}.dcm", enforce_file_format=True)
+        files[name] = folder / f"{name}.dcm"
+    return files
+
+
+def test_mutated_datasets_over_real_associations_lose_nothing_and_fail_no_job(server_factory,
+                                                                            tmp_path):
+    files = _mutated_study(tmp_path / "mutated")
+    server = server_factory(RADLENS_OUTPUTS__PDF="true").start()
+    sent = storescu(server.port, list(files.values()))
+    acked = set(acknowledged_files(sent.stdout + sent.stderr))
+    assert acked == {str(p) for p in files.values()}, sent.stderr[-3000:]
+    wait_for(lambda: server.jobs_done(), 240, "the study's job")
+    ((job),) = server.jobs_done()
+    assert job["state"] == "done", job["error"]
+    study = str(pydicom.dcmread(files["valid"], stop_before_pixels=True).StudyInstanceUID)
+    findings = server.findings(study)
+    accounted = {i["ref"]["sop_instance_uid"]: i for i in findings["images"]}
+    accounted.update({s["ref"]["sop_instance_uid"]: s for s in findings["skipped"]})
+    uids = {name: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for name, p in files.items()}
+    assert set(accounted) == set(uids.values())  # every acknowledged instance is in the answer
+    valid = accounted[uids["valid"]]
+    assert valid["predictions"] and valid["predictions"][0]["lesions"]
+    for name in ("double_pixel_data", "frames_disagree", "bits_allocated_1", "rescale_nan",
+                 "broken_palette"):
+        reason = accounted[uids[name]].get("reason") or accounted[uids[name]]["not_analysed"]
+        assert reason, name
+    results = server.data_dir / "results" / study / "dicom" / "revision-1"
+    (sr,) = results.glob("SR_*.dcm")
+    assert list(results.glob("SEG_*.dcm")) and list(results.glob("PDF_*.dcm"))
+    dump = subprocess.run([require_tool("dsrdump"), "+Pl", str(sr)], capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "pixel data do not fit the header" in dump
+    for output in results.glob("*.dcm"):  # every object written, none refused by dciodvfy
+        check = subprocess.run([require_tool("dciodvfy"), str(output)], capture_output=True,
+                               text=True, timeout=60)
+        errors = [line for line in (check.stdout + check.stderr).splitlines()
+                  if line.startswith("Error")]
+        assert errors == [], (output.name, errors)
+    assert "Traceback" not in server.log()
