@@ -8,6 +8,7 @@ DICOM, or not a usable image, is reported and skipped; it never stops the batch.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from radlens.agent.pipeline import Analyser, StudyInput, run_study
 from radlens.agent.queue import JobInstance
 from radlens.config import Settings
 from radlens.dicom_io.writers import WrittenOutputs, write_failure_report, write_outputs
+from radlens.findings import StudyFindings
 from radlens.logs import kv
 from radlens.reporting.ollama import narrate
 
@@ -36,6 +38,7 @@ class ProcessedStudy:
     outputs: WrittenOutputs
     lesions: int
     error: str | None = None  # the study failed; its SR says so
+    findings: StudyFindings | None = None
 
 
 @dataclass(frozen=True)
@@ -115,37 +118,31 @@ def _process(study_uid: str, revision: int, instances: list[JobInstance], result
         fsync=settings.storage.fsync)
     lesions = sum(len(p.lesions) for image in result.findings.images for p in image.predictions)
     return ProcessedStudy(study_uid, revision, results_root / study_uid / "findings.json",
-                          written, lesions)
+                          written, lesions, findings=result.findings)
 
 
 def outcome_counts(processed: list[ProcessedStudy], unreadable: list[UnreadableFile]
                    ) -> dict[str, int]:
     """What a batch did, for people and for the corpus test: files, studies done and failed,
     images analysed, and every reason an image or object was not analysed, with its count."""
-    import json
-
-    counts: Counter[str] = Counter()
-    counts["files not DICOM or unreadable"] = len(unreadable)
+    counts: Counter[str] = Counter({"files not DICOM or unreadable": len(unreadable),
+                                    "studies done": 0, "images analysed": 0})
     for study in processed:
         counts["studies failed" if study.error else "studies done"] += 1
-        if study.findings_path is None or not study.findings_path.is_file():
+        if study.findings is None:
             continue
-        findings = json.loads(study.findings_path.read_text())
-        for image in findings["images"]:
-            counts["images analysed" if image["predictions"] else "images not analysed"] += 1
-            counts["frames analysed"] += len(image["predictions"])
-            counts["frames abstained (unlike the training images)"] += len(image["abstained"])
-            if image["not_analysed"]:
-                counts[f"not analysed: {_reason_kind(image['not_analysed'])}"] += 1
-        for skipped in findings["skipped"]:
-            counts[f"skipped: {_reason_kind(skipped['reason'])}"] += 1
+        for image in study.findings.images:
+            counts["images analysed" if image.predictions else "images not analysed"] += 1
+            counts["frames analysed"] += len(image.predictions)
+            counts["frames abstained (unlike the training images)"] += len(image.abstained)
+            if image.not_analysed:
+                counts[f"not analysed: {_reason_kind(image.not_analysed)}"] += 1
+        for skipped in study.findings.skipped:
+            counts[f"skipped: {_reason_kind(skipped.reason)}"] += 1
     return dict(sorted(counts.items(), key=lambda item: (not item[0].startswith(
         ("files", "studies", "images", "frames")), item[0])))
 
 
 def _reason_kind(reason: str) -> str:
-    """A reason without its numbers and details, so alike reasons count together."""
-    import re
-
-    kind = re.sub(r"\(scores? [^)]*\)|\d+(\.\d+)?", "#", reason)
-    return kind.split(": ", 2)[0] if kind.startswith("cannot decode") else kind[:90]
+    """A reason without its numbers, so alike reasons count together."""
+    return re.sub(r"\(scores? [^)]*\)|\d+(\.\d+)?", "#", reason)[:90]

@@ -2,10 +2,13 @@
 
 Each stage takes the previous stage's result and returns its own; nothing reaches back. Images
 flow through the per-image stages one by one so a large study never sits in memory whole:
-decoding (``dicom_io.pixels``), segmentation and classification (``models.infer``), lesion
-measurement (``analysis.lesions``) and saliency (``models.saliency``), their maps kept on disk.
-The narrative (``reporting``) and the DICOM writers (``dicom_io.writers``) run after
-``write_findings``, from the findings and those maps (``agent.worker``, ``agent.offline``).
+routing (``agent.routing``: is the image in the model's scope?), decoding
+(``dicom_io.pixels``), segmentation and classification (``models.infer``) with a per-frame
+out-of-distribution score that makes the model abstain on frames unlike its training images,
+lesion measurement (``analysis.lesions``) and saliency (``models.saliency``), their maps kept
+on disk. An image that cannot be used, or whose analysis fails, carries its reason; it never
+costs the study. The narrative (``reporting``) and the DICOM writers (``dicom_io.writers``) run
+after ``write_findings``, from the findings and those maps (``agent.worker``, ``agent.offline``).
 """
 
 from __future__ import annotations

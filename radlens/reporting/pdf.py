@@ -59,6 +59,25 @@ def lesion_rows(findings: StudyFindings) -> list[list[str]]:
     return rows
 
 
+MAX_REASON_LINES = 8
+
+
+def not_analysed_lines(findings: StudyFindings) -> list[str]:
+    """Why each image (or some of its frames) was not analysed, one line each."""
+    lines = []
+    for number, image in enumerate(findings.images, start=1):
+        if image.not_analysed:
+            lines.append(f"Image {number} ({image.modality or 'no modality'}): "
+                         f"{image.not_analysed}")
+        elif image.abstained:
+            lines.append(f"Image {number}: {len(image.abstained)} of "
+                         f"{len(image.abstained) + len(image.predictions)} frame(s) unlike the "
+                         "model's training images; nothing is stated for them")
+    lines += [f"Object {skipped.ref.sop_instance_uid[-16:]}: {skipped.reason}"
+              for skipped in findings.skipped]
+    return lines
+
+
 def render_report(findings: StudyFindings, narrative: Narrative,
                   figures: Sequence[Figure]) -> bytes:
     """The PDF's bytes."""
@@ -98,11 +117,24 @@ def render_report(findings: StudyFindings, narrative: Narrative,
             y -= 0.02
         elif not any(image.predictions for image in findings.images):
             page.text(0.06, y - 0.01, "No image was analysed, so nothing is stated about this "
-                      "study (the reasons are in the narrative and the SR).", fontsize=9)
+                      "study (the reasons are below, and in the SR).", fontsize=9)
             y -= 0.03
         else:
             page.text(0.06, y - 0.01, "No lesion was detected by the model.", fontsize=9)
             y -= 0.03
+        reasons = not_analysed_lines(findings)
+        if reasons:
+            page.text(0.06, y, f"Not analysed ({len(reasons)})", fontsize=11, weight="bold")
+            y -= 0.018
+            for line in reasons[:MAX_REASON_LINES]:
+                for wrapped in textwrap.wrap(line, 110):
+                    page.text(0.06, y, wrapped, fontsize=8)
+                    y -= 0.0135
+            if len(reasons) > MAX_REASON_LINES:
+                page.text(0.06, y, f"... and {len(reasons) - MAX_REASON_LINES} more (see the "
+                          "SR).", fontsize=8)
+                y -= 0.0135
+            y -= 0.01
         for figure in figures:  # the key frames, most confident first
             if y < 0.3:
                 break

@@ -178,6 +178,11 @@ def test_a_sample_through_the_listener_ends_done(server_factory, tmp_path):
     assert "No image analysed" in dump
     assert "unlike the model's training images" in dump
     assert "Long Axis" not in dump and "Referenced Segment" not in dump
+    pdf = subprocess.run(["pdftotext", str(server.data_dir / "results" / echo_study /
+                                           "report.pdf"), "-"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "No image was analysed" in pdf and "Not analysed (1)" in pdf
+    assert "unlike the model's training images" in " ".join(pdf.split())
     status = radlens_cli("status", "--json",
                          env={"RADLENS_STORAGE__DATA_DIR": str(server.data_dir)})
     reasons = {item["sop"]: item["reason"]
