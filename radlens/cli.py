@@ -115,6 +115,11 @@ def status(
     for job in report.retrying:
         console.print(f"[yellow]job {job['id']} will be retried[/] (attempt {job['attempts']} "
                       f"failed): {job['error']}", highlight=False)
+    if report.latest_job_timings:
+        seconds = report.latest_job_timings["seconds"]
+        assert isinstance(seconds, dict)
+        console.print(f"latest job {report.latest_job_timings['job']}: " + ", ".join(
+            f"{stage} {value:.2f} s" for stage, value in seconds.items()), highlight=False)
     if report.recent_not_analysed:
         skipped = Table(title="not analysed (latest studies)")
         for column in ("study", "object", "reason"):

@@ -197,6 +197,9 @@ class StudyFindings(_Frozen):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     images: list[ImageInfo] = Field(default_factory=list)
     skipped: list[SkippedObject] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict, description="wall-clock seconds "
+                                      "per stage of the job (decode, inference, saliency, "
+                                      "each writer...) and its total")
 
 
 @dataclass(frozen=True)

@@ -110,15 +110,17 @@ def _process(study_uid: str, revision: int, instances: list[JobInstance], result
     study = StudyInput(job_id=OFFLINE_JOB_ID, revision=revision, study_instance_uid=study_uid,
                        instances=sorted(instances, key=lambda i: str(i.path)))
     result = run_study(study, results_root, analyser=analyser, fsync=settings.storage.fsync)
-    narrative = narrate(result.findings, settings.llm)
+    with result.times.stage("narrative"):
+        narrative = narrate(result.findings, settings.llm)
     written = write_outputs(
         result.findings, {i.sop_instance_uid: i.path for i in instances},
         results_root / study_uid, narrative,
         settings=settings.outputs, saliency_methods=settings.model.saliency,
-        fsync=settings.storage.fsync)
+        fsync=settings.storage.fsync, times=result.times)
+    findings = result.finish(results_root, fsync=settings.storage.fsync)
     lesions = sum(len(p.lesions) for image in result.findings.images for p in image.predictions)
     return ProcessedStudy(study_uid, revision, results_root / study_uid / "findings.json",
-                          written, lesions, findings=result.findings)
+                          written, lesions, findings=findings)
 
 
 def outcome_counts(processed: list[ProcessedStudy], unreadable: list[UnreadableFile]

@@ -38,16 +38,18 @@ from radlens.findings import (
     FramePrediction,
     ImageInfo,
     ImageRef,
+    LesionMeasurements,
     ModelRef,
     SaliencyAgreement,
     SkippedObject,
     StudyFindings,
 )
 from radlens.logs import kv
+from radlens.timing import StageTimes
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
     from radlens.analysis.nifti import LabelMap
-    from radlens.models.infer import Segmenter
+    from radlens.models.infer import Prediction, Segmenter
     from radlens.models.saliency import SaliencyExplainer
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,13 @@ class StudyOutcome:
 class StudyResult:
     findings: StudyFindings
     records: list[FrameRecord]
+    times: StageTimes = field(default_factory=StageTimes)
+
+    def finish(self, results_root: Path, *, fsync: bool = True) -> StudyFindings:
+        """The findings again, with every stage's time (the writers' included)."""
+        findings = self.findings.model_copy(update={"timings": self.times.rounded()})
+        write_findings(findings, results_root, fsync=fsync)
+        return findings
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,8 @@ class Analyser:
                         architecture=str(self.segmenter.card["architecture"]))
 
 
-def analyse_image(decoded: DecodedImage, analyser: Analyser,
-                  maps_dir: Path | None = None) -> tuple[ImageInfo, list[FrameRecord]]:
+def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | None = None,
+                  times: StageTimes | None = None) -> tuple[ImageInfo, list[FrameRecord]]:
     """Stages 2-4 for every frame: segmentation and image-level class probabilities, then each
     lesion's measurements and, where a lesion was found, the configured saliency maps and their
     agreement with the mask. The maps are kept in ``maps_dir`` for the DICOM writers. Images of
@@ -108,62 +117,38 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
     if analyser.settings.max_frames:
         frames = frames[:analyser.settings.max_frames]
     detector = analyser.segmenter.ood if analyser.settings.abstain else None
+    times = times or StageTimes()
+    with times.stage("inference"):
+        results = analyser.segmenter.predict(list(frames))
     spacing = (info.spacing.row_mm, info.spacing.column_mm) if info.spacing else None
-    predictions, records, abstained = [], [], []
-    for index, result in enumerate(analyser.segmenter.predict(list(frames))):
+    measured: list[_MeasuredFrame] = []
+    abstained: list[AbstainedFrame] = []
+    for index, result in enumerate(results):
         ood_score = float(detector.score(result.latent)[0]) if detector is not None else None
         if detector is not None and ood_score > detector.threshold:
             abstained.append(AbstainedFrame(frame=index, ood_score=round(ood_score, 3),
                                             threshold=round(detector.threshold, 3)))
             continue
         frame = frames[index][..., 0] if frames.shape[-1] == 1 else frames[index]
-        classes = result.classes
-        regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
-        lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
-                                  frame=index)
-        atlas, anatomy_note = _atlas_for(analyser, classes.shape)
+        with times.stage("measurement"):
+            regions = find_lesions(result.classes,
+                                   min_pixels=analyser.settings.min_lesion_pixels)
+            lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
+                                      frame=index)
+        atlas, anatomy_note = _atlas_for(analyser, result.classes.shape)
         if atlas is not None:
             lesions = [lesion.model_copy(update={"anatomy": _overlaps(atlas, region)})
                        for lesion, (region, _) in zip(lesions, regions, strict=True)]
-        maps: dict[str, np.ndarray] = {}
-        agreements: dict[str, SaliencyAgreement] = {}
-        if lesions and analyser.explainer is not None and analyser.settings.saliency:
-            from radlens.models.saliency import agreement
-
-            for saliency in analyser.explainer.explain(frame, analyser.settings.saliency):
-                measured = agreement(saliency.map, classes > 0)
-                hot = saliency.map >= measured.threshold
-                agreements[saliency.method] = SaliencyAgreement(
-                    dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
-                    anatomy=_overlaps(atlas, hot) if atlas is not None else [])
-                maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
-        maps_file = None
-        if maps_dir is not None:
-            maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, index, classes,
-                                    lesion_labels(classes.shape, regions),
-                                    result.probabilities, maps)
-        normal, benign, malignant = (float(p) for p in result.image_probabilities)
-        predicted_class = ("normal", "benign", "malignant")[
-            int(np.argmax(result.image_probabilities))]
-        records.append(FrameRecord(
-            info.ref.sop_instance_uid, index, predicted_class, (normal, benign, malignant),
-            result.latent,
-            [LesionRecord(lesion.index, lesion.lesion_class, lesion.probability,
-                          result.region_latent(region), lesion.model_dump(mode="json"))
-             for lesion, (region, _) in zip(lesions, regions, strict=True)]))
-        predictions.append(FramePrediction(
-            frame=index,
-            class_probabilities=ClassProbabilities(normal=normal, benign=benign,
-                                                   malignant=malignant),
-            predicted_class=predicted_class,
-            lesion_pixels={"benign": int((classes == 1).sum()),
-                           "malignant": int((classes == 2).sum())},
-            lesions=lesions,
-            saliency=agreements,
-            anatomy_note=anatomy_note,
-            maps_file=maps_file,
-            ood_score=round(ood_score, 3) if ood_score is not None else None,
-        ))
+        measured.append(_MeasuredFrame(index, result, frame, regions, lesions, atlas,
+                                       anatomy_note, ood_score))
+    explain = frames_to_explain(measured, analyser.settings.explain_frames,
+                                multiframe=info.frames > 1)
+    predictions, records = [], []
+    for item in measured:
+        agreements, maps = ({}, {}) if item.index not in explain else _explain(
+            analyser, item, times)
+        predictions.append(_prediction(item, agreements, maps, info, maps_dir))
+        records.append(_record(item, info.ref.sop_instance_uid))
     update: dict[str, object] = {"predictions": predictions, "abstained": abstained}
     if abstained and not predictions:
         scores = [a.ood_score for a in abstained]
@@ -175,6 +160,103 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser,
         log.info("frames unlike the training images: no finding reported", extra=kv(
             sop=info.ref.sop_instance_uid, abstained=len(abstained), analysed=len(predictions)))
     return info.model_copy(update=update), records
+
+
+@dataclass(frozen=True)
+class _MeasuredFrame:
+    """One frame the model passed (not abstained), measured, before any saliency."""
+
+    index: int
+    result: Prediction
+    pixels: np.ndarray
+    regions: list[tuple[np.ndarray, int]]
+    lesions: list[LesionMeasurements]
+    atlas: LabelMap | None
+    anatomy_note: str | None
+    ood_score: float | None
+
+    @property
+    def suspicion(self) -> float:
+        """The stronger lesion class's image-level probability."""
+        return float(max(self.result.image_probabilities[1:]))
+
+
+def frames_to_explain(frames: list[_MeasuredFrame], setting: str | int, *,
+                      multiframe: bool) -> set[int]:
+    """Which frames get saliency (``model.explain_frames``): ``lesions``, the frames with a
+    lesion (or, on a clip with none, its most suspicious frame, so every clip shows where the
+    model looked); ``all``; or a number N, the N most suspicious frames, lesions first."""
+    if setting == "all":
+        return {f.index for f in frames}
+    ranked = sorted(frames, key=lambda f: (not f.lesions, -f.suspicion, f.index))
+    if isinstance(setting, int):
+        return {f.index for f in ranked[:setting]}
+    chosen = {f.index for f in frames if f.lesions}
+    if not chosen and multiframe and ranked:
+        chosen.add(ranked[0].index)
+    return chosen
+
+
+def _explain(analyser: Analyser, item: _MeasuredFrame, times: StageTimes
+             ) -> tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]:
+    """The configured saliency maps of one frame and their agreement with its mask."""
+    if analyser.explainer is None or not analyser.settings.saliency:
+        return {}, {}
+    from radlens.models.saliency import agreement
+
+    with times.stage("saliency"):
+        explained = analyser.explainer.explain(item.pixels, analyser.settings.saliency)
+    agreements, maps = {}, {}
+    mask = item.result.classes > 0
+    for saliency in explained:
+        measured = agreement(saliency.map, mask)
+        hot = saliency.map >= measured.threshold
+        agreements[saliency.method] = SaliencyAgreement(
+            dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
+            anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
+        maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
+    return agreements, maps
+
+
+def _prediction(item: _MeasuredFrame, agreements: dict[str, SaliencyAgreement],
+                maps: dict[str, np.ndarray], info: ImageInfo, maps_dir: Path | None
+                ) -> FramePrediction:
+    result, classes = item.result, item.result.classes
+    maps_file = None
+    if maps_dir is not None:
+        maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, item.index, classes,
+                                lesion_labels(classes.shape, item.regions),
+                                result.probabilities, maps)
+    normal, benign, malignant = (float(p) for p in result.image_probabilities)
+    return FramePrediction(
+        frame=item.index,
+        class_probabilities=ClassProbabilities(normal=normal, benign=benign,
+                                               malignant=malignant),
+        predicted_class=_predicted_class(result),
+        lesion_pixels={"benign": int((classes == 1).sum()),
+                       "malignant": int((classes == 2).sum())},
+        lesions=item.lesions,
+        saliency=agreements,
+        anatomy_note=item.anatomy_note,
+        maps_file=maps_file,
+        ood_score=round(item.ood_score, 3) if item.ood_score is not None else None,
+    )
+
+
+def _predicted_class(result: Prediction) -> str:
+    return ("normal", "benign", "malignant")[int(np.argmax(result.image_probabilities))]
+
+
+def _record(item: _MeasuredFrame, sop_uid: str) -> FrameRecord:
+    """The frame's row for the SQLite analyses (cohort over the agent's data)."""
+    result = item.result
+    normal, benign, malignant = (float(p) for p in result.image_probabilities)
+    return FrameRecord(
+        sop_uid, item.index, _predicted_class(result), (normal, benign, malignant),
+        result.latent,
+        [LesionRecord(lesion.index, lesion.lesion_class, lesion.probability,
+                      result.region_latent(region), lesion.model_dump(mode="json"))
+         for lesion, (region, _) in zip(item.lesions, item.regions, strict=True)])
 
 
 def _atlas_for(analyser: Analyser, shape: tuple[int, ...]) -> tuple[LabelMap | None,
@@ -244,13 +326,15 @@ def write_findings(findings: StudyFindings, results_root: Path, *, fsync: bool =
 
 
 def _image(instance: JobInstance, analyser: Analyser | None, maps_dir: Path,
-           job_id: int) -> tuple[ImageInfo, list[FrameRecord]]:
+           job_id: int, times: StageTimes) -> tuple[ImageInfo, list[FrameRecord]]:
     """One object through routing, decoding and the model. Raises UnsupportedImageError for an
     object without usable pixels; an image the router keeps from the model is described from
     its header alone, and one whose analysis fails says why instead of costing the study."""
-    ds = pixels.read_dataset(instance.path)
+    with times.stage("decode"):
+        ds = pixels.read_dataset(instance.path)
     if analyser is None:
-        return pixels.decode_dataset(ds).info, []
+        with times.stage("decode"):
+            return pixels.decode_dataset(ds).info, []
     described = pixels.describe(ds)
     decision = analyser.router.route(ImageFacts.from_dataset(ds), instance.calling_aet)
     if not decision.analyse:
@@ -258,9 +342,10 @@ def _image(instance: JobInstance, analyser: Analyser | None, maps_dir: Path,
                                                 reason=decision.reason))
         return described.model_copy(update={"not_analysed": decision.reason,
                                             "route": decision.reason}), []
-    decoded = pixels.decode_dataset(ds)
+    with times.stage("decode"):
+        decoded = pixels.decode_dataset(ds)
     try:
-        info, records = analyse_image(decoded, analyser, maps_dir)
+        info, records = analyse_image(decoded, analyser, maps_dir, times)
     except Exception as exc:
         log.exception("analysis failed", extra=kv(job=job_id, sop=instance.sop_instance_uid))
         reason = f"the analysis failed (logged): {type(exc).__name__}: {exc}"[:500]
@@ -274,6 +359,7 @@ def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | Non
     """Run every stage over one study and write its findings; an image that cannot be used is
     skipped with its reason, never a failure of the study."""
     outcome = StudyOutcome()
+    times = StageTimes()
     maps_dir = results_root / study.study_instance_uid / MAPS_DIR
     for instance in study.instances:
         ref = ImageRef(study_instance_uid=study.study_instance_uid,
@@ -281,7 +367,7 @@ def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | Non
                        sop_instance_uid=instance.sop_instance_uid,
                        sop_class_uid=instance.sop_class_uid)
         try:
-            info, records = _image(instance, analyser, maps_dir, study.job_id)
+            info, records = _image(instance, analyser, maps_dir, study.job_id, times)
         except UnsupportedImageError as exc:
             outcome.skipped.append(SkippedObject(ref=ref, reason=str(exc)))
             log.info("object skipped", extra=kv(job=study.job_id, sop=ref.sop_instance_uid,
@@ -299,4 +385,4 @@ def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | Non
     log.info("findings written", extra=kv(job=study.job_id, study=study.study_instance_uid,
                                           images=len(outcome.images),
                                           skipped=len(outcome.skipped), path=str(path)))
-    return StudyResult(findings, outcome.records)
+    return StudyResult(findings, outcome.records, times)

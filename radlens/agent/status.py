@@ -53,6 +53,9 @@ class StatusReport(BaseModel):
     recent_not_analysed: list[dict[str, object]] = Field(
         default_factory=list, description="images of the latest jobs the model did not "
         "analyse (outside its scope, unlike its training images, unusable), with the reason")
+    latest_job_timings: dict[str, object] = Field(
+        default_factory=dict, description="the latest done job's study and its seconds per "
+        "stage, from its findings.json")
     llm: LlmState | None = None
 
 
@@ -102,7 +105,20 @@ def collect_status(data_dir: Path) -> StatusReport:
     finally:
         conn.close()
     report.recent_not_analysed = _not_analysed(data_dir / "results", studies)
+    report.latest_job_timings = _latest_timings(data_dir / "results", studies[:1])
     return report
+
+
+def _latest_timings(results: Path, studies: list[str]) -> dict[str, object]:
+    for study in studies:
+        try:
+            findings = json.loads((results / study / "findings.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if findings.get("timings"):
+            return {"study": study, "job": findings.get("job_id"),
+                    "seconds": findings["timings"]}
+    return {}
 
 
 RECENT_STUDIES = 20

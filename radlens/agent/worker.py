@@ -126,11 +126,13 @@ class Worker:
         sources = {i.sop_instance_uid: i.path for i in study.instances}
         study_dir = self.results_root / study.study_instance_uid
         methods = self.analyser.settings.saliency
-        narrative = narrate(result.findings, self.llm, vision_capable=self.llm_vision,
-                            images=lambda: overlay_pngs(result.findings, sources, study_dir,
-                                                        methods))
+        with result.times.stage("narrative"):
+            narrative = narrate(result.findings, self.llm, vision_capable=self.llm_vision,
+                                images=lambda: overlay_pngs(result.findings, sources,
+                                                            study_dir, methods))
         written = write_outputs(result.findings, sources, study_dir, narrative,
                                 settings=self.outputs, saliency_methods=methods,
-                                fsync=self.fsync)
+                                fsync=self.fsync, times=result.times)
+        result.finish(self.results_root, fsync=self.fsync)
         if written.all and self.deliver is not None:
             self.deliver(study.job_id, written.all)

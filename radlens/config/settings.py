@@ -120,6 +120,9 @@ class ModelSettings(_Section):
     saliency: list[Literal["gradcam", "gradcam++", "occlusion", "prototype"]] = Field(
         default_factory=lambda: ["prototype", "gradcam++"])
     abstain: bool = True  # frames unlike the training images (OOD score > threshold) get no finding
+    # which frames get saliency: "lesions" (frames with a lesion; on a clip with none, its most
+    # suspicious frame), "all", or a number N (the N most suspicious frames, lesions first)
+    explain_frames: Literal["lesions", "all"] | Annotated[int, Field(ge=1)] = "lesions"
 
 
 class RoutingRule(_Section):

@@ -61,6 +61,12 @@ def test_one_unusable_image_never_costs_the_study_its_good_image(tmp_path):
     dump = subprocess.run([require_tool("dsrdump"), "+Pl", str(done.outputs.sr[0])],
                           capture_output=True, text=True, timeout=60).stdout
     assert "pixel data do not fit the header" in dump  # the SR names what it skipped, and why
+    timings = json.loads(done.findings_path.read_text())["timings"]  # rewritten at the end
+    assert timings == done.findings.timings and timings["total"] > 0
+    for stage in ("decode", "inference", "measurement", "saliency", "narrative", "seg", "sr",
+                  "parametric_map", "overlay", "pdf"):
+        assert timings[stage] > 0, stage  # every stage of the job is timed
+    assert timings["total"] >= sum(v for k, v in timings.items() if k != "total") * 0.95
 
 
 def test_a_job_that_keeps_failing_is_retried_then_answered_with_an_sr(tmp_path, monkeypatch):

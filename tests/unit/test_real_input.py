@@ -208,3 +208,30 @@ def test_ood_threshold_is_the_calibration_quantile(tmp_path):
     assert loaded.threshold == detector.threshold
     assert np.allclose(loaded.score(calibration), detector.score(calibration))
     assert OodDetector.load(tmp_path / "missing") is None
+
+
+# --- which frames of a clip get saliency ----------------------------------------------------
+
+def _measured(index: int, suspicion: float, lesion: bool):
+    from radlens.agent.pipeline import _MeasuredFrame
+    from radlens.models.infer import Prediction
+
+    probabilities = np.array([1 - suspicion, suspicion, 0.0], dtype=np.float32)
+    result = Prediction(np.zeros((3, 4, 4), np.float32), probabilities, np.zeros(4, np.float32),
+                        np.zeros((4, 1, 1), np.float32))
+    return _MeasuredFrame(index, result, np.zeros((4, 4), np.float32), [],
+                          ["lesion"] if lesion else [], None, None, None)
+
+
+def test_explain_frames_bounds_saliency_on_long_clips():
+    from radlens.agent.pipeline import frames_to_explain
+
+    clip = [_measured(0, 0.2, False), _measured(1, 0.9, True), _measured(2, 0.6, True),
+            _measured(3, 0.95, False)]
+    assert frames_to_explain(clip, "lesions", multiframe=True) == {1, 2}
+    assert frames_to_explain(clip, "all", multiframe=True) == {0, 1, 2, 3}
+    assert frames_to_explain(clip, 1, multiframe=True) == {1}  # lesion frames first
+    assert frames_to_explain(clip, 3, multiframe=True) == {1, 2, 3}
+    quiet = [_measured(0, 0.2, False), _measured(1, 0.4, False)]
+    assert frames_to_explain(quiet, "lesions", multiframe=True) == {1}  # the most suspicious
+    assert frames_to_explain(quiet[:1], "lesions", multiframe=False) == set()

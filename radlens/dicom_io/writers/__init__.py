@@ -34,6 +34,7 @@ from radlens.findings import ModelRef, StudyFindings
 from radlens.logs import kv
 from radlens.reporting.narrative import Narrative
 from radlens.reporting.pdf import Figure, render_report
+from radlens.timing import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
                          f"not analysed, unlike the model's training images (out-of-"
                          f"distribution score above the threshold "
                          f"{image.abstained[0].threshold:.1f}; frame: score {scores}{more}).")
+    for image in findings.images:
+        if image.frames > 1 and image.predictions:
+            explained = [p.frame + 1 for p in image.predictions if p.saliency]
+            shown = ", ".join(map(str, explained[:60])) + (" ..." if len(explained) > 60 else "")
+            notes.append(f"Image {image.ref.sop_instance_uid}: saliency computed for "
+                         f"{len(explained)} of {len(image.predictions)} analysed frame(s)"
+                         + (f" (frames {shown})." if explained else "."))
     notes += [f"Object {skipped.ref.sop_instance_uid} skipped: {skipped.reason}."
               for skipped in findings.skipped]
     if not any(image.predictions for image in findings.images):
@@ -94,13 +102,16 @@ def source_headers(sources: Mapping[str, Path]) -> dict[str, Dataset]:
 
 def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_results: Path,
                   narrative: Narrative, *, settings: OutputSettings,
-                  saliency_methods: Sequence[str], fsync: bool = True) -> WrittenOutputs:
+                  saliency_methods: Sequence[str], fsync: bool = True,
+                  times: StageTimes | None = None) -> WrittenOutputs:
     """Build and write the study's DICOM outputs. ``sources`` maps each source SOP Instance
     UID to its file; images without predictions contribute notes only. One object that cannot
     be built costs the others nothing, and the SR always goes out: with the measurements, or,
-    when they cannot be written, with the reason."""
+    when they cannot be written, with the reason. Each kind's time is added to ``times``."""
+    times = times or StageTimes()
     equipment = Equipment.for_model(findings.model)
-    headers = source_headers(sources)
+    with times.stage("sr"):  # the headers serve every object; the SR accounts for them all
+        headers = source_headers(sources)
     images: list[AnalysedImage] = []
     for info in findings.images:
         sop_uid = info.ref.sop_instance_uid
@@ -113,32 +124,36 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
     failures: list[str] = []
     segmentations = []
     if settings.seg:
-        try:
-            segmentations = build_segmentations(
-                images, equipment, SeriesPlan.new(OutputKind.SEG, findings.revision))
-            written.seg.extend(_save(seg.dataset, folder, "SEG", fsync) for seg in segmentations)
-        except Exception as exc:  # one object that cannot be built must not cost the others
-            failures.append(_failed("segmentation (SEG)", findings, exc))
-            segmentations = []
+        with times.stage("seg"):
+            try:
+                segmentations = build_segmentations(
+                    images, equipment, SeriesPlan.new(OutputKind.SEG, findings.revision))
+                written.seg.extend(_save(seg.dataset, folder, "SEG", fsync)
+                                   for seg in segmentations)
+            except Exception as exc:  # one object that cannot be built must not cost others
+                failures.append(_failed("segmentation (SEG)", findings, exc))
+                segmentations = []
     figures = _write_per_image(images, sources, equipment, findings, folder, settings,
-                               saliency_methods, written, failures, fsync)
+                               saliency_methods, written, failures, fsync, times)
     if settings.sr and headers:
-        notes = study_notes(findings, any(image.lesions for image in images))
-        written.sr.append(_save(_report(images, segmentations, narrative, equipment, findings,
-                                        notes + failures, list(headers.values())),
-                                folder, "SR", fsync))
+        with times.stage("sr"):
+            notes = study_notes(findings, any(image.lesions for image in images))
+            written.sr.append(_save(_report(images, segmentations, narrative, equipment,
+                                            findings, notes + failures,
+                                            list(headers.values())), folder, "SR", fsync))
     if settings.pdf:
-        try:
-            pdf = render_report(findings, narrative, figures)
-            write_durably(study_results / REPORT_PDF, pdf, fsync=fsync)
-            pdf_headers = [image.header for image in images] or list(headers.values())[:1]
-            if pdf_headers:
-                document = build_encapsulated_pdf(
-                    pdf, pdf_headers, equipment,
-                    SeriesPlan.new(OutputKind.PDF, findings.revision))
-                written.pdf.append(_save(document, folder, "PDF", fsync))
-        except Exception as exc:  # the report must not cost the SEG and SR already written
-            _failed("PDF report", findings, exc)
+        with times.stage("pdf"):
+            try:
+                pdf = render_report(findings, narrative, figures)
+                write_durably(study_results / REPORT_PDF, pdf, fsync=fsync)
+                pdf_headers = [image.header for image in images] or list(headers.values())[:1]
+                if pdf_headers:
+                    document = build_encapsulated_pdf(
+                        pdf, pdf_headers, equipment,
+                        SeriesPlan.new(OutputKind.PDF, findings.revision))
+                    written.pdf.append(_save(document, folder, "PDF", fsync))
+            except Exception as exc:  # the report must not cost the SEG and SR written
+                _failed("PDF report", findings, exc)
     log.info("DICOM outputs written", extra=kv(
         study=findings.study_instance_uid, revision=findings.revision, seg=len(written.seg),
         sr=len(written.sr), pm=len(written.parametric_map), sc=len(written.overlay)))
@@ -215,7 +230,8 @@ def _failed(what: str, findings: StudyFindings, exc: Exception) -> str:
 def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
                      equipment: Equipment, findings: StudyFindings, folder: Path,
                      settings: OutputSettings, saliency_methods: Sequence[str],
-                     written: WrittenOutputs, failures: list[str], fsync: bool) -> list[Figure]:
+                     written: WrittenOutputs, failures: list[str], fsync: bool,
+                     times: StageTimes) -> list[Figure]:
     """Parametric Map and RGB overlay of every image with a saliency map, and the PDF's figures
     (the key frames: with a lesion, most confident first), decoding each source at most once."""
     map_plan = SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision)
@@ -224,35 +240,38 @@ def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
     for number, image in enumerate(images, start=1):
         method = chosen_method(image, saliency_methods)
         if method is not None and settings.parametric_map:
-            try:
-                pm = build_parametric_map(image, method, equipment, map_plan,
-                                          len(written.parametric_map) + 1)
-                written.parametric_map.append(_save(pm, folder, "PM", fsync))
-            except Exception as exc:
-                failures.append(_failed(f"saliency Parametric Map of {image.sop_instance_uid}",
-                                        findings, exc))
+            with times.stage("parametric_map"):
+                try:
+                    pm = build_parametric_map(image, method, equipment, map_plan,
+                                              len(written.parametric_map) + 1)
+                    written.parametric_map.append(_save(pm, folder, "PM", fsync))
+                except Exception as exc:
+                    failures.append(_failed(
+                        f"saliency Parametric Map of {image.sop_instance_uid}", findings, exc))
         overlay = method is not None and settings.overlay
         figure = settings.pdf and bool(image.lesions)
         if not (overlay or figure):
             continue
-        try:
-            frames = pixels.decode_file(sources[image.sop_instance_uid]).pixels
-        except Exception as exc:  # an undecodable source
-            if overlay:
-                failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
-                                        findings, exc))
-            continue
-        if overlay:
+        with times.stage("overlay"):  # the decode it needs included
             try:
-                with_pixels = dataclasses.replace(image, pixels=frames)
-                for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
-                                         len(written.overlay) + 1):
-                    written.overlay.append(_save(sc, folder, "SC", fsync))
-            except Exception as exc:  # a refused header
-                failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
-                                        findings, exc))
+                frames = pixels.decode_file(sources[image.sop_instance_uid]).pixels
+            except Exception as exc:  # an undecodable source
+                if overlay:
+                    failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
+                                            findings, exc))
+                continue
+            if overlay:
+                try:
+                    with_pixels = dataclasses.replace(image, pixels=frames)
+                    for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
+                                             len(written.overlay) + 1):
+                        written.overlay.append(_save(sc, folder, "SC", fsync))
+                except Exception as exc:  # a refused header
+                    failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
+                                            findings, exc))
         if figure:
-            figures += _figures(image, number, frames, method, FIGURES)
+            with times.stage("pdf"):
+                figures += _figures(image, number, frames, method, FIGURES)
             figures = sorted(figures, key=lambda f: -f.confidence)[:FIGURES]
     return figures
 
