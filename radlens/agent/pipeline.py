@@ -143,10 +143,10 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
                                        anatomy_note, ood_score))
     explain = frames_to_explain(measured, analyser.settings.explain_frames,
                                 multiframe=info.frames > 1)
+    explained = _explain(analyser, [item for item in measured if item.index in explain], times)
     predictions, records = [], []
     for item in measured:
-        agreements, maps = ({}, {}) if item.index not in explain else _explain(
-            analyser, item, times)
+        agreements, maps = explained.get(item.index, ({}, {}))
         predictions.append(_prediction(item, agreements, maps, info, maps_dir))
         records.append(_record(item, info.ref.sop_instance_uid))
     update: dict[str, object] = {"predictions": predictions, "abstained": abstained}
@@ -197,25 +197,30 @@ def frames_to_explain(frames: list[_MeasuredFrame], setting: str | int, *,
     return chosen
 
 
-def _explain(analyser: Analyser, item: _MeasuredFrame, times: StageTimes
-             ) -> tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]:
-    """The configured saliency maps of one frame and their agreement with its mask."""
-    if analyser.explainer is None or not analyser.settings.saliency:
-        return {}, {}
+def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
+             ) -> dict[int, tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]]:
+    """The configured saliency maps of the frames to explain (batched), and each map's
+    agreement with its frame's mask, by frame index."""
+    if not items or analyser.explainer is None or not analyser.settings.saliency:
+        return {}
     from radlens.models.saliency import agreement
 
     with times.stage("saliency"):
-        explained = analyser.explainer.explain(item.pixels, analyser.settings.saliency)
-    agreements, maps = {}, {}
-    mask = item.result.classes > 0
-    for saliency in explained:
-        measured = agreement(saliency.map, mask)
-        hot = saliency.map >= measured.threshold
-        agreements[saliency.method] = SaliencyAgreement(
-            dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
-            anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
-        maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
-    return agreements, maps
+        batches = analyser.explainer.explain_batch([item.pixels for item in items],
+                                                   analyser.settings.saliency)
+    out = {}
+    for item, explained in zip(items, batches, strict=True):
+        agreements, maps = {}, {}
+        mask = item.result.classes > 0
+        for saliency in explained:
+            measured = agreement(saliency.map, mask)
+            hot = saliency.map >= measured.threshold
+            agreements[saliency.method] = SaliencyAgreement(
+                dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
+                anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
+            maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
+        out[item.index] = (agreements, maps)
+    return out
 
 
 def _prediction(item: _MeasuredFrame, agreements: dict[str, SaliencyAgreement],

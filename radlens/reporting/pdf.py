@@ -43,7 +43,11 @@ def _size(lesion: LesionMeasurements) -> str:
     return f"{lesion.longest_diameter_mm:.1f} x {lesion.perpendicular_diameter_mm:.1f} mm"
 
 
+MAX_TABLE_ROWS = 10  # the PDF is a summary with key frames; the SR carries every lesion
+
+
 def lesion_rows(findings: StudyFindings) -> list[list[str]]:
+    """One row per lesion, numbered as in the SR and the narrative."""
     rows = []
     analysed = [image for image in findings.images if image.predictions]
     for image_number, image in enumerate(analysed, start=1):
@@ -78,78 +82,113 @@ def not_analysed_lines(findings: StudyFindings) -> list[str]:
     return lines
 
 
+BOTTOM = 0.075  # the footer sits below this on every page
+
+
+class _Pages:
+    """The report's pages: a new one whenever the next block would run into the footer."""
+
+    def __init__(self, pdf: PdfPages, footer: str) -> None:
+        self.pdf, self.footer = pdf, footer
+        self.page: plt.Figure | None = None
+        self.y = 0.0
+        self.count = 0
+
+    def need(self, height: float) -> plt.Figure:
+        """The page to draw the next ``height`` on (the current one if it fits)."""
+        if self.page is None or self.y - height < BOTTOM:
+            self.close()
+            self.page = plt.figure(figsize=PAGE)
+            self.count += 1
+            self.y = 0.96 if self.count == 1 else 0.95
+        return self.page
+
+    def close(self) -> None:
+        if self.page is None:
+            return
+        self.page.text(0.06, 0.045, self.footer, fontsize=7.5, wrap=True)
+        self.page.text(0.06, 0.028, STATEMENT, fontsize=7.5, color="#b00020")
+        if self.count > 1:
+            self.page.text(0.9, 0.028, f"page {self.count}", fontsize=7.5)
+        self.pdf.savefig(self.page)
+        plt.close(self.page)
+        self.page = None
+
+    def line(self, text: str, height: float, x: float = 0.06, **style: object) -> None:
+        page = self.need(height)
+        page.text(x, self.y, text, **style)
+        self.y -= height
+
+
 def render_report(findings: StudyFindings, narrative: Narrative,
                   figures: Sequence[Figure]) -> bytes:
-    """The PDF's bytes."""
+    """The PDF's bytes: the narrative, the lesion table (the most suspicious lesions), what
+    was not analysed and why, and the key frames; as many pages as that takes."""
     model = (f"{findings.model.name} {findings.model.version} ({findings.model.architecture})"
              if findings.model else "no model")
     buffer = io.BytesIO()
     with matplotlib.rc_context({"pdf.fonttype": 42, "font.size": 9}), \
             PdfPages(buffer, metadata={"Title": "radlens report", "Creator": "radlens",
                                        "CreationDate": datetime.now(UTC)}) as pdf:
-        page = plt.figure(figsize=PAGE)
-        y = 0.96
-        page.text(0.06, y, "radlens report", fontsize=16, weight="bold")
-        page.text(0.06, y - 0.022, STATEMENT, fontsize=8, color="#b00020")
-        y -= 0.06
-        page.text(0.06, y, "Narrative", fontsize=11, weight="bold")
-        y -= 0.018
+        pages = _Pages(pdf, f"Model: {model}. Narrative written by: {narrative.author_line}.")
+        pages.line("radlens report", 0.022, fontsize=16, weight="bold")
+        pages.line(STATEMENT, 0.038, fontsize=8, color="#b00020")
+        pages.line("Narrative", 0.018, fontsize=11, weight="bold")
         for paragraph in narrative.text.splitlines():
             for line in textwrap.wrap(paragraph, 100) or [""]:
-                page.text(0.06, y, line, fontsize=8.5)
-                y -= 0.0145
-        y -= 0.01
+                pages.line(line, 0.0145, fontsize=8.5)
+        pages.y -= 0.01
         rows = lesion_rows(findings)
-        page.text(0.06, y, f"Lesions ({len(rows)})", fontsize=11, weight="bold")
-        y -= 0.012
-        if rows:
-            height = 0.022 * (len(rows) + 1)
-            axes = page.add_axes((0.06, y - height, 0.88, height))
+        shown = rows
+        if len(rows) > MAX_TABLE_ROWS:  # the most suspicious first: category, probability
+            shown = sorted(rows, key=lambda r: (-int(r[8]), -float(r[3].rstrip("%"))))[
+                :MAX_TABLE_ROWS]
+        height = 0.022 * (len(shown) + 1) if shown else 0.0
+        page = pages.need(0.03 + height + 0.03)
+        page.text(0.06, pages.y, f"Lesions ({len(rows)})", fontsize=11, weight="bold")
+        if len(rows) > len(shown):
+            page.text(0.3, pages.y, f"the {MAX_TABLE_ROWS} most suspicious shown; every "
+                      "lesion is in the SR", fontsize=8, style="italic")
+        pages.y -= 0.012
+        if shown:
+            axes = page.add_axes((0.06, pages.y - height, 0.88, height))
             axes.axis("off")
-            table = axes.table(cellText=rows, loc="upper left", cellLoc="center", colLabels=[
+            table = axes.table(cellText=shown, loc="upper left", cellLoc="center", colLabels=[
                 "#", "image", "class", "prob.", "size", "area mm²", "compact.", "sharpness",
                 "cat.*"])
             table.auto_set_font_size(False)
             table.set_fontsize(8)
-            y -= height + 0.01
-            page.text(0.06, y, "* BI-RADS-style category: an AI suggestion, not a BI-RADS "
-                      "assessment.", fontsize=7.5, style="italic")
-            y -= 0.02
+            pages.y -= height + 0.01
+            pages.line("* BI-RADS-style category: an AI suggestion, not a BI-RADS assessment.",
+                       0.02, fontsize=7.5, style="italic")
         elif not any(image.predictions for image in findings.images):
-            page.text(0.06, y - 0.01, "No image was analysed, so nothing is stated about this "
-                      "study (the reasons are below, and in the SR).", fontsize=9)
-            y -= 0.03
+            pages.y -= 0.01
+            pages.line("No image was analysed, so nothing is stated about this study (the "
+                       "reasons are below, and in the SR).", 0.02, fontsize=9)
         else:
-            page.text(0.06, y - 0.01, "No lesion was detected by the model.", fontsize=9)
-            y -= 0.03
+            pages.y -= 0.01
+            pages.line("No lesion was detected by the model.", 0.02, fontsize=9)
         reasons = not_analysed_lines(findings)
         if reasons:
-            page.text(0.06, y, f"Not analysed ({len(reasons)})", fontsize=11, weight="bold")
-            y -= 0.018
-            for line in reasons[:MAX_REASON_LINES]:
-                for wrapped in textwrap.wrap(line, 110):
-                    page.text(0.06, y, wrapped, fontsize=8)
-                    y -= 0.0135
+            pages.line(f"Not analysed ({len(reasons)})", 0.018, fontsize=11, weight="bold")
+            for reason in reasons[:MAX_REASON_LINES]:
+                for wrapped in textwrap.wrap(reason, 110):
+                    pages.line(wrapped, 0.0135, fontsize=8)
             if len(reasons) > MAX_REASON_LINES:
-                page.text(0.06, y, f"... and {len(reasons) - MAX_REASON_LINES} more (see the "
-                          "SR).", fontsize=8)
-                y -= 0.0135
-            y -= 0.01
+                pages.line(f"... and {len(reasons) - MAX_REASON_LINES} more (see the SR).",
+                           0.0135, fontsize=8)
+            pages.y -= 0.01
         for figure in figures:  # the key frames, most confident first
-            if y < 0.3:
-                break
-            height = min(0.3, y - 0.09)
+            height = 0.3
+            page = pages.need(height)
             for column, (picture, label) in enumerate(
                     ((figure.image_rgb, "image, lesion outlined"),
                      (figure.overlay_rgb, "saliency: where the model looked"))):
-                axes = page.add_axes((0.06 + column * 0.45, y - height, 0.42, height - 0.02))
+                axes = page.add_axes((0.06 + column * 0.45, pages.y - height, 0.42,
+                                      height - 0.02))
                 axes.imshow(picture)
                 axes.set_title(f"{figure.title}: {label}", fontsize=8)
                 axes.axis("off")
-            y -= height + 0.01
-        page.text(0.06, 0.045, f"Model: {model}. Narrative written by: {narrative.author_line}.",
-                  fontsize=7.5, wrap=True)
-        page.text(0.06, 0.028, STATEMENT, fontsize=7.5, color="#b00020")
-        pdf.savefig(page)
-        plt.close(page)
+            pages.y -= height + 0.01
+        pages.close()
     return buffer.getvalue()

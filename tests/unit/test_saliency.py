@@ -107,3 +107,18 @@ def test_a_constant_floor_carries_no_mass():
     assert agreement(_normalise(raw), mask).mass_inside < 0.5
     cleaned = _normalise(_remove_floor(raw, region, (64, 64)))
     assert agreement(cleaned, mask).mass_inside == pytest.approx(1.0)
+
+
+def test_batched_saliency_equals_image_by_image():
+    """A batch mixes target classes (MONAI scores one class per batch; radlens groups them)
+    and still gives every image exactly its own maps."""
+    explainer = SaliencyExplainer(Segmenter(device="cpu", batch_size=4))
+    images = [make_phantom(321, i).image.astype(np.float32) for i in range(6)]
+    batched = explainer.explain_batch(images, ["prototype", "gradcam++"])
+    assert len({maps[0].target_class for maps in batched}) == 2  # benign and malignant mixed
+    for image, maps in zip(images, batched, strict=True):
+        for alone, together in zip(explainer.explain(image, ["prototype", "gradcam++"]), maps,
+                                   strict=True):
+            assert alone.method == together.method and alone.target_class == \
+                together.target_class
+            assert np.allclose(alone.map, together.map, atol=1e-5)

@@ -257,9 +257,11 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
     others = [h for h in evidence if str(h.SOPInstanceUID) not in analysed]
     ordered, stand_ins = _evidence_order([image.header for image in images]
                                          + [seg.dataset for seg in segmentations] + others)
+    # The content references only the analysed images and their SEGs, all of them in the
+    # evidence by construction: the constructor, which sees only the root, need not search it.
     sr = hd.sr.Comprehensive3DSR(
         evidence=ordered,
-        content=root,
+        content=_childless(root),
         series_instance_uid=plan.series_instance_uid,
         series_number=plan.series_number,
         sop_instance_uid=generate_uid(),
@@ -269,6 +271,7 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
         is_final=False,
         is_verified=False,
     )
+    sr.ContentSequence = root.ContentSequence
     _restore_evidence_classes(sr, stand_ins)
     sr.SeriesDescription = plan.description
     sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: narratives say mm², names may be anything
@@ -280,6 +283,23 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
 
 
 _UT_LIMIT = 10_000
+
+
+def _childless(root: Dataset) -> Dataset:
+    """The root container without its tree, for the document's constructor.
+
+    highdicom's SR constructor deep-copies the whole content tree and parses it back into
+    content items to validate it: on a 30-frame clip with a lesion per frame that is most of
+    the SR's time, and it grows with the tree. Our tree is built from highdicom's own typed
+    items, validated when each was made, so the document is built around the root and the tree
+    attached afterwards; the dataset written is the same.
+    """
+    shell = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(copy.deepcopy(element))
+    shell.ContentSequence = []
+    return shell
 
 
 def _evidence_order(evidence: list[Dataset]) -> tuple[list[Dataset], dict[str, str]]:

@@ -1,0 +1,222 @@
+"""Turnaround: from the last image sent to the last result in the PACS, per stage.
+
+``radlens serve`` with a dcmtk ``storescp`` as its destination; phantom ultrasound studies of 1,
+30 and 120 frames (lesions in most frames, so every stage runs) are pushed with ``storescu``.
+Turnaround is the time from storescu's last C-STORE response to the destination's receipt of
+the study's last output object (the outbox's ``sent_at``), minus the quiet period the agent
+waits to call a study complete. Each job's own stage times come from its ``findings.json``.
+Beside them: the **compute floor**, the model's batched forward over the same frames on the
+same device, measured in the same run, and the agent's peak RSS. Prints Markdown tables and
+never fails a build.
+
+    .venv/bin/python benchmarks/turnaround.py [--frames 1,30,120] [--device cpu]
+
+Targets (issue 11): 30 frames <= 10 s, 1 frame <= 1.5 s, each within 4x its compute floor;
+120 frames <= 30 s; serving RSS <= 1 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from radlens.demo.tools import free_port, system_tool, wait_for  # noqa: E402
+
+QUIET_PERIOD_S = 1.0
+TARGETS = {1: (1.5, 4.0), 30: (10.0, 4.0), 120: (30.0, None)}  # seconds, x compute floor
+STAGES = ("decode", "inference", "measurement", "saliency", "narrative", "seg", "sr",
+          "parametric_map", "overlay", "pdf")
+
+
+def tool(name: str) -> str:
+    path = system_tool(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed (dcmtk): make tools")
+    return path
+
+
+def clip(path: Path, frames: int, seed: int) -> Path:
+    """A phantom US study: one image (1 frame) or a multi-frame clip, lesions in most frames."""
+    from pydicom.uid import generate_uid
+
+    from radlens.dicom_io.synthetic import us_dataset, us_multiframe_dataset
+    from radlens.models.phantoms import make_phantom
+
+    images = [make_phantom(seed, i, label="benign" if i % 2 else "malignant").image
+              for i in range(frames)]
+    study = generate_uid(entropy_srcs=["turnaround", str(frames), str(seed)])
+    series = generate_uid(entropy_srcs=["turnaround", str(frames), str(seed), "series"])
+    if frames == 1:
+        ds = us_dataset(images[0], study_uid=study, series_uid=series, instance_number=1,
+                        spacing_cm=0.02, patient_id="TURNAROUND")
+    else:
+        ds = us_multiframe_dataset(np.stack(images), study_uid=study, series_uid=series,
+                                   instance_number=1, spacing_cm=0.02,
+                                   patient_id="TURNAROUND")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def compute_floor(path: Path, device: str) -> float:
+    """Seconds of the model's batched forward over the study's frames, warm."""
+    from radlens.dicom_io.pixels import decode_file
+    from radlens.models.infer import Segmenter
+
+    segmenter = Segmenter(device=device)
+    frames = list(decode_file(path).pixels)
+    segmenter.predict(frames[:2])  # warm-up
+    started = time.perf_counter()
+    segmenter.predict(frames)
+    return time.perf_counter() - started
+
+
+def rss_mb(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", default="1,30,120")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.frames.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="radlens-turnaround-"))
+    received = work / "pacs"
+    received.mkdir()
+    pacs_port, port = free_port(), free_port()
+    pacs = subprocess.Popen([tool("storescp"), "-od", str(received), "+uf", str(pacs_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TCP_NODELAY="1"))
+    env = dict(os.environ, RADLENS_STORAGE__DATA_DIR=str(work / "data"),
+               RADLENS_DICOM__PORT=str(port), RADLENS_DICOM__HOST="127.0.0.1",
+               RADLENS_STORAGE__MIN_FREE_MB="0", RADLENS_MODEL__DEVICE=args.device,
+               RADLENS_ASSEMBLY__QUIET_PERIOD_S=str(QUIET_PERIOD_S),
+               RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
+               RADLENS_DESTINATIONS=json.dumps([{"name": "pacs", "ae_title": "STORESCP",
+                                                 "host": "127.0.0.1", "port": pacs_port}]))
+    log = open(work / "serve.log", "wb")  # noqa: SIM115 (open for the agent's lifetime)
+    agent = subprocess.Popen([sys.executable, "-m", "radlens.cli", "serve"], env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_for(lambda: _listening(port), 60, "radlens to listen")
+        db = work / "data" / "radlens.sqlite"
+        # A warm-up study: the agent pays its one-time imports before anything is timed.
+        for n, seed in [(1, 900), *[(n, 321) for n in sizes]]:
+            path = clip(work / "in" / f"clip{n}-{seed}.dcm", n, seed)
+            floor = compute_floor(path, args.device) if seed != 900 else None
+            jobs_before = _count(db, "SELECT COUNT(*) FROM jobs WHERE state IN ('done','failed')")
+            sent = subprocess.run([tool("storescu"), "-aec", "RADLENS", "127.0.0.1", str(port),
+                                   str(path)], capture_output=True, text=True,
+                                  env=dict(os.environ, TCP_NODELAY="1"))
+            last_response = time.time()
+            if sent.returncode != 0:
+                raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
+            wait_for(lambda b=jobs_before: _count(
+                db, "SELECT COUNT(*) FROM jobs WHERE state IN ('done','failed')") > b,
+                600, f"the {n}-frame job")
+            job = _query(db, "SELECT id, state, started_at, finished_at, study_instance_uid"
+                             " FROM jobs ORDER BY id DESC LIMIT 1")[0]
+            wait_for(lambda j=job: _count(db, "SELECT COUNT(*) FROM outbox WHERE job_id = ? AND"
+                                              " state != 'sent'", (j["id"],)) == 0,
+                     300, "the outputs to reach the destination")
+            delivered = _query(db, "SELECT MAX(sent_at) AS last, COUNT(*) AS n FROM outbox"
+                                   " WHERE job_id = ?", (job["id"],))[0]
+            if floor is None:
+                continue
+            findings = json.loads((work / "data" / "results" / job["study_instance_uid"] /
+                                   "findings.json").read_text())
+            timings = findings.get("timings", {})
+            lesions = sum(len(p["lesions"]) for i in findings["images"]
+                          for p in i["predictions"])
+            turnaround = delivered["last"] - last_response - QUIET_PERIOD_S
+            rows.append({"frames": n, "lesions": lesions, "turnaround": turnaround,
+                         "floor": floor, "job": job["finished_at"] - job["started_at"],
+                         "delivery": delivered["last"] - job["finished_at"],
+                         "objects": delivered["n"], "timings": timings})
+        peak = rss_mb(agent.pid)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=60)
+        pacs.terminate()
+        pacs.wait(timeout=30)
+        log.close()
+    print_tables(rows, peak, args.device)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _query(db: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    if not db.is_file():
+        return []
+    conn = sqlite3.connect(db, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def _count(db: Path, sql: str, params: tuple = ()) -> int:
+    rows = _query(db, sql, params)
+    return int(rows[0][0]) if rows else 0
+
+
+def print_tables(rows: list[dict], peak_mb: float, device: str) -> None:
+    import torch
+
+    print(f"## Turnaround ({platform.node()}: {os.cpu_count()} cores, {platform.machine()}, "
+          f"device {device}; radlens {version('radlens')}, torch {torch.__version__}; quiet "
+          f"period {QUIET_PERIOD_S:.0f} s subtracted)\n")
+    print("| frames | lesions | turnaround | target | compute floor | x floor (target) | "
+          "job | delivery | objects |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        target, factor = TARGETS.get(row["frames"], (None, None))
+        ratio = row["turnaround"] / row["floor"] if row["floor"] > 0 else float("nan")
+        print(f"| {row['frames']} | {row['lesions']} | {row['turnaround']:.2f} s | "
+              f"{f'<= {target:.1f} s' if target else '-'} | {row['floor']:.2f} s | "
+              f"{ratio:.1f}x ({f'<= {factor:.0f}x' if factor else '-'}) | {row['job']:.2f} s | "
+              f"{row['delivery']:.2f} s | {row['objects']} |")
+    print(f"\nAgent peak RSS: {peak_mb:.0f} MB (target <= 1024 MB)\n")
+    print("### Seconds per stage (the job's own timings, findings.json)\n")
+    print("| frames | " + " | ".join(STAGES) + " | job total |")
+    print("|---:|" + "---:|" * (len(STAGES) + 1))
+    for row in rows:
+        timings = row["timings"]
+        print(f"| {row['frames']} | " + " | ".join(
+            f"{timings.get(stage, 0.0):.2f}" for stage in STAGES)
+            + f" | {timings.get('total', 0.0):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
