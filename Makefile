@@ -47,10 +47,12 @@ lint: $(DEV_STAMP)
 demo: $(RUNTIME_STAMP) tools viewer
 	@scripts/demo.sh
 
-## bench: ingest throughput (storescu to storescp vs radlens) and inference speed (tables)
+## bench: ingest throughput (storescu to storescp vs radlens), inference speed, and turnaround
+## (last image sent to last result at a storescp destination, per stage) as tables
 bench: $(DEV_STAMP) tools
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/infer.py
+	$(BIN)/python benchmarks/turnaround.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
