@@ -205,21 +205,24 @@ def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
         return {}
     from radlens.models.saliency import agreement
 
-    with times.stage("saliency"):
-        batches = analyser.explainer.explain_batch([item.pixels for item in items],
-                                                   analyser.settings.saliency)
     out = {}
-    for item, explained in zip(items, batches, strict=True):
-        agreements, maps = {}, {}
-        mask = item.result.classes > 0
-        for saliency in explained:
-            measured = agreement(saliency.map, mask)
-            hot = saliency.map >= measured.threshold
-            agreements[saliency.method] = SaliencyAgreement(
-                dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
-                anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
-            maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
-        out[item.index] = (agreements, maps)
+    step = analyser.segmenter.batch_size  # one batch of maps in memory at a time
+    for start in range(0, len(items), step):
+        chunk = items[start:start + step]
+        with times.stage("saliency"):
+            batches = analyser.explainer.explain_batch([item.pixels for item in chunk],
+                                                       analyser.settings.saliency)
+        for item, explained in zip(chunk, batches, strict=True):
+            agreements, maps = {}, {}
+            mask = item.result.classes > 0
+            for saliency in explained:
+                measured = agreement(saliency.map, mask)
+                hot = saliency.map >= measured.threshold
+                agreements[saliency.method] = SaliencyAgreement(
+                    dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
+                    anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
+                maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
+            out[item.index] = (agreements, maps)
     return out
 
 

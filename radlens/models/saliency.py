@@ -92,10 +92,16 @@ class SaliencyExplainer:
     """Saliency for one loaded model; ``explain`` runs the chosen methods on one image."""
 
     def __init__(self, segmenter: Segmenter, *, cam_layer: Literal["auto", "encoder"] = "auto",
-                 occlusion_mask: int = 32, occlusion_batch: int = 16) -> None:
+                 occlusion_mask: int = 32, occlusion_batch: int = 16,
+                 cam_batch: int | None = None) -> None:
         """``cam_layer``: "auto" is the network's own CAM layer (see SegmentationNetwork),
-        "encoder" its last encoder stage."""
+        "encoder" its last encoder stage. ``cam_batch``: images per Grad-CAM forward and
+        backward pass; by default the inference batch on CUDA, and 1 on the CPU, where a
+        batch saves no time (the convolutions are compute-bound already) and its backward
+        pass holds every image's activations and gradients at once (+600 MB at 8 images)."""
         self.segmenter = segmenter
+        self.cam_batch = cam_batch or (segmenter.batch_size
+                                       if segmenter.device.type == "cuda" else 1)
         self.cam_layer = cam_layer
         self.occlusion_mask = occlusion_mask
         self.occlusion_batch = occlusion_batch
@@ -163,12 +169,14 @@ class SaliencyExplainer:
         """One CAM per image, batched over the images that share a target class."""
         out: list[SaliencyMap | None] = [None] * len(targets)
         for target in sorted(set(targets)):
-            group = [i for i, t in enumerate(targets) if t == target]
-            raw = self._cam_maps(method, x[group], regions[group], target)
-            for row, i in enumerate(group):
-                source = _to_source(raw[row, 0], sizes[i]).detach().cpu().numpy()
-                out[i] = SaliencyMap(method, target, _normalise(
-                    _remove_floor(source, regions[i:i + 1], sizes[i])))
+            same_class = [i for i, t in enumerate(targets) if t == target]
+            for start in range(0, len(same_class), self.cam_batch):
+                group = same_class[start:start + self.cam_batch]
+                raw = self._cam_maps(method, x[group], regions[group], target)
+                for row, i in enumerate(group):
+                    source = _to_source(raw[row, 0], sizes[i]).detach().cpu().numpy()
+                    out[i] = SaliencyMap(method, target, _normalise(
+                        _remove_floor(source, regions[i:i + 1], sizes[i])))
         return [m for m in out if m is not None]
 
     def _cam_maps(self, method: Method, x: torch.Tensor, regions: torch.Tensor, target: int

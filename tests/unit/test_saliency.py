@@ -112,7 +112,7 @@ def test_a_constant_floor_carries_no_mass():
 def test_batched_saliency_equals_image_by_image():
     """A batch mixes target classes (MONAI scores one class per batch; radlens groups them)
     and still gives every image exactly its own maps."""
-    explainer = SaliencyExplainer(Segmenter(device="cpu", batch_size=4))
+    explainer = SaliencyExplainer(Segmenter(device="cpu", batch_size=4), cam_batch=4)
     images = [make_phantom(321, i).image.astype(np.float32) for i in range(6)]
     batched = explainer.explain_batch(images, ["prototype", "gradcam++"])
     assert len({maps[0].target_class for maps in batched}) == 2  # benign and malignant mixed
