@@ -26,6 +26,7 @@ from radlens.models.infer import Segmenter
 from radlens.models.networks import SegmentationNetwork
 
 Method = Literal["gradcam", "gradcam++", "occlusion", "prototype"]
+CPU_CAM_BATCH = 4
 METHODS: tuple[Method, ...] = ("gradcam", "gradcam++", "occlusion", "prototype")
 
 
@@ -96,12 +97,12 @@ class SaliencyExplainer:
                  cam_batch: int | None = None) -> None:
         """``cam_layer``: "auto" is the network's own CAM layer (see SegmentationNetwork),
         "encoder" its last encoder stage. ``cam_batch``: images per Grad-CAM forward and
-        backward pass; by default the inference batch on CUDA, and 1 on the CPU, where a
-        batch saves no time (the convolutions are compute-bound already) and its backward
-        pass holds every image's activations and gradients at once (+600 MB at 8 images)."""
+        backward pass; by default the inference batch on CUDA, and at most 4 on the CPU: on 2
+        cores 4 is as fast as 8 (and 15 % faster than 1), while a backward pass holds every
+        image's activations and gradients at once."""
         self.segmenter = segmenter
-        self.cam_batch = cam_batch or (segmenter.batch_size
-                                       if segmenter.device.type == "cuda" else 1)
+        self.cam_batch = cam_batch or (segmenter.batch_size if segmenter.device.type == "cuda"
+                                       else min(segmenter.batch_size, CPU_CAM_BATCH))
         self.cam_layer = cam_layer
         self.occlusion_mask = occlusion_mask
         self.occlusion_batch = occlusion_batch
