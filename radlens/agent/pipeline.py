@@ -45,6 +45,7 @@ from radlens.findings import (
     StudyFindings,
 )
 from radlens.logs import kv
+from radlens.memory import release_freed_memory
 from radlens.timing import StageTimes
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
@@ -223,6 +224,7 @@ def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
                     anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
                 maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
             out[item.index] = (agreements, maps)
+        release_freed_memory()  # a backward pass's activations, before the next batch
     return out
 
 

@@ -137,7 +137,9 @@ class Router:
         if facts.sop_class_uid not in scope.sop_classes:
             from pydicom.uid import UID
 
-            return f"SOP class {UID(facts.sop_class_uid).name or facts.sop_class_uid}"
+            uid = UID(facts.sop_class_uid)
+            retired = " (retired)" if uid.is_valid and uid.is_retired else ""
+            return f"SOP class {uid.name or facts.sop_class_uid}{retired}"
         if facts.photometric not in scope.photometric_interpretations:
             return f"photometric interpretation {facts.photometric or 'unknown'}"
         return None

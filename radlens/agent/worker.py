@@ -15,6 +15,7 @@ from radlens.agent.pipeline import Analyser, StudyInput, StudyResult, run_study
 from radlens.agent.queue import Job, JobQueue
 from radlens.config import LlmSettings, OutputSettings
 from radlens.logs import kv
+from radlens.memory import release_freed_memory
 
 Deliver = Callable[[int, list[Path]], None]
 
@@ -97,6 +98,7 @@ class Worker:
             log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
         finally:
             self.current_job = None
+            release_freed_memory()  # the study's arrays, before the next job
 
     def _report_failure(self, job: Job, error: str) -> None:
         """A job that failed for good still answers the sender: an SR saying the analysis
