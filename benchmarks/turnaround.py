@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from radlens.demo.tools import free_port, system_tool, wait_for  # noqa: E402
+from radlens.demo.tools import free_port, port_open, system_tool, wait_for  # noqa: E402
 
 QUIET_PERIOD_S = 1.0
 TARGETS = {1: (1.5, 4.0), 30: (10.0, 4.0), 120: (30.0, None)}  # seconds, x compute floor
@@ -119,7 +119,7 @@ def main() -> None:
                              stdout=log, stderr=subprocess.STDOUT)
     rows = []
     try:
-        wait_for(lambda: _listening(port), 60, "radlens to listen")
+        wait_for(lambda: port_open(port), 60, "radlens to listen")
         db = work / "data" / "radlens.sqlite"
         # A warm-up study: the agent pays its one-time imports before anything is timed.
         for n, seed in [(1, 900), *[(n, 321) for n in sizes]]:
@@ -163,16 +163,6 @@ def main() -> None:
         log.close()
     print_tables(rows, peak, args.device)
     shutil.rmtree(work, ignore_errors=True)
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _query(db: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:

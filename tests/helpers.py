@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,12 @@ from pathlib import Path
 
 import pydicom
 
-from radlens.demo.tools import free_port, system_tool, wait_for  # noqa: F401 (re-exported)
+from radlens.demo.tools import (  # noqa: F401 (re-exported)
+    free_port,
+    port_open,
+    system_tool,
+    wait_for,
+)
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 RADLENS = [sys.executable, "-m", "radlens.cli"]
@@ -45,14 +49,6 @@ def require_tool(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not installed: run `make test`, which installs it")
     return path
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass

@@ -131,16 +131,16 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
                                             threshold=round(detector.threshold, 3)))
             continue
         frame = frames[index][..., 0] if frames.shape[-1] == 1 else frames[index]
+        classes = result.classes  # an argmax over the maps: computed once per frame
         with times.stage("measurement"):
-            regions = find_lesions(result.classes,
-                                   min_pixels=analyser.settings.min_lesion_pixels)
+            regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
             lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
                                       frame=index)
-        atlas, anatomy_note = _atlas_for(analyser, result.classes.shape)
+        atlas, anatomy_note = _atlas_for(analyser, classes.shape)
         if atlas is not None:
             lesions = [lesion.model_copy(update={"anatomy": _overlaps(atlas, region)})
                        for lesion, (region, _) in zip(lesions, regions, strict=True)]
-        measured.append(_MeasuredFrame(index, result, frame, regions, lesions, atlas,
+        measured.append(_MeasuredFrame(index, result, frame, classes, regions, lesions, atlas,
                                        anatomy_note, ood_score))
     explain = frames_to_explain(measured, analyser.settings.explain_frames,
                                 multiframe=info.frames > 1)
@@ -170,6 +170,7 @@ class _MeasuredFrame:
     index: int
     result: Prediction
     pixels: np.ndarray
+    classes: np.ndarray  # (H, W) uint8: 0 background, 1 benign, 2 malignant
     regions: list[tuple[np.ndarray, int]]
     lesions: list[LesionMeasurements]
     atlas: LabelMap | None
@@ -215,7 +216,7 @@ def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
                                                        analyser.settings.saliency)
         for item, explained in zip(chunk, batches, strict=True):
             agreements, maps = {}, {}
-            mask = item.result.classes > 0
+            mask = item.classes > 0
             for saliency in explained:
                 measured = agreement(saliency.map, mask)
                 hot = saliency.map >= measured.threshold
@@ -231,7 +232,7 @@ def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
 def _prediction(item: _MeasuredFrame, agreements: dict[str, SaliencyAgreement],
                 maps: dict[str, np.ndarray], info: ImageInfo, maps_dir: Path | None
                 ) -> FramePrediction:
-    result, classes = item.result, item.result.classes
+    result, classes = item.result, item.classes
     maps_file = None
     if maps_dir is not None:
         maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, item.index, classes,
@@ -353,7 +354,7 @@ def _image(instance: JobInstance, analyser: Analyser | None, maps_dir: Path,
         return described.model_copy(update={"not_analysed": decision.reason,
                                             "route": decision.reason}), []
     with times.stage("decode"):
-        decoded = pixels.decode_dataset(ds)
+        decoded = pixels.decode_dataset(ds, info=described)
     try:
         info, records = analyse_image(decoded, analyser, maps_dir, times)
     except Exception as exc:

@@ -104,35 +104,29 @@ def collect_status(data_dir: Path) -> StatusReport:
             " study_instance_uid ORDER BY MAX(id) DESC LIMIT ?", (RECENT_STUDIES,))]
     finally:
         conn.close()
-    report.recent_not_analysed = _not_analysed(data_dir / "results", studies)
-    report.latest_job_timings = _latest_timings(data_dir / "results", studies[:1])
+    report.recent_not_analysed, report.latest_job_timings = _from_findings(
+        data_dir / "results", studies)
     return report
-
-
-def _latest_timings(results: Path, studies: list[str]) -> dict[str, object]:
-    for study in studies:
-        try:
-            findings = json.loads((results / study / "findings.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if findings.get("timings"):
-            return {"study": study, "job": findings.get("job_id"),
-                    "seconds": findings["timings"]}
-    return {}
 
 
 RECENT_STUDIES = 20
 RECENT_NOT_ANALYSED = 10
 
 
-def _not_analysed(results: Path, studies: list[str]) -> list[dict[str, object]]:
-    """Why images of the latest studies were not analysed, from their findings.json."""
+def _from_findings(results: Path, studies: list[str]
+                   ) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """From the latest studies' findings.json, newest first, each read once: why images were
+    not analysed (at most ``RECENT_NOT_ANALYSED``), and the newest study's stage times."""
     found: list[dict[str, object]] = []
-    for study in studies:
+    timings: dict[str, object] = {}
+    for newest, study in enumerate(studies):
         try:
             findings = json.loads((results / study / "findings.json").read_text())
         except (OSError, ValueError):
             continue
+        if newest == 0 and findings.get("timings"):
+            timings = {"study": study, "job": findings.get("job_id"),
+                       "seconds": findings["timings"]}
         items = [(image["ref"]["sop_instance_uid"], image["not_analysed"])
                  for image in findings.get("images", []) if image.get("not_analysed")]
         items += [(skipped["ref"]["sop_instance_uid"], skipped["reason"])
@@ -140,4 +134,4 @@ def _not_analysed(results: Path, studies: list[str]) -> list[dict[str, object]]:
         found += [{"study": study, "sop": sop, "reason": reason} for sop, reason in items]
         if len(found) >= RECENT_NOT_ANALYSED:
             break
-    return found[:RECENT_NOT_ANALYSED]
+    return found[:RECENT_NOT_ANALYSED], timings

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from radlens.demo.ohif import OhifServer, fetch_ohif
 from radlens.demo.orthanc import Orthanc
-from radlens.demo.tools import free_port, system_tool, wait_for
+from radlens.demo.tools import free_port, port_open, system_tool, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "ohif"
@@ -107,8 +107,7 @@ def run(exit_when_done: bool) -> int:
         def listening() -> bool:
             if agent is not None and agent.poll() is not None:
                 raise RuntimeError(f"radlens serve exited; see {work / 'radlens.log'}")
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", agent_port)) == 0
+            return port_open(agent_port)
 
         wait_for(listening, 120, "radlens to listen")
         say(f"radlens: RADLENS@127.0.0.1:{agent_port}, log {work / 'radlens.log'}")

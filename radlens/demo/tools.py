@@ -41,6 +41,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on the port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str,
              interval: float = 0.1) -> object:
     """Poll ``predicate`` until it returns something true (returned) or ``timeout`` passes."""

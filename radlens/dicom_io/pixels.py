@@ -86,11 +86,12 @@ def describe(ds: Dataset) -> ImageInfo:
         ) from exc
 
 
-def decode_dataset(ds: Dataset) -> DecodedImage:
-    """Pixels of any supported image. Every way real data can be wrong (pixel data of the
-    wrong length, a frame count that disagrees with it, a broken LUT or palette, a rescale that
-    is not a finite number) ends as UnsupportedImageError naming what was wrong."""
-    info = describe(ds)
+def decode_dataset(ds: Dataset, *, info: ImageInfo | None = None) -> DecodedImage:
+    """Pixels of any supported image (``info``: its ``describe``, when already made). Every
+    way real data can be wrong (pixel data of the wrong length, a frame count that disagrees
+    with it, a broken LUT or palette, a rescale that is not a finite number) ends as
+    UnsupportedImageError naming what was wrong."""
+    info = info if info is not None else describe(ds)
     photometric = info.photometric_interpretation
     if photometric not in SUPPORTED_PHOTOMETRIC:
         raise UnsupportedImageError(f"unsupported photometric interpretation {photometric!r}")

@@ -187,7 +187,10 @@ def test_a_sample_through_the_listener_ends_done(server_factory, tmp_path):
     assert "unlike the model's training images" in " ".join(pdf.split())
     status = radlens_cli("status", "--json",
                          env={"RADLENS_STORAGE__DATA_DIR": str(server.data_dir)})
-    reasons = {item["sop"]: item["reason"]
-               for item in json.loads(status.stdout)["recent_not_analysed"]}
+    report = json.loads(status.stdout)
+    reasons = {item["sop"]: item["reason"] for item in report["recent_not_analysed"]}
+    newest = report["latest_job_timings"]  # the newest job's stage times, from its findings
+    assert newest["study"] in studies and newest["seconds"]["total"] > 0
+    assert newest["seconds"]["sr"] > 0 and newest["seconds"]["decode"] >= 0
     assert reasons[echo["ref"]["sop_instance_uid"]] == echo["not_analysed"]
     assert any(r.startswith("outside the model's scope: modality") for r in reasons.values())

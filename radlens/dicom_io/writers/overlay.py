@@ -172,9 +172,6 @@ def _as_multiframe(sc: hd.sc.SCImage, image: AnalysedImage, frames: list[np.ndar
     sc.PixelData = np.ascontiguousarray(np.stack(frames), dtype=np.uint8).tobytes()
     sc.FrameIncrementPointer = Tag("FrameTime")
     sc.FrameTime = _frame_time_ms(image.header)
-    for keyword in ("ConversionType",):  # SC Equipment stays; nothing of single-frame SC left
-        if keyword not in sc:
-            sc.ConversionType = "WSD"
 
 
 def _frame_time_ms(header: Dataset) -> float:
