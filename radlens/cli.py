@@ -85,6 +85,9 @@ def status(
     running = (f"[green]running[/] pid {agent.pid}, {agent.ae_title}@{agent.host}:{agent.port}"
                if agent.running else "[yellow]not running[/]")
     console.print(f"radlens {__version__}  agent: {running}")
+    if agent.running and len(agent.listener_pids) > 1:
+        console.print(f"listener processes: {len(agent.listener_pids)} (pids "
+                      f"{', '.join(map(str, agent.listener_pids))})")
     console.print(f"data: {report.data_dir}")
     last = (datetime.fromtimestamp(report.last_received_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
             if report.last_received_at else "never")

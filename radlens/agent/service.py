@@ -24,13 +24,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from radlens import __version__
 from radlens.agent.assembler import StudyAssembler
+from radlens.agent.listeners import ListenerProcesses
 from radlens.agent.outbox import Outbox
 from radlens.agent.pipeline import RESULTS_DIR, Analyser
 from radlens.agent.queue import JobQueue
 from radlens.agent.worker import Worker
 from radlens.config import LlmSettings, Settings
 from radlens.db import DB_FILENAME, Database
-from radlens.dicom_io.scp import StorageListener
+from radlens.dicom_io.scp import StorageListener, check_port_free
 from radlens.dicom_io.spool import Spool, StoredInstance
 from radlens.errors import RadlensError
 from radlens.logs import kv
@@ -54,6 +55,8 @@ class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_FILE
         self._handle: int | None = None
+        self._details: dict[str, object] = {}
+        self._update_lock = threading.Lock()
 
     def acquire(self, details: dict[str, object]) -> None:
         handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -70,6 +73,16 @@ class DataDirLock:
         os.write(handle, json.dumps(details).encode())
         os.fsync(handle)
         self._handle = handle
+        self._details = dict(details)
+
+    def update(self, **details: object) -> None:
+        """Add to the details ``radlens status`` reads (the owner holds the lock throughout)."""
+        with self._update_lock:
+            if self._handle is None:
+                return
+            self._details.update(details)
+            os.ftruncate(self._handle, 0)
+            os.pwrite(self._handle, json.dumps(self._details).encode(), 0)
 
     def release(self) -> None:
         if self._handle is not None:
@@ -209,7 +222,10 @@ class Agent:
                              deliver=self._deliver_results, llm=s.llm,
                              llm_vision=check_llm(s.llm, self.data_dir),
                              max_attempts=s.jobs.max_attempts)
-        self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored)
+        shared_port = s.dicom.listener_processes > 1
+        self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
+                                        reuse_port=shared_port)
+        self.listener_processes: ListenerProcesses | None = None
 
         self.spool.remove_partials()
         marker = self.data_dir / CLEAN_STOP_MARKER
@@ -231,7 +247,16 @@ class Agent:
                 s.cohort.schedule, timezone=UTC), id="cohort", coalesce=True, max_instances=1)
             log.info("cohort analysis scheduled", extra=kv(crontab=s.cohort.schedule))
         self.worker.start()
+        if shared_port:
+            check_port_free(s.dicom.host, s.dicom.port)
         self.listener.start()
+        if shared_port:
+            self.listener_processes = ListenerProcesses(
+                s.dicom.listener_processes - 1, dicom=s.dicom, storage=s.storage,
+                logging_settings=s.log, port=self.listener.port,
+                on_stored=self.assembler.instance_received,
+                on_listening=lambda pids: self._lock.update(listener_pids=[os.getpid(), *pids]))
+            self.listener_processes.start()
         log.info("radlens agent started", extra=kv(version=__version__,
                                                    data_dir=str(self.data_dir),
                                                    destinations=len(s.destinations)))
@@ -269,8 +294,13 @@ class Agent:
         grace = self.settings.dicom.shutdown_grace_s
         log.info("stopping", extra=kv(grace_s=grace))
         try:
+            helpers = getattr(self, "listener_processes", None)
+            if helpers is not None:
+                helpers.stop_accepting()
             if hasattr(self, "listener"):
                 self.listener.stop(grace)
+            if helpers is not None:
+                helpers.stop()
             if hasattr(self, "scheduler") and self.scheduler.running:
                 self.scheduler.shutdown(wait=True)
             if hasattr(self, "worker") and not self.worker.stop(grace):

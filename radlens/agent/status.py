@@ -21,6 +21,9 @@ class AgentState(BaseModel):
     host: str | None = None
     port: int | None = None
     version: str | None = None
+    listener_pids: list[int] = Field(
+        default_factory=list, description="processes serving the port, when more than one "
+        "(dicom.listener_processes)")
 
 
 class LlmState(BaseModel):

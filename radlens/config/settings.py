@@ -50,6 +50,8 @@ class DicomSettings(_Section):
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1, le=1000)
+    # processes serving the port (SO_REUSEPORT): the agent and listener_processes - 1 helpers
+    listener_processes: int = Field(default=1, ge=1, le=64)
     max_pdu_size: int = Field(default=1_048_576, ge=0)
     tcp_nodelay: bool = True
     network_timeout_s: float = Field(default=60.0, gt=0)

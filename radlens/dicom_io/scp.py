@@ -7,7 +7,10 @@ Success only after the spool has made the instance durable.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import socketserver
+import threading
 import time
 from collections.abc import Callable
 
@@ -17,7 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from radlens.config import DicomSettings
 from radlens.dicom_io.spool import MissingUidError, Spool, StoredInstance, UnparseableDatasetError
-from radlens.errors import SpoolError
+from radlens.errors import RadlensError, SpoolError
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,55 @@ _config.LOG_HANDLER_LEVEL = "none"
 DUL_IDLE_SLEEP_S = 0.0002
 
 
+class PortInUseError(RadlensError):
+    """The DICOM port is held by another program."""
+
+
+class ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, optionally sharing its port with other processes.
+
+    With ``reuse_port`` the socket is bound with SO_REUSEPORT, so several processes of the same
+    user can listen on one port and the kernel spreads new connections over them. The server
+    owns its own life: unlike ``AE.start_server`` it is not registered with the AE.
+    """
+
+    reuse_port: bool = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class SharedPortListenerServer(ListenerServer):
+    """A ListenerServer bound with SO_REUSEPORT."""
+
+    reuse_port = True
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUseError if another program listens on ``host:port``.
+
+    Sockets bound with SO_REUSEPORT do not fail on a port that another such socket of the same
+    user holds, so an agent sharing its port with its own processes would otherwise silently
+    share it with a stranger too: a plain bind first proves the port is ours.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
 def build_ae(settings: DicomSettings) -> AE:
     """An acceptor for C-ECHO and every storage SOP class in every supported transfer syntax."""
     ae = AE(ae_title=settings.ae_title)
@@ -65,12 +117,17 @@ class StorageListener:
     """Accepts associations, files each C-STORE in the spool, tells ``on_stored`` about it."""
 
     def __init__(self, settings: DicomSettings, spool: Spool,
-                 on_stored: Callable[[StoredInstance], None]) -> None:
+                 on_stored: Callable[[StoredInstance], None], *,
+                 reuse_port: bool = False) -> None:
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
+        self.reuse_port = reuse_port
         self.ae = build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: ListenerServer | None = None
+        self._counts_lock = threading.Lock()
+        self.associations = 0
+        self.stored = 0
 
     @property
     def port(self) -> int:
@@ -86,11 +143,19 @@ class StorageListener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
-        )
+        server_class = SharedPortListenerServer if self.reuse_port else ListenerServer
+        try:
+            server = self.ae.make_server((self.settings.host, self.settings.port),
+                                         evt_handlers=handlers, server_class=server_class)
+        except OSError as exc:
+            raise PortInUseError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                                 f"{exc.strerror or exc}") from exc
+        threading.Thread(target=server.serve_forever, name=f"AcceptorServer:{self.settings.port}",
+                         daemon=True).start()
+        self._server = server
         log.info("listening", extra=kv(ae_title=self.settings.ae_title, host=self.settings.host,
-                                       port=self.port))
+                                       port=self.port, shared_port=self.reuse_port,
+                                       pid=os.getpid()))
 
     def stop(self, grace_s: float) -> int:
         """Stop accepting, let associations in flight finish for ``grace_s``; returns how many
@@ -115,7 +180,9 @@ class StorageListener:
                 assoc.abort()
                 aborted += 1
         log.info("listener stopped", extra=kv(finished=len(in_flight) - aborted, aborted=aborted,
-                                              dropped_unassociated=len(idle)))
+                                              dropped_unassociated=len(idle),
+                                              associations=self.associations,
+                                              stored=self.stored, pid=os.getpid()))
         return aborted
 
     # -- handlers ------------------------------------------------------------------------------
@@ -130,6 +197,8 @@ class StorageListener:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_accepted(self, event: evt.Event) -> None:
+        with self._counts_lock:
+            self.associations += 1
         log.debug("association accepted", extra=kv(calling_aet=event.assoc.requestor.ae_title,
                                                    address=event.assoc.requestor.address))
 
@@ -172,6 +241,8 @@ class StorageListener:
             log.info("instance already held", extra=kv(sop=stored.uids.sop_instance_uid,
                                                        calling_aet=calling_aet))
             return STATUS_SUCCESS
+        with self._counts_lock:
+            self.stored += 1
         log.debug("instance stored", extra=kv(sop=stored.uids.sop_instance_uid,
                                               study=stored.uids.study_instance_uid,
                                               calling_aet=calling_aet, bytes=stored.size_bytes))
