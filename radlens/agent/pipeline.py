@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,7 +51,7 @@ from radlens.timing import StageTimes
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
     from radlens.analysis.nifti import LabelMap
-    from radlens.models.infer import Prediction, Segmenter
+    from radlens.models.infer import BatchPrediction, Prediction, Segmenter
     from radlens.models.saliency import SaliencyExplainer
 
 log = logging.getLogger(__name__)
@@ -110,46 +111,66 @@ class Analyser:
 def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | None = None,
                   times: StageTimes | None = None) -> tuple[ImageInfo, list[FrameRecord]]:
     """Stages 2-4 for every frame: segmentation and image-level class probabilities, then each
-    lesion's measurements and, where a lesion was found, the configured saliency maps and their
-    agreement with the mask. The maps are kept in ``maps_dir`` for the DICOM writers. Images of
-    a modality the model was not trained for carry the reason instead."""
+    lesion's measurements and, on the frames to explain, the configured saliency maps and their
+    agreement with the mask. The maps are kept in ``maps_dir`` for the DICOM writers.
+
+    Frames go through in batches of the model's batch size, and a batch's full-size maps are
+    written and dropped before the next: a long clip never holds every frame's probabilities.
+    Saliency of the frames a batch settles (``explain_frames`` lesions or all) reuses that
+    batch's forward pass; frames chosen only once the whole clip is seen (a number N, or a clip
+    without lesions) get a pass of their own at the end."""
     info = decoded.info
     frames = decoded.pixels
     if analyser.settings.max_frames:
         frames = frames[:analyser.settings.max_frames]
     detector = analyser.segmenter.ood if analyser.settings.abstain else None
     times = times or StageTimes()
-    with times.stage("inference"):
-        results = analyser.segmenter.predict(list(frames))
+    setting = analyser.settings.explain_frames
+    explain_now = setting in ("lesions", "all")
     spacing = (info.spacing.row_mm, info.spacing.column_mm) if info.spacing else None
     measured: list[_MeasuredFrame] = []
     abstained: list[AbstainedFrame] = []
-    for index, result in enumerate(results):
-        ood_score = float(detector.score(result.latent)[0]) if detector is not None else None
-        if detector is not None and ood_score > detector.threshold:
-            abstained.append(AbstainedFrame(frame=index, ood_score=round(ood_score, 3),
-                                            threshold=round(detector.threshold, 3)))
-            continue
-        frame = frames[index][..., 0] if frames.shape[-1] == 1 else frames[index]
-        classes = result.classes  # an argmax over the maps: computed once per frame
-        with times.stage("measurement"):
-            regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
-            lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
-                                      frame=index)
-        atlas, anatomy_note = _atlas_for(analyser, classes.shape)
-        if atlas is not None:
-            lesions = [lesion.model_copy(update={"anatomy": _overlaps(atlas, region)})
-                       for lesion, (region, _) in zip(lesions, regions, strict=True)]
-        measured.append(_MeasuredFrame(index, result, frame, classes, regions, lesions, atlas,
-                                       anatomy_note, ood_score))
-    explain = frames_to_explain(measured, analyser.settings.explain_frames,
-                                multiframe=info.frames > 1)
-    explained = _explain(analyser, [item for item in measured if item.index in explain], times)
-    predictions, records = [], []
-    for item in measured:
-        agreements, maps = explained.get(item.index, ({}, {}))
-        predictions.append(_prediction(item, agreements, maps, info, maps_dir))
-        records.append(_record(item, info.ref.sop_instance_uid))
+    records: list[FrameRecord] = []
+    explained: dict[int, tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]] = {}
+    step = analyser.segmenter.batch_size
+    for start in range(0, len(frames), step):
+        chunk = [frames[i][..., 0] if frames.shape[-1] == 1 else frames[i]
+                 for i in range(start, min(start + step, len(frames)))]
+        with times.stage("inference"):
+            forward = analyser.segmenter.predict_batch(chunk)
+        settled: list[_MeasuredFrame] = []
+        for offset, result in enumerate(forward.predictions):
+            index = start + offset
+            ood_score = float(detector.score(result.latent)[0]) if detector is not None else None
+            if detector is not None and ood_score > detector.threshold:
+                abstained.append(AbstainedFrame(frame=index, ood_score=round(ood_score, 3),
+                                                threshold=round(detector.threshold, 3)))
+                continue
+            item = _measure(analyser, index, result, chunk[offset], spacing, ood_score, times)
+            records.append(_record(item, result, info.ref.sop_instance_uid))
+            settled.append(item)
+        chosen = [item for item in settled if setting == "all" or item.lesions] \
+            if explain_now else []
+        explained.update(_explain(analyser, chosen, times, forward,
+                                  [item.index - start for item in chosen]))
+        for item, result in zip(settled, [forward.predictions[i.index - start] for i in settled],
+                                strict=True):
+            if maps_dir is not None:
+                item.maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, item,
+                                             result.probabilities,
+                                             explained.get(item.index, ({}, {}))[1])
+        measured.extend(settled)
+        del forward, settled
+    later = frames_to_explain(measured, setting, multiframe=info.frames > 1) - explained.keys()
+    if later:
+        late = _explain(analyser, [item for item in measured if item.index in later], times)
+        explained.update(late)
+        if maps_dir is not None:
+            for item in measured:
+                if item.index in late and item.maps_file is not None:
+                    _add_maps(maps_dir.parent / item.maps_file, late[item.index][1])
+    predictions = [_prediction(item, explained.get(item.index, ({}, {}))[0])
+                   for item in measured]
     update: dict[str, object] = {"predictions": predictions, "abstained": abstained}
     if abstained and not predictions:
         scores = [a.ood_score for a in abstained]
@@ -163,12 +184,30 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
     return info.model_copy(update=update), records
 
 
-@dataclass(frozen=True)
+def _measure(analyser: Analyser, index: int, result: Prediction, frame: np.ndarray,
+             spacing: tuple[float, float] | None, ood_score: float | None,
+             times: StageTimes) -> _MeasuredFrame:
+    """One frame's lesions, measured (and placed in the anatomy when a label map is set)."""
+    classes = result.classes  # an argmax over the maps: computed once per frame
+    with times.stage("measurement"):
+        regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
+        lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
+                                  frame=index)
+    atlas, anatomy_note = _atlas_for(analyser, classes.shape)
+    if atlas is not None:
+        lesions = [lesion.model_copy(update={"anatomy": _overlaps(atlas, region)})
+                   for lesion, (region, _) in zip(lesions, regions, strict=True)]
+    return _MeasuredFrame(index, result.image_probabilities, frame, classes, regions, lesions,
+                          atlas, anatomy_note, ood_score)
+
+
+@dataclass
 class _MeasuredFrame:
-    """One frame the model passed (not abstained), measured, before any saliency."""
+    """One frame the model passed (not abstained), measured. Its full-size probabilities live
+    only as long as its batch; what the later stages need is here."""
 
     index: int
-    result: Prediction
+    image_probabilities: np.ndarray  # (3,) normal, benign, malignant
     pixels: np.ndarray
     classes: np.ndarray  # (H, W) uint8: 0 background, 1 benign, 2 malignant
     regions: list[tuple[np.ndarray, int]]
@@ -176,11 +215,12 @@ class _MeasuredFrame:
     atlas: LabelMap | None
     anatomy_note: str | None
     ood_score: float | None
+    maps_file: str | None = None
 
     @property
     def suspicion(self) -> float:
         """The stronger lesion class's image-level probability."""
-        return float(max(self.result.image_probabilities[1:]))
+        return float(max(self.image_probabilities[1:]))
 
 
 def frames_to_explain(frames: list[_MeasuredFrame], setting: str | int, *,
@@ -199,21 +239,28 @@ def frames_to_explain(frames: list[_MeasuredFrame], setting: str | int, *,
     return chosen
 
 
-def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
+def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes,
+             forward: BatchPrediction | None = None, rows: list[int] | None = None
              ) -> dict[int, tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]]:
-    """The configured saliency maps of the frames to explain (batched), and each map's
-    agreement with its frame's mask, by frame index."""
+    """The configured saliency maps of the frames to explain, and each map's agreement with
+    its frame's mask, by frame index: from ``forward`` (their ``rows`` in that pass) when
+    inference's pass is at hand, else from passes of their own, a batch at a time."""
     if not items or analyser.explainer is None or not analyser.settings.saliency:
         return {}
     from radlens.models.saliency import agreement
 
+    explainer, methods = analyser.explainer, analyser.settings.saliency
     out = {}
     step = analyser.segmenter.batch_size  # one batch of maps in memory at a time
     for start in range(0, len(items), step):
         chunk = items[start:start + step]
+        sizes = [item.pixels.shape[:2] for item in chunk]
         with times.stage("saliency"):
-            batches = analyser.explainer.explain_batch([item.pixels for item in chunk],
-                                                       analyser.settings.saliency)
+            if forward is not None and rows is not None:
+                batches = explainer.explain_pass(forward, rows[start:start + step], sizes,
+                                                 methods)
+            else:
+                batches = explainer.explain_batch([item.pixels for item in chunk], methods)
         for item, explained in zip(chunk, batches, strict=True):
             agreements, maps = {}, {}
             mask = item.classes > 0
@@ -229,42 +276,35 @@ def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
     return out
 
 
-def _prediction(item: _MeasuredFrame, agreements: dict[str, SaliencyAgreement],
-                maps: dict[str, np.ndarray], info: ImageInfo, maps_dir: Path | None
+def _prediction(item: _MeasuredFrame, agreements: dict[str, SaliencyAgreement]
                 ) -> FramePrediction:
-    result, classes = item.result, item.classes
-    maps_file = None
-    if maps_dir is not None:
-        maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, item.index, classes,
-                                lesion_labels(classes.shape, item.regions),
-                                result.probabilities, maps)
-    normal, benign, malignant = (float(p) for p in result.image_probabilities)
+    classes = item.classes
+    normal, benign, malignant = (float(p) for p in item.image_probabilities)
     return FramePrediction(
         frame=item.index,
         class_probabilities=ClassProbabilities(normal=normal, benign=benign,
                                                malignant=malignant),
-        predicted_class=_predicted_class(result),
+        predicted_class=_predicted_class(item.image_probabilities),
         lesion_pixels={"benign": int((classes == 1).sum()),
                        "malignant": int((classes == 2).sum())},
         lesions=item.lesions,
         saliency=agreements,
         anatomy_note=item.anatomy_note,
-        maps_file=maps_file,
+        maps_file=item.maps_file,
         ood_score=round(item.ood_score, 3) if item.ood_score is not None else None,
     )
 
 
-def _predicted_class(result: Prediction) -> str:
-    return ("normal", "benign", "malignant")[int(np.argmax(result.image_probabilities))]
+def _predicted_class(image_probabilities: np.ndarray) -> str:
+    return ("normal", "benign", "malignant")[int(np.argmax(image_probabilities))]
 
 
-def _record(item: _MeasuredFrame, sop_uid: str) -> FrameRecord:
+def _record(item: _MeasuredFrame, result: Prediction, sop_uid: str) -> FrameRecord:
     """The frame's row for the SQLite analyses (cohort over the agent's data)."""
-    result = item.result
     normal, benign, malignant = (float(p) for p in result.image_probabilities)
     return FrameRecord(
-        sop_uid, item.index, _predicted_class(result), (normal, benign, malignant),
-        result.latent,
+        sop_uid, item.index, _predicted_class(result.image_probabilities),
+        (normal, benign, malignant), result.latent,
         [LesionRecord(lesion.index, lesion.lesion_class, lesion.probability,
                       result.region_latent(region), lesion.model_dump(mode="json"))
          for lesion, (region, _) in zip(item.lesions, item.regions, strict=True)])
@@ -301,17 +341,28 @@ def lesion_labels(shape: tuple[int, ...], regions: list[tuple[np.ndarray, int]])
     return labels
 
 
-def _write_maps(maps_dir: Path, sop_uid: str, frame: int, classes: np.ndarray,
-                lesions: np.ndarray, probabilities: np.ndarray,
-                saliency: dict[str, np.ndarray]) -> str:
+def _write_maps(maps_dir: Path, sop_uid: str, item: _MeasuredFrame,
+                probabilities: np.ndarray, saliency: dict[str, np.ndarray]) -> str:
     """Class map, lesion labels, probabilities and saliency maps of one frame, as an npz."""
     maps_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, classes=classes.astype(np.uint8), lesions=lesions,
+    np.savez_compressed(buffer, classes=item.classes.astype(np.uint8),
+                        lesions=lesion_labels(item.classes.shape, item.regions),
                         probabilities=probabilities.astype(np.float16), **saliency)
-    name = f"{sop_uid}_f{frame:04d}.npz"
+    name = f"{sop_uid}_f{item.index:04d}.npz"
     write_durably(maps_dir / name, buffer.getvalue())
     return f"{MAPS_DIR}/{name}"
+
+
+def _add_maps(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Add arrays to a frame's npz (saliency computed after its batch was written), without
+    recompressing what it holds: an npz is a zip of .npy members."""
+    buffer = io.BytesIO(path.read_bytes())
+    with zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    write_durably(path, buffer.getvalue())
 
 
 def findings_for(study: StudyInput, outcome: StudyOutcome,

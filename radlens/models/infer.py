@@ -54,6 +54,17 @@ class Prediction:
         return self.probabilities.argmax(axis=0).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class BatchPrediction:
+    """One batched forward pass: each image's result at its source size, and the pass itself
+    at the network's size, so saliency can explain these images without running it again."""
+
+    predictions: list[Prediction]
+    inputs: torch.Tensor  # (B, 1, h, w) the network's input
+    logits: torch.Tensor  # (B, 3, h, w)
+    features: list[torch.Tensor]  # the encoder maps, shallow to deep, (B, C_d, h_d, w_d)
+
+
 def model_folder(name_or_path: str | Path) -> Path:
     """A folder path, or the name of a model shipped in ``radlens/models/weights``."""
     path = Path(name_or_path)
@@ -130,22 +141,28 @@ class Segmenter:
             chunks.append(pooled_latents(features).float().cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
-    @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Probability maps at each image's own size, image-level probabilities, latents."""
         results: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            batch = torch.cat([self._prepare(image) for image in chunk]).to(self.device)
-            logits, features = self.model.forward_with_features(batch)
-            probs = logits.softmax(dim=1)
-            per_image = image_probabilities(probs).cpu().numpy()
-            latents = pooled_latents(features).float().cpu().numpy()
-            deepest = features[-1].float().cpu().numpy()
-            for index, image in enumerate(chunk):
-                size = np.asarray(image).shape[:2]
-                full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
-                                     align_corners=False)[0]
-                results.append(Prediction(full.float().cpu().numpy(), per_image[index],
-                                          latents[index], deepest[index]))
+            results += self.predict_batch(images[start:start + self.batch_size]).predictions
         return results
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence[np.ndarray]) -> BatchPrediction:
+        """One forward pass over ``images`` (at most ``batch_size`` of them, the caller's
+        choice): their predictions, and the pass for the saliency of the same images."""
+        batch = torch.cat([self._prepare(image) for image in images]).to(self.device)
+        logits, features = self.model.forward_with_features(batch)
+        probs = logits.softmax(dim=1)
+        per_image = image_probabilities(probs).cpu().numpy()
+        latents = pooled_latents(features).float().cpu().numpy()
+        deepest = features[-1].float().cpu().numpy()
+        results = []
+        for index, image in enumerate(images):
+            size = np.asarray(image).shape[:2]
+            full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
+                                 align_corners=False)[0]
+            results.append(Prediction(full.float().cpu().numpy(), per_image[index],
+                                      latents[index], deepest[index]))
+        return BatchPrediction(results, batch, logits, features)

@@ -22,7 +22,7 @@ from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
 from scipy import ndimage
 from torch import nn
 
-from radlens.models.infer import Segmenter
+from radlens.models.infer import BatchPrediction, Segmenter
 from radlens.models.networks import SegmentationNetwork
 
 Method = Literal["gradcam", "gradcam++", "occlusion", "prototype"]
@@ -107,14 +107,14 @@ class SaliencyExplainer:
         self.occlusion_mask = occlusion_mask
         self.occlusion_batch = occlusion_batch
 
-    def _forward(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor,
-                                                               list[torch.Tensor], list[int]]:
-        """Input batch, predicted lesion regions (network size, (B, 1, h, w)), features and
-        each image's target class, from one batched forward pass."""
-        x = torch.cat([self.segmenter._prepare(image) for image in images]).to(
-            self.segmenter.device)
-        with torch.inference_mode():
-            logits, features = self.segmenter.model.forward_with_features(x)
+    def _forward(self, images: Sequence[np.ndarray]) -> BatchPrediction:
+        """A batched forward pass over ``images``, when inference's own is not at hand."""
+        return self.segmenter.predict_batch(images)
+
+    @staticmethod
+    def _targets(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Each image's predicted lesion region (network size, (B, 1, h, w)) and the class to
+        explain: the lesion class covering most of it."""
         regions, targets = [], []
         for probs in logits.softmax(1):
             classes = probs.argmax(0)
@@ -126,7 +126,7 @@ class SaliencyExplainer:
                 lesion = probs[target] >= probs[target].flatten().quantile(0.99)
             regions.append(lesion)
             targets.append(target)
-        return x, torch.stack(regions)[:, None], [f.clone() for f in features], targets
+        return torch.stack(regions)[:, None], targets
 
     def explain(self, image: np.ndarray, methods: Sequence[Method] = ("prototype", "gradcam++")
                 ) -> list[SaliencyMap]:
@@ -136,33 +136,50 @@ class SaliencyExplainer:
     def explain_batch(self, images: Sequence[np.ndarray],
                       methods: Sequence[Method] = ("prototype", "gradcam++")
                       ) -> list[list[SaliencyMap]]:
-        """The chosen methods' maps of several images, computed in batches: one forward pass
-        for the targets and the prototype maps, and one forward and backward pass per target
-        class for Grad-CAM (MONAI scores one class for a whole batch). Same maps as image by
-        image, at a fraction of the cost on a clip."""
-        unknown = set(methods) - set(METHODS)
-        if unknown:
-            raise ValueError(f"unknown saliency methods {sorted(unknown)} (known: {METHODS})")
+        """The chosen methods' maps of several images, computed in batches of the model's
+        batch size (see ``explain_pass``)."""
+        _check_methods(methods)
         maps: list[list[SaliencyMap]] = []
         batch = self.segmenter.batch_size
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
-            sizes = [tuple(np.asarray(image).shape[:2]) for image in chunk]
-            x, regions, features, targets = self._forward(chunk)
-            cams = {method: self._cams(method, x, regions, targets, sizes)
-                    for method in methods if method in ("gradcam", "gradcam++")}
-            for i, size in enumerate(sizes):
-                per_image = []
-                for method in methods:
-                    if method == "prototype":
-                        per_image.append(self._prototype([f[i:i + 1] for f in features],
-                                                         regions[i:i + 1], targets[i], size))
-                    elif method == "occlusion":
-                        per_image.append(self._occlusion(x[i:i + 1], regions[i:i + 1],
-                                                         targets[i], size))
-                    else:
-                        per_image.append(cams[method][i])
-                maps.append(per_image)
+            maps += self.explain_pass(self._forward(chunk), range(len(chunk)),
+                                      [tuple(np.asarray(image).shape[:2]) for image in chunk],
+                                      methods)
+        return maps
+
+    def explain_pass(self, forward: BatchPrediction, rows: Sequence[int],
+                     sizes: Sequence[tuple[int, int]],
+                     methods: Sequence[Method] = ("prototype", "gradcam++")
+                     ) -> list[list[SaliencyMap]]:
+        """The maps of some images of a forward pass already run (``rows`` of the batch, with
+        their source ``sizes``): the targets and the prototype maps come from that pass; each
+        Grad-CAM method adds one forward and backward pass per target class (MONAI scores one
+        class for a whole batch). Same maps as image by image, at a fraction of the cost."""
+        _check_methods(methods)
+        if not rows:
+            return []
+        index = torch.as_tensor(list(rows), device=forward.logits.device)
+        # Outside inference mode, copies of the pass's tensors are ordinary tensors that a
+        # backward pass may use.
+        x = forward.inputs.index_select(0, index).clone()
+        features = [f.index_select(0, index).clone() for f in forward.features]
+        regions, targets = self._targets(forward.logits.index_select(0, index))
+        cams = {method: self._cams(method, x, regions, targets, list(sizes))
+                for method in methods if method in ("gradcam", "gradcam++")}
+        maps = []
+        for i, size in enumerate(sizes):
+            per_image = []
+            for method in methods:
+                if method == "prototype":
+                    per_image.append(self._prototype([f[i:i + 1] for f in features],
+                                                     regions[i:i + 1], targets[i], size))
+                elif method == "occlusion":
+                    per_image.append(self._occlusion(x[i:i + 1], regions[i:i + 1],
+                                                     targets[i], size))
+                else:
+                    per_image.append(cams[method][i])
+            maps.append(per_image)
         return maps
 
     def _cams(self, method: Method, x: torch.Tensor, regions: torch.Tensor,
@@ -238,6 +255,12 @@ class SaliencyExplainer:
                   for depths in (stage1_depths, stage2_depths, stage3_depths)]
         return SaliencyMap("prototype", target, stages[-1], stages=stages,
                            per_depth=stage1_depths)
+
+
+def _check_methods(methods: Sequence[str]) -> None:
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown saliency methods {sorted(unknown)} (known: {METHODS})")
 
 
 def _per_sample_score(logits: torch.Tensor, class_idx: int) -> torch.Tensor:

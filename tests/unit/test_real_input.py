@@ -214,12 +214,9 @@ def test_ood_threshold_is_the_calibration_quantile(tmp_path):
 
 def _measured(index: int, suspicion: float, lesion: bool):
     from radlens.agent.pipeline import _MeasuredFrame
-    from radlens.models.infer import Prediction
 
     probabilities = np.array([1 - suspicion, suspicion, 0.0], dtype=np.float32)
-    result = Prediction(np.zeros((3, 4, 4), np.float32), probabilities, np.zeros(4, np.float32),
-                        np.zeros((4, 1, 1), np.float32))
-    return _MeasuredFrame(index, result, np.zeros((4, 4), np.float32),
+    return _MeasuredFrame(index, probabilities, np.zeros((4, 4), np.float32),
                           np.zeros((4, 4), np.uint8), [],
                           ["lesion"] if lesion else [], None, None, None)
 

@@ -122,3 +122,49 @@ def test_batched_saliency_equals_image_by_image():
             assert alone.method == together.method and alone.target_class == \
                 together.target_class
             assert np.allclose(alone.map, together.map, atol=1e-5)
+
+
+def test_pipeline_saliency_reuses_inference_and_adds_late_maps(tmp_path):
+    """Saliency of the frames a batch settles comes from inference's own forward pass and
+    equals a fresh pass's maps; frames chosen only after the whole clip (explain_frames: N)
+    get theirs added to the maps already written."""
+    from pydicom.uid import generate_uid
+
+    from radlens.agent.pipeline import Analyser, analyse_image
+    from radlens.agent.routing import Router
+    from radlens.config import ModelSettings, RoutingSettings
+    from radlens.dicom_io import pixels
+    from radlens.dicom_io.synthetic import us_multiframe_dataset
+
+    segmenter = Segmenter(device="cpu", batch_size=4)
+    explainer = SaliencyExplainer(segmenter)
+    images = np.stack([make_phantom(55, i).image for i in range(6)])
+    ds = us_multiframe_dataset(images, study_uid=generate_uid(), series_uid=generate_uid(),
+                               instance_number=1, spacing_cm=0.02, patient_id="P")
+    decoded = pixels.decode_dataset(ds)
+    methods = ["prototype", "gradcam++"]
+
+    def run(explain: str | int, folder: str):
+        settings = ModelSettings(explain_frames=explain, saliency=methods, batch_size=4)
+        analyser = Analyser(segmenter, settings, Router(RoutingSettings(), None), explainer)
+        info, _ = analyse_image(decoded, analyser, tmp_path / folder / "maps")
+        return info, tmp_path / folder
+
+    info, folder = run("lesions", "lesions")
+    with_lesions = [p for p in info.predictions if p.lesions]
+    assert with_lesions and len(info.predictions) == 6
+    fresh = explainer.explain_batch([decoded.pixels[p.frame] for p in with_lesions], methods)
+    for prediction, maps in zip(with_lesions, fresh, strict=True):
+        with np.load(folder / prediction.maps_file) as stored:
+            for saliency in maps:
+                assert np.allclose(stored[f"saliency_{saliency.method}"], saliency.map,
+                                   atol=2e-3)  # stored as float16
+    info, folder = run(2, "two")
+    explained = [p for p in info.predictions if p.saliency]
+    assert len(explained) == 2
+    for prediction in info.predictions:
+        with np.load(folder / prediction.maps_file) as stored:
+            keys = set(stored.files)
+            assert {"classes", "lesions", "probabilities"} <= keys
+            assert ("saliency_gradcam++" in keys) == bool(prediction.saliency)
+            assert stored["probabilities"].shape == (3, *images.shape[1:3])

@@ -127,3 +127,23 @@ def test_reconcile_indexes_spooled_files_whose_row_was_lost(spool):
     assert row["transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
     assert row["calling_aet"] == "(recovered)"
     assert spool.reconcile() == 0
+
+
+def test_recv_exactly_reads_whole_pdus_and_stops_at_a_close():
+    """The listener's PDU reader keeps pynetdicom's contract: all the bytes asked for, across
+    as many kernel reads as it takes, or what arrived before the peer closed."""
+    import socket
+    import threading
+
+    from radlens.dicom_io.scp import recv_exactly
+
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than one socket buffer
+    left, right = socket.socketpair()
+    with left, right:
+        sender = threading.Thread(target=left.sendall, args=(payload + b"tail",))
+        sender.start()
+        assert recv_exactly(right, len(payload)) == payload
+        sender.join()
+        left.close()
+        assert recv_exactly(right, 100) == b"tail"  # the peer closed: what there was
+        assert recv_exactly(right, 10) == b""
