@@ -221,7 +221,8 @@ class Agent:
                              fsync=s.storage.fsync, outputs=s.outputs,
                              deliver=self._deliver_results, llm=s.llm,
                              llm_vision=check_llm(s.llm, self.data_dir),
-                             max_attempts=s.jobs.max_attempts)
+                             max_attempts=s.jobs.max_attempts,
+                             concurrency=s.worker.concurrency)
         shared_port = s.dicom.listener_processes > 1
         self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
                                         reuse_port=shared_port)
@@ -304,8 +305,8 @@ class Agent:
             if hasattr(self, "scheduler") and self.scheduler.running:
                 self.scheduler.shutdown(wait=True)
             if hasattr(self, "worker") and not self.worker.stop(grace):
-                log.warning("worker still busy at shutdown; its job re-runs at next start",
-                            extra=kv(job=self.worker.current_job))
+                log.warning("worker still busy at shutdown; its jobs re-run at next start",
+                            extra=kv(jobs=self.worker.jobs_in_flight))
             if self.db is not None:
                 self.db.close()
                 (self.data_dir / CLEAN_STOP_MARKER).touch()

@@ -1,13 +1,21 @@
 """The worker: owns the "processed" state. Claims queued jobs and runs the pipeline on each.
 
-One bad study never stops it: any error is recorded on the job (state failed) and in the log.
+A job runs in two steps: the model stage (decode, inference, saliency, measurement, findings)
+on the worker's thread, then the writers (narrative, SEG, SR, maps, overlay, PDF) and the
+hand-over to the outbox. With ``concurrency`` 2 the writers of one study run on a thread of
+their own while the next study is in the model (torch leaves the GIL while it computes); the
+model stage waits for a free slot, so at most ``concurrency`` studies are in memory. A job is
+done only when its writers are. One bad study never stops it: any error is recorded on the
+job (retried, then failed) and in the log.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from radlens.agent import analyses
@@ -27,10 +35,20 @@ class Worker:
                  fsync: bool = True, poll_interval_s: float = 2.0,
                  outputs: OutputSettings | None = None, deliver: Deliver | None = None,
                  llm: LlmSettings | None = None, llm_vision: bool = False,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, concurrency: int = 1) -> None:
         """``deliver(job_id, paths)`` hands each job's DICOM outputs to the outbox; a job that
-        raises is retried until it has run ``max_attempts`` times."""
+        raises is retried until it has run ``max_attempts`` times; ``concurrency`` studies
+        may be in flight (the writers of one while the next is in the model)."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.max_attempts = max_attempts
+        self.concurrency = concurrency
+        self._writers = (ThreadPoolExecutor(max_workers=concurrency - 1,
+                                            thread_name_prefix="radlens-writers")
+                         if concurrency > 1 else None)
+        self._slots = threading.Semaphore(concurrency - 1)
+        self._in_writers: dict[int, Future[None]] = {}
+        self._in_writers_lock = threading.Lock()
         self.queue = queue
         self.llm = llm or LlmSettings()
         self.llm_vision = llm_vision
@@ -48,11 +66,27 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout_s: float) -> bool:
-        """Ask the worker to stop after its current job; True if it stopped in time."""
+        """Ask the worker to stop after its current job and the writers in flight; True if
+        everything stopped in time (a job cut short stays running and re-runs at start-up)."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         self.queue.wakeup.set()
         self._thread.join(timeout=timeout_s)
+        if self._writers is not None:
+            with self._in_writers_lock:
+                pending = list(self._in_writers.values())
+            wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            self._writers.shutdown(wait=False, cancel_futures=True)
+            if any(not future.done() for future in pending):
+                return False
         return not self._thread.is_alive()
+
+    @property
+    def jobs_in_flight(self) -> list[int]:
+        """Jobs in the model stage or in the writers, for the log at shutdown."""
+        with self._in_writers_lock:
+            jobs = list(self._in_writers)
+        return ([self.current_job] if self.current_job is not None else []) + jobs
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -68,6 +102,8 @@ class Worker:
             self.process(job)
 
     def process(self, job: Job) -> None:
+        """Run one job: the model stage here, the writers here too or, with concurrency > 1,
+        on the writers' thread once a slot is free."""
         self.current_job = job.id
         log.info("job started", extra=kv(job=job.id, study=job.study_instance_uid,
                                          attempt=job.attempts))
@@ -79,26 +115,56 @@ class Worker:
                                fsync=self.fsync)
             if result.records:
                 analyses.record(self.queue.db, job.id, job.study_instance_uid, result.records)
-            if self.analyser is not None:
-                self._write_outputs(study, result)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"[:2000]
-            if job.attempts < self.max_attempts:
-                log.exception("job failed; it will be retried", extra=kv(
-                    job=job.id, study=job.study_instance_uid, attempt=job.attempts,
-                    max_attempts=self.max_attempts))
-                self.queue.retry(job.id, error=error)
-            else:
-                log.exception("job failed for good", extra=kv(
-                    job=job.id, study=job.study_instance_uid, attempts=job.attempts))
-                self.queue.finish(job.id, error=error)
-                self._report_failure(job, error)
-        else:
-            self.queue.finish(job.id)
-            log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
-        finally:
+            self._failed(job, exc)
             self.current_job = None
+            release_freed_memory()
+            return
+        self.current_job = None
+        if self.analyser is None:
+            self._done(job)
+            return
+        if self._writers is None:
+            self._complete(job, study, result)
+            return
+        self._slots.acquire()  # the model waits while every slot's writers are busy
+        with self._in_writers_lock:
+            future = self._writers.submit(self._complete, job, study, result)
+            self._in_writers[job.id] = future
+        future.add_done_callback(lambda _, job_id=job.id: self._release_slot(job_id))
+
+    def _release_slot(self, job_id: int) -> None:
+        with self._in_writers_lock:
+            self._in_writers.pop(job_id, None)
+        self._slots.release()
+
+    def _complete(self, job: Job, study: StudyInput, result: StudyResult) -> None:
+        """The writers and the hand-over to the outbox; then the job is done."""
+        try:
+            self._write_outputs(study, result)
+        except Exception as exc:
+            self._failed(job, exc)
+        else:
+            self._done(job)
+        finally:
             release_freed_memory()  # the study's arrays, before the next job
+
+    def _done(self, job: Job) -> None:
+        self.queue.finish(job.id)
+        log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        if job.attempts < self.max_attempts:
+            log.error("job failed; it will be retried", exc_info=exc, extra=kv(
+                job=job.id, study=job.study_instance_uid, attempt=job.attempts,
+                max_attempts=self.max_attempts))
+            self.queue.retry(job.id, error=error)
+        else:
+            log.error("job failed for good", exc_info=exc, extra=kv(
+                job=job.id, study=job.study_instance_uid, attempts=job.attempts))
+            self.queue.finish(job.id, error=error)
+            self._report_failure(job, error)
 
     def _report_failure(self, job: Job, error: str) -> None:
         """A job that failed for good still answers the sender: an SR saying the analysis

@@ -17,6 +17,7 @@ from radlens.config.settings import (
     RoutingSettings,
     Settings,
     StorageSettings,
+    WorkerSettings,
     load_settings,
 )
 
@@ -36,5 +37,6 @@ __all__ = [
     "RoutingSettings",
     "Settings",
     "StorageSettings",
+    "WorkerSettings",
     "load_settings",
 ]

@@ -90,6 +90,15 @@ class JobSettings(_Section):
     max_attempts: int = Field(default=3, ge=1, le=20)
 
 
+class WorkerSettings(_Section):
+    """The worker that runs jobs: how many studies may be in flight at once."""
+
+    # 1: one study at a time. 2: a study's writers (SEG, SR, maps, PDF, delivery) run while
+    # the next study is in the model; the model stage waits when writers fall behind, so at
+    # most this many studies are in memory.
+    concurrency: int = Field(default=2, ge=1, le=4)
+
+
 class Destination(_Section):
     """A DICOM node that receives what radlens sends (results, forwarded instances)."""
 
@@ -232,6 +241,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)

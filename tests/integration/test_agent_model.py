@@ -167,3 +167,27 @@ def test_a_label_map_on_another_grid_is_reported_not_guessed(server_factory, tmp
     (frame,) = server.findings(study)["images"][0]["predictions"]
     assert "differs from the image's (256, 256)" in frame["anatomy_note"]
     assert frame["lesions"][0]["anatomy"] == []
+
+
+@pytest.mark.parametrize("concurrency", [2, 1])
+def test_writers_of_one_study_overlap_the_next_studys_model(server_factory, tmp_path,
+                                                            concurrency):
+    """worker.concurrency 2: a study's writers run while the next study is in the model, and
+    every study still ends done with all its outputs; 1: strictly one study after another."""
+    made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "3", "--seed", "5",
+                       "--dicom")
+    assert made.returncode == 0, made.stderr
+    files = sorted((tmp_path / "ph" / "dicom").glob("*/IM0001.dcm"))
+    server = server_factory(RADLENS_WORKER__CONCURRENCY=str(concurrency)).start()
+    assert storescu(server.port, files).returncode == 0
+    wait_for(lambda: len(server.jobs_done()) == 3, 120, "three studies to be processed")
+    jobs = server.query("SELECT * FROM jobs ORDER BY id")
+    assert [j["state"] for j in jobs] == ["done"] * 3
+    overlaps = [later["started_at"] < earlier["finished_at"]
+                for earlier, later in zip(jobs, jobs[1:], strict=False)]
+    assert all(overlaps) if concurrency == 2 else not any(overlaps), [dict(j) for j in jobs]
+    for job in jobs:
+        results = server.data_dir / "results" / job["study_instance_uid"]
+        written = {path.name.split("_")[0] for path in results.glob("dicom/revision-*/*.dcm")}
+        assert {"SR", "PDF"} <= written, written  # and SEG, maps, overlay where lesions were
+        assert json.loads((results / "findings.json").read_text())["timings"]["pdf"] > 0
