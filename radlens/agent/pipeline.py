@@ -155,10 +155,12 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
                                   [item.index - start for item in chosen]))
         for item, result in zip(settled, [forward.predictions[i.index - start] for i in settled],
                                 strict=True):
+            agreements, maps = explained.get(item.index, ({}, {}))
             if maps_dir is not None:
                 item.maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid, item,
-                                             result.probabilities,
-                                             explained.get(item.index, ({}, {}))[1])
+                                             result.probabilities, maps)
+            if maps:
+                explained[item.index] = (agreements, {})  # on disk now: the agreements stay
         measured.extend(settled)
         del forward, settled
     later = frames_to_explain(measured, setting, multiframe=info.frames > 1) - explained.keys()

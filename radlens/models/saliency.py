@@ -11,7 +11,8 @@ similarity to a sharp map. These maps show what the model attends to, not whethe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -106,6 +107,7 @@ class SaliencyExplainer:
         self.cam_layer = cam_layer
         self.occlusion_mask = occlusion_mask
         self.occlusion_batch = occlusion_batch
+        self._cam_cache: dict[Method, tuple[GradCAM, RegionScores, nn.Module]] = {}
 
     def _forward(self, images: Sequence[np.ndarray]) -> BatchPrediction:
         """A batched forward pass over ``images``, when inference's own is not at hand."""
@@ -200,18 +202,29 @@ class SaliencyExplainer:
     def _cam_maps(self, method: Method, x: torch.Tensor, regions: torch.Tensor, target: int
                   ) -> torch.Tensor:
         """(B, 1, h, w) raw Grad-CAM or Grad-CAM++ of a batch explained for one class."""
-        network = self.segmenter.model
-        wrapper = RegionScores(network, regions).to(x.device).eval()
-        target_layer = (network.last_encoder_stage if self.cam_layer == "encoder"
-                        else network.cam_layer)
-        layer = _module_name(wrapper, target_layer)
-        cam_class = GradCAMpp if method == "gradcam++" else GradCAM
-        # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map; keep the
-        # raw map and normalise it here instead.
-        cam = cam_class(nn_module=wrapper, target_layers=layer, postprocessing=_identity)
-        cam.nn_module.class_score = _per_sample_score
-        with torch.enable_grad():
-            return cam(x.clone().requires_grad_(True), class_idx=target)
+        cam, wrapper, target_layer = self._cam(method)
+        wrapper.region = regions.float().to(x.device)
+        with torch.enable_grad(), _graph_from(target_layer, self.segmenter.model):
+            return cam(x.detach(), class_idx=target)
+
+    def _cam(self, method: Method) -> tuple[GradCAM, RegionScores, nn.Module]:
+        """The MONAI CAM of ``method``, built once: MONAI registers its hooks on the network's
+        layer at construction and never removes them, so a CAM per call would pile up hooks
+        that every later forward pass runs (and keep each call's activations alive)."""
+        if method not in self._cam_cache:
+            network = self.segmenter.model
+            target_layer = (network.last_encoder_stage if self.cam_layer == "encoder"
+                            else network.cam_layer)
+            device = self.segmenter.device
+            wrapper = RegionScores(network, torch.zeros(1, 1, 1, 1)).to(device).eval()
+            cam_class = GradCAMpp if method == "gradcam++" else GradCAM
+            # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map; keep
+            # the raw map and normalise it here instead.
+            cam = cam_class(nn_module=wrapper, target_layers=_module_name(wrapper, target_layer),
+                            postprocessing=_identity)
+            cam.nn_module.class_score = _per_sample_score
+            self._cam_cache[method] = (cam, wrapper, target_layer)
+        return self._cam_cache[method]
 
     def _occlusion(self, x: torch.Tensor, region: torch.Tensor, target: int,
                    size: tuple[int, int]) -> SaliencyMap:
@@ -255,6 +268,32 @@ class SaliencyExplainer:
                   for depths in (stage1_depths, stage2_depths, stage3_depths)]
         return SaliencyMap("prototype", target, stages[-1], stages=stages,
                            per_depth=stage1_depths)
+
+
+@contextmanager
+def _graph_from(layer: nn.Module, network: nn.Module) -> Iterator[None]:
+    """Within the block, autograd records the network only from ``layer`` on.
+
+    Grad-CAM needs the class score's gradient at the CAM layer's output, nothing before it. A
+    graph from the input through every layer (and gradients for every weight) costs a full
+    backward pass and a batch's activations at every depth; with the weights frozen and the
+    layer's input made a leaf, the backward pass covers the layers after it alone. The maps
+    are the same.
+    """
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+
+    def leaf_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (args[0].detach().requires_grad_(True), *args[1:])
+
+    handle = layer.register_forward_pre_hook(leaf_input)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for parameter in trainable:
+            parameter.requires_grad_(True)
 
 
 def _check_methods(methods: Sequence[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from scipy import ndimage
 
@@ -168,3 +169,33 @@ def test_pipeline_saliency_reuses_inference_and_adds_late_maps(tmp_path):
             assert {"classes", "lesions", "probabilities"} <= keys
             assert ("saliency_gradcam++" in keys) == bool(prediction.saliency)
             assert stored["probabilities"].shape == (3, *images.shape[1:3])
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_cam_from_its_layer_on_equals_monai_through_the_whole_network(method):
+    """radlens records the graph only from the CAM layer on and builds each MONAI CAM once;
+    the raw maps equal MONAI's own run through the whole network with a fresh CAM, and no
+    hook is left behind on the network."""
+    from monai.visualize import GradCAM, GradCAMpp
+
+    from radlens.models.saliency import RegionScores, _identity, _module_name, _per_sample_score
+
+    segmenter = Segmenter(device="cpu", batch_size=4)
+    explainer = SaliencyExplainer(segmenter)
+    images = [make_phantom(99, i).image.astype(np.float32) for i in range(3)]
+    forward = segmenter.predict_batch(images)
+    regions, _ = explainer._targets(forward.logits)
+    x = forward.inputs.clone()
+    layer = segmenter.model.cam_layer
+    hooks = (len(layer._forward_hooks), len(layer._backward_hooks))
+    ours = [explainer._cam_maps(method, x, regions, 1) for _ in range(2)][-1]
+    assert (len(layer._forward_hooks), len(layer._backward_hooks)) == (
+        hooks[0] + 1, hooks[1] + 1)  # once, however many calls
+    wrapper = RegionScores(segmenter.model, regions).eval()
+    reference = (GradCAMpp if method == "gradcam++" else GradCAM)(
+        nn_module=wrapper, target_layers=_module_name(wrapper, layer), postprocessing=_identity)
+    reference.nn_module.class_score = _per_sample_score
+    with torch.enable_grad():
+        expected = reference(x.clone().requires_grad_(True), class_idx=1)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-4)
+    assert all(p.requires_grad for p in segmenter.model.parameters())  # weights as they were
