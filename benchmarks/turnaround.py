@@ -36,11 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from radlens.demo.tools import free_port, port_open, system_tool, wait_for  # noqa: E402
+from radlens.timing import STAGES  # noqa: E402
 
 QUIET_PERIOD_S = 1.0
 TARGETS = {1: (1.5, 4.0), 30: (10.0, 4.0), 120: (30.0, None)}  # seconds, x compute floor
-STAGES = ("decode", "inference", "measurement", "saliency", "narrative", "seg", "sr",
-          "parametric_map", "overlay", "pdf")
 
 
 def tool(name: str) -> str:
@@ -98,6 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", default="1,30,120")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--burst", type=int, default=3,
+                        help="then this many 30-frame studies sent at once (0: none)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="worker.concurrency for the agent (default: the agent's)")
     args = parser.parse_args()
     sizes = [int(n) for n in args.frames.split(",")]
     work = Path(tempfile.mkdtemp(prefix="radlens-turnaround-"))
@@ -112,6 +115,8 @@ def main() -> None:
                RADLENS_STORAGE__MIN_FREE_MB="0", RADLENS_MODEL__DEVICE=args.device,
                RADLENS_ASSEMBLY__QUIET_PERIOD_S=str(QUIET_PERIOD_S),
                RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
+               **({"RADLENS_WORKER__CONCURRENCY": str(args.concurrency)}
+                  if args.concurrency else {}),
                RADLENS_DESTINATIONS=json.dumps([{"name": "pacs", "ae_title": "STORESCP",
                                                  "host": "127.0.0.1", "port": pacs_port}]))
     log = open(work / "serve.log", "wb")  # noqa: SIM115 (open for the agent's lifetime)
@@ -154,6 +159,7 @@ def main() -> None:
                          "floor": floor, "job": job["finished_at"] - job["started_at"],
                          "delivery": delivered["last"] - job["finished_at"],
                          "objects": delivered["n"], "timings": timings})
+        burst = _burst(work, db, port, args.burst) if args.burst else None
         peak = rss_mb(agent.pid)
     finally:
         agent.terminate()
@@ -162,7 +168,34 @@ def main() -> None:
         pacs.wait(timeout=30)
         log.close()
     print_tables(rows, peak, args.device)
+    if burst is not None:
+        concurrency = args.concurrency or "default"
+        print(f"\nBurst: {args.burst} studies of 30 frames sent in one association, "
+              f"worker.concurrency {concurrency}: the last study's last output "
+              f"{burst:.2f} s after the last image (quiet period subtracted), "
+              f"{burst / args.burst:.2f} s a study.")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _burst(work: Path, db: Path, port: int, studies: int) -> float:
+    """Seconds from the last image of ``studies`` 30-frame studies, sent at once, to the
+    destination's receipt of the last output, minus the quiet period."""
+    paths = [clip(work / "in" / f"burst-{seed}.dcm", 30, seed) for seed in range(studies)]
+    jobs_before = _count(db, "SELECT MAX(id) FROM jobs")
+    sent = subprocess.run([tool("storescu"), "-aec", "RADLENS", "127.0.0.1", str(port),
+                           *map(str, paths)], capture_output=True, text=True,
+                          env=dict(os.environ, TCP_NODELAY="1"))
+    last_response = time.time()
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
+    wait_for(lambda: _count(db, "SELECT COUNT(*) FROM jobs WHERE id > ? AND state IN"
+                                " ('done', 'failed')", (jobs_before,)) == studies,
+             900, "the burst's jobs")
+    wait_for(lambda: _count(db, "SELECT COUNT(*) FROM outbox WHERE job_id > ? AND"
+                                " state != 'sent'", (jobs_before,)) == 0, 300,
+             "the burst's outputs to reach the destination")
+    last = _query(db, "SELECT MAX(sent_at) FROM outbox WHERE job_id > ?", (jobs_before,))[0][0]
+    return float(last) - last_response - QUIET_PERIOD_S
 
 
 def _query(db: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:

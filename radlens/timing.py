@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 # The stages in the order a job runs them; writers are named by the object they build.
-STAGES = ("decode", "inference", "measurement", "saliency", "narrative", "seg", "sr",
-          "parametric_map", "overlay", "pdf")
+STAGES = ("decode", "inference", "measurement", "saliency", "maps", "findings", "narrative",
+          "seg", "sr", "parametric_map", "overlay", "pdf")
 
 
 @dataclass

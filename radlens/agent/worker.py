@@ -114,7 +114,9 @@ class Worker:
             result = run_study(study, self.results_root, analyser=self.analyser,
                                fsync=self.fsync)
             if result.records:
-                analyses.record(self.queue.db, job.id, job.study_instance_uid, result.records)
+                with result.times.stage("findings"):
+                    analyses.record(self.queue.db, job.id, job.study_instance_uid,
+                                    result.records)
         except Exception as exc:
             self._failed(job, exc)
             self.current_job = None
