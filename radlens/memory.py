@@ -6,16 +6,11 @@ agent's resident memory up batch by batch. Two remedies, both no-ops elsewhere t
 
 - ``malloc_trim`` hands the free pages back after a heavy step; measured through a 120-frame
   clip it lowers the agent's peak RSS by about 250 MB.
-- ``tune_allocator`` fixes the size from which a block gets its own mapping (returned to the
-  OS the moment it is freed). glibc raises that threshold, up to 32 MiB, each time such a
+- ``cap_mmap_threshold`` fixes the size from which a block gets its own mapping (returned to
+  the OS the moment it is freed). glibc raises that threshold, up to 32 MiB, each time such a
   block is freed, so after the first batch a backward pass's activations come from the heap
   and stay there. Fixed at 4 MiB, a batch of 8 frames' saliency peaks about 150 MB lower, at
-  the same speed (1 MiB costs twice the time in page faults). Fixing it also fixes the trim
-  threshold, by default 128 KiB: a thread's heap (the worker is not the main thread) would
-  then shrink and grow again on every batch (one measurement: a 120-frame clip's saliency
-  11.5 s in a thread against 7.9 s in the main thread; these 2-core machines are noisy). It
-  is set to 256 MiB; ``malloc_trim`` after each batch and job gives the memory back at
-  moments of radlens's choosing.
+  the same speed (1 MiB costs twice the time in page faults).
 """
 
 from __future__ import annotations
@@ -38,17 +33,13 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 _TRIM = _malloc_trim()
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
-TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 
 
-def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES,
-                   trim_threshold: int = TRIM_THRESHOLD_BYTES) -> bool:
-    """Blocks of ``mmap_threshold`` bytes and more get their own mapping, given back when freed;
-    heaps keep up to ``trim_threshold`` free bytes until ``release_freed_memory`` (glibc's
-    mallopt; this also stops glibc's dynamic raising of both). True if both took."""
+def cap_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Blocks of ``size`` bytes and more get their own mapping, given back when freed (glibc's
+    mallopt M_MMAP_THRESHOLD, which also stops its dynamic raising). True if it took."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
@@ -56,8 +47,7 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES,
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(mmap_threshold))) and \
-        bool(mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(trim_threshold)))
+    return bool(mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(size)))
 
 
 def release_freed_memory() -> None:

@@ -35,7 +35,7 @@ from radlens.dicom_io.scp import StorageListener, check_port_free
 from radlens.dicom_io.spool import Spool, StoredInstance
 from radlens.errors import RadlensError
 from radlens.logs import kv
-from radlens.memory import tune_allocator
+from radlens.memory import cap_mmap_threshold
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def load_analyser(settings: Settings) -> Analyser | None:
         return None
     from radlens.models.infer import ModelError, Segmenter
 
-    tune_allocator()  # a clip's batches give their memory back (radlens.memory)
+    cap_mmap_threshold()  # a clip's batches give their memory back (radlens.memory)
     try:
         segmenter = Segmenter(settings.model.weights, version=settings.model.version,
                               device=settings.model.device, batch_size=settings.model.batch_size)
