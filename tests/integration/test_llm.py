@@ -312,6 +312,13 @@ def test_the_pdf_report_holds_the_narrative_and_each_lesions_size(study, tmp_pat
         assert flat.count(size) >= 2, size  # in the narrative and in the table
     for value in IDENTIFIERS.values():
         assert value not in text
+    # Every embedded font is a subset with a ToUnicode map: the text stays text.
+    fonts = subprocess.run(["pdffonts", str(extracted)], capture_output=True, text=True,
+                           timeout=60, check=True).stdout.splitlines()[2:]
+    assert fonts
+    for row in fonts:
+        embedded, subset, unicode_map = row.split()[-5:-2]
+        assert (embedded, subset, unicode_map) == ("yes", "yes", "yes"), row
 
 
 @pytest.fixture(scope="module")
