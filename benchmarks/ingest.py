@@ -87,7 +87,16 @@ def send(port: int, called: str, groups: list[list[Path]]) -> float:
     return elapsed
 
 
-def run_receiver(name: str, files: list[Path], senders: int, work: Path) -> float:
+def send_one_by_one(port: int, called: str, groups: list[list[Path]]) -> float:
+    """One storescu run (one association) per file, one after another."""
+    started = time.perf_counter()
+    for path in groups[0]:
+        send(port, called, [[path]])
+    return time.perf_counter() - started
+
+
+def run_receiver(name: str, files: list[Path], senders: int, work: Path,
+                 sender=send) -> float:
     """Start the receiver with an empty folder, send every file once from ``senders`` storescu
     processes at once (round robin), stop it; seconds taken."""
     port = free_port()
@@ -118,7 +127,7 @@ def run_receiver(name: str, files: list[Path], senders: int, work: Path) -> floa
     try:
         wait_listening(port)
         time.sleep(0.5 if "processes=" not in name else 2.0)  # helpers listen a moment later
-        return send(port, called, [files[i::senders] for i in range(senders)])
+        return sender(port, called, [files[i::senders] for i in range(senders)])
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -130,6 +139,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--senders", default="1,2,4", help="concurrent storescu processes")
+    parser.add_argument("--single", type=int, default=40,
+                        help="then this many files, one association each (0: skip)")
     cores = os.cpu_count() or 1
     parser.add_argument("--receivers", default=(
         "storescp,storescp --fork,storescp (TCP_NODELAY unset),radlens (durable),"
@@ -151,6 +162,11 @@ def main() -> None:
                     key = (name, senders)
                     best[key] = min(best.get(key, float("inf")),
                                     run_receiver(name, files, senders, work))
+        single: dict[str, float] = {}
+        for _ in range(options.rounds if options.single else 0):
+            for name in ("storescp", "radlens (durable)"):
+                single[name] = min(single.get(name, float("inf")), run_receiver(
+                    name, files[:options.single], 1, work, sender=send_one_by_one))
     dcmtk = subprocess.run([tool("storescu"), "--version"], capture_output=True, text=True)
     print(f"## Ingest: {len(files)} US frames, {megabytes / len(files):.2f} MB each, "
           f"best of {options.rounds}\n")
@@ -179,6 +195,13 @@ def main() -> None:
           " --fork gives each its own process. Neither fsyncs; radlens (durable) fsyncs each"
           " file and its folder before Success.\n\nTargets: radlens (durable) with 1 sender >="
           " 0.35x storescp; with 4 senders >= 1.0x storescp and >= 0.5x storescp --fork.")
+    if single:
+        print(f"\n### {options.single} files, one association each (a storescu run per file,"
+              " its start-up included)\n")
+        print("| receiver | ms per association |")
+        print("|---|---:|")
+        for name, seconds in single.items():
+            print(f"| {name} | {seconds / options.single * 1000:.0f} |")
 
 
 if __name__ == "__main__":

@@ -147,3 +147,22 @@ def test_recv_exactly_reads_whole_pdus_and_stops_at_a_close():
         left.close()
         assert recv_exactly(right, 100) == b"tail"  # the peer closed: what there was
         assert recv_exactly(right, 10) == b""
+
+
+def test_accepted_contexts_copy_cheaply_and_independently():
+    """pynetdicom deep-copies the acceptor's contexts per association: radlens's contexts are
+    the AE's own, and a copy shares the immutable UIDs but not the lists holding them."""
+    import copy
+
+    from radlens.config import DicomSettings
+    from radlens.dicom_io.scp import accepted_contexts, build_ae
+
+    ae = build_ae(DicomSettings())
+    contexts = accepted_contexts(ae)
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in contexts] == [
+        (c.abstract_syntax, c.transfer_syntax) for c in ae.supported_contexts]
+    copies = copy.deepcopy(contexts)
+    for original, clone in zip(contexts, copies, strict=True):
+        assert clone is not original and clone.transfer_syntax == original.transfer_syntax
+        assert vars(clone)["_transfer_syntax"] is not vars(original)["_transfer_syntax"]
+        assert clone.transfer_syntax[0] is original.transfer_syntax[0]  # shared, not rebuilt
