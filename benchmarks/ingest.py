@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from radlens.demo.tools import system_tool  # noqa: E402
+from radlens.demo.tools import (  # noqa: E402
+    free_port,
+    port_open,
+    require_tool,
+    wait_for,
+)
 from radlens.dicom_io.synthetic import write_us_studies  # noqa: E402
-
-
-def tool(name: str) -> str:
-    """dcmtk's tool, not pynetdicom's console script of the same name in a venv on PATH."""
-    path = system_tool(name)
-    if path is None:
-        raise RuntimeError(f"{name} is not installed (dcmtk): make tools")
-    return path
 
 BARE_PYNETDICOM_SCP = r'''
 import sys
@@ -52,28 +48,11 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE,
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_listening(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
 def send(port: int, called: str, groups: list[list[Path]]) -> float:
     """One storescu per group, all at once; seconds until the last one finishes."""
     env = dict(os.environ, TCP_NODELAY="1")
     started = time.perf_counter()
-    senders = [subprocess.Popen([tool("storescu"), "-aec", called, "127.0.0.1", str(port),
+    senders = [subprocess.Popen([require_tool("storescu"), "-aec", called, "127.0.0.1", str(port),
                                  *map(str, group)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for group in groups]
     failures = []
@@ -107,7 +86,7 @@ def run_receiver(name: str, files: list[Path], senders: int, work: Path,
         env.pop("TCP_NODELAY")
     if name.startswith("storescp"):
         fork = ["--fork"] if "--fork" in name else []
-        args = [tool("storescp"), *fork, "-aet", "STORESCP", "+xa", "-od", str(target),
+        args = [require_tool("storescp"), *fork, "-aet", "STORESCP", "+xa", "-od", str(target),
                 str(port)]
         called = "STORESCP"
     elif name == "bare pynetdicom":
@@ -125,7 +104,7 @@ def run_receiver(name: str, files: list[Path], senders: int, work: Path,
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
-        wait_listening(port)
+        wait_for(lambda: port_open(port), 30, f"{name} to listen")
         time.sleep(0.5 if "processes=" not in name else 2.0)  # helpers listen a moment later
         return sender(port, called, [files[i::senders] for i in range(senders)])
     finally:
@@ -167,7 +146,7 @@ def main() -> None:
             for name in ("storescp", "radlens (durable)"):
                 single[name] = min(single.get(name, float("inf")), run_receiver(
                     name, files[:options.single], 1, work, sender=send_one_by_one))
-    dcmtk = subprocess.run([tool("storescu"), "--version"], capture_output=True, text=True)
+    dcmtk = subprocess.run([require_tool("storescu"), "--version"], capture_output=True, text=True)
     print(f"## Ingest: {len(files)} US frames, {megabytes / len(files):.2f} MB each, "
           f"best of {options.rounds}\n")
     print(f"machine: {platform.platform()}, {cores} CPUs; python "

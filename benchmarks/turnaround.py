@@ -35,18 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from radlens.demo.tools import free_port, port_open, system_tool, wait_for  # noqa: E402
+from radlens.demo.tools import free_port, port_open, require_tool, wait_for  # noqa: E402
 from radlens.timing import STAGES  # noqa: E402
 
 QUIET_PERIOD_S = 1.0
 TARGETS = {1: (1.5, 4.0), 30: (10.0, 4.0), 120: (30.0, None)}  # seconds, x compute floor
-
-
-def tool(name: str) -> str:
-    path = system_tool(name)
-    if path is None:
-        raise RuntimeError(f"{name} is not installed (dcmtk): make tools")
-    return path
 
 
 def clip(path: Path, frames: int, seed: int) -> Path:
@@ -107,7 +100,7 @@ def main() -> None:
     received = work / "pacs"
     received.mkdir()
     pacs_port, port = free_port(), free_port()
-    pacs = subprocess.Popen([tool("storescp"), "-od", str(received), "+uf", str(pacs_port)],
+    pacs = subprocess.Popen([require_tool("storescp"), "-od", str(received), "+uf", str(pacs_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, TCP_NODELAY="1"))
     env = dict(os.environ, RADLENS_STORAGE__DATA_DIR=str(work / "data"),
@@ -131,8 +124,8 @@ def main() -> None:
             path = clip(work / "in" / f"clip{n}-{seed}.dcm", n, seed)
             floor = compute_floor(path, args.device) if seed != 900 else None
             jobs_before = _count(db, "SELECT COUNT(*) FROM jobs WHERE state IN ('done','failed')")
-            sent = subprocess.run([tool("storescu"), "-aec", "RADLENS", "127.0.0.1", str(port),
-                                   str(path)], capture_output=True, text=True,
+            sent = subprocess.run([require_tool("storescu"), "-aec", "RADLENS", "127.0.0.1",
+                                   str(port), str(path)], capture_output=True, text=True,
                                   env=dict(os.environ, TCP_NODELAY="1"))
             last_response = time.time()
             if sent.returncode != 0:
@@ -182,7 +175,7 @@ def _burst(work: Path, db: Path, port: int, studies: int) -> float:
     destination's receipt of the last output, minus the quiet period."""
     paths = [clip(work / "in" / f"burst-{seed}.dcm", 30, seed) for seed in range(studies)]
     jobs_before = _count(db, "SELECT MAX(id) FROM jobs")
-    sent = subprocess.run([tool("storescu"), "-aec", "RADLENS", "127.0.0.1", str(port),
+    sent = subprocess.run([require_tool("storescu"), "-aec", "RADLENS", "127.0.0.1", str(port),
                            *map(str, paths)], capture_output=True, text=True,
                           env=dict(os.environ, TCP_NODELAY="1"))
     last_response = time.time()

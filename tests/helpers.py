@@ -17,6 +17,7 @@ import pydicom
 from radlens.demo.tools import (  # noqa: F401 (re-exported)
     free_port,
     port_open,
+    require_tool,
     system_tool,
     wait_for,
 )
@@ -40,15 +41,6 @@ STORESCU_OPTION_BY_SYNTAX = {
     "1.2.840.10008.1.2.4.91": "-xw",
     "1.2.840.10008.1.2.5": "-xr",
 }
-
-
-def require_tool(name: str) -> str:
-    """The system's tool (dcmtk, dicom3tools, Orthanc), never pynetdicom's console script of the
-    same name (storescu, echoscu...) that a virtual environment on PATH may put first."""
-    path = system_tool(name)
-    if path is None:
-        raise RuntimeError(f"{name} is not installed: run `make test`, which installs it")
-    return path
 
 
 @dataclass

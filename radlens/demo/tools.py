@@ -35,6 +35,15 @@ def system_tool(name: str) -> str | None:
     return None
 
 
+def require_tool(name: str) -> str:
+    """The system's tool (see ``system_tool``), or a RuntimeError saying how to install it."""
+    path = system_tool(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed: run `make tools` (or `make test`), "
+                           "which installs it")
+    return path
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
