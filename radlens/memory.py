@@ -17,37 +17,33 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
+from typing import Any
 
-log = logging.getLogger(__name__)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
 
 
-def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _glibc_function(name: str) -> Any | None:
+    """The C library's function ``name``, or None where there is no such (glibc) function."""
+    library = ctypes.util.find_library("c")
+    if library is None:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
+        return getattr(ctypes.CDLL(library), name)
     except (OSError, AttributeError):  # not glibc
         return None
 
 
-_TRIM = _malloc_trim()
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+_TRIM = _glibc_function("malloc_trim")
+_MALLOPT = _glibc_function("mallopt")
 
 
 def cap_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Blocks of ``size`` bytes and more get their own mapping, given back when freed (glibc's
     mallopt M_MMAP_THRESHOLD, which also stops its dynamic raising). True if it took."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    if _MALLOPT is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(size)))
+    return bool(_MALLOPT(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(size)))
 
 
 def release_freed_memory() -> None:
