@@ -138,7 +138,7 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
                  for i in range(start, min(start + step, len(frames)))]
         with times.stage("inference"):
             forward = analyser.segmenter.predict_batch(chunk)
-        settled: list[_MeasuredFrame] = []
+        settled: list[tuple[_MeasuredFrame, Prediction]] = []
         for offset, result in enumerate(forward.predictions):
             index = start + offset
             ood_score = float(detector.score(result.latent)[0]) if detector is not None else None
@@ -149,13 +149,12 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
             item = _measure(analyser, index, result, chunk[offset], spacing, ood_score, times)
             with times.stage("measurement"):
                 records.append(_record(item, result, info.ref.sop_instance_uid))
-            settled.append(item)
-        chosen = [item for item in settled if setting == "all" or item.lesions] \
+            settled.append((item, result))
+        chosen = [item for item, _ in settled if setting == "all" or item.lesions] \
             if explain_now else []
         explained.update(_explain(analyser, chosen, times, forward,
                                   [item.index - start for item in chosen]))
-        for item, result in zip(settled, [forward.predictions[i.index - start] for i in settled],
-                                strict=True):
+        for item, result in settled:
             agreements, maps = explained.get(item.index, ({}, {}))
             if maps_dir is not None:
                 with times.stage("maps"):
@@ -163,7 +162,7 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
                                                  result.probabilities, maps)
             if maps:
                 explained[item.index] = (agreements, {})  # on disk now: the agreements stay
-        measured.extend(settled)
+        measured.extend(item for item, _ in settled)
         del forward, settled
     later = frames_to_explain(measured, setting, multiframe=info.frames > 1) - explained.keys()
     if later:

@@ -110,10 +110,6 @@ class SaliencyExplainer:
         self.occlusion_batch = occlusion_batch
         self._cam_cache: dict[Method, tuple[GradCAM, RegionScores, nn.Module]] = {}
 
-    def _forward(self, images: Sequence[np.ndarray]) -> BatchPrediction:
-        """A batched forward pass over ``images``, when inference's own is not at hand."""
-        return self.segmenter.predict_batch(images)
-
     @staticmethod
     def _targets(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Each image's predicted lesion region (network size, (B, 1, h, w)) and the class to
@@ -146,7 +142,7 @@ class SaliencyExplainer:
         batch = self.segmenter.batch_size
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
-            maps += self.explain_pass(self._forward(chunk), range(len(chunk)),
+            maps += self.explain_pass(self.segmenter.predict_batch(chunk), range(len(chunk)),
                                       [tuple(np.asarray(image).shape[:2]) for image in chunk],
                                       methods)
         return maps
@@ -163,10 +159,10 @@ class SaliencyExplainer:
         if not rows:
             return []
         index = torch.as_tensor(list(rows), device=forward.logits.device)
-        # Outside inference mode, copies of the pass's tensors are ordinary tensors that a
-        # backward pass may use.
-        x = forward.inputs.index_select(0, index).clone()
-        features = [f.index_select(0, index).clone() for f in forward.features]
+        # Outside inference mode, what index_select makes of the pass's tensors are ordinary
+        # tensors that a backward pass may use.
+        x = forward.inputs.index_select(0, index)
+        features = [f.index_select(0, index) for f in forward.features]
         regions, targets = self._targets(forward.logits.index_select(0, index))
         cams = {method: self._cams(method, x, regions, targets, list(sizes))
                 for method in methods if method in ("gradcam", "gradcam++")}
