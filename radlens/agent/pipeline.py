@@ -117,8 +117,8 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
     Frames go through in batches of the model's batch size, and a batch's full-size maps are
     written and dropped before the next: a long clip never holds every frame's probabilities.
     Saliency of the frames a batch settles (``explain_frames`` lesions or all) reuses that
-    batch's forward pass; frames chosen only once the whole clip is seen (a number N, or a clip
-    without lesions) get a pass of their own at the end."""
+    batch's forward pass, Grad-CAM included; frames chosen only once the whole clip is seen (a
+    number N, or a clip without lesions) get a pass of their own at the end."""
     info = decoded.info
     frames = decoded.pixels
     if analyser.settings.max_frames:
@@ -132,12 +132,17 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
     abstained: list[AbstainedFrame] = []
     records: list[FrameRecord] = []
     explained: dict[int, tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]] = {}
-    step = analyser.segmenter.batch_size
+    # Saliency settled batch by batch takes Grad-CAM from inference's own pass, which then
+    # keeps its graph from the CAM layer on, in batches the explainer can hold.
+    cam_layer = analyser.explainer.pass_layer(analyser.settings.saliency) \
+        if explain_now and analyser.explainer is not None else None
+    step = analyser.explainer.graph_batch if cam_layer is not None and analyser.explainer \
+        else analyser.segmenter.batch_size
     for start in range(0, len(frames), step):
         chunk = [frames[i][..., 0] if frames.shape[-1] == 1 else frames[i]
                  for i in range(start, min(start + step, len(frames)))]
         with times.stage("inference"):
-            forward = analyser.segmenter.predict_batch(chunk)
+            forward = analyser.segmenter.predict_batch(chunk, cam_layer=cam_layer)
         settled: list[tuple[_MeasuredFrame, Prediction]] = []
         for offset, result in enumerate(forward.predictions):
             index = start + offset

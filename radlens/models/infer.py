@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from radlens.models.metrics import image_probabilities
 from radlens.models.networks import (
@@ -63,6 +64,9 @@ class BatchPrediction:
     inputs: torch.Tensor  # (B, 1, h, w) the network's input
     logits: torch.Tensor  # (B, 3, h, w)
     features: list[torch.Tensor]  # the encoder maps, shallow to deep, (B, C_d, h_d, w_d)
+    # The CAM layer's output, in the pass's autograd graph up to ``logits``, when the pass
+    # was run for Grad-CAM (``predict_batch(..., cam_layer=...)``); else None.
+    cam_activation: torch.Tensor | None = None
 
 
 def model_folder(name_or_path: str | Path) -> Path:
@@ -148,21 +152,30 @@ class Segmenter:
             results += self.predict_batch(images[start:start + self.batch_size]).predictions
         return results
 
-    @torch.inference_mode()
-    def predict_batch(self, images: Sequence[np.ndarray]) -> BatchPrediction:
+    def predict_batch(self, images: Sequence[np.ndarray], *,
+                      cam_layer: nn.Module | None = None) -> BatchPrediction:
         """One forward pass over ``images`` (at most ``batch_size`` of them, the caller's
-        choice): their predictions, and the pass for the saliency of the same images."""
+        choice): their predictions, and the pass for the saliency of the same images. With
+        ``cam_layer`` the pass also keeps that layer's output in an autograd graph up to the
+        logits, so Grad-CAM of these images needs no pass of its own (costs the graph's
+        memory while the pass is held)."""
         batch = torch.cat([self._prepare(image) for image in images]).to(self.device)
-        logits, features = self.model.forward_with_features(batch)
-        probs = logits.softmax(dim=1)
-        per_image = image_probabilities(probs).cpu().numpy()
-        latents = pooled_latents(features).float().cpu().numpy()
-        deepest = features[-1].float().cpu().numpy()
-        results = []
-        for index, image in enumerate(images):
-            size = np.asarray(image).shape[:2]
-            full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
-                                 align_corners=False)[0]
-            results.append(Prediction(full.float().cpu().numpy(), per_image[index],
-                                      latents[index], deepest[index]))
-        return BatchPrediction(results, batch, logits, features)
+        activation = None
+        if cam_layer is None:
+            with torch.inference_mode():
+                logits, features = self.model.forward_with_features(batch)
+        else:
+            logits, features, activation = self.model.forward_for_cam(batch, cam_layer)
+        with torch.no_grad():
+            probs = logits.softmax(dim=1)
+            per_image = image_probabilities(probs).cpu().numpy()
+            latents = pooled_latents(features).float().cpu().numpy()
+            deepest = features[-1].float().cpu().numpy()
+            results = []
+            for index, image in enumerate(images):
+                size = np.asarray(image).shape[:2]
+                full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
+                                     align_corners=False)[0]
+                results.append(Prediction(full.float().cpu().numpy(), per_image[index],
+                                          latents[index], deepest[index]))
+        return BatchPrediction(results, batch, logits, features, activation)

@@ -79,6 +79,43 @@ class SegmentationNetwork(nn.Module):
             self._captured = None
         return logits, features  # type: ignore[return-value]
 
+    def forward_for_cam(self, x: torch.Tensor, layer: nn.Module
+                        ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Logits, encoder maps and ``layer``'s output of one forward pass whose autograd graph
+        starts at ``layer``'s input.
+
+        Grad-CAM needs a class score's gradient at the CAM layer's output and nothing before
+        it. Recording the graph from there on lets inference's own pass serve Grad-CAM (no
+        second forward pass), and the backward pass then covers only the layers after the CAM
+        layer. The weights get no gradient; their ``requires_grad`` is left as it is.
+        """
+        captured: list[torch.Tensor] = []
+
+        def leaf_input(module: nn.Module, args: tuple[torch.Tensor, ...]
+                       ) -> tuple[torch.Tensor, ...]:
+            return (args[0].detach().requires_grad_(True), *args[1:])
+
+        def keep_output(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            captured.append(output)
+
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        handles = [layer.register_forward_pre_hook(leaf_input),
+                   layer.register_forward_hook(keep_output)]
+        try:
+            with torch.enable_grad():
+                logits, features = self.forward_with_features(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+        if len(captured) != 1:
+            raise RuntimeError(f"{self.name}: the CAM layer ran {len(captured)} times in one "
+                               "forward pass; expected once")
+        return logits, features, captured[0]
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.forward_with_features(x)[1]
 

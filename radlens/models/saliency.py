@@ -11,15 +11,15 @@ similarity to a sharp map. These maps show what the model attends to, not whethe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
+from monai.visualize import OcclusionSensitivity
+from monai.visualize.visualizer import default_upsampler
 from scipy import ndimage
 from torch import nn
 
@@ -27,8 +27,9 @@ from radlens.models.infer import BatchPrediction, Segmenter
 from radlens.models.networks import SegmentationNetwork
 
 Method = Literal["gradcam", "gradcam++", "occlusion", "prototype"]
-CPU_CAM_BATCH = 2
 METHODS: tuple[Method, ...] = ("gradcam", "gradcam++", "occlusion", "prototype")
+CAM_METHODS: tuple[Method, ...] = ("gradcam", "gradcam++")
+CPU_GRAPH_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,6 @@ class RegionScores(nn.Module):
         return (logits * weight).sum(dim=(2, 3))  # each image over its own region
 
 
-def _identity(values: torch.Tensor) -> torch.Tensor:
-    return values
-
-
 def _normalise(values: torch.Tensor | np.ndarray) -> np.ndarray:
     array = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) \
         else np.asarray(values, dtype=np.float32)
@@ -77,17 +74,23 @@ def _normalise(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return ((array - low) / (high - low)).astype(np.float32)
 
 
+def _normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation of each (H, W) map of a (..., H, W) tensor, as ``_normalise``."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - low
+    return torch.where(span < 1e-12, torch.zeros_like(maps), (maps - low) / span)
+
+
 def _to_source(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(h, w) or (1, 1, h, w) tensor -> (H, W) at the source size, bilinear."""
     tensor = values.float().reshape(1, 1, *values.shape[-2:])
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
-def _module_name(root: nn.Module, target: nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise ValueError("target layer is not part of the model")
+def _channel_norm(values: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) Euclidean norm over the channels of (B, C, h, w). torch's own norm over a
+    dimension that is not the innermost runs about 10x slower on the CPU."""
+    return values.pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
 class SaliencyExplainer:
@@ -95,34 +98,45 @@ class SaliencyExplainer:
 
     def __init__(self, segmenter: Segmenter, *, cam_layer: Literal["auto", "encoder"] = "auto",
                  occlusion_mask: int = 32, occlusion_batch: int = 16,
-                 cam_batch: int | None = None) -> None:
+                 graph_batch: int | None = None) -> None:
         """``cam_layer``: "auto" is the network's own CAM layer (see SegmentationNetwork),
-        "encoder" its last encoder stage. ``cam_batch``: images per Grad-CAM forward and
-        backward pass; by default the inference batch on CUDA, and at most 2 on the CPU: with
-        the backward pass reaching back only to the CAM layer, 2 is as fast as 4 on 2 cores and
-        a batch of 8 frames' saliency peaks about 70 MB lower (a forward pass holds every
-        image's activations at once)."""
+        "encoder" its last encoder stage. ``graph_batch``: images per forward pass that keeps
+        Grad-CAM's graph; by default the inference batch on CUDA, and at most 2 on the CPU,
+        where a batch of 2 runs as fast as 8 and a 120-frame clip peaks about 140 MB lower
+        (the graph holds each image's full-resolution activations after the CAM layer)."""
         self.segmenter = segmenter
-        self.cam_batch = cam_batch or (segmenter.batch_size if segmenter.device.type == "cuda"
-                                       else min(segmenter.batch_size, CPU_CAM_BATCH))
+        self.graph_batch = graph_batch or (
+            segmenter.batch_size if segmenter.device.type == "cuda"
+            else min(segmenter.batch_size, CPU_GRAPH_BATCH))
         self.cam_layer = cam_layer
         self.occlusion_mask = occlusion_mask
         self.occlusion_batch = occlusion_batch
-        self._cam_cache: dict[Method, tuple[GradCAM, RegionScores, nn.Module]] = {}
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """The layer Grad-CAM explains."""
+        network = self.segmenter.model
+        return network.last_encoder_stage if self.cam_layer == "encoder" else network.cam_layer
+
+    def pass_layer(self, methods: Sequence[Method]) -> nn.Module | None:
+        """The ``cam_layer`` to run inference's pass with so that ``explain_pass`` can give
+        ``methods`` from it: the target layer when a Grad-CAM method is among them."""
+        return self.target_layer if set(methods) & set(CAM_METHODS) else None
 
     @staticmethod
     def _targets(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Each image's predicted lesion region (network size, (B, 1, h, w)) and the class to
         explain: the lesion class covering most of it."""
+        probs = logits.detach().softmax(1)
+        classes = probs.max(1).indices  # argmax over a leading dimension: max is 10x faster
         regions, targets = [], []
-        for probs in logits.softmax(1):
-            classes = probs.argmax(0)
-            lesion = classes > 0
+        for image_probs, image_classes in zip(probs, classes, strict=True):
+            lesion = image_classes > 0
             if lesion.any():
-                target = int(torch.bincount(classes[lesion], minlength=3)[1:].argmax()) + 1
+                target = int(torch.bincount(image_classes[lesion], minlength=3)[1:].argmax()) + 1
             else:  # nothing predicted: explain the most confident lesion pixels instead
-                target = int(probs[1:].flatten(1).max(1).values.argmax()) + 1
-                lesion = probs[target] >= probs[target].flatten().quantile(0.99)
+                target = int(image_probs[1:].flatten(1).max(1).values.argmax()) + 1
+                lesion = image_probs[target] >= image_probs[target].flatten().quantile(0.99)
             regions.append(lesion)
             targets.append(target)
         return torch.stack(regions)[:, None], targets
@@ -135,16 +149,19 @@ class SaliencyExplainer:
     def explain_batch(self, images: Sequence[np.ndarray],
                       methods: Sequence[Method] = ("prototype", "gradcam++")
                       ) -> list[list[SaliencyMap]]:
-        """The chosen methods' maps of several images, computed in batches of the model's
-        batch size (see ``explain_pass``)."""
+        """The chosen methods' maps of several images, from forward passes run for them (see
+        ``explain_pass``)."""
         _check_methods(methods)
         maps: list[list[SaliencyMap]] = []
-        batch = self.segmenter.batch_size
+        layer = self.pass_layer(methods)
+        batch = self.graph_batch if layer is not None else self.segmenter.batch_size
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
-            maps += self.explain_pass(self.segmenter.predict_batch(chunk), range(len(chunk)),
+            forward = self.segmenter.predict_batch(chunk, cam_layer=layer)
+            maps += self.explain_pass(forward, range(len(chunk)),
                                       [tuple(np.asarray(image).shape[:2]) for image in chunk],
                                       methods)
+            del forward
         return maps
 
     def explain_pass(self, forward: BatchPrediction, rows: Sequence[int],
@@ -152,27 +169,30 @@ class SaliencyExplainer:
                      methods: Sequence[Method] = ("prototype", "gradcam++")
                      ) -> list[list[SaliencyMap]]:
         """The maps of some images of a forward pass already run (``rows`` of the batch, with
-        their source ``sizes``): the targets and the prototype maps come from that pass; each
-        Grad-CAM method adds one forward and backward pass per target class (MONAI scores one
-        class for a whole batch). Same maps as image by image, at a fraction of the cost."""
+        their source ``sizes``). The targets and the prototype maps come from that pass, and
+        so do Grad-CAM's: one backward pass from the images' class scores to the CAM layer, if
+        the pass was run with ``cam_layer=self.pass_layer(methods)``. Occlusion runs its own
+        passes."""
         _check_methods(methods)
         if not rows:
             return []
         index = torch.as_tensor(list(rows), device=forward.logits.device)
         # Outside inference mode, what index_select makes of the pass's tensors are ordinary
         # tensors that a backward pass may use.
+        regions, targets = self._targets(forward.logits.detach().index_select(0, index))
+        cam_methods = [method for method in methods if method in CAM_METHODS]
+        cams = self._cams(forward, index, regions, targets, list(sizes), cam_methods) \
+            if cam_methods else {}
+        prototypes = self._prototypes([f.index_select(0, index) for f in forward.features],
+                                      regions, targets, list(sizes)) \
+            if "prototype" in methods else []
         x = forward.inputs.index_select(0, index)
-        features = [f.index_select(0, index) for f in forward.features]
-        regions, targets = self._targets(forward.logits.index_select(0, index))
-        cams = {method: self._cams(method, x, regions, targets, list(sizes))
-                for method in methods if method in ("gradcam", "gradcam++")}
         maps = []
         for i, size in enumerate(sizes):
             per_image = []
             for method in methods:
                 if method == "prototype":
-                    per_image.append(self._prototype([f[i:i + 1] for f in features],
-                                                     regions[i:i + 1], targets[i], size))
+                    per_image.append(prototypes[i])
                 elif method == "occlusion":
                     per_image.append(self._occlusion(x[i:i + 1], regions[i:i + 1],
                                                      targets[i], size))
@@ -181,47 +201,41 @@ class SaliencyExplainer:
             maps.append(per_image)
         return maps
 
-    def _cams(self, method: Method, x: torch.Tensor, regions: torch.Tensor,
-              targets: list[int], sizes: list[tuple[int, int]]) -> list[SaliencyMap]:
-        """One CAM per image, batched over the images that share a target class."""
-        out: list[SaliencyMap | None] = [None] * len(targets)
-        for target in sorted(set(targets)):
-            same_class = [i for i, t in enumerate(targets) if t == target]
-            for start in range(0, len(same_class), self.cam_batch):
-                group = same_class[start:start + self.cam_batch]
-                raw = self._cam_maps(method, x[group], regions[group], target)
-                for row, i in enumerate(group):
-                    source = _to_source(raw[row, 0], sizes[i]).detach().cpu().numpy()
-                    out[i] = SaliencyMap(method, target, _normalise(
-                        _remove_floor(source, regions[i:i + 1], sizes[i])))
-        return [m for m in out if m is not None]
+    def _cams(self, forward: BatchPrediction, index: torch.Tensor, regions: torch.Tensor,
+              targets: list[int], sizes: list[tuple[int, int]], methods: list[Method]
+              ) -> dict[Method, list[SaliencyMap]]:
+        """Grad-CAM and Grad-CAM++ of the pass's ``index`` rows, each for its own target class.
 
-    def _cam_maps(self, method: Method, x: torch.Tensor, regions: torch.Tensor, target: int
-                  ) -> torch.Tensor:
-        """(B, 1, h, w) raw Grad-CAM or Grad-CAM++ of a batch explained for one class."""
-        cam, wrapper, target_layer = self._cam(method)
-        wrapper.region = regions.float().to(x.device)
-        with torch.enable_grad(), _graph_from(target_layer, self.segmenter.model):
-            return cam(x.detach(), class_idx=target)
-
-    def _cam(self, method: Method) -> tuple[GradCAM, RegionScores, nn.Module]:
-        """The MONAI CAM of ``method``, built once: MONAI registers its hooks on the network's
-        layer at construction and never removes them, so a CAM per call would pile up hooks
-        that every later forward pass runs (and keep each call's activations alive)."""
-        if method not in self._cam_cache:
-            network = self.segmenter.model
-            target_layer = (network.last_encoder_stage if self.cam_layer == "encoder"
-                            else network.cam_layer)
-            device = self.segmenter.device
-            wrapper = RegionScores(network, torch.zeros(1, 1, 1, 1)).to(device).eval()
-            cam_class = GradCAMpp if method == "gradcam++" else GradCAM
-            # MONAI's default post-processing maps (min, max) to (1, 0), flipping the map; keep
-            # the raw map and normalise it here instead.
-            cam = cam_class(nn_module=wrapper, target_layers=_module_name(wrapper, target_layer),
-                            postprocessing=_identity)
-            cam.nn_module.class_score = _per_sample_score
-            self._cam_cache[method] = (cam, wrapper, target_layer)
-        return self._cam_cache[method]
+        MONAI's CAMs run a forward pass of their own and score one class for a whole batch;
+        this takes the activations and one backward pass from the pass at hand, with each
+        image's score its target class's logits averaged over its region (``RegionScores``).
+        The formulas are MONAI's (a test checks the maps equal its GradCAM and GradCAMpp).
+        """
+        if forward.cam_activation is None:
+            raise ValueError("Grad-CAM needs a forward pass run with "
+                             "cam_layer=SaliencyExplainer.pass_layer(methods)")
+        with torch.enable_grad():
+            logits = forward.logits.index_select(0, index)
+            weight = regions.float() / regions.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+            chosen = logits[torch.arange(len(targets), device=logits.device),
+                            torch.as_tensor(targets, device=logits.device)]
+            scores = (chosen * weight[:, 0]).sum(dim=(1, 2))  # (n,)
+            # Images are independent in eval mode: the gradient of the sum at each image's
+            # activations is the gradient of that image's own score.
+            (gradient,) = torch.autograd.grad(scores.sum(), forward.cam_activation,
+                                              retain_graph=True)
+        gradient = gradient.index_select(0, index)
+        activation = forward.cam_activation.detach().index_select(0, index)
+        upsample = default_upsampler(forward.inputs.shape[2:])
+        out: dict[Method, list[SaliencyMap]] = {}
+        for method in methods:
+            raw = upsample(_cam_map(method, activation, gradient,
+                                    scores.detach().reshape(-1, 1, 1, 1)))
+            out[method] = [
+                SaliencyMap(method, target, _normalise(_remove_floor(
+                    _to_source(raw[i, 0], sizes[i]).cpu().numpy(), regions[i:i + 1], sizes[i])))
+                for i, target in enumerate(targets)]
+        return out
 
     def _occlusion(self, x: torch.Tensor, region: torch.Tensor, target: int,
                    size: tuple[int, int]) -> SaliencyMap:
@@ -236,74 +250,72 @@ class SaliencyExplainer:
         raw = _to_source(drop, size).detach().cpu().numpy()
         return SaliencyMap("occlusion", target, _normalise(_remove_floor(raw, region, size)))
 
-    def _prototype(self, features: list[torch.Tensor], region: torch.Tensor, target: int,
-                   size: tuple[int, int]) -> SaliencyMap:
-        stage1_depths, stage2_depths, stage3_depths = [], [], []
-        mask = region.float()
+    @staticmethod
+    def _prototypes(features: list[torch.Tensor], regions: torch.Tensor, targets: list[int],
+                    sizes: list[tuple[int, int]]) -> list[SaliencyMap]:
+        """The prototype maps of a batch: at every depth the three stages of all its images at
+        once, then each image's stages at its source size, averaged over the depths."""
+        mask = regions.float()
+        upsampled: list[list[torch.Tensor]] = [[] for _ in targets]  # per image, per depth
         for feature in features:
-            fmap = F.normalize(feature[0].float(), dim=0)  # (C, h, w), unit vectors
+            feature = feature.float()
+            energy = _channel_norm(feature)[:, 0]  # (n, h, w)
+            fmap = feature / energy[:, None].clamp_min(1e-12)  # unit vectors, as F.normalize
             h, w = fmap.shape[-2:]
-            inside = F.interpolate(mask, size=(h, w), mode="area")[0, 0]
-            if inside.sum() < 1e-6:
-                inside = F.interpolate(mask, size=(h, w), mode="bilinear")[0, 0] + 1e-6
-            prototype = F.normalize((fmap * inside).sum((1, 2)) / inside.sum(), dim=0)
-            outside = (1 - F.max_pool2d(inside[None, None], 3, 1, 1)[0, 0]).clamp_min(0)
-            background = F.normalize((fmap * outside).sum((1, 2)) / outside.sum().clamp_min(1e-6),
-                                     dim=0)
-            similarity = torch.einsum("chw,c->hw", fmap, prototype)
-            baseline = torch.einsum("chw,c->hw", fmap, background)
+            inside = F.interpolate(mask, size=(h, w), mode="area")[:, 0]
+            empty = inside.sum(dim=(1, 2)) < 1e-6
+            if bool(empty.any()):
+                spread = F.interpolate(mask, size=(h, w), mode="bilinear")[:, 0] + 1e-6
+                inside = torch.where(empty[:, None, None], spread, inside)
+            prototype = F.normalize((fmap * inside[:, None]).sum(dim=(2, 3))
+                                    / inside.sum(dim=(1, 2))[:, None], dim=1)
+            outside = (1 - F.max_pool2d(inside[:, None], 3, 1, 1)[:, 0]).clamp_min(0)
+            background = F.normalize(
+                (fmap * outside[:, None]).sum(dim=(2, 3))
+                / outside.sum(dim=(1, 2)).clamp_min(1e-6)[:, None], dim=1)
+            similarity = torch.einsum("nchw,nc->nhw", fmap, prototype)
+            baseline = torch.einsum("nchw,nc->nhw", fmap, background)
             prior = _spatial_prior(inside)
-            energy = feature[0].float().norm(dim=0)
-            energy = energy / energy.max().clamp_min(1e-9)
+            energy = energy / energy.amax(dim=(1, 2), keepdim=True).clamp_min(1e-9)
             stage1 = (similarity + 1) / 2  # broad: everything that looks like the lesion
             stage2 = stage1 * prior  # narrower: near the lesion
             stage3 = (similarity - baseline).clamp_min(0) * prior * energy  # sharp
-            for depth_list, stage in ((stage1_depths, stage1), (stage2_depths, stage2),
-                                      (stage3_depths, stage3)):
-                depth_list.append(_normalise(_to_source(stage, size)))
-        stages = [_normalise(np.mean(depths, axis=0))
-                  for depths in (stage1_depths, stage2_depths, stage3_depths)]
-        return SaliencyMap("prototype", target, stages[-1], stages=stages,
-                           per_depth=stage1_depths)
+            stages = torch.stack([stage1, stage2, stage3], dim=1)  # (n, 3, h, w)
+            for i, size in enumerate(sizes):
+                upsampled[i].append(_normalise_maps(F.interpolate(
+                    stages[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]))
+        maps = []
+        for per_depth, target in zip(upsampled, targets, strict=True):
+            depths = torch.stack(per_depth)  # (depths, 3, H, W)
+            stages = _normalise_maps(depths.mean(dim=0)).cpu().numpy()
+            maps.append(SaliencyMap("prototype", target, stages[-1], stages=list(stages),
+                                    per_depth=list(depths[:, 0].cpu().numpy())))
+        return maps
 
 
-@contextmanager
-def _graph_from(layer: nn.Module, network: nn.Module) -> Iterator[None]:
-    """Within the block, autograd records the network only from ``layer`` on.
-
-    Grad-CAM needs the class score's gradient at the CAM layer's output, nothing before it. A
-    graph from the input through every layer (and gradients for every weight) costs a full
-    backward pass and a batch's activations at every depth; with the weights frozen and the
-    layer's input made a leaf, the backward pass covers the layers after it alone. The maps
-    are the same.
-    """
-    trainable = [p for p in network.parameters() if p.requires_grad]
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-
-    def leaf_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (args[0].detach().requires_grad_(True), *args[1:])
-
-    handle = layer.register_forward_pre_hook(leaf_input)
-    try:
-        yield
-    finally:
-        handle.remove()
-        for parameter in trainable:
-            parameter.requires_grad_(True)
+def _cam_map(method: Method, activation: torch.Tensor, gradient: torch.Tensor,
+             score: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) Grad-CAM or Grad-CAM++ at the CAM layer's size, as MONAI computes them
+    (``GradCAM.compute_map``, ``GradCAMpp.compute_map``): the activations weighted by the
+    pooled gradient, or by Grad-CAM++'s alpha-weighted positive gradient."""
+    b, c = gradient.shape[:2]
+    if method == "gradcam":
+        weights = gradient.reshape(b, c, -1).mean(2).reshape(b, c, 1, 1)
+    else:
+        alpha_nr = gradient.pow(2)
+        alpha_dr = alpha_nr.mul(2) + activation.mul(gradient.pow(3)).reshape(b, c, -1).sum(-1) \
+            .reshape(b, c, 1, 1)
+        alpha_dr = torch.where(alpha_dr != 0.0, alpha_dr, torch.ones_like(alpha_dr))
+        alpha = alpha_nr.div(alpha_dr + 1e-7)
+        relu_grad = F.relu(score.exp() * gradient)
+        weights = (alpha * relu_grad).reshape(b, c, -1).sum(-1).reshape(b, c, 1, 1)
+    return F.relu((weights * activation).sum(1, keepdim=True))
 
 
 def _check_methods(methods: Sequence[str]) -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown saliency methods {sorted(unknown)} (known: {METHODS})")
-
-
-def _per_sample_score(logits: torch.Tensor, class_idx: int) -> torch.Tensor:
-    """(B, 1, 1, 1) scores of one class. MONAI's own ``class_score`` squeezes them to (B,),
-    which its Grad-CAM++ then multiplies into the (B, C, h, w) gradients: broadcast along the
-    last spatial axis, wrong (or an error) for any batch of more than one image."""
-    return logits[:, class_idx].reshape(-1, 1, 1, 1)
 
 
 def _remove_floor(values: np.ndarray, region: torch.Tensor, size: tuple[int, int]
@@ -329,16 +341,17 @@ def _remove_floor(values: np.ndarray, region: torch.Tensor, size: tuple[int, int
 
 
 def _spatial_prior(inside: torch.Tensor) -> torch.Tensor:
-    """A Gaussian centred on the lesion, as wide as the lesion (the prototype method's stage
-    2, docs/method.md)."""
-    h, w = inside.shape
+    """(n, h, w) Gaussians, each centred on its lesion and as wide as it (the prototype
+    method's stage 2, docs/method.md), from the lesions' (n, h, w) coverage."""
+    h, w = inside.shape[-2:]
     rows = torch.arange(h, device=inside.device, dtype=torch.float32)[:, None]
     columns = torch.arange(w, device=inside.device, dtype=torch.float32)[None, :]
-    total = inside.sum().clamp_min(1e-6)
-    cy, cx = (inside * rows).sum() / total, (inside * columns).sum() / total
-    radius = math.sqrt(float(total) / math.pi)
-    sigma = max(radius * 1.5, 1.0)
-    return torch.exp(-((rows - cy) ** 2 + (columns - cx) ** 2) / (2 * sigma ** 2))
+    total = inside.sum(dim=(1, 2)).clamp_min(1e-6)
+    cy = (inside * rows).sum(dim=(1, 2)) / total
+    cx = (inside * columns).sum(dim=(1, 2)) / total
+    sigma = (torch.sqrt(total / math.pi) * 1.5).clamp_min(1.0)
+    distance = (rows - cy[:, None, None]) ** 2 + (columns - cx[:, None, None]) ** 2
+    return torch.exp(-distance / (2 * sigma[:, None, None] ** 2))
 
 
 def agreement(saliency: np.ndarray, mask: np.ndarray) -> Agreement:

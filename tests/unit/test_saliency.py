@@ -111,9 +111,9 @@ def test_a_constant_floor_carries_no_mass():
 
 
 def test_batched_saliency_equals_image_by_image():
-    """A batch mixes target classes (MONAI scores one class per batch; radlens groups them)
-    and still gives every image exactly its own maps."""
-    explainer = SaliencyExplainer(Segmenter(device="cpu", batch_size=4), cam_batch=4)
+    """A batch mixes target classes (one backward pass serves every image's own class) and
+    still gives every image exactly its own maps."""
+    explainer = SaliencyExplainer(Segmenter(device="cpu", batch_size=4))
     images = [make_phantom(321, i).image.astype(np.float32) for i in range(6)]
     batched = explainer.explain_batch(images, ["prototype", "gradcam++"])
     assert len({maps[0].target_class for maps in batched}) == 2  # benign and malignant mixed
@@ -172,30 +172,52 @@ def test_pipeline_saliency_reuses_inference_and_adds_late_maps(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
-def test_cam_from_its_layer_on_equals_monai_through_the_whole_network(method):
-    """radlens records the graph only from the CAM layer on and builds each MONAI CAM once;
-    the raw maps equal MONAI's own run through the whole network with a fresh CAM, and no
-    hook is left behind on the network."""
+def test_cam_from_the_inference_pass_equals_monai_through_the_whole_network(method):
+    """radlens takes Grad-CAM from inference's own pass (graph from the CAM layer on, one
+    backward pass for a batch of images each with its own class); every map equals MONAI's
+    GradCAM / GradCAMpp run on that image alone through the whole network, and the network is
+    left as it was: no hook behind, weights still trainable."""
     from monai.visualize import GradCAM, GradCAMpp
 
-    from radlens.models.saliency import RegionScores, _identity, _module_name, _per_sample_score
+    from radlens.models.saliency import RegionScores, _normalise, _remove_floor, _to_source
 
     segmenter = Segmenter(device="cpu", batch_size=4)
-    explainer = SaliencyExplainer(segmenter)
-    images = [make_phantom(99, i).image.astype(np.float32) for i in range(3)]
-    forward = segmenter.predict_batch(images)
-    regions, _ = explainer._targets(forward.logits)
-    x = forward.inputs.clone()
     layer = segmenter.model.cam_layer
-    hooks = (len(layer._forward_hooks), len(layer._backward_hooks))
-    ours = [explainer._cam_maps(method, x, regions, 1) for _ in range(2)][-1]
-    assert (len(layer._forward_hooks), len(layer._backward_hooks)) == (
-        hooks[0] + 1, hooks[1] + 1)  # once, however many calls
-    wrapper = RegionScores(segmenter.model, regions).eval()
-    reference = (GradCAMpp if method == "gradcam++" else GradCAM)(
-        nn_module=wrapper, target_layers=_module_name(wrapper, layer), postprocessing=_identity)
-    reference.nn_module.class_score = _per_sample_score
-    with torch.enable_grad():
-        expected = reference(x.clone().requires_grad_(True), class_idx=1)
-    assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-4)
+    hooks = (len(layer._forward_pre_hooks), len(layer._forward_hooks),
+             len(layer._backward_hooks))
+    images = [make_phantom(99, i).image.astype(np.float32) for i in range(4)]
+    sizes = [image.shape[:2] for image in images]
+    forward = segmenter.predict_batch(images, cam_layer=layer)
+    assert forward.cam_activation is not None
+    ours = SaliencyExplainer(segmenter).explain_pass(forward, range(4), sizes, [method])
+    regions, targets = SaliencyExplainer._targets(forward.logits)
+    assert len(set(targets)) == 2  # benign and malignant in one backward pass
+    name = next(n for n, m in RegionScores(segmenter.model, regions[:1]).named_modules()
+                if m is layer)
+    for i, target in enumerate(targets):
+        wrapper = RegionScores(segmenter.model, regions[i:i + 1]).eval()
+        reference = (GradCAMpp if method == "gradcam++" else GradCAM)(
+            nn_module=wrapper, target_layers=name, postprocessing=lambda values: values)
+        with torch.enable_grad():
+            raw = reference(forward.inputs[i:i + 1].clone().requires_grad_(True),
+                            class_idx=target)
+        expected = _normalise(_remove_floor(_to_source(raw[0, 0], sizes[i]).detach().numpy(),
+                                            regions[i:i + 1], sizes[i]))
+        assert ours[i][0].target_class == target
+        assert np.allclose(ours[i][0].map, expected, atol=1e-5)
+        assert ours[i][0].map.max() == pytest.approx(1.0)
+        for handle in list(layer._forward_hooks)[hooks[1]:]:  # MONAI leaves its hooks
+            layer._forward_hooks.pop(handle)
+        for handle in list(layer._backward_hooks)[hooks[2]:]:
+            layer._backward_hooks.pop(handle)
     assert all(p.requires_grad for p in segmenter.model.parameters())  # weights as they were
+    assert (len(layer._forward_pre_hooks), len(layer._forward_hooks),
+            len(layer._backward_hooks)) == hooks
+
+
+def test_grad_cam_refuses_a_pass_run_without_its_graph():
+    segmenter = Segmenter(device="cpu", batch_size=2)
+    images = [make_phantom(99, i).image.astype(np.float32) for i in range(2)]
+    forward = segmenter.predict_batch(images)  # inference only
+    with pytest.raises(ValueError, match="cam_layer"):
+        SaliencyExplainer(segmenter).explain_pass(forward, [0], [images[0].shape], ["gradcam"])
