@@ -29,13 +29,20 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(config_app, name="config")
 
 @app.command()
-def serve(config: ConfigOption = None, log_format: LogFormatOption = None) -> None:
+def serve(
+    config: ConfigOption = None,
+    log_format: LogFormatOption = None,
+    role: Annotated[str, typer.Option(
+        help="all: every part in this process (the default). In a cluster on a PostgreSQL "
+             "state: listener (receive and spool), worker (assemble studies, run the model, "
+             "write results) or sender (deliver the outbox)")] = "all",
+) -> None:
     """Run the agent: the DICOM listener, study assembly, the worker and the outbox."""
     from radlens.agent.service import Agent
 
     settings = cli_settings(config, log_format)
     try:
-        Agent(settings).run_until_signalled()
+        Agent(settings, role=role).run_until_signalled()
     except OSError as exc:
         raise fail(f"cannot start: {exc}", 1) from None
     except RadlensError as exc:
@@ -77,7 +84,9 @@ def status(
     from radlens.agent.status import collect_status
 
     settings = cli_settings(config)
-    report = collect_status(settings.storage.data_dir)
+    report = collect_status(settings.storage.data_dir,
+                            settings.state.resolved_url(settings.storage.data_dir),
+                            heartbeat_interval_s=settings.cluster.heartbeat_interval_s)
     if as_json:
         console.print_json(report.model_dump_json())
         return
@@ -89,6 +98,7 @@ def status(
         console.print(f"listener processes: {len(agent.listener_pids)} (pids "
                       f"{', '.join(map(str, agent.listener_pids))})")
     console.print(f"data: {report.data_dir}")
+    console.print(f"state: {report.state}")
     last = (datetime.fromtimestamp(report.last_received_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
             if report.last_received_at else "never")
     table = Table(title="received", show_header=False)
@@ -113,6 +123,19 @@ def status(
         console.print(deliveries)
     else:
         console.print("outbox: nothing queued")
+    if report.nodes:
+        node_table = Table(title="nodes")
+        for column in ("node", "role", "host", "pid", "last heartbeat", ""):
+            node_table.add_column(column)
+        for node in report.nodes:
+            beat = datetime.fromtimestamp(node.heartbeat_at, UTC).strftime("%H:%M:%SZ")
+            state = ("[green]alive[/]" if node.alive else
+                     "stopped" if node.stopped_at else "[red]silent[/]")
+            node_table.add_row(node.id, node.role, node.host, str(node.pid), beat, state)
+        console.print(node_table)
+    for job in report.running:
+        console.print(f"job {job['id']} running on {job['claimed_by'] or '?'} (attempt "
+                      f"{job['attempts']})", highlight=False)
     for failure in report.recent_failures:
         console.print(f"[red]job {failure['id']} failed[/]: {failure['error']}", highlight=False)
     for job in report.retrying:
@@ -144,14 +167,14 @@ def forward(
 ) -> None:
     """Queue DICOM files for a destination; the running agent delivers them, with retries."""
     from radlens.agent.outbox import Outbox
-    from radlens.db import DB_FILENAME, Database
+    from radlens.db import Database
 
     settings = cli_settings(config, client=True)
     files = sorted(p for path in paths for p in ([path] if path.is_file() else path.rglob("*"))
                    if p.is_file())
     data_dir = settings.storage.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(data_dir / DB_FILENAME, durable=settings.storage.fsync)
+    db = Database(settings.state.resolved_url(data_dir), durable=settings.storage.fsync)
     outbox = Outbox(db, settings.outbox, settings.destinations, calling_aet=settings.dicom.ae_title)
     try:
         ids = outbox.enqueue(files, to)

@@ -267,8 +267,8 @@ def cohort(
 
         try:
             if from_agent:
-                report = analyse_agent(settings.storage.data_dir, out, latent=latent,
-                                       seed=seed, on_progress=on_progress)
+                report = analyse_agent(settings.state.resolved_url(settings.storage.data_dir),
+                                       out, latent=latent, seed=seed, on_progress=on_progress)
             else:
                 assert data is not None
                 report = analyse_dataset(data, out, model=model, device=device, seed=seed,

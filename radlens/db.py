@@ -1,205 +1,364 @@
-"""The SQLite state: the one module that owns the schema and its numbered migrations.
+"""The state database: the one module that owns the schema, for SQLite and PostgreSQL alike.
 
 Every stage keeps its state here (spool: received, assembler: complete, worker: processed,
-outbox: delivered). WAL mode lets the listener, the worker and ``radlens status`` read and write
-at once; ``synchronous=FULL`` makes each committed transaction durable before we acknowledge.
+outbox: delivered). A single node keeps it in a SQLite file in its data folder; a cluster points
+``state.url`` at PostgreSQL. The tables are SQLAlchemy Core tables, one schema for both
+dialects, and Alembic migrates either (``radlens/migrations``): Alembic builds each dialect's DDL
+from one description, records the revision in the database itself, and alters SQLite tables the
+way SQLite allows (copy and move). A SQLite file made before Alembic (schema version 2 of the
+numbered migrations radlens used to carry) is recognised and stamped, not rebuilt.
+
+SQLite runs in WAL mode, so the listener, the worker and ``radlens status`` read and write at
+once; ``synchronous=FULL`` makes each committed transaction durable before we acknowledge. Write
+transactions begin IMMEDIATE, so two writers queue for the lock instead of failing halfway;
+reads begin deferred.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from radlens.logs import kv
+
+log = logging.getLogger(__name__)
 
 DB_FILENAME = "radlens.sqlite"
+#: The schema version of the numbered migrations radlens carried before Alembic; a SQLite file
+#: at this ``user_version`` holds exactly the baseline revision's tables.
+LEGACY_SCHEMA_VERSION = 2
+BASELINE_REVISION = "0001"
+WRITES = "radlens_writes"  # execution option: this connection's transaction will write
+MIGRATION_LOCK_KEY = 0x7261646C  # "radl": PostgreSQL advisory lock held while migrating
 
-# Append only: a released migration is never edited, a change is a new entry.
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the spool index, study jobs, quarantine and the outbox
-    """
-    CREATE TABLE instances (
-        sop_instance_uid    TEXT PRIMARY KEY,
-        sop_class_uid       TEXT NOT NULL,
-        study_instance_uid  TEXT NOT NULL,
-        series_instance_uid TEXT NOT NULL,
-        transfer_syntax_uid TEXT NOT NULL,
-        calling_aet         TEXT NOT NULL,
-        path                TEXT NOT NULL,
-        size_bytes          INTEGER NOT NULL,
-        received_at         REAL NOT NULL,
-        job_id              INTEGER REFERENCES jobs(id)
-    );
-    CREATE INDEX instances_by_study ON instances(study_instance_uid);
-    CREATE INDEX instances_pending ON instances(study_instance_uid) WHERE job_id IS NULL;
-    CREATE INDEX instances_by_job ON instances(job_id);
+metadata = sa.MetaData()
 
-    CREATE TABLE jobs (
-        id                 INTEGER PRIMARY KEY AUTOINCREMENT,
-        study_instance_uid TEXT NOT NULL,
-        state              TEXT NOT NULL
-                           CHECK (state IN ('queued', 'running', 'done', 'failed')),
-        created_at         REAL NOT NULL,
-        started_at         REAL,
-        finished_at        REAL,
-        attempts           INTEGER NOT NULL DEFAULT 0,
-        error              TEXT
-    );
-    CREATE INDEX jobs_by_state ON jobs(state, id);
-    CREATE INDEX jobs_by_study ON jobs(study_instance_uid);
-
-    CREATE TABLE quarantine (
-        id          INTEGER PRIMARY KEY AUTOINCREMENT,
-        received_at REAL NOT NULL,
-        calling_aet TEXT NOT NULL,
-        path        TEXT NOT NULL,
-        size_bytes  INTEGER NOT NULL,
-        reason      TEXT NOT NULL
-    );
-
-    CREATE TABLE outbox (
-        id                  INTEGER PRIMARY KEY AUTOINCREMENT,
-        destination         TEXT NOT NULL,
-        path                TEXT NOT NULL,
-        sop_instance_uid    TEXT NOT NULL,
-        sop_class_uid       TEXT NOT NULL,
-        transfer_syntax_uid TEXT NOT NULL,
-        job_id              INTEGER REFERENCES jobs(id),
-        state               TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
-        attempts            INTEGER NOT NULL DEFAULT 0,
-        created_at          REAL NOT NULL,
-        next_attempt_at     REAL NOT NULL,
-        sent_at             REAL,
-        last_status         INTEGER,
-        last_error          TEXT
-    );
-    CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
-    """,
-    # 2: what the model made of each analysed frame, for cohort analysis over the agent's data
-    """
-    CREATE TABLE frame_analyses (
-        id                 INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id             INTEGER NOT NULL REFERENCES jobs(id),
-        study_instance_uid TEXT NOT NULL,
-        sop_instance_uid   TEXT NOT NULL,
-        frame              INTEGER NOT NULL,
-        predicted_class    TEXT NOT NULL,
-        p_normal           REAL NOT NULL,
-        p_benign           REAL NOT NULL,
-        p_malignant        REAL NOT NULL,
-        latent             BLOB NOT NULL,
-        created_at         REAL NOT NULL
-    );
-    CREATE INDEX frame_analyses_by_study ON frame_analyses(study_instance_uid, job_id);
-
-    CREATE TABLE lesion_analyses (
-        id                INTEGER PRIMARY KEY AUTOINCREMENT,
-        frame_analysis_id INTEGER NOT NULL REFERENCES frame_analyses(id),
-        lesion_index      INTEGER NOT NULL,
-        lesion_class      TEXT NOT NULL,
-        probability       REAL NOT NULL,
-        latent            BLOB NOT NULL,
-        measurements      TEXT NOT NULL
-    );
-    CREATE INDEX lesion_analyses_by_frame ON lesion_analyses(frame_analysis_id);
-    """,
+instances = sa.Table(
+    "instances", metadata,
+    sa.Column("sop_instance_uid", sa.Text, primary_key=True),
+    sa.Column("sop_class_uid", sa.Text, nullable=False),
+    sa.Column("study_instance_uid", sa.Text, nullable=False),
+    sa.Column("series_instance_uid", sa.Text, nullable=False),
+    sa.Column("transfer_syntax_uid", sa.Text, nullable=False),
+    sa.Column("calling_aet", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("received_at", sa.Double, nullable=False),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id")),
+    sa.Index("instances_by_study", "study_instance_uid"),
+    sa.Index("instances_pending", "study_instance_uid",
+             sqlite_where=sa.text("job_id IS NULL"), postgresql_where=sa.text("job_id IS NULL")),
+    sa.Index("instances_by_job", "job_id"),
 )
 
-SCHEMA_VERSION = len(MIGRATIONS)
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_instance_uid", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double),
+    sa.Column("finished_at", sa.Double),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("claimed_by", sa.Text),  # the node running it
+    sa.Column("lease_until", sa.Double),  # ... for as long as it renews this
+    sa.CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="jobs_state"),
+    sa.Index("jobs_by_state", "state", "id"),
+    sa.Index("jobs_by_study", "study_instance_uid"),
+    sqlite_autoincrement=True,
+)
+
+quarantine = sa.Table(
+    "quarantine", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.Double, nullable=False),
+    sa.Column("calling_aet", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+outbox = sa.Table(
+    "outbox", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("destination", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("sop_instance_uid", sa.Text, nullable=False),
+    sa.Column("sop_class_uid", sa.Text, nullable=False),
+    sa.Column("transfer_syntax_uid", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id")),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("next_attempt_at", sa.Double, nullable=False),
+    sa.Column("sent_at", sa.Double),
+    sa.Column("last_status", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("claimed_by", sa.Text),  # the node sending it
+    sa.Column("lease_until", sa.Double),
+    sa.CheckConstraint("state IN ('pending', 'sent', 'failed')", name="outbox_state"),
+    sa.Index("outbox_due", "state", "next_attempt_at"),
+    sqlite_autoincrement=True,
+)
+
+frame_analyses = sa.Table(
+    "frame_analyses", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("study_instance_uid", sa.Text, nullable=False),
+    sa.Column("sop_instance_uid", sa.Text, nullable=False),
+    sa.Column("frame", sa.Integer, nullable=False),
+    sa.Column("predicted_class", sa.Text, nullable=False),
+    sa.Column("p_normal", sa.Double, nullable=False),
+    sa.Column("p_benign", sa.Double, nullable=False),
+    sa.Column("p_malignant", sa.Double, nullable=False),
+    sa.Column("latent", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("frame_analyses_by_study", "study_instance_uid", "job_id"),
+    sqlite_autoincrement=True,
+)
+
+lesion_analyses = sa.Table(
+    "lesion_analyses", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("frame_analysis_id", sa.Integer, sa.ForeignKey("frame_analyses.id"),
+              nullable=False),
+    sa.Column("lesion_index", sa.Integer, nullable=False),
+    sa.Column("lesion_class", sa.Text, nullable=False),
+    sa.Column("probability", sa.Double, nullable=False),
+    sa.Column("latent", sa.LargeBinary, nullable=False),
+    sa.Column("measurements", sa.Text, nullable=False),
+    sa.Index("lesion_analyses_by_frame", "frame_analysis_id"),
+    sqlite_autoincrement=True,
+)
 
 
-def connect(path: Path, *, durable: bool = True) -> sqlite3.Connection:
-    """Open the state database in WAL mode; ``durable`` fsyncs the WAL on every commit."""
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
+nodes = sa.Table(
+    "nodes", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("heartbeat_at", sa.Double, nullable=False),
+    sa.Column("stopped_at", sa.Double),
+)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to the newest version; returns the version it ends at."""
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
-    if current > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"database schema {current} is newer than this radlens understands ({SCHEMA_VERSION})"
-        )
-    for number in range(current + 1, SCHEMA_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _split(MIGRATIONS[number - 1]):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
-    return SCHEMA_VERSION
+class StateError(RuntimeError):
+    """The state database cannot be used: a driver missing, a schema newer than this radlens."""
 
 
-def _split(script: str) -> Iterator[str]:
-    for statement in script.split(";"):
-        if statement.strip():
-            yield statement
+def state_url(url: str | None, data_dir: Path) -> str:
+    """The SQLAlchemy URL of the state: ``url`` as configured (``postgresql://`` gets the psycopg
+    driver), or the SQLite file in ``data_dir``."""
+    if not url:
+        return f"sqlite:///{(data_dir / DB_FILENAME).resolve()}"
+    parsed = sa.engine.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def is_sqlite(url: str) -> bool:
+    return sa.engine.make_url(url).get_backend_name() == "sqlite"
+
+
+def redacted(url: str) -> str:
+    """The URL fit for a log line: no password."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def create_engine(url: str, *, durable: bool = True, readonly: bool = False) -> Engine:
+    """An engine on ``url``. SQLite: WAL, ``synchronous=FULL`` when ``durable``, foreign keys,
+    a 30 s busy timeout, and write transactions that begin IMMEDIATE; ``readonly`` opens the
+    file read-only and never creates it. PostgreSQL: the psycopg driver, connections checked
+    before use (a restarted server costs a reconnect, not an error)."""
+    if is_sqlite(url):
+        path = sa.engine.make_url(url).database or ""
+        if readonly:
+            if not Path(path).is_file():
+                raise FileNotFoundError(path)
+            url = f"sqlite:///file:{path}?mode=ro&uri=true"
+        engine = sa.create_engine(url, connect_args={"timeout": 30.0,
+                                                     "check_same_thread": False},
+                                  poolclass=sa.pool.NullPool if readonly else None)
+        _sqlite_pragmas(engine, durable=durable, readonly=readonly)
+        return engine
+    try:
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
+    except ModuleNotFoundError as exc:
+        raise StateError(f"state.url {redacted(url)} needs a driver that is not installed "
+                         f"({exc.name}): pip install 'radlens[cluster]'") from exc
+
+
+def _sqlite_pragmas(engine: Engine, *, durable: bool, readonly: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we say when a transaction begins
+        cursor = dbapi_connection.cursor()
+        if not readonly:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        # A write takes the lock when it begins: two writers queue (busy_timeout) instead of
+        # one failing when it first writes. Reads begin deferred and never wait for writers.
+        writes = conn.get_execution_options().get(WRITES, False) and not readonly
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def migrate(engine: Engine) -> str:
+    """Bring the schema to Alembic's newest revision; returns the revision it ends at.
+
+    One transaction holds the database's write lock throughout (SQLite: BEGIN IMMEDIATE;
+    PostgreSQL: an advisory lock), so nodes or processes starting together migrate once.
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config()
+    script = ScriptDirectory.from_config(config)
+    head = script.get_current_head() or ""
+    known = {revision.revision for revision in script.walk_revisions()}
+    with engine.connect() as conn, conn.execution_options(**{WRITES: True}).begin():
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and current not in known:
+            raise StateError(f"the state database is at revision {current}, which this "
+                             f"radlens does not know (its newest is {head}): a newer radlens "
+                             "wrote it")
+        config.attributes["connection"] = conn
+        legacy = _legacy_version(conn) if current is None else None
+        if legacy is not None:
+            if legacy != LEGACY_SCHEMA_VERSION:
+                raise StateError(f"the state database has schema version {legacy} of the "
+                                 "numbered migrations; this radlens carries over version "
+                                 f"{LEGACY_SCHEMA_VERSION} only")
+            command.stamp(config, BASELINE_REVISION)
+            log.info("state database carried over to Alembic", extra=kv(
+                from_version=legacy, revision=BASELINE_REVISION))
+        if current != head:
+            command.upgrade(config, "head")
+    return head
+
+
+def _legacy_version(conn: Connection) -> int | None:
+    """The ``user_version`` of a SQLite file made by the numbered migrations (None if none)."""
+    if conn.dialect.name != "sqlite":
+        return None
+    version = conn.exec_driver_sql("PRAGMA user_version").scalar()
+    return int(version) if version else None
+
+
+def alembic_config() -> Any:
+    """Alembic's configuration, in code: radlens ships no alembic.ini."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "radlens:migrations")
+    return config
 
 
 class Database:
-    """One connection per thread to the state database, created on first use."""
+    """The state database of one process: an engine, the schema migrated on opening.
 
-    def __init__(self, path: Path, *, durable: bool = True) -> None:
-        self.path = path
+    ``transaction`` is one state change; ``read``, ``rows`` and ``scalar`` read outside one.
+    """
+
+    def __init__(self, url: str | Path, *, durable: bool = True, readonly: bool = False) -> None:
+        """``url``: a SQLAlchemy URL, or the path of a SQLite file (its folder is created).
+        ``readonly``: read while another process writes; never create or migrate (a missing
+        SQLite file raises FileNotFoundError)."""
+        if isinstance(url, Path):
+            if not readonly:
+                url.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{url.resolve()}"
+        self.url = url
         self.durable = durable
-        self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        migrate(self.conn)
+        self.engine = create_engine(url, durable=durable, readonly=readonly)
+        if not readonly:
+            migrate(self.engine)
 
     @property
-    def conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.path, durable=self.durable)
-            self._local.conn = conn
-        return conn
+    def dialect(self) -> str:
+        return self.engine.dialect.name
 
     @contextmanager
-    def transaction(self, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, sync: bool = True) -> Iterator[Connection]:
         """One state change = one transaction; rolled back on any error.
 
-        ``sync=False`` commits without fsyncing the WAL: the change survives a crash of the
-        process (the WAL is in the OS cache) but not a power loss. Use it only for rows that can
-        be rebuilt from durable files (the spool index, see ``Spool.reconcile``); a later synced
-        commit makes it durable too.
+        ``sync=False`` commits without waiting for the disk: the change survives a crash of the
+        process (SQLite: the WAL is in the OS cache; PostgreSQL: the server has it) but not a
+        power loss of the database's machine. Use it only for rows that can be rebuilt from
+        durable files (the spool index, see ``Spool.reconcile``); a later synced commit makes
+        it durable too.
         """
-        conn = self.conn
         relaxed = self.durable and not sync
-        if relaxed:
-            conn.execute("PRAGMA synchronous=NORMAL")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self.engine.connect() as conn:
+            conn.execution_options(**{WRITES: True})
+            sqlite = conn.dialect.name == "sqlite"
+            # SQLite's level is the connection's and cannot change inside a transaction: set
+            # on the driver's connection, before SQLAlchemy begins one.
+            driver = conn.connection.driver_connection if relaxed and sqlite else None
+            if driver is not None:
+                driver.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            if relaxed:
-                conn.execute("PRAGMA synchronous=FULL")
+                with conn.begin():
+                    if relaxed and not sqlite:
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                    yield conn
+            finally:
+                if driver is not None:
+                    driver.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection for reads; each statement sees what was committed before it."""
+        with self.engine.connect() as conn:
+            yield conn
+            conn.rollback()
+
+    def rows(self, statement: sa.Executable | str, params: Mapping[str, Any] | None = None
+             ) -> list[RowMapping]:
+        """Every row of one read, as mappings (``row["column"]``); ``statement`` may be SQL
+        text with ``:name`` parameters."""
+        if isinstance(statement, str):
+            statement = sa.text(statement)
+        with self.read() as conn:
+            return list(conn.execute(statement, dict(params or {})).mappings())
+
+    def scalar(self, statement: sa.Executable | str, params: Mapping[str, Any] | None = None
+               ) -> Any:
+        """The first column of the first row of one read (None without a row)."""
+        if isinstance(statement, str):
+            statement = sa.text(statement)
+        with self.read() as conn:
+            return conn.execute(statement, dict(params or {})).scalar()
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.engine.dispose()
 
 
-def open_readonly(path: Path) -> sqlite3.Connection:
-    """For ``radlens status``: read while the agent writes, never create or migrate."""
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
-    conn.row_factory = sqlite3.Row
-    return conn
+def open_readonly(url: str) -> Database | None:
+    """For ``radlens status`` and cohort reads: None when a SQLite state file does not exist
+    yet."""
+    try:
+        return Database(url, durable=False, readonly=True)
+    except FileNotFoundError:
+        return None

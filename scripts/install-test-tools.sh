@@ -2,6 +2,7 @@
 # Install the real peers the tests use, from Debian's packages, when they are missing:
 #   dcmtk (storescu, storescp, echoscu, dcmdump, dsrdump), dicom3tools (dciodvfy),
 #   Orthanc with its DICOMweb plugin (the PACS), Chromium (the browser that runs OHIF),
+#   PostgreSQL (the cluster's state database, started throw-away by the tests),
 #   and, when the viewer test runs, OHIF's prebuilt viewer and playwright-core from npm.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ done
 if [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
    && [ ! -e /usr/lib/orthanc/plugins/libOrthancDicomWeb.so ]; then
   missing+=(orthanc-dicomweb)
+fi
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  missing+=(postgresql)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

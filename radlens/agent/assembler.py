@@ -2,7 +2,7 @@
 
 A study is complete when no instance has arrived for ``quiet_period_s``, or ``max_wait_s`` after
 its first pending instance, whichever comes first. The assembler owns the "complete" state: it
-hands the study to the job queue. Timers are rebuilt from SQLite at start-up.
+hands the study to the job queue. Timers are rebuilt from the state database at start-up.
 
 Re-arming on every instance would cost a scheduler call per C-STORE; instead a timer is armed once
 and, when it fires early because more instances came, it re-arms itself for the new deadline.

@@ -3,7 +3,7 @@
 With ``dicom.listener_processes: N`` the agent serves the port itself and starts N-1 helper
 processes (``python -m radlens.agent.listeners``) that bind the same port with SO_REUSEPORT; the
 kernel spreads new associations over all of them. Each helper owns nothing but the "received"
-step: it files instances in the shared spool and SQLite index exactly as the agent does
+step: it files instances in the shared spool and state index exactly as the agent does
 (durable before Success), then tells the agent, one JSON line on its stdout, which study grew.
 Study assembly, jobs and the outbox stay in the agent.
 
@@ -66,13 +66,15 @@ class ListenerProcesses:
     """
 
     def __init__(self, count: int, *, dicom: DicomSettings, storage: StorageSettings,
-                 logging_settings: LogSettings, port: int, on_stored: StoredCallback,
+                 state_url: str, logging_settings: LogSettings, port: int,
+                 on_stored: StoredCallback,
                  on_listening: Callable[[list[int]], None] | None = None) -> None:
         self.count = count
         self.config = {
             "dicom": dicom.model_copy(update={"port": port}).model_dump(mode="json"),
             "storage": storage.model_copy(
                 update={"data_dir": storage.data_dir.resolve()}).model_dump(mode="json"),
+            "state_url": state_url,
             "log": logging_settings.model_dump(mode="json"),
         }
         self.grace_s = dicom.shutdown_grace_s
@@ -213,14 +215,14 @@ class _Notifier:
 
 def serve_helper(config: dict[str, Any], notifier: _Notifier, stop: threading.Event) -> int:
     """Run one helper until ``stop`` is set; returns the process exit code."""
-    from radlens.db import DB_FILENAME, Database
+    from radlens.db import Database
     from radlens.dicom_io.scp import StorageListener
     from radlens.dicom_io.spool import Spool, StoredInstance
 
     dicom = DicomSettings.model_validate(config["dicom"])
     storage = StorageSettings.model_validate(config["storage"])
     data_dir = Path(storage.data_dir)
-    db = Database(data_dir / DB_FILENAME, durable=storage.fsync)
+    db = Database(str(config["state_url"]), durable=storage.fsync)
     spool = Spool(data_dir, db, fsync=storage.fsync, min_free_mb=storage.min_free_mb)
 
     def on_stored(stored: StoredInstance) -> None:

@@ -1,23 +1,25 @@
-"""The outbox: owns the "delivered" state. Files queued per destination in SQLite, sent by
-``dicom_io.scu``, retried with exponential back-off while a destination is down, and kept across
-restarts. The agent's scheduler calls ``deliver_due`` every ``outbox.poll_interval_s``.
+"""The outbox: owns the "delivered" state. Files queued per destination in the state database,
+sent by ``dicom_io.scu``, retried with exponential back-off while a destination is down, and
+kept across restarts. The agent's scheduler calls ``deliver_due`` every ``outbox.poll_interval_s``.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
 
 from radlens.config import Destination, OutboxSettings
-from radlens.db import Database
+from radlens.db import Database, outbox
 from radlens.dicom_io import scu
 from radlens.errors import ConfigError, DestinationError, InvalidDatasetError
 from radlens.logs import kv
@@ -50,9 +52,19 @@ def describe_file(path: Path) -> scu.OutgoingFile:
 
 
 class Outbox:
+    """Queues files per destination and sends the due ones.
+
+    A sender claims the rows it sends under a lease (``FOR UPDATE SKIP LOCKED`` on PostgreSQL),
+    so several senders never send the same row at once; a sender that dies mid-send leaves
+    rows whose lease runs out, and another sends them (a destination may then see an instance
+    twice, which C-STORE allows: same SOP Instance UID, same bytes).
+    """
+
     def __init__(self, db: Database, settings: OutboxSettings,
                  destinations: Sequence[Destination], *, calling_aet: str,
-                 timeout_s: float = 30.0, sender: Sender = scu.send_files) -> None:
+                 timeout_s: float = 30.0, sender: Sender = scu.send_files,
+                 node_id: str | None = None) -> None:
+        self.node_id = node_id
         self.db = db
         self.settings = settings
         self.destinations = {d.name: d for d in destinations}
@@ -62,23 +74,24 @@ class Outbox:
         self._delivering = threading.Lock()
 
     def enqueue(self, paths: Iterable[Path], destination: str, *,
-                job_id: int | None = None) -> list[int]:
-        """Queue files for a configured destination; returns the outbox row ids."""
+                job_id: int | None = None, conn: Connection | None = None) -> list[int]:
+        """Queue files for a configured destination; returns the outbox row ids. With
+        ``conn`` the rows are part of that transaction (a job's outputs and its "done" commit
+        together), else of one of their own."""
         if destination not in self.destinations:
             known = ", ".join(self.destinations) or "none configured"
             raise ConfigError(f"unknown destination {destination!r} (known: {known})")
         files = [describe_file(Path(p)) for p in paths]
         now = time.time()
         ids = []
-        with self.db.transaction() as conn:
+        with nullcontext(conn) if conn is not None else self.db.transaction() as tx:
             for item in files:
-                ids.append(conn.execute(
-                    "INSERT INTO outbox (destination, path, sop_instance_uid, sop_class_uid,"
-                    " transfer_syntax_uid, job_id, state, created_at, next_attempt_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                    (destination, str(item.path), item.sop_instance_uid, item.sop_class_uid,
-                     item.transfer_syntax_uid, job_id, now, now),
-                ).lastrowid)
+                ids.append(tx.execute(sa.insert(outbox).values(
+                    destination=destination, path=str(item.path),
+                    sop_instance_uid=item.sop_instance_uid, sop_class_uid=item.sop_class_uid,
+                    transfer_syntax_uid=item.transfer_syntax_uid, job_id=job_id,
+                    state="pending", created_at=now, next_attempt_at=now,
+                ).returning(outbox.c.id)).scalar_one())
         log.info("queued for delivery", extra=kv(destination=destination, files=len(ids),
                                                  job=job_id))
         return [int(i) for i in ids if i is not None]
@@ -94,11 +107,8 @@ class Outbox:
             return DeliveryReport()
         try:
             now = time.time() if now is None else now
-            rows = self.db.conn.execute(
-                "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY id LIMIT ?", (now, BATCH_LIMIT),
-            ).fetchall()
-            by_destination: dict[str, list[sqlite3.Row]] = defaultdict(list)
+            rows = self._claim_due(now)
+            by_destination: dict[str, list[RowMapping]] = defaultdict(list)
             for row in rows:
                 by_destination[row["destination"]].append(row)
             report = DeliveryReport()
@@ -108,7 +118,22 @@ class Outbox:
         finally:
             self._delivering.release()
 
-    def _deliver(self, name: str, rows: list[sqlite3.Row]) -> DeliveryReport:
+    def _claim_due(self, now: float) -> list[RowMapping]:
+        """The due rows no other sender holds, claimed for this one until its lease ends."""
+        o = outbox.c
+        due = sa.and_(o.state == "pending", o.next_attempt_at <= now,
+                      sa.or_(o.lease_until.is_(None), o.lease_until < now))
+        batch = (sa.select(o.id).where(due).order_by(o.id).limit(BATCH_LIMIT)
+                 .with_for_update(skip_locked=True))
+        lease = max(self.timeout_s * 4, 60.0)  # an association per destination, each may wait
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                sa.update(outbox).where(o.id.in_(batch), due)
+                .values(claimed_by=self.node_id, lease_until=now + lease)
+                .returning(*outbox.c)).mappings().all()
+        return sorted(rows, key=lambda row: row["id"])
+
+    def _deliver(self, name: str, rows: list[RowMapping]) -> DeliveryReport:
         destination = self.destinations.get(name)
         if destination is None:
             return self._retry(rows, f"destination {name!r} is not configured any more")
@@ -132,11 +157,9 @@ class Outbox:
         with self.db.transaction() as conn:
             for row in delivered:
                 result = by_path[row["path"]]
-                conn.execute(
-                    "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
-                    " last_status = ?, last_error = NULL WHERE id = ?",
-                    (now, result.status, row["id"]),
-                )
+                conn.execute(sa.update(outbox).where(outbox.c.id == row["id"]).values(
+                    state="sent", attempts=outbox.c.attempts + 1, sent_at=now,
+                    last_status=result.status, last_error=None, lease_until=None))
         report = DeliveryReport(sent=len(delivered))
         if delivered:
             log.info("delivered", extra=kv(destination=name, files=len(delivered)))
@@ -147,7 +170,7 @@ class Outbox:
             report = _add(report, self._retry([row], error or "failed", status=status))
         return report
 
-    def _retry(self, rows: Sequence[sqlite3.Row], error: str, *,
+    def _retry(self, rows: Sequence[RowMapping], error: str, *,
                status: int | None = None) -> DeliveryReport:
         now = time.time()
         retrying = failed = 0
@@ -156,12 +179,10 @@ class Outbox:
                 attempts = row["attempts"] + 1
                 limit = self.settings.max_attempts
                 give_up = bool(limit) and attempts >= limit
-                conn.execute(
-                    "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?,"
-                    " last_status = ?, last_error = ? WHERE id = ?",
-                    ("failed" if give_up else "pending", attempts, now + self.backoff_s(attempts),
-                     status, error, row["id"]),
-                )
+                conn.execute(sa.update(outbox).where(outbox.c.id == row["id"]).values(
+                    state="failed" if give_up else "pending", attempts=attempts,
+                    next_attempt_at=now + self.backoff_s(attempts), last_status=status,
+                    last_error=error, lease_until=None))
                 if give_up:
                     failed += 1
                     log.error("delivery abandoned", extra=kv(

@@ -76,7 +76,7 @@ class StudyOutcome:
 
     images: list[ImageInfo] = field(default_factory=list)
     skipped: list[SkippedObject] = field(default_factory=list)
-    records: list[FrameRecord] = field(default_factory=list)  # for the SQLite analyses
+    records: list[FrameRecord] = field(default_factory=list)  # analyses for the state database
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def _predicted_class(image_probabilities: np.ndarray) -> str:
 
 
 def _record(item: _MeasuredFrame, result: Prediction, sop_uid: str) -> FrameRecord:
-    """The frame's row for the SQLite analyses (cohort over the agent's data)."""
+    """The frame's row for the analyses in the state database (cohort over the agent's data)."""
     normal, benign, malignant = (float(p) for p in result.image_probabilities)
     return FrameRecord(
         sop_uid, item.index, _predicted_class(result.image_probabilities),

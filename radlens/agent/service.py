@@ -2,8 +2,14 @@
 
 Start-up recovers from any earlier crash: partial files are removed, spooled files missing from
 the index are re-indexed (after an unclean stop only), interrupted jobs re-queued, study timers
-re-armed from SQLite, and the outbox resumes. One agent owns a data folder at a time
+re-armed from the state database, and the outbox resumes. One agent owns a data folder at a time
 (an exclusive lock), so two processes can never assemble the same study twice.
+
+With a shared state (PostgreSQL) a process may run one role of a cluster instead
+(``radlens serve --role``): a listener spools and indexes; a worker sweeps quiet studies into
+jobs, claims them under leases and queues their outputs; a sender delivers the outbox. Nodes of
+a cluster share the data folder (shared storage) and never lock it; what keeps them apart is
+the state database: conditional updates, ``FOR UPDATE SKIP LOCKED`` and leases.
 """
 
 from __future__ import annotations
@@ -21,16 +27,18 @@ from types import FrameType
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.engine import Connection
 
 from radlens import __version__
 from radlens.agent.assembler import StudyAssembler
 from radlens.agent.listeners import ListenerProcesses
+from radlens.agent.nodes import ROLES, Node
 from radlens.agent.outbox import Outbox
 from radlens.agent.pipeline import RESULTS_DIR, Analyser
 from radlens.agent.queue import JobQueue
 from radlens.agent.worker import Worker
 from radlens.config import LlmSettings, Settings
-from radlens.db import DB_FILENAME, Database
+from radlens.db import Database, is_sqlite, redacted
 from radlens.dicom_io.scp import StorageListener, check_port_free
 from radlens.dicom_io.spool import Spool, StoredInstance
 from radlens.errors import RadlensError
@@ -44,6 +52,7 @@ LLM_STATUS_FILE = "llm-status.json"
 LOCK_FILE = "radlens.lock"
 CLEAN_STOP_MARKER = "clean-stop"
 SWEEP_INTERVAL_S = 30.0
+STALE_PARTIAL_S = 3600.0  # a cluster listener removes only partial files older than this
 
 
 class AgentAlreadyRunningError(RadlensError):
@@ -185,21 +194,40 @@ def check_llm(settings: LlmSettings, data_dir: Path) -> bool:
 
 
 class Agent:
-    """Listener -> spool -> assembler -> jobs -> worker -> outbox, wired together."""
+    """Listener -> spool -> assembler -> jobs -> worker -> outbox, wired together; or, with a
+    ``role`` other than "all", the part of them that role runs."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, role: str = "all") -> None:
+        if role not in ROLES:
+            raise RadlensError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
         self.settings = settings
+        self.role = role
         self.data_dir = settings.storage.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state_url = settings.state.resolved_url(self.data_dir)
         self._lock = DataDirLock(self.data_dir)
         self._stopping = threading.Event()
         self.db: Database | None = None
+        self.node: Node | None = None
+        self.listener: StorageListener | None = None
+        self.listener_processes: ListenerProcesses | None = None
+        self.worker: Worker | None = None
+        self.outbox: Outbox | None = None
+
+    def _runs(self, *roles: str) -> bool:
+        return self.role == "all" or self.role in roles
 
     def start(self) -> None:
         s = self.settings
-        self._lock.acquire({"pid": os.getpid(), "ae_title": s.dicom.ae_title,
-                            "host": s.dicom.host, "port": s.dicom.port,
-                            "version": __version__, "started_at": time.time()})
+        if self.role != "all" and is_sqlite(self.state_url):
+            raise RadlensError(
+                f"--role {self.role} is one part of a cluster, whose nodes share one state: "
+                "set state.url to a PostgreSQL database (a SQLite file cannot be shared "
+                "between nodes); --role all runs every part in one process")
+        if self.role == "all":
+            self._lock.acquire({"pid": os.getpid(), "ae_title": s.dicom.ae_title,
+                                "host": s.dicom.host, "port": s.dicom.port,
+                                "version": __version__, "started_at": time.time()})
         try:
             self._start_stages()
         except BaseException:
@@ -208,67 +236,127 @@ class Agent:
 
     def _start_stages(self) -> None:
         s = self.settings
-        self.db = Database(self.data_dir / DB_FILENAME, durable=s.storage.fsync)
-        self.spool = Spool(self.data_dir, self.db, fsync=s.storage.fsync,
-                           min_free_mb=s.storage.min_free_mb)
-        self.queue = JobQueue(self.db, self.data_dir)
+        self.db = Database(self.state_url, durable=s.storage.fsync)
+        self.node = Node(self.db, self.role).register()
         self.scheduler = BackgroundScheduler(
             timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=8)})
-        self.assembler = StudyAssembler(self.scheduler, self.queue,
-                                        quiet_period_s=s.assembly.quiet_period_s,
-                                        max_wait_s=s.assembly.max_wait_s)
-        self.outbox = Outbox(self.db, s.outbox, s.destinations, calling_aet=s.dicom.ae_title,
-                             timeout_s=s.dicom.network_timeout_s)
-        self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
-                             fsync=s.storage.fsync, outputs=s.outputs,
-                             deliver=self._deliver_results, llm=s.llm,
-                             llm_vision=check_llm(s.llm, self.data_dir),
-                             max_attempts=s.jobs.max_attempts,
-                             concurrency=s.worker.concurrency)
+        self.queue = JobQueue(self.db, self.data_dir, node_id=self.node.id,
+                              lease_s=s.cluster.lease_s)
+        self.assembler: StudyAssembler | None = None
+        if self.role == "all":
+            self.assembler = StudyAssembler(self.scheduler, self.queue,
+                                            quiet_period_s=s.assembly.quiet_period_s,
+                                            max_wait_s=s.assembly.max_wait_s)
+        if self._runs("worker", "sender"):
+            self.outbox = Outbox(self.db, s.outbox, s.destinations,
+                                 calling_aet=s.dicom.ae_title,
+                                 timeout_s=s.dicom.network_timeout_s, node_id=self.node.id)
+        if self._runs("worker"):
+            self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR,
+                                 analyser=load_analyser(s), fsync=s.storage.fsync,
+                                 outputs=s.outputs, deliver=self._queue_results,
+                                 on_queued=self._results_queued, llm=s.llm,
+                                 llm_vision=check_llm(s.llm, self.data_dir),
+                                 max_attempts=s.jobs.max_attempts,
+                                 concurrency=s.worker.concurrency)
         shared_port = s.dicom.listener_processes > 1
-        self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
-                                        reuse_port=shared_port)
-        self.listener_processes: ListenerProcesses | None = None
-
-        self.spool.remove_partials()
-        marker = self.data_dir / CLEAN_STOP_MARKER
-        if not marker.exists():  # the last run did not stop cleanly (or this is the first)
-            self.spool.reconcile()
-        marker.unlink(missing_ok=True)
-        self.queue.requeue_interrupted()
+        if self._runs("listener"):
+            self.spool = Spool(self.data_dir, self.db, fsync=s.storage.fsync,
+                               min_free_mb=s.storage.min_free_mb)
+            self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
+                                            reuse_port=shared_port)
+            self._recover_spool()
+        if self.role == "all" and is_sqlite(self.state_url):
+            # The only node: whatever ran when it stopped was its own. In a cluster a dead
+            # node's jobs come back when their leases run out.
+            self.queue.requeue_interrupted()
         self.scheduler.start()
-        self.assembler.rebuild()
-        self.scheduler.add_job(self.assembler.rebuild, "interval", seconds=SWEEP_INTERVAL_S,
-                               id="assembly-sweep", coalesce=True, max_instances=1)
-        self.scheduler.add_job(self.outbox.deliver_due, "interval",
-                               seconds=s.outbox.poll_interval_s, id="outbox",
-                               coalesce=True, max_instances=1)
-        if s.cohort.schedule:
+        self.scheduler.add_job(self._heartbeat, "interval", seconds=s.cluster.heartbeat_interval_s,
+                               id="heartbeat", coalesce=True, max_instances=1)
+        if self.assembler is not None:
+            self.assembler.rebuild()
+            self.scheduler.add_job(self.assembler.rebuild, "interval",
+                                   seconds=SWEEP_INTERVAL_S, id="assembly-sweep",
+                                   coalesce=True, max_instances=1)
+        elif self.role == "worker":
+            self.scheduler.add_job(self._sweep, "interval", seconds=s.cluster.sweep_interval_s,
+                                   id="assembly-sweep", coalesce=True, max_instances=1)
+        if self._runs("sender") and self.outbox is not None:
+            self.scheduler.add_job(self.outbox.deliver_due, "interval",
+                                   seconds=s.outbox.poll_interval_s, id="outbox",
+                                   coalesce=True, max_instances=1)
+        if s.cohort.schedule and self.role == "all":
             from apscheduler.triggers.cron import CronTrigger
 
             self.scheduler.add_job(self._scheduled_cohort, CronTrigger.from_crontab(
                 s.cohort.schedule, timezone=UTC), id="cohort", coalesce=True, max_instances=1)
             log.info("cohort analysis scheduled", extra=kv(crontab=s.cohort.schedule))
-        self.worker.start()
-        if shared_port:
-            check_port_free(s.dicom.host, s.dicom.port)
-        self.listener.start()
-        if shared_port:
-            self.listener_processes = ListenerProcesses(
-                s.dicom.listener_processes - 1, dicom=s.dicom, storage=s.storage,
-                logging_settings=s.log, port=self.listener.port,
-                on_stored=self.assembler.instance_received,
-                on_listening=lambda pids: self._lock.update(listener_pids=[os.getpid(), *pids]))
-            self.listener_processes.start()
-        log.info("radlens agent started", extra=kv(version=__version__,
+        if self.worker is not None:
+            self.worker.start()
+        if self.listener is not None:
+            if shared_port:
+                check_port_free(s.dicom.host, s.dicom.port)
+            self.listener.start()
+            if shared_port:
+                self.listener_processes = ListenerProcesses(
+                    s.dicom.listener_processes - 1, dicom=s.dicom, storage=s.storage,
+                    state_url=self.db.url, logging_settings=s.log, port=self.listener.port,
+                    on_stored=self._helper_stored,
+                    on_listening=lambda pids: self._lock.update(
+                        listener_pids=[os.getpid(), *pids]))
+                self.listener_processes.start()
+        log.info("radlens agent started", extra=kv(version=__version__, role=self.role,
+                                                   node=self.node.id,
                                                    data_dir=str(self.data_dir),
+                                                   state=redacted(self.state_url),
                                                    destinations=len(s.destinations)))
 
-    def _deliver_results(self, job_id: int, paths: list[Path]) -> None:
-        """Queue a job's outputs for every configured destination and wake the outbox."""
+    def _recover_spool(self) -> None:
+        """The spool after a crash: partial files removed, files missing from the index
+        indexed. A cluster's listeners share the spool, so there a partial file is removed only
+        once it is older than any store in flight could be, and the index is checked at every
+        start (the clean-stop marker of a shared folder says nothing about this node)."""
+        if self.role == "all":
+            self.spool.remove_partials()
+            marker = self.data_dir / CLEAN_STOP_MARKER
+            if not marker.exists():  # the last run did not stop cleanly (or this is the first)
+                self.spool.reconcile()
+            marker.unlink(missing_ok=True)
+            return
+        self.spool.remove_partials(older_than_s=STALE_PARTIAL_S)
+        self.spool.reconcile()
+
+    def _heartbeat(self) -> None:
+        """Tell the other nodes this one is alive, and keep the leases of its jobs."""
+        try:
+            if self.node is not None:
+                self.node.heartbeat()
+            if self.worker is not None:
+                self.queue.renew(self.worker.jobs_in_flight)
+        except Exception:  # the state is unreachable for now; the next beat tries again
+            log.exception("heartbeat failed")
+
+    def _sweep(self) -> None:
+        s = self.settings
+        try:
+            self.queue.sweep(s.assembly.quiet_period_s, s.assembly.max_wait_s)
+        except Exception:
+            log.exception("study sweep failed")
+
+    def _helper_stored(self, study_uid: str, received_at: float) -> None:
+        if self.assembler is not None:
+            self.assembler.instance_received(study_uid, received_at)
+
+    def _queue_results(self, conn: Connection, job_id: int, paths: list[Path]) -> None:
+        """Queue a job's outputs for every configured destination, in the job's own
+        transaction (see ``Worker``)."""
+        assert self.outbox is not None
         for destination in self.settings.destinations:
-            self.outbox.enqueue(paths, destination.name, job_id=job_id)
-        if self.settings.destinations:
+            self.outbox.enqueue(paths, destination.name, job_id=job_id, conn=conn)
+
+    def _results_queued(self, job_id: int) -> None:
+        """A node that also sends wakes its outbox; a worker leaves the rows to the senders."""
+        if self.settings.destinations and self._runs("sender") and self.outbox is not None:
             self.scheduler.add_job(self.outbox.deliver_due, id=f"deliver-{job_id}",
                                    replace_existing=True)
 
@@ -277,7 +365,7 @@ class Agent:
 
         out = self.data_dir / "cohort" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         try:
-            report = analyse_agent(self.data_dir, out, latent=self.settings.cohort.latent)
+            report = analyse_agent(self.db.url, out, latent=self.settings.cohort.latent)
         except ValueError as exc:
             log.info("scheduled cohort analysis skipped", extra=kv(reason=str(exc)))
             return
@@ -290,28 +378,36 @@ class Agent:
                                                      author=narrative.author))
 
     def _on_stored(self, stored: StoredInstance) -> None:
-        self.assembler.instance_received(stored.uids.study_instance_uid, stored.received_at)
+        if self.assembler is not None:
+            self.assembler.instance_received(stored.uids.study_instance_uid,
+                                             stored.received_at)
 
     def stop(self) -> None:
         """Stop accepting, finish stores in flight, then the timers, the worker, the database."""
         grace = self.settings.dicom.shutdown_grace_s
-        log.info("stopping", extra=kv(grace_s=grace))
+        log.info("stopping", extra=kv(grace_s=grace, role=self.role))
         try:
-            helpers = getattr(self, "listener_processes", None)
+            helpers = self.listener_processes
             if helpers is not None:
                 helpers.stop_accepting()
-            if hasattr(self, "listener"):
+            if self.listener is not None:
                 self.listener.stop(grace)
             if helpers is not None:
                 helpers.stop()
             if hasattr(self, "scheduler") and self.scheduler.running:
                 self.scheduler.shutdown(wait=True)
-            if hasattr(self, "worker") and not self.worker.stop(grace):
+            if self.worker is not None and not self.worker.stop(grace):
                 log.warning("worker still busy at shutdown; its jobs re-run at next start",
                             extra=kv(jobs=self.worker.jobs_in_flight))
             if self.db is not None:
+                if self.node is not None:
+                    try:
+                        self.node.stopped()
+                    except Exception:
+                        log.exception("cannot record the node's stop")
                 self.db.close()
-                (self.data_dir / CLEAN_STOP_MARKER).touch()
+                if self.role == "all":
+                    (self.data_dir / CLEAN_STOP_MARKER).touch()
         finally:
             self._lock.release()
         log.info("radlens agent stopped")

@@ -1,14 +1,26 @@
-"""What ``radlens status`` reports, read from SQLite whether the agent runs or not."""
+"""What ``radlens status`` reports, read from the state database whether the agent runs or not."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import sqlalchemy as sa
 from pydantic import BaseModel, Field
+from sqlalchemy.engine import Connection
 
 from radlens.agent.service import LLM_STATUS_FILE, agent_is_running
-from radlens.db import DB_FILENAME, open_readonly
+from radlens.db import (
+    instances,
+    jobs,
+    nodes,
+    open_readonly,
+    outbox,
+    quarantine,
+    redacted,
+    state_url,
+)
 
 JOB_STATES = ("queued", "running", "done", "failed")
 OUTBOX_STATES = ("pending", "sent", "failed")
@@ -38,8 +50,20 @@ class LlmState(BaseModel):
     checked_at: float | None = None
 
 
+class NodeState(BaseModel):
+    id: str
+    role: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None = None
+    alive: bool = Field(description="not stopped, and its heartbeat is recent (three intervals)")
+
+
 class StatusReport(BaseModel):
     data_dir: str
+    state: str = Field(default="", description="the state database, without its password")
     agent: AgentState
     instances: int = 0
     instance_bytes: int = 0
@@ -60,58 +84,95 @@ class StatusReport(BaseModel):
         default_factory=dict, description="the latest done job's study and its seconds per "
         "stage, from its findings.json")
     llm: LlmState | None = None
+    nodes: list[NodeState] = Field(
+        default_factory=list, description="processes serving this state, newest first: those "
+        "running, and those stopped in the last hour")
+    running: list[dict[str, object]] = Field(
+        default_factory=list, description="jobs running, with the node holding each and its "
+        "lease")
 
 
-def collect_status(data_dir: Path) -> StatusReport:
+def collect_status(data_dir: Path, url: str | None = None, *,
+                   heartbeat_interval_s: float = 5.0) -> StatusReport:
+    """What the agent of ``data_dir`` holds and does; ``url``: its state database (default
+    the SQLite file in ``data_dir``); a node is alive while its heartbeat is younger than three
+    ``heartbeat_interval_s``."""
     data_dir = data_dir.resolve()
     owner = agent_is_running(data_dir)
     details = {k: v for k, v in (owner or {}).items() if k in AgentState.model_fields}
     agent = AgentState(running=owner is not None, **{k: v for k, v in details.items()
                                                      if k != "running"})
-    report = StatusReport(data_dir=str(data_dir), agent=agent)
+    url = url or state_url(None, data_dir)
+    report = StatusReport(data_dir=str(data_dir), state=redacted(url), agent=agent)
     llm_file = data_dir / LLM_STATUS_FILE
     if llm_file.is_file():
         try:
             report.llm = LlmState.model_validate(json.loads(llm_file.read_text()))
         except ValueError:
             report.llm = None
-    db_path = data_dir / DB_FILENAME
-    if not db_path.is_file():
+    db = open_readonly(url)
+    if db is None:
         return report
-    conn = open_readonly(db_path)
     try:
-        row = conn.execute(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS bytes,"
-            " COUNT(DISTINCT study_instance_uid) AS studies, MAX(received_at) AS last,"
-            " SUM(job_id IS NULL) AS pending FROM instances"
-        ).fetchone()
-        report.instances, report.instance_bytes = row["n"], row["bytes"]
-        report.studies, report.last_received_at = row["studies"], row["last"]
-        report.pending_instances = row["pending"] or 0
-        report.quarantined = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
-        for state, count in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            report.jobs[state] = count
-        for destination, state, count in conn.execute(
-                "SELECT destination, state, COUNT(*) FROM outbox GROUP BY destination, state"):
-            report.outbox.setdefault(destination, dict.fromkeys(OUTBOX_STATES, 0))[state] = count
-        for job in conn.execute(
-                "SELECT id, study_instance_uid, error, finished_at FROM jobs"
-                " WHERE state = 'failed' ORDER BY id DESC LIMIT 5"):
-            report.recent_failures.append(dict(job))
-        for job in conn.execute(
-                "SELECT id, study_instance_uid, error, attempts FROM jobs"
-                " WHERE state = 'queued' AND error IS NOT NULL ORDER BY id"):
-            report.retrying.append(dict(job))
-        studies = [row[0] for row in conn.execute(
-            "SELECT study_instance_uid FROM jobs WHERE state = 'done' GROUP BY"
-            " study_instance_uid ORDER BY MAX(id) DESC LIMIT ?", (RECENT_STUDIES,))]
+        with db.read() as conn:
+            studies = _from_state(conn, report)
+            _nodes(conn, report, time.time(), heartbeat_interval_s)
     finally:
-        conn.close()
+        db.close()
     report.recent_not_analysed, report.latest_job_timings = _from_findings(
         data_dir / "results", studies)
     return report
 
 
+def _from_state(conn: Connection, report: StatusReport) -> list[str]:
+    """Fill ``report`` from the state database; returns the latest done studies, newest
+    first."""
+    i = instances.c
+    row = conn.execute(sa.select(
+        sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(i.size_bytes), 0).label("bytes"),
+        sa.func.count(sa.distinct(i.study_instance_uid)).label("studies"),
+        sa.func.max(i.received_at).label("last"),
+        sa.func.sum(sa.case((i.job_id.is_(None), 1), else_=0)).label("pending"),
+    )).mappings().one()
+    report.instances, report.instance_bytes = int(row["n"]), int(row["bytes"])
+    report.studies, report.last_received_at = int(row["studies"]), row["last"]
+    report.pending_instances = int(row["pending"] or 0)
+    report.quarantined = conn.execute(
+        sa.select(sa.func.count()).select_from(quarantine)).scalar_one()
+    for state, count in conn.execute(
+            sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)):
+        report.jobs[state] = count
+    for destination, state, count in conn.execute(
+            sa.select(outbox.c.destination, outbox.c.state, sa.func.count())
+            .group_by(outbox.c.destination, outbox.c.state)):
+        report.outbox.setdefault(destination, dict.fromkeys(OUTBOX_STATES, 0))[state] = count
+    j = jobs.c
+    report.recent_failures += [dict(job) for job in conn.execute(
+        sa.select(j.id, j.study_instance_uid, j.error, j.finished_at)
+        .where(j.state == "failed").order_by(j.id.desc()).limit(5)).mappings()]
+    report.retrying += [dict(job) for job in conn.execute(
+        sa.select(j.id, j.study_instance_uid, j.error, j.attempts)
+        .where(j.state == "queued", j.error.is_not(None)).order_by(j.id)).mappings()]
+    return [uid for (uid,) in conn.execute(
+        sa.select(j.study_instance_uid).where(j.state == "done")
+        .group_by(j.study_instance_uid).order_by(sa.func.max(j.id).desc())
+        .limit(RECENT_STUDIES))]
+
+
+def _nodes(conn: Connection, report: StatusReport, now: float, heartbeat_s: float) -> None:
+    n = nodes.c
+    for row in conn.execute(sa.select(nodes).where(
+            sa.or_(n.stopped_at.is_(None), n.stopped_at > now - NODES_STOPPED_SHOWN_S))
+            .order_by(n.started_at.desc())).mappings():
+        alive = row["stopped_at"] is None and row["heartbeat_at"] > now - 3 * heartbeat_s
+        report.nodes.append(NodeState(**row, alive=alive))
+    j = jobs.c
+    report.running = [dict(row) for row in conn.execute(
+        sa.select(j.id, j.study_instance_uid, j.attempts, j.claimed_by, j.lease_until)
+        .where(j.state == "running").order_by(j.id)).mappings()]
+
+
+NODES_STOPPED_SHOWN_S = 3600.0
 RECENT_STUDIES = 20
 RECENT_NOT_ANALYSED = 10
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from sqlalchemy.engine import Connection
+
 from radlens.agent import analyses
 from radlens.agent.pipeline import Analyser, StudyInput, StudyResult, run_study
 from radlens.agent.queue import Job, JobQueue
@@ -25,7 +27,9 @@ from radlens.config import LlmSettings, OutputSettings
 from radlens.logs import kv
 from radlens.memory import release_freed_memory
 
-Deliver = Callable[[int, list[Path]], None]
+# deliver(conn, job_id, paths): queue a job's outputs in the outbox, inside the transaction
+# that marks the job done (or failed), so they are queued exactly once.
+Deliver = Callable[[Connection, int, list[Path]], None]
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,13 @@ class Worker:
     def __init__(self, queue: JobQueue, results_root: Path, *, analyser: Analyser | None = None,
                  fsync: bool = True, poll_interval_s: float = 2.0,
                  outputs: OutputSettings | None = None, deliver: Deliver | None = None,
+                 on_queued: Callable[[int], None] | None = None,
                  llm: LlmSettings | None = None, llm_vision: bool = False,
                  max_attempts: int = 3, concurrency: int = 1) -> None:
-        """``deliver(job_id, paths)`` hands each job's DICOM outputs to the outbox; a job that
-        raises is retried until it has run ``max_attempts`` times; ``concurrency`` studies
-        may be in flight (the writers of one while the next is in the model)."""
+        """``deliver(conn, job_id, paths)`` hands each job's DICOM outputs to the outbox in
+        the transaction that ends the job, and ``on_queued(job_id)`` is told afterwards; a job
+        that raises is retried until it has run ``max_attempts`` times; ``concurrency``
+        studies may be in flight (the writers of one while the next is in the model)."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.max_attempts = max_attempts
@@ -54,6 +60,7 @@ class Worker:
         self.llm_vision = llm_vision
         self.outputs = outputs or OutputSettings()
         self.deliver = deliver
+        self.on_queued = on_queued
         self.analyser = analyser
         self.results_root = results_root
         self.fsync = fsync
@@ -105,6 +112,14 @@ class Worker:
         """Run one job: the model stage here, the writers here too or, with concurrency > 1,
         on the writers' thread once a slot is free."""
         self.current_job = job.id
+        if job.attempts > self.max_attempts:
+            # Every earlier attempt ended with its node (killed, out of memory, powered off)
+            # before the job could fail properly: stop here rather than take the next node too.
+            self.current_job = None
+            self._failed(job, RuntimeError(
+                f"abandoned after {job.attempts - 1} attempts: the node running it stopped "
+                "each time"))
+            return
         log.info("job started", extra=kv(job=job.id, study=job.study_instance_uid,
                                          attempt=job.attempts))
         try:
@@ -143,17 +158,29 @@ class Worker:
     def _complete(self, job: Job, study: StudyInput, result: StudyResult) -> None:
         """The writers and the hand-over to the outbox; then the job is done."""
         try:
-            self._write_outputs(study, result)
+            outputs = self._write_outputs(study, result)
         except Exception as exc:
             self._failed(job, exc)
         else:
-            self._done(job)
+            self._done(job, outputs)
         finally:
             release_freed_memory()  # the study's arrays, before the next job
 
-    def _done(self, job: Job) -> None:
-        self.queue.finish(job.id)
-        log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
+    def _done(self, job: Job, outputs: list[Path] | None = None) -> None:
+        if self._finish(job, outputs):
+            log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
+
+    def _finish(self, job: Job, outputs: list[Path] | None, error: str | None = None) -> bool:
+        """The job done or failed, its outputs queued for delivery in the same transaction.
+        False when another node took the job over meanwhile: its run answers instead."""
+        deliver = self.deliver
+        also = ((lambda conn: deliver(conn, job.id, outputs))
+                if outputs and deliver is not None else None)
+        if not self.queue.finish(job.id, error=error, also=also):
+            return False
+        if also is not None and self.on_queued is not None:
+            self.on_queued(job.id)
+        return True
 
     def _failed(self, job: Job, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -165,30 +192,29 @@ class Worker:
         else:
             log.error("job failed for good", exc_info=exc, extra=kv(
                 job=job.id, study=job.study_instance_uid, attempts=job.attempts))
-            self.queue.finish(job.id, error=error)
-            self._report_failure(job, error)
+            report = self._failure_report(job, error)
+            self._finish(job, [report] if report is not None else None, error=error)
 
-    def _report_failure(self, job: Job, error: str) -> None:
+    def _failure_report(self, job: Job, error: str) -> Path | None:
         """A job that failed for good still answers the sender: an SR saying the analysis
         failed and why, so nobody waits for results that will not come."""
         from radlens.dicom_io.writers import write_failure_report
 
         try:
             instances = self.queue.instances(job)
-            path = write_failure_report(
+            return write_failure_report(
                 job.study_instance_uid, self.queue.revision(job),
                 {i.sop_instance_uid: i.path for i in instances},
                 self.results_root / job.study_instance_uid, error,
                 model=self.analyser.model_ref if self.analyser else None, fsync=self.fsync)
-            if path is not None and self.deliver is not None:
-                self.deliver(job.id, [path])
-        except Exception:  # the failure is already recorded on the job
+        except Exception:  # the failure is recorded on the job all the same
             log.exception("cannot write the failure report", extra=kv(job=job.id))
+            return None
 
-    def _write_outputs(self, study: StudyInput, result: StudyResult) -> None:
-        """Narrative, then SEG, SR and maps next to findings.json, then into the outbox. Written
-        before the job is marked done, so a crash here re-runs the job rather than losing its
-        answer. The narrative waits at most ``llm.timeout_s``."""
+    def _write_outputs(self, study: StudyInput, result: StudyResult) -> list[Path]:
+        """Narrative, then SEG, SR and maps next to findings.json; returns the DICOM objects
+        to deliver. Written before the job is marked done, so a crash here re-runs the job
+        rather than losing its answer. The narrative waits at most ``llm.timeout_s``."""
         from radlens.dicom_io.writers import overlay_pngs, write_outputs
         from radlens.reporting.ollama import narrate
 
@@ -204,5 +230,4 @@ class Worker:
                                 settings=self.outputs, saliency_methods=methods,
                                 fsync=self.fsync, times=result.times)
         result.finish(self.results_root, fsync=self.fsync)
-        if written.all and self.deliver is not None:
-            self.deliver(study.job_id, written.all)
+        return list(written.all)

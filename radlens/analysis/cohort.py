@@ -283,29 +283,32 @@ def summarise_cohort(latents: np.ndarray, labels: np.ndarray,
     return report
 
 
-def analyse_agent(data_dir: Path, out: Path, *, latent: str = "image", seed: int = 0,
+def analyse_agent(state_url: str, out: Path, *, latent: str = "image", seed: int = 0,
                   on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """The cohort over everything the agent processed (each study's latest job), grouped by the
-    model's predictions. ``latent`` "image": one sample per frame (its global latent, its largest
-    lesion's attributes); "lesion": one sample per lesion (the latent pooled inside it, its own
-    measurements)."""
+    """The cohort over everything the agent processed (each study's latest job, from the state
+    database at ``state_url``), grouped by the model's predictions. ``latent`` "image": one
+    sample per frame (its global latent, its largest lesion's attributes); "lesion": one sample
+    per lesion (the latent pooled inside it, its own measurements)."""
     from radlens.agent.analyses import load_frames, load_lesions
+    from radlens.db import redacted
 
     if latent == "image":
-        frames = load_frames(data_dir.resolve())
+        frames = load_frames(state_url)
         samples = [(r["latent"], r["predicted_class"], r["largest_lesion"]) for r in frames]
     elif latent == "lesion":
-        lesions = load_lesions(data_dir.resolve())
+        lesions = load_lesions(state_url)
         samples = [(r["latent"], r["lesion_class"], r["measurements"]) for r in lesions]
     else:
         raise ValueError(f"latent must be 'image' or 'lesion', not {latent!r}")
     if not samples:
         raise ValueError(f"no analysed {'lesions' if latent == 'lesion' else 'frames'} in "
-                         f"{data_dir} (has the agent processed studies with the model on?)")
+                         f"{redacted(state_url)} (has the agent processed studies with the "
+                         "model on?)")
     latents = np.stack([s[0] for s in samples])
     labels = np.array([LABELS.index(s[1]) for s in samples])
     attributes = [_attributes(s[2]) for s in samples]
-    return summarise_cohort(latents, labels, attributes, out, data=f"agent data {data_dir}",
+    return summarise_cohort(latents, labels, attributes, out,
+                            data=f"agent data {redacted(state_url)}",
                             model="as recorded per job",
                             grouping=f"predicted class, one sample per {latent}",
                             seed=seed, on_progress=on_progress)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from radlens.config.settings import (
     AssemblySettings,
+    ClusterSettings,
     Destination,
     DicomSettings,
     LlmSettings,
@@ -16,6 +17,7 @@ from radlens.config.settings import (
     RoutingRule,
     RoutingSettings,
     Settings,
+    StateSettings,
     StorageSettings,
     WorkerSettings,
     load_settings,
@@ -26,6 +28,7 @@ DEFAULT_YAML = Path(__file__).with_name("default.yaml")
 __all__ = [
     "DEFAULT_YAML",
     "AssemblySettings",
+    "ClusterSettings",
     "Destination",
     "DicomSettings",
     "LlmSettings",
@@ -36,6 +39,7 @@ __all__ = [
     "RoutingRule",
     "RoutingSettings",
     "Settings",
+    "StateSettings",
     "StorageSettings",
     "WorkerSettings",
     "load_settings",

@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -61,11 +69,52 @@ class DicomSettings(_Section):
 
 
 class StorageSettings(_Section):
-    """Where received instances, results and the SQLite index live."""
+    """Where received instances, results and the SQLite state (by default) live."""
 
     data_dir: Path = Path("radlens-data")
     fsync: bool = True
     min_free_mb: int = Field(default=200, ge=0)
+
+
+class StateSettings(_Section):
+    """Where the state lives (instances, jobs, outbox, analyses): by default a SQLite file in
+    the data folder; ``postgresql://user:password@host:port/database`` for a cluster."""
+
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(f"state.url must be sqlite:/// or postgresql://, not {scheme}://")
+        return value
+
+    def resolved_url(self, data_dir: Path) -> str:
+        """The SQLAlchemy URL of the state for an agent on ``data_dir``."""
+        from radlens.db import state_url
+
+        return state_url(self.url, data_dir)
+
+
+class ClusterSettings(_Section):
+    """Several nodes on one state (``radlens serve --role``): how long a node holds a job or an
+    outbox row without renewing it, how often it says it is alive, how often workers look for
+    complete studies."""
+
+    lease_s: float = Field(default=60.0, gt=0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    sweep_interval_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> ClusterSettings:
+        if self.heartbeat_interval_s * 3 > self.lease_s:
+            raise ValueError(f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be at "
+                             f"most a third of lease_s ({self.lease_s}): a live node must renew "
+                             "its leases before they run out")
+        return self
 
 
 class AssemblySettings(_Section):
@@ -239,6 +288,8 @@ class Settings(BaseSettings):
 
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

@@ -305,7 +305,7 @@ class StorageListener:
                                               calling_aet=calling_aet, bytes=stored.size_bytes))
         try:
             self.on_stored(stored)
-        except Exception:  # the instance is durable; assembly is rebuilt from SQLite anyway
+        except Exception:  # the instance is durable; assembly is rebuilt from the state anyway
             log.exception("assembler notification failed", extra=kv(
                 study=stored.uids.study_instance_uid))
         return STATUS_SUCCESS

@@ -1,4 +1,4 @@
-"""The durable spool: received instances on disk, exactly as received, indexed in SQLite.
+"""The durable spool: received instances on disk, exactly as received, indexed in the state.
 
 The spool owns the "received" state. ``store`` returns only after the file is fsync'ed under its
 final name (temp file + fsync + rename + directory fsync) and its index row is committed, so the
@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import threading
 import time
 import uuid
@@ -21,8 +20,9 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+import sqlalchemy as sa
 
-from radlens.db import Database
+from radlens.db import Database, instances, quarantine
 from radlens.errors import InvalidDatasetError, SpoolError
 from radlens.logs import kv
 
@@ -150,10 +150,13 @@ class Spool:
         """
         uids = read_uids(encoded)
         now = time.time()
-        existing = self.db.conn.execute(
-            "SELECT path, size_bytes, received_at FROM instances WHERE sop_instance_uid = ?",
-            (uids.sop_instance_uid,),
-        ).fetchone()
+        try:
+            found = self.db.rows(
+                sa.select(instances.c.path, instances.c.size_bytes, instances.c.received_at)
+                .where(instances.c.sop_instance_uid == uids.sop_instance_uid))
+        except sa.exc.SQLAlchemyError as exc:
+            raise SpoolError(f"cannot read the index: {exc}") from exc
+        existing = found[0] if found else None
         if existing is not None:
             return StoredInstance(uids, transfer_syntax_uid, calling_aet,
                                   self.data_dir / existing["path"], existing["size_bytes"],
@@ -171,25 +174,23 @@ class Spool:
             # The file above is the durable record; this row can be rebuilt from it
             # (reconcile), so its commit does not wait for a WAL fsync of its own.
             self._index(uids, transfer_syntax_uid, calling_aet, relative, len(encoded), now)
-        except sqlite3.IntegrityError:
+        except sa.exc.IntegrityError:
             # The same instance arrived concurrently on another association and won the race.
             return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded),
                                   now, duplicate=True)
-        except sqlite3.Error as exc:
+        except sa.exc.SQLAlchemyError as exc:
             raise SpoolError(f"cannot index {relative}: {exc}") from exc
         return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now)
 
     def _index(self, uids: InstanceUids, transfer_syntax_uid: str, calling_aet: str,
                relative: Path, size: int, received_at: float) -> None:
         with self.db.transaction(sync=False) as conn:
-            conn.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
-                " series_instance_uid, transfer_syntax_uid, calling_aet, path, size_bytes,"
-                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (uids.sop_instance_uid, uids.sop_class_uid, uids.study_instance_uid,
-                 uids.series_instance_uid, transfer_syntax_uid, calling_aet, str(relative),
-                 size, received_at),
-            )
+            conn.execute(sa.insert(instances).values(
+                sop_instance_uid=uids.sop_instance_uid, sop_class_uid=uids.sop_class_uid,
+                study_instance_uid=uids.study_instance_uid,
+                series_instance_uid=uids.series_instance_uid,
+                transfer_syntax_uid=transfer_syntax_uid, calling_aet=calling_aet,
+                path=str(relative), size_bytes=size, received_at=received_at))
 
     def _check_free_space(self, needed: int) -> None:
         if not self.min_free_bytes:
@@ -233,12 +234,11 @@ class Spool:
             write_durably(path.with_suffix(".json"), json.dumps(sidecar, indent=2).encode(),
                           fsync=self.fsync)
             with self.db.transaction() as conn:
-                conn.execute(
-                    "INSERT INTO quarantine (received_at, calling_aet, path, size_bytes, reason)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (now, calling_aet, str(path.relative_to(self.data_dir)), len(encoded), reason),
-                )
-        except (OSError, sqlite3.Error) as exc:
+                conn.execute(sa.insert(quarantine).values(
+                    received_at=now, calling_aet=calling_aet,
+                    path=str(path.relative_to(self.data_dir)), size_bytes=len(encoded),
+                    reason=reason))
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
             raise SpoolError(f"cannot quarantine dataset: {exc}") from exc
         log.warning("dataset quarantined", extra=kv(path=path.name, calling_aet=calling_aet,
                                                    reason=reason))
@@ -248,7 +248,7 @@ class Spool:
     def reconcile(self) -> int:
         """Index every spooled file that has no index row (after a power loss the last rows may
         be gone while their fsync'ed files are not); returns how many were recovered."""
-        indexed = {row[0] for row in self.db.conn.execute("SELECT path FROM instances")}
+        indexed = {row["path"] for row in self.db.rows(sa.select(instances.c.path))}
         recovered = 0
         for path in sorted(self.root.glob("*/*/*.dcm")):
             relative = path.relative_to(self.data_dir)
@@ -261,7 +261,7 @@ class Spool:
                 status = path.stat()
                 self._index(uids, uids.file_transfer_syntax_uid, RECOVERED_CALLING_AET,
                             relative, status.st_size, status.st_mtime)
-            except sqlite3.IntegrityError:
+            except sa.exc.IntegrityError:
                 continue
             except (InvalidDatasetError, OSError) as exc:
                 log.warning("cannot recover spooled file", extra=kv(path=str(relative),
@@ -273,11 +273,19 @@ class Spool:
                 count=recovered))
         return recovered
 
-    def remove_partials(self) -> int:
-        """Delete temp files a crash left behind (never acknowledged, so nothing is lost)."""
+    def remove_partials(self, *, older_than_s: float | None = None) -> int:
+        """Delete temp files a crash left behind (never acknowledged, so nothing is lost).
+        ``older_than_s``: only those last written that long ago, where other processes may be
+        writing theirs in the same spool."""
         removed = 0
+        cutoff = time.time() - older_than_s if older_than_s is not None else None
         for folder in (self.root, self.quarantine_root):
             for partial in folder.rglob(f"*{_PARTIAL_SUFFIX}"):
+                try:
+                    if cutoff is not None and partial.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:  # renamed by its writer meanwhile
+                    continue
                 partial.unlink(missing_ok=True)
                 removed += 1
         if removed:

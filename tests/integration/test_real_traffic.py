@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 
 from radlens.agent.offline import collect_studies, process_study
 from radlens.agent.queue import JobQueue
 from radlens.agent.service import load_analyser
 from radlens.agent.worker import Worker
 from radlens.config import Settings
-from radlens.db import DB_FILENAME, Database
+from radlens.db import DB_FILENAME, Database, instances
 from radlens.dicom_io.synthetic import us_dataset
 from radlens.models.phantoms import make_phantom
 from tests.helpers import (
@@ -77,12 +78,11 @@ def test_a_job_that_keeps_failing_is_retried_then_answered_with_an_sr(tmp_path, 
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     db = Database(tmp_path / DB_FILENAME)
     with db.transaction() as conn:
-        conn.execute(
-            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
-            " series_instance_uid, transfer_syntax_uid, calling_aet, path, size_bytes,"
-            " received_at) VALUES (?, ?, ?, ?, '1.2.840.10008.1.2.1', 'US01', ?, 1, 0)",
-            (str(ds.SOPInstanceUID), str(ds.SOPClassUID), study, str(ds.SeriesInstanceUID),
-             "spool/IM1.dcm"))
+        conn.execute(sa.insert(instances).values(
+            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=study, series_instance_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax_uid="1.2.840.10008.1.2.1", calling_aet="US01",
+            path="spool/IM1.dcm", size_bytes=1, received_at=0))
     queue = JobQueue(db, tmp_path)
     job_id = queue.create_job_for_pending(study)
 
@@ -92,11 +92,10 @@ def test_a_job_that_keeps_failing_is_retried_then_answered_with_an_sr(tmp_path, 
     monkeypatch.setattr("radlens.agent.worker.run_study", broken_pipeline)
     delivered: list[tuple[int, list[Path]]] = []
     worker = Worker(queue, tmp_path / "results", fsync=False, max_attempts=3,
-                    deliver=lambda job, paths: delivered.append((job, paths)))
+                    deliver=lambda conn, job, paths: delivered.append((job, paths)))
     while (job := queue.claim_next()) is not None:
         worker.process(job)
-    row = db.conn.execute("SELECT state, attempts, error FROM jobs WHERE id = ?",
-                          (job_id,)).fetchone()
+    row = db.rows("SELECT state, attempts, error FROM jobs WHERE id = :id", {"id": job_id})[0]
     assert (row["state"], row["attempts"]) == ("failed", 3)
     assert row["error"] == "RuntimeError: a bug in a stage"
     ((job, paths),) = delivered

@@ -7,22 +7,21 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from radlens.agent.assembler import StudyAssembler
 from radlens.agent.queue import JobQueue
-from radlens.db import DB_FILENAME, Database
+from radlens.db import DB_FILENAME, Database, instances
 from tests.helpers import wait_for
 
 
 def _add_instance(db: Database, study: str, sop: str, received_at: float) -> None:
     with db.transaction() as conn:
-        conn.execute(
-            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
-            " series_instance_uid, transfer_syntax_uid, calling_aet, path, size_bytes,"
-            " received_at) VALUES (?, '1.2', ?, '9.9', '1.2.840.10008.1.2.1', 'T', 'p', 1, ?)",
-            (sop, study, received_at),
-        )
+        conn.execute(sa.insert(instances).values(
+            sop_instance_uid=sop, sop_class_uid="1.2", study_instance_uid=study,
+            series_instance_uid="9.9", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            calling_aet="T", path="p", size_bytes=1, received_at=received_at))
 
 
 @pytest.fixture
@@ -36,7 +35,7 @@ def parts(tmp_path: Path):
 
 
 def _jobs(db: Database) -> list:
-    return db.conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+    return db.rows("SELECT * FROM jobs ORDER BY id")
 
 
 def test_quiet_period_is_rearmed_by_each_instance(parts):
@@ -53,8 +52,8 @@ def test_quiet_period_is_rearmed_by_each_instance(parts):
     assert time.time() - start >= 0.75 + 0.4 - 0.05
     job = _jobs(db)[0]
     assert job["state"] == "queued" and job["study_instance_uid"] == "1.1"
-    assert db.conn.execute("SELECT COUNT(*) FROM instances WHERE job_id = ?",
-                           (job["id"],)).fetchone()[0] == 6
+    assert db.scalar("SELECT COUNT(*) FROM instances WHERE job_id = :job",
+                     {"job": job["id"]}) == 6
     assert assembler.open_studies() == 0
 
 
@@ -110,8 +109,8 @@ def test_study_still_arriving_after_a_crash_is_processed_once_whole(parts):
     time.sleep(0.3)
     jobs = _jobs(db)
     assert len(jobs) == 1
-    assert db.conn.execute("SELECT COUNT(*) FROM instances WHERE job_id = ?",
-                           (jobs[0]["id"],)).fetchone()[0] == 8
+    assert db.scalar("SELECT COUNT(*) FROM instances WHERE job_id = :job",
+                     {"job": jobs[0]["id"]}) == 8
 
 
 def test_queue_claims_in_order_and_requeues_interrupted_jobs(tmp_path):

@@ -30,7 +30,7 @@ def test_unreachable_destination_is_retried_later(tmp_path):
     before = time.time()
     report = outbox.deliver_due()
     assert (report.sent, report.retrying, report.failed) == (0, 1, 0)
-    row = outbox.db.conn.execute("SELECT * FROM outbox").fetchone()
+    row = outbox.db.rows("SELECT * FROM outbox")[0]
     assert row["state"] == "pending" and row["attempts"] == 1
     assert "cannot connect to NOBODY@127.0.0.1" in row["last_error"]
     assert row["next_attempt_at"] >= before + 60
@@ -43,7 +43,7 @@ def test_max_attempts_gives_up_and_says_so(tmp_path):
     outbox.deliver_due()
     time.sleep(0.05)
     assert outbox.deliver_due().failed == 1
-    row = outbox.db.conn.execute("SELECT state, attempts FROM outbox").fetchone()
+    row = outbox.db.rows("SELECT state, attempts FROM outbox")[0]
     assert (row["state"], row["attempts"]) == ("failed", 2)
 
 
@@ -55,4 +55,4 @@ def test_enqueue_checks_destination_and_file(tmp_path):
     junk.write_bytes(b"junk")
     with pytest.raises(InvalidDatasetError, match="not a DICOM file"):
         outbox.enqueue([junk], "down")
-    assert outbox.db.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    assert outbox.db.scalar("SELECT COUNT(*) FROM outbox") == 0

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 
 from radlens.db import DB_FILENAME, Database
 from radlens.dicom_io.spool import (
@@ -33,7 +34,7 @@ def test_store_files_under_study_series_sop_and_indexes(spool):
         f"{ds.SOPInstanceUID}.dcm"
     assert stored.path.read_bytes() == encoded
     assert not stored.duplicate
-    row = spool.db.conn.execute("SELECT * FROM instances").fetchone()
+    row = spool.db.rows("SELECT * FROM instances")[0]
     assert (row["calling_aet"], row["size_bytes"]) == ("CT01", len(encoded))
     assert row["job_id"] is None
 
@@ -43,8 +44,8 @@ def test_same_sop_instance_is_not_stored_twice(spool):
     spool.store(encoded, calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
     again = spool.store(encoded, calling_aet="B", transfer_syntax_uid="1.2.840.10008.1.2.1")
     assert again.duplicate
-    assert spool.db.conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1
-    assert spool.db.conn.execute("SELECT calling_aet FROM instances").fetchone()[0] == "A"
+    assert spool.db.scalar("SELECT COUNT(*) FROM instances") == 1
+    assert spool.db.scalar("SELECT calling_aet FROM instances") == "A"
 
 
 def test_garbage_is_unparseable_and_missing_uids_are_named():
@@ -79,7 +80,7 @@ def test_quarantine_keeps_bytes_and_reason(spool):
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["reason"] == "cannot parse dataset: test"
     assert sidecar["calling_aet"] == "X"
-    assert spool.db.conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0] == 1
+    assert spool.db.scalar("SELECT COUNT(*) FROM quarantine") == 1
 
 
 def test_disk_reserve_refuses_before_writing(tmp_path):
@@ -97,7 +98,7 @@ def test_write_error_becomes_spool_error_and_leaves_no_partial(spool, monkeypatc
     with pytest.raises(SpoolError, match="No space left on device"):
         spool.store(CT.read_bytes(), calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
     assert not list(spool.root.rglob("*.partial"))
-    assert spool.db.conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+    assert spool.db.scalar("SELECT COUNT(*) FROM instances") == 0
 
 
 def test_partials_from_a_crash_are_removed(spool):
@@ -120,9 +121,9 @@ def test_reconcile_indexes_spooled_files_whose_row_was_lost(spool):
     stored = spool.store(CT.read_bytes(), calling_aet="CT01",
                          transfer_syntax_uid="1.2.840.10008.1.2.1")
     with spool.db.transaction() as conn:  # what a power loss can do to an unsynced commit
-        conn.execute("DELETE FROM instances")
+        conn.execute(sa.text("DELETE FROM instances"))
     assert spool.reconcile() == 1
-    row = spool.db.conn.execute("SELECT * FROM instances").fetchone()
+    row = spool.db.rows("SELECT * FROM instances")[0]
     assert row["sop_instance_uid"] == stored.uids.sop_instance_uid
     assert row["transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
     assert row["calling_aet"] == "(recovered)"

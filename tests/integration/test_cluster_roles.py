@@ -1,0 +1,197 @@
+"""Several radlens processes on one PostgreSQL state, each in one role: two listeners, two
+workers and a sender, sharing one data folder. One study's instances arrive through both
+listeners; a worker is killed with SIGKILL in the middle of a job, and the other finishes it
+once its lease runs out. Every study is processed once and every output delivered once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from radlens.db import Database, state_url
+from radlens.demo.postgres import ThrowawayPostgres
+from tests.helpers import (
+    RadlensServer,
+    free_port,
+    port_open,
+    radlens_cli,
+    require_tool,
+    storescu,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+LEASE_S = 6.0
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[ThrowawayPostgres]:
+    cluster = ThrowawayPostgres(Path(tempfile.mkdtemp(prefix="radlens-pg-")))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def _clip(folder: Path, frames: int, seed: int, *, instances: int = 1) -> list[Path]:
+    """A phantom US study: ``instances`` multi-frame clips of ``frames`` frames each."""
+    from radlens.dicom_io.synthetic import us_multiframe_dataset
+    from radlens.models.phantoms import make_phantom
+
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for number in range(instances):
+        images = np.stack([make_phantom(seed, number * frames + i,
+                                        label="malignant" if i % 2 else "benign").image
+                           for i in range(frames)])
+        ds = us_multiframe_dataset(images, study_uid=study, series_uid=series,
+                                   instance_number=number + 1, spacing_cm=0.02,
+                                   patient_id=f"CLUSTER{seed}")
+        path = folder / f"clip{seed}-{number}.dcm"
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
+        postgres, tmp_path):
+    url = state_url(postgres.create_database(f"c{uuid.uuid4().hex[:12]}"), Path("."))
+    archive_port = free_port()
+    received = tmp_path / "archive"
+    received.mkdir()
+    archive = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "--fork", "+uf",
+                                "-od", str(received), str(archive_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data_dir = tmp_path / "shared"
+    common = {
+        "RADLENS_STATE__URL": url,
+        "RADLENS_CLUSTER__LEASE_S": str(LEASE_S),
+        "RADLENS_CLUSTER__HEARTBEAT_INTERVAL_S": "1",
+        "RADLENS_CLUSTER__SWEEP_INTERVAL_S": "0.5",
+        "RADLENS_OUTBOX__POLL_INTERVAL_S": "0.3",
+        "RADLENS_WORKER__CONCURRENCY": "1",
+        "RADLENS_DESTINATIONS": (f'[{{"name": "archive", "ae_title": "ARCHIVE", '
+                                 f'"host": "127.0.0.1", "port": {archive_port}}}]'),
+    }
+    nodes: dict[str, RadlensServer] = {}
+
+    def node(name: str, role: str) -> RadlensServer:
+        server = RadlensServer(data_dir=data_dir, port=free_port(),
+                               env_overrides=dict(common))
+        server.log_path = tmp_path / f"{name}.log"
+        with open(server.log_path, "wb") as log:
+            server.process = subprocess.Popen(
+                [*_radlens(), "serve", "--role", role], env=server.env, stdout=log,
+                stderr=subprocess.STDOUT)
+        nodes[name] = server
+        return server
+
+    state = Database(url)
+    try:
+        wait_for(lambda: port_open(archive_port), 20, "storescp to listen")
+        listeners = [node("listener-a", "listener"), node("listener-b", "listener")]
+        for listener in listeners:
+            wait_for(lambda s=listener: port_open(s.port) or s.process.poll() is not None,
+                     60, "a listener to listen")
+            assert listener.process.poll() is None, listener.log_path.read_text()
+        for name in ("worker-a", "worker-b"):
+            node(name, "worker")
+        node("sender", "sender")
+        wait_for(lambda: state.scalar("SELECT COUNT(*) FROM nodes WHERE stopped_at IS NULL")
+                 == 5, 120, "five nodes to register")
+
+        # A long study first, so one worker is surely in the middle of it when killed.
+        long_study = _clip(tmp_path / "long", 48, seed=1)
+        assert storescu(listeners[0].port, long_study).returncode == 0
+        wait_for(lambda: state.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'running'")
+                 == 1, 60, "a worker to take the long study")
+        holder = state.rows("SELECT n.pid, n.id FROM jobs j JOIN nodes n ON n.id = j.claimed_by"
+                            " WHERE j.state = 'running'")[0]
+        victim = next(name for name, s in nodes.items() if s.process.pid == holder["pid"])
+        time.sleep(1.0)
+        os.kill(holder["pid"], signal.SIGKILL)
+        nodes[victim].process.wait(timeout=30)
+
+        # Meanwhile: six short studies, one of them split across both listeners.
+        split = _clip(tmp_path / "split", 2, seed=2, instances=2)
+        assert storescu(listeners[0].port, split[:1]).returncode == 0
+        assert storescu(listeners[1].port, split[1:]).returncode == 0
+        others = [path for seed in range(3, 8) for path in _clip(tmp_path / f"s{seed}", 2, seed)]
+        for index, path in enumerate(others):
+            sent = storescu(listeners[index % 2].port, [path])
+            assert sent.returncode == 0, sent.stderr
+
+        studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+                   for p in [*long_study, *split, *others]}
+        assert len(studies) == 7
+
+        def done() -> int:
+            return state.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'")
+
+        wait_for(lambda: done() == 7, 240, "every study to be processed")
+        wait_for(lambda: state.scalar("SELECT COUNT(*) FROM outbox WHERE state != 'sent'") == 0,
+                 60, "every output to be delivered")
+        jobs = state.rows("SELECT study_instance_uid, state, attempts, claimed_by FROM jobs")
+        assert sorted(j["study_instance_uid"] for j in jobs) == sorted(studies)  # once each
+        taken_over = [j for j in jobs if j["attempts"] == 2]
+        assert len(taken_over) == 1 and taken_over[0]["claimed_by"] != holder["id"]
+        assert state.scalar("SELECT COUNT(*) FROM instances") == 1 + 2 + 5
+        assert state.scalar("SELECT COUNT(*) FROM instances WHERE job_id IS NULL") == 0
+        split_study = str(pydicom.dcmread(split[0], stop_before_pixels=True).StudyInstanceUID)
+        assert state.scalar("SELECT COUNT(DISTINCT job_id) FROM instances WHERE "
+                            "study_instance_uid = :s", {"s": split_study}) == 1
+        rows = state.scalar("SELECT COUNT(*) FROM outbox")
+        assert rows >= 7 * 2  # at least an SR and a SEG per study
+        assert len(list(received.iterdir())) == rows  # +uf: a file per C-STORE: none twice
+        assert state.scalar("SELECT COUNT(*) FROM jobs WHERE id NOT IN"
+                            " (SELECT job_id FROM outbox WHERE job_id IS NOT NULL)") == 0
+
+        status = radlens_cli("status", "--json", env=nodes["sender"].env)
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        roles = sorted(n["role"] for n in report["nodes"] if n["alive"])
+        assert roles == ["listener", "listener", "sender", "worker"]
+        silent = [n for n in report["nodes"] if not n["alive"]]
+        assert [n["id"] for n in silent] == [holder["id"]]
+        assert report["jobs"]["done"] == 7
+    finally:
+        for server in nodes.values():
+            if server.process is not None and server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        for server in nodes.values():
+            if server.process is not None:
+                try:
+                    server.process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    server.process.kill()
+        archive.terminate()
+        archive.wait(timeout=10)
+
+
+def _radlens() -> list[str]:
+    from tests.helpers import RADLENS
+
+    return list(RADLENS)
+
+
+def test_a_cluster_role_on_a_sqlite_state_is_refused(tmp_path):
+    env = dict(os.environ, RADLENS_STORAGE__DATA_DIR=str(tmp_path / "data"),
+               RADLENS_DICOM__PORT=str(free_port()))
+    result = radlens_cli("serve", "--role", "worker", env=env)
+    assert result.returncode == 1
+    assert "set state.url to a PostgreSQL database" in result.stderr + result.stdout
