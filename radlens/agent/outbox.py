@@ -63,8 +63,12 @@ class Outbox:
     def __init__(self, db: Database, settings: OutboxSettings,
                  destinations: Sequence[Destination], *, calling_aet: str,
                  timeout_s: float = 30.0, sender: Sender = scu.send_files,
-                 node_id: str | None = None) -> None:
+                 node_id: str | None = None,
+                 on_result: Callable[[str, str, int], None] | None = None) -> None:
+        """``on_result(destination, outcome, count)`` hears of every batch's outcome ("sent",
+        "retrying", "failed"), for the node's metrics."""
         self.node_id = node_id
+        self.on_result = on_result
         self.db = db
         self.settings = settings
         self.destinations = {d.name: d for d in destinations}
@@ -161,6 +165,7 @@ class Outbox:
                     state="sent", attempts=outbox.c.attempts + 1, sent_at=now,
                     last_status=result.status, last_error=None, lease_until=None))
         report = DeliveryReport(sent=len(delivered))
+        self._tell(name, "sent", len(delivered))
         if delivered:
             log.info("delivered", extra=kv(destination=name, files=len(delivered)))
         for row in undelivered:
@@ -190,7 +195,14 @@ class Outbox:
                         attempts=attempts, error=error))
                 else:
                     retrying += 1
+        if rows:
+            self._tell(rows[0]["destination"], "retrying", retrying)
+            self._tell(rows[0]["destination"], "failed", failed)
         return DeliveryReport(retrying=retrying, failed=failed)
+
+    def _tell(self, destination: str, outcome: str, count: int) -> None:
+        if self.on_result is not None and count:
+            self.on_result(destination, outcome, count)
 
 
 def _add(a: DeliveryReport, b: DeliveryReport) -> DeliveryReport:

@@ -179,6 +179,11 @@ class JobQueue:
                             r["transfer_syntax_uid"], self.data_dir / r["path"],
                             r["calling_aet"]) for r in rows]
 
+    def last_received(self, job: Job) -> float | None:
+        """When the last instance of the job's own arrived (the start of its turnaround)."""
+        return self.db.scalar(sa.select(sa.func.max(instances.c.received_at))
+                              .where(instances.c.job_id == job.id))
+
     def revision(self, job: Job) -> int:
         """1 for a study's first job, 2 for the next, and so on."""
         return int(self.db.scalar(

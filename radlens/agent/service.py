@@ -31,15 +31,16 @@ from sqlalchemy.engine import Connection
 
 from radlens import __version__
 from radlens.agent.assembler import StudyAssembler
+from radlens.agent.health import HealthServer, NodeMetrics, StateCollector, state_answers
 from radlens.agent.listeners import ListenerProcesses
 from radlens.agent.nodes import ROLES, Node
 from radlens.agent.outbox import Outbox
 from radlens.agent.pipeline import RESULTS_DIR, Analyser
-from radlens.agent.queue import JobQueue
+from radlens.agent.queue import Job, JobQueue
 from radlens.agent.worker import Worker
 from radlens.config import LlmSettings, Settings
 from radlens.db import Database, is_sqlite, redacted
-from radlens.dicom_io.scp import StorageListener, check_port_free
+from radlens.dicom_io.scp import PortInUseError, StorageListener, check_port_free
 from radlens.dicom_io.spool import Spool, StoredInstance
 from radlens.errors import RadlensError
 from radlens.logs import kv
@@ -213,6 +214,8 @@ class Agent:
         self.listener_processes: ListenerProcesses | None = None
         self.worker: Worker | None = None
         self.outbox: Outbox | None = None
+        self.metrics = NodeMetrics()
+        self.health: HealthServer | None = None
 
     def _runs(self, *roles: str) -> bool:
         return self.role == "all" or self.role in roles
@@ -250,12 +253,14 @@ class Agent:
         if self._runs("worker", "sender"):
             self.outbox = Outbox(self.db, s.outbox, s.destinations,
                                  calling_aet=s.dicom.ae_title,
-                                 timeout_s=s.dicom.network_timeout_s, node_id=self.node.id)
+                                 timeout_s=s.dicom.network_timeout_s, node_id=self.node.id,
+                                 on_result=self.metrics.delivered)
         if self._runs("worker"):
             self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR,
                                  analyser=load_analyser(s), fsync=s.storage.fsync,
                                  outputs=s.outputs, deliver=self._queue_results,
-                                 on_queued=self._results_queued, llm=s.llm,
+                                 on_queued=self._results_queued,
+                                 on_finished=self._job_finished, llm=s.llm,
                                  llm_vision=check_llm(s.llm, self.data_dir),
                                  max_attempts=s.jobs.max_attempts,
                                  concurrency=s.worker.concurrency)
@@ -305,6 +310,8 @@ class Agent:
                     on_listening=lambda pids: self._lock.update(
                         listener_pids=[os.getpid(), *pids]))
                 self.listener_processes.start()
+        if s.metrics.port is not None:
+            self._serve_health()
         log.info("radlens agent started", extra=kv(version=__version__, role=self.role,
                                                    node=self.node.id,
                                                    data_dir=str(self.data_dir),
@@ -326,6 +333,36 @@ class Agent:
         self.spool.remove_partials(older_than_s=STALE_PARTIAL_S)
         self.spool.reconcile()
 
+    def _serve_health(self) -> None:
+        """``/healthz`` and ``/metrics`` (see radlens.agent.health): healthy while the state
+        answers and every part this role runs is alive."""
+        s = self.settings
+        assert self.db is not None and self.node is not None
+        self.metrics.registry.register(StateCollector(self.db, s.cluster.heartbeat_interval_s))
+        checks = {"state": state_answers(self.db),
+                  "scheduler": lambda: bool(self.scheduler.running)}
+        if self.listener is not None:
+            checks["listener"] = lambda: self.listener is not None and self.listener.running
+        if self.worker is not None:
+            checks["worker"] = lambda: self.worker is not None and self.worker.alive
+        try:
+            self.health = HealthServer(s.metrics.host, s.metrics.port or 0, role=self.role,
+                                       node_id=self.node.id, registry=self.metrics.registry,
+                                       checks=checks).start()
+        except OSError as exc:
+            raise PortInUseError(f"cannot serve metrics on {s.metrics.host}:{s.metrics.port}: "
+                                 f"{exc.strerror or exc}") from exc
+
+    def _job_finished(self, job: Job, outcome: str) -> None:
+        self.metrics.jobs_finished.labels(outcome).inc()
+        try:
+            last = self.queue.last_received(job)
+        except Exception:  # metrics never cost a job
+            log.exception("cannot read the study's turnaround", extra=kv(job=job.id))
+            return
+        if last is not None:
+            self.metrics.turnaround.observe(max(0.0, time.time() - last))
+
     def _heartbeat(self) -> None:
         """Tell the other nodes this one is alive, and keep the leases of its jobs."""
         try:
@@ -344,6 +381,7 @@ class Agent:
             log.exception("study sweep failed")
 
     def _helper_stored(self, study_uid: str, received_at: float) -> None:
+        self.metrics.received.inc()
         if self.assembler is not None:
             self.assembler.instance_received(study_uid, received_at)
 
@@ -378,6 +416,8 @@ class Agent:
                                                      author=narrative.author))
 
     def _on_stored(self, stored: StoredInstance) -> None:
+        if not stored.duplicate:
+            self.metrics.received.inc()
         if self.assembler is not None:
             self.assembler.instance_received(stored.uids.study_instance_uid,
                                              stored.received_at)
@@ -396,6 +436,8 @@ class Agent:
                 helpers.stop()
             if hasattr(self, "scheduler") and self.scheduler.running:
                 self.scheduler.shutdown(wait=True)
+            if self.health is not None:
+                self.health.stop()
             if self.worker is not None and not self.worker.stop(grace):
                 log.warning("worker still busy at shutdown; its jobs re-run at next start",
                             extra=kv(jobs=self.worker.jobs_in_flight))

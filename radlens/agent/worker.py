@@ -39,10 +39,12 @@ class Worker:
                  fsync: bool = True, poll_interval_s: float = 2.0,
                  outputs: OutputSettings | None = None, deliver: Deliver | None = None,
                  on_queued: Callable[[int], None] | None = None,
+                 on_finished: Callable[[Job, str], None] | None = None,
                  llm: LlmSettings | None = None, llm_vision: bool = False,
                  max_attempts: int = 3, concurrency: int = 1) -> None:
         """``deliver(conn, job_id, paths)`` hands each job's DICOM outputs to the outbox in
-        the transaction that ends the job, and ``on_queued(job_id)`` is told afterwards; a job
+        the transaction that ends the job, and ``on_queued(job_id)`` is told afterwards, as is
+        ``on_finished(job, "done" | "failed")`` of every job this worker ended; a job
         that raises is retried until it has run ``max_attempts`` times; ``concurrency``
         studies may be in flight (the writers of one while the next is in the model)."""
         if concurrency < 1:
@@ -61,6 +63,7 @@ class Worker:
         self.outputs = outputs or OutputSettings()
         self.deliver = deliver
         self.on_queued = on_queued
+        self.on_finished = on_finished
         self.analyser = analyser
         self.results_root = results_root
         self.fsync = fsync
@@ -87,6 +90,11 @@ class Worker:
             if any(not future.done() for future in pending):
                 return False
         return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker's thread runs (for ``/healthz``)."""
+        return self._thread.is_alive() and not self._stop.is_set()
 
     @property
     def jobs_in_flight(self) -> list[int]:
@@ -180,6 +188,8 @@ class Worker:
             return False
         if also is not None and self.on_queued is not None:
             self.on_queued(job.id)
+        if self.on_finished is not None:
+            self.on_finished(job, "failed" if error else "done")
         return True
 
     def _failed(self, job: Job, exc: Exception) -> None:

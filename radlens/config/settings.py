@@ -117,6 +117,13 @@ class ClusterSettings(_Section):
         return self
 
 
+class MetricsSettings(_Section):
+    """``/healthz`` and Prometheus ``/metrics`` of this node over HTTP; off without a port."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+
+
 class AssemblySettings(_Section):
     """When a study counts as complete: quiet for ``quiet_period_s``, or open for ``max_wait_s``."""
 
@@ -290,6 +297,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

@@ -188,6 +188,11 @@ class StorageListener:
             raise RuntimeError("listener is not running")
         return int(self._server.server_address[1])
 
+    @property
+    def running(self) -> bool:
+        """Whether the listener accepts associations (for ``/healthz``)."""
+        return self._server is not None and self._server.socket.fileno() >= 0
+
     def start(self) -> None:
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection_open),

@@ -128,7 +128,9 @@ def test_spool_queue_outbox_and_analyses_keep_their_rules_on_postgresql(database
 
 def test_the_agent_runs_on_postgresql_through_a_server_restart(postgres, database_url,
                                                                 server_factory, tmp_path):
-    archive_port = free_port()
+    from tests.integration.test_health_metrics import healthz, scrape
+
+    archive_port, metrics_port = free_port(), free_port()
     received = tmp_path / "archive"
     received.mkdir()
     archive = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "-od",
@@ -137,7 +139,7 @@ def test_the_agent_runs_on_postgresql_through_a_server_restart(postgres, databas
     try:
         wait_for(lambda: port_open(archive_port), 20, "storescp to listen")
         server = server_factory(
-            RADLENS_STATE__URL=database_url,
+            RADLENS_STATE__URL=database_url, RADLENS_METRICS__PORT=str(metrics_port),
             RADLENS_DESTINATIONS=json.dumps([{"name": "archive", "ae_title": "ARCHIVE",
                                               "host": "127.0.0.1", "port": archive_port}]),
             RADLENS_OUTBOX__POLL_INTERVAL_S="0.2").start()
@@ -152,7 +154,12 @@ def test_the_agent_runs_on_postgresql_through_a_server_restart(postgres, databas
 
         assert storescu(server.port, files[:1]).returncode == 0
         wait_for(lambda: done() == 1, 120, "the first study to be processed")
-        postgres.restart()  # the agent's pool reconnects; nothing is lost
+        postgres.stop()  # the node says so, then reconnects; nothing is lost
+        status, body = healthz(metrics_port)
+        assert status == 503 and body["checks"]["state"] is False
+        assert scrape(metrics_port)[("radlens_state_up", ())] == 0
+        postgres.start()
+        wait_for(lambda: healthz(metrics_port)[0] == 200, 30, "the node to be healthy again")
         sent = storescu(server.port, files[1:])
         assert sent.returncode == 0, sent.stderr + server.log()[-3000:]
         wait_for(lambda: done() == 2, 120, "the second study, after the restart")
