@@ -14,11 +14,11 @@ RUN useradd --system --create-home --uid 10001 radlens \
 WORKDIR /opt/radlens
 COPY pyproject.toml README.md ./
 COPY radlens ./radlens
-RUN pip install --no-compile .
+RUN pip install --no-compile '.[cluster]'
 
 USER radlens
 VOLUME ["/data"]
-EXPOSE 11112
+EXPOSE 11112 9112
 # A C-ECHO to ourselves. With dicom.allowed_calling_aets set, list our own AE title there too.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s \
     CMD radlens echo 127.0.0.1 "${RADLENS_DICOM__PORT:-11112}" "${RADLENS_DICOM__AE_TITLE:-RADLENS}" || exit 1

@@ -2,13 +2,13 @@
 # Install the real peers the tests use, from Debian's packages, when they are missing:
 #   dcmtk (storescu, storescp, echoscu, dcmdump, dsrdump), dicom3tools (dciodvfy),
 #   Orthanc with its DICOMweb plugin (the PACS), Chromium (the browser that runs OHIF),
-#   PostgreSQL (the cluster's state database, started throw-away by the tests),
+#   PostgreSQL (the cluster's state database, started throw-away by the tests), HAProxy,
 #   and, when the viewer test runs, OHIF's prebuilt viewer and playwright-core from npm.
 set -euo pipefail
 
 declare -A package_for=([storescu]=dcmtk [storescp]=dcmtk [echoscu]=dcmtk [dsrdump]=dcmtk
                         [dciodvfy]=dicom3tools [Orthanc]=orthanc [chromium]=chromium
-                        [node]=nodejs [npm]=npm [pdftotext]=poppler-utils)
+                        [node]=nodejs [npm]=npm [pdftotext]=poppler-utils [haproxy]=haproxy)
 missing=()
 for tool in "${!package_for[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package_for[$tool]}")

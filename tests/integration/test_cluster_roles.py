@@ -1,7 +1,9 @@
-"""Several radlens processes on one PostgreSQL state, each in one role: two listeners, two
-workers and a sender, sharing one data folder. One study's instances arrive through both
-listeners; a worker is killed with SIGKILL in the middle of a job, and the other finishes it
-once its lease runs out. Every study is processed once and every output delivered once."""
+"""Several radlens processes on one PostgreSQL state, each in one role: two listeners behind
+HAProxy (TCP mode, checking each listener's /healthz), two workers and a sender, sharing one
+data folder. A worker is killed with SIGKILL in the middle of a job and the other finishes it
+once its lease runs out; one study's instances arrive through both listeners; a burst of 100
+studies comes from four concurrent senders. Every acknowledged instance is stored once, every
+study processed once, every output delivered once."""
 
 from __future__ import annotations
 
@@ -68,6 +70,40 @@ def _clip(folder: Path, frames: int, seed: int, *, instances: int = 1) -> list[P
     return paths
 
 
+def _haproxy(folder: Path, port: int, listeners: list[tuple[int, int]]) -> subprocess.Popen:
+    """HAProxy on ``port`` in front of (DICOM port, metrics port) listeners, round robin, as
+    deploy/haproxy.cfg but on loopback."""
+    servers = "\n".join(f"    server listener-{i} 127.0.0.1:{dicom} check port {metrics}"
+                         for i, (dicom, metrics) in enumerate(listeners))
+    config = folder / "haproxy.cfg"
+    config.write_text(f"""global
+    maxconn 1024
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend dicom
+    bind 127.0.0.1:{port}
+    default_backend listeners
+backend listeners
+    balance roundrobin
+    option httpchk GET /healthz
+    http-check expect status 200
+    default-server inter 500ms fall 2 rise 1
+{servers}
+""")
+    return subprocess.Popen([require_tool("haproxy"), "-db", "-f", str(config)],
+                            stdout=(folder / "haproxy.log").open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def _received(metrics_port: int) -> float:
+    from tests.integration.test_health_metrics import scrape
+
+    return scrape(metrics_port)[("radlens_instances_received_total", ())]
+
+
 def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
         postgres, tmp_path):
     url = state_url(postgres.create_database(f"c{uuid.uuid4().hex[:12]}"), Path("."))
@@ -90,9 +126,12 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
     }
     nodes: dict[str, RadlensServer] = {}
 
+    metrics_ports: dict[str, int] = {}
+
     def node(name: str, role: str) -> RadlensServer:
-        server = RadlensServer(data_dir=data_dir, port=free_port(),
-                               env_overrides=dict(common))
+        metrics_ports[name] = free_port()
+        server = RadlensServer(data_dir=data_dir, port=free_port(), env_overrides={
+            **common, "RADLENS_METRICS__PORT": str(metrics_ports[name])})
         server.log_path = tmp_path / f"{name}.log"
         with open(server.log_path, "wb") as log:
             server.process = subprocess.Popen(
@@ -102,6 +141,8 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
         return server
 
     state = Database(url)
+    front = free_port()
+    haproxy: subprocess.Popen | None = None
     try:
         wait_for(lambda: port_open(archive_port), 20, "storescp to listen")
         listeners = [node("listener-a", "listener"), node("listener-b", "listener")]
@@ -109,15 +150,19 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
             wait_for(lambda s=listener: port_open(s.port) or s.process.poll() is not None,
                      60, "a listener to listen")
             assert listener.process.poll() is None, listener.log_path.read_text()
+        haproxy = _haproxy(tmp_path, front, [(listener.port, metrics_ports[name]) for
+                                             name, listener in nodes.items()])
+        wait_for(lambda: port_open(front), 20, "HAProxy to listen")
         for name in ("worker-a", "worker-b"):
             node(name, "worker")
         node("sender", "sender")
         wait_for(lambda: state.scalar("SELECT COUNT(*) FROM nodes WHERE stopped_at IS NULL")
                  == 5, 120, "five nodes to register")
+        time.sleep(1.5)  # HAProxy's first health checks of both listeners
 
         # A long study first, so one worker is surely in the middle of it when killed.
         long_study = _clip(tmp_path / "long", 48, seed=1)
-        assert storescu(listeners[0].port, long_study).returncode == 0
+        assert storescu(front, long_study).returncode == 0
         wait_for(lambda: state.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'running'")
                  == 1, 60, "a worker to take the long study")
         holder = state.rows("SELECT n.pid, n.id FROM jobs j JOIN nodes n ON n.id = j.claimed_by"
@@ -127,36 +172,53 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
         os.kill(holder["pid"], signal.SIGKILL)
         nodes[victim].process.wait(timeout=30)
 
-        # Meanwhile: six short studies, one of them split across both listeners.
+        # Meanwhile: a study whose two instances come on two associations, which HAProxy
+        # hands to the two listeners in turn (each listener's own counter says which).
         split = _clip(tmp_path / "split", 2, seed=2, instances=2)
-        assert storescu(listeners[0].port, split[:1]).returncode == 0
-        assert storescu(listeners[1].port, split[1:]).returncode == 0
-        others = [path for seed in range(3, 8) for path in _clip(tmp_path / f"s{seed}", 2, seed)]
-        for index, path in enumerate(others):
-            sent = storescu(listeners[index % 2].port, [path])
-            assert sent.returncode == 0, sent.stderr
+        by_listener = []
+        for path in split:
+            before = [_received(metrics_ports[n]) for n in ("listener-a", "listener-b")]
+            assert storescu(front, [path]).returncode == 0
+            after = [_received(metrics_ports[n]) for n in ("listener-a", "listener-b")]
+            by_listener.append([b - a for a, b in zip(before, after, strict=True)])
+        assert sorted(map(tuple, by_listener)) == [(0, 1), (1, 0)]
+
+        # A burst: 100 one-image studies from four concurrent storescu senders.
+        made = radlens_cli("phantoms", "--out", str(tmp_path / "burst"), "--n", "100",
+                           "--seed", "9", "--dicom")
+        assert made.returncode == 0, made.stderr
+        burst = sorted((tmp_path / "burst" / "dicom").glob("*/IM0001.dcm"))
+        senders = [subprocess.Popen(
+            [require_tool("storescu"), "-aec", "RADLENS", "127.0.0.1", str(front),
+             *map(str, burst[i::4])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(os.environ, TCP_NODELAY="1")) for i in range(4)]
+        for sender in senders:
+            output = sender.communicate(timeout=300)[0].decode(errors="replace")
+            assert sender.returncode == 0, output
 
         studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
-                   for p in [*long_study, *split, *others]}
-        assert len(studies) == 7
+                   for p in [*long_study, *split, *burst]}
+        assert len(studies) == 102
+        received_by = [_received(metrics_ports[n]) for n in ("listener-a", "listener-b")]
+        assert sum(received_by) == 103 and min(received_by) > 0
 
         def done() -> int:
             return state.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'")
 
-        wait_for(lambda: done() == 7, 240, "every study to be processed")
+        wait_for(lambda: done() == 102, 400, "every study to be processed")
         wait_for(lambda: state.scalar("SELECT COUNT(*) FROM outbox WHERE state != 'sent'") == 0,
                  60, "every output to be delivered")
         jobs = state.rows("SELECT study_instance_uid, state, attempts, claimed_by FROM jobs")
         assert sorted(j["study_instance_uid"] for j in jobs) == sorted(studies)  # once each
         taken_over = [j for j in jobs if j["attempts"] == 2]
         assert len(taken_over) == 1 and taken_over[0]["claimed_by"] != holder["id"]
-        assert state.scalar("SELECT COUNT(*) FROM instances") == 1 + 2 + 5
+        assert state.scalar("SELECT COUNT(*) FROM instances") == 1 + 2 + 100
         assert state.scalar("SELECT COUNT(*) FROM instances WHERE job_id IS NULL") == 0
         split_study = str(pydicom.dcmread(split[0], stop_before_pixels=True).StudyInstanceUID)
         assert state.scalar("SELECT COUNT(DISTINCT job_id) FROM instances WHERE "
                             "study_instance_uid = :s", {"s": split_study}) == 1
         rows = state.scalar("SELECT COUNT(*) FROM outbox")
-        assert rows >= 7 * 2  # at least an SR and a SEG per study
+        assert rows >= 102  # an SR per study at least
         assert len(list(received.iterdir())) == rows  # +uf: a file per C-STORE: none twice
         assert state.scalar("SELECT COUNT(*) FROM jobs WHERE id NOT IN"
                             " (SELECT job_id FROM outbox WHERE job_id IS NOT NULL)") == 0
@@ -168,7 +230,7 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
         assert roles == ["listener", "listener", "sender", "worker"]
         silent = [n for n in report["nodes"] if not n["alive"]]
         assert [n["id"] for n in silent] == [holder["id"]]
-        assert report["jobs"]["done"] == 7
+        assert report["jobs"]["done"] == 102
     finally:
         for server in nodes.values():
             if server.process is not None and server.process.poll() is None:
@@ -179,6 +241,9 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
                     server.process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     server.process.kill()
+        if haproxy is not None:
+            haproxy.terminate()
+            haproxy.wait(timeout=10)
         archive.terminate()
         archive.wait(timeout=10)
 
@@ -195,3 +260,21 @@ def test_a_cluster_role_on_a_sqlite_state_is_refused(tmp_path):
     result = radlens_cli("serve", "--role", "worker", env=env)
     assert result.returncode == 1
     assert "set state.url to a PostgreSQL database" in result.stderr + result.stdout
+
+
+def test_the_deploy_files_are_valid():
+    """deploy/: HAProxy accepts its configuration, and the compose file runs every role."""
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    checked = subprocess.run([require_tool("haproxy"), "-c", "-f", str(deploy / "haproxy.cfg")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())
+    roles = sorted(service["command"][-1] for service in compose["services"].values()
+                   if service.get("image") == "radlens")
+    assert roles == ["listener", "listener", "sender", "worker", "worker"]
+    assert "postgres" in compose["services"] and "haproxy" in compose["services"]
+    from radlens.config import load_settings
+
+    assert load_settings(deploy / "radlens.yaml").dicom.ae_title == "RADLENS"
