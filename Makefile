@@ -47,12 +47,14 @@ lint: $(DEV_STAMP)
 demo: $(RUNTIME_STAMP) tools viewer
 	@scripts/demo.sh
 
-## bench: ingest throughput (storescu to storescp vs radlens), inference speed, and turnaround
-## (last image sent to last result at a storescp destination, per stage) as tables
+## bench: ingest throughput (storescu to storescp vs radlens), inference speed, turnaround
+## (last image sent to last result at a storescp destination, per stage) and cluster
+## throughput (studies/hour with 1, 2, 4 workers on PostgreSQL) as tables
 bench: $(DEV_STAMP) tools
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/turnaround.py
+	$(BIN)/python benchmarks/cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
