@@ -95,11 +95,17 @@ def _done(path: Path) -> int:
     return int(Database(path).scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'"))
 
 
+def threads_per_worker(workers: int) -> int:
+    """Each worker's share of the cores (model.threads), as a deployment on one machine sets."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def cluster(work: Path, postgres: ThrowawayPostgres, files: list[Path], workers: int,
             device: str) -> float:
     url = state_url(postgres.create_database(f"b{uuid.uuid4().hex[:10]}"), work)
     port = free_port()
-    env = dict(base_env(work, device), RADLENS_STATE__URL=url, RADLENS_DICOM__PORT=str(port))
+    env = dict(base_env(work, device), RADLENS_STATE__URL=url, RADLENS_DICOM__PORT=str(port),
+               RADLENS_MODEL__THREADS=str(threads_per_worker(workers)))
     processes = [serve("listener", env, work / "listener.log")]
     try:
         wait_for(lambda: port_open(port), 120, "the listener")
@@ -149,8 +155,8 @@ def main() -> None:
             work = root / f"cluster{workers}"
             seconds = cluster(work, postgres, files[:args.studies + workers], workers,
                               args.device)
-            rows.append((f"{workers} worker process{'es' if workers > 1 else ''} (PostgreSQL)",
-                         args.studies, seconds))
+            rows.append((f"{workers} worker process{'es' if workers > 1 else ''} (PostgreSQL, "
+                         f"model.threads {threads_per_worker(workers)})", args.studies, seconds))
         print_table(rows, args.device)
     finally:
         postgres.remove()

@@ -135,6 +135,10 @@ def load_analyser(settings: Settings) -> Analyser | None:
     from radlens.models.infer import ModelError, Segmenter
 
     cap_mmap_threshold()  # a clip's batches give their memory back (radlens.memory)
+    if settings.model.threads:
+        import torch
+
+        torch.set_num_threads(settings.model.threads)
     try:
         segmenter = Segmenter(settings.model.weights, version=settings.model.version,
                               device=settings.model.device, batch_size=settings.model.batch_size)

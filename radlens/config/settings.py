@@ -182,6 +182,9 @@ class ModelSettings(_Section):
     version: str | None = None  # when set, the card's version must match
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=8, ge=1, le=256)
+    # CPU threads for the model (0: torch's default, one per core). Several workers on one
+    # machine each take their share (cores / workers) instead of all contending for all.
+    threads: int = Field(default=0, ge=0, le=1024)
     max_frames: int = Field(default=0, ge=0, description="frames analysed per image; 0 = all")
     min_lesion_pixels: int = Field(default=20, ge=1)
     saliency: list[Literal["gradcam", "gradcam++", "occlusion", "prototype"]] = Field(
