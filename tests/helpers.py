@@ -168,3 +168,27 @@ def radlens_cli(*args: str, env: dict[str, str] | None = None,
     full_env.update(env or {})
     return subprocess.run([*RADLENS, *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a node's ``/metrics``, by name and labels."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def healthz(port: int) -> tuple[int, dict]:
+    """A node's ``/healthz``: the HTTP status and the JSON body."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

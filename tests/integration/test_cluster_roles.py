@@ -11,10 +11,8 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +21,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from radlens.db import Database, state_url
-from radlens.demo.postgres import ThrowawayPostgres
 from tests.helpers import (
     RadlensServer,
     free_port,
     port_open,
     radlens_cli,
     require_tool,
+    scrape,
     storescu,
     wait_for,
 )
@@ -37,16 +35,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 LEASE_S = 6.0
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[ThrowawayPostgres]:
-    cluster = ThrowawayPostgres(Path(tempfile.mkdtemp(prefix="radlens-pg-")))
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 def _clip(folder: Path, frames: int, seed: int, *, instances: int = 1) -> list[Path]:
@@ -99,20 +87,12 @@ backend listeners
 
 
 def _received(metrics_port: int) -> float:
-    from tests.integration.test_health_metrics import scrape
-
     return scrape(metrics_port)[("radlens_instances_received_total", ())]
 
 
 def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
-        postgres, tmp_path):
+        postgres, archive, tmp_path):
     url = state_url(postgres.create_database(f"c{uuid.uuid4().hex[:12]}"), Path("."))
-    archive_port = free_port()
-    received = tmp_path / "archive"
-    received.mkdir()
-    archive = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "--fork", "+uf",
-                                "-od", str(received), str(archive_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     data_dir = tmp_path / "shared"
     common = {
         "RADLENS_STATE__URL": url,
@@ -122,7 +102,7 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
         "RADLENS_OUTBOX__POLL_INTERVAL_S": "0.3",
         "RADLENS_WORKER__CONCURRENCY": "1",
         "RADLENS_DESTINATIONS": (f'[{{"name": "archive", "ae_title": "ARCHIVE", '
-                                 f'"host": "127.0.0.1", "port": {archive_port}}}]'),
+                                 f'"host": "127.0.0.1", "port": {archive.port}}}]'),
     }
     nodes: dict[str, RadlensServer] = {}
 
@@ -144,7 +124,6 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
     front = free_port()
     haproxy: subprocess.Popen | None = None
     try:
-        wait_for(lambda: port_open(archive_port), 20, "storescp to listen")
         listeners = [node("listener-a", "listener"), node("listener-b", "listener")]
         for listener in listeners:
             wait_for(lambda s=listener: port_open(s.port) or s.process.poll() is not None,
@@ -219,7 +198,7 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
                             "study_instance_uid = :s", {"s": split_study}) == 1
         rows = state.scalar("SELECT COUNT(*) FROM outbox")
         assert rows >= 102  # an SR per study at least
-        assert len(list(received.iterdir())) == rows  # +uf: a file per C-STORE: none twice
+        assert len(archive.files()) == rows  # +uf: a file per C-STORE: none twice
         assert state.scalar("SELECT COUNT(*) FROM jobs WHERE id NOT IN"
                             " (SELECT job_id FROM outbox WHERE job_id IS NOT NULL)") == 0
 
@@ -244,8 +223,6 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
         if haproxy is not None:
             haproxy.terminate()
             haproxy.wait(timeout=10)
-        archive.terminate()
-        archive.wait(timeout=10)
 
 
 def _radlens() -> list[str]:

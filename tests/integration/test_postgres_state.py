@@ -5,11 +5,8 @@ through a PostgreSQL restart."""
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +15,15 @@ import pytest
 import sqlalchemy as sa
 
 from radlens.db import Database, alembic_config, metadata, state_url
-from radlens.demo.postgres import ThrowawayPostgres
 from tests.helpers import (
     TEST_FILES,
     free_port,
-    port_open,
+    healthz,
     radlens_cli,
-    require_tool,
+    scrape,
     storescu,
     wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[ThrowawayPostgres]:
-    # Outside pytest's private tmp folders: the cluster runs as the postgres user.
-    cluster = ThrowawayPostgres(Path(tempfile.mkdtemp(prefix="radlens-pg-")))
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 @pytest.fixture
@@ -126,66 +111,55 @@ def test_spool_queue_outbox_and_analyses_keep_their_rules_on_postgresql(database
     assert "cannot connect" in row["last_error"]
 
 
-def test_the_agent_runs_on_postgresql_through_a_server_restart(postgres, database_url,
-                                                                server_factory, tmp_path):
-    from tests.integration.test_health_metrics import healthz, scrape
+def test_the_agent_runs_on_postgresql_through_a_server_stop(postgres, database_url,
+                                                             server_factory, archive, tmp_path):
+    metrics_port = free_port()
+    server = server_factory(
+        RADLENS_STATE__URL=database_url, RADLENS_METRICS__PORT=str(metrics_port),
+        RADLENS_DESTINATIONS=json.dumps([{"name": "archive", "ae_title": "ARCHIVE",
+                                          "host": "127.0.0.1", "port": archive.port}]),
+        RADLENS_OUTBOX__POLL_INTERVAL_S="0.2").start()
+    state = Database(database_url)
+    made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "2", "--seed",
+                       "7", "--dicom")
+    assert made.returncode == 0, made.stderr
+    files = sorted((tmp_path / "ph" / "dicom").glob("*/IM0001.dcm"))
 
-    archive_port, metrics_port = free_port(), free_port()
-    received = tmp_path / "archive"
-    received.mkdir()
-    archive = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "-od",
-                                str(received), str(archive_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: port_open(archive_port), 20, "storescp to listen")
-        server = server_factory(
-            RADLENS_STATE__URL=database_url, RADLENS_METRICS__PORT=str(metrics_port),
-            RADLENS_DESTINATIONS=json.dumps([{"name": "archive", "ae_title": "ARCHIVE",
-                                              "host": "127.0.0.1", "port": archive_port}]),
-            RADLENS_OUTBOX__POLL_INTERVAL_S="0.2").start()
-        state = Database(database_url)
-        made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "2", "--seed",
-                           "7", "--dicom")
-        assert made.returncode == 0, made.stderr
-        files = sorted((tmp_path / "ph" / "dicom").glob("*/IM0001.dcm"))
+    def done() -> int:
+        return state.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'")
 
-        def done() -> int:
-            return state.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'")
+    assert storescu(server.port, files[:1]).returncode == 0
+    wait_for(lambda: done() == 1, 120, "the first study to be processed")
+    postgres.stop()  # the node says so, then reconnects; nothing is lost
+    status, body = healthz(metrics_port)
+    assert status == 503 and body["checks"]["state"] is False
+    assert scrape(metrics_port)[("radlens_state_up", ())] == 0
+    postgres.start()
+    wait_for(lambda: healthz(metrics_port)[0] == 200, 30, "the node to be healthy again")
+    sent = storescu(server.port, files[1:])
+    assert sent.returncode == 0, sent.stderr + server.log()[-3000:]
+    wait_for(lambda: done() == 2, 120, "the second study, after the restart")
+    wait_for(lambda: state.scalar("SELECT COUNT(*) FROM outbox WHERE state != 'sent'") == 0
+             and state.scalar("SELECT COUNT(*) FROM outbox") > 0, 60,
+             "every output to reach the archive")
+    assert not (server.data_dir / "radlens.sqlite").exists()  # the state is in PostgreSQL
+    assert state.scalar("SELECT COUNT(*) FROM instances") == 2
+    assert state.scalar("SELECT COUNT(*) FROM frame_analyses") == 2
+    studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+               for f in files}
+    arrived = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+               for f in archive.files()}
+    assert arrived == studies  # SR, SEG and the rest of both studies, in the archive
+    sent_rows = state.scalar("SELECT COUNT(*) FROM outbox")
+    assert len(archive.files()) == sent_rows  # each once
 
-        assert storescu(server.port, files[:1]).returncode == 0
-        wait_for(lambda: done() == 1, 120, "the first study to be processed")
-        postgres.stop()  # the node says so, then reconnects; nothing is lost
-        status, body = healthz(metrics_port)
-        assert status == 503 and body["checks"]["state"] is False
-        assert scrape(metrics_port)[("radlens_state_up", ())] == 0
-        postgres.start()
-        wait_for(lambda: healthz(metrics_port)[0] == 200, 30, "the node to be healthy again")
-        sent = storescu(server.port, files[1:])
-        assert sent.returncode == 0, sent.stderr + server.log()[-3000:]
-        wait_for(lambda: done() == 2, 120, "the second study, after the restart")
-        wait_for(lambda: state.scalar("SELECT COUNT(*) FROM outbox WHERE state != 'sent'") == 0
-                 and state.scalar("SELECT COUNT(*) FROM outbox") > 0, 60,
-                 "every output to reach the archive")
-        assert not (server.data_dir / "radlens.sqlite").exists()  # the state is in PostgreSQL
-        assert state.scalar("SELECT COUNT(*) FROM instances") == 2
-        assert state.scalar("SELECT COUNT(*) FROM frame_analyses") == 2
-        studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
-                   for f in files}
-        arrived = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
-                   for f in received.iterdir()}
-        assert arrived == studies  # SR, SEG and the rest of both studies, in the archive
-        sent_rows = state.scalar("SELECT COUNT(*) FROM outbox")
-        assert len(list(received.iterdir())) == sent_rows
-
-        status = radlens_cli("status", "--json", env=server.env)
-        assert status.returncode == 0, status.stderr
-        report = json.loads(status.stdout)
-        assert report["jobs"]["done"] == 2 and report["instances"] == 2
-        assert report["outbox"]["archive"]["sent"] == sent_rows
-        assert server.stop() == 0
-    finally:
-        archive.terminate()
-        archive.wait(timeout=10)
+    status = radlens_cli("status", "--json", env=server.env)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["jobs"]["done"] == 2 and report["instances"] == 2
+    assert report["outbox"]["archive"]["sent"] == sent_rows
+    assert [n["role"] for n in report["nodes"] if n["alive"]] == ["all"]
+    assert server.stop() == 0
 
 
 def _add_instances(db: Database, study: str, count: int, received_at: float) -> None:
@@ -284,32 +258,21 @@ def test_a_dead_nodes_job_is_taken_over_once_its_lease_runs_out(database_url, tm
                                                                 "claimed_by": "alive"}
 
 
-def test_senders_delivering_at_once_send_each_row_once(database_url, tmp_path):
+def test_senders_delivering_at_once_send_each_row_once(database_url, archive):
     from radlens.agent.outbox import Outbox
     from radlens.config import Destination, OutboxSettings
 
-    port = free_port()
-    received = tmp_path / "archive"
-    received.mkdir()
-    archive = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "--fork", "+xa", "+uf",
-                                "-od", str(received), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: port_open(port), 20, "storescp to listen")
-        archive_destination = Destination(name="archive", ae_title="ARCHIVE",
-                                          host="127.0.0.1", port=port)
-        db = Database(database_url)
-        files = [TEST_FILES / name for name in (
-            "CT_small.dcm", "MR_small.dcm", "examples_ybr_color.dcm", "JPEG2000.dcm",
-            "MR_small_RLE.dcm", "SC_rgb_dcmtk_+eb+cr.dcm")]
-        outboxes = [Outbox(Database(database_url), OutboxSettings(), [archive_destination],
-                           calling_aet="RADLENS", node_id=f"s{i}") for i in range(3)]
-        outboxes[0].enqueue(files, "archive")
-        _race(3, lambda i: outboxes[i].deliver_due())
-        rows = db.rows("SELECT state, attempts, claimed_by FROM outbox")
-        assert len(rows) == len(files) >= 5
-        assert {(r["state"], r["attempts"]) for r in rows} == {("sent", 1)}
-        assert len(list(received.iterdir())) == len(files)  # +uf: a file per C-STORE
-    finally:
-        archive.terminate()
-        archive.wait(timeout=10)
+    destination = Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1",
+                              port=archive.port)
+    db = Database(database_url)
+    files = [TEST_FILES / name for name in (
+        "CT_small.dcm", "MR_small.dcm", "examples_ybr_color.dcm", "JPEG2000.dcm",
+        "MR_small_RLE.dcm", "SC_rgb_dcmtk_+eb+cr.dcm")]
+    outboxes = [Outbox(Database(database_url), OutboxSettings(), [destination],
+                       calling_aet="RADLENS", node_id=f"s{i}") for i in range(3)]
+    outboxes[0].enqueue(files, "archive")
+    _race(3, lambda i: outboxes[i].deliver_due())
+    rows = db.rows("SELECT state, attempts, claimed_by FROM outbox")
+    assert len(rows) == len(files)
+    assert {(r["state"], r["attempts"]) for r in rows} == {("sent", 1)}
+    assert len(archive.files()) == len(files)  # +uf: a file per C-STORE
