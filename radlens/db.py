@@ -17,6 +17,7 @@ reads begin deferred.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
+from radlens.errors import RadlensError
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
@@ -154,8 +156,9 @@ nodes = sa.Table(
 )
 
 
-class StateError(RuntimeError):
-    """The state database cannot be used: a driver missing, a schema newer than this radlens."""
+class StateError(RadlensError):
+    """The state database cannot be used: a driver missing, a schema newer than this radlens,
+    a SQLite file on a network file system."""
 
 
 def state_url(url: str | None, data_dir: Path) -> str:
@@ -176,6 +179,53 @@ def is_sqlite(url: str) -> bool:
 def redacted(url: str) -> str:
     """The URL fit for a log line: no password."""
     return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+#: File systems on which a SQLite file must not live: their locks are unreliable or absent,
+#: and a folder there is typically shared by several machines, which SQLite cannot serve.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "fuse.cephfs", "glusterfs",
+    "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "lustre", "9p", "afs",
+    "beegfs", "gpfs", "ocfs2", "gfs2", "virtiofs", "fuse.juicefs",
+})
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the file system holding ``path`` (the mount with the longest mount point
+    above it in ``/proc/self/mountinfo``), or None where that cannot be read."""
+    if mountinfo is None:
+        try:
+            mountinfo = MOUNTINFO.read_text()
+        except OSError:
+            return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in mountinfo.splitlines():
+        fields = line.split(" - ", 1)
+        if len(fields) != 2:
+            continue
+        before, after = fields[0].split(), fields[1].split()
+        if len(before) < 5 or not after:
+            continue
+        # mountinfo writes a space as \040 (octal escapes)
+        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), before[4])
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, after[0]
+    return best_type
+
+
+def refuse_network_filesystem(path: Path) -> None:
+    """A SQLite state on NFS, CephFS and the like is refused: locking there cannot be
+    trusted, and a folder shared between nodes needs a state they can share (PostgreSQL)."""
+    kind = filesystem_type(path.parent)
+    if kind in NETWORK_FILESYSTEMS:
+        raise StateError(
+            f"the SQLite state {path} would be on a network file system ({kind}): SQLite cannot "
+            "be shared between machines, nor trusted on such locks. Keep the data folder on a "
+            "local disk, or set state.url to a PostgreSQL database (several nodes sharing "
+            "this folder need one)")
 
 
 def create_engine(url: str, *, durable: bool = True, readonly: bool = False) -> Engine:
@@ -289,6 +339,8 @@ class Database:
             if not readonly:
                 url.parent.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{url.resolve()}"
+        if is_sqlite(url) and not readonly:
+            refuse_network_filesystem(Path(sa.engine.make_url(url).database or "."))
         self.url = url
         self.durable = durable
         self.engine = create_engine(url, durable=durable, readonly=readonly)

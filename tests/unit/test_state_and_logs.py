@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -252,3 +253,34 @@ def test_freed_memory_goes_back_to_the_os():
     release_freed_memory()
     assert rss_mb() < freed_not_returned - 60  # about half of ~190 MB comes back
     assert len(kept) == 1500
+
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+31 27 0:45 / /mnt/shared\\040data rw,relatime - nfs4 nas:/export/radlens rw,vers=4.2
+32 27 0:46 / /mnt/shared\\040data/local rw,relatime - ext4 /dev/sdb1 rw
+"""
+
+
+def test_the_file_system_under_a_path_is_read_from_mountinfo():
+    from radlens.db import filesystem_type
+
+    assert filesystem_type(Path("/mnt/shared data/radlens"), MOUNTINFO) == "nfs4"
+    assert filesystem_type(Path("/mnt/shared data/local/x"), MOUNTINFO) == "ext4"
+    assert filesystem_type(Path("/mnt/shared"), MOUNTINFO) == "ext4"  # a prefix, not a parent
+    assert filesystem_type(Path("/proc/1"), MOUNTINFO) == "proc"
+    assert filesystem_type(Path("/"), MOUNTINFO) == "ext4"
+
+
+def test_a_sqlite_state_on_a_network_file_system_is_refused(tmp_path, monkeypatch):
+    """This machine's own mount table, with the test's folder added as an NFS mount."""
+    from radlens import db as state
+
+    real = state.MOUNTINFO.read_text()
+    table = tmp_path / "mountinfo"
+    table.write_text(real + f"99 27 0:99 / {tmp_path / 'nas'} rw - nfs4 nas:/export rw\n")
+    monkeypatch.setattr(state, "MOUNTINFO", table)
+    with pytest.raises(StateError, match=r"network file system \(nfs4\).*state.url"):
+        Database(tmp_path / "nas" / DB_FILENAME)
+    assert Database(tmp_path / "local" / DB_FILENAME).dialect == "sqlite"  # a local disk
