@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from radlens.agent import analyses
@@ -114,7 +115,11 @@ class Worker:
             if job is None:
                 self.queue.wakeup.wait(self.poll_interval_s)
                 continue
-            self.process(job)
+            try:
+                self.process(job)
+            except Exception:  # never lose the worker: the job's lease runs out, it runs again
+                log.exception("job left unfinished", extra=kv(job=job.id))
+                self.current_job = None
 
     def process(self, job: Job) -> None:
         """Run one job: the model stage here, the writers here too or, with concurrency > 1,
@@ -184,7 +189,15 @@ class Worker:
         deliver = self.deliver
         also = ((lambda conn: deliver(conn, job.id, outputs))
                 if outputs and deliver is not None else None)
-        if not self.queue.finish(job.id, error=error, also=also):
+        try:
+            finished = self.queue.finish(job.id, error=error, also=also)
+        except sa.exc.SQLAlchemyError as exc:
+            # Nothing was committed: no lease renewal from here on, so the job runs again
+            # (its outputs are rewritten, and queued then, once).
+            log.error("cannot end the job: the state database did not answer; it will run "
+                      "again once its lease runs out", extra=kv(job=job.id, error=str(exc)))
+            return False
+        if not finished:
             return False
         if also is not None and self.on_queued is not None:
             self.on_queued(job.id)
@@ -198,7 +211,12 @@ class Worker:
             log.error("job failed; it will be retried", exc_info=exc, extra=kv(
                 job=job.id, study=job.study_instance_uid, attempt=job.attempts,
                 max_attempts=self.max_attempts))
-            self.queue.retry(job.id, error=error)
+            try:
+                self.queue.retry(job.id, error=error)
+            except sa.exc.SQLAlchemyError as state_error:
+                log.error("cannot queue the job again: the state database did not answer; it "
+                          "will run again once its lease runs out",
+                          extra=kv(job=job.id, error=str(state_error)))
         else:
             log.error("job failed for good", exc_info=exc, extra=kv(
                 job=job.id, study=job.study_instance_uid, attempts=job.attempts))

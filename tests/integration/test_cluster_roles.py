@@ -68,6 +68,8 @@ def _haproxy(folder: Path, port: int, listeners: list[tuple[int, int]]) -> subpr
     maxconn 1024
 defaults
     mode tcp
+    retries 3
+    option redispatch
     timeout connect 5s
     timeout client 10m
     timeout server 10m
@@ -202,14 +204,32 @@ def test_listeners_workers_and_a_sender_share_the_work_through_a_worker_kill(
         assert state.scalar("SELECT COUNT(*) FROM jobs WHERE id NOT IN"
                             " (SELECT job_id FROM outbox WHERE job_id IS NOT NULL)") == 0
 
+        # A listener killed with SIGKILL and PostgreSQL restarted: HAProxy sends the next
+        # associations to the listener left, and every node carries on.
+        nodes["listener-a"].process.kill()
+        nodes["listener-a"].process.wait(timeout=30)
+        postgres.restart()
+        later = [path for seed in range(20, 24) for path in _clip(tmp_path / f"l{seed}", 2,
+                                                                   seed)]
+        for path in later:
+            sent = storescu(front, [path])
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+        wait_for(lambda: done() == 106, 240, "the studies sent after the restart")
+        wait_for(lambda: state.scalar("SELECT COUNT(*) FROM outbox WHERE state != 'sent'") == 0,
+                 60, "their outputs to be delivered")
+        assert len(archive.files()) == state.scalar("SELECT COUNT(*) FROM outbox")
+        assert state.scalar("SELECT COUNT(DISTINCT study_instance_uid) FROM jobs") == 106
+
         status = radlens_cli("status", "--json", env=nodes["sender"].env)
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
         roles = sorted(n["role"] for n in report["nodes"] if n["alive"])
-        assert roles == ["listener", "listener", "sender", "worker"]
-        silent = [n for n in report["nodes"] if not n["alive"]]
-        assert [n["id"] for n in silent] == [holder["id"]]
-        assert report["jobs"]["done"] == 102
+        assert roles == ["listener", "sender", "worker"]
+        silent = sorted(n["id"] for n in report["nodes"] if not n["alive"])
+        listener_a = state.scalar("SELECT id FROM nodes WHERE pid = :p",
+                                  {"p": nodes["listener-a"].process.pid})
+        assert silent == sorted([holder["id"], listener_a])
+        assert report["jobs"]["done"] == 106
     finally:
         for server in nodes.values():
             if server.process is not None and server.process.poll() is None:
