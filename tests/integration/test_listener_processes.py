@@ -42,6 +42,14 @@ def _status(server) -> dict:
     return json.loads(result.stdout)
 
 
+def _listener_pids(server, count: int) -> list[int]:
+    """The listener pids ``radlens status`` shows, once all ``count`` listen: the port answers
+    as soon as the agent's own listener does, and the helpers follow."""
+    wait_for(lambda: len(_status(server)["agent"]["listener_pids"]) == count, 60,
+             "every listener process in radlens status")
+    return list(_status(server)["agent"]["listener_pids"])
+
+
 def _stored_per_process(log: str) -> dict[int, int]:
     """pid -> instances stored, from each process's "listener stopped" line."""
     found = {}
@@ -89,8 +97,7 @@ def test_interleaved_senders_through_several_processes(server_factory, study_fil
     server = server_factory(RADLENS_DICOM__LISTENER_PROCESSES=PROCESSES,
                             RADLENS_MODEL__ENABLED="false",
                             RADLENS_ASSEMBLY__QUIET_PERIOD_S="3").start()
-    status = _status(server)
-    assert len(status["agent"]["listener_pids"]) == int(PROCESSES)
+    _listener_pids(server, int(PROCESSES))
     # Eight associations at once, each with every eighth instance of the same study.
     groups = [study_files[i::8] for i in range(8)]
     senders = _send_concurrently(server.port, groups, tmp_path)
@@ -110,7 +117,7 @@ def test_kill9_of_one_listener_process(server_factory, study_files, tmp_path):
     server = server_factory(RADLENS_DICOM__LISTENER_PROCESSES=PROCESSES,
                             RADLENS_MODEL__ENABLED="false",
                             RADLENS_ASSEMBLY__QUIET_PERIOD_S="6").start()
-    pids = _status(server)["agent"]["listener_pids"]
+    pids = _listener_pids(server, int(PROCESSES))
     victim = pids[1]
     groups = [study_files[i::6] for i in range(6)]
     senders = _send_concurrently(server.port, groups, tmp_path)
@@ -149,8 +156,7 @@ def test_kill9_of_one_listener_process(server_factory, study_files, tmp_path):
 def test_helpers_never_outlive_the_agent(server_factory):
     server = server_factory(RADLENS_DICOM__LISTENER_PROCESSES="2",
                             RADLENS_MODEL__ENABLED="false").start()
-    helpers = [pid for pid in _status(server)["agent"]["listener_pids"]
-               if pid != server.process.pid]
+    helpers = [pid for pid in _listener_pids(server, 2) if pid != server.process.pid]
     assert len(helpers) == 1 and _alive(helpers[0])
     server.kill9()
     wait_for(lambda: not _alive(helpers[0]), 30, "the helper to notice its agent died")
