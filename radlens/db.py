@@ -345,7 +345,13 @@ class Database:
         self.durable = durable
         self.engine = create_engine(url, durable=durable, readonly=readonly)
         if not readonly:
-            migrate(self.engine)
+            try:
+                migrate(self.engine)
+            except sa.exc.OperationalError as exc:  # unreachable, refused, no such database
+                self.engine.dispose()
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                raise StateError(f"cannot open the state database {redacted(url)}: "
+                                 f"{reason}") from exc
 
     @property
     def dialect(self) -> str:

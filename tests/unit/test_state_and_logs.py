@@ -284,3 +284,13 @@ def test_a_sqlite_state_on_a_network_file_system_is_refused(tmp_path, monkeypatc
     with pytest.raises(StateError, match=r"network file system \(nfs4\).*state.url"):
         Database(tmp_path / "nas" / DB_FILENAME)
     assert Database(tmp_path / "local" / DB_FILENAME).dialect == "sqlite"  # a local disk
+
+
+def test_an_unreachable_postgresql_is_one_clear_error():
+    from radlens.demo.tools import free_port
+
+    url = state_url(f"postgresql://radlens:secret@127.0.0.1:{free_port()}/radlens", Path("."))
+    with pytest.raises(StateError, match=r"cannot open the state database "
+                                         r"postgresql\+psycopg://radlens:\*\*\*@127") as error:
+        Database(url)
+    assert "secret" not in str(error.value)
