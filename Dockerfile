@@ -14,7 +14,7 @@ RUN useradd --system --create-home --uid 10001 radlens \
 WORKDIR /opt/radlens
 COPY pyproject.toml README.md ./
 COPY radlens ./radlens
-RUN pip install --no-compile '.[cluster]'
+RUN pip install --no-compile '.[cluster,ray]'
 
 USER radlens
 VOLUME ["/data"]

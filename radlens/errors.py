@@ -25,3 +25,8 @@ class UnsupportedImageError(RadlensError):
 
 class DestinationError(RadlensError):
     """A destination could not be reached or refused the association."""
+
+
+class ComputeUnavailableError(RadlensError):
+    """The model stage could not run at all (its Ray actor died, the Ray cluster is gone): the
+    job is retried, rather than its images reported as failed analyses."""

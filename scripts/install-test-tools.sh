@@ -2,7 +2,8 @@
 # Install the real peers the tests use, from Debian's packages, when they are missing:
 #   dcmtk (storescu, storescp, echoscu, dcmdump, dsrdump), dicom3tools (dciodvfy),
 #   Orthanc with its DICOMweb plugin (the PACS), Chromium (the browser that runs OHIF),
-#   PostgreSQL (the cluster's state database, started throw-away by the tests), HAProxy,
+#   PostgreSQL (the cluster's state database, started throw-away by the tests), HAProxy;
+#   Ray comes from pip with the dev extras,
 #   and, when the viewer test runs, OHIF's prebuilt viewer and playwright-core from npm.
 set -euo pipefail
 

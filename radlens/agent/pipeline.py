@@ -30,7 +30,7 @@ from radlens.analysis.lesions import find_lesions, measure_regions
 from radlens.config import ModelSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
-from radlens.errors import UnsupportedImageError
+from radlens.errors import ComputeUnavailableError, UnsupportedImageError
 from radlens.findings import (
     AbstainedFrame,
     AnatomyOverlap,
@@ -50,9 +50,10 @@ from radlens.memory import release_freed_memory
 from radlens.timing import StageTimes
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
+    from radlens.agent.compute import LocalModelStage, RayModelStage
     from radlens.analysis.nifti import LabelMap
-    from radlens.models.infer import BatchPrediction, Prediction, Segmenter
-    from radlens.models.saliency import SaliencyExplainer
+    from radlens.models.infer import Prediction, Segmenter
+    from radlens.models.saliency import SaliencyExplainer, SaliencyMap
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,14 @@ class Analyser:
     router: Router
     explainer: SaliencyExplainer | None = None
     anatomy: LabelMap | None = None
+    # Where inference and saliency run (radlens.agent.compute); None: in this process.
+    stage: LocalModelStage | RayModelStage | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage is None:
+            from radlens.agent.compute import LocalModelStage
+
+            object.__setattr__(self, "stage", LocalModelStage(self.segmenter, self.explainer))
 
     @property
     def model_ref(self) -> ModelRef:
@@ -132,19 +141,23 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
     abstained: list[AbstainedFrame] = []
     records: list[FrameRecord] = []
     explained: dict[int, tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]] = {}
-    # Saliency settled batch by batch takes Grad-CAM from inference's own pass, which then
-    # keeps its graph from the CAM layer on, in batches the explainer can hold.
-    cam_layer = analyser.explainer.pass_layer(analyser.settings.saliency) \
-        if explain_now and analyser.explainer is not None else None
-    step = analyser.explainer.graph_batch if cam_layer is not None and analyser.explainer \
-        else analyser.segmenter.batch_size
+    # The model stage (here, or in a Ray actor) explains the frames a batch settles from the
+    # batch's own forward pass, Grad-CAM included.
+    stage = analyser.stage
+    assert stage is not None
+    methods = list(analyser.settings.saliency) if analyser.explainer is not None else []
+    explain = setting if explain_now and methods else None
+    step = stage.step(methods, explain)
     for start in range(0, len(frames), step):
         chunk = [frames[i][..., 0] if frames.shape[-1] == 1 else frames[i]
                  for i in range(start, min(start + step, len(frames)))]
-        with times.stage("inference"):
-            forward = analyser.segmenter.predict_batch(chunk, cam_layer=cam_layer)
+        batch = stage.analyse(chunk, explain=explain, methods=methods,
+                              min_lesion_pixels=analyser.settings.min_lesion_pixels,
+                              abstain=detector is not None)
+        for name, seconds in batch.seconds.items():
+            times.add(name, seconds)
         settled: list[tuple[_MeasuredFrame, Prediction]] = []
-        for offset, result in enumerate(forward.predictions):
+        for offset, result in enumerate(batch.predictions):
             index = start + offset
             ood_score = float(detector.score(result.latent)[0]) if detector is not None else None
             if detector is not None and ood_score > detector.threshold:
@@ -155,10 +168,9 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
             with times.stage("measurement"):
                 records.append(_record(item, result, info.ref.sop_instance_uid))
             settled.append((item, result))
-        chosen = [item for item, _ in settled if setting == "all" or item.lesions] \
-            if explain_now else []
-        explained.update(_explain(analyser, chosen, times, forward,
-                                  [item.index - start for item in chosen]))
+        explained.update(_agreements(
+            [(item, batch.maps[item.index - start]) for item, _ in settled
+             if item.index - start in batch.maps]))
         for item, result in settled:
             agreements, maps = explained.get(item.index, ({}, {}))
             if maps_dir is not None:
@@ -168,7 +180,7 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
             if maps:
                 explained[item.index] = (agreements, {})  # on disk now: the agreements stay
         measured.extend(item for item, _ in settled)
-        del forward, settled
+        del batch, settled
     later = frames_to_explain(measured, setting, multiframe=info.frames > 1) - explained.keys()
     if later:
         late = _explain(analyser, [item for item in measured if item.index in later], times)
@@ -248,40 +260,42 @@ def frames_to_explain(frames: list[_MeasuredFrame], setting: str | int, *,
     return chosen
 
 
-def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes,
-             forward: BatchPrediction | None = None, rows: list[int] | None = None
+def _explain(analyser: Analyser, items: list[_MeasuredFrame], times: StageTimes
              ) -> dict[int, tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]]:
-    """The configured saliency maps of the frames to explain, and each map's agreement with
-    its frame's mask, by frame index: from ``forward`` (their ``rows`` in that pass) when
-    inference's pass is at hand, else from passes of their own, a batch at a time."""
+    """The configured saliency of frames chosen once the whole clip was seen, from passes of
+    their own (a batch at a time), with each map's agreement with its frame's mask."""
     if not items or analyser.explainer is None or not analyser.settings.saliency:
         return {}
-    from radlens.models.saliency import agreement
-
-    explainer, methods = analyser.explainer, analyser.settings.saliency
+    assert analyser.stage is not None
     out = {}
     step = analyser.segmenter.batch_size  # one batch of maps in memory at a time
     for start in range(0, len(items), step):
         chunk = items[start:start + step]
-        sizes = [item.pixels.shape[:2] for item in chunk]
         with times.stage("saliency"):
-            if forward is not None and rows is not None:
-                batches = explainer.explain_pass(forward, rows[start:start + step], sizes,
-                                                 methods)
-            else:
-                batches = explainer.explain_batch([item.pixels for item in chunk], methods)
-        for item, explained in zip(chunk, batches, strict=True):
-            agreements, maps = {}, {}
-            mask = item.classes > 0
-            for saliency in explained:
-                measured = agreement(saliency.map, mask)
-                hot = saliency.map >= measured.threshold
-                agreements[saliency.method] = SaliencyAgreement(
-                    dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
-                    anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
-                maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
-            out[item.index] = (agreements, maps)
+            maps = analyser.stage.explain([item.pixels for item in chunk],
+                                          list(analyser.settings.saliency))
+        out.update(_agreements(list(zip(chunk, maps, strict=True))))
         release_freed_memory()  # a backward pass's activations, before the next batch
+    return out
+
+
+def _agreements(explained: list[tuple[_MeasuredFrame, list[SaliencyMap]]]
+                ) -> dict[int, tuple[dict[str, SaliencyAgreement], dict[str, np.ndarray]]]:
+    """Each frame's maps (float16, for the maps file) and their agreement with its mask."""
+    from radlens.models.saliency import agreement
+
+    out = {}
+    for item, maps_of_frame in explained:
+        agreements, maps = {}, {}
+        mask = item.classes > 0
+        for saliency in maps_of_frame:
+            measured = agreement(saliency.map, mask)
+            hot = saliency.map >= measured.threshold
+            agreements[saliency.method] = SaliencyAgreement(
+                dice=measured.dice, mass_inside=min(measured.mass_inside, 1.0),
+                anatomy=_overlaps(item.atlas, hot) if item.atlas is not None else [])
+            maps[f"saliency_{saliency.method}"] = saliency.map.astype(np.float16)
+        out[item.index] = (agreements, maps)
     return out
 
 
@@ -428,6 +442,8 @@ def _image(instance: JobInstance, analyser: Analyser | None, maps_dir: Path,
         decoded = pixels.decode_dataset(ds, info=described)
     try:
         info, records = analyse_image(decoded, analyser, maps_dir, times)
+    except ComputeUnavailableError:
+        raise  # nothing wrong with the image: the job runs again
     except Exception as exc:
         log.exception("analysis failed", extra=kv(job=job_id, sop=instance.sop_instance_uid))
         reason = f"the analysis failed (logged): {type(exc).__name__}: {exc}"[:500]
@@ -450,6 +466,8 @@ def run_study(study: StudyInput, results_root: Path, *, analyser: Analyser | Non
                        sop_class_uid=instance.sop_class_uid)
         try:
             info, records = _image(instance, analyser, maps_dir, study.job_id, times)
+        except ComputeUnavailableError:
+            raise
         except UnsupportedImageError as exc:
             outcome.skipped.append(SkippedObject(ref=ref, reason=str(exc)))
             log.info("object skipped", extra=kv(job=study.job_id, sop=ref.sop_instance_uid,

@@ -139,9 +139,13 @@ def load_analyser(settings: Settings) -> Analyser | None:
         import torch
 
         torch.set_num_threads(settings.model.threads)
+    on_ray = settings.compute.backend == "ray"
     try:
+        # With the model stage on Ray this copy only answers what the worker asks of the model
+        # itself (its card, scope, OOD threshold): the CPU is enough, the GPUs stay the actors'.
         segmenter = Segmenter(settings.model.weights, version=settings.model.version,
-                              device=settings.model.device, batch_size=settings.model.batch_size)
+                              device="cpu" if on_ray else settings.model.device,
+                              batch_size=settings.model.batch_size)
     except (ModelError, ValueError) as exc:
         raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
     from radlens.agent.routing import ModelScope, Router
@@ -172,8 +176,16 @@ def load_analyser(settings: Settings) -> Analyser | None:
             raise RadlensError(f"cannot load anatomy label map: {exc}") from exc
         log.info("anatomy label map loaded", extra=kv(structures=len(anatomy.names),
                                                       grid=str(anatomy.labels.shape)))
-    return Analyser(segmenter, settings.model, Router(settings.routing, scope),
-                    SaliencyExplainer(segmenter), anatomy)
+    explainer = SaliencyExplainer(segmenter)
+    stage = None
+    if on_ray:
+        from radlens.agent.compute import LocalModelStage, RayModelStage
+
+        stage = RayModelStage(settings.compute, settings.model, name=segmenter.name,
+                              version=segmenter.version,
+                              local=LocalModelStage(segmenter, explainer))
+    return Analyser(segmenter, settings.model, Router(settings.routing, scope), explainer,
+                    anatomy, stage)
 
 
 def check_llm(settings: LlmSettings, data_dir: Path) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 from radlens.config.settings import (
     AssemblySettings,
     ClusterSettings,
+    ComputeSettings,
     Destination,
     DicomSettings,
     LlmSettings,
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_YAML",
     "AssemblySettings",
     "ClusterSettings",
+    "ComputeSettings",
     "Destination",
     "DicomSettings",
     "LlmSettings",

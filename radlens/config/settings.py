@@ -117,6 +117,18 @@ class ClusterSettings(_Section):
         return self
 
 
+class ComputeSettings(_Section):
+    """Where the model stage runs: in the worker (``local``), or in Ray actors that keep the
+    model warm and that every worker of a cluster shares (``ray``)."""
+
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # host:port of the Ray head; empty: RAY_ADDRESS or "auto"
+    ray_namespace: str = "radlens"
+    actors: int = Field(default=1, ge=1, le=256)
+    gpus_per_actor: float = Field(default=0.0, ge=0)  # 0: CPU actors; 0.5: two share a GPU
+    cpus_per_actor: float = Field(default=1.0, ge=0)
+
+
 class MetricsSettings(_Section):
     """``/healthz`` and Prometheus ``/metrics`` of this node over HTTP; off without a port."""
 
@@ -301,6 +313,7 @@ class Settings(BaseSettings):
     state: StateSettings = Field(default_factory=StateSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
     assembly: AssemblySettings = Field(default_factory=AssemblySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

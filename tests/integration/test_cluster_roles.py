@@ -269,8 +269,14 @@ def test_the_deploy_files_are_valid():
     assert checked.returncode == 0, checked.stdout + checked.stderr
     compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())
     roles = sorted(service["command"][-1] for service in compose["services"].values()
-                   if service.get("image") == "radlens")
+                   if service.get("image") == "radlens" and "entrypoint" not in service)
     assert roles == ["listener", "listener", "sender", "worker", "worker"]
+    workers = [s for s in compose["services"].values()
+               if (s.get("command") or [])[-1:] == ["worker"]]
+    assert all(w["environment"]["RADLENS_COMPUTE__BACKEND"] == "ray" and
+               w["environment"]["RADLENS_STATE__URL"].startswith("postgresql://")
+               for w in workers)
+    assert compose["services"]["ray-head"]["entrypoint"] == ["ray"]
     assert "postgres" in compose["services"] and "haproxy" in compose["services"]
     from radlens.config import load_settings
 
