@@ -94,23 +94,30 @@ def _explained(prediction: Prediction, explain: Explain, min_lesion_pixels: int,
                                                  min_pixels=min_lesion_pixels))
 
 
+def load_segmenter(model: ModelSettings, *, device: str | None = None) -> Segmenter:
+    """The configured model, loaded as the model stage runs it: freed batches given back to
+    the OS, torch on ``model.threads`` threads, on ``device`` (default ``model.device``).
+    Raises ModelError (or ValueError) when it cannot be loaded."""
+    from radlens.memory import cap_mmap_threshold
+    from radlens.models.infer import Segmenter
+
+    cap_mmap_threshold()  # a clip's batches give their memory back (radlens.memory)
+    if model.threads:
+        import torch
+
+        torch.set_num_threads(model.threads)
+    return Segmenter(model.weights, version=model.version, device=device or model.device,
+                     batch_size=model.batch_size)
+
+
 class ModelActor:
     """A Ray actor holding one warm model: the model stage for any worker that calls it."""
 
     def __init__(self, model: dict[str, Any]) -> None:
         from radlens.config import ModelSettings
-        from radlens.memory import cap_mmap_threshold
-        from radlens.models.infer import Segmenter
         from radlens.models.saliency import SaliencyExplainer
 
-        settings = ModelSettings.model_validate(model)
-        cap_mmap_threshold()
-        if settings.threads:
-            import torch
-
-            torch.set_num_threads(settings.threads)
-        segmenter = Segmenter(settings.weights, version=settings.version,
-                              device=settings.device, batch_size=settings.batch_size)
+        segmenter = load_segmenter(ModelSettings.model_validate(model))
         self.stage = LocalModelStage(segmenter, SaliencyExplainer(segmenter))
 
     def pid(self) -> int:
@@ -135,7 +142,7 @@ class RayModelStage:
     then retried."""
 
     def __init__(self, compute: ComputeSettings, model: ModelSettings, *, name: str,
-                 version: str, local: LocalModelStage) -> None:
+                 version: str) -> None:
         try:
             import ray
         except ModuleNotFoundError as exc:
@@ -143,7 +150,7 @@ class RayModelStage:
                                ) from exc
         self._ray = ray
         self.restart_wait_s = RESTART_WAIT_S
-        self.local = local  # the step size and the explainer's settings, nothing heavier
+        self.batch_size = model.batch_size
         if not ray.is_initialized():
             # Ray's driver takes over SIGTERM (it exits at once); the agent's own handler,
             # which stops the stages in order, must stay in charge.
@@ -173,7 +180,7 @@ class RayModelStage:
             return self.actors[next(self._turn)]
 
     def step(self, methods: Sequence[str], explain: Explain) -> int:
-        return self.local.segmenter.batch_size
+        return self.batch_size
 
     def analyse(self, frames: Sequence[np.ndarray], *, explain: Explain,
                 methods: Sequence[str], min_lesion_pixels: int, abstain: bool) -> StageBatch:

@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from radlens.agent.nodes import heard_since
 from radlens.db import Database, instances, jobs, nodes, outbox
 from radlens.logs import kv
 
@@ -76,7 +77,7 @@ class StateCollector(Collector):
         yield waiting
         alive = GaugeMetricFamily("radlens_nodes_alive", "Nodes whose heartbeat is recent",
                                   labels=["role"])
-        since = time.time() - 3 * self.heartbeat_interval_s
+        since = heard_since(time.time(), self.heartbeat_interval_s)
         for role, count in conn.execute(
                 sa.select(nodes.c.role, sa.func.count())
                 .where(nodes.c.stopped_at.is_(None), nodes.c.heartbeat_at > since)

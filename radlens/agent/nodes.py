@@ -19,6 +19,12 @@ from radlens.logs import kv
 log = logging.getLogger(__name__)
 
 ROLES = ("all", "listener", "worker", "sender")
+MISSED_BEATS = 3  # a node that has not beaten for this many intervals counts as silent
+
+
+def heard_since(now: float, heartbeat_interval_s: float) -> float:
+    """The oldest heartbeat of a node still counted alive at ``now``."""
+    return now - MISSED_BEATS * heartbeat_interval_s
 
 
 @dataclass

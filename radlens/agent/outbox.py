@@ -77,15 +77,17 @@ class Outbox:
         self.sender = sender
         self._delivering = threading.Lock()
 
-    def enqueue(self, paths: Iterable[Path], destination: str, *,
+    def enqueue(self, paths: Iterable[Path | scu.OutgoingFile], destination: str, *,
                 job_id: int | None = None, conn: Connection | None = None) -> list[int]:
-        """Queue files for a configured destination; returns the outbox row ids. With
-        ``conn`` the rows are part of that transaction (a job's outputs and its "done" commit
-        together), else of one of their own."""
+        """Queue files for a configured destination; returns the outbox row ids. Files may
+        come described already (``describe_file``), so that a transaction is not kept open
+        while they are read. With ``conn`` the rows are part of that transaction (a job's
+        outputs and its "done" commit together), else of one of their own."""
         if destination not in self.destinations:
             known = ", ".join(self.destinations) or "none configured"
             raise ConfigError(f"unknown destination {destination!r} (known: {known})")
-        files = [describe_file(Path(p)) for p in paths]
+        files = [p if isinstance(p, scu.OutgoingFile) else describe_file(Path(p))
+                 for p in paths]
         now = time.time()
         ids = []
         with nullcontext(conn) if conn is not None else self.db.transaction() as tx:

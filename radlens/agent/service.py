@@ -41,10 +41,10 @@ from radlens.agent.worker import Worker
 from radlens.config import LlmSettings, Settings
 from radlens.db import Database, is_sqlite, redacted
 from radlens.dicom_io.scp import PortInUseError, StorageListener, check_port_free
+from radlens.dicom_io.scu import OutgoingFile
 from radlens.dicom_io.spool import Spool, StoredInstance
 from radlens.errors import RadlensError
 from radlens.logs import kv
-from radlens.memory import cap_mmap_threshold
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,14 @@ def load_analyser(settings: Settings) -> Analyser | None:
     if not settings.model.enabled:
         log.info("model disabled: images are decoded but not analysed")
         return None
-    from radlens.models.infer import ModelError, Segmenter
+    from radlens.agent.compute import load_segmenter
+    from radlens.models.infer import ModelError
 
-    cap_mmap_threshold()  # a clip's batches give their memory back (radlens.memory)
-    if settings.model.threads:
-        import torch
-
-        torch.set_num_threads(settings.model.threads)
     on_ray = settings.compute.backend == "ray"
     try:
         # With the model stage on Ray this copy only answers what the worker asks of the model
         # itself (its card, scope, OOD threshold): the CPU is enough, the GPUs stay the actors'.
-        segmenter = Segmenter(settings.model.weights, version=settings.model.version,
-                              device="cpu" if on_ray else settings.model.device,
-                              batch_size=settings.model.batch_size)
+        segmenter = load_segmenter(settings.model, device="cpu" if on_ray else None)
     except (ModelError, ValueError) as exc:
         raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
     from radlens.agent.routing import ModelScope, Router
@@ -179,11 +173,10 @@ def load_analyser(settings: Settings) -> Analyser | None:
     explainer = SaliencyExplainer(segmenter)
     stage = None
     if on_ray:
-        from radlens.agent.compute import LocalModelStage, RayModelStage
+        from radlens.agent.compute import RayModelStage
 
         stage = RayModelStage(settings.compute, settings.model, name=segmenter.name,
-                              version=segmenter.version,
-                              local=LocalModelStage(segmenter, explainer))
+                              version=segmenter.version)
     return Analyser(segmenter, settings.model, Router(settings.routing, scope), explainer,
                     anatomy, stage)
 
@@ -401,12 +394,13 @@ class Agent:
         if self.assembler is not None:
             self.assembler.instance_received(study_uid, received_at)
 
-    def _queue_results(self, conn: Connection, job_id: int, paths: list[Path]) -> None:
+    def _queue_results(self, conn: Connection, job_id: int, files: list[OutgoingFile]
+                       ) -> None:
         """Queue a job's outputs for every configured destination, in the job's own
         transaction (see ``Worker``)."""
         assert self.outbox is not None
         for destination in self.settings.destinations:
-            self.outbox.enqueue(paths, destination.name, job_id=job_id, conn=conn)
+            self.outbox.enqueue(files, destination.name, job_id=job_id, conn=conn)
 
     def _results_queued(self, job_id: int) -> None:
         """A node that also sends wakes its outbox; a worker leaves the rows to the senders."""

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Connection
 
+from radlens.agent.nodes import heard_since
 from radlens.agent.service import LLM_STATUS_FILE, agent_is_running
 from radlens.db import (
     instances,
@@ -164,7 +165,7 @@ def _nodes(conn: Connection, report: StatusReport, now: float, heartbeat_s: floa
     for row in conn.execute(sa.select(nodes).where(
             sa.or_(n.stopped_at.is_(None), n.stopped_at > now - NODES_STOPPED_SHOWN_S))
             .order_by(n.started_at.desc())).mappings():
-        alive = row["stopped_at"] is None and row["heartbeat_at"] > now - 3 * heartbeat_s
+        alive = row["stopped_at"] is None and row["heartbeat_at"] > heard_since(now, heartbeat_s)
         report.nodes.append(NodeState(**row, alive=alive))
     j = jobs.c
     report.running = [dict(row) for row in conn.execute(

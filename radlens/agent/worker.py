@@ -22,15 +22,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from radlens.agent import analyses
+from radlens.agent.outbox import describe_file
 from radlens.agent.pipeline import Analyser, StudyInput, StudyResult, run_study
 from radlens.agent.queue import Job, JobQueue
 from radlens.config import LlmSettings, OutputSettings
+from radlens.dicom_io.scu import OutgoingFile
 from radlens.logs import kv
 from radlens.memory import release_freed_memory
 
-# deliver(conn, job_id, paths): queue a job's outputs in the outbox, inside the transaction
+# deliver(conn, job_id, files): queue a job's outputs in the outbox, inside the transaction
 # that marks the job done (or failed), so they are queued exactly once.
-Deliver = Callable[[Connection, int, list[Path]], None]
+Deliver = Callable[[Connection, int, list[OutgoingFile]], None]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class Worker:
                  on_finished: Callable[[Job, str], None] | None = None,
                  llm: LlmSettings | None = None, llm_vision: bool = False,
                  max_attempts: int = 3, concurrency: int = 1) -> None:
-        """``deliver(conn, job_id, paths)`` hands each job's DICOM outputs to the outbox in
+        """``deliver(conn, job_id, files)`` hands each job's DICOM outputs to the outbox in
         the transaction that ends the job, and ``on_queued(job_id)`` is told afterwards, as is
         ``on_finished(job, "done" | "failed")`` of every job this worker ended; a job
         that raises is retried until it has run ``max_attempts`` times; ``concurrency``
@@ -171,7 +173,7 @@ class Worker:
     def _complete(self, job: Job, study: StudyInput, result: StudyResult) -> None:
         """The writers and the hand-over to the outbox; then the job is done."""
         try:
-            outputs = self._write_outputs(study, result)
+            outputs = self._described(self._write_outputs(study, result))
         except Exception as exc:
             self._failed(job, exc)
         else:
@@ -179,11 +181,17 @@ class Worker:
         finally:
             release_freed_memory()  # the study's arrays, before the next job
 
-    def _done(self, job: Job, outputs: list[Path] | None = None) -> None:
+    def _described(self, paths: list[Path]) -> list[OutgoingFile]:
+        """The outputs as the outbox queues them, each file read once and before the job's
+        transaction, which holds the database's write lock."""
+        return [describe_file(path) for path in paths] if self.deliver is not None else []
+
+    def _done(self, job: Job, outputs: list[OutgoingFile] | None = None) -> None:
         if self._finish(job, outputs):
             log.info("job done", extra=kv(job=job.id, study=job.study_instance_uid))
 
-    def _finish(self, job: Job, outputs: list[Path] | None, error: str | None = None) -> bool:
+    def _finish(self, job: Job, outputs: list[OutgoingFile] | None,
+                error: str | None = None) -> bool:
         """The job done or failed, its outputs queued for delivery in the same transaction.
         False when another node took the job over meanwhile: its run answers instead."""
         deliver = self.deliver
@@ -220,24 +228,24 @@ class Worker:
         else:
             log.error("job failed for good", exc_info=exc, extra=kv(
                 job=job.id, study=job.study_instance_uid, attempts=job.attempts))
-            report = self._failure_report(job, error)
-            self._finish(job, [report] if report is not None else None, error=error)
+            self._finish(job, self._failure_report(job, error), error=error)
 
-    def _failure_report(self, job: Job, error: str) -> Path | None:
+    def _failure_report(self, job: Job, error: str) -> list[OutgoingFile]:
         """A job that failed for good still answers the sender: an SR saying the analysis
         failed and why, so nobody waits for results that will not come."""
         from radlens.dicom_io.writers import write_failure_report
 
         try:
             instances = self.queue.instances(job)
-            return write_failure_report(
+            path = write_failure_report(
                 job.study_instance_uid, self.queue.revision(job),
                 {i.sop_instance_uid: i.path for i in instances},
                 self.results_root / job.study_instance_uid, error,
                 model=self.analyser.model_ref if self.analyser else None, fsync=self.fsync)
+            return self._described([path]) if path is not None else []
         except Exception:  # the failure is recorded on the job all the same
             log.exception("cannot write the failure report", extra=kv(job=job.id))
-            return None
+            return []
 
     def _write_outputs(self, study: StudyInput, result: StudyResult) -> list[Path]:
         """Narrative, then SEG, SR and maps next to findings.json; returns the DICOM objects

@@ -92,7 +92,8 @@ def test_a_job_that_keeps_failing_is_retried_then_answered_with_an_sr(tmp_path, 
     monkeypatch.setattr("radlens.agent.worker.run_study", broken_pipeline)
     delivered: list[tuple[int, list[Path]]] = []
     worker = Worker(queue, tmp_path / "results", fsync=False, max_attempts=3,
-                    deliver=lambda conn, job, paths: delivered.append((job, paths)))
+                    deliver=lambda conn, job, files: delivered.append(
+                        (job, [file.path for file in files])))
     while (job := queue.claim_next()) is not None:
         worker.process(job)
     row = db.rows("SELECT state, attempts, error FROM jobs WHERE id = :id", {"id": job_id})[0]
