@@ -15,7 +15,16 @@ from rich.table import Table
 
 from radlens import __version__
 from radlens import cli_research as research
-from radlens.cli_support import ConfigOption, LogFormatOption, cli_settings, console, err, fail
+from radlens import cli_security as security
+from radlens.cli_support import (
+    ConfigOption,
+    LogFormatOption,
+    audit_command,
+    cli_settings,
+    console,
+    err,
+    fail,
+)
 from radlens.errors import ConfigError, RadlensError
 
 app = typer.Typer(
@@ -57,16 +66,24 @@ def echo(
     calling_aet: Annotated[str | None, typer.Option(help="our AE title (default dicom.ae_title)")]
     = None,
     timeout: Annotated[float, typer.Option(help="seconds")] = 10.0,
+    tls: Annotated[bool, typer.Option("--tls", help="DICOM TLS, showing dicom.tls.certificate "
+                                      "and trusting dicom.tls.ca_certificates")] = False,
+    ca: Annotated[Path | None, typer.Option(help="with --tls: trust this CA bundle instead",
+                                            dir_okay=False, exists=True)] = None,
     config: ConfigOption = None,
 ) -> None:
     """Send a C-ECHO to a DICOM node."""
     from radlens.dicom_io.scu import echo as send_echo
+    from radlens.dicom_io.tls import client_context
 
     settings = cli_settings(config, client=True)
     started = time.perf_counter()
     try:
+        context = client_context(settings.dicom.tls, ca) if tls else None
         status = send_echo(host, port, aet, calling_aet=calling_aet or settings.dicom.ae_title,
-                           timeout_s=timeout)
+                           timeout_s=timeout, tls_context=context)
+    except ConfigError as exc:
+        raise fail(f"config error: {exc}", 2) from None
     except RadlensError as exc:
         raise fail(f"C-ECHO failed: {exc}", 1) from None
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -87,6 +104,7 @@ def status(
     report = collect_status(settings.storage.data_dir,
                             settings.state.resolved_url(settings.storage.data_dir),
                             heartbeat_interval_s=settings.cluster.heartbeat_interval_s)
+    audit_command(settings, "query", command="radlens status")
     if as_json:
         console.print_json(report.model_dump_json())
         return
@@ -184,6 +202,10 @@ def forward(
         raise fail(str(exc), 1) from None
     finally:
         db.close()
+    destination = settings.destination(to)
+    audit_command(settings, "export", command="radlens forward", destination=to,
+                  peer_ae=destination.ae_title,
+                  peer_address=f"{destination.host}:{destination.port}", count=len(ids))
     console.print(f"queued {len(ids)} file(s) for {to}")
 
 
@@ -301,6 +323,8 @@ app.command()(research.evaluate)
 app.command("calibrate-ood")(research.calibrate_ood)
 app.command()(research.cohort)
 app.command("export-nifti")(research.export_nifti)
+app.command("tls-selfsigned")(security.tls_selfsigned)
+app.command()(security.audit)
 
 
 @config_app.command("show")

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from radlens.cli_support import ConfigOption, cli_settings, console, err, fail
+from radlens.cli_support import ConfigOption, audit_command, cli_settings, console, err, fail
 from radlens.config import Settings
 from radlens.errors import RadlensError
 
@@ -303,8 +303,10 @@ def export_nifti(
     """Write a processed study's class maps, probabilities and saliency maps as NIfTI."""
     from radlens.analysis.nifti import export_study
 
-    cli_settings(config)
+    settings = cli_settings(config)
     if not (results / "findings.json").is_file():
         raise fail(f"{results} holds no findings.json", 1)
     written = export_study(results, out)
+    audit_command(settings, "export", command="radlens export-nifti", study=results.name,
+                  count=len(written), path=str(out.resolve()))
     console.print(f"wrote {len(written)} NIfTI file(s) to {out}")

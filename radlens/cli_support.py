@@ -43,3 +43,17 @@ def cli_settings(config: Path | None, log_format: str | None = None, *,
         raise fail(f"config error: log.format: {exc.errors()[0]['msg']}", 2) from None  # type: ignore[attr-defined]
     configure_logging(settings.log.level, settings.log.format, quiet_network=client)
     return settings
+
+
+def audit_command(settings: Settings, kind: str, **fields: object) -> None:
+    """Record a command that reads or exports results in the audit trail (Query, Export)."""
+    from radlens import audit
+
+    path = settings.audit.resolved_path(settings.storage.data_dir.resolve())
+    if not path.parent.is_dir():  # no agent has run here: nothing was there to read
+        return
+    log = audit.AuditLog(path, syslog=settings.audit.syslog)
+    try:
+        log.record(audit.EVENTS[kind], **fields)  # type: ignore[arg-type]
+    finally:
+        log.close()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from radlens.config import DicomSettings, LogSettings, StorageSettings
+from radlens.config import AuditSettings, DicomSettings, LogSettings, StorageSettings
 from radlens.errors import RadlensError
 from radlens.logs import kv
 
@@ -68,10 +68,19 @@ class ListenerProcesses:
     def __init__(self, count: int, *, dicom: DicomSettings, storage: StorageSettings,
                  state_url: str, logging_settings: LogSettings, port: int,
                  on_stored: StoredCallback,
-                 on_listening: Callable[[list[int]], None] | None = None) -> None:
+                 on_listening: Callable[[list[int]], None] | None = None,
+                 tls_port: int | None = None,
+                 audit_settings: AuditSettings | None = None) -> None:
         self.count = count
+        served = dicom.model_copy(update={"port": port})
+        if tls_port is not None:
+            served.tls = dicom.tls.model_copy(update={"port": tls_port})
+        audit_settings = audit_settings or AuditSettings()
         self.config = {
-            "dicom": dicom.model_copy(update={"port": port}).model_dump(mode="json"),
+            "dicom": served.model_dump(mode="json"),
+            "audit": audit_settings.model_copy(update={
+                "path": audit_settings.resolved_path(storage.data_dir.resolve())
+            }).model_dump(mode="json"),
             "storage": storage.model_copy(
                 update={"data_dir": storage.data_dir.resolve()}).model_dump(mode="json"),
             "state_url": state_url,
@@ -215,6 +224,7 @@ class _Notifier:
 
 def serve_helper(config: dict[str, Any], notifier: _Notifier, stop: threading.Event) -> int:
     """Run one helper until ``stop`` is set; returns the process exit code."""
+    from radlens.audit import AuditLog
     from radlens.db import Database
     from radlens.dicom_io.scp import StorageListener
     from radlens.dicom_io.spool import Spool, StoredInstance
@@ -229,8 +239,10 @@ def serve_helper(config: dict[str, Any], notifier: _Notifier, stop: threading.Ev
         notifier.send(event="stored", study=stored.uids.study_instance_uid,
                       received_at=stored.received_at)
 
-    listener = StorageListener(dicom, spool, on_stored, reuse_port=True)
+    audit_settings = AuditSettings.model_validate(config.get("audit", {}))
+    audit_log = AuditLog(audit_settings.resolved_path(data_dir), syslog=audit_settings.syslog)
     try:
+        listener = StorageListener(dicom, spool, on_stored, reuse_port=True, audit=audit_log)
         listener.start()
     except RadlensError as exc:
         notifier.send(event="failed", reason=str(exc))
@@ -238,6 +250,7 @@ def serve_helper(config: dict[str, Any], notifier: _Notifier, stop: threading.Ev
     notifier.send(event="ready", port=listener.port, pid=os.getpid())
     stop.wait()
     listener.stop(dicom.shutdown_grace_s)
+    audit_log.close()
     db.close()
     return 0
 

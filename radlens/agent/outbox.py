@@ -6,6 +6,7 @@ kept across restarts. The agent's scheduler calls ``deliver_due`` every ``outbox
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -18,8 +19,10 @@ import pydicom
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from radlens.config import Destination, OutboxSettings
-from radlens.db import Database, outbox
+from radlens import audit
+from radlens.audit import AuditLog, NullAuditLog, Outcome
+from radlens.config import Destination, OutboxSettings, TlsSettings
+from radlens.db import Database, jobs, outbox
 from radlens.dicom_io import scu
 from radlens.errors import ConfigError, DestinationError, InvalidDatasetError
 from radlens.logs import kv
@@ -64,9 +67,14 @@ class Outbox:
                  destinations: Sequence[Destination], *, calling_aet: str,
                  timeout_s: float = 30.0, sender: Sender = scu.send_files,
                  node_id: str | None = None,
-                 on_result: Callable[[str, str, int], None] | None = None) -> None:
+                 on_result: Callable[[str, str, int], None] | None = None,
+                 tls: TlsSettings | None = None, audit_log: AuditLog | None = None) -> None:
         """``on_result(destination, outcome, count)`` hears of every batch's outcome ("sent",
-        "retrying", "failed"), for the node's metrics."""
+        "retrying", "failed"), for the node's metrics. ``tls`` is the node's own certificate
+        and trust, for destinations with ``tls: true``."""
+        self.tls = tls or TlsSettings()
+        self.audit = audit_log or NullAuditLog()
+        self._tls_contexts: dict[str, ssl.SSLContext] = {}
         self.node_id = node_id
         self.on_result = on_result
         self.db = db
@@ -147,8 +155,10 @@ class Outbox:
                                   r["transfer_syntax_uid"]) for r in rows]
         try:
             results = self.sender(destination.host, destination.port, destination.ae_title, files,
-                                  calling_aet=self.calling_aet, timeout_s=self.timeout_s)
-        except DestinationError as exc:
+                                  calling_aet=self.calling_aet, timeout_s=self.timeout_s,
+                                  tls_context=self.tls_context(destination))
+        except (DestinationError, ConfigError) as exc:
+            self._audit_out(destination, rows, set())
             report = self._retry(rows, str(exc))
             log.warning("destination unreachable, will retry", extra=kv(
                 destination=name, files=len(rows), error=str(exc),
@@ -166,6 +176,7 @@ class Outbox:
                 conn.execute(sa.update(outbox).where(outbox.c.id == row["id"]).values(
                     state="sent", attempts=outbox.c.attempts + 1, sent_at=now,
                     last_status=result.status, last_error=None, lease_until=None))
+        self._audit_out(destination, rows, {row["id"] for row in delivered})
         report = DeliveryReport(sent=len(delivered))
         self._tell(name, "sent", len(delivered))
         if delivered:
@@ -176,6 +187,59 @@ class Outbox:
             status = result.status if result is not None else None
             report = _add(report, self._retry([row], error or "failed", status=status))
         return report
+
+    def tls_context(self, destination: Destination) -> ssl.SSLContext | None:
+        """The client TLS context for ``destination`` (built once), or None without TLS."""
+        if not destination.tls:
+            return None
+        if destination.name not in self._tls_contexts:
+            from radlens.dicom_io.tls import client_context
+
+            self._tls_contexts[destination.name] = client_context(
+                self.tls, destination.tls_ca_certificates,
+                check_hostname=destination.tls_check_hostname)
+        return self._tls_contexts[destination.name]
+
+    def _audit_out(self, destination: Destination, rows: Sequence[RowMapping],
+                   delivered: set[int]) -> None:
+        """One "instances transferred" entry per study of the batch, with what arrived."""
+        studies = self._studies(rows)
+        by_study: dict[str, list[RowMapping]] = defaultdict(list)
+        for row in rows:
+            by_study[studies.get(row["id"], "(unknown study)")].append(row)
+        for study, items in sorted(by_study.items()):
+            sent = sum(1 for row in items if row["id"] in delivered)
+            outcome = Outcome.SUCCESS if sent == len(items) else (
+                Outcome.MINOR_FAILURE if sent else Outcome.SERIOUS_FAILURE)
+            self.audit.record(audit.INSTANCES_TRANSFERRED, outcome, direction="out",
+                              peer_ae=destination.ae_title,
+                              peer_address=f"{destination.host}:{destination.port}",
+                              destination=destination.name, local_ae=self.calling_aet,
+                              study=study, instances=sent, failed=len(items) - sent,
+                              sop_classes=sorted({row["sop_class_uid"] for row in items}),
+                              tls=destination.tls)
+
+    def _studies(self, rows: Sequence[RowMapping]) -> dict[int, str]:
+        """The Study Instance UID of each row: its job's, else read from the file."""
+        job_ids = {row["job_id"] for row in rows if row["job_id"] is not None}
+        by_job: dict[int, str] = {}
+        if job_ids:
+            with self.db.read() as conn:
+                by_job = {int(r[0]): str(r[1]) for r in conn.execute(
+                    sa.select(jobs.c.id, jobs.c.study_instance_uid)
+                    .where(jobs.c.id.in_(job_ids)))}
+        studies = {}
+        for row in rows:
+            if row["job_id"] in by_job:
+                studies[row["id"]] = by_job[row["job_id"]]
+                continue
+            try:
+                header = pydicom.dcmread(row["path"], stop_before_pixels=True,
+                                         specific_tags=["StudyInstanceUID"])
+                studies[row["id"]] = str(header.StudyInstanceUID)
+            except Exception:  # a missing file is reported by the send itself
+                continue
+        return studies
 
     def _retry(self, rows: Sequence[RowMapping], error: str, *,
                status: int | None = None) -> DeliveryReport:

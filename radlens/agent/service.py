@@ -29,7 +29,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Connection
 
-from radlens import __version__
+from radlens import __version__, audit
 from radlens.agent.assembler import StudyAssembler
 from radlens.agent.health import HealthServer, NodeMetrics, StateCollector, state_answers
 from radlens.agent.listeners import ListenerProcesses
@@ -38,6 +38,7 @@ from radlens.agent.outbox import Outbox
 from radlens.agent.pipeline import RESULTS_DIR, Analyser
 from radlens.agent.queue import Job, JobQueue
 from radlens.agent.worker import Worker
+from radlens.audit import AuditLog
 from radlens.config import LlmSettings, Settings
 from radlens.db import Database, is_sqlite, redacted
 from radlens.dicom_io.scp import PortInUseError, StorageListener, check_port_free
@@ -225,6 +226,8 @@ class Agent:
         self.outbox: Outbox | None = None
         self.metrics = NodeMetrics()
         self.health: HealthServer | None = None
+        self.audit = AuditLog(settings.audit.resolved_path(self.data_dir),
+                              syslog=settings.audit.syslog)
 
     def _runs(self, *roles: str) -> bool:
         return self.role == "all" or self.role in roles
@@ -263,7 +266,8 @@ class Agent:
             self.outbox = Outbox(self.db, s.outbox, s.destinations,
                                  calling_aet=s.dicom.ae_title,
                                  timeout_s=s.dicom.network_timeout_s, node_id=self.node.id,
-                                 on_result=self.metrics.delivered)
+                                 on_result=self.metrics.delivered, tls=s.dicom.tls,
+                                 audit_log=self.audit)
         if self._runs("worker"):
             self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR,
                                  analyser=load_analyser(s), fsync=s.storage.fsync,
@@ -278,7 +282,7 @@ class Agent:
             self.spool = Spool(self.data_dir, self.db, fsync=s.storage.fsync,
                                min_free_mb=s.storage.min_free_mb)
             self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
-                                            reuse_port=shared_port)
+                                            reuse_port=shared_port, audit=self.audit)
             self._recover_spool()
         if self.role == "all" and is_sqlite(self.state_url):
             # The only node: whatever ran when it stopped was its own. In a cluster a dead
@@ -309,18 +313,25 @@ class Agent:
             self.worker.start()
         if self.listener is not None:
             if shared_port:
-                check_port_free(s.dicom.host, s.dicom.port)
+                if not s.dicom.tls.only:
+                    check_port_free(s.dicom.host, s.dicom.port)
+                if s.dicom.tls.enabled:
+                    check_port_free(s.dicom.host, s.dicom.tls.port)
             self.listener.start()
             if shared_port:
                 self.listener_processes = ListenerProcesses(
                     s.dicom.listener_processes - 1, dicom=s.dicom, storage=s.storage,
                     state_url=self.db.url, logging_settings=s.log, port=self.listener.port,
+                    tls_port=self.listener.tls_port, audit_settings=s.audit,
                     on_stored=self._helper_stored,
                     on_listening=lambda pids: self._lock.update(
                         listener_pids=[os.getpid(), *pids]))
                 self.listener_processes.start()
         if s.metrics.port is not None:
             self._serve_health()
+        self.audit.record(audit.APPLICATION_ACTIVITY, event_type=audit.APPLICATION_START,
+                          local_ae=s.dicom.ae_title, role=self.role,
+                          port=None if self.listener is None else self.listener.port)
         log.info("radlens agent started", extra=kv(version=__version__, role=self.role,
                                                    node=self.node.id,
                                                    data_dir=str(self.data_dir),
@@ -461,6 +472,9 @@ class Agent:
                 if self.role == "all":
                     (self.data_dir / CLEAN_STOP_MARKER).touch()
         finally:
+            self.audit.record(audit.APPLICATION_ACTIVITY, event_type=audit.APPLICATION_STOP,
+                              local_ae=self.settings.dicom.ae_title, role=self.role)
+            self.audit.close()
             self._lock.release()
         log.info("radlens agent stopped")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from radlens.config.settings import (
     AssemblySettings,
+    AuditSettings,
     ClusterSettings,
     ComputeSettings,
     Destination,
@@ -16,11 +17,13 @@ from radlens.config.settings import (
     ModelSettings,
     OutboxSettings,
     OutputSettings,
+    Peer,
     RoutingRule,
     RoutingSettings,
     Settings,
     StateSettings,
     StorageSettings,
+    TlsSettings,
     WorkerSettings,
     load_settings,
 )
@@ -30,6 +33,7 @@ DEFAULT_YAML = Path(__file__).with_name("default.yaml")
 __all__ = [
     "DEFAULT_YAML",
     "AssemblySettings",
+    "AuditSettings",
     "ClusterSettings",
     "ComputeSettings",
     "Destination",
@@ -40,11 +44,13 @@ __all__ = [
     "ModelSettings",
     "OutboxSettings",
     "OutputSettings",
+    "Peer",
     "RoutingRule",
     "RoutingSettings",
     "Settings",
     "StateSettings",
     "StorageSettings",
+    "TlsSettings",
     "WorkerSettings",
     "load_settings",
 ]

@@ -7,6 +7,7 @@ them for users (a unit test keeps the two equal).
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -44,10 +45,47 @@ def _check_ae_title(value: str) -> str:
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+Network = Annotated[IPv4Network | IPv6Network, Field(union_mode="left_to_right")]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TlsSettings(_Section):
+    """DICOM TLS (the BCP 195 profile: TLS 1.2 or 1.3, ECDHE with AES-GCM): a listener on its
+    own port, and the identity and trust this node uses towards destinations with ``tls``.
+    Off while no certificate is set."""
+
+    port: Port = 2762
+    certificate: Path | None = None  # PEM, this node's certificate (chain)
+    private_key: Path | None = None  # PEM, unencrypted
+    ca_certificates: Path | None = None  # PEM bundle: who signs the peers we trust
+    require_client_certificate: bool = True  # refuse senders without a certificate we trust
+    only: bool = False  # serve TLS only: no plain DICOM port
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: give both or neither")
+        if self.only and not self.enabled:
+            raise ValueError("only: TLS-only needs a certificate and private_key")
+        if self.enabled and self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA that "
+                             "signs the senders' certificates), or set it to false")
+        return self
+
+
+class Peer(_Section):
+    """A calling AE title bound to the addresses it may call from, with its own limit."""
+
+    ae_title: AETitle
+    addresses: list[Network] = Field(default_factory=list)  # CIDR, e.g. 10.1.2.0/24; empty: any
+    max_associations: int | None = Field(default=None, ge=1, le=1000)  # at once; empty: no own cap
 
 
 class DicomSettings(_Section):
@@ -66,6 +104,24 @@ class DicomSettings(_Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # one source address may hold this many connections at once (0: no cap beyond
+    # max_associations); a sender that opens connections and never speaks cannot take them all
+    max_connections_per_address: int = Field(default=8, ge=0, le=1000)
+    # an instance larger than this is refused (0xA700) and nothing of it is kept; 0: no cap
+    max_instance_mb: int = Field(default=2048, ge=0)
+    peers: list[Peer] = Field(default_factory=list)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @model_validator(mode="after")
+    def _peers_unique(self) -> DicomSettings:
+        titles = [p.ae_title for p in self.peers]
+        repeated = sorted({t for t in titles if titles.count(t) > 1})
+        if repeated:
+            raise ValueError(f"peers: each AE title once, repeated: {', '.join(repeated)}")
+        if self.tls.enabled and not self.tls.only and self.tls.port == self.port:
+            raise ValueError(f"tls.port ({self.tls.port}) is the plain port too: choose another "
+                             "port, or set tls.only to serve TLS alone")
+        return self
 
 
 class StorageSettings(_Section):
@@ -174,6 +230,11 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    # DICOM TLS to this destination: its certificate is checked against tls_ca_certificates
+    # (default: dicom.tls.ca_certificates) and this node shows dicom.tls.certificate
+    tls: bool = False
+    tls_ca_certificates: Path | None = None
+    tls_check_hostname: bool = True  # the certificate must name ``host``
 
 
 class OutboxSettings(_Section):
@@ -293,6 +354,29 @@ class LlmSettings(_Section):
     vision: bool = False  # also send the saliency overlay (only to a vision-capable model)
 
 
+class AuditSettings(_Section):
+    """The audit trail: one JSON object a line, DICOM audit events (associations, instances
+    in and out, security alerts, queries and exports), UIDs but never patient names."""
+
+    path: Path | None = None  # empty: audit.jsonl in the data folder
+    syslog: str | None = None  # also send each event as RFC 5424: udp://host:514 or tcp://host:601
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog_address(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("udp", "tcp") or not parts.hostname or not parts.port:
+            raise ValueError(f"syslog is udp://host:port or tcp://host:port, not {value!r}")
+        return value
+
+    def resolved_path(self, data_dir: Path) -> Path:
+        return self.path if self.path is not None else data_dir / "audit.jsonl"
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -325,6 +409,7 @@ class Settings(BaseSettings):
     anatomy: AnatomySettings = Field(default_factory=AnatomySettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

@@ -88,8 +88,10 @@ def _declare_utf8(header: Dataset, source: str) -> None:
     try:
         header.decode()  # every text value to str, with pydicom's fallbacks for unknown sets
     except Exception as exc:  # an undecodable value: keep what decoded, log the rest
+        # pydicom puts the whole inner traceback into this message: its first line says it
+        reason = str(exc).split("\n", 1)[0]
         log.warning("source text could not be decoded",
-                    extra=kv(source=source, error=f"{type(exc).__name__}: {exc}"))
+                    extra=kv(source=source, error=f"{type(exc).__name__}: {reason}"))
     if declared not in (None, "", UTF8, "ISO_IR 6", ["ISO_IR 192"]):
         log.info("source character set re-declared", extra=kv(
             source=source, attribute="SpecificCharacterSet", fix=f"written as {UTF8}"))

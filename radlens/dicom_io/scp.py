@@ -6,24 +6,46 @@ Success only after the spool has made the instance durable.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import os
 import socket
-import socketserver
+import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import _config, evt
 
+from radlens import audit
+from radlens.audit import AuditLog, NullAuditLog, Outcome
 from radlens.config import DicomSettings
+from radlens.dicom_io.acceptor import (  # noqa: F401 (re-exported: the listener's parts)
+    ACCEPTED_TRANSFER_SYNTAXES,
+    DUL_IDLE_SLEEP_S,
+    ListenerServer,
+    PortInUseError,
+    SharedPortListenerServer,
+    accepted_contexts,
+    build_ae,
+    check_port_free,
+    recv_exactly,
+)
+from radlens.dicom_io.guard import (
+    ConnectionGuard,
+    MessageGuard,
+    PeerPolicy,
+    QuietPeerErrors,
+    notice_refused_connection,
+    pdu_cap,
+    recv_bounded,
+)
 from radlens.dicom_io.spool import MissingUidError, Spool, StoredInstance, UnparseableDatasetError
-from radlens.errors import RadlensError, SpoolError
+from radlens.dicom_io.tls import describe_peer, server_context
+from radlens.errors import SpoolError
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
@@ -34,196 +56,126 @@ STATUS_CANNOT_PARSE = 0xC000
 STATUS_MISSING_UIDS = 0xC001
 STATUS_PROCESSING_FAILURE = 0x0110
 
-# pynetdicom accepts, per context, the first syntax of *our* list that the peer proposes. Keeping
-# encapsulated syntaxes first means a sender offering its file's own compressed syntax is never
-# asked to transcode, and what we store is what it had. Explicit VR beats implicit, little endian
-# beats big.
-_NATIVE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
-ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
-    [uid for uid in ALL_TRANSFER_SYNTAXES if uid not in _NATIVE] + list(_NATIVE)
-)
-
 # pynetdicom's standard handlers log every PDU at INFO and cost time on every message.
 _config.LOG_HANDLER_LEVEL = "none"
-# pynetdicom's DUL reactor sleeps this long whenever a loop found nothing to do (default 1 ms).
-# C-STORE is request/response, so the sleep is paid on every instance, twice; 0.2 ms cuts that
-# latency. The price, measured here: an idle association costs 8% of a core instead of 4%.
-DUL_IDLE_SLEEP_S = 0.0002
+# A peer's broken connection or PDU is the peer's error, handled: one log line, not a traceback.
+QuietPeerErrors.install()
 
 
-class PortInUseError(RadlensError):
-    """The DICOM port is held by another program."""
+@dataclass
+class _AssociationRecord:
+    """What one association did, for its audit entries when it ends."""
 
-
-class ListenerServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, optionally sharing its port with other processes.
-
-    With ``reuse_port`` the socket is bound with SO_REUSEPORT, so several processes of the same
-    user can listen on one port and the kernel spreads new connections over them. The server
-    owns its own life: unlike ``AE.start_server`` it is not registered with the AE.
-    """
-
-    reuse_port: bool = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def shutdown(self) -> None:
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-
-class SharedPortListenerServer(ListenerServer):
-    """A ListenerServer bound with SO_REUSEPORT."""
-
-    reuse_port = True
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Raise PortInUseError if another program listens on ``host:port``.
-
-    Sockets bound with SO_REUSEPORT do not fail on a port that another such socket of the same
-    user holds, so an agent sharing its port with its own processes would otherwise silently
-    share it with a stranger too: a plain bind first proves the port is ours.
-    """
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise PortInUseError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-
-
-def recv_exactly(raw: socket.socket, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` from ``raw``, or fewer if the peer closes: pynetdicom's
-    ``AssociationSocket.recv`` contract, without its 4 KiB reads.
-
-    pynetdicom reads a PDU 4 KiB at a time, so a 0.5 MB instance costs 130 system calls and as
-    many hand-overs of the GIL; with several associations in one process each hand-over may
-    wait for another thread. Reading into one buffer as much as the kernel holds takes a few.
-    """
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    nr_read = 0
-    while nr_read < nr_bytes:
-        count = raw.recv_into(view[nr_read:], nr_bytes - nr_read)
-        if not count:
-            del view
-            del buffer[nr_read:]
-            return buffer
-        nr_read += count
-    return buffer
-
-
-class AcceptedContext(PresentationContext):
-    """A supported presentation context that copies cheaply.
-
-    pynetdicom deep-copies the acceptor's supported contexts for every association. For 170
-    storage classes with 45 transfer syntaxes each that is 9,600 pydicom UIDs, each rebuilt and
-    validated against its regular expression: about 50 ms of CPU per association, paid once
-    per image by a modality that opens an association per image. A context's values are
-    immutable strings, so its copy shares them; only its lists are new.
-    """
-
-    def __deepcopy__(self, memo: dict[int, object]) -> AcceptedContext:
-        clone = copy.copy(self)
-        clone.__dict__.update({name: list(value) for name, value in vars(self).items()
-                               if isinstance(value, list)})
-        return clone
-
-
-def accepted_contexts(ae: AE) -> list[AcceptedContext]:
-    """The AE's supported contexts, as contexts that copy cheaply."""
-    contexts = []
-    for supported in ae.supported_contexts:
-        context = AcceptedContext()
-        context.abstract_syntax = supported.abstract_syntax
-        context.transfer_syntax = list(supported.transfer_syntax)
-        contexts.append(context)
-    return contexts
-
-
-def build_ae(settings: DicomSettings) -> AE:
-    """An acceptor for C-ECHO and every storage SOP class in every supported transfer syntax."""
-    ae = AE(ae_title=settings.ae_title)
-    ae.require_called_aet = True
-    ae.require_calling_aet = list(settings.allowed_calling_aets)
-    ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = settings.max_pdu_size
-    ae.network_timeout = settings.network_timeout_s
-    ae.acse_timeout = settings.acse_timeout_s
-    ae.dimse_timeout = settings.dimse_timeout_s
-    ae.add_supported_context(Verification)
-    for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
-    return ae
+    address: str
+    tls: dict[str, str | None] | None = None
+    calling_ae: str | None = None
+    messages: MessageGuard | None = None
+    stored: Counter[str] = field(default_factory=Counter)  # per study
+    failed: Counter[str] = field(default_factory=Counter)
+    sop_classes: dict[str, set[str]] = field(default_factory=dict)
+    refused: str | None = None  # our own refusal's reason (peers), already audited
+    flushed: bool = False
 
 
 class StorageListener:
-    """Accepts associations, files each C-STORE in the spool, tells ``on_stored`` about it."""
+    """Accepts associations, files each C-STORE in the spool, tells ``on_stored`` about it.
+
+    It serves the plain DICOM port, the TLS port (``dicom.tls``), or both, with one AE: the
+    same checks, counters and audit trail on each.
+    """
 
     def __init__(self, settings: DicomSettings, spool: Spool,
                  on_stored: Callable[[StoredInstance], None], *,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
         self.reuse_port = reuse_port
+        self.audit = audit or NullAuditLog()
         self.ae = build_ae(settings)
         self._contexts = accepted_contexts(self.ae)
-        self._server: ListenerServer | None = None
+        self._tls_context = server_context(settings.tls) if settings.tls.enabled else None
+        self._peers = PeerPolicy(settings.peers)
+        self._guard = ConnectionGuard(settings, on_refused=self._on_connection_refused)
+        self._pdu_cap = pdu_cap(settings)
+        self._servers: dict[str, ListenerServer] = {}
         self._counts_lock = threading.Lock()
         self.associations = 0
         self.stored = 0
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        """The plain DICOM port (the TLS port when TLS is all there is)."""
+        server = self._servers.get("plain") or self._servers.get("tls")
+        if server is None:
             raise RuntimeError("listener is not running")
-        return int(self._server.server_address[1])
+        return int(server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        server = self._servers.get("tls")
+        return None if server is None else int(server.server_address[1])
 
     @property
     def running(self) -> bool:
         """Whether the listener accepts associations (for ``/healthz``)."""
-        return self._server is not None and self._server.socket.fileno() >= 0
+        return bool(self._servers) and all(server.socket.fileno() >= 0
+                                           for server in self._servers.values())
 
     def start(self) -> None:
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection_open),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        tls = self.settings.tls
+        endpoints: list[tuple[str, int]] = []
+        if not tls.only:
+            endpoints.append(("plain", self.settings.port))
+        if tls.enabled:
+            endpoints.append(("tls", tls.port))
         server_class = SharedPortListenerServer if self.reuse_port else ListenerServer
-        try:
-            server = self.ae.make_server((self.settings.host, self.settings.port),
-                                         evt_handlers=handlers, server_class=server_class,
-                                         contexts=self._contexts)
-        except OSError as exc:
-            raise PortInUseError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
-                                 f"{exc.strerror or exc}") from exc
-        threading.Thread(target=server.serve_forever, name=f"AcceptorServer:{self.settings.port}",
-                         daemon=True).start()
-        self._server = server
+        for name, port in endpoints:
+            try:
+                server = self.ae.make_server((self.settings.host, port), evt_handlers=handlers,
+                                             server_class=server_class,
+                                             contexts=self._contexts)
+            except OSError as exc:
+                for started in self._servers.values():
+                    started.shutdown()
+                self._servers.clear()
+                raise PortInUseError(f"cannot listen on {self.settings.host}:{port}: "
+                                     f"{exc.strerror or exc}") from exc
+            assert isinstance(server, ListenerServer)
+            server.guard = self._guard
+            if name == "tls":
+                server.tls_context = self._tls_context
+                server.handshake_timeout_s = self.settings.acse_timeout_s
+                server.on_handshake_failed = self._on_handshake_failed
+            threading.Thread(target=server.serve_forever, name=f"AcceptorServer:{port}",
+                             daemon=True).start()
+            self._servers[name] = server
         log.info("listening", extra=kv(ae_title=self.settings.ae_title, host=self.settings.host,
-                                       port=self.port, shared_port=self.reuse_port,
+                                       port=None if tls.only else self.port,
+                                       tls_port=self.tls_port, shared_port=self.reuse_port,
                                        pid=os.getpid()))
 
     def stop(self, grace_s: float) -> int:
         """Stop accepting, let associations in flight finish for ``grace_s``; returns how many
         had to be aborted."""
-        if self._server is None:
+        if not self._servers:
             return 0
-        server, self._server = self._server, None
-        server.shutdown()
-        connections = server.active_associations
+        servers, self._servers = list(self._servers.values()), {}
+        connections = []
+        for server in servers:
+            server.shutdown()
+            connections += server.active_associations
         # A connection that never sent an A-ASSOCIATE-RQ (a health check, a port scan) has no
         # store in flight: drop it now rather than wait out its ACSE timeout.
         idle = [a for a in connections if not a.is_established]
@@ -244,6 +196,28 @@ class StorageListener:
                                               stored=self.stored, pid=os.getpid()))
         return aborted
 
+    # -- the door ------------------------------------------------------------------------------
+    def _on_connection_refused(self, address: str, held: int, refused: int) -> None:
+        notice_refused_connection(address, held, refused)
+        self.audit.record(audit.SECURITY_ALERT, Outcome.MINOR_FAILURE,
+                          event_type=audit.NODE_AUTHENTICATION, peer_address=address,
+                          count=refused, local_ae=self.settings.ae_title,
+                          reason=f"too many connections from one address ({held} held; "
+                                 "dicom.max_connections_per_address)")
+
+    def _on_handshake_failed(self, address: str, reason: str) -> None:
+        log.warning("TLS connection refused", extra=kv(address=address, reason=reason))
+        self.audit.record(audit.SECURITY_ALERT, Outcome.MINOR_FAILURE,
+                          event_type=audit.NODE_AUTHENTICATION, peer_address=address,
+                          local_ae=self.settings.ae_title, tls=True, reason=reason)
+
+    def _record(self, event: evt.Event) -> _AssociationRecord:
+        record = getattr(event.assoc, "radlens_record", None)
+        if record is None:  # an event before EVT_CONN_OPEN cannot happen; be safe anyway
+            record = _AssociationRecord(address=str(event.assoc.requestor.address))
+            event.assoc.radlens_record = record
+        return record
+
     # -- handlers ------------------------------------------------------------------------------
     def _on_connection_open(self, event: evt.Event) -> None:
         dul = event.assoc.dul
@@ -251,39 +225,161 @@ class StorageListener:
             dul._run_loop_delay = DUL_IDLE_SLEEP_S
         association_socket = event.assoc.dul.socket
         raw = getattr(association_socket, "socket", None)
+        record = _AssociationRecord(address=str(event.assoc.requestor.address))
+        event.assoc.radlens_record = record
+        if isinstance(raw, ssl.SSLSocket):
+            record.tls = describe_peer(raw)
+        record.messages = MessageGuard(
+            event.assoc, self.settings.max_instance_mb * 1024 * 1024,
+            functools.partial(self._on_instance_too_large, record),
+            functools.partial(self._on_invalid_message, record))
         if not isinstance(raw, socket.socket):
             return
-        # This association's socket reads whole PDUs (see recv_exactly).
-        association_socket.recv = functools.partial(recv_exactly, raw)
+        # This association's socket reads whole PDUs, none larger than we accept.
+        association_socket.recv = functools.partial(
+            recv_bounded, raw, self._pdu_cap, functools.partial(self._on_pdu_too_large, record),
+            functools.partial(self._on_connection_lost, event.assoc))
         if self.settings.tcp_nodelay:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def _on_connection_lost(assoc: Any) -> None:
+        """The connection ended. An association thread still waiting for its A-ASSOCIATE-RQ
+        would wait out the whole ACSE timeout, holding one of max_associations: wake it
+        (pynetdicom reads None as "no request came") so that it ends now."""
+        if not assoc.is_established and getattr(assoc.requestor, "primitive", None) is None:
+            assoc.dul.to_user_queue.put(None)
+
+    def _on_pdu_too_large(self, record: _AssociationRecord, length: int) -> None:
+        reason = (f"PDU of {length} bytes declared, more than the {self._pdu_cap} accepted; "
+                  "connection closed")
+        log.warning("oversized PDU refused", extra=kv(address=record.address,
+                                                      calling_aet=record.calling_ae,
+                                                      bytes=length, limit=self._pdu_cap))
+        self.audit.record(audit.SECURITY_ALERT, Outcome.SERIOUS_FAILURE,
+                          event_type=audit.USE_OF_RESTRICTED_FUNCTION, peer_ae=record.calling_ae,
+                          peer_address=record.address, local_ae=self.settings.ae_title,
+                          bytes=length, reason=reason)
+
+    def _on_instance_too_large(self, record: _AssociationRecord, message_id: int | None) -> None:
+        log.warning("instance larger than dicom.max_instance_mb: its data is dropped as it "
+                    "arrives and the store refused", extra=kv(
+                        address=record.address, calling_aet=record.calling_ae,
+                        message_id=message_id, limit_mb=self.settings.max_instance_mb))
+
+    def _on_invalid_message(self, record: _AssociationRecord, error: Exception) -> None:
+        log.warning("invalid DIMSE message; association aborted", extra=kv(
+            address=record.address, calling_aet=record.calling_ae,
+            error=f"{type(error).__name__}: {error}"))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        record = self._record(event)
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        record.calling_ae = calling
+
+        def established_by(ae_title: str) -> int:
+            return sum(1 for server in list(self._servers.values())
+                       for other in server.active_associations
+                       if other is not assoc and other.is_established
+                       and str(other.requestor.ae_title).strip() == ae_title)
+
+        refusal = self._peers.refusal(calling, record.address, established_by)
+        if refusal is None:
+            return
+        (result, source, diagnostic), reason = refusal
+        record.refused = reason
+        log.warning("association refused", extra=kv(calling_aet=calling,
+                                                    address=record.address, reason=reason))
+        self._audit_refusal(record, calling, reason)
+        assoc.acse.send_reject(result, source, diagnostic)
+        assoc.kill()
+
+    def _audit_refusal(self, record: _AssociationRecord, calling: str, reason: str) -> None:
+        common = dict(peer_ae=calling, peer_address=record.address,
+                      local_ae=self.settings.ae_title, reason=reason,
+                      tls=record.tls is not None)
+        self.audit.record(audit.ASSOCIATION, Outcome.MINOR_FAILURE, event_type=audit.LOGIN,
+                          **common)
+        self.audit.record(audit.SECURITY_ALERT, Outcome.MINOR_FAILURE,
+                          event_type=audit.NODE_AUTHENTICATION, **common)
 
     def _on_accepted(self, event: evt.Event) -> None:
         with self._counts_lock:
             self.associations += 1
-        log.debug("association accepted", extra=kv(calling_aet=event.assoc.requestor.ae_title,
-                                                   address=event.assoc.requestor.address))
+        record = self._record(event)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        record.calling_ae = calling
+        log.debug("association accepted", extra=kv(calling_aet=calling, address=record.address))
+        self.audit.record(audit.ASSOCIATION, Outcome.SUCCESS, event_type=audit.LOGIN,
+                          peer_ae=calling, peer_address=record.address,
+                          local_ae=self.settings.ae_title, tls=record.tls is not None,
+                          **(record.tls or {}))
 
     def _on_rejected(self, event: evt.Event) -> None:
-        log.warning(
-            "association rejected",
-            extra=kv(calling_aet=event.assoc.requestor.ae_title,
-                     called_aet=event.assoc.acceptor.ae_title,
-                     address=event.assoc.requestor.address),
-        )
+        record = self._record(event)
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        if called != self.settings.ae_title:
+            reason = f"called AE title {called!r} is not {self.settings.ae_title!r}"
+        elif self.ae.require_calling_aet and calling not in self.ae.require_calling_aet:
+            reason = f"calling AE title {calling!r} is not in dicom.allowed_calling_aets"
+        else:
+            reason = "too many associations at once (dicom.max_associations)"
+        log.warning("association rejected", extra=kv(calling_aet=calling, called_aet=called,
+                                                     address=record.address, reason=reason))
+        self._audit_refusal(record, calling, reason)
+
+    def _on_ended(self, event: evt.Event) -> None:
+        """Released, aborted or closed: one "instances transferred" entry per study."""
+        record = getattr(event.assoc, "radlens_record", None)
+        if record is None or record.flushed:
+            return
+        record.flushed = True
+        for study in sorted(set(record.stored) | set(record.failed)):
+            failed = record.failed.get(study, 0)
+            self.audit.record(
+                audit.INSTANCES_TRANSFERRED,
+                Outcome.SUCCESS if not failed else Outcome.MINOR_FAILURE,
+                peer_ae=record.calling_ae, peer_address=record.address, direction="in",
+                local_ae=self.settings.ae_title, study=study,
+                instances=record.stored.get(study, 0), failed=failed,
+                sop_classes=sorted(record.sop_classes.get(study, ())),
+                tls=record.tls is not None)
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
+        record = self._record(event)
+        status, study = self._store(event, record)
+        key = study or "(unknown study)"
+        if status == STATUS_SUCCESS:
+            record.stored[key] += 1
+        else:
+            record.failed[key] += 1
+        sop_class = getattr(event.request, "AffectedSOPClassUID", None)
+        if sop_class:
+            record.sop_classes.setdefault(key, set()).add(str(sop_class))
+        return status
+
+    def _store(self, event: evt.Event, record: _AssociationRecord) -> tuple[int, str | None]:
         calling_aet = event.assoc.requestor.ae_title
+        limit = record.messages
+        if limit is not None and int(event.request.MessageID) in limit.oversized:
+            limit.oversized.discard(int(event.request.MessageID))
+            log.warning("instance refused: larger than dicom.max_instance_mb", extra=kv(
+                calling_aet=calling_aet, address=record.address,
+                sop=str(event.request.AffectedSOPInstanceUID),
+                limit_mb=self.settings.max_instance_mb))
+            return STATUS_OUT_OF_RESOURCES, None
         try:
             encoded = event.encoded_dataset(include_meta=True)
             transfer_syntax = str(event.context.transfer_syntax)
         except Exception as exc:  # pynetdicom could not even hand us the dataset
             log.error("cannot read C-STORE dataset", extra=kv(calling_aet=calling_aet,
                                                               error=str(exc)))
-            return STATUS_PROCESSING_FAILURE
+            return STATUS_PROCESSING_FAILURE, None
         try:
             stored = self.spool.store(encoded, calling_aet=calling_aet,
                                       transfer_syntax_uid=transfer_syntax)
@@ -292,25 +388,24 @@ class StorageListener:
                 self.spool.quarantine(encoded, calling_aet=calling_aet, reason=str(exc))
             except SpoolError as quarantine_error:
                 log.error("cannot quarantine", extra=kv(error=str(quarantine_error)))
-                return STATUS_OUT_OF_RESOURCES
+                return STATUS_OUT_OF_RESOURCES, None
             if isinstance(exc, UnparseableDatasetError):
-                return STATUS_CANNOT_PARSE
-            return STATUS_MISSING_UIDS
+                return STATUS_CANNOT_PARSE, None
+            return STATUS_MISSING_UIDS, None
         except SpoolError as exc:
             log.error("cannot store instance", extra=kv(calling_aet=calling_aet, error=str(exc)))
-            return STATUS_OUT_OF_RESOURCES
+            return STATUS_OUT_OF_RESOURCES, None
+        study = stored.uids.study_instance_uid
         if stored.duplicate:
             log.info("instance already held", extra=kv(sop=stored.uids.sop_instance_uid,
                                                        calling_aet=calling_aet))
-            return STATUS_SUCCESS
+            return STATUS_SUCCESS, study
         with self._counts_lock:
             self.stored += 1
-        log.debug("instance stored", extra=kv(sop=stored.uids.sop_instance_uid,
-                                              study=stored.uids.study_instance_uid,
+        log.debug("instance stored", extra=kv(sop=stored.uids.sop_instance_uid, study=study,
                                               calling_aet=calling_aet, bytes=stored.size_bytes))
         try:
             self.on_stored(stored)
         except Exception:  # the instance is durable; assembly is rebuilt from the state anyway
-            log.exception("assembler notification failed", extra=kv(
-                study=stored.uids.study_instance_uid))
-        return STATUS_SUCCESS
+            log.exception("assembler notification failed", extra=kv(study=study))
+        return STATUS_SUCCESS, study

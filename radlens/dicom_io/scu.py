@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +52,21 @@ def _ae(calling_aet: str, timeout_s: float) -> AE:
     return ae
 
 
-def _associate(ae: AE, host: str, port: int, called_aet: str) -> Association:
-    """Associate, or raise DestinationError saying why (with the peer's rejection reason)."""
+def _associate(ae: AE, host: str, port: int, called_aet: str,
+               tls_context: ssl.SSLContext | None = None) -> Association:
+    """Associate, or raise DestinationError saying why (with the peer's rejection reason).
+    With ``tls_context`` the connection is DICOM TLS, checked against ``host``."""
     responses: list[object] = []
 
     def keep_response(event: evt.Event) -> None:
         responses.append(event.primitive)
 
-    assoc = ae.associate(host, port, ae_title=called_aet,
+    where = f"{called_aet}@{host}:{port}" + (" (TLS)" if tls_context is not None else "")
+    tls_args = (tls_context, host) if tls_context is not None else None
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
                          evt_handlers=[(evt.EVT_ACSE_RECV, keep_response)])
     if assoc.is_established:
         return assoc
-    where = f"{called_aet}@{host}:{port}"
     if assoc.is_rejected:
         reason = next((getattr(r, "reason_str", None) for r in responses
                        if getattr(r, "reason_str", None)), None)
@@ -70,16 +74,20 @@ def _associate(ae: AE, host: str, port: int, called_aet: str) -> Association:
                                (f": {reason}" if reason else ""))
     if responses:
         raise DestinationError(f"association aborted by {where}")
-    # pynetdicom marks a failed TCP connect as aborted too; no ACSE answer means no connection.
+    # pynetdicom marks a failed TCP connect (or TLS handshake, logged by pynetdicom's transport
+    # with its reason) as aborted too; no ACSE answer means no connection.
+    if tls_context is not None:
+        raise DestinationError(f"cannot connect to {where} (refused, unreachable, timed out, "
+                               "or the TLS handshake failed: see the log for the reason)")
     raise DestinationError(f"cannot connect to {where} (refused, unreachable or timed out)")
 
 
 def echo(host: str, port: int, called_aet: str, *, calling_aet: str = "RADLENS",
-         timeout_s: float = 10.0) -> int:
+         timeout_s: float = 10.0, tls_context: ssl.SSLContext | None = None) -> int:
     """Send a C-ECHO; returns the status, raises DestinationError if no association."""
     ae = _ae(calling_aet, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = _associate(ae, host, port, called_aet)
+    assoc = _associate(ae, host, port, called_aet, tls_context)
     try:
         response = assoc.send_c_echo()
     finally:
@@ -90,7 +98,8 @@ def echo(host: str, port: int, called_aet: str, *, calling_aet: str = "RADLENS",
 
 
 def send_files(host: str, port: int, called_aet: str, files: Sequence[OutgoingFile], *,
-               calling_aet: str, timeout_s: float = 30.0) -> list[SendResult]:
+               calling_aet: str, timeout_s: float = 30.0,
+               tls_context: ssl.SSLContext | None = None) -> list[SendResult]:
     """C-STORE each file in its stored transfer syntax, over as few associations as contexts
     allow. Raises DestinationError when the node cannot be reached at all."""
     results: list[SendResult] = []
@@ -105,17 +114,17 @@ def send_files(host: str, port: int, called_aet: str, files: Sequence[OutgoingFi
             batch.append(item)
         remaining = [item for item in remaining if item not in batch]
         results.extend(_send_batch(host, port, called_aet, batch, sorted(contexts),
-                                   calling_aet, timeout_s))
+                                   calling_aet, timeout_s, tls_context))
     return results
 
 
 def _send_batch(host: str, port: int, called_aet: str, batch: list[OutgoingFile],
                 contexts: list[tuple[str, str]], calling_aet: str,
-                timeout_s: float) -> list[SendResult]:
+                timeout_s: float, tls_context: ssl.SSLContext | None) -> list[SendResult]:
     ae = _ae(calling_aet, timeout_s)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = _associate(ae, host, port, called_aet)
+    assoc = _associate(ae, host, port, called_aet, tls_context)
     results = []
     try:
         for item in batch:
