@@ -55,6 +55,7 @@ bench: $(DEV_STAMP) tools
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/turnaround.py
 	$(BIN)/python benchmarks/cluster.py
+	$(BIN)/python benchmarks/fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -508,3 +508,62 @@ def echo_seconds(host: str, port: int, *, called: str = "RADLENS", calling: str 
     except DestinationError:
         return None
     return time.monotonic() - started if status == 0 else None
+
+
+class RawAssociation:
+    """A hand-driven association over a plain socket, for senders no toolkit would be: one
+    that trickles a PDU a second, one that streams more than the node accepts."""
+
+    def __init__(self, host: str, port: int, *, source: str | None = None,
+                 called: str = "RADLENS", calling: str = "RAWSCU", timeout_s: float = 30.0,
+                 contexts: list[tuple[int, str, list[str]]] | None = None) -> None:
+        self.connection = socket.create_connection(
+            (host, port), timeout=timeout_s,
+            source_address=(source, 0) if source is not None else None)
+        self.connection.sendall(associate_rq(called, calling, contexts or [
+            (1, US_IMAGE_STORAGE, [ExplicitVRLittleEndian])]))
+        kind, _ = self.read_pdu()
+        if kind != 0x02:
+            raise ConnectionError(f"association not accepted (PDU type 0x{kind:02x})")
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        header = _recv_exactly(self.connection, 6)
+        if len(header) < 6:
+            raise ConnectionError("connection closed")
+        length = struct.unpack(">I", header[2:6])[0]
+        return header[0], _recv_exactly(self.connection, length)
+
+    def store_pdus(self, sop_instance_uid: str, dataset: bytes, *, fragment: int = 16384,
+                   message_id: int = 1, context_id: int = 1) -> Iterator[bytes]:
+        """The P-DATA-TF PDUs of one C-STORE-RQ: the command, then the dataset in fragments."""
+        command = Dataset()
+        command.AffectedSOPClassUID = US_IMAGE_STORAGE
+        command.CommandField = 0x0001
+        command.MessageID = message_id
+        command.Priority = 0
+        command.CommandDataSetType = 0x0000
+        command.AffectedSOPInstanceUID = sop_instance_uid
+        body = encode_implicit(command)
+        group = Dataset()
+        group.CommandGroupLength = len(body)
+        yield p_data(context_id, 0x03, encode_implicit(group) + body)
+        for start in range(0, len(dataset), fragment):
+            last = start + fragment >= len(dataset)
+            yield p_data(context_id, 0x02 if last else 0x00, dataset[start:start + fragment])
+
+    def read_status(self) -> int:
+        """The Status of the next DIMSE response."""
+        kind, body = self.read_pdu()
+        if kind != 0x04:
+            raise ConnectionError(f"expected P-DATA, got PDU type 0x{kind:02x}")
+        data = body[6:]  # PDV length (4), context (1), control header (1)
+        command = pydicom.filereader.read_dataset(DicomBytesIO(data), True, True)
+        return int(command.Status)
+
+    def release(self) -> None:
+        try:
+            self.connection.sendall(struct.pack(">BBI", 0x05, 0, 4) + bytes(4))
+            self.read_pdu()
+        except (OSError, ConnectionError):
+            pass
+        self.connection.close()

@@ -278,6 +278,9 @@ def test_the_deploy_files_are_valid():
                for w in workers)
     assert compose["services"]["ray-head"]["entrypoint"] == ["ray"]
     assert "postgres" in compose["services"] and "haproxy" in compose["services"]
+    audit_paths = [s["environment"]["RADLENS_AUDIT__PATH"] for s in compose["services"].values()
+                   if s.get("image") == "radlens" and "entrypoint" not in s]
+    assert len(set(audit_paths)) == 5  # one audit trail per node: no shared appends
     from radlens.config import load_settings
 
     assert load_settings(deploy / "radlens.yaml").dicom.ae_title == "RADLENS"
