@@ -91,10 +91,18 @@ class ListenerServer(ThreadedAssociationServer):
     def _handshake(self, raw: socket.socket, client_address: Any) -> ssl.SSLSocket:
         assert self.tls_context is not None
         raw.settimeout(self.handshake_timeout_s)
-        tls_socket = self.tls_context.wrap_socket(raw, server_side=True)
-        tls_socket.settimeout(None)
+        # Wrapping moves the descriptor into the TLS socket: count that one from now on, so a
+        # client stuck in its handshake still counts against its address.
+        tls_socket = self.tls_context.wrap_socket(raw, server_side=True,
+                                                  do_handshake_on_connect=False)
         if self.guard is not None:
             self.guard.replace(str(client_address[0]), raw, tls_socket)
+        try:
+            tls_socket.do_handshake()
+        except BaseException:
+            tls_socket.close()
+            raise
+        tls_socket.settimeout(None)
         return tls_socket
 
     def shutdown(self) -> None:

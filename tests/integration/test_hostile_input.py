@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from radlens.demo.fuzz import (

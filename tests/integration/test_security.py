@@ -55,6 +55,17 @@ def tls_storescu(port: int, files: list[Path], certs: Path, *, key: str = "clien
         "+cf", str(certs / "ca.crt"), *extra])
 
 
+def closed_by_node(connection: socket.socket) -> bool:
+    """Whether the other end closed ``connection`` (nothing was ever sent on it)."""
+    connection.settimeout(0.05)
+    try:
+        return connection.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
 def audit_entries(server) -> list[dict]:
     path = server.data_dir / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -66,7 +77,8 @@ def test_tls_listener_beside_the_plain_port(server_factory, certificates):
     that connects and never speaks does not hold up the next one; the plain port still works."""
     tls_port = free_port()
     server = server_factory(**tls_env(certificates, tls_port,
-                                      RADLENS_DICOM__ACSE_TIMEOUT_S="20")).start()
+                                      RADLENS_DICOM__ACSE_TIMEOUT_S="20",
+                                      RADLENS_DICOM__MAX_CONNECTIONS_PER_ADDRESS="3")).start()
     wait_for(lambda: port_open(tls_port), 10, "the TLS port")
 
     sent = tls_storescu(tls_port, [CT], certificates)
@@ -94,6 +106,15 @@ def test_tls_listener_beside_the_plain_port(server_factory, certificates):
         assert waited < 10, f"the silent client held the next association for {waited:.1f} s"
     finally:
         silent.close()
+    # Clients stuck in their handshake still count against their address's cap.
+    stuck = [socket.create_connection(("127.0.0.1", tls_port), source_address=("127.0.0.2", 0))
+             for _ in range(5)]
+    try:
+        wait_for(lambda: sum(map(closed_by_node, stuck)) == 2, 10, "the excess to be closed")
+        assert sum(map(closed_by_node, stuck)) == 2
+    finally:
+        for connection in stuck:
+            connection.close()
     assert storescu(server.port, [TEST_FILES / "JPEG2000.dcm"]).returncode == 0  # plain port
 
     log = server.log()
