@@ -19,33 +19,58 @@ from radlens.errors import RadlensError
 
 
 def phantoms(
-    out: Annotated[Path, typer.Option(help="folder to write images/, masks/, labels.csv")],
-    n: Annotated[int, typer.Option(min=1, help="number of cases")] = 100,
+    out: Annotated[Path, typer.Option(help="folder to write images/, masks/ (or regions/), "
+                                      "labels.csv")],
+    n: Annotated[int, typer.Option(min=1, help="number of cases (mammo: of patients, four "
+                                   "views each)")] = 100,
     seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
-    size: Annotated[int, typer.Option(min=64, max=2048, help="frame size in pixels")] = 256,
-    dicom: Annotated[bool, typer.Option("--dicom", help="also one DICOM study per case")]
-    = False,
+    size: Annotated[int, typer.Option(min=64, max=2048, help="frame size in pixels (mammo: "
+                                      "the height)")] = 256,
+    kind: Annotated[str, typer.Option(help="us: breast ultrasound with lesions; mammo: "
+                                      "mammograms with a BI-RADS density category")] = "us",
+    dicom: Annotated[bool, typer.Option("--dicom", help="also one DICOM study per case "
+                                        "(mammo: per patient)")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Write synthetic breast-ultrasound phantoms in the BUS-UCLM folder layout."""
+    """Write synthetic phantoms: breast ultrasound in the BUS-UCLM folder layout, or
+    mammograms (CC and MLO, left and right) labelled with their breast density."""
     from rich.progress import Progress
 
-    from radlens.models.phantoms import Phantom, generate, write_dataset
-
     cli_settings(config)
+    if kind not in ("us", "mammo"):
+        raise fail(f"--kind is us or mammo, not {kind!r}", 2)
     counts: dict[str, int] = {}
     with Progress(console=err, transient=False) as progress:
         task = progress.add_task("phantoms", total=n)
+        if kind == "mammo":
+            from radlens.models import mammo_phantoms
 
-        def advance(phantom: Phantom) -> None:
-            counts[phantom.label] = counts.get(phantom.label, 0) + 1
-            progress.advance(task)
+            def advance_patient(views: list) -> None:
+                category = mammo_phantoms.study_density(views)
+                counts[category] = counts.get(category, 0) + 1
+                progress.advance(task)
 
-        write_dataset(out, generate(n, seed, size=size), dicom=dicom,
-                      uid_seed=f"radlens-phantoms-{seed}-{size}", on_case=advance)
-    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "benign", "malignant"))
+            mammo_phantoms.write_dataset(out, mammo_phantoms.generate(n, seed, size=size),
+                                         dicom=dicom, uid_seed=f"radlens-mammo-{seed}-{size}",
+                                         on_patient=advance_patient)
+        else:
+            from radlens.models.phantoms import Phantom, generate, write_dataset
+
+            def advance(phantom: Phantom) -> None:
+                counts[phantom.label] = counts.get(phantom.label, 0) + 1
+                progress.advance(task)
+
+            write_dataset(out, generate(n, seed, size=size), dicom=dicom,
+                          uid_seed=f"radlens-phantoms-{seed}-{size}", on_case=advance)
     out.mkdir(parents=True, exist_ok=True)
-    console_line = f"wrote {n} phantoms ({summary}) to {out}"
+    if kind == "mammo":
+        summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in "ABCD")
+        console_line = (f"wrote {n} patients, {4 * n} views (study density: {summary}) "
+                        f"to {out}")
+    else:
+        summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "benign",
+                                                               "malignant"))
+        console_line = f"wrote {n} phantoms ({summary}) to {out}"
     if dicom:
         console_line += f"; DICOM studies in {out / 'dicom'}"
     sys.stdout.write(console_line + "\n")
