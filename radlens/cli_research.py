@@ -109,12 +109,21 @@ def train(
     learning_rate: Annotated[float, typer.Option()] = 1e-4,
     patience: Annotated[int, typer.Option(min=1, help="early stopping patience (epochs)")] = 4,
     seed: Annotated[int, typer.Option()] = 0,
-    size: Annotated[int, typer.Option(min=32, help="network input size")] = 256,
+    size: Annotated[int | None, typer.Option(
+        min=32, help="network input size (default 256; density: 224)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="data-loading processes")] = 0,
+    task: Annotated[str, typer.Option(
+        help="segmentation: breast-ultrasound lesions; density: BI-RADS breast density on "
+             "mammograms (docs/density.md)")] = "segmentation",
+    class_weights: Annotated[bool, typer.Option(
+        "--class-weights/--no-class-weights",
+        help="density: inverse-frequency weights and undersampling (off: the ablation)")]
+    = True,
     config: ConfigOption = None,
 ) -> None:
-    """Train a segmentation network with the published settings (docs/method.md)."""
+    """Train a segmentation network with the published settings (docs/method.md), or the
+    breast density model (--task density)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from radlens.models.datasets import DatasetError
@@ -122,6 +131,14 @@ def train(
     from radlens.models.train import EpochRecord, TrainSettings, run_training
 
     cli_settings(config)
+    if task == "density":
+        train_density(data, out, folds=folds, epochs=epochs, batch_size=batch_size,
+                      learning_rate=learning_rate, patience=patience, seed=seed,
+                      size=size or 224, device=device, weighted=class_weights)
+        return
+    if task != "segmentation":
+        raise fail(f"--task is segmentation or density, not {task!r}", 2)
+    size = size or 256
     if arch not in REGISTRY:
         raise fail(f"unknown architecture {arch!r} (known: {', '.join(REGISTRY)})", 2)
     settings = TrainSettings(arch=arch, epochs=epochs, batch_size=batch_size,
@@ -151,6 +168,48 @@ def train(
               f"{summary['from_segmentation']['accuracy']['mean']:.3f}; wrote {out}")
 
 
+def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size: int,
+                  learning_rate: float, patience: int, seed: int, size: int, device: str,
+                  weighted: bool) -> None:
+    """``radlens train --task density``: folds with a progress bar each, then the summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from radlens.models.density_train import (
+        DensityDataError,
+        DensityEpoch,
+        DensityTrainSettings,
+        run_density_training,
+    )
+
+    settings = DensityTrainSettings(epochs=epochs, batch_size=batch_size,
+                                    learning_rate=learning_rate, patience=patience,
+                                    folds=folds, seed=seed, device=device, size=size,
+                                    weighted=weighted)
+    command = "radlens " + " ".join(sys.argv[1:])
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=err) as progress:
+        tasks: dict[int, int] = {}
+
+        def on_epoch(fold: int, record: DensityEpoch, planned: int) -> None:
+            if fold not in tasks:
+                tasks[fold] = progress.add_task(f"density fold {fold}", total=planned,
+                                                info="")
+            progress.update(tasks[fold], completed=record.epoch,
+                            info=f"loss {record.train_loss:.3f} / {record.val_loss:.3f}  "
+                                 f"accuracy {record.val_accuracy:.3f}")
+
+        try:
+            metrics = run_density_training(data, settings, out, command=command,
+                                           on_epoch=on_epoch)
+        except (DensityDataError, ValueError) as exc:
+            raise fail(str(exc), 1) from None
+    summary = metrics["summary"]
+    console.print(f"trained the density model on {metrics['data']['views']} views of "
+                  f"{metrics['data']['patients']} patients; validation accuracy "
+                  f"{summary['accuracy']['mean']:.3f}, mean AUC "
+                  f"{summary['mean_auc']['mean']:.3f}; wrote {out}", highlight=False)
+
+
 def evaluate(
     data: Annotated[Path, typer.Option(help="dataset folder with masks", exists=True,
                                        file_okay=False)],
@@ -169,13 +228,28 @@ def evaluate(
     unlike: Annotated[list[Path] | None, typer.Option(
         help="DICOM files or folders the model should abstain on: their out-of-distribution "
              "scores are printed beside the dataset's")] = None,
+    task: Annotated[str, typer.Option(help="segmentation or density")] = "segmentation",
     config: ConfigOption = None,
 ) -> None:
-    """Evaluate a model on a labelled dataset, or compare architectures trained identically."""
+    """Evaluate a model on a labelled dataset, or compare architectures trained identically;
+    with --task density: accuracy, per-category AUC and the confusion matrix."""
     from radlens.models import evaluate as evaluation
     from radlens.models.datasets import DatasetError
 
     cli_settings(config)
+    if task == "density":
+        from radlens.models.density_train import DensityDataError, evaluate_density_folder
+        from radlens.models.infer import ModelError, model_folder
+
+        try:
+            folder = model_folder("density" if model == "default" else model)
+            evaluate_density_folder(data, folder, out, device=device)
+        except (DensityDataError, ModelError, ValueError, RadlensError) as exc:
+            raise fail(str(exc), 1) from None
+        console.print((out / "report.md").read_text(), markup=False, highlight=False)
+        return
+    if task != "segmentation":
+        raise fail(f"--task is segmentation or density, not {task!r}", 2)
     try:
         if compare:
             evaluation.compare_architectures(

@@ -1,0 +1,194 @@
+"""Breast density (BI-RADS A-D) as image-text similarity, CLIP style.
+
+An image encoder (a small MONAI ResNet) and a text encoder (a one-layer transformer over a word
+vocabulary) map a mammogram and a sentence into one embedding space. The four sentences are the
+BI-RADS atlas's standard descriptions of the categories; an image is classified by the most
+similar one, so the model also scores descriptions it was not trained on (zero-shot style).
+Training uses a weighted contrastive loss: image-to-text and text-to-image, each class weighted
+by its inverse frequency, so that the rare category D counts as much as the common B and C.
+
+Inputs follow the published preparation: burned-in annotations that stand apart from the breast
+are removed (only the breast's connected region is kept), the image is cropped to the breast,
+turned so that the chest wall is on the left, and resized to 224 x 224.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.networks.nets import ResNet
+from scipy import ndimage
+from torch import nn
+from torch.nn import functional as F
+
+DENSITY_CLASSES = ("A", "B", "C", "D")
+# The BI-RADS atlas (5th edition) wording of the four breast composition categories.
+DESCRIPTIONS = {
+    "A": "The breasts are almost entirely fatty.",
+    "B": "There are scattered areas of fibroglandular density.",
+    "C": "The breasts are heterogeneously dense, which may obscure small masses.",
+    "D": "The breasts are extremely dense, which lowers the sensitivity of mammography.",
+}
+INPUT_SIZE = 224
+MAX_TOKENS = 24
+EMBED_DIM = 64
+CAM_LAYER = "image_encoder.layer4"
+
+
+# -- preparing a mammogram -----------------------------------------------------------------
+@dataclass(frozen=True)
+class PreparedImage:
+    """A mammogram as the network sees it, and how it was cut from the original."""
+
+    pixels: np.ndarray  # float32 (INPUT_SIZE, INPUT_SIZE), 0..1, chest wall on the left
+    box: tuple[int, int, int, int]  # row0, row1, col0, col1 of the crop in the original
+    flipped: bool  # the original had its chest wall on the right
+    scale: float  # original pixels per network pixel
+
+
+def breast_region(image: np.ndarray) -> np.ndarray:
+    """The breast: the largest connected region brighter than the background, holes filled.
+    Markers and text that stand apart from it are left out."""
+    values = image.astype(np.float32)
+    top = float(values.max()) or 1.0
+    foreground = values > 0.06 * top
+    foreground = ndimage.binary_opening(foreground, iterations=1)
+    labels, count = ndimage.label(foreground)
+    if count == 0:
+        return np.zeros(image.shape, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=range(1, count + 1))
+    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+def chest_wall_on_right(region: np.ndarray) -> bool:
+    """The chest wall is the image edge the breast touches the most."""
+    return bool(region[:, -1].sum() > region[:, 0].sum())
+
+
+def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> PreparedImage:
+    """Crop to the breast, blank what lies outside it, chest wall left, resize to ``size``
+    (aspect kept, padded with background)."""
+    values = image.astype(np.float32)
+    top = float(values.max()) or 1.0
+    values /= top
+    region = breast_region(image)
+    if not region.any():
+        region = np.ones(image.shape, dtype=bool)
+    rows, cols = np.nonzero(region)
+    r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    crop = np.where(region, values, 0.0)[r0:r1, c0:c1]
+    flipped = chest_wall_on_right(region)
+    if flipped:
+        crop = crop[:, ::-1]
+    scale = max(crop.shape) / size
+    resized = ndimage.zoom(crop, (size / max(crop.shape),) * 2, order=1)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    h, w = min(size, resized.shape[0]), min(size, resized.shape[1])
+    top_row = (size - h) // 2
+    canvas[top_row:top_row + h, :w] = resized[:h, :w]  # chest wall against the left edge
+    return PreparedImage(np.clip(canvas, 0.0, 1.0), (r0, r1, c0, c1), flipped, scale)
+
+
+# -- text ------------------------------------------------------------------------------------
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+class Vocabulary:
+    """Word-level tokens: the descriptions' words, and <pad>, <unk>, <bos>."""
+
+    SPECIAL = ("<pad>", "<unk>", "<bos>")
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        known = sorted({w for text in texts for w in words(text)})
+        self.tokens = [*self.SPECIAL, *known]
+        self.index = {token: i for i, token in enumerate(self.tokens)}
+
+    def encode(self, texts: Sequence[str], length: int = MAX_TOKENS) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            ids = [self.index["<bos>"]] + [self.index.get(w, 1) for w in words(text)]
+            ids = ids[:length] + [0] * max(0, length - len(ids))
+            rows.append(ids)
+        return torch.tensor(rows, dtype=torch.long)
+
+
+class TextEncoder(nn.Module):
+    """Token embeddings, one transformer layer, mean over the words, a projection."""
+
+    def __init__(self, vocabulary_size: int, width: int = 64, embed_dim: int = EMBED_DIM) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocabulary_size, width, padding_idx=0)
+        self.positions = nn.Parameter(torch.zeros(MAX_TOKENS, width))
+        self.layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width,
+                                                dropout=0.0, batch_first=True)
+        self.projection = nn.Linear(width, embed_dim)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        padding = token_ids == 0
+        hidden = self.tokens(token_ids) + self.positions[: token_ids.shape[1]]
+        hidden = self.layer(hidden, src_key_padding_mask=padding)
+        keep = (~padding).unsqueeze(-1).float()
+        pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return self.projection(pooled)
+
+
+# -- the model -------------------------------------------------------------------------------
+class DensityCLIP(nn.Module):
+    """Image and text in one space; the logits of an image against each description."""
+
+    def __init__(self, vocabulary: Vocabulary, embed_dim: int = EMBED_DIM,
+                 widths: Sequence[int] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        self.vocabulary = vocabulary
+        self.image_encoder = ResNet(block="basic", layers=[1, 1, 1, 1],
+                                    block_inplanes=list(widths), spatial_dims=2,
+                                    n_input_channels=1, conv1_t_stride=2,
+                                    num_classes=embed_dim)
+        self.text_encoder = TextEncoder(len(vocabulary.tokens), embed_dim=embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+        self.register_buffer("prompt_ids", vocabulary.encode(
+            [DESCRIPTIONS[c] for c in DENSITY_CLASSES]), persistent=True)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_encoder(images), dim=-1)
+
+    def encode_texts(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_encoder(token_ids), dim=-1)
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Logits (images, texts); the four descriptions when no texts are given."""
+        texts = self.encode_texts(self.prompt_ids if token_ids is None else token_ids)
+        scale = self.logit_scale.clamp(max=float(np.log(100.0))).exp()
+        return scale * self.encode_images(images) @ texts.t()
+
+
+def class_weights(labels: Sequence[int], classes: int = len(DENSITY_CLASSES)) -> torch.Tensor:
+    """Inverse class frequency, normalised to a mean of 1 over the classes present."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / classes, 0.0)
+    present = weights > 0
+    weights[present] /= weights[present].mean()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def weighted_contrastive_loss(logits: torch.Tensor, labels: torch.Tensor,
+                              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Image-to-text cross-entropy over the descriptions plus text-to-image InfoNCE over the
+    batch (every image of a category is a positive of its description), both weighted per
+    category. ``logits``: (images, categories)."""
+    image_to_text = F.cross_entropy(logits, labels, weight=weights)
+    log_probability = logits.t().log_softmax(dim=1)  # each description over the batch's images
+    positives = F.one_hot(labels, logits.shape[1]).t().bool()
+    present = positives.any(dim=1)
+    per_text = -torch.logsumexp(log_probability.masked_fill(~positives, float("-inf")),
+                                dim=1)[present]
+    text_weights = (weights[present] if weights is not None
+                    else torch.ones_like(per_text))
+    text_to_image = (per_text * text_weights).sum() / text_weights.sum()
+    return (image_to_text + text_to_image) / 2

@@ -1,0 +1,442 @@
+"""Training and evaluating the breast density model.
+
+The published recipe, scaled to a CPU: patient-level stratified k-fold splits (every view of a
+patient in one fold), undersampling of the majority categories each epoch (at most
+``undersample_ratio`` times the rarest), inverse-frequency class weights in the weighted
+contrastive loss, AdamW with cosine annealing, early stopping on the validation loss. Seeded:
+the same data, settings and seed give the same weights on the same device.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, RandAffine, RandGaussianNoise, RandScaleIntensity
+from monai.utils import set_determinism
+from PIL import Image
+from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+
+from radlens import __version__
+from radlens.logs import kv
+from radlens.models.density import (
+    DENSITY_CLASSES,
+    DESCRIPTIONS,
+    INPUT_SIZE,
+    DensityCLIP,
+    Vocabulary,
+    class_weights,
+    prepare,
+    weighted_contrastive_loss,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+CARD_FILE = "card.json"
+
+
+class DensityDataError(ValueError):
+    """A density dataset folder is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class DensityCase:
+    case_id: str
+    patient_id: str
+    label: int  # index into DENSITY_CLASSES
+    path: Path
+    view: str = ""
+    laterality: str = ""
+
+
+@dataclass(frozen=True)
+class DensityTrainSettings:
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    weight_decay: float = 1e-4
+    patience: int = 8
+    min_delta: float = 1e-4
+    folds: int = 5
+    seed: int = 0
+    device: str = "auto"
+    size: int = INPUT_SIZE
+    weighted: bool = True  # inverse-frequency weights and undersampling (off: the ablation)
+    undersample_ratio: float = 2.0
+
+
+@dataclass
+class DensityEpoch:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class DensityFold:
+    fold: int
+    best_epoch: int
+    val_loss: float
+    metrics: dict[str, Any]
+    history: list[DensityEpoch] = field(default_factory=list)
+    state: dict[str, torch.Tensor] | None = None
+
+
+def load_density_cases(folder: Path) -> list[DensityCase]:
+    """``labels.csv`` (case_id, patient_id, density, ...) and ``images/<case_id>.png``."""
+    labels = folder / "labels.csv"
+    if not labels.is_file():
+        raise DensityDataError(f"{folder} has no labels.csv (make one with radlens phantoms "
+                               "--kind mammo)")
+    cases = []
+    with labels.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                density = row["density"].strip().upper()
+                label = DENSITY_CLASSES.index(density)
+            except (KeyError, ValueError):
+                raise DensityDataError(f"{labels}: case {row.get('case_id')!r} has no density "
+                                       f"A-D (got {row.get('density')!r})") from None
+            path = folder / "images" / f"{row['case_id']}.png"
+            if not path.is_file():
+                raise DensityDataError(f"{path} is missing")
+            cases.append(DensityCase(row["case_id"], row.get("patient_id") or row["case_id"],
+                                     label, path, row.get("view", ""), row.get("laterality", "")))
+    if not cases:
+        raise DensityDataError(f"{labels} lists no cases")
+    return cases
+
+
+def prepared_images(cases: list[DensityCase], size: int) -> np.ndarray:
+    """Every case prepared once (uint8, to keep a few thousand in memory)."""
+    stack = np.zeros((len(cases), size, size), dtype=np.uint8)
+    for i, case in enumerate(cases):
+        image = np.asarray(Image.open(case.path).convert("L"))
+        stack[i] = np.round(prepare(image, size).pixels * 255).astype(np.uint8)
+    return stack
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def balanced_epoch(labels: np.ndarray, rng: np.random.Generator, ratio: float) -> np.ndarray:
+    """Indices for one epoch: each category at most ``ratio`` x the rarest one's count."""
+    counts = np.bincount(labels, minlength=len(DENSITY_CLASSES))
+    cap = int(max(1, ratio * counts[counts > 0].min()))
+    chosen = []
+    for label in range(len(DENSITY_CLASSES)):
+        members = np.flatnonzero(labels == label)
+        if len(members) > cap:
+            members = rng.choice(members, cap, replace=False)
+        chosen.append(members)
+    order = np.concatenate(chosen)
+    rng.shuffle(order)
+    return order
+
+
+def _augment(seed: int) -> Compose:
+    augment = Compose([
+        RandAffine(prob=0.7, rotate_range=0.12, scale_range=0.1, translate_range=(10, 10),
+                   padding_mode="zeros"),
+        RandScaleIntensity(factors=0.15, prob=0.5),
+        RandGaussianNoise(prob=0.3, std=0.02),
+    ])
+    augment.set_random_state(seed)
+    return augment
+
+
+def predict_probabilities(model: DensityCLIP, images: np.ndarray, device: torch.device,
+                          batch_size: int = 64) -> np.ndarray:
+    """Softmax over the four descriptions, per image (uint8 prepared stack)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start:start + batch_size]).float().div(255.0)
+            logits = model(batch.unsqueeze(1).to(device))
+            out.append(logits.softmax(dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(DENSITY_CLASSES)))
+
+
+def density_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Accuracy, one-vs-rest AUC per category and their mean, the confusion matrix (rows:
+    truth, columns: prediction), and how many errors fall on a neighbouring category."""
+    predicted = probabilities.argmax(axis=1)
+    aucs: dict[str, float | None] = {}
+    for index, name in enumerate(DENSITY_CLASSES):
+        positives = labels == index
+        aucs[name] = (float(roc_auc_score(positives, probabilities[:, index]))
+                      if 0 < positives.sum() < len(labels) else None)
+    errors = predicted != labels
+    adjacent = int((np.abs(predicted - labels)[errors] == 1).sum())
+    known = [v for v in aucs.values() if v is not None]
+    return {
+        "cases": int(len(labels)),
+        "accuracy": float((~errors).mean()) if len(labels) else 0.0,
+        "auc": aucs,
+        "mean_auc": float(np.mean(known)) if known else None,
+        "confusion": confusion_matrix(labels, predicted,
+                                      labels=range(len(DENSITY_CLASSES))).tolist(),
+        "errors": int(errors.sum()),
+        "adjacent_errors": adjacent,
+    }
+
+
+def train_density_fold(fold: int, images: np.ndarray, labels: np.ndarray,
+                       train_index: np.ndarray, val_index: np.ndarray,
+                       settings: DensityTrainSettings, vocabulary: Vocabulary,
+                       on_epoch: Callable[[int, DensityEpoch, int], None] | None = None
+                       ) -> DensityFold:
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed + fold)
+    model = DensityCLIP(vocabulary).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=settings.epochs,
+                                                          eta_min=settings.learning_rate / 100)
+    train_labels = labels[train_index]
+    weights = (class_weights(train_labels).to(device) if settings.weighted else None)
+    val_weights = class_weights(labels[val_index]).to(device) if settings.weighted else None
+    augment = _augment(settings.seed + fold)
+    rng = np.random.default_rng([settings.seed, fold])
+    best: DensityFold | None = None
+    history: list[DensityEpoch] = []
+    stale = 0
+    for epoch in range(1, settings.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = (train_index[balanced_epoch(train_labels, rng, settings.undersample_ratio)]
+                 if settings.weighted else rng.permutation(train_index))
+        losses = []
+        for start in range(0, len(order), settings.batch_size):
+            chosen = order[start:start + settings.batch_size]
+            if len(chosen) < 2:
+                continue
+            batch = torch.stack([augment(torch.from_numpy(images[i]).float().div(255.0)[None])
+                                 for i in chosen]).to(device)
+            target = torch.from_numpy(labels[chosen]).long().to(device)
+            loss = weighted_contrastive_loss(model(batch), target, weights)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        schedule.step()
+        probabilities = predict_probabilities(model, images[val_index], device)
+        with torch.no_grad():
+            val_logits = torch.from_numpy(np.log(np.clip(probabilities, 1e-8, 1.0)))
+            val_loss = float(weighted_contrastive_loss(
+                val_logits.to(device), torch.from_numpy(labels[val_index]).long().to(device),
+                val_weights))
+        accuracy = float((probabilities.argmax(1) == labels[val_index]).mean())
+        record = DensityEpoch(epoch, float(np.mean(losses)) if losses else float("nan"),
+                              val_loss, accuracy, time.perf_counter() - started)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(fold, record, settings.epochs)
+        if best is None or val_loss < best.val_loss - settings.min_delta:
+            best = DensityFold(fold, epoch, val_loss,
+                               density_metrics(labels[val_index], probabilities),
+                               state={k: v.detach().cpu().clone()
+                                      for k, v in model.state_dict().items()})
+            stale = 0
+        else:
+            stale += 1
+            if stale >= settings.patience:
+                break
+    assert best is not None
+    best.history = history
+    log.info("density fold trained", extra=kv(fold=fold, best_epoch=best.best_epoch,
+                                              accuracy=round(best.metrics["accuracy"], 3)))
+    return best
+
+
+def patient_folds(cases: list[DensityCase], folds: int, seed: int
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-level folds stratified by category (every view of a patient in one fold)."""
+    labels = np.array([c.label for c in cases])
+    groups = np.array([c.patient_id for c in cases])
+    if folds < 2:
+        splitter = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed)
+        return [next(splitter.split(labels, labels, groups))]
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(labels, labels, groups))
+
+
+def save_model(folder: Path, state: dict[str, torch.Tensor], vocabulary: Vocabulary,
+               card: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "vocabulary": vocabulary.tokens,
+                "descriptions": DESCRIPTIONS, "size": card["input_size"]}, folder / MODEL_FILE)
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[DensityCLIP,
+                                                                           dict[str, Any]]:
+    """A trained density model and its card."""
+    if not (folder / MODEL_FILE).is_file():
+        raise DensityDataError(f"{folder} holds no {MODEL_FILE}")
+    saved = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+    vocabulary = Vocabulary([])
+    vocabulary.tokens = list(saved["vocabulary"])
+    vocabulary.index = {t: i for i, t in enumerate(vocabulary.tokens)}
+    model = DensityCLIP(vocabulary)
+    model.load_state_dict(saved["state_dict"])
+    card = json.loads((folder / CARD_FILE).read_text()) if (folder / CARD_FILE).is_file() else {}
+    return model.to(device).eval(), card
+
+
+def plot_density_curves(folds: list[DensityFold], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for result in folds:
+        epochs = [r.epoch for r in result.history]
+        left.plot(epochs, [r.train_loss for r in result.history], label=f"fold {result.fold} train")
+        left.plot(epochs, [r.val_loss for r in result.history], "--",
+                  label=f"fold {result.fold} validation")
+        right.plot(epochs, [r.val_accuracy for r in result.history], label=f"fold {result.fold}")
+    left.set(xlabel="epoch", ylabel="weighted contrastive loss")
+    right.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0, 1))
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_density_training(data: Path, settings: DensityTrainSettings, out: Path, *,
+                         command: str = "",
+                         on_epoch: Callable[[int, DensityEpoch, int], None] | None = None
+                         ) -> dict[str, Any]:
+    """Train over the folds, keep the fold with the lowest validation loss, write model.pt,
+    card.json, metrics.json and curves.png into ``out``."""
+    set_determinism(seed=settings.seed)
+    cases = load_density_cases(data)
+    images = prepared_images(cases, settings.size)
+    labels = np.array([c.label for c in cases])
+    vocabulary = Vocabulary(list(DESCRIPTIONS.values()))
+    results = []
+    for fold, (train_index, val_index) in enumerate(patient_folds(cases, settings.folds,
+                                                                  settings.seed)):
+        results.append(train_density_fold(fold, images, labels, train_index, val_index,
+                                          settings, vocabulary, on_epoch))
+    selected = min(results, key=lambda r: r.val_loss)
+    summary = {
+        "accuracy": _mean_sd([r.metrics["accuracy"] for r in results]),
+        "mean_auc": _mean_sd([r.metrics["mean_auc"] for r in results
+                              if r.metrics["mean_auc"] is not None]),
+        "auc": {name: _mean_sd([r.metrics["auc"][name] for r in results
+                                if r.metrics["auc"][name] is not None])
+                for name in DENSITY_CLASSES},
+    }
+    metrics = {
+        "settings": asdict(settings),
+        "data": {"folder": str(data), "views": len(cases),
+                 "patients": len({c.patient_id for c in cases}),
+                 "per_category": {name: int((labels == i).sum())
+                                  for i, name in enumerate(DENSITY_CLASSES)}},
+        "folds": [{"fold": r.fold, "best_epoch": r.best_epoch, "val_loss": r.val_loss,
+                   **r.metrics} for r in results],
+        "summary": summary,
+        "selected_fold": selected.fold,
+    }
+    assert selected.state is not None
+    card = density_card(settings, metrics, command)
+    save_model(out, selected.state, vocabulary, card)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_density_curves(results, out / "curves.png")
+    return metrics
+
+
+def _mean_sd(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "sd": None}
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values))}
+
+
+DENSITY_SCOPE = {
+    "modalities": ["MG"],
+    "body_parts": ["BREAST"],
+    "sop_classes": ["1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1",
+                    "1.2.840.10008.5.1.4.1.1.13.1.4"],
+    "description": "2-D mammograms for presentation (digital mammography, synthesized 2D, "
+                   "breast projection), CC and MLO views",
+}
+
+
+def density_card(settings: DensityTrainSettings, metrics: dict[str, Any],
+                 command: str) -> dict[str, Any]:
+    return {
+        "name": "radlens-density",
+        "task": "density",
+        "version": f"{__version__}+{datetime.now(UTC).strftime('%Y%m%d')}",
+        "architecture": "DensityCLIP (MONAI ResNet image encoder, transformer text encoder)",
+        "input_size": settings.size,
+        "classes": list(DENSITY_CLASSES),
+        "descriptions": DESCRIPTIONS,
+        "scope": DENSITY_SCOPE,
+        "trained_on": metrics["data"],
+        "validation": metrics["summary"],
+        "command": command,
+        "intended_use": "research only; not for diagnostic use",
+    }
+
+
+def density_markdown(metrics: dict[str, Any], title: str) -> str:
+    """Accuracy, per-category AUC and the confusion matrix as Markdown."""
+    aucs = metrics["auc"]
+    lines = [f"## {title}", "",
+             f"{metrics['cases']} views; accuracy {metrics['accuracy']:.3f}; mean AUC "
+             + (f"{metrics['mean_auc']:.3f}" if metrics["mean_auc"] is not None else "n/a")
+             + f"; {metrics['errors']} errors, {metrics['adjacent_errors']} of them between "
+               "neighbouring categories", "",
+             "| category | AUC (one vs rest) |", "|---|---:|"]
+    for name in DENSITY_CLASSES:
+        value = aucs.get(name)
+        lines.append(f"| {name} ({DESCRIPTIONS[name].rstrip('.')}) | "
+                     + (f"{value:.3f}" if value is not None else "n/a") + " |")
+    lines += ["", "Confusion matrix (rows: truth, columns: prediction):", "",
+              "| truth \\ predicted | " + " | ".join(DENSITY_CLASSES) + " |",
+              "|---|" + "---:|" * len(DENSITY_CLASSES)]
+    for name, row in zip(DENSITY_CLASSES, metrics["confusion"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_density_folder(data: Path, model_dir: Path, out: Path, *,
+                            device: str = "auto") -> dict[str, Any]:
+    """Run a density model over a labelled folder; write report.json and report.md."""
+    resolved = resolve_device(device)
+    model, card = load_model(model_dir, resolved)
+    cases = load_density_cases(data)
+    images = prepared_images(cases, int(card.get("input_size", INPUT_SIZE)))
+    labels = np.array([c.label for c in cases])
+    metrics = density_metrics(labels, predict_probabilities(model, images, resolved))
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{card.get('name', model_dir.name)} {card.get('version', '')} on {data}"
+    (out / "report.json").write_text(json.dumps({"model": card.get("name"),
+                                                 "version": card.get("version"),
+                                                 "data": str(data), **metrics}, indent=2) + "\n")
+    (out / "report.md").write_text(density_markdown(metrics, title))
+    return metrics

@@ -1,0 +1,133 @@
+"""The breast density model: preparation, the weighted contrastive loss, seeded training, the
+evaluation table, through ``radlens train --task density`` and ``radlens evaluate``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from radlens.models.density import (
+    DESCRIPTIONS,
+    DensityCLIP,
+    Vocabulary,
+    breast_region,
+    class_weights,
+    prepare,
+    weighted_contrastive_loss,
+)
+from radlens.models.density_train import (
+    DensityTrainSettings,
+    balanced_epoch,
+    density_metrics,
+    load_model,
+    patient_folds,
+    run_density_training,
+)
+from radlens.models.mammo_phantoms import ARTIFACT, PECTORAL, TISSUE, generate
+from tests.helpers import radlens_cli
+
+
+def test_prepare_drops_markers_crops_to_the_breast_and_puts_the_chest_wall_left():
+    views = [v for patient in generate(6, 4, size=192) for v in patient
+             if set(v.confounders) <= {"marker", "text"}]
+    assert {v.laterality for v in views} == {"L", "R"}
+    for view in views:
+        breast = np.isin(view.regions, [TISSUE, PECTORAL])
+        apart = (view.regions == ARTIFACT) & ~ndimage.binary_dilation(breast, iterations=3)
+        assert apart.any()
+        region = breast_region(view.image)
+        assert not (region & apart).any()  # burned-in text and markers are left out
+        assert (region & breast).sum() > 0.95 * breast.sum()
+        prepared = prepare(view.image, 96)
+        assert prepared.pixels.shape == (96, 96) and prepared.pixels.dtype == np.float32
+        assert prepared.flipped == (view.laterality == "R")
+        columns = prepared.pixels.mean(axis=0)
+        assert columns[:10].mean() > columns[-10:].mean()  # tissue against the left edge
+
+
+def test_weighted_contrastive_loss_weights_the_rare_category():
+    weights = class_weights([0, 1, 1, 1, 1, 1, 1, 2, 2, 3])
+    assert weights[3] > weights[2] > weights[1]  # the rarer, the heavier
+    assert float(weights.mean()) == pytest.approx(1.0)
+    labels = torch.tensor([1, 1, 1, 3])
+    right = torch.full((4, 4), -5.0)
+    right[torch.arange(4), labels] = 5.0
+    wrong_on_rare = right.clone()
+    wrong_on_rare[3] = torch.tensor([-5.0, -5.0, 5.0, -5.0])
+    wrong_on_common = right.clone()
+    wrong_on_common[0] = torch.tensor([-5.0, -5.0, 5.0, -5.0])
+    assert weighted_contrastive_loss(right, labels, weights) < 0.1
+    # one mistake costs more on a D than on a B when the classes are weighted
+    assert weighted_contrastive_loss(wrong_on_rare, labels, weights) > \
+        weighted_contrastive_loss(wrong_on_common, labels, weights)
+    assert weighted_contrastive_loss(wrong_on_rare, labels, None) == pytest.approx(
+        float(weighted_contrastive_loss(wrong_on_common, labels, None)), rel=0.35)
+
+
+def test_undersampling_caps_the_majority_and_folds_keep_patients_together(tmp_path):
+    labels = np.array([0] * 10 + [1] * 60 + [2] * 50 + [3] * 12)
+    epoch = balanced_epoch(labels, np.random.default_rng(0), ratio=2.0)
+    counts = np.bincount(labels[epoch], minlength=4)
+    assert counts.tolist() == [10, 20, 20, 12]
+    from radlens.models.density_train import DensityCase
+
+    cases = [DensityCase(f"c{i}", f"p{i // 4}", int(labels[i]), tmp_path) for i in range(132)]
+    for train, val in patient_folds(cases, 3, seed=1):
+        assert not {cases[i].patient_id for i in train} & {cases[i].patient_id for i in val}
+
+
+def test_the_model_scores_any_description_and_the_four_prompts():
+    vocabulary = Vocabulary(list(DESCRIPTIONS.values()))
+    model = DensityCLIP(vocabulary).eval()
+    images = torch.rand(3, 1, 64, 64)
+    assert model(images).shape == (3, 4)
+    rephrased = vocabulary.encode(["extremely dense breasts", "fatty breasts"])
+    assert model(images, rephrased).shape == (3, 2)
+    assert vocabulary.encode(["entirely unknownword"])[0, 2] == vocabulary.index["<unk>"]
+
+
+def test_metrics_count_adjacent_errors():
+    labels = np.array([0, 1, 2, 3, 1, 2])
+    probabilities = np.eye(4)[[0, 2, 2, 3, 1, 0]] * 0.9 + 0.025
+    metrics = density_metrics(labels, probabilities)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["errors"] == 2 and metrics["adjacent_errors"] == 1
+    assert metrics["confusion"][1] == [0, 1, 1, 0]
+
+
+def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
+    data = tmp_path / "data"
+    made = radlens_cli("phantoms", "--kind", "mammo", "--out", str(data), "--n", "12",
+                       "--size", "96")
+    assert made.returncode == 0, made.stderr
+    settings = DensityTrainSettings(epochs=2, folds=2, size=64, batch_size=8, device="cpu")
+    first = run_density_training(data, settings, tmp_path / "a")
+    second = run_density_training(data, settings, tmp_path / "b")
+    assert first["folds"] == second["folds"]
+    a, _ = load_model(tmp_path / "a")
+    b, card = load_model(tmp_path / "b")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert card["scope"]["modalities"] == ["MG"] and card["task"] == "density"
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+
+    trained = radlens_cli("train", "--task", "density", "--data", str(data), "--out",
+                          str(tmp_path / "cli"), "--epochs", "1", "--folds", "2", "--size", "64",
+                          "--device", "cpu", timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    assert "trained the density model on 48 views of 12 patients" in trained.stdout
+    evaluated = radlens_cli("evaluate", "--task", "density", "--data", str(data), "--model",
+                            str(tmp_path / "cli"), "--out", str(tmp_path / "report"),
+                            "--device", "cpu", timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "Confusion matrix" in evaluated.stdout and "| D (" in evaluated.stdout
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["cases"] == 48 and sum(map(sum, report["confusion"])) == 48
+    missing = radlens_cli("evaluate", "--task", "density", "--data", str(data), "--model",
+                          str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2"))
+    assert missing.returncode == 1 and "no model folder" in missing.stderr
+    assert len(list(generate(1, 0, size=64))[0]) == 4
