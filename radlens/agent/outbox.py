@@ -153,12 +153,13 @@ class Outbox:
             return self._retry(rows, f"destination {name!r} is not configured any more")
         files = [scu.OutgoingFile(Path(r["path"]), r["sop_class_uid"], r["sop_instance_uid"],
                                   r["transfer_syntax_uid"]) for r in rows]
+        studies = self._studies(rows)  # for the audit trail, read before anything is sent
         try:
             results = self.sender(destination.host, destination.port, destination.ae_title, files,
                                   calling_aet=self.calling_aet, timeout_s=self.timeout_s,
                                   tls_context=self.tls_context(destination))
         except (DestinationError, ConfigError) as exc:
-            self._audit_out(destination, rows, set())
+            self._audit_out(destination, rows, set(), studies)
             report = self._retry(rows, str(exc))
             log.warning("destination unreachable, will retry", extra=kv(
                 destination=name, files=len(rows), error=str(exc),
@@ -176,7 +177,7 @@ class Outbox:
                 conn.execute(sa.update(outbox).where(outbox.c.id == row["id"]).values(
                     state="sent", attempts=outbox.c.attempts + 1, sent_at=now,
                     last_status=result.status, last_error=None, lease_until=None))
-        self._audit_out(destination, rows, {row["id"] for row in delivered})
+        self._audit_out(destination, rows, {row["id"] for row in delivered}, studies)
         report = DeliveryReport(sent=len(delivered))
         self._tell(name, "sent", len(delivered))
         if delivered:
@@ -201,9 +202,8 @@ class Outbox:
         return self._tls_contexts[destination.name]
 
     def _audit_out(self, destination: Destination, rows: Sequence[RowMapping],
-                   delivered: set[int]) -> None:
+                   delivered: set[int], studies: dict[int, str]) -> None:
         """One "instances transferred" entry per study of the batch, with what arrived."""
-        studies = self._studies(rows)
         by_study: dict[str, list[RowMapping]] = defaultdict(list)
         for row in rows:
             by_study[studies.get(row["id"], "(unknown study)")].append(row)
@@ -220,14 +220,19 @@ class Outbox:
                               tls=destination.tls)
 
     def _studies(self, rows: Sequence[RowMapping]) -> dict[int, str]:
-        """The Study Instance UID of each row: its job's, else read from the file."""
+        """The Study Instance UID of each row: its job's, else read from the file. Only the
+        audit trail needs it: a state error leaves the rows "(unknown study)"."""
         job_ids = {row["job_id"] for row in rows if row["job_id"] is not None}
         by_job: dict[int, str] = {}
         if job_ids:
-            with self.db.read() as conn:
-                by_job = {int(r[0]): str(r[1]) for r in conn.execute(
-                    sa.select(jobs.c.id, jobs.c.study_instance_uid)
-                    .where(jobs.c.id.in_(job_ids)))}
+            try:
+                with self.db.read() as conn:
+                    by_job = {int(r[0]): str(r[1]) for r in conn.execute(
+                        sa.select(jobs.c.id, jobs.c.study_instance_uid)
+                        .where(jobs.c.id.in_(job_ids)))}
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("cannot read the studies of an outbox batch for the audit trail",
+                            extra=kv(error=str(exc).split("\n", 1)[0]))
         studies = {}
         for row in rows:
             if row["job_id"] in by_job:
