@@ -157,6 +157,14 @@ class DensityCLIP(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_encoder(images), dim=-1)
 
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image encoder's last block, global-average pooled: what the out-of-distribution
+        score measures."""
+        net = self.image_encoder
+        x = net.maxpool(net.act(net.bn1(net.conv1(images))))
+        x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        return torch.flatten(net.avgpool(x), 1)
+
     def encode_texts(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_encoder(token_ids), dim=-1)
 

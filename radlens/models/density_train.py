@@ -176,6 +176,17 @@ def predict_probabilities(model: DensityCLIP, images: np.ndarray, device: torch.
     return np.concatenate(out) if out else np.zeros((0, len(DENSITY_CLASSES)))
 
 
+def pooled_features(model: DensityCLIP, images: np.ndarray, device: torch.device,
+                    batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start:start + batch_size]).float().div(255.0)
+            out.append(model.pooled_features(batch.unsqueeze(1).to(device)).cpu().numpy())
+    return np.concatenate(out)
+
+
 def density_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     """Accuracy, one-vs-rest AUC per category and their mean, the confusion matrix (rows:
     truth, columns: prediction), and how many errors fall on a neighbouring category."""
@@ -363,6 +374,23 @@ def run_density_training(data: Path, settings: DensityTrainSettings, out: Path, 
     }
     assert selected.state is not None
     card = density_card(settings, metrics, command)
+    # Abstention: the distance of an image's pooled features to the training images', the
+    # threshold at the 99th percentile of the held-out fold's.
+    from radlens.models import ood
+
+    device = resolve_device(settings.device)
+    model = DensityCLIP(vocabulary).to(device)
+    model.load_state_dict(selected.state)
+    train_index, val_index = patient_folds(cases, settings.folds, settings.seed)[selected.fold]
+    detector = ood.OodDetector.fit(pooled_features(model, images[train_index], device),
+                                   pooled_features(model, images[val_index], device))
+    out.mkdir(parents=True, exist_ok=True)
+    detector.save(out)
+    card["ood"] = {"method": "mahalanobis distance of the image encoder's pooled last block",
+                   "threshold": detector.threshold, "quantile": 0.99,
+                   "held_out": ood.summary(detector.score(
+                       pooled_features(model, images[val_index], device)),
+                       detector.threshold)}
     save_model(out, selected.state, vocabulary, card)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_density_curves(results, out / "curves.png")

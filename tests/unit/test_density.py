@@ -113,6 +113,8 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
     assert card["scope"]["modalities"] == ["MG"] and card["task"] == "density"
+    assert (tmp_path / "a" / "ood.npz").is_file() and card["ood"]["threshold"] > 0
+    assert card["ood"]["held_out"]["abstain_rate"] <= 0.1
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
 
     trained = radlens_cli("train", "--task", "density", "--data", str(data), "--out",
