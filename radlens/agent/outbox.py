@@ -84,6 +84,7 @@ class Outbox:
         self.timeout_s = timeout_s
         self.sender = sender
         self._delivering = threading.Lock()
+        self._claims_uncertain = False
 
     def enqueue(self, paths: Iterable[Path | scu.OutgoingFile], destination: str, *,
                 job_id: int | None = None, conn: Connection | None = None) -> list[int]:
@@ -121,6 +122,8 @@ class Outbox:
             return DeliveryReport()
         try:
             now = time.time() if now is None else now
+            if self._claims_uncertain:
+                self._release_own_claims()
             rows = self._claim_due(now)
             by_destination: dict[str, list[RowMapping]] = defaultdict(list)
             for row in rows:
@@ -129,8 +132,27 @@ class Outbox:
             for name, items in by_destination.items():
                 report = _add(report, self._deliver(name, items))
             return report
+        except BaseException:
+            # A state error (the database went away) between a claim and its outcome leaves
+            # rows this sender holds under a lease: free them at the next round rather than
+            # after the lease, since this sender is the only one that could be sending them.
+            self._claims_uncertain = True
+            raise
         finally:
             self._delivering.release()
+
+    def _release_own_claims(self) -> None:
+        """Free the pending rows this sender claimed; it is not sending any of them now."""
+        if self.node_id is None:  # claims without a name cannot be told apart: leases decide
+            self._claims_uncertain = False
+            return
+        with self.db.transaction() as conn:
+            released = conn.execute(sa.update(outbox).where(
+                outbox.c.state == "pending", outbox.c.claimed_by == self.node_id,
+                outbox.c.lease_until.is_not(None)).values(lease_until=None)).rowcount
+        self._claims_uncertain = False
+        if released:
+            log.info("outbox rows freed after a state error", extra=kv(rows=released))
 
     def _claim_due(self, now: float) -> list[RowMapping]:
         """The due rows no other sender holds, claimed for this one until its lease ends."""

@@ -56,3 +56,30 @@ def test_enqueue_checks_destination_and_file(tmp_path):
     with pytest.raises(InvalidDatasetError, match="not a DICOM file"):
         outbox.enqueue([junk], "down")
     assert outbox.db.scalar("SELECT COUNT(*) FROM outbox") == 0
+
+
+def test_rows_held_when_the_state_fails_mid_delivery_are_freed_at_the_next_round(tmp_path):
+    """The state fails between a claim and its outcome (injected: recording the outcome
+    raises once). The rows this sender holds are freed at its next round, not after the
+    lease (minutes), since no one else can be sending them."""
+    import sqlalchemy as sa
+
+    down = Destination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port())
+    outbox = Outbox(Database(tmp_path / DB_FILENAME), OutboxSettings(retry_initial_s=0.01),
+                    [down], calling_aet="RADLENS", timeout_s=5, node_id="node-1")
+    outbox.enqueue([TEST_FILES / "CT_small.dcm"], "down")
+    record = outbox._retry
+
+    def state_goes_away(*args, **kwargs):
+        outbox._retry = record
+        raise sa.exc.OperationalError("UPDATE outbox", {}, Exception("server closed"))
+
+    outbox._retry = state_goes_away
+    with pytest.raises(sa.exc.OperationalError):
+        outbox.deliver_due()
+    row = outbox.db.rows("SELECT * FROM outbox")[0]
+    assert row["claimed_by"] == "node-1" and row["lease_until"] > time.time() + 30
+    report = outbox.deliver_due()  # frees its own claim, then tries again at once
+    assert report.retrying == 1
+    row = outbox.db.rows("SELECT * FROM outbox")[0]
+    assert row["attempts"] == 1 and row["lease_until"] is None
