@@ -120,6 +120,12 @@ def train(
         "--class-weights/--no-class-weights",
         help="density: inverse-frequency weights and undersampling (off: the ablation)")]
     = True,
+    test: Annotated[Path | None, typer.Option(
+        help="density: a folder of fresh cases; the model's figures on it go into its card",
+        exists=True, file_okay=False)] = None,
+    ablation: Annotated[bool, typer.Option(
+        "--ablation", help="density, with --test: also train without class weights and "
+        "record its figures in the card")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Train a segmentation network with the published settings (docs/method.md), or the
@@ -134,7 +140,8 @@ def train(
     if task == "density":
         train_density(data, out, folds=folds, epochs=epochs, batch_size=batch_size,
                       learning_rate=learning_rate, patience=patience, seed=seed,
-                      size=size or 224, device=device, weighted=class_weights)
+                      size=size or 224, device=device, weighted=class_weights, test=test,
+                      ablation=ablation)
         return
     if task != "segmentation":
         raise fail(f"--task is segmentation or density, not {task!r}", 2)
@@ -170,7 +177,7 @@ def train(
 
 def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size: int,
                   learning_rate: float, patience: int, seed: int, size: int, device: str,
-                  weighted: bool) -> None:
+                  weighted: bool, test: Path | None = None, ablation: bool = False) -> None:
     """``radlens train --task density``: folds with a progress bar each, then the summary."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -200,7 +207,7 @@ def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size:
 
         try:
             metrics = run_density_training(data, settings, out, command=command,
-                                           on_epoch=on_epoch)
+                                           on_epoch=on_epoch, test=test, ablation=ablation)
         except (DensityDataError, ValueError) as exc:
             raise fail(str(exc), 1) from None
     summary = metrics["summary"]
@@ -208,6 +215,13 @@ def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size:
                   f"{metrics['data']['patients']} patients; validation accuracy "
                   f"{summary['accuracy']['mean']:.3f}, mean AUC "
                   f"{summary['mean_auc']['mean']:.3f}; wrote {out}", highlight=False)
+    for label, figures in (("fresh cases", metrics.get("test")),
+                           ("without class weights",
+                            (metrics.get("ablation") or {}).get("without_class_weights"))):
+        if figures:
+            aucs = ", ".join(f"{k} {v:.3f}" for k, v in figures["auc"].items() if v is not None)
+            console.print(f"{label}: accuracy {figures['accuracy']:.3f}; AUC {aucs}",
+                          highlight=False)
 
 
 def evaluate(

@@ -338,10 +338,37 @@ def plot_density_curves(folds: list[DensityFold], path: Path) -> None:
 
 def run_density_training(data: Path, settings: DensityTrainSettings, out: Path, *,
                          command: str = "",
-                         on_epoch: Callable[[int, DensityEpoch, int], None] | None = None
+                         on_epoch: Callable[[int, DensityEpoch, int], None] | None = None,
+                         test: Path | None = None, ablation: bool = False
                          ) -> dict[str, Any]:
     """Train over the folds, keep the fold with the lowest validation loss, write model.pt,
-    card.json, metrics.json and curves.png into ``out``."""
+    card.json, metrics.json and curves.png into ``out``. With ``test`` (a folder of fresh
+    cases) the model's figures on it go into the card; with ``ablation`` a model trained
+    identically but without class weights and undersampling is measured beside it."""
+    metrics = _train_and_save(data, settings, out, command=command, on_epoch=on_epoch)
+    if test is None:
+        return metrics
+    card = json.loads((out / CARD_FILE).read_text())
+    card["test"] = {"data": str(test), **evaluate_density_folder(test, out, out / "test",
+                                                                   device=settings.device)}
+    if ablation:
+        from dataclasses import replace
+
+        unweighted = out / "ablation-unweighted"
+        _train_and_save(data, replace(settings, weighted=False), unweighted, command=command,
+                        on_epoch=on_epoch)
+        card["ablation"] = {"without_class_weights": evaluate_density_folder(
+            test, unweighted, unweighted / "test", device=settings.device)}
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    metrics["test"] = card["test"]
+    if ablation:
+        metrics["ablation"] = card["ablation"]
+    return metrics
+
+
+def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, command: str,
+                    on_epoch: Callable[[int, DensityEpoch, int], None] | None
+                    ) -> dict[str, Any]:
     set_determinism(seed=settings.seed)
     cases = load_density_cases(data)
     images = prepared_images(cases, settings.size)

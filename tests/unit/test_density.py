@@ -119,9 +119,14 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
 
     trained = radlens_cli("train", "--task", "density", "--data", str(data), "--out",
                           str(tmp_path / "cli"), "--epochs", "1", "--folds", "2", "--size", "64",
-                          "--device", "cpu", timeout=600)
+                          "--device", "cpu", "--test", str(data), "--ablation", timeout=600)
     assert trained.returncode == 0, trained.stderr
     assert "trained the density model on 48 views of 12 patients" in trained.stdout
+    assert "fresh cases: accuracy" in trained.stdout
+    assert "without class weights: accuracy" in trained.stdout
+    shipped_card = json.loads((tmp_path / "cli" / "card.json").read_text())
+    assert shipped_card["test"]["cases"] == 48
+    assert set(shipped_card["ablation"]["without_class_weights"]["auc"]) == set("ABCD")
     evaluated = radlens_cli("evaluate", "--task", "density", "--data", str(data), "--model",
                             str(tmp_path / "cli"), "--out", str(tmp_path / "report"),
                             "--device", "cpu", timeout=600)
