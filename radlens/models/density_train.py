@@ -430,13 +430,17 @@ def _mean_sd(values: list[float]) -> dict[str, float | None]:
     return {"mean": float(np.mean(values)), "sd": float(np.std(values))}
 
 
+# What the model was built for, in the form the agent's routing reads (ModelScope).
 DENSITY_SCOPE = {
     "modalities": ["MG"],
     "body_parts": ["BREAST"],
-    "sop_classes": ["1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1",
-                    "1.2.840.10008.5.1.4.1.1.13.1.4"],
-    "description": "2-D mammograms for presentation (digital mammography, synthesized 2D, "
-                   "breast projection), CC and MLO views",
+    "anatomic_regions": [{"value": "76752008", "scheme": "SCT", "meaning": "Breast"}],
+    "sop_classes": ["1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography - For Presentation
+                    "1.2.840.10008.5.1.4.1.1.13.1.4"],  # Breast Projection - For Presentation
+    "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2"],
+    "intended_use": "BI-RADS breast density category (A-D) of 2-D mammograms for presentation "
+                    "(digital mammography and synthesized 2D), CC and MLO views; research "
+                    "only, not for diagnostic use",
 }
 
 

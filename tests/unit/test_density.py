@@ -138,3 +138,24 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2"))
     assert missing.returncode == 1 and "no model folder" in missing.stderr
     assert len(list(generate(1, 0, size=64))[0]) == 4
+
+
+def test_shipped_density_model_meets_its_card_on_fresh_phantoms(tmp_path):
+    """The shipped model (trained by radlens train --task density) on phantoms it never saw:
+    accuracy >= 0.80 and every category's AUC >= 0.90, as its card states; <= 20 MB."""
+    from radlens.models.density_train import evaluate_density_folder
+    from radlens.models.infer import WEIGHTS_DIR
+    from radlens.models.mammo_phantoms import write_dataset
+
+    folder = WEIGHTS_DIR / "density"
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 20 * 2**20
+    card = json.loads((folder / "card.json").read_text())
+    assert card["task"] == "density" and card["scope"]["modalities"] == ["MG"]
+    assert card["test"]["accuracy"] >= 0.80
+    assert all(v >= 0.90 for v in card["test"]["auc"].values())
+    assert "without_class_weights" in card["ablation"]
+    write_dataset(tmp_path / "fresh", generate(30, 4242, size=256))
+    metrics = evaluate_density_folder(tmp_path / "fresh", folder, tmp_path / "report",
+                                      device="cpu")
+    assert metrics["accuracy"] >= 0.80, metrics
+    assert all(v is None or v >= 0.90 for v in metrics["auc"].values()), metrics["auc"]
