@@ -93,10 +93,16 @@ class ListenerServer(ThreadedAssociationServer):
         raw.settimeout(self.handshake_timeout_s)
         # Wrapping moves the descriptor into the TLS socket: count that one from now on, so a
         # client stuck in its handshake still counts against its address.
-        tls_socket = self.tls_context.wrap_socket(raw, server_side=True,
-                                                  do_handshake_on_connect=False)
+        address = str(client_address[0])
         if self.guard is not None:
-            self.guard.replace(str(client_address[0]), raw, tls_socket)
+            self.guard.hand_over(raw)
+        tls_socket: ssl.SSLSocket | None = None
+        try:
+            tls_socket = self.tls_context.wrap_socket(raw, server_side=True,
+                                                      do_handshake_on_connect=False)
+        finally:
+            if self.guard is not None:
+                self.guard.replace(address, raw, tls_socket)
         try:
             tls_socket.do_handshake()
         except BaseException:

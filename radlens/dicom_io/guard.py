@@ -134,7 +134,11 @@ class ConnectionGuard:
         self.limit = settings.max_connections_per_address
         self.on_refused = on_refused
         self._by_address: dict[str, _OpenConnections] = {}
+        self._handing_over: set[int] = set()  # sockets being wrapped in TLS right now
         self._lock = threading.Lock()
+
+    def _open(self, connection: socket.socket) -> bool:
+        return connection.fileno() >= 0 or id(connection) in self._handing_over
 
     def admit(self, connection: socket.socket, address: str) -> bool:
         """Whether a new connection from ``address`` may be served; if so it is counted until
@@ -144,7 +148,7 @@ class ConnectionGuard:
         notice: tuple[int, int] | None = None
         with self._lock:
             entry = self._by_address.setdefault(address, _OpenConnections())
-            entry.sockets = [s for s in entry.sockets if s.fileno() >= 0]
+            entry.sockets = [s for s in entry.sockets if self._open(s)]
             if len(entry.sockets) < self.limit:
                 entry.sockets.append(connection)
                 return True
@@ -157,17 +161,25 @@ class ConnectionGuard:
             self.on_refused(address, *notice)
         return False
 
-    def replace(self, address: str, old: socket.socket, new: socket.socket) -> None:
-        """Count ``new`` (a TLS socket) in place of ``old`` (the raw socket it wraps)."""
+    def hand_over(self, old: socket.socket) -> None:
+        """``old`` is about to be wrapped in TLS, which takes its descriptor: keep counting it
+        until ``replace`` names the socket that wraps it."""
         with self._lock:
+            self._handing_over.add(id(old))
+
+    def replace(self, address: str, old: socket.socket, new: socket.socket | None) -> None:
+        """Count ``new`` (the TLS socket) in place of ``old`` (the raw socket it wraps); with
+        None the wrapping failed and ``old`` counts as what it is (closed)."""
+        with self._lock:
+            self._handing_over.discard(id(old))
             entry = self._by_address.get(address)
-            if entry is not None:
+            if entry is not None and new is not None:
                 entry.sockets = [new if s is old else s for s in entry.sockets]
 
     def held(self, address: str) -> int:
         with self._lock:
             entry = self._by_address.get(address)
-            return 0 if entry is None else sum(1 for s in entry.sockets if s.fileno() >= 0)
+            return 0 if entry is None else sum(1 for s in entry.sockets if self._open(s))
 
 
 class PeerPolicy:

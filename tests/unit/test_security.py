@@ -202,3 +202,24 @@ def test_syslog_messages_are_rfc5424_over_udp_and_tcp():
     connection.close()
     listener.close()
     tcp.close()
+
+
+def test_a_socket_being_wrapped_in_tls_still_counts():
+    """Wrapping a socket in TLS moves its descriptor; in between, the connection must still
+    count against its address (a race the cluster-loaded suite once lost)."""
+    guard = ConnectionGuard(DicomSettings(max_connections_per_address=1))
+    first, peer = socket.socketpair()
+    second, other = socket.socketpair()
+    try:
+        assert guard.admit(first, "10.0.0.1")
+        guard.hand_over(first)
+        descriptor = first.detach()  # what wrap_socket does to the raw socket
+        assert not guard.admit(second, "10.0.0.1")
+        wrapped = socket.socket(fileno=descriptor)
+        guard.replace("10.0.0.1", first, wrapped)
+        assert guard.held("10.0.0.1") == 1 and not guard.admit(second, "10.0.0.1")
+        wrapped.close()
+        assert guard.admit(second, "10.0.0.1")
+    finally:
+        for s in (peer, second, other):
+            s.close()
