@@ -48,6 +48,7 @@ class PreparedImage:
     box: tuple[int, int, int, int]  # row0, row1, col0, col1 of the crop in the original
     flipped: bool  # the original had its chest wall on the right
     scale: float  # original pixels per network pixel
+    content: tuple[int, int, int] = (0, 0, 0)  # top row, height, width of the breast on canvas
 
 
 def breast_region(image: np.ndarray) -> np.ndarray:
@@ -90,7 +91,26 @@ def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> PreparedImage:
     h, w = min(size, resized.shape[0]), min(size, resized.shape[1])
     top_row = (size - h) // 2
     canvas[top_row:top_row + h, :w] = resized[:h, :w]  # chest wall against the left edge
-    return PreparedImage(np.clip(canvas, 0.0, 1.0), (r0, r1, c0, c1), flipped, scale)
+    return PreparedImage(np.clip(canvas, 0.0, 1.0), (r0, r1, c0, c1), flipped, scale,
+                         (top_row, h, w))
+
+
+def to_original(values: np.ndarray, prepared: PreparedImage,
+                shape: tuple[int, int]) -> np.ndarray:
+    """A map on the network's canvas (e.g. Grad-CAM) back on the original image's grid:
+    zero outside the crop."""
+    top_row, h, w = prepared.content
+    r0, r1, c0, c1 = prepared.box
+    patch = np.asarray(values, dtype=np.float32)[top_row:top_row + h, :w]
+    if patch.size == 0:
+        return np.zeros(shape, dtype=np.float32)
+    patch = ndimage.zoom(patch, ((r1 - r0) / patch.shape[0], (c1 - c0) / patch.shape[1]),
+                         order=1)[: r1 - r0, : c1 - c0]
+    if prepared.flipped:
+        patch = patch[:, ::-1]
+    out = np.zeros(shape, dtype=np.float32)
+    out[r0:r0 + patch.shape[0], c0:c0 + patch.shape[1]] = patch
+    return out
 
 
 # -- text ------------------------------------------------------------------------------------
