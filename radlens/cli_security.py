@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from radlens.cli_support import ConfigOption, cli_settings, console, fail
+from radlens.cli_support import ConfigOption, audit_command, cli_settings, console, fail
 
 
 def tls_selfsigned(
@@ -56,7 +56,7 @@ def audit(
 ) -> None:
     """Print the audit trail: associations, instances in and out, security alerts."""
     from radlens import audit as audit_trail
-    from radlens.audit import AuditError, AuditLog, parse_since, read_entries
+    from radlens.audit import AuditError, parse_since, read_entries
 
     settings = cli_settings(config, client=True)
     path = settings.audit.resolved_path(settings.storage.data_dir.resolve())
@@ -69,8 +69,8 @@ def audit(
     except AuditError as exc:
         raise fail(str(exc), 1) from None
     # Reading the trail is itself an audit event.
-    AuditLog(path, syslog=settings.audit.syslog).record(
-        audit_trail.AUDIT_LOG_USED, command="radlens audit", count=len(entries), path=str(path))
+    audit_command(settings, "audit-log-used", command="radlens audit", count=len(entries),
+                  path=str(path))
     if as_json:
         for entry in entries:
             sys.stdout.write(json.dumps(entry) + "\n")

@@ -39,6 +39,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
+from radlens.dicom_io.acceptor import recv_exactly
 from radlens.dicom_io.synthetic import US_IMAGE_STORAGE, us_dataset
 
 ROOT = "1.2.826.0.1.3680043.10.511.9."  # radlens's fuzz UIDs
@@ -426,9 +427,9 @@ def send_pdu_case(case: PduCase, host: str, port: int, *, called: str = "RADLENS
             if case.associate:
                 connection.sendall(associate_rq(called, calling,
                                                 [(1, VERIFICATION, [IMPLICIT_LE])]))
-                header = _recv_exactly(connection, 6)
+                header = recv_exactly(connection, 6)
                 length = struct.unpack(">I", header[2:6])[0] if len(header) == 6 else 0
-                _recv_exactly(connection, length)
+                recv_exactly(connection, length)
                 answers.append(_PDU_NAMES.get(header[0], f"0x{header[0]:02x}")
                                if header else "")
             connection.sendall(case.payload)
@@ -453,15 +454,6 @@ def send_pdu_case(case: PduCase, host: str, port: int, *, called: str = "RADLENS
     answer = answers[-1] if answers else ""
     return PduOutcome(closed, answer, time.monotonic() - started)
 
-
-def _recv_exactly(connection: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = connection.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @dataclass(frozen=True)
@@ -527,11 +519,11 @@ class RawAssociation:
             raise ConnectionError(f"association not accepted (PDU type 0x{kind:02x})")
 
     def read_pdu(self) -> tuple[int, bytes]:
-        header = _recv_exactly(self.connection, 6)
+        header = recv_exactly(self.connection, 6)
         if len(header) < 6:
             raise ConnectionError("connection closed")
         length = struct.unpack(">I", header[2:6])[0]
-        return header[0], _recv_exactly(self.connection, length)
+        return header[0], recv_exactly(self.connection, length)
 
     def store_pdus(self, sop_instance_uid: str, dataset: bytes, *, fragment: int = 16384,
                    message_id: int = 1, context_id: int = 1) -> Iterator[bytes]:

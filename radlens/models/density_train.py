@@ -39,6 +39,7 @@ from radlens.models.density import (
     prepare,
     weighted_contrastive_loss,
 )
+from radlens.models.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +130,6 @@ def prepared_images(cases: list[DensityCase], size: int) -> np.ndarray:
     return stack
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
 def balanced_epoch(labels: np.ndarray, rng: np.random.Generator, ratio: float) -> np.ndarray:
     """Indices for one epoch: each category at most ``ratio`` x the rarest one's count."""
     counts = np.bincount(labels, minlength=len(DENSITY_CLASSES))
@@ -163,28 +156,28 @@ def _augment(seed: int) -> Compose:
     return augment
 
 
-def predict_probabilities(model: DensityCLIP, images: np.ndarray, device: torch.device,
-                          batch_size: int = 64) -> np.ndarray:
-    """Softmax over the four descriptions, per image (uint8 prepared stack)."""
+def _batched(model: DensityCLIP, images: np.ndarray, device: torch.device,
+             run: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> list[np.ndarray]:
+    """``run`` over a uint8 prepared stack in batches, in eval mode, without gradients."""
     model.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(images[start:start + batch_size]).float().div(255.0)
-            logits = model(batch.unsqueeze(1).to(device))
-            out.append(logits.softmax(dim=1).cpu().numpy())
+            out.append(run(batch.unsqueeze(1).to(device)).cpu().numpy())
+    return out
+
+
+def predict_probabilities(model: DensityCLIP, images: np.ndarray, device: torch.device,
+                          batch_size: int = 64) -> np.ndarray:
+    """Softmax over the four descriptions, per image (uint8 prepared stack)."""
+    out = _batched(model, images, device, lambda x: model(x).softmax(dim=1), batch_size)
     return np.concatenate(out) if out else np.zeros((0, len(DENSITY_CLASSES)))
 
 
 def pooled_features(model: DensityCLIP, images: np.ndarray, device: torch.device,
                     batch_size: int = 64) -> np.ndarray:
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size]).float().div(255.0)
-            out.append(model.pooled_features(batch.unsqueeze(1).to(device)).cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate(_batched(model, images, device, model.pooled_features, batch_size))
 
 
 def density_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
@@ -374,11 +367,10 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     images = prepared_images(cases, settings.size)
     labels = np.array([c.label for c in cases])
     vocabulary = Vocabulary(list(DESCRIPTIONS.values()))
-    results = []
-    for fold, (train_index, val_index) in enumerate(patient_folds(cases, settings.folds,
-                                                                  settings.seed)):
-        results.append(train_density_fold(fold, images, labels, train_index, val_index,
-                                          settings, vocabulary, on_epoch))
+    splits = patient_folds(cases, settings.folds, settings.seed)
+    results = [train_density_fold(fold, images, labels, train_index, val_index, settings,
+                                  vocabulary, on_epoch)
+               for fold, (train_index, val_index) in enumerate(splits)]
     selected = min(results, key=lambda r: r.val_loss)
     summary = {
         "accuracy": _mean_sd([r.metrics["accuracy"] for r in results]),
@@ -408,16 +400,15 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     device = resolve_device(settings.device)
     model = DensityCLIP(vocabulary).to(device)
     model.load_state_dict(selected.state)
-    train_index, val_index = patient_folds(cases, settings.folds, settings.seed)[selected.fold]
+    train_index, val_index = splits[selected.fold]
+    held_out = pooled_features(model, images[val_index], device)
     detector = ood.OodDetector.fit(pooled_features(model, images[train_index], device),
-                                   pooled_features(model, images[val_index], device))
+                                   held_out)
     out.mkdir(parents=True, exist_ok=True)
     detector.save(out)
     card["ood"] = {"method": "mahalanobis distance of the image encoder's pooled last block",
                    "threshold": detector.threshold, "quantile": 0.99,
-                   "held_out": ood.summary(detector.score(
-                       pooled_features(model, images[val_index], device)),
-                       detector.threshold)}
+                   "held_out": ood.summary(detector.score(held_out), detector.threshold)}
     save_model(out, selected.state, vocabulary, card)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_density_curves(results, out / "curves.png")

@@ -293,6 +293,3 @@ def write_dataset(out: Path, patients: Iterator[list[MammoView]], *, dicom: bool
                              f"{v.pixel_spacing_mm:.6f}"])
     return written
 
-
-def load_image(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"))

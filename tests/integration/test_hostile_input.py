@@ -26,7 +26,7 @@ from radlens.demo.fuzz import (
     write_case_file,
 )
 from radlens.dicom_io.synthetic import us_instance
-from tests.helpers import storescu, wait_for
+from tests.helpers import closed_by_node, storescu, wait_for
 
 DATASET_CASES = 14 * 14  # every family fourteen times
 PDU_CASES = 16 * 6
@@ -121,15 +121,6 @@ def test_exhaustion_held_connections_slow_sender_and_huge_declarations(server_fa
         except OSError:
             break
     assert len(held) == 40  # the kernel accepts them; the node closes all but eight
-
-    def closed_by_node(connection: socket.socket) -> bool:
-        connection.settimeout(0.05)
-        try:
-            return connection.recv(1) == b""
-        except TimeoutError:
-            return False
-        except OSError:
-            return True
 
     wait_for(lambda: sum(map(closed_by_node, held)) >= 32, 10, "the node to close the excess")
     assert sum(not closed_by_node(c) for c in held) == 8  # dicom.max_connections_per_address

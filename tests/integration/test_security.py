@@ -15,6 +15,7 @@ from pynetdicom import AE
 
 from tests.helpers import (
     TEST_FILES,
+    closed_by_node,
     free_port,
     port_open,
     radlens_cli,
@@ -53,17 +54,6 @@ def tls_storescu(port: int, files: list[Path], certs: Path, *, key: str = "clien
     return storescu(port, files, calling_aet=calling, extra=[
         "+tls", str(certs / f"{key}.key"), str(certs / f"{key}.crt"),
         "+cf", str(certs / "ca.crt"), *extra])
-
-
-def closed_by_node(connection: socket.socket) -> bool:
-    """Whether the other end closed ``connection`` (nothing was ever sent on it)."""
-    connection.settimeout(0.05)
-    try:
-        return connection.recv(1) == b""
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
 
 
 def audit_entries(server) -> list[dict]:
