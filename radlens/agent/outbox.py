@@ -60,7 +60,9 @@ class Outbox:
     A sender claims the rows it sends under a lease (``FOR UPDATE SKIP LOCKED`` on PostgreSQL),
     so several senders never send the same row at once; a sender that dies mid-send leaves
     rows whose lease runs out, and another sends them (a destination may then see an instance
-    twice, which C-STORE allows: same SOP Instance UID, same bytes).
+    twice, which C-STORE allows: same SOP Instance UID, same bytes). A state outage between
+    a send and its record does not send again: the sender keeps what was delivered and
+    records it when the state is back.
     """
 
     def __init__(self, db: Database, settings: OutboxSettings,
@@ -85,6 +87,9 @@ class Outbox:
         self.sender = sender
         self._delivering = threading.Lock()
         self._claims_uncertain = False
+        # Rows a destination took whose "sent" the state could not record (it went away): kept
+        # here and recorded at the next round, so that they are not sent a second time.
+        self._sent_unrecorded: dict[int, tuple[float, int | None]] = {}
 
     def enqueue(self, paths: Iterable[Path | scu.OutgoingFile], destination: str, *,
                 job_id: int | None = None, conn: Connection | None = None) -> list[int]:
@@ -122,6 +127,7 @@ class Outbox:
             return DeliveryReport()
         try:
             now = time.time() if now is None else now
+            self._record_sent(late=True)
             if self._claims_uncertain:
                 self._release_own_claims()
             rows = self._claim_due(now)
@@ -140,6 +146,21 @@ class Outbox:
             raise
         finally:
             self._delivering.release()
+
+    def _record_sent(self, *, late: bool = False) -> None:
+        """Mark the rows a destination took as sent. They stay in ``_sent_unrecorded`` until
+        the state has them, so a state outage here never makes radlens send them again."""
+        if not self._sent_unrecorded:
+            return
+        with self.db.transaction() as conn:
+            for row_id, (sent_at, status) in self._sent_unrecorded.items():
+                conn.execute(sa.update(outbox).where(outbox.c.id == row_id).values(
+                    state="sent", attempts=outbox.c.attempts + 1, sent_at=sent_at,
+                    last_status=status, last_error=None, lease_until=None))
+        if late:
+            log.info("deliveries recorded after a state error",
+                     extra=kv(rows=len(self._sent_unrecorded)))
+        self._sent_unrecorded.clear()
 
     def _release_own_claims(self) -> None:
         """Free the pending rows this sender claimed; it is not sending any of them now."""
@@ -193,13 +214,10 @@ class Outbox:
             result = by_path.get(row["path"])
             (delivered if result is not None and result.delivered else undelivered).append(row)
         now = time.time()
-        with self.db.transaction() as conn:
-            for row in delivered:
-                result = by_path[row["path"]]
-                conn.execute(sa.update(outbox).where(outbox.c.id == row["id"]).values(
-                    state="sent", attempts=outbox.c.attempts + 1, sent_at=now,
-                    last_status=result.status, last_error=None, lease_until=None))
         self._audit_out(destination, rows, {row["id"] for row in delivered}, studies)
+        self._sent_unrecorded.update(
+            {int(row["id"]): (now, by_path[row["path"]].status) for row in delivered})
+        self._record_sent()
         report = DeliveryReport(sent=len(delivered))
         self._tell(name, "sent", len(delivered))
         if delivered:

@@ -83,3 +83,35 @@ def test_rows_held_when_the_state_fails_mid_delivery_are_freed_at_the_next_round
     assert report.retrying == 1
     row = outbox.db.rows("SELECT * FROM outbox")[0]
     assert row["attempts"] == 1 and row["lease_until"] is None
+
+
+def test_a_delivery_the_state_could_not_record_is_recorded_not_sent_again(tmp_path, archive):
+    """The destination takes the files, then the state fails as the outbox records it
+    (injected: the first recording raises). The next round records what was delivered and
+    sends nothing again: storescp (+uf, a file per C-STORE) holds each file once."""
+    import sqlalchemy as sa
+
+    destination = Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1",
+                              port=archive.port)
+    outbox = Outbox(Database(tmp_path / DB_FILENAME), OutboxSettings(retry_initial_s=0.01),
+                    [destination], calling_aet="RADLENS", timeout_s=10, node_id="node-1")
+    outbox.enqueue([TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm"], "archive")
+    transaction = outbox.db.transaction
+    calls = {"n": 0}
+
+    def state_goes_away_once():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first is the claim; the second records the delivery
+            raise sa.exc.OperationalError("UPDATE outbox", {}, Exception("server closed"))
+        return transaction()
+
+    outbox.db.transaction = state_goes_away_once
+    with pytest.raises(sa.exc.OperationalError):
+        outbox.deliver_due()
+    assert len(archive.files()) == 2
+    assert outbox.db.scalar("SELECT COUNT(*) FROM outbox WHERE state = 'sent'") == 0
+    report = outbox.deliver_due()
+    assert report.sent == 0 and report.retrying == 0  # nothing was due again
+    rows = outbox.db.rows("SELECT state, attempts, lease_until FROM outbox")
+    assert [(r["state"], r["attempts"], r["lease_until"]) for r in rows] == [("sent", 1, None)] * 2
+    assert len(archive.files()) == 2
