@@ -25,7 +25,7 @@ import numpy as np
 from radlens import __version__
 from radlens.agent.analyses import FrameRecord, LesionRecord
 from radlens.agent.queue import JobInstance
-from radlens.agent.routing import ImageFacts, Router
+from radlens.agent.routing import DENSITY_MODEL, ImageFacts, Router
 from radlens.analysis.lesions import find_lesions, measure_regions
 from radlens.config import ModelSettings
 from radlens.dicom_io import pixels
@@ -34,6 +34,7 @@ from radlens.errors import ComputeUnavailableError, UnsupportedImageError
 from radlens.findings import (
     AbstainedFrame,
     AnatomyOverlap,
+    BreastDensity,
     ClassProbabilities,
     DecodedImage,
     FramePrediction,
@@ -51,6 +52,7 @@ from radlens.timing import StageTimes
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
     from radlens.agent.compute import LocalModelStage, RayModelStage
+    from radlens.agent.density import DensityAnalyser
     from radlens.analysis.nifti import LabelMap
     from radlens.models.infer import Prediction, Segmenter
     from radlens.models.saliency import SaliencyExplainer, SaliencyMap
@@ -104,6 +106,7 @@ class Analyser:
     anatomy: LabelMap | None = None
     # Where inference and saliency run (radlens.agent.compute); None: in this process.
     stage: LocalModelStage | RayModelStage | None = None
+    density: DensityAnalyser | None = None  # the breast density model, for mammograms
 
     def __post_init__(self) -> None:
         if self.stage is None:
@@ -410,6 +413,8 @@ def findings_for(study: StudyInput, outcome: StudyOutcome,
         model=model,
         images=outcome.images,
         skipped=outcome.skipped,
+        breast_density=BreastDensity.of([image.density for image in outcome.images
+                                         if image.density is not None]),
     )
 
 
@@ -441,6 +446,11 @@ def _image(instance: JobInstance, analyser: Analyser | None, maps_dir: Path,
     with times.stage("decode"):
         decoded = pixels.decode_dataset(ds, info=described)
     try:
+        if decision.model == DENSITY_MODEL:
+            assert analyser.density is not None  # the router knows only the loaded models
+            with times.stage("density"):
+                info = analyser.density.analyse(decoded, ds, maps_dir)
+            return info.model_copy(update={"route": decision.reason}), []
         info, records = analyse_image(decoded, analyser, maps_dir, times)
     except ComputeUnavailableError:
         raise  # nothing wrong with the image: the job runs again

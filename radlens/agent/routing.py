@@ -13,6 +13,7 @@ photometric scope, since the model cannot read what it was not built for.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from radlens.config import RoutingRule, RoutingSettings
 
 NO_MODEL = "none"
 DEFAULT_MODEL = "default"
+DENSITY_MODEL = "density"
 
 
 class AnatomicRegion(BaseModel):
@@ -93,7 +95,8 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """``model`` is the model that runs (``default``), or None with the reason it does not."""
+    """``model`` is the model that runs (``default`` or ``density``), or None with the reason
+    it does not."""
 
     model: str | None
     reason: str
@@ -104,58 +107,91 @@ class RouteDecision:
 
 
 class Router:
-    def __init__(self, settings: RoutingSettings, scope: ModelScope | None) -> None:
+    """Routes each image to one of the loaded models (``default``: the lesion model,
+    ``density``: the breast density model), or to none, with the reason.
+
+    A model may look at an image only within its technical scope (modality, SOP class,
+    photometric interpretation). Among the models that may, the first matching rule decides;
+    without one, the first model (in the order given) whose anatomy the header states; a
+    header stating no anatomy goes to the first such model when ``unstated_body_part`` is
+    ``analyse``."""
+
+    def __init__(self, settings: RoutingSettings,
+                 scope: ModelScope | None | Mapping[str, ModelScope | None]) -> None:
         self.settings = settings
-        self.scope = scope
+        self.scopes: dict[str, ModelScope | None] = (
+            dict(scope) if isinstance(scope, Mapping) else {DEFAULT_MODEL: scope})
+
+    @property
+    def scope(self) -> ModelScope | None:
+        """The lesion model's scope."""
+        return self.scopes.get(DEFAULT_MODEL)
 
     def route(self, facts: ImageFacts, calling_ae: str | None = None) -> RouteDecision:
-        """The first matching rule decides about anatomy; the model's scope decides the rest."""
-        technical = self._outside_technical_scope(facts)
-        if technical:
-            return RouteDecision(None, f"outside the model's scope: {technical}")
+        """The first matching rule decides about anatomy; the models' scopes decide the rest."""
+        refusals = {name: _outside_technical_scope(scope, facts)
+                    for name, scope in self.scopes.items()}
+        candidates = [name for name, refusal in refusals.items() if refusal is None]
+        if not candidates:
+            return RouteDecision(None, f"outside the model's scope: {self._refusal(refusals, facts)}")
         for number, rule in enumerate(self.settings.rules, start=1):
             if rule_matches(rule, facts, calling_ae):
                 name = rule.name or f"rule {number}"
                 if rule.model == NO_MODEL:
                     return RouteDecision(None, f"routing rule {name!r} sends it to no model")
+                if rule.model not in self.scopes:
+                    return RouteDecision(None, f"routing rule {name!r} sends it to the "
+                                         f"{rule.model} model, which is not loaded")
+                if rule.model not in candidates:
+                    return RouteDecision(None, f"routing rule {name!r} sends it to the "
+                                         f"{rule.model} model, but it is outside that model's "
+                                         f"scope: {refusals[rule.model]}")
                 return RouteDecision(rule.model, f"routing rule {name!r} matched")
         if facts.states_anatomy:
-            return self._by_anatomy(facts)
+            decisions = [_by_anatomy(name, self.scopes[name], facts) for name in candidates]
+            return next((d for d in decisions if d.analyse), decisions[0])
         if self.settings.unstated_body_part == "analyse":
-            return RouteDecision(DEFAULT_MODEL, "no body part stated and no routing rule "
+            return RouteDecision(candidates[0], "no body part stated and no routing rule "
                                  "matched: routing.unstated_body_part is 'analyse' (the "
                                  "out-of-distribution check still applies)")
         return RouteDecision(None, "no body part stated and no routing rule matched "
                              "(routing.unstated_body_part is 'skip')")
 
-    def _outside_technical_scope(self, facts: ImageFacts) -> str | None:
-        scope = self.scope
-        if scope is None:
-            return None
-        if facts.modality not in scope.modalities:
-            return f"modality {facts.modality or 'unknown'}"
-        if facts.sop_class_uid not in scope.sop_classes:
-            from pydicom.uid import UID
+    def _refusal(self, refusals: dict[str, str | None], facts: ImageFacts) -> str:
+        """Why no model may look: that of the model built for this modality, if one is."""
+        for name, scope in self.scopes.items():
+            if scope is not None and facts.modality in scope.modalities:
+                return str(refusals[name])
+        return str(next(iter(refusals.values())))
 
-            uid = UID(facts.sop_class_uid)
-            retired = " (retired)" if uid.is_valid and uid.is_retired else ""
-            return f"SOP class {uid.name or facts.sop_class_uid}{retired}"
-        if facts.photometric not in scope.photometric_interpretations:
-            return f"photometric interpretation {facts.photometric or 'unknown'}"
+
+def _outside_technical_scope(scope: ModelScope | None, facts: ImageFacts) -> str | None:
+    if scope is None:
         return None
+    if facts.modality not in scope.modalities:
+        return f"modality {facts.modality or 'unknown'}"
+    if facts.sop_class_uid not in scope.sop_classes:
+        from pydicom.uid import UID
 
-    def _by_anatomy(self, facts: ImageFacts) -> RouteDecision:
-        scope = self.scope
-        if scope is None:
-            return RouteDecision(DEFAULT_MODEL, "the model states no scope")
-        codes = {region.value for region in scope.anatomic_regions}
-        if facts.body_part and facts.body_part in scope.body_parts:
-            return RouteDecision(DEFAULT_MODEL, f"body part {facts.body_part} is in scope")
-        if set(facts.anatomic_region_codes) & codes:
-            return RouteDecision(DEFAULT_MODEL, "anatomic region code is in scope")
-        stated = (f"body part {facts.body_part}" if facts.body_part else
-                  f"anatomic region {', '.join(facts.anatomic_region_codes)}")
-        return RouteDecision(None, f"outside the model's scope: {stated}")
+        uid = UID(facts.sop_class_uid)
+        retired = " (retired)" if uid.is_valid and uid.is_retired else ""
+        return f"SOP class {uid.name or facts.sop_class_uid}{retired}"
+    if facts.photometric not in scope.photometric_interpretations:
+        return f"photometric interpretation {facts.photometric or 'unknown'}"
+    return None
+
+
+def _by_anatomy(name: str, scope: ModelScope | None, facts: ImageFacts) -> RouteDecision:
+    if scope is None:
+        return RouteDecision(name, "the model states no scope")
+    codes = {region.value for region in scope.anatomic_regions}
+    if facts.body_part and facts.body_part in scope.body_parts:
+        return RouteDecision(name, f"body part {facts.body_part} is in scope")
+    if set(facts.anatomic_region_codes) & codes:
+        return RouteDecision(name, "anatomic region code is in scope")
+    stated = (f"body part {facts.body_part}" if facts.body_part else
+              f"anatomic region {', '.join(facts.anatomic_region_codes)}")
+    return RouteDecision(None, f"outside the model's scope: {stated}")
 
 
 def rule_matches(rule: RoutingRule, facts: ImageFacts, calling_ae: str | None) -> bool:

@@ -24,6 +24,7 @@ import time
 from datetime import UTC
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -46,6 +47,9 @@ from radlens.dicom_io.scu import OutgoingFile
 from radlens.dicom_io.spool import Spool, StoredInstance
 from radlens.errors import RadlensError
 from radlens.logs import kv
+
+if TYPE_CHECKING:
+    from radlens.agent.density import DensityAnalyser
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,7 @@ def load_analyser(settings: Settings) -> Analyser | None:
         segmenter = load_segmenter(settings.model, device="cpu" if on_ray else None)
     except (ModelError, ValueError) as exc:
         raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
-    from radlens.agent.routing import ModelScope, Router
+    from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ModelScope, Router
 
     try:
         scope = ModelScope.from_card(segmenter.card)
@@ -178,8 +182,38 @@ def load_analyser(settings: Settings) -> Analyser | None:
 
         stage = RayModelStage(settings.compute, settings.model, name=segmenter.name,
                               version=segmenter.version)
-    return Analyser(segmenter, settings.model, Router(settings.routing, scope), explainer,
-                    anatomy, stage)
+    density = load_density(settings, device=str(segmenter.device))
+    scopes = {DEFAULT_MODEL: scope}
+    if density is not None:
+        scopes[DENSITY_MODEL] = ModelScope.from_card(density.card)
+    return Analyser(segmenter, settings.model, Router(settings.routing, scopes), explainer,
+                    anatomy, stage, density)
+
+
+def load_density(settings: Settings, *, device: str = "cpu") -> DensityAnalyser | None:
+    """The breast density model, when enabled; a broken one fails the start like the lesion
+    model. Its card must state its scope: it sees mammograms only."""
+    if not settings.density.enabled:
+        log.info("density model disabled: mammograms are not analysed")
+        return None
+    from radlens.agent.density import DensityAnalyser
+    from radlens.agent.routing import ModelScope
+    from radlens.models.infer import ModelError
+
+    try:
+        density = DensityAnalyser.load(settings.density, device=device)
+        if ModelScope.from_card(density.card) is None:
+            raise ModelError("its card states no scope")
+    except (ModelError, ValueError) as exc:
+        raise RadlensError(f"cannot load density model {settings.density.weights!r}: {exc}"
+                           ) from exc
+    if density.ood is None and settings.density.abstain:
+        log.warning("the density model has no out-of-distribution detector: it cannot abstain")
+    log.info("density model loaded", extra=kv(name=density.model_ref.name,
+                                              version=density.model_ref.version, device=device,
+                                              ood_threshold=density.ood.threshold
+                                              if density.ood else None))
+    return density
 
 
 def check_llm(settings: LlmSettings, data_dir: Path) -> bool:

@@ -268,6 +268,18 @@ class ModelSettings(_Section):
     explain_frames: Literal["lesions", "all"] | Annotated[int, Field(ge=1)] = "lesions"
 
 
+class DensitySettings(_Section):
+    """The breast density model the pipeline runs on mammograms (MG), beside the lesion model."""
+
+    enabled: bool = True
+    weights: str = "density"  # a shipped model's name, or a folder with model.pt + card.json
+    version: str | None = None  # when set, the card's version must match
+    abstain: bool = True  # a mammogram unlike the training images gets no category
+    # Below this share of Grad-CAM mass on breast tissue, the reading carries an
+    # attention-on-artifact warning in the findings, the SR and the report.
+    low_tissue_share: float = Field(default=0.6, ge=0, le=1)
+
+
 class RoutingRule(_Section):
     """One routing rule: every criterion given must hold; the first rule that matches decides."""
 
@@ -277,7 +289,9 @@ class RoutingRule(_Section):
     body_part: str | None = None  # BodyPartExamined, e.g. BREAST
     anatomic_region: str | None = None  # SNOMED CT code value in AnatomicRegionSequence
     description: str | None = None  # regular expression over Study and Series Description
-    model: Literal["default", "none"] = "default"  # default: the configured model; none: skip
+    # default: the lesion model (model.*); density: the breast density model (density.*);
+    # none: no model
+    model: Literal["default", "density", "none"] = "default"
 
     @model_validator(mode="after")
     def _valid_pattern(self) -> RoutingRule:
@@ -405,6 +419,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    density: DensitySettings = Field(default_factory=DensitySettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     anatomy: AnatomySettings = Field(default_factory=AnatomySettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)

@@ -64,3 +64,32 @@ REFERENCED_SEGMENT = Code("121191", "DCM", "Referenced Segment")
 REPORT_NOTE = Code("RADL043", "99RADLENS", "Processing note")
 UCUM_PIXELS = Code("{pixels}", "UCUM", "pixels")
 UCUM_SQUARE_PIXELS = Code("{pixels}2", "UCUM", "square pixels")
+
+# Breast density (mammography): DICOM's own concepts where the standard has one.
+MAMMOGRAPHY = Code("71651007", "SCT", "Mammography")
+BREAST_COMPOSITION = Code("129715009", "SCT", "Breast composition")
+BREAST_COMPOSITION_VALUES: dict[str, Code] = {  # CID 6000 Overall Breast Composition
+    "A": Code("129716005", "SCT", "Almost entirely fat"),
+    "B": Code("129717001", "SCT", "Scattered fibroglandular densities"),
+    "C": Code("129718006", "SCT", "Heterogeneously dense"),
+    "D": Code("129719003", "SCT", "Extremely dense"),
+}
+IMAGE_VIEW = Code("111031", "DCM", "Image View")
+VIEWS: dict[str, Code] = {  # CID 4014 View for Mammography
+    "CC": Code("399162004", "SCT", "cranio-caudal"),
+    "MLO": Code("399368009", "SCT", "medio-lateral oblique"),
+    "ML": Code("399260004", "SCT", "medial-lateral"),
+    "LM": Code("399352003", "SCT", "lateral-medial"),
+}
+IMAGE_LATERALITY = Code("111027", "DCM", "Image Laterality")
+LATERALITY = Code("272741003", "SCT", "Laterality")
+SIDES: dict[str, Code] = {"L": Code("7771000", "SCT", "Left"),
+                          "R": Code("24028007", "SCT", "Right")}
+DENSITY_PROBABILITY: dict[str, Code] = {
+    c: Code(f"RADL05{i}", "99RADLENS", f"Probability of breast composition {c}")
+    for i, c in enumerate("ABCD", start=1)}
+ATTENTION_ON_TISSUE = Code("RADL060", "99RADLENS", "Grad-CAM share on breast tissue")
+ATTENTION_ON_ARTIFACTS = Code("RADL061", "99RADLENS", "Grad-CAM share on artifacts")
+ATTENTION_OUTSIDE = Code("RADL062", "99RADLENS", "Grad-CAM share outside the breast")
+ATTENTION_WARNING = Code("RADL063", "99RADLENS", "Attention warning")
+ATTENTION_ON_ARTIFACT = Code("RADL064", "99RADLENS", "Attention on artifact")

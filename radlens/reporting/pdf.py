@@ -37,6 +37,7 @@ class Figure:
     image_rgb: np.ndarray  # (rows, columns, 3) uint8, outlines drawn
     overlay_rgb: np.ndarray  # (rows, columns, 3) uint8, heat map and outlines
     confidence: float = 0.0  # the frame's most probable lesion: key frames go first
+    captions: tuple[str, str] = ("image, lesion outlined", "saliency: where the model looked")
 
 
 def _size(lesion: LesionMeasurements) -> str:
@@ -66,6 +67,20 @@ def lesion_rows(findings: StudyFindings) -> list[list[str]]:
 
 
 MAX_REASON_LINES = 8
+
+
+def density_rows(findings: StudyFindings) -> list[list[str]]:
+    """One row per mammogram the density model read: side, view, category, attention."""
+    rows = []
+    for number, image in enumerate(findings.images, start=1):
+        reading = image.density
+        if reading is None:
+            continue
+        rows.append([str(number), reading.laterality or "-", reading.view or "-",
+                     reading.category, f"{reading.probabilities[reading.category]:.0%}",
+                     f"{reading.attention.tissue:.0%}",
+                     "attention on artifacts" if reading.attention_on_artifact else "-"])
+    return rows
 
 
 def not_analysed_lines(findings: StudyFindings) -> list[str]:
@@ -122,12 +137,49 @@ class _Pages:
         self.y -= height
 
 
+def _lesion_table(pages: _Pages, findings: StudyFindings, rows: list[list[str]]) -> None:
+    """The lesion table (the most suspicious lesions), or why there is none."""
+    shown = rows
+    if len(rows) > MAX_TABLE_ROWS:  # the most suspicious first: category, probability
+        shown = sorted(rows, key=lambda r: (-int(r[8]), -float(r[3].rstrip("%"))))[
+            :MAX_TABLE_ROWS]
+    height = 0.022 * (len(shown) + 1) if shown else 0.0
+    page = pages.need(0.03 + height + 0.03)
+    page.text(0.06, pages.y, f"Lesions ({len(rows)})", fontsize=11, weight="bold")
+    if len(rows) > len(shown):
+        page.text(0.3, pages.y, f"the {MAX_TABLE_ROWS} most suspicious shown; every "
+                  "lesion is in the SR", fontsize=8, style="italic")
+    pages.y -= 0.012
+    if shown:
+        axes = page.add_axes((0.06, pages.y - height, 0.88, height))
+        axes.axis("off")
+        table = axes.table(cellText=shown, loc="upper left", cellLoc="center", colLabels=[
+            "#", "image", "class", "prob.", "size", "area mm²", "compact.", "sharpness",
+            "cat.*"])
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        pages.y -= height + 0.01
+        pages.line("* BI-RADS-style category: an AI suggestion, not a BI-RADS assessment.",
+                   0.02, fontsize=7.5, style="italic")
+    elif not any(image.predictions for image in findings.images):
+        pages.y -= 0.01
+        pages.line("No image was analysed, so nothing is stated about this study (the "
+                   "reasons are below, and in the SR).", 0.02, fontsize=9)
+    else:
+        pages.y -= 0.01
+        pages.line("No lesion was detected by the model.", 0.02, fontsize=9)
+
+
 def render_report(findings: StudyFindings, narrative: Narrative,
                   figures: Sequence[Figure]) -> bytes:
     """The PDF's bytes: the narrative, the lesion table (the most suspicious lesions), what
     was not analysed and why, and the key frames; as many pages as that takes."""
     model = (f"{findings.model.name} {findings.model.version} ({findings.model.architecture})"
              if findings.model else "no model")
+    density = density_rows(findings)
+    readings = [image.density for image in findings.images if image.density is not None]
+    if readings:
+        model += f"; density: {readings[0].model.name} {readings[0].model.version}"
     buffer = io.BytesIO()
     with matplotlib.rc_context({"pdf.fonttype": 3, "font.size": 9}), \
             PdfPages(buffer, metadata={"Title": "radlens report", "Creator": "radlens",
@@ -140,36 +192,31 @@ def render_report(findings: StudyFindings, narrative: Narrative,
             for line in textwrap.wrap(paragraph, 100) or [""]:
                 pages.line(line, 0.0145, fontsize=8.5)
         pages.y -= 0.01
-        rows = lesion_rows(findings)
-        shown = rows
-        if len(rows) > MAX_TABLE_ROWS:  # the most suspicious first: category, probability
-            shown = sorted(rows, key=lambda r: (-int(r[8]), -float(r[3].rstrip("%"))))[
-                :MAX_TABLE_ROWS]
-        height = 0.022 * (len(shown) + 1) if shown else 0.0
-        page = pages.need(0.03 + height + 0.03)
-        page.text(0.06, pages.y, f"Lesions ({len(rows)})", fontsize=11, weight="bold")
-        if len(rows) > len(shown):
-            page.text(0.3, pages.y, f"the {MAX_TABLE_ROWS} most suspicious shown; every "
-                      "lesion is in the SR", fontsize=8, style="italic")
-        pages.y -= 0.012
-        if shown:
+        summary = findings.breast_density
+        if density and summary is not None:
+            height = 0.022 * (len(density) + 1)
+            page = pages.need(0.03 + height + 0.05)
+            sides = ", ".join(f"{name} {category}" for name, category in
+                              (("right", summary.right), ("left", summary.left)) if category)
+            page.text(0.06, pages.y, f"Breast density: study {summary.study}"
+                      + (f" ({sides})" if sides else ""), fontsize=11, weight="bold")
+            pages.y -= 0.012
             axes = page.add_axes((0.06, pages.y - height, 0.88, height))
             axes.axis("off")
-            table = axes.table(cellText=shown, loc="upper left", cellLoc="center", colLabels=[
-                "#", "image", "class", "prob.", "size", "area mm²", "compact.", "sharpness",
-                "cat.*"])
+            table = axes.table(cellText=density, loc="upper left", cellLoc="center", colLabels=[
+                "image", "side", "view", "category*", "prob.", "attention on tissue",
+                "warning"])
             table.auto_set_font_size(False)
             table.set_fontsize(8)
             pages.y -= height + 0.01
-            pages.line("* BI-RADS-style category: an AI suggestion, not a BI-RADS assessment.",
-                       0.02, fontsize=7.5, style="italic")
-        elif not any(image.predictions for image in findings.images):
-            pages.y -= 0.01
-            pages.line("No image was analysed, so nothing is stated about this study (the "
-                       "reasons are below, and in the SR).", 0.02, fontsize=9)
-        else:
-            pages.y -= 0.01
-            pages.line("No lesion was detected by the model.", 0.02, fontsize=9)
+            pages.line("* BI-RADS breast composition (A fatty .. D extremely dense): an AI "
+                       "suggestion; the study takes the denser breast.", 0.02, fontsize=7.5,
+                       style="italic")
+        rows = lesion_rows(findings)
+        if density and not any(image.predictions for image in findings.images):
+            rows = None  # a mammography study: the lesion model read none of it
+        if rows is not None:
+            _lesion_table(pages, findings, rows)
         reasons = not_analysed_lines(findings)
         if reasons:
             pages.line(f"Not analysed ({len(reasons)})", 0.018, fontsize=11, weight="bold")
@@ -184,8 +231,7 @@ def render_report(findings: StudyFindings, narrative: Narrative,
             height = 0.3
             page = pages.need(height)
             for column, (picture, label) in enumerate(
-                    ((figure.image_rgb, "image, lesion outlined"),
-                     (figure.overlay_rgb, "saliency: where the model looked"))):
+                    zip((figure.image_rgb, figure.overlay_rgb), figure.captions, strict=True)):
                 axes = page.add_axes((0.06 + column * 0.45, pages.y - height, 0.42,
                                       height - 0.02))
                 axes.imshow(picture)

@@ -3,7 +3,7 @@ slow, wrong or absent. Built from the findings alone, in a plain clinical style.
 
 from __future__ import annotations
 
-from radlens.findings import LesionMeasurements, StudyFindings
+from radlens.findings import DENSITY_MEANINGS, LesionMeasurements, StudyFindings
 from radlens.reporting.narrative import TEMPLATE_AUTHOR, Category, Narrative
 
 _LEVEL_WORDS = {1: "very low", 2: "low", 3: "moderate", 4: "high", 5: "very high"}
@@ -41,12 +41,46 @@ LIMITATIONS = ("Limitations: automated segmentation and classification of 2-D im
                "qualified reader.")
 
 
+DENSITY_LIMITATIONS = ("Limitations: automated breast density categories of 2-D mammograms "
+                       "without clinical context or prior studies; readers themselves disagree "
+                       "between neighbouring categories; Grad-CAM shows where the model looked, "
+                       "not whether it is correct. Not for diagnostic use: to be reviewed by a "
+                       "qualified reader.")
+
+
+def density_lines(findings: StudyFindings) -> list[str]:
+    """The breast composition per breast and for the study, and any attention warning."""
+    summary = findings.breast_density
+    readings = [image.density for image in findings.images if image.density is not None]
+    if summary is None or not readings:
+        return []
+    model = f"{readings[0].model.name} {readings[0].model.version}"
+    sides = [f"{name} breast {category} ({DENSITY_MEANINGS[category]})"
+             for name, category in (("right", summary.right), ("left", summary.left))
+             if category is not None]
+    lines = [f"Breast density of {summary.images} mammogram(s) by {model}, an AI suggestion of "
+             "the BI-RADS breast composition."]
+    if sides:
+        lines.append(f"Density: {'; '.join(sides)}.")
+    lines.append(f"Study density category: {summary.study} ({DENSITY_MEANINGS[summary.study]})"
+                 + (", the denser breast." if len(sides) == 2 else "."))
+    if summary.attention_warnings:
+        lines.append(f"Attention-on-artifact warning on {summary.attention_warnings} "
+                     "mammogram(s): the model looked mostly outside the breast tissue (markers, "
+                     "text, clips or paddle edges), so their category may rest on an artifact.")
+    return lines
+
+
 def template_narrative(findings: StudyFindings) -> Narrative:
     analysed = [image for image in findings.images if image.predictions]
     model = (f"{findings.model.name} {findings.model.version}" if findings.model
              else "no model")
-    if not analysed:
+    density = density_lines(findings)
+    if not analysed and not density:
         return _nothing_analysed(findings, model)
+    if not analysed:
+        lines = [*density, *_not_analysed_lines(findings), DENSITY_LIMITATIONS]
+        return Narrative(text="\n".join(lines), author=TEMPLATE_AUTHOR)
     lines = [f"Automated analysis of {len(analysed)} ultrasound image(s) by {model}."]
     lesions = [(image_number, image.frames, lesion)
                for image_number, image in enumerate(analysed, start=1)
@@ -62,6 +96,14 @@ def template_narrative(findings: StudyFindings) -> Narrative:
         if len(lesions) > 1:
             largest = max(lesions, key=lambda item: item[2].area_px)
             lines.append(f"The largest is lesion {lesions.index(largest) + 1}.")
+    lines += density
+    lines += _not_analysed_lines(findings)
+    lines.append(LIMITATIONS)
+    return Narrative(text="\n".join(lines), author=TEMPLATE_AUTHOR)
+
+
+def _not_analysed_lines(findings: StudyFindings) -> list[str]:
+    lines = []
     not_analysed = [image for image in findings.images if image.not_analysed]
     if not_analysed:
         lines.append(f"{len(not_analysed)} image(s) were not analysed (see the report notes).")
@@ -69,8 +111,7 @@ def template_narrative(findings: StudyFindings) -> Narrative:
     if abstained:
         lines.append(f"{abstained} frame(s) were not analysed because they are unlike the "
                      "images the model was trained on; no finding is stated for them.")
-    lines.append(LIMITATIONS)
-    return Narrative(text="\n".join(lines), author=TEMPLATE_AUTHOR)
+    return lines
 
 
 def _nothing_analysed(findings: StudyFindings, model: str) -> Narrative:

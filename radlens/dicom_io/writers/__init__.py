@@ -23,13 +23,14 @@ from radlens.dicom_io.spool import write_durably
 from radlens.dicom_io.writers.analysed import AnalysedImage, load_analysed, read_header
 from radlens.dicom_io.writers.common import Equipment, OutputKind, SeriesPlan
 from radlens.dicom_io.writers.overlay import (
+    build_density_overlay,
     build_overlays,
     build_parametric_map,
     chosen_method,
 )
 from radlens.dicom_io.writers.pdf import build_encapsulated_pdf
 from radlens.dicom_io.writers.seg import build_segmentations
-from radlens.dicom_io.writers.sr import build_report
+from radlens.dicom_io.writers.sr import DensityImage, build_report
 from radlens.findings import ModelRef, StudyFindings
 from radlens.logs import kv
 from radlens.reporting.narrative import Narrative
@@ -71,6 +72,15 @@ def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
                          f"distribution score above the threshold "
                          f"{image.abstained[0].threshold:.1f}; frame: score {scores}{more}).")
     for image in findings.images:
+        reading = image.density
+        if reading is not None and reading.attention_on_artifact:
+            notes.append(
+                f"Image {image.ref.sop_instance_uid}: attention-on-artifact warning. Only "
+                f"{reading.attention.tissue:.0%} of the density model's Grad-CAM attention lies "
+                f"on breast tissue ({reading.attention.artifacts:.0%} on markers, text, clips or "
+                f"paddle edges, {reading.attention.outside:.0%} outside the breast): breast "
+                f"composition {reading.category} may rest on an artifact.")
+    for image in findings.images:
         if image.frames > 1 and image.predictions:
             explained = [p.frame + 1 for p in image.predictions if p.saliency]
             shown = ", ".join(map(str, explained[:60])) + (" ..." if len(explained) > 60 else "")
@@ -79,7 +89,11 @@ def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
                          + (f" (frames {shown})." if explained else "."))
     notes += [f"Object {skipped.ref.sop_instance_uid} skipped: {skipped.reason}."
               for skipped in findings.skipped]
-    if not any(image.predictions for image in findings.images):
+    if any(image.density for image in findings.images) and not any(
+            image.predictions for image in findings.images):
+        notes.append("Breast density only: the lesion model does not read mammograms, so no "
+                     "segmentation (SEG) or lesion measurement was written.")
+    elif not any(image.predictions for image in findings.images):
         notes.append("No image was analysed, so no segmentation (SEG), saliency map or overlay "
                      "was written.")
     elif not has_lesions:
@@ -135,12 +149,17 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
                 segmentations = []
     figures = _write_per_image(images, sources, equipment, findings, folder, settings,
                                saliency_methods, written, failures, fsync, times)
+    density = [DensityImage(info, headers[info.ref.sop_instance_uid]) for info in findings.images
+               if info.density is not None and info.ref.sop_instance_uid in headers]
+    figures += _write_density_overlays(density, sources, equipment, findings, study_results,
+                                       folder, settings, written, failures, fsync, times)
     if settings.sr and headers:
         with times.stage("sr"):
             notes = study_notes(findings, any(image.lesions for image in images))
             written.sr.append(_save(_report(images, segmentations, narrative, equipment,
                                             findings, notes + failures,
-                                            list(headers.values())), folder, "SR", fsync))
+                                            list(headers.values()), density), folder, "SR",
+                                    fsync))
     if settings.pdf:
         with times.stage("pdf"):
             try:
@@ -162,12 +181,13 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
 
 def _report(images: list[AnalysedImage], segmentations: list, narrative: Narrative,
             equipment: Equipment, findings: StudyFindings, notes: list[str],
-            evidence: list[Dataset]) -> Dataset:
+            evidence: list[Dataset], density: list[DensityImage]) -> Dataset:
     """The SR with every measurement; if that cannot be built, one that says why."""
     plan = SeriesPlan.new(OutputKind.SR, findings.revision)
     try:
         return build_report(images, segmentations, narrative, equipment, plan, notes=notes,
-                            evidence=evidence)
+                            evidence=evidence, density=density,
+                            breast_density=findings.breast_density)
     except Exception as exc:
         failure = _failed("measurement report", findings, exc)
         return build_report([], [], narrative, equipment, plan, evidence=evidence, failed=True,
@@ -274,6 +294,55 @@ def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
                 figures += _figures(image, number, frames, method, FIGURES)
             figures = sorted(figures, key=lambda f: -f.confidence)[:FIGURES]
     return figures
+
+
+DENSITY_FIGURES = 4  # the four views of a screening mammogram
+
+
+def _write_density_overlays(density: list[DensityImage], sources: Mapping[str, Path],
+                            equipment: Equipment, findings: StudyFindings, study_results: Path,
+                            folder: Path, settings: OutputSettings, written: WrittenOutputs,
+                            failures: list[str], fsync: bool, times: StageTimes
+                            ) -> list[Figure]:
+    """The Grad-CAM overlay of every mammogram the density model read (a Secondary Capture
+    each, its laterality and view kept), and the PDF's figures of up to four views."""
+    from radlens.dicom_io.writers.overlay import render_overlay
+
+    plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
+    figures: list[tuple[tuple[int, int], Figure]] = []
+    views = {"CC": 0, "MLO": 1}
+    for image in density:
+        reading = image.reading
+        if reading.maps_file is None or not (settings.overlay or settings.pdf):
+            continue
+        sop_uid = image.info.ref.sop_instance_uid
+        with times.stage("overlay"):
+            try:
+                frames = pixels.decode_file(sources[sop_uid]).pixels
+                with np.load(study_results / reading.maps_file) as stored:
+                    cam = stored["saliency_gradcam"].astype(np.float32)
+            except Exception as exc:  # an undecodable source, a lost map
+                failures.append(_failed(f"density overlay of {sop_uid}", findings, exc))
+                continue
+            if settings.overlay:
+                try:
+                    sc = build_density_overlay(image.header, image.info, frames[0], cam,
+                                               Equipment.for_model(reading.model), plan,
+                                               len(written.overlay) + 1)
+                    written.overlay.append(_save(sc, folder, "SC", fsync))
+                except Exception as exc:  # a refused header
+                    failures.append(_failed(f"density overlay of {sop_uid}", findings, exc))
+        if settings.pdf and len(figures) < DENSITY_FIGURES:
+            zero = np.zeros(cam.shape, dtype=bool)
+            side = " ".join(filter(None, (reading.laterality, reading.view))) or "view"
+            warning = ", attention on artifacts!" if reading.attention_on_artifact else ""
+            order = (views.get(reading.view or "", 2), 0 if reading.laterality == "R" else 1)
+            figures.append((order, Figure(
+                f"{side}: {reading.category}, {reading.attention.tissue:.0%} on tissue{warning}",
+                render_overlay(frames[0], np.zeros(cam.shape, np.float32), zero),
+                render_overlay(frames[0], cam, zero), confidence=-1.0,
+                captions=("mammogram", "Grad-CAM: where the density model looked"))))
+    return [figure for _, figure in sorted(figures, key=lambda item: item[0])]
 
 
 def _figures(image: AnalysedImage, number: int, frames: np.ndarray, method: str | None,

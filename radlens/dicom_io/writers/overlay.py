@@ -21,6 +21,7 @@ from skimage import measure
 
 from radlens.dicom_io import codes
 from radlens.dicom_io.writers.analysed import AnalysedImage
+from radlens.findings import ImageInfo
 from radlens.dicom_io.writers.common import (
     Equipment,
     SeriesPlan,
@@ -131,6 +132,32 @@ def build_overlays(image: AnalysedImage, method: str, equipment: Equipment, plan
                             "not whether it is right.")
     _reference_source(sc, image, numbers)
     return [sc]
+
+
+def build_density_overlay(header: Dataset, info: ImageInfo, pixels: np.ndarray, cam: np.ndarray,
+                          equipment: Equipment, plan: SeriesPlan, instance_number: int
+                          ) -> hd.sc.SCImage:
+    """The density model's Grad-CAM over one mammogram, as an RGB Secondary Capture on the
+    mammogram's grid, with its laterality and view, so a viewer hangs it beside the source."""
+    reading = info.density
+    if reading is None:
+        raise ValueError(f"{info.ref.sop_instance_uid} has no density reading")
+    image = AnalysedImage(header=header, info=info, frames={})
+    rgb = render_overlay(pixels, cam, np.zeros(cam.shape, dtype=bool))
+    sc = _secondary_capture(image, rgb, equipment, plan, instance_number)
+    # The SC IOD has no Image Laterality or View Position: the series' Laterality (copied)
+    # and the comments say which view it is.
+    side = " ".join(filter(None, (reading.laterality, reading.view)))
+    warning = (" Attention-on-artifact warning: only "
+               f"{reading.attention.tissue:.0%} of it lies on breast tissue."
+               if reading.attention_on_artifact else "")
+    sc.ImageComments = (f"{side + ': ' if side else ''}Grad-CAM of the breast density model "
+                        f"over {info.ref.sop_instance_uid} (composition {reading.category})."
+                        f"{warning} Saliency shows what the "
+                        "model attends to, not whether it is right.")[:10240]
+    _reference_source(sc, image, [0])
+    log.info("density overlay built", extra=kv(sop=sc.SOPInstanceUID, category=reading.category))
+    return sc
 
 
 def _secondary_capture(image: AnalysedImage, rgb: np.ndarray, equipment: Equipment,

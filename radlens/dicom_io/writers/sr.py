@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -31,7 +32,7 @@ from radlens.dicom_io import codes
 from radlens.dicom_io.writers.analysed import AnalysedImage
 from radlens.dicom_io.writers.common import NOT_FOR_DIAGNOSTIC_USE, Equipment, SeriesPlan
 from radlens.dicom_io.writers.seg import WrittenSegmentation
-from radlens.findings import LesionMeasurements
+from radlens.findings import BreastDensity, DensityPrediction, ImageInfo, LesionMeasurements
 from radlens.logs import kv
 from radlens.reporting.narrative import Category, Narrative
 
@@ -204,15 +205,104 @@ def _image_group(image: AnalysedImage, algorithm: hd.sr.AlgorithmIdentification
 _METHOD_DIGIT = {"gradcam": 1, "gradcam++": 2, "occlusion": 3, "prototype": 4}
 
 
+@dataclass(frozen=True)
+class DensityImage:
+    """A mammogram the density model read, with its source header."""
+
+    info: ImageInfo
+    header: Dataset
+
+    @property
+    def reading(self) -> DensityPrediction:
+        assert self.info.density is not None
+        return self.info.density
+
+
+def _density_group(image: DensityImage) -> Dataset:
+    """One mammogram's breast composition (CID 6000) with its view and laterality, the
+    probabilities behind it and where Grad-CAM put its attention."""
+    reading = image.reading
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=image.info.ref.sop_class_uid,
+        referenced_sop_instance_uid=image.info.ref.sop_instance_uid)
+    outline = [hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_frame_outline(image.info.rows, image.info.columns), source_image=source)]
+    measurements = [
+        hd.sr.Measurement(codes.DENSITY_PROBABILITY[category], round(probability, 4),
+                          codes.UCUM_NO_UNITS,
+                          referenced_coordinates=outline if number == 0 else None)
+        for number, (category, probability) in enumerate(sorted(reading.probabilities.items()))]
+    shares = reading.attention
+    measurements += [
+        hd.sr.Measurement(codes.ATTENTION_ON_TISSUE, round(shares.tissue, 4), codes.UCUM_NO_UNITS,
+                          method=Code(f"RADL06{_METHOD_DIGIT['gradcam']}", "99RADLENS",
+                                      "gradcam")),
+        hd.sr.Measurement(codes.ATTENTION_ON_ARTIFACTS, round(shares.artifacts, 4),
+                          codes.UCUM_NO_UNITS),
+        hd.sr.Measurement(codes.ATTENTION_OUTSIDE, round(shares.outside, 4), codes.UCUM_NO_UNITS),
+    ]
+    if reading.ood_score is not None:
+        measurements.append(hd.sr.Measurement(codes.OOD_SCORE, round(reading.ood_score, 3),
+                                              codes.UCUM_NO_UNITS))
+    evaluations = [hd.sr.QualitativeEvaluation(
+        codes.BREAST_COMPOSITION, codes.BREAST_COMPOSITION_VALUES[reading.category])]
+    if reading.view in codes.VIEWS:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.IMAGE_VIEW,
+                                                       codes.VIEWS[reading.view]))
+    if reading.laterality is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.IMAGE_LATERALITY,
+                                                       codes.SIDES[reading.laterality]))
+    if reading.attention_on_artifact:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.ATTENTION_WARNING,
+                                                       codes.ATTENTION_ON_ARTIFACT))
+    side = f"{reading.laterality or ''}{reading.view or ''}" or "view"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier=f"Breast composition {side} "
+            f"{image.info.ref.sop_instance_uid[-12:]}"),
+        finding_type=codes.BREAST_COMPOSITION,
+        algorithm_id=hd.sr.AlgorithmIdentification(name=reading.model.name,
+                                                   version=reading.model.version),
+        finding_sites=[hd.sr.FindingSite(
+            codes.BREAST, laterality=codes.SIDES.get(reading.laterality or ""))],
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=image.info.ref.sop_class_uid,
+            referenced_sop_instance_uid=image.info.ref.sop_instance_uid)],
+    )
+
+
+def _breast_composition_items(summary: BreastDensity) -> list[hd.sr.CodeContentItem]:
+    """Per breast and for the study (the denser breast): TID 1500's qualitative evaluations."""
+    items = []
+    for side, category in (("R", summary.right), ("L", summary.left), (None, summary.study)):
+        if category is None:
+            continue
+        item = hd.sr.CodeContentItem(name=codes.BREAST_COMPOSITION,
+                                     value=codes.BREAST_COMPOSITION_VALUES[category],
+                                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        if side is not None:
+            item.ContentSequence = hd.sr.ContentSequence([hd.sr.CodeContentItem(
+                name=codes.LATERALITY, value=codes.SIDES[side],
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)])
+        items.append(item)
+    return items
+
+
 def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[WrittenSegmentation],
                  narrative: Narrative, equipment: Equipment, plan: SeriesPlan, *,
                  notes: Sequence[str] = (), evidence: Sequence[Dataset] = (),
-                 failed: bool = False) -> hd.sr.Comprehensive3DSR:
+                 failed: bool = False, density: Sequence[DensityImage] = (),
+                 breast_density: BreastDensity | None = None) -> hd.sr.Comprehensive3DSR:
     """The study's TID 1500 report. ``notes``: plain statements for the reader (images not
     analysed, no lesion and so no SEG). ``evidence``: headers of the study's other objects
     (received, not analysed) that the report accounts for. With no analysed image the report
     carries TID 1500's qualitative evaluations instead of its imaging measurements, saying that
-    nothing was analysed (or, with ``failed``, that the analysis failed)."""
+    nothing was analysed (or, with ``failed``, that the analysis failed). ``density``: the
+    mammograms the density model read, a group each; ``breast_density`` adds each breast's and
+    the study's composition as the report's qualitative evaluations."""
     algorithm = hd.sr.AlgorithmIdentification(name=equipment.algorithm_name,
                                                version=equipment.algorithm_version)
     segment_of = {sop: seg for seg in segmentations for sop in seg.source_sop_instance_uids}
@@ -227,6 +317,7 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
                                         segment_of.get(image.sop_instance_uid), algorithm))
     for image in images:
         groups.extend(_image_group(image, algorithm))
+    groups.extend(_density_group(image) for image in density)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=[DEVICE_UID_ROOT]), name="radlens",
         manufacturer_name=equipment.manufacturer, model_name=equipment.model_name,
@@ -234,13 +325,22 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device, observer_identifying_attributes=device))
     if groups:
+        procedures = ([codes.ULTRASONOGRAPHY_OF_BREAST] if images or not density else []) + (
+            [codes.MAMMOGRAPHY] if density else [])
         report = hd.sr.MeasurementReport(
             observation_context=context,
-            procedure_reported=codes.ULTRASONOGRAPHY_OF_BREAST,
+            procedure_reported=procedures,
             imaging_measurements=groups,
             title=dcm_codes.cid7021.ImagingMeasurementReport,
         )
         root = report[0]
+        if breast_density is not None and density:
+            evaluations = hd.sr.ContainerContentItem(
+                name=codes.QUALITATIVE_EVALUATIONS,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            evaluations.ContentSequence = hd.sr.ContentSequence(
+                _breast_composition_items(breast_density))
+            root.ContentSequence.append(evaluations)
     else:
         root = _report_without_measurements(
             context, codes.ANALYSIS_FAILED if failed else codes.NO_IMAGE_ANALYSED)
@@ -253,9 +353,11 @@ def build_report(images: Sequence[AnalysedImage], segmentations: Sequence[Writte
     text_items.append(hd.sr.TextContentItem(codes.NOT_FOR_DIAGNOSTIC_USE,
                                             NOT_FOR_DIAGNOSTIC_USE, contains))
     root.ContentSequence.extend(text_items)
-    analysed = {image.sop_instance_uid for image in images}
+    analysed = {image.sop_instance_uid for image in images} | {
+        image.info.ref.sop_instance_uid for image in density}
     others = [h for h in evidence if str(h.SOPInstanceUID) not in analysed]
     ordered, stand_ins = _evidence_order([image.header for image in images]
+                                         + [image.header for image in density]
                                          + [seg.dataset for seg in segmentations] + others)
     # The content references only the analysed images and their SEGs, all of them in the
     # evidence by construction: the constructor, which sees only the root, need not search it.
