@@ -281,18 +281,23 @@ def route(
     import pydicom
 
     from radlens.agent.offline import iter_files
-    from radlens.agent.routing import ImageFacts, ModelScope, Router
+    from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ImageFacts, ModelScope, Router
     from radlens.models.infer import ModelError, model_folder
 
     settings = cli_settings(config)
+    cards: dict[str, dict] = {}
     try:
-        folder = model_folder(settings.model.weights)
-        card = json.loads((folder / "card.json").read_text())
-        scope = ModelScope.from_card(card)
+        cards[DEFAULT_MODEL] = json.loads(
+            (model_folder(settings.model.weights) / "card.json").read_text())
+        if settings.density.enabled:
+            cards[DENSITY_MODEL] = json.loads(
+                (model_folder(settings.density.weights) / "card.json").read_text())
+        scopes = {name: ModelScope.from_card(card) for name, card in cards.items()}
     except (ModelError, OSError, ValueError) as exc:
-        raise fail(f"cannot read the model's card: {exc}", 1) from None
-    router = Router(settings.routing, scope)
-    table = Table(title=f"routing ({card.get('name')} {card.get('version')})")
+        raise fail(f"cannot read a model's card: {exc}", 1) from None
+    router = Router(settings.routing, scopes)
+    table = Table(title="routing (" + ", ".join(
+        f"{c.get('name')} {c.get('version')}" for c in cards.values()) + ")")
     for column in ("file", "modality", "body part", "model", "why"):
         table.add_column(column, overflow="fold")
     try:
@@ -311,7 +316,8 @@ def route(
         else:
             decision = router.route(facts, calling_aet)
             decision_model, reason = decision.model, decision.reason
-        shown = (f"{card.get('name')} {card.get('version')}" if decision_model else "none")
+        chosen = cards.get(decision_model or "", {})
+        shown = (f"{chosen.get('name')} {chosen.get('version')}" if decision_model else "none")
         table.add_row(str(path), facts.modality or "-", facts.body_part or "-", shown, reason)
     console.print(table)
 

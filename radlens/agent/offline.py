@@ -134,7 +134,10 @@ def outcome_counts(processed: list[ProcessedStudy], unreadable: list[UnreadableF
         if study.findings is None:
             continue
         for image in study.findings.images:
-            counts["images analysed" if image.predictions else "images not analysed"] += 1
+            counts["images analysed" if image.predictions or image.density
+                   else "images not analysed"] += 1
+            if image.density is not None:
+                counts[f"mammograms, density {image.density.category}"] += 1
             counts["frames analysed"] += len(image.predictions)
             counts["frames abstained (unlike the training images)"] += len(image.abstained)
             if image.not_analysed:

@@ -102,7 +102,8 @@ def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: st
     ds.PresentationLUTShape = "IDENTITY"
     ds.LossyImageCompression = "00"
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.VOILUTFunction = "LINEAR"
+    # No VOILUTFunction: LINEAR is its default, and OHIF 3.13 refuses to display an image that
+    # states it (cornerstone3D: "Invalid VOI LUT function").
     scaled = (view.image.astype(np.uint32) * ((1 << BITS_STORED) - 1) // 255).astype(np.uint16)
     ds.PixelData = scaled.tobytes()
     return ds

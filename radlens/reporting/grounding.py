@@ -69,6 +69,16 @@ def allowed_numbers(facts: StudyFacts) -> set[float]:
         add(None if lesion.area_mm2 is None else lesion.area_mm2 / 100)  # cm²
         for level in lesion.levels.values():
             add(level)
+    if facts.density is not None:
+        values.add(float(len(facts.density.mammograms)))
+        values.add(float(facts.density.attention_warnings))
+        for mammogram in facts.density.mammograms:
+            add(mammogram.number)
+            add(mammogram.attention_on_tissue_percent)
+            add(mammogram.attention_on_tissue_percent / 100)
+            for percent in mammogram.probability_percent.values():
+                add(percent)
+                add(percent / 100)
     values.add(float(facts.images_analysed))
     values.add(float(len(facts.lesions)))
     values.add(float(facts.images_not_analysed))
@@ -87,9 +97,12 @@ def number_violations(text: str, allowed: set[float]) -> list[str]:
     return violations
 
 
-def location_and_identifier_violations(text: str) -> list[str]:
+def location_and_identifier_violations(text: str, sides: frozenset[str] = frozenset()
+                                       ) -> list[str]:
+    """Sides, locations and identifiers the text may not name; ``sides`` ("left", "right")
+    are those the findings do name (a mammogram's laterality)."""
     violations = [f"'{match.group(0)}': the findings give no side or location"
-                  for match in _SIDES.finditer(text)]
+                  for match in _SIDES.finditer(text) if match.group(0).lower() not in sides]
     if _CLOCK.search(text):
         violations.append("a clock-face position: the findings give none")
     if _IDENTIFIER.search(text):
@@ -125,8 +138,52 @@ def check(text: str, facts: StudyFacts) -> list[str]:
                               "lesion(s)")
     violations += [f"'{m.group(0)}': the findings hold no such finding"
                    for m in _UNSUPPORTED.finditer(text)]
-    violations += location_and_identifier_violations(text)
+    violations += density_violations(text, facts)
+    sides = frozenset({"left", "right"} & {m.side for m in facts.density.mammograms
+                                             if m.side}) if facts.density else frozenset()
+    violations += location_and_identifier_violations(text, sides)
     return list(dict.fromkeys(violations))
+
+
+# A density category, by letter ("category C", "density C", "composition (C)") or in words.
+_DENSITY_LETTER = re.compile(r"\b(?i:category|composition|density|BI-RADS)\s*[:(]?\s*([A-D])\b")
+_DENSITY_WORDS = {"almost entirely fat": "A", "scattered fibroglandular": "B",
+                  "scattered areas": "B", "heterogeneously dense": "C",
+                  "extremely dense": "D"}
+
+
+def _categories(sentence: str) -> set[str]:
+    named = {m.group(1) for m in _DENSITY_LETTER.finditer(sentence)}
+    lower = sentence.lower()
+    return named | {c for words, c in _DENSITY_WORDS.items() if words in lower}
+
+
+def density_violations(text: str, facts: StudyFacts) -> list[str]:
+    """A density category the findings do not hold, or one given to the wrong breast."""
+    density = facts.density
+    violations = []
+    for sentence in re.split(r"(?<=[.;\n])\s+", text):
+        named = _categories(sentence)
+        if not named:
+            continue
+        if density is None:
+            violations.append(f"'{sentence.strip()[:80]}': the findings hold no breast density")
+            continue
+        held = {density.study} | {m.category for m in density.mammograms}
+        for category in sorted(named - held):
+            violations.append(f"density category {category} is not in the findings (they "
+                              f"hold {', '.join(sorted(held))})")
+        lower = sentence.lower()
+        for side in ("left", "right"):
+            other = "right" if side == "left" else "left"
+            if re.search(rf"\b{side}\b", lower) and not re.search(rf"\b{other}\b", lower):
+                breast = getattr(density, side)
+                allowed = {breast} | {m.category for m in density.mammograms if m.side == side}
+                for category in sorted(named - allowed - {None}):
+                    violations.append(f"the {side} breast is "
+                                      f"{breast if breast else 'not in the findings'}, not "
+                                      f"{category}")
+    return violations
 
 
 def _sentences_naming(text: str, number: int) -> list[str]:

@@ -16,7 +16,7 @@ from radlens.findings import StudyFindings
 from radlens.reporting.narrative import Category
 
 SYSTEM = (
-    "You are a careful radiology reporting assistant for breast ultrasound research. You write "
+    "You are a careful radiology reporting assistant for breast imaging research. You write "
     "only what the structured findings you are given support: every number you write must be "
     "one of theirs, rounded as given, and you never add a lesion, a side, a location, a size or "
     "a finding they do not hold. Nothing you write is a diagnosis: the category is an AI "
@@ -31,7 +31,11 @@ TASKS = (
     "lesion' / 'no lesion'); (4) recommendation: the BI-RADS-style category of each lesion "
     "worded as an AI suggestion (normal maps to 1, benign to 2-3, malignant to 4-5); (5) "
     "limitations: what this automated analysis cannot tell (2-D images, no clinical context, "
-    "saliency shows where the model looked, not whether it is correct)."
+    "saliency shows where the model looked, not whether it is correct). When the findings hold "
+    "density (mammograms), the impression also gives the BI-RADS breast composition (A almost "
+    "entirely fatty, B scattered fibroglandular, C heterogeneously dense, D extremely dense) of "
+    "each breast the findings name and of the study, as an AI suggestion, with any "
+    "attention-on-artifact warning; name a side only as the findings do."
 )
 
 
@@ -62,6 +66,26 @@ class ImageFacts(BaseModel):
     saliency_agreement: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
+class MammogramFacts(BaseModel):
+    number: int
+    side: str | None  # "left" / "right", as ImageLaterality says
+    view: str | None
+    category: str
+    probability_percent: dict[str, int]
+    attention_on_tissue_percent: int
+    attention_on_artifact: bool
+
+
+class DensityFacts(BaseModel):
+    """Breast density: per breast, for the study (the denser breast), and per mammogram."""
+
+    left: str | None
+    right: str | None
+    study: str
+    mammograms: list[MammogramFacts]
+    attention_warnings: int
+
+
 class StudyFacts(BaseModel):
     """Everything the LLM may know about a study, and all the grounding checks against."""
 
@@ -72,6 +96,7 @@ class StudyFacts(BaseModel):
     images_not_analysed: int
     images: list[ImageFacts]
     lesions: list[LesionFacts]
+    density: DensityFacts | None = None
 
     @classmethod
     def from_findings(cls, findings: StudyFindings) -> StudyFacts:
@@ -111,7 +136,26 @@ class StudyFacts(BaseModel):
         model = f"{findings.model.name} {findings.model.version}" if findings.model else "none"
         return cls(modality=modality, model=model, images_analysed=len(analysed),
                    images_not_analysed=sum(1 for i in findings.images if i.not_analysed),
-                   images=images, lesions=lesions)
+                   images=images, lesions=lesions, density=_density_facts(findings))
+
+
+_SIDE_WORDS = {"L": "left", "R": "right"}
+
+
+def _density_facts(findings: StudyFindings) -> DensityFacts | None:
+    summary = findings.breast_density
+    if summary is None:
+        return None
+    mammograms = [
+        MammogramFacts(number=number, side=_SIDE_WORDS.get(image.density.laterality or ""),
+                       view=image.density.view, category=image.density.category,
+                       probability_percent={c: round(100 * p) for c, p in
+                                            image.density.probabilities.items()},
+                       attention_on_tissue_percent=round(100 * image.density.attention.tissue),
+                       attention_on_artifact=image.density.attention_on_artifact)
+        for number, image in enumerate(findings.images, start=1) if image.density is not None]
+    return DensityFacts(left=summary.left, right=summary.right, study=summary.study,
+                        mammograms=mammograms, attention_warnings=summary.attention_warnings)
 
 
 def _mm(value: float | None) -> float | None:

@@ -214,3 +214,35 @@ def test_cine_overlay_opens_in_ohif(viewer):
     shot = np.asarray(Image.open(out / "overlay.png").convert("RGB")).astype(int)
     green = (shot[..., 1] > 180) & (shot[..., 0] < 90) & (shot[..., 2] < 90)
     assert green.sum() > 50  # frame 1's lesion outline, drawn by OHIF from the cine object
+
+
+def test_mammography_study_in_ohif(viewer):
+    """A four-view MG study with the density model's SR, Grad-CAM overlays and PDF: OHIF opens
+    the mammograms, loads the SR, shows an overlay with the heat map and embeds the PDF."""
+    root, orthanc, server = viewer
+    from radlens.dicom_io.mammography import write_mammo_study
+    from radlens.models.mammo_phantoms import generate
+
+    views = list(generate(1, 11, size=256))[0]
+    sources = write_mammo_study(root / "mammo", views, uid_seed="ohif mammo", synthesized=False)
+    settings = Settings()
+    settings.storage.fsync = False
+    studies, _ = collect_studies(sources)
+    (uid,) = studies
+    done = process_study(uid, studies[uid], root / "results", load_analyser(settings), settings)
+    assert len(done.outputs.overlay) == 4 and not done.outputs.seg
+    _push(orthanc, [*sources, *done.outputs.all])
+    out = ARTIFACTS / "mammo"
+    facts = _drive(server, sources[0], out, "source,sr,overlay,pdf")
+    assert not [e for e in facts["consoleErrors"] if "IMAGE_LOAD" in e], facts["consoleErrors"]
+    image = facts["steps"]["source"]["image"]
+    assert image is not None and image["rows"] == 256
+    shot = np.asarray(Image.open(out / "source.png").convert("L")).astype(int)
+    box = _image_box(image, shot.shape)
+    assert (shot[box] > 60).mean() > 0.2, "the mammogram is not drawn"
+    assert facts["steps"]["sr"]["hydrated"]
+    overlay = np.asarray(Image.open(out / "overlay.png").convert("RGB")).astype(int)
+    heat = (overlay[..., 0] > 150) & (overlay[..., 2] < 100)  # inferno's orange and yellow
+    assert heat.sum() > 200, "no Grad-CAM heat drawn"
+    fetched = (out / "pdf-from-ohif.pdf").read_bytes()
+    assert fetched.rstrip(b"\0") == (done.findings_path.parent / "report.pdf").read_bytes()

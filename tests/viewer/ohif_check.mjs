@@ -7,7 +7,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 const [viewerUrl, outDir, sourceSopUid, stepList] = process.argv.slice(2);
-const facts = { pageErrors: [], consoleErrors: [], steps: {} };
+const facts = { pageErrors: [], consoleErrors: [], httpErrors: [], steps: {} };
 let current = 'start';
 const save = () => writeFileSync(join(outDir, 'facts.json'), JSON.stringify(facts, null, 2));
 
@@ -18,6 +18,10 @@ const browser = await chromium.launch({
 });
 const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
 page.on('pageerror', (error) => facts.pageErrors.push(`${current}: ${error.message || error}`));
+page.on('response', (response) => {
+  if (response.status() >= 400) facts.httpErrors.push(`${current}: ${response.status()} ${response.url().slice(0, 300)}`);
+});
+page.on('requestfailed', (request) => facts.httpErrors.push(`${current}: failed ${request.url().slice(0, 300)}`));
 page.on('console', (message) => {
   if (message.type() === 'error') facts.consoleErrors.push(`${current}: ${message.text().slice(0, 300)}`);
 });

@@ -1,0 +1,124 @@
+"""Mammography end to end: storescu sends a four-view MG study and a breast ultrasound study to
+one agent; each image goes to the model built for it, and the MG study comes back to a storescp
+archive with its breast composition in the SR (read with dsrdump), a Grad-CAM overlay per view
+and the PDF, every object dciodvfy-clean."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pydicom
+
+from radlens.dicom_io import codes
+from tests.helpers import radlens_cli, require_tool, storescu, wait_for
+
+SEED = 11  # phantom patients whose truth the shipped model gets right with margin
+# Raised from 0.6 so that some views of this patient (0.79 to 0.87 of their Grad-CAM on
+# tissue) carry the attention-on-artifact warning, and others do not.
+LOW_TISSUE_SHARE = 0.83
+
+
+def _phantoms(root: Path) -> tuple[list[Path], dict[str, str], list[Path]]:
+    made = radlens_cli("phantoms", "--kind", "mammo", "--out", str(root / "mg"), "--n", "1",
+                       "--seed", str(SEED), "--size", "256", "--dicom")
+    assert made.returncode == 0, made.stderr
+    mg = sorted((root / "mg" / "dicom").glob("*/*.dcm"))
+    with open(root / "mg" / "labels.csv") as handle:
+        truth = {row["laterality"] + row["view"]: row["density"] for row in csv.DictReader(handle)}
+    made = radlens_cli("phantoms", "--out", str(root / "us"), "--n", "1", "--seed", "7",
+                       "--dicom")
+    assert made.returncode == 0, made.stderr
+    us = sorted((root / "us" / "dicom").glob("*/IM0001.dcm"))
+    return mg, truth, us
+
+
+def _study_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
+        server_factory, archive, tmp_path):
+    mg, truth, us = _phantoms(tmp_path)
+    assert len(mg) == 4 and len(us) == 1
+    server = server_factory(RADLENS_DESTINATIONS=json.dumps([{
+        "name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}]),
+        RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
+        RADLENS_DENSITY__LOW_TISSUE_SHARE=str(LOW_TISSUE_SHARE)).start()
+    for files in (mg, us):
+        sent = storescu(server.port, files)
+        assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: len(server.jobs_done()) == 2, 180, "both studies to be processed")
+    assert {row["state"] for row in server.jobs_done()} == {"done"}
+
+    # Routing: the density model read every mammogram, the lesion model the ultrasound.
+    mammo = server.findings(_study_uid(mg[0]))
+    assert len(mammo["images"]) == 4
+    for image in mammo["images"]:
+        reading = image["density"]
+        assert image["route"] == "body part BREAST is in scope" and image["predictions"] == []
+        side = reading["laterality"] + reading["view"]
+        assert reading["category"] == truth[side], (side, reading["probabilities"])
+        assert reading["model"]["name"] == "radlens-density"
+        assert abs(sum(reading["attention"].values()) - 1) < 0.01
+        assert reading["attention_on_artifact"] == (reading["attention"]["tissue"]
+                                                    < LOW_TISSUE_SHARE)
+    flagged = sum(image["density"]["attention_on_artifact"] for image in mammo["images"])
+    assert 0 < flagged < 4, "this patient's views should fall on both sides of the threshold"
+    summary = mammo["breast_density"]
+    order = "ABCD"
+    expected_left = max((truth["LCC"], truth["LMLO"]), key=order.index)
+    assert summary["study"] == max(summary["left"], summary["right"], key=order.index)
+    assert summary["left"] in (truth["LCC"], truth["LMLO"]) and summary["images"] == 4
+    assert order.index(summary["study"]) >= order.index(expected_left)
+    assert summary["attention_warnings"] == flagged
+    ultrasound = server.findings(_study_uid(us[0]))
+    (image,) = ultrasound["images"]
+    assert image["predictions"] and image["density"] is None
+    assert ultrasound["breast_density"] is None
+
+    # What came back for the MG study: SR, a Grad-CAM overlay per view, the PDF; no SEG.
+    wait_for(lambda: server.query("SELECT COUNT(*) FROM outbox WHERE state != 'sent'")[0][0]
+             == 0 and server.query("SELECT COUNT(*) FROM outbox")[0][0] > 0, 60,
+             "every output to reach the archive")
+    returned = [path for path in archive.files() if _study_uid(path) == _study_uid(mg[0])]
+    modalities = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality)
+                        for p in returned)
+    assert modalities == ["DOC", "OT", "OT", "OT", "OT", "SR"], modalities
+    for path in returned:
+        checked = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
+                                 text=True, timeout=60)
+        errors = [line for line in checked.stderr.splitlines() if line.startswith("Error")]
+        assert errors == [], (path.name, errors)
+    overlays = [pydicom.dcmread(p, stop_before_pixels=True) for p in returned
+                if pydicom.dcmread(p, stop_before_pixels=True).Modality == "OT"]
+    assert sorted(str(o.Laterality) for o in overlays) == ["L", "L", "R", "R"]
+    assert all("Grad-CAM of the breast density model" in o.ImageComments for o in overlays)
+
+    (sr,) = [p for p in returned if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
+    tree = subprocess.run([require_tool("dsrdump"), "+U8", "+Pl", "+Pc", str(sr)],
+                          capture_output=True, text=True, timeout=60).stdout
+    study_code = codes.BREAST_COMPOSITION_VALUES[summary["study"]]
+    assert '(71651007,SCT,"Mammography")' in tree
+    # the finding and the category of each view, then each breast's and the study's
+    assert tree.count('(129715009,SCT,"Breast composition")') == 4 * 2 + 3
+    assert f'({study_code.value},SCT,"{study_code.meaning}")' in tree
+    assert tree.count('CODE:(111031,DCM,"Image View")=(399162004,SCT,"cranio-caudal")') == 2
+    assert tree.count('(399368009,SCT,"medio-lateral oblique")') == 2
+    assert tree.count('CODE:(111027,DCM,"Image Laterality")=(7771000,SCT,"Left")') == 2
+    assert tree.count('CODE:(111027,DCM,"Image Laterality")=(24028007,SCT,"Right")') == 2
+    assert "Grad-CAM share on breast tissue" in tree
+    assert tree.count('=(RADL064,99RADLENS,"Attention on artifact")') == flagged
+    assert tree.count(": attention-on-artifact warning.") == flagged  # the SR's notes
+    assert f"Attention-on-artifact warning on {flagged} mammogram(s)" in " ".join(tree.split())
+    assert f"Study density category: {summary['study']}" in " ".join(tree.split())
+
+    pdf = server.data_dir / "results" / _study_uid(mg[0]) / "report.pdf"
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True,
+                          timeout=60).stdout
+    assert f"Breast density: study {summary['study']}" in text
+    for view in ("R CC", "L CC", "R MLO", "L MLO"):
+        assert f"{view}: " in text
+    assert text.count("attention on artifacts") >= flagged  # the table and the figures

@@ -1,0 +1,153 @@
+"""The density model inside the agent: routing beside the lesion model, per-breast and
+per-study categories, the narrative's facts and the grounding that guards them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ImageFacts, ModelScope, Router
+from radlens.config import RoutingRule, RoutingSettings
+from radlens.findings import (
+    AttentionShares,
+    BreastDensity,
+    DensityPrediction,
+    ImageInfo,
+    ImageRef,
+    ModelRef,
+    StudyFindings,
+)
+from radlens.models.infer import DEFAULT_MODEL as LESION_WEIGHTS
+from radlens.models.infer import model_folder
+from radlens.reporting import grounding
+from radlens.reporting.prompt import StudyFacts
+from radlens.reporting.template import template_narrative
+
+BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
+MODEL = ModelRef(name="radlens-density", version="test", architecture="DensityCLIP")
+
+
+def _scopes() -> dict[str, ModelScope | None]:
+    cards = {DEFAULT_MODEL: model_folder(LESION_WEIGHTS), DENSITY_MODEL: model_folder("density")}
+    return {name: ModelScope.from_card(json.loads((folder / "card.json").read_text()))
+            for name, folder in cards.items()}
+
+
+@pytest.fixture(scope="module")
+def mammogram(tmp_path_factory) -> Path:
+    from radlens.dicom_io.mammography import write_mammo_study
+    from radlens.models.mammo_phantoms import generate
+
+    views = list(generate(1, 4, size=128))[0]
+    return write_mammo_study(tmp_path_factory.mktemp("mg"), views, uid_seed="routing test",
+                             synthesized=False)[0]
+
+
+def _facts(path: Path, **changes: object) -> ImageFacts:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    return ImageFacts.from_dataset(ds)
+
+
+def test_each_image_goes_to_the_model_built_for_it(mammogram):
+    from tests.helpers import TEST_FILES
+
+    router = Router(RoutingSettings(), _scopes())
+    mg = router.route(_facts(mammogram))
+    assert (mg.model, mg.reason) == (DENSITY_MODEL, "body part BREAST is in scope")
+    unstated = router.route(_facts(mammogram, BodyPartExamined=""))
+    assert unstated.model == DENSITY_MODEL  # MG within its SOP classes: the density model
+    heart = router.route(_facts(mammogram, BodyPartExamined="HEART", AnatomicRegionSequence=[]))
+    assert not heart.analyse and heart.reason == "outside the model's scope: body part HEART"
+    tomo = router.route(_facts(mammogram, SOPClassUID=BREAST_TOMOSYNTHESIS))
+    assert not tomo.analyse and "SOP class Breast Tomosynthesis Image" in tomo.reason
+    ct = router.route(_facts(TEST_FILES / "CT_small.dcm"))
+    assert ct.reason == "outside the model's scope: modality CT"
+    us = _facts(mammogram, Modality="US", SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1",
+                PhotometricInterpretation="MONOCHROME2")
+    assert router.route(us).model == DEFAULT_MODEL
+    lesion_only = Router(RoutingSettings(), {DEFAULT_MODEL: _scopes()[DEFAULT_MODEL]})
+    assert not lesion_only.route(_facts(mammogram)).analyse  # the density model not loaded
+
+
+def test_a_rule_picks_a_model_but_never_widens_its_scope(mammogram):
+    rules = RoutingSettings(rules=[
+        RoutingRule(name="no mammo from the van", calling_ae="VAN", model="none"),
+        RoutingRule(name="everything to density", model="density")])
+    router = Router(rules, _scopes())
+    assert not router.route(_facts(mammogram), "VAN").analyse
+    assert router.route(_facts(mammogram), "ROOM").model == DENSITY_MODEL
+    us = _facts(mammogram, Modality="US", SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1")
+    refused = router.route(us, "ROOM")
+    assert not refused.analyse
+    assert "outside that model's scope: modality US" in refused.reason
+
+
+def _reading(category: str, side: str | None, view: str = "CC", *, tissue: float = 0.8,
+             probabilities: dict[str, float] | None = None) -> DensityPrediction:
+    probabilities = probabilities or {c: (0.7 if c == category else 0.1) for c in "ABCD"}
+    return DensityPrediction(model=MODEL, category=category, probabilities=probabilities,
+                             laterality=side, view=view,
+                             attention=AttentionShares(tissue=tissue, artifacts=0.9 - tissue,
+                                                       outside=0.1),
+                             attention_on_artifact=tissue < 0.6)
+
+
+def test_each_breast_averages_its_views_and_the_study_takes_the_denser_breast():
+    readings = [_reading("B", "L"), _reading("C", "L", "MLO", probabilities={
+        "A": 0.0, "B": 0.45, "C": 0.55, "D": 0.0}), _reading("C", "R"), _reading("D", "R", "MLO")]
+    summary = BreastDensity.of(readings)
+    assert summary is not None
+    # left: B 0.575 against C 0.325 -> B; right: C and D tie at 0.4 -> the denser, D
+    assert (summary.left, summary.right, summary.study) == ("B", "D", "D")
+    assert summary.images == 4 and summary.attention_warnings == 0
+    unlateralised = BreastDensity.of([_reading("A", None), _reading("A", None, "MLO")])
+    assert unlateralised is not None and (unlateralised.left, unlateralised.study) == (None, "A")
+    assert BreastDensity.of([]) is None
+
+
+def _findings(readings: list[DensityPrediction]) -> StudyFindings:
+    images = []
+    for number, reading in enumerate(readings, start=1):
+        ref = ImageRef(study_instance_uid="1.2.3", series_instance_uid="1.2.3.1",
+                       sop_instance_uid=f"1.2.3.1.{number}",
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2")
+        images.append(ImageInfo(ref=ref, modality="MG", photometric_interpretation="MONOCHROME2",
+                                transfer_syntax_uid="1.2.840.10008.1.2.1", rows=64, columns=64,
+                                frames=1, channels=1, spacing=None, density=reading))
+    return StudyFindings(study_instance_uid="1.2.3", job_id=1, revision=1,
+                         radlens_version="test", images=images,
+                         breast_density=BreastDensity.of(readings))
+
+
+def test_the_template_states_each_breast_and_passes_grounding():
+    findings = _findings([_reading("B", "L"), _reading("B", "L", "MLO"), _reading("C", "R"),
+                          _reading("C", "R", "MLO", tissue=0.3)])
+    narrative = template_narrative(findings)
+    assert "right breast C (heterogeneously dense)" in narrative.text
+    assert "left breast B (scattered areas of fibroglandular density)" in narrative.text
+    assert "Study density category: C" in narrative.text
+    assert "Attention-on-artifact warning on 1 mammogram(s)" in narrative.text
+    assert grounding.check(narrative.text, StudyFacts.from_findings(findings)) == []
+
+
+def test_grounding_rejects_a_category_or_a_side_the_findings_do_not_hold():
+    facts = StudyFacts.from_findings(_findings([_reading("B", "L"), _reading("B", "L", "MLO")]))
+    assert grounding.check("The left breast is category B.", facts) == []
+    swapped = grounding.check("The left breast is heterogeneously dense.", facts)
+    assert any("the left breast is B, not C" in v for v in swapped)
+    invented = grounding.check("Study density category D.", facts)
+    assert any("density category D is not in the findings" in v for v in invented)
+    other_side = grounding.check("The right breast shows scattered fibroglandular tissue.",
+                                 facts)
+    assert any("'right': the findings give no side" in v for v in other_side)
+    ultrasound = StudyFacts(modality="US", model="radlens-unet 1", images_analysed=1, images_not_analysed=0,
+                            images=[], lesions=[])
+    assert any("hold no breast density" in v for v in grounding.check(
+        "The breasts are extremely dense.", ultrasound))
+    assert any("'left'" in v for v in grounding.check("A lesion in the left breast.",
+                                                       ultrasound))
