@@ -7,7 +7,10 @@ RUNTIME_STAMP := $(VENV)/.radlens-runtime
 DEV_STAMP := $(VENV)/.radlens-dev
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: serve test lint demo bench tools viewer clean
+CLIP_VENV := .venv-clip
+CLIP_STAMP := $(CLIP_VENV)/.radlens-clip
+
+.PHONY: serve test lint demo bench tools viewer clip clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +37,16 @@ viewer: $(RUNTIME_STAMP) tools
 	@test -d tests/viewer/node_modules/playwright-core || (cd tests/viewer && npm ci --silent --no-audit --no-fund)
 	@$(BIN)/python -m radlens.demo fetch-ohif >/dev/null
 
+## clip: the venv the open_clip test runs in (a torch/torchvision pair open_clip can import;
+## scripts/install-clip-venv.sh says why it is not .venv)
+$(CLIP_STAMP): pyproject.toml scripts/install-clip-venv.sh
+	PYTHON=$(PYTHON) scripts/install-clip-venv.sh $(CLIP_VENV)
+	@touch $@
+
+clip: $(CLIP_STAMP)
+
 ## test: install what the tests need and run the whole suite
-test: $(DEV_STAMP) tools viewer
+test: $(DEV_STAMP) tools viewer $(CLIP_STAMP)
 	$(BIN)/python -m pytest
 
 ## lint: ruff over the package, tests and benchmarks
@@ -58,4 +69,4 @@ bench: $(DEV_STAMP) tools
 	$(BIN)/python benchmarks/fuzz.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(CLIP_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -126,6 +126,10 @@ def train(
     ablation: Annotated[bool, typer.Option(
         "--ablation", help="density, with --test: also train without class weights and "
         "record its figures in the card")] = False,
+    clip: Annotated[Path | None, typer.Option(
+        help="density: fine-tune your own CLIP weights (an open_clip folder such as "
+             "BiomedCLIP's: open_clip_config.json and the weights) instead of radlens's "
+             "encoders; needs radlens[clip]", exists=True, file_okay=False)] = None,
     config: ConfigOption = None,
 ) -> None:
     """Train a segmentation network with the published settings (docs/method.md), or the
@@ -141,7 +145,7 @@ def train(
         train_density(data, out, folds=folds, epochs=epochs, batch_size=batch_size,
                       learning_rate=learning_rate, patience=patience, seed=seed,
                       size=size or 224, device=device, weighted=class_weights, test=test,
-                      ablation=ablation)
+                      ablation=ablation, clip=clip)
         return
     if task != "segmentation":
         raise fail(f"--task is segmentation or density, not {task!r}", 2)
@@ -177,7 +181,8 @@ def train(
 
 def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size: int,
                   learning_rate: float, patience: int, seed: int, size: int, device: str,
-                  weighted: bool, test: Path | None = None, ablation: bool = False) -> None:
+                  weighted: bool, test: Path | None = None, ablation: bool = False,
+                  clip: Path | None = None) -> None:
     """``radlens train --task density``: folds with a progress bar each, then the summary."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -191,7 +196,14 @@ def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size:
     settings = DensityTrainSettings(epochs=epochs, batch_size=batch_size,
                                     learning_rate=learning_rate, patience=patience,
                                     folds=folds, seed=seed, device=device, size=size,
-                                    weighted=weighted)
+                                    weighted=weighted, clip=str(clip) if clip else None)
+    if clip is not None:
+        from radlens.models.clip_backbone import ClipUnavailableError, load_open_clip
+
+        try:
+            load_open_clip(clip)  # fail before the first fold, with the reason
+        except ClipUnavailableError as exc:
+            raise fail(str(exc), 1) from None
     command = "radlens " + " ".join(sys.argv[1:])
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=err) as progress:

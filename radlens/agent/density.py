@@ -30,7 +30,7 @@ from radlens.findings import (
 from radlens.logs import kv
 
 if TYPE_CHECKING:
-    from radlens.models.density import DensityCLIP
+    from radlens.models.density import DensityModel
     from radlens.models.ood import OodDetector
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def view_position(ds: Dataset) -> str | None:
 class DensityAnalyser:
     """A loaded density model, its card, its OOD detector and the settings it runs under."""
 
-    model: DensityCLIP
+    model: DensityModel
     card: dict[str, Any]
     ood: OodDetector | None
     settings: DensitySettings
@@ -82,6 +82,7 @@ class DensityAnalyser:
         folder = model_folder(settings.weights)
         try:
             model, card = load_model(folder, device)
+        # RuntimeError: open_clip cannot load a fine-tuned CLIP folder
         except (DensityDataError, OSError, RuntimeError, KeyError) as exc:
             raise ModelError(f"cannot load the density model from {folder}: {exc}") from exc
         if settings.version is not None and card.get("version") != settings.version:

@@ -133,7 +133,8 @@ class Router:
                     for name, scope in self.scopes.items()}
         candidates = [name for name, refusal in refusals.items() if refusal is None]
         if not candidates:
-            return RouteDecision(None, f"outside the model's scope: {self._refusal(refusals, facts)}")
+            refusal = self._refusal(refusals, facts)
+            return RouteDecision(None, f"outside the model's scope: {refusal}")
         for number, rule in enumerate(self.settings.rules, start=1):
             if rule_matches(rule, facts, calling_ae):
                 name = rule.name or f"rule {number}"

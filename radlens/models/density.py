@@ -161,6 +161,10 @@ class TextEncoder(nn.Module):
 class DensityCLIP(nn.Module):
     """Image and text in one space; the logits of an image against each description."""
 
+    cam_layer: str | None = CAM_LAYER  # the block Grad-CAM hooks
+    token_block = None  # a transformer tower's last block (OpenClipDensity); none here
+    token_grid = None
+
     def __init__(self, vocabulary: Vocabulary, embed_dim: int = EMBED_DIM,
                  widths: Sequence[int] = (32, 64, 128, 256)) -> None:
         super().__init__()
@@ -194,6 +198,13 @@ class DensityCLIP(nn.Module):
         texts = self.encode_texts(self.prompt_ids if token_ids is None else token_ids)
         scale = self.logit_scale.clamp(max=float(np.log(100.0))).exp()
         return scale * self.encode_images(images) @ texts.t()
+
+
+# What training, evaluation, the agent and Grad-CAM need of a density model: ``model(images)``
+# gives the logits against the four descriptions, ``pooled_features(images)`` what the OOD
+# score measures, and ``cam_layer`` (or ``token_block`` and ``token_grid``) where Grad-CAM
+# looks. DensityCLIP and clip_backbone.OpenClipDensity both are one.
+DensityModel = nn.Module
 
 
 def class_weights(labels: Sequence[int], classes: int = len(DENSITY_CLASSES)) -> torch.Tensor:

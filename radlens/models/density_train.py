@@ -34,6 +34,7 @@ from radlens.models.density import (
     DESCRIPTIONS,
     INPUT_SIZE,
     DensityCLIP,
+    DensityModel,
     Vocabulary,
     class_weights,
     prepare,
@@ -75,6 +76,18 @@ class DensityTrainSettings:
     size: int = INPUT_SIZE
     weighted: bool = True  # inverse-frequency weights and undersampling (off: the ablation)
     undersample_ratio: float = 2.0
+    # An open_clip folder (e.g. BiomedCLIP) to fine-tune instead of radlens's own encoders.
+    clip: str | None = None
+
+
+def new_density_model(settings: DensityTrainSettings, vocabulary: Vocabulary,
+                      device: torch.device) -> DensityModel:
+    """A fresh model for a fold: radlens's small encoders, or the user's CLIP weights."""
+    if settings.clip is not None:
+        from radlens.models.clip_backbone import load_open_clip
+
+        return load_open_clip(Path(settings.clip), device)
+    return DensityCLIP(vocabulary).to(device)
 
 
 @dataclass
@@ -156,7 +169,7 @@ def _augment(seed: int) -> Compose:
     return augment
 
 
-def _batched(model: DensityCLIP, images: np.ndarray, device: torch.device,
+def _batched(model: DensityModel, images: np.ndarray, device: torch.device,
              run: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> list[np.ndarray]:
     """``run`` over a uint8 prepared stack in batches, in eval mode, without gradients."""
     model.eval()
@@ -168,14 +181,14 @@ def _batched(model: DensityCLIP, images: np.ndarray, device: torch.device,
     return out
 
 
-def predict_probabilities(model: DensityCLIP, images: np.ndarray, device: torch.device,
+def predict_probabilities(model: DensityModel, images: np.ndarray, device: torch.device,
                           batch_size: int = 64) -> np.ndarray:
     """Softmax over the four descriptions, per image (uint8 prepared stack)."""
     out = _batched(model, images, device, lambda x: model(x).softmax(dim=1), batch_size)
     return np.concatenate(out) if out else np.zeros((0, len(DENSITY_CLASSES)))
 
 
-def pooled_features(model: DensityCLIP, images: np.ndarray, device: torch.device,
+def pooled_features(model: DensityModel, images: np.ndarray, device: torch.device,
                     batch_size: int = 64) -> np.ndarray:
     return np.concatenate(_batched(model, images, device, model.pooled_features, batch_size))
 
@@ -211,7 +224,7 @@ def train_density_fold(fold: int, images: np.ndarray, labels: np.ndarray,
                        ) -> DensityFold:
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed + fold)
-    model = DensityCLIP(vocabulary).to(device)
+    model = new_density_model(settings, vocabulary, device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=settings.epochs,
@@ -292,11 +305,23 @@ def save_model(folder: Path, state: dict[str, torch.Tensor], vocabulary: Vocabul
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
-def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[DensityCLIP,
+def save_card(folder: Path, card: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[DensityModel,
                                                                            dict[str, Any]]:
-    """A trained density model and its card."""
+    """A trained density model and its card: radlens's own (model.pt), or a fine-tuned
+    open_clip model (clip/)."""
+    from radlens.models.clip_backbone import CLIP_DIR, is_clip_folder, load_open_clip
+
+    if is_clip_folder(folder / CLIP_DIR):
+        card = json.loads((folder / CARD_FILE).read_text()) if (folder / CARD_FILE).is_file() \
+            else {}
+        return load_open_clip(folder / CLIP_DIR, device).eval(), card
     if not (folder / MODEL_FILE).is_file():
-        raise DensityDataError(f"{folder} holds no {MODEL_FILE}")
+        raise DensityDataError(f"{folder} holds no {MODEL_FILE} (nor an open_clip {CLIP_DIR}/)")
     saved = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     vocabulary = Vocabulary([])
     vocabulary.tokens = list(saved["vocabulary"])
@@ -398,7 +423,7 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     from radlens.models import ood
 
     device = resolve_device(settings.device)
-    model = DensityCLIP(vocabulary).to(device)
+    model = new_density_model(settings, vocabulary, device)
     model.load_state_dict(selected.state)
     train_index, val_index = splits[selected.fold]
     held_out = pooled_features(model, images[val_index], device)
@@ -409,7 +434,18 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     card["ood"] = {"method": "mahalanobis distance of the image encoder's pooled last block",
                    "threshold": detector.threshold, "quantile": 0.99,
                    "held_out": ood.summary(detector.score(held_out), detector.threshold)}
-    save_model(out, selected.state, vocabulary, card)
+    if settings.clip is not None:
+        from radlens.models.clip_backbone import CLIP_DIR
+
+        model.cpu().save(out / CLIP_DIR)  # an open_clip folder: the user's tools read it too
+        vision = model.config.get("model_cfg", {}).get("vision_cfg", {})
+        tower = vision.get("timm_model_name") or f"ViT ({vision.get('layers')} layers)"
+        card["architecture"] = (f"open_clip CLIP, {tower} image tower, fine-tuned from "
+                                f"{settings.clip}")
+        card["clip"] = {"from": str(settings.clip), "folder": CLIP_DIR}
+        save_card(out, card)
+    else:
+        save_model(out, selected.state, vocabulary, card)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_density_curves(results, out / "curves.png")
     return metrics

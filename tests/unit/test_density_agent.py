@@ -145,8 +145,8 @@ def test_grounding_rejects_a_category_or_a_side_the_findings_do_not_hold():
     other_side = grounding.check("The right breast shows scattered fibroglandular tissue.",
                                  facts)
     assert any("'right': the findings give no side" in v for v in other_side)
-    ultrasound = StudyFacts(modality="US", model="radlens-unet 1", images_analysed=1, images_not_analysed=0,
-                            images=[], lesions=[])
+    ultrasound = StudyFacts(modality="US", model="radlens-unet 1", images_analysed=1,
+                            images_not_analysed=0, images=[], lesions=[])
     assert any("hold no breast density" in v for v in grounding.check(
         "The breasts are extremely dense.", ultrasound))
     assert any("'left'" in v for v in grounding.check("A lesion in the left breast.",

@@ -21,12 +21,12 @@ from skimage import measure
 
 from radlens.dicom_io import codes
 from radlens.dicom_io.writers.analysed import AnalysedImage
-from radlens.findings import ImageInfo
 from radlens.dicom_io.writers.common import (
     Equipment,
     SeriesPlan,
     geometry_sources,
 )
+from radlens.findings import ImageInfo
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
