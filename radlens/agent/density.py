@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAPS_DIR = "maps"
-
 
 def image_laterality(ds: Dataset) -> str | None:
     """ImageLaterality, else the series' Laterality: L or R (B and U say nothing of one side)."""
@@ -142,11 +140,11 @@ class DensityAnalyser:
 
 def _write_map(maps_dir: Path, sop_uid: str, cam: np.ndarray) -> str:
     """The Grad-CAM map of a mammogram, as the lesion model's maps are kept."""
-    from radlens.agent.pipeline import _npz
+    from radlens.agent.pipeline import MAPS_DIR, npz_bytes
     from radlens.dicom_io.spool import write_durably
 
     maps_dir.mkdir(parents=True, exist_ok=True)
     name = f"{sop_uid}_density.npz"
-    write_durably(maps_dir / name, _npz({"saliency_gradcam": cam.astype(np.float16)}),
+    write_durably(maps_dir / name, npz_bytes({"saliency_gradcam": cam.astype(np.float16)}),
                   fsync=False)
     return f"{MAPS_DIR}/{name}"

@@ -379,11 +379,11 @@ def _write_maps(maps_dir: Path, sop_uid: str, item: _MeasuredFrame,
               "lesions": lesion_labels(item.classes.shape, item.regions),
               "probabilities": probabilities.astype(np.float16), **saliency}
     name = f"{sop_uid}_f{item.index:04d}.npz"
-    write_durably(maps_dir / name, _npz(arrays), fsync=False)
+    write_durably(maps_dir / name, npz_bytes(arrays), fsync=False)
     return f"{MAPS_DIR}/{name}"
 
 
-def _npz(arrays: dict[str, np.ndarray], base: bytes = b"") -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray], base: bytes = b"") -> bytes:
     """An npz (a zip of .npy members, what ``np.load`` reads) holding ``base``'s members and
     ``arrays``, deflated at level 1: a third faster than ``np.savez_compressed`` for 2 %
     more bytes on these maps."""
@@ -399,7 +399,7 @@ def _npz(arrays: dict[str, np.ndarray], base: bytes = b"") -> bytes:
 def _add_maps(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Add arrays to a frame's npz (saliency computed after its batch was written), without
     recompressing what it holds."""
-    write_durably(path, _npz(arrays, path.read_bytes()), fsync=False)
+    write_durably(path, npz_bytes(arrays, path.read_bytes()), fsync=False)
 
 
 def findings_for(study: StudyInput, outcome: StudyOutcome,
