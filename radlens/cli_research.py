@@ -30,6 +30,9 @@ def phantoms(
                                       "mammograms with a BI-RADS density category")] = "us",
     dicom: Annotated[bool, typer.Option("--dicom", help="also one DICOM study per case "
                                         "(mammo: per patient)")] = False,
+    tomosynthesis: Annotated[bool, typer.Option(
+        "--tomosynthesis", help="mammo, with --dicom: also a Breast Tomosynthesis volume per "
+        "view, as a combined 2D and 3D examination")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Write synthetic phantoms: breast ultrasound in the BUS-UCLM folder layout, or
@@ -52,6 +55,7 @@ def phantoms(
 
             mammo_phantoms.write_dataset(out, mammo_phantoms.generate(n, seed, size=size),
                                          dicom=dicom, uid_seed=f"radlens-mammo-{seed}-{size}",
+                                         tomosynthesis=tomosynthesis,
                                          on_patient=advance_patient)
         else:
             from radlens.models.phantoms import Phantom, generate, write_dataset

@@ -20,6 +20,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
+TOMOSYNTHESIS_SLICES = 6
+SLICE_THICKNESS_MM = 1.0
 # View Code Sequence (CID 4014) and the breast (CID 4031), SNOMED CT
 VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
 BREAST = ("76752008", "Breast")
@@ -109,10 +112,135 @@ def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: st
     return ds
 
 
+def _item(**values: Any) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def tomosynthesis_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: str,
+                          frame_of_reference_uid: str, instance_number: int,
+                          slices: int = TOMOSYNTHESIS_SLICES) -> Dataset:
+    """One view as a Breast Tomosynthesis Image (an enhanced multi-frame volume of
+    ``slices`` planes, the view's tissue in focus on the middle one and blurred with distance
+    from it), with the acquisition a tomosynthesis unit states. No model of radlens reads
+    it: it is there so that routing is seen to refuse it, with the reason."""
+    from scipy import ndimage
+
+    rows, columns = view.image.shape
+    spacing = round(float(view.pixel_spacing_mm), 6)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = BREAST_TOMOSYNTHESIS
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    frame_type = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
+    ds.ImageType = frame_type
+    ds.SOPClassUID = BREAST_TOMOSYNTHESIS
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.ContentDate = ds.InstanceCreationDate = "20260101"
+    ds.StudyTime = ds.ContentTime = ds.InstanceCreationTime = "090000"
+    ds.AccessionNumber = view.patient_id[-16:]
+    ds.Modality = "MG"
+    ds.Manufacturer = "radlens synthetic"
+    ds.ManufacturerModelName = "phantom tomosynthesis"
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = "1"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "radlens phantom mammography"
+    ds.SeriesDescription = "synthetic breast tomosynthesis"
+    ds.PatientName = f"PHANTOM^{view.patient_id}"
+    ds.PatientID = view.patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.BodyPartExamined = "BREAST"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = 3
+    ds.InstanceNumber = instance_number
+    ds.FrameOfReferenceUID = frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ContentQualification = "PRODUCT"
+    ds.BurnedInAnnotation = "NO"
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.AcquisitionContextSequence = []
+    view_item = _code(*VIEW_CODES[view.view])
+    view_item.ViewModifierCodeSequence = []
+    ds.ViewCodeSequence = [view_item]
+    ds.BreastImplantPresent = "YES" if "implant" in view.confounders else "NO"
+    ds.PartialView = "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, columns
+    ds.NumberOfFrames = slices
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, BITS_STORED, BITS_STORED - 1
+    ds.PixelRepresentation = 0
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.SharedFunctionalGroupsSequence = [_item(
+        PixelMeasuresSequence=[_item(PixelSpacing=[spacing, spacing],
+                                     SliceThickness=SLICE_THICKNESS_MM)],
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])],
+        FrameAnatomySequence=[_item(AnatomicRegionSequence=[_code(*BREAST)],
+                                    FrameLaterality=view.laterality)],
+        PixelValueTransformationSequence=[_item(RescaleIntercept=0, RescaleSlope=1,
+                                                RescaleType="US")])]
+    dimensions = generate_uid(entropy_srcs=[sop_uid, "dimensions"])
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dimensions)]
+    ds.DimensionOrganizationType = "3D"
+    ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=dimensions,
+                                       DimensionIndexPointer=0x00200032,
+                                       FunctionalGroupPointer=0x00209113)]
+    ds.PerFrameFunctionalGroupsSequence = [_item(
+        FrameContentSequence=[_item(DimensionIndexValues=[k + 1],
+                                    FrameAcquisitionDateTime="20260101090000",
+                                    FrameReferenceDateTime="20260101090000",
+                                    FrameAcquisitionDuration=100.0)],
+        PlanePositionSequence=[_item(ImagePositionPatient=[0, 0, k * SLICE_THICKNESS_MM])],
+        XRay3DFrameTypeSequence=[_item(FrameType=frame_type, PixelPresentation="MONOCHROME",
+                                       VolumetricProperties="VOLUME",
+                                       VolumeBasedCalculationTechnique="NONE",
+                                       ReconstructionIndex=1)])
+        for k in range(slices)]
+    ds.XRay3DReconstructionSequence = [_item(
+        ReconstructionDescription="phantom: the view blurred away from its focal plane",
+        ApplicationName="radlens", ApplicationVersion="1", ApplicationManufacturer="radlens",
+        AlgorithmType="ITERATIVE", AlgorithmDescription="none", AcquisitionIndex=[1])]
+    ds.XRay3DAcquisitionSequence = [_item(
+        FieldOfViewShape="RECTANGLE",
+        FieldOfViewDimensionsInFloat=[round(rows * spacing, 3), round(columns * spacing, 3)],
+        FieldOfViewOrigin=[0, 0], XRayReceptorType="DIGITAL_DETECTOR",
+        AnodeTargetMaterial="TUNGSTEN", BodyPartThickness=50, CompressionForce=100,
+        DetectorTemperature=30, DistanceSourceToDetector=650, DistanceSourceToPatient=600,
+        EstimatedRadiographicMagnificationFactor=1.08, ExposureControlMode="AUTOMATIC",
+        ExposureControlModeDescription="phantom", FilterMaterial=["ALUMINUM"],
+        FilterType="FLAT", FocalSpots=[0.3], HalfValueLayer=0.5,
+        PaddleDescription="phantom", PerProjectionAcquisitionSequence=[_item(
+            KVP=30, XRayTubeCurrentInmA=100.0, FrameAcquisitionDuration=100.0,
+            ExposureTimeInms=100.0, ExposureInmAs=10.0, RelativeXRayExposure=1000,
+            PositionerPrimaryAngle=0.0)])]
+    image = view.image.astype(np.float32)
+    middle = (slices - 1) / 2
+    planes = [ndimage.gaussian_filter(image, sigma=0.8 * abs(k - middle)) for k in range(slices)]
+    scaled = (np.stack(planes) * ((1 << BITS_STORED) - 1) / 255).round().clip(
+        0, (1 << BITS_STORED) - 1).astype(np.uint16)
+    ds.PixelData = scaled.tobytes()
+    return ds
+
+
 def write_mammo_study(folder: Path, views: Sequence[Any], *, uid_seed: str,
-                      synthesized: bool | None = None) -> list[Path]:
+                      synthesized: bool | None = None,
+                      tomosynthesis: bool = False) -> list[Path]:
     """A patient's views as one study (one file a view) under ``folder``. Whether the study is
-    synthesized 2D is drawn from the patient (about one in four) unless given."""
+    synthesized 2D is drawn from the patient (about one in four) unless given. With
+    ``tomosynthesis`` each view also gets a Breast Tomosynthesis volume (``<view>_TOMO.dcm``),
+    as a unit sends a combined 2D and 3D examination."""
     folder.mkdir(parents=True, exist_ok=True)
     patient = views[0].patient_id
 
@@ -129,4 +257,14 @@ def write_mammo_study(folder: Path, views: Sequence[Any], *, uid_seed: str,
         path = folder / f"{view.laterality}{view.view}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
+    if tomosynthesis:
+        for number, view in enumerate(views, 1):
+            ds = tomosynthesis_dataset(
+                view, study_uid=uid("study"), series_uid=uid("tomosynthesis series"),
+                sop_uid=uid("tomosynthesis", view.case_id),
+                frame_of_reference_uid=uid("frame of reference", view.case_id),
+                instance_number=number)
+            path = folder / f"{view.laterality}{view.view}_TOMO.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
     return paths

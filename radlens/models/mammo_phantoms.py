@@ -262,7 +262,7 @@ def regions_to_rgb(regions: np.ndarray) -> np.ndarray:
 
 
 def write_dataset(out: Path, patients: Iterator[list[MammoView]], *, dicom: bool = False,
-                  uid_seed: str = "radlens-mammo",
+                  uid_seed: str = "radlens-mammo", tomosynthesis: bool = False,
                   on_patient: Callable[[list[MammoView]], None] | None = None
                   ) -> list[MammoView]:
     """Write ``images/<case>.png``, ``regions/<case>.png`` (black background, white tissue,
@@ -279,7 +279,8 @@ def write_dataset(out: Path, patients: Iterator[list[MammoView]], *, dicom: bool
         if dicom:
             from radlens.dicom_io.mammography import write_mammo_study
 
-            write_mammo_study(out / "dicom" / views[0].patient_id, views, uid_seed=uid_seed)
+            write_mammo_study(out / "dicom" / views[0].patient_id, views, uid_seed=uid_seed,
+                              tomosynthesis=tomosynthesis)
         written.extend(views)
         if on_patient is not None:
             on_patient(views)

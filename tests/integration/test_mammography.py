@@ -1,7 +1,8 @@
-"""Mammography end to end: storescu sends a four-view MG study and a breast ultrasound study to
-one agent; each image goes to the model built for it, and the MG study comes back to a storescp
-archive with its breast composition in the SR (read with dsrdump), a Grad-CAM overlay per view
-and the PDF, every object dciodvfy-clean."""
+"""Mammography end to end: storescu sends a combined 2D and 3D mammography study (four views
+and their four tomosynthesis volumes) and a breast ultrasound study to one agent; each image
+goes to the model built for it (the tomosynthesis volumes to none, with the reason), and the MG
+study comes back to a storescp archive with its breast composition in the SR (read with
+dsrdump), a Grad-CAM overlay per view and the PDF, every object dciodvfy-clean."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ LOW_TISSUE_SHARE = 0.83
 
 def _phantoms(root: Path) -> tuple[list[Path], dict[str, str], list[Path]]:
     made = radlens_cli("phantoms", "--kind", "mammo", "--out", str(root / "mg"), "--n", "1",
-                       "--seed", str(SEED), "--size", "256", "--dicom")
+                       "--seed", str(SEED), "--size", "256", "--dicom", "--tomosynthesis")
     assert made.returncode == 0, made.stderr
     mg = sorted((root / "mg" / "dicom").glob("*/*.dcm"))
     with open(root / "mg" / "labels.csv") as handle:
@@ -42,21 +43,30 @@ def _study_uid(path: Path) -> str:
 def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
         server_factory, archive, tmp_path):
     mg, truth, us = _phantoms(tmp_path)
-    assert len(mg) == 4 and len(us) == 1
+    assert len(mg) == 8 and len(us) == 1
+    volumes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+               for p in mg if p.stem.endswith("_TOMO")}
+    assert len(volumes) == 4
     server = server_factory(RADLENS_DESTINATIONS=json.dumps([{
         "name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}]),
         RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
         RADLENS_DENSITY__LOW_TISSUE_SHARE=str(LOW_TISSUE_SHARE)).start()
     for files in (mg, us):
-        sent = storescu(server.port, files)
-        assert sent.returncode == 0, sent.stderr
+        # -R: propose the files' own SOP classes (storescu's default list lacks tomosynthesis)
+        sent = storescu(server.port, files, extra=["-R"])
+        assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
     wait_for(lambda: len(server.jobs_done()) == 2, 180, "both studies to be processed")
     assert {row["state"] for row in server.jobs_done()} == {"done"}
 
-    # Routing: the density model read every mammogram, the lesion model the ultrasound.
+    # Routing: the density model read every 2D mammogram, no model the tomosynthesis volumes
+    # (outside every scope), the lesion model the ultrasound.
     mammo = server.findings(_study_uid(mg[0]))
-    assert len(mammo["images"]) == 4
-    for image in mammo["images"]:
+    assert len(mammo["images"]) == 8
+    refused = [image for image in mammo["images"] if image["ref"]["sop_instance_uid"] in volumes]
+    assert {image["not_analysed"] for image in refused} == {
+        "outside the model's scope: SOP class Breast Tomosynthesis Image Storage"}
+    assert all(image["density"] is None and image["frames"] == 6 for image in refused)
+    for image in (image for image in mammo["images"] if image not in refused):
         reading = image["density"]
         assert image["route"] == "body part BREAST is in scope" and image["predictions"] == []
         side = reading["laterality"] + reading["view"]
@@ -65,7 +75,8 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
         assert abs(sum(reading["attention"].values()) - 1) < 0.01
         assert reading["attention_on_artifact"] == (reading["attention"]["tissue"]
                                                     < LOW_TISSUE_SHARE)
-    flagged = sum(image["density"]["attention_on_artifact"] for image in mammo["images"])
+    flagged = sum(image["density"]["attention_on_artifact"] for image in mammo["images"]
+                  if image["density"])
     assert 0 < flagged < 4, "this patient's views should fall on both sides of the threshold"
     summary = mammo["breast_density"]
     order = "ABCD"
@@ -110,6 +121,8 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     assert tree.count('CODE:(111027,DCM,"Image Laterality")=(7771000,SCT,"Left")') == 2
     assert tree.count('CODE:(111027,DCM,"Image Laterality")=(24028007,SCT,"Right")') == 2
     assert "Grad-CAM share on breast tissue" in tree
+    assert tree.count("not analysed: outside the model's scope: SOP class Breast "
+                      "Tomosynthesis Image Storage.") == 4  # the SR accounts for the volumes
     assert tree.count('=(RADL064,99RADLENS,"Attention on artifact")') == flagged
     assert tree.count(": attention-on-artifact warning.") == flagged  # the SR's notes
     assert f"Attention-on-artifact warning on {flagged} mammogram(s)" in " ".join(tree.split())

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from radlens.dicom_io.mammography import write_mammo_study
 from radlens.models.mammo_phantoms import (
     ARTIFACT,
     DENSITIES,
@@ -35,7 +36,8 @@ def _digest(folder: Path) -> str:
 def test_same_seed_same_bytes_including_dicom(tmp_path):
     for run in ("a", "b"):
         made = radlens_cli("phantoms", "--kind", "mammo", "--out", str(tmp_path / run),
-                           "--n", "3", "--seed", "5", "--size", "128", "--dicom")
+                           "--n", "3", "--seed", "5", "--size", "128", "--dicom",
+                           "--tomosynthesis")
         assert made.returncode == 0, made.stderr
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert "wrote 3 patients, 12 views" in made.stdout
@@ -110,3 +112,24 @@ def test_dicom_is_valid_mammography_with_laterality_and_view(tmp_path):
         kinds.add(tuple(ds.ImageType))
         assert ds.pixel_array.max() <= 4095
     assert ("DERIVED", "PRIMARY", "", "GENERATED_2D") in kinds and ("ORIGINAL", "PRIMARY") in kinds
+
+
+def test_tomosynthesis_volumes_are_valid_and_in_focus_in_the_middle(tmp_path):
+    views = list(generate(1, 2, size=128))[0]
+    paths = write_mammo_study(tmp_path, views, uid_seed="tomo test", tomosynthesis=True)
+    volumes = [p for p in paths if p.stem.endswith("_TOMO")]
+    assert len(paths) == 8 and len(volumes) == 4
+    for path in volumes:
+        checked = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
+                                 text=True)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines()
+                  if line.startswith("Error")]
+        assert not errors, (path, errors)
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.13.1.3" and ds.NumberOfFrames == 6
+        frame = ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
+        assert frame.FrameLaterality == path.stem[0]
+        planes = ds.pixel_array.astype(float)
+        sharpness = [np.abs(np.diff(plane, axis=1)).mean() for plane in planes]
+        assert int(np.argmax(sharpness)) in (2, 3)  # the focal plane is the middle one
+        assert ds.StudyInstanceUID == pydicom.dcmread(paths[0]).StudyInstanceUID
