@@ -70,6 +70,29 @@ def chest_wall_on_right(region: np.ndarray) -> bool:
     return bool(region[:, -1].sum() > region[:, 0].sum())
 
 
+# What any mammogram shows, whatever the model: the breast against the chest wall along one
+# side edge of the image, with background beside it. Phantoms touch their edge along at least
+# 0.65 of the height and fill at most 0.7 of the image.
+MIN_CHEST_WALL_SPAN = 0.25
+MAX_BREAST_FRACTION = 0.95
+
+
+def not_a_mammogram(image: np.ndarray) -> str | None:
+    """Why ``image`` cannot be a mammogram, or None. Checked before the model's own
+    out-of-distribution score, which a slice of another modality can pass by chance."""
+    region = breast_region(image)
+    span = float(max(region[:, 0].mean(), region[:, -1].mean())) if region.size else 0.0
+    if span < MIN_CHEST_WALL_SPAN:
+        return (f"no breast against a side edge of the image (the largest bright region "
+                f"touches one along {span:.0%} of its height, a mammogram's along "
+                f"{MIN_CHEST_WALL_SPAN:.0%} or more)")
+    fraction = float(region.mean())
+    if fraction > MAX_BREAST_FRACTION:
+        return (f"no background beside the breast (the bright region fills {fraction:.0%} "
+                f"of the image)")
+    return None
+
+
 def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> PreparedImage:
     """Crop to the breast, blank what lies outside it, chest wall left, resize to ``size``
     (aspect kept, padded with background)."""

@@ -135,3 +135,36 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     for view in ("R CC", "L CC", "R MLO", "L MLO"):
         assert f"{view}: " in text
     assert text.count("attention on artifacts") >= flagged  # the table and the figures
+
+
+def test_real_files_relabelled_as_mammograms_get_no_density(tmp_path):
+    """pydicom's CT, MR and chest and extremity radiographs, their headers rewritten to say MG
+    BREAST: routing sends them to the density model, which must state no category for any of
+    them (a CT slice once passed its out-of-distribution score). Each study still ends with an
+    SR that dciodvfy accepts."""
+    from pydicom.data import get_testdata_file
+
+    sources = tmp_path / "disguised"
+    sources.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.Modality, ds.BodyPartExamined = "MG", "BREAST"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+        ds.save_as(sources / name)
+    out = tmp_path / "out"
+    processed = radlens_cli("process", str(sources), "--out", str(out), timeout=300)
+    assert processed.returncode == 0, processed.stderr
+    images = [image for path in (out / "results").glob("*/findings.json")
+              for image in json.loads(path.read_text())["images"]]
+    assert len(images) == 4
+    for image in images:
+        assert image["route"] == "body part BREAST is in scope"
+        assert image["density"] is None
+        assert image["not_analysed"].startswith(("not like a mammogram: ",
+                                                 "the density model abstains: "))
+    reports = sorted(out.glob("results/*/dicom/revision-1/SR_*.dcm"))
+    assert len(reports) == len(list((out / "results").iterdir()))
+    for report in reports:
+        checked = subprocess.run([require_tool("dciodvfy"), str(report)], capture_output=True,
+                                 text=True, timeout=60)
+        assert not [line for line in checked.stderr.splitlines() if line.startswith("Error")]
