@@ -48,6 +48,9 @@ PREDICTED_CLASS = Code("RADL011", "99RADLENS", "Predicted lesion class")
 AI_CATEGORY_SUGGESTION = Code("RADL012", "99RADLENS", "BI-RADS-style category (AI suggestion)")
 SALIENCY_DICE = Code("RADL020", "99RADLENS", "Saliency agreement Dice")
 SALIENCY_MASS_INSIDE = Code("RADL021", "99RADLENS", "Saliency mass inside lesion")
+SALIENCY_METHODS: dict[str, Code] = {  # the measurement method of a saliency figure
+    method: Code(f"RADL06{digit}", "99RADLENS", method)
+    for digit, method in enumerate(("gradcam", "gradcam++", "occlusion", "prototype"), start=1)}
 NORMAL_PROBABILITY = Code("RADL030", "99RADLENS", "Probability of normal image")
 BENIGN_PROBABILITY = Code("RADL031", "99RADLENS", "Probability of benign lesion")
 MALIGNANT_PROBABILITY = Code("RADL032", "99RADLENS", "Probability of malignant lesion")
@@ -88,8 +91,8 @@ SIDES: dict[str, Code] = {"L": Code("7771000", "SCT", "Left"),
 DENSITY_PROBABILITY: dict[str, Code] = {
     c: Code(f"RADL05{i}", "99RADLENS", f"Probability of breast composition {c}")
     for i, c in enumerate("ABCD", start=1)}
-ATTENTION_ON_TISSUE = Code("RADL060", "99RADLENS", "Grad-CAM share on breast tissue")
-ATTENTION_ON_ARTIFACTS = Code("RADL061", "99RADLENS", "Grad-CAM share on artifacts")
-ATTENTION_OUTSIDE = Code("RADL062", "99RADLENS", "Grad-CAM share outside the breast")
-ATTENTION_WARNING = Code("RADL063", "99RADLENS", "Attention warning")
-ATTENTION_ON_ARTIFACT = Code("RADL064", "99RADLENS", "Attention on artifact")
+ATTENTION_ON_TISSUE = Code("RADL070", "99RADLENS", "Grad-CAM share on breast tissue")
+ATTENTION_ON_ARTIFACTS = Code("RADL071", "99RADLENS", "Grad-CAM share on artifacts")
+ATTENTION_OUTSIDE = Code("RADL072", "99RADLENS", "Grad-CAM share outside the breast")
+ATTENTION_WARNING = Code("RADL073", "99RADLENS", "Attention warning")
+ATTENTION_ON_ARTIFACT = Code("RADL074", "99RADLENS", "Attention on artifact")

@@ -123,7 +123,7 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     assert "Grad-CAM share on breast tissue" in tree
     assert tree.count("not analysed: outside the model's scope: SOP class Breast "
                       "Tomosynthesis Image Storage.") == 4  # the SR accounts for the volumes
-    assert tree.count('=(RADL064,99RADLENS,"Attention on artifact")') == flagged
+    assert tree.count('=(RADL074,99RADLENS,"Attention on artifact")') == flagged
     assert tree.count(": attention-on-artifact warning.") == flagged  # the SR's notes
     assert f"Attention-on-artifact warning on {flagged} mammogram(s)" in " ".join(tree.split())
     assert f"Study density category: {summary['study']}" in " ".join(tree.split())

@@ -179,11 +179,11 @@ def _image_group(image: AnalysedImage, algorithm: hd.sr.AlgorithmIdentification
         for method, agreement in sorted(prediction.saliency.items()):
             measurements.append(hd.sr.Measurement(
                 codes.SALIENCY_DICE, round(agreement.dice, 4), codes.UCUM_NO_UNITS,
-                method=Code(f"RADL06{_METHOD_DIGIT[method]}", "99RADLENS", method)))
+                method=codes.SALIENCY_METHODS[method]))
             measurements.append(hd.sr.Measurement(
                 codes.SALIENCY_MASS_INSIDE, round(agreement.mass_inside, 4),
                 codes.UCUM_NO_UNITS,
-                method=Code(f"RADL06{_METHOD_DIGIT[method]}", "99RADLENS", method)))
+                method=codes.SALIENCY_METHODS[method]))
         finding = (dcm_codes.SCT.BreastNormal if prediction.predicted_class == "normal"
                    else codes.LESION_TYPES[prediction.predicted_class])
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -202,7 +202,6 @@ def _image_group(image: AnalysedImage, algorithm: hd.sr.AlgorithmIdentification
     return groups
 
 
-_METHOD_DIGIT = {"gradcam": 1, "gradcam++": 2, "occlusion": 3, "prototype": 4}
 
 
 @dataclass(frozen=True)
@@ -236,8 +235,7 @@ def _density_group(image: DensityImage) -> Dataset:
     shares = reading.attention
     measurements += [
         hd.sr.Measurement(codes.ATTENTION_ON_TISSUE, round(shares.tissue, 4), codes.UCUM_NO_UNITS,
-                          method=Code(f"RADL06{_METHOD_DIGIT['gradcam']}", "99RADLENS",
-                                      "gradcam")),
+                          method=codes.SALIENCY_METHODS["gradcam"]),
         hd.sr.Measurement(codes.ATTENTION_ON_ARTIFACTS, round(shares.artifacts, 4),
                           codes.UCUM_NO_UNITS),
         hd.sr.Measurement(codes.ATTENTION_OUTSIDE, round(shares.outside, 4), codes.UCUM_NO_UNITS),
