@@ -123,6 +123,14 @@ class RadlensServer:
         return json.loads(path.read_text())
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's Error lines for one file (its warnings are not errors)."""
+    checked = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
+                             text=True, timeout=60)
+    return [line for line in (checked.stdout + checked.stderr).splitlines()
+            if line.startswith("Error")]
+
+
 def storescu(port: int, files: Iterable[Path], *, called_aet: str = "RADLENS",
              calling_aet: str = "STORESCU", extra: Sequence[str] = (),
              timeout: float = 300) -> subprocess.CompletedProcess[str]:

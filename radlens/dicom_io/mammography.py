@@ -41,20 +41,20 @@ def _code(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
     return item
 
 
-def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: str,
-                      instance_number: int, synthesized: bool = False) -> Dataset:
-    """One view (a ``MammoView``) as an MG For Presentation instance, 12 bits stored."""
-    rows, columns = view.image.shape
+def _header(view: Any, sop_class_uid: str, sop_uid: str, *, study_uid: str, series_uid: str,
+            series_number: int, instance_number: int, series_description: str,
+            image_type: list[str]) -> Dataset:
+    """What every phantom mammography object of a patient shares: file meta, patient,
+    study, series and instance."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PRESENTATION
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.ImageType = (["DERIVED", "PRIMARY", "", "GENERATED_2D"] if synthesized
-                    else ["ORIGINAL", "PRIMARY"])
-    ds.SOPClassUID = MG_FOR_PRESENTATION
+    ds.ImageType = image_type
+    ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate, ds.StudyTime = "20260101", "090000"
     ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
@@ -63,13 +63,31 @@ def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: st
     ds.Manufacturer = "radlens synthetic"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "radlens phantom mammography"
-    ds.SeriesDescription = ("synthetic mammogram (synthesized 2D)" if synthesized
-                            else "synthetic mammogram")
+    ds.SeriesDescription = series_description
     ds.PatientName = f"PHANTOM^{view.patient_id}"
     ds.PatientID = view.patient_id
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "F"
     ds.BodyPartExamined = "BREAST"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    return ds
+
+
+def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: str,
+                      instance_number: int, synthesized: bool = False) -> Dataset:
+    """One view (a ``MammoView``) as an MG For Presentation instance, 12 bits stored."""
+    rows, columns = view.image.shape
+    ds = _header(view, MG_FOR_PRESENTATION, sop_uid, study_uid=study_uid,
+                 series_uid=series_uid, series_number=2 if synthesized else 1,
+                 instance_number=instance_number,
+                 series_description=("synthetic mammogram (synthesized 2D)" if synthesized
+                                     else "synthetic mammogram"),
+                 image_type=(["DERIVED", "PRIMARY", "", "GENERATED_2D"] if synthesized
+                             else ["ORIGINAL", "PRIMARY"]))
     ds.ViewPosition = view.view
     ds.PositionerType = "MAMMOGRAPHIC"
     ds.DetectorType = "DIRECT"
@@ -77,11 +95,6 @@ def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: st
     ds.PixelSpacing = [view.pixel_spacing_mm, view.pixel_spacing_mm]
     ds.PixelSpacingCalibrationType = "GEOMETRY"
     ds.PixelSpacingCalibrationDescription = "phantom: the breast at the detector plane"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = 2 if synthesized else 1
-    ds.InstanceNumber = instance_number
     ds.PatientOrientation = PATIENT_ORIENTATION[(view.laterality, view.view)]
     ds.ImageLaterality = view.laterality
     ds.OrganExposed = "BREAST"
@@ -130,38 +143,14 @@ def tomosynthesis_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid
 
     rows, columns = view.image.shape
     spacing = round(float(view.pixel_spacing_mm), 6)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = BREAST_TOMOSYNTHESIS
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SpecificCharacterSet = "ISO_IR 192"
     frame_type = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
-    ds.ImageType = frame_type
-    ds.SOPClassUID = BREAST_TOMOSYNTHESIS
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.ContentDate = ds.InstanceCreationDate = "20260101"
-    ds.StudyTime = ds.ContentTime = ds.InstanceCreationTime = "090000"
-    ds.AccessionNumber = view.patient_id[-16:]
-    ds.Modality = "MG"
-    ds.Manufacturer = "radlens synthetic"
+    ds = _header(view, BREAST_TOMOSYNTHESIS, sop_uid, study_uid=study_uid,
+                 series_uid=series_uid, series_number=3, instance_number=instance_number,
+                 series_description="synthetic breast tomosynthesis", image_type=frame_type)
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
     ds.ManufacturerModelName = "phantom tomosynthesis"
     ds.DeviceSerialNumber = "0"
     ds.SoftwareVersions = "1"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "radlens phantom mammography"
-    ds.SeriesDescription = "synthetic breast tomosynthesis"
-    ds.PatientName = f"PHANTOM^{view.patient_id}"
-    ds.PatientID = view.patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "F"
-    ds.BodyPartExamined = "BREAST"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = 3
-    ds.InstanceNumber = instance_number
     ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.ContentQualification = "PRODUCT"

@@ -297,17 +297,17 @@ def patient_folds(cases: list[DensityCase], folds: int, seed: int
     return list(splitter.split(labels, labels, groups))
 
 
+def save_card(folder: Path, card: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
 def save_model(folder: Path, state: dict[str, torch.Tensor], vocabulary: Vocabulary,
                card: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "vocabulary": vocabulary.tokens,
                 "descriptions": DESCRIPTIONS, "size": card["input_size"]}, folder / MODEL_FILE)
-    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-
-
-def save_card(folder: Path, card: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    save_card(folder, card)
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[DensityModel,
@@ -377,7 +377,7 @@ def run_density_training(data: Path, settings: DensityTrainSettings, out: Path, 
                         on_epoch=on_epoch)
         card["ablation"] = {"without_class_weights": evaluate_density_folder(
             test, unweighted, unweighted / "test", device=settings.device)}
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    save_card(out, card)
     metrics["test"] = card["test"]
     if ablation:
         metrics["ablation"] = card["ablation"]

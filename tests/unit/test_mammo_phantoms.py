@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from radlens.models.mammo_phantoms import (
     study_density,
     write_dataset,
 )
-from tests.helpers import radlens_cli, require_tool
+from tests.helpers import dciodvfy_errors, radlens_cli
 
 
 def _digest(folder: Path) -> str:
@@ -98,10 +97,7 @@ def test_dicom_is_valid_mammography_with_laterality_and_view(tmp_path):
     assert len(files) == 16
     kinds = set()
     for path in files:
-        checked = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
-                                 text=True)
-        errors = [line for line in (checked.stdout + checked.stderr).splitlines()
-                  if line.startswith("Error")]
+        errors = dciodvfy_errors(path)
         assert not errors, (path, errors)
         ds = pydicom.dcmread(path)
         assert ds.Modality == "MG" and ds.BodyPartExamined == "BREAST"
@@ -120,10 +116,7 @@ def test_tomosynthesis_volumes_are_valid_and_in_focus_in_the_middle(tmp_path):
     volumes = [p for p in paths if p.stem.endswith("_TOMO")]
     assert len(paths) == 8 and len(volumes) == 4
     for path in volumes:
-        checked = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
-                                 text=True)
-        errors = [line for line in (checked.stdout + checked.stderr).splitlines()
-                  if line.startswith("Error")]
+        errors = dciodvfy_errors(path)
         assert not errors, (path, errors)
         ds = pydicom.dcmread(path)
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.13.1.3" and ds.NumberOfFrames == 6
