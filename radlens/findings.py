@@ -190,6 +190,11 @@ class DensityPrediction(_Frozen):
     maps_file: str | None = Field(default=None, description="npz with the Grad-CAM map "
                                   "(saliency_gradcam), relative to the study's results folder")
 
+    @property
+    def view_label(self) -> str:
+        """Laterality and view as readers write them ("R CC"); empty when neither is known."""
+        return " ".join(filter(None, (self.laterality, self.view)))
+
 
 class BreastDensity(_Frozen):
     """Per breast (its views' probabilities averaged) and per study: the denser breast, as

@@ -94,19 +94,20 @@ class DensityAnalyser:
         """The image's density reading, or why it has none (abstained)."""
         import torch
 
-        from radlens.models.density import not_a_mammogram, prepare
+        from radlens.models.density import breast_region, not_a_mammogram, prepare
         from radlens.models.density_saliency import explain
 
         info = decoded.info
         frame = decoded.pixels[0]
         image = frame.mean(axis=-1) if frame.shape[-1] == 3 else frame[..., 0]
-        refusal = not_a_mammogram(image)
+        breast = breast_region(image)  # found once: the checks, the crop and the shares
+        refusal = not_a_mammogram(image, breast)
         if refusal is not None:
             log.info("image does not look like a mammogram: no category",
                      extra=kv(sop=info.ref.sop_instance_uid, reason=refusal))
             return info.model_copy(update={
                 "not_analysed": f"not like a mammogram: {refusal}"})
-        prepared = prepare(image, self.size)
+        prepared = prepare(image, self.size, region=breast)
         ood_score = None
         if self.ood is not None:
             device = next(self.model.parameters()).device
@@ -122,7 +123,8 @@ class DensityAnalyser:
                 return info.model_copy(update={
                     "abstained": [abstained],
                     "not_analysed": f"the density model abstains: {abstained.reason}"})
-        explanation = explain(self.model, image, size=self.size, prepared=prepared)
+        explanation = explain(self.model, image, size=self.size, prepared=prepared,
+                              breast=breast)
         shares = AttentionShares(**{k: round(min(max(v, 0.0), 1.0), 4)
                                     for k, v in explanation.shares.items()})
         maps_file = None

@@ -77,10 +77,11 @@ MIN_CHEST_WALL_SPAN = 0.25
 MAX_BREAST_FRACTION = 0.95
 
 
-def not_a_mammogram(image: np.ndarray) -> str | None:
+def not_a_mammogram(image: np.ndarray, region: np.ndarray | None = None) -> str | None:
     """Why ``image`` cannot be a mammogram, or None. Checked before the model's own
-    out-of-distribution score, which a slice of another modality can pass by chance."""
-    region = breast_region(image)
+    out-of-distribution score, which a slice of another modality can pass by chance.
+    ``region``: the image's ``breast_region``, when the caller has it already."""
+    region = breast_region(image) if region is None else region
     span = float(max(region[:, 0].mean(), region[:, -1].mean())) if region.size else 0.0
     if span < MIN_CHEST_WALL_SPAN:
         return (f"no breast against a side edge of the image (the largest bright region "
@@ -93,13 +94,15 @@ def not_a_mammogram(image: np.ndarray) -> str | None:
     return None
 
 
-def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> PreparedImage:
+def prepare(image: np.ndarray, size: int = INPUT_SIZE,
+            region: np.ndarray | None = None) -> PreparedImage:
     """Crop to the breast, blank what lies outside it, chest wall left, resize to ``size``
-    (aspect kept, padded with background)."""
+    (aspect kept, padded with background). ``region``: the image's ``breast_region``, when
+    the caller has it already."""
     values = image.astype(np.float32)
     top = float(values.max()) or 1.0
     values /= top
-    region = breast_region(image)
+    region = breast_region(image) if region is None else region
     if not region.any():
         region = np.ones(image.shape, dtype=bool)
     rows, cols = np.nonzero(region)

@@ -123,9 +123,12 @@ def token_gradcam(model: DensityModel, batch: torch.Tensor, predicted: int) -> n
 
 
 def explain(model: DensityModel, image: np.ndarray, *, size: int = 224,
-            prepared: PreparedImage | None = None) -> DensityExplanation:
-    """The category, its probabilities and Grad-CAM of one mammogram, with attention shares."""
-    prepared = prepared or prepare(image, size)
+            prepared: PreparedImage | None = None,
+            breast: np.ndarray | None = None) -> DensityExplanation:
+    """The category, its probabilities and Grad-CAM of one mammogram, with attention shares.
+    ``prepared`` and ``breast`` (the image's ``breast_region``): when the caller has them."""
+    breast = breast_region(image) if breast is None else breast
+    prepared = prepared or prepare(image, size, region=breast)
     model.eval()
     device = next(model.parameters()).device
     batch = torch.from_numpy(prepared.pixels)[None, None].to(device)
@@ -136,7 +139,6 @@ def explain(model: DensityModel, image: np.ndarray, *, size: int = 224,
     canvas = (_monai_gradcam(model, batch, predicted, target) if target is not None
               else token_gradcam(model, batch, predicted))
     original = to_original(canvas, prepared, image.shape)
-    breast = breast_region(image)
     shares = attention_shares(original, breast, artifact_mask(image, breast))
     return DensityExplanation(DENSITY_CLASSES[predicted],
                               {c: float(p) for c, p in zip(DENSITY_CLASSES, probabilities,

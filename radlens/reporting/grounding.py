@@ -162,7 +162,7 @@ def density_violations(text: str, facts: StudyFacts) -> list[str]:
     """A density category the findings do not hold, or one given to the wrong breast."""
     density = facts.density
     violations = []
-    for sentence in re.split(r"(?<=[.;\n])\s+", text):
+    for sentence in _sentences(text):
         named = _categories(sentence)
         if not named:
             continue
@@ -186,6 +186,9 @@ def density_violations(text: str, facts: StudyFacts) -> list[str]:
     return violations
 
 
+def _sentences(text: str) -> list[str]:
+    return re.split(r"(?<=[.;\n])\s+", text)
+
+
 def _sentences_naming(text: str, number: int) -> list[str]:
-    sentences = re.split(r"(?<=[.;\n])\s+", text)
-    return [s for s in sentences if re.search(rf"\blesion\s+{number}\b", s, re.IGNORECASE)]
+    return [s for s in _sentences(text) if re.search(rf"\blesion\s+{number}\b", s, re.IGNORECASE)]

@@ -151,8 +151,8 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
                                saliency_methods, written, failures, fsync, times)
     density = [DensityImage(info, headers[info.ref.sop_instance_uid]) for info in findings.images
                if info.density is not None and info.ref.sop_instance_uid in headers]
-    figures += _write_density_overlays(density, sources, equipment, findings, study_results,
-                                       folder, settings, written, failures, fsync, times)
+    figures += _write_density_overlays(density, sources, findings, study_results, folder,
+                                       settings, written, failures, fsync, times)
     if settings.sr and headers:
         with times.stage("sr"):
             notes = study_notes(findings, any(image.lesions for image in images))
@@ -300,12 +300,13 @@ DENSITY_FIGURES = 4  # the four views of a screening mammogram
 
 
 def _write_density_overlays(density: list[DensityImage], sources: Mapping[str, Path],
-                            equipment: Equipment, findings: StudyFindings, study_results: Path,
+                            findings: StudyFindings, study_results: Path,
                             folder: Path, settings: OutputSettings, written: WrittenOutputs,
                             failures: list[str], fsync: bool, times: StageTimes
                             ) -> list[Figure]:
     """The Grad-CAM overlay of every mammogram the density model read (a Secondary Capture
-    each, its laterality and view kept), and the PDF's figures of up to four views."""
+    each, its laterality and view kept, made by the density model's equipment), and the PDF's
+    figures of up to four views."""
     from radlens.dicom_io.writers.overlay import render_overlay
 
     plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
@@ -334,7 +335,7 @@ def _write_density_overlays(density: list[DensityImage], sources: Mapping[str, P
                     failures.append(_failed(f"density overlay of {sop_uid}", findings, exc))
         if settings.pdf and len(figures) < DENSITY_FIGURES:
             zero = np.zeros(cam.shape, dtype=bool)
-            side = " ".join(filter(None, (reading.laterality, reading.view))) or "view"
+            side = reading.view_label or "view"
             warning = ", attention on artifacts!" if reading.attention_on_artifact else ""
             order = (views.get(reading.view or "", 2), 0 if reading.laterality == "R" else 1)
             figures.append((order, Figure(

@@ -147,7 +147,7 @@ def build_density_overlay(header: Dataset, info: ImageInfo, pixels: np.ndarray, 
     sc = _secondary_capture(image, rgb, equipment, plan, instance_number)
     # The SC IOD has no Image Laterality or View Position: the series' Laterality (copied)
     # and the comments say which view it is.
-    side = " ".join(filter(None, (reading.laterality, reading.view)))
+    side = reading.view_label
     warning = (" Attention-on-artifact warning: only "
                f"{reading.attention.tissue:.0%} of it lies on breast tissue."
                if reading.attention_on_artifact else "")
