@@ -122,11 +122,6 @@ class Router:
         self.scopes: dict[str, ModelScope | None] = (
             dict(scope) if isinstance(scope, Mapping) else {DEFAULT_MODEL: scope})
 
-    @property
-    def scope(self) -> ModelScope | None:
-        """The lesion model's scope."""
-        return self.scopes.get(DEFAULT_MODEL)
-
     def route(self, facts: ImageFacts, calling_ae: str | None = None) -> RouteDecision:
         """The first matching rule decides about anatomy; the models' scopes decide the rest."""
         refusals = {name: _outside_technical_scope(scope, facts)
