@@ -214,9 +214,15 @@ def process(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders", exists=True)],
     out: Annotated[Path, typer.Option(help="results/<StudyUID>/ go here")],
     config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print a JSON summary on stdout instead of the tables: every study "
+                       "with its outcome, every file that could not be read with the reason")]
+    = False,
 ) -> None:
     """Run the agent's pipeline on files or folders, without the network: findings.json, SEG,
-    SR, saliency map and overlay per study, as `radlens serve` writes them."""
+    SR, saliency map and overlay per study, as `radlens serve` writes them. A file that cannot
+    be read costs only itself: it is listed with the reason and the rest is processed. Exit
+    status 1 when any file was unreadable or any study failed, 0 otherwise."""
     from rich.progress import Progress
 
     from radlens.agent.offline import collect_studies, process_study
@@ -244,16 +250,55 @@ def process(
                           str(len(done.outputs.parametric_map)), str(len(done.outputs.overlay)),
                           "failed" if done.error else "done")
             progress.advance(task)
-    console.print(table)
-    console.print(summary_table(processed, unreadable))
-    for item in unreadable:
-        err.print(f"skipped {item.path}: {item.reason}", markup=False, highlight=False)
+    failed = [done for done in processed if done.error]
+    status = 1 if (failed or unreadable or not studies) else 0
+    if as_json:
+        console.print_json(json.dumps(process_summary(processed, unreadable, status)))
+    else:
+        console.print(table)
+        console.print(summary_table(processed, unreadable))
+        if unreadable:
+            console.print(unreadable_table(unreadable))
     if not studies:
         raise fail("no DICOM study found in the given paths", 1)
-    failed = [done for done in processed if done.error]
-    if failed:
-        raise fail(f"{len(failed)} of {len(processed)} studies failed (an SR saying so was "
-                   "written for each; the log has the reason)", 1)
+    if failed or unreadable:
+        problems = []
+        if unreadable:
+            problems.append(f"{len(unreadable)} file(s) could not be read (listed above)")
+        if failed:
+            problems.append(f"{len(failed)} of {len(processed)} studies failed (an SR saying "
+                            "so was written for each; the log has the reason)")
+        raise fail("; ".join(problems), status)
+
+
+def unreadable_table(unreadable: list) -> Table:
+    """Every file the batch could not read, with the reason: a PACS export routinely holds a
+    few, and each one must be findable afterwards."""
+    table = Table(title="not read")
+    table.add_column("file", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for item in unreadable:
+        table.add_row(str(item.path), item.reason)
+    return table
+
+
+def process_summary(processed: list, unreadable: list, status: int) -> dict[str, object]:
+    """``radlens process --json``: what a script needs to act on a batch."""
+    from radlens.agent.offline import outcome_counts
+
+    return {
+        "exit_status": status,
+        "studies": [{
+            "study_instance_uid": done.study_instance_uid, "revision": done.revision,
+            "outcome": "failed" if done.error else "done", "error": done.error,
+            "lesions": done.lesions,
+            "findings": str(done.findings_path) if done.findings_path else None,
+            "outputs": {kind: [str(p) for p in getattr(done.outputs, kind)]
+                        for kind in ("seg", "sr", "parametric_map", "overlay", "pdf")},
+        } for done in processed],
+        "unreadable": [{"path": str(item.path), "reason": item.reason} for item in unreadable],
+        "summary": outcome_counts(processed, unreadable),
+    }
 
 
 def summary_table(processed: list, unreadable: list) -> Table:

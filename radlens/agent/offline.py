@@ -14,12 +14,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
 from radlens.agent.pipeline import Analyser, StudyInput, run_study
 from radlens.agent.queue import JobInstance
 from radlens.config import Settings
+from radlens.dicom_io.nesting import read_bounded
 from radlens.dicom_io.writers import WrittenOutputs, write_failure_report, write_outputs
 from radlens.findings import StudyFindings
 from radlens.logs import kv
@@ -28,6 +26,7 @@ from radlens.reporting.ollama import narrate
 log = logging.getLogger(__name__)
 
 OFFLINE_JOB_ID = 0
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
 @dataclass(frozen=True)
@@ -64,17 +63,28 @@ def collect_studies(paths: Iterable[Path]) -> tuple[dict[str, list[JobInstance]]
     unreadable = []
     for path in iter_files(paths):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_bounded(path, stop_before_pixels=True)
+            if _is_dicomdir(ds):  # every media export has one: an index, not a study's file
+                log.info("DICOMDIR skipped", extra=kv(path=str(path)))
+                continue
             instance = JobInstance(
                 sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
                 series_instance_uid=str(ds.SeriesInstanceUID),
                 transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=path.resolve())
             studies[str(ds.StudyInstanceUID)].append(instance)
-        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            reason = f"not a DICOM instance radlens can read ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
+            # (zlib.error for a deflate stream that does not inflate, NotImplementedError for
+            # an unknown VR): each one is this file's reason, never the batch's end
+            detail = " ".join(str(exc).split("\n", 1)[0].split())[:300]
+            reason = f"not a DICOM instance radlens can read ({type(exc).__name__}: {detail})"
             unreadable.append(UnreadableFile(path, reason))
             log.warning("file skipped", extra=kv(path=str(path), reason=reason))
     return dict(studies), unreadable
+
+
+def _is_dicomdir(ds: object) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    return str(getattr(meta, "MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
 
 
 def next_revision(study_results: Path) -> int:

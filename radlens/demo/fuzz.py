@@ -144,6 +144,23 @@ def _nested_sequence(depth: int) -> bytes:
     return (open_sq + open_item) * depth + (close_item + close_sq) * depth
 
 
+def nested_error_sequence(depth: int) -> bytes:
+    """(0040,A730) nested ``depth`` deep with defined lengths (pydicom reads them lazily, so the
+    listener files the instance), and at the bottom a US value of odd length that pydicom
+    cannot convert. Walked by pydicom (``Dataset.decode``), the error's message doubles and
+    more at every level: 20 levels exhaust a machine's memory."""
+    body = struct.pack("<HH2sH", 0x0040, 0xA160, b"US", 3) + b"abc"
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+        body = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    return body
+
+
+def with_nested_error(ds: Dataset, depth: int) -> bytes:
+    """``ds`` encoded (Explicit VR Little Endian) with ``nested_error_sequence(depth)``."""
+    return _insert_sorted(encode(ds), nested_error_sequence(depth), (0x0040, 0xA730))
+
+
 def _insert_sorted(body: bytes, element: bytes, tag: tuple[int, int]) -> bytes:
     """``element`` placed among the top-level elements of ``body`` in tag order."""
     key = (tag[0] << 16) | tag[1]
@@ -258,6 +275,12 @@ def _nested(ds: Dataset, rng: random.Random) -> tuple[str, bytes, str]:
     return f"sequences-{depth}-deep", body, ExplicitVRLittleEndian
 
 
+def _nested_error(ds: Dataset, rng: random.Random) -> tuple[str, bytes, str]:
+    depth = rng.choice([10, 20, 100, 400, 1000])
+    return f"defined-sequences-{depth}-deep-bad-value", with_nested_error(ds, depth), \
+        ExplicitVRLittleEndian
+
+
 def _huge_string(ds: Dataset, rng: random.Random) -> tuple[str, bytes, str]:
     keyword, vr, size = rng.choice([("PatientComments", "LT", 4 * 1024 * 1024),
                                     ("StudyDescription", "LO", 65534),
@@ -290,7 +313,7 @@ def _implicit_as_explicit(ds: Dataset, rng: random.Random) -> tuple[str, bytes, 
 DATASET_FAMILIES: tuple[Callable[[Dataset, random.Random], tuple[str, bytes, str]], ...] = (
     _truncated, _byte_flipped, _wrong_length, _dimensions, _bits, _samples, _frames, _uids,
     _encapsulated_raw, _nested, _huge_string, _pixel_length, _garbage_vr,
-    _implicit_as_explicit,
+    _implicit_as_explicit, _nested_error,
 )
 
 

@@ -21,11 +21,14 @@ from collections.abc import Iterable
 from datetime import date
 
 from pydicom import config
+from pydicom.charset import decode_element
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import PersonName, validate_value
 
+from radlens.dicom_io.nesting import bound_dataset
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,11 @@ def conformant_header(header: Dataset, *, source: str = "") -> Dataset:
     """Make ``header`` (a source's header read without pixels) safe to copy into outputs, in
     place, and return it. Text is decoded with the source's character set and re-declared as
     UTF-8, so a broken or unknown character set costs nothing but a log line."""
-    _declare_utf8(header, source)
-    _prune_deep_sequences(header, source, depth=0)
+    for removed in bound_dataset(header, max_depth=MAX_SEQUENCE_DEPTH, source=source).removed:
+        log.warning("source attribute made conformant",
+                    extra=kv(source=source, attribute=removed.split(":", 1)[0],
+                             fix=f"left out: {removed.split(': ', 1)[-1]}"))
+    _declare_utf8(header, source)  # decode() walks the dataset: only once it is bounded
     for tag in list(header.keys()):
         element = _element(header, tag)
         if element.VR not in _CHECKED_VRS or element.tag.group in (0x0002, 0x7FE0):
@@ -85,38 +91,58 @@ def _element(header: Dataset, tag: BaseTag) -> DataElement:
 
 def _declare_utf8(header: Dataset, source: str) -> None:
     declared = header.get("SpecificCharacterSet")
-    try:
-        header.decode()  # every text value to str, with pydicom's fallbacks for unknown sets
-    except Exception as exc:  # an undecodable value: keep what decoded, log the rest
-        # pydicom puts the whole inner traceback into this message: its first line says it
-        reason = str(exc).split("\n", 1)[0]
-        log.warning("source text could not be decoded",
-                    extra=kv(source=source, error=f"{type(exc).__name__}: {reason}"))
+    _decode_text(header, source)
     if declared not in (None, "", UTF8, "ISO_IR 6", ["ISO_IR 192"]):
         log.info("source character set re-declared", extra=kv(
             source=source, attribute="SpecificCharacterSet", fix=f"written as {UTF8}"))
     header.SpecificCharacterSet = UTF8
 
 
-def _prune_deep_sequences(dataset: Dataset, source: str, depth: int) -> None:
-    for element in list(dataset):
-        if element.VR != "SQ":
-            continue
-        if depth >= MAX_SEQUENCE_DEPTH:
-            del dataset[element.tag]
-            log.warning("source attribute made conformant", extra=kv(
-                source=source, attribute=element.keyword or str(element.tag), vr="SQ",
-                fix=f"left out: nested deeper than {MAX_SEQUENCE_DEPTH}"))
-            continue
-        for item in element.value:
-            _prune_deep_sequences(item, source, depth + 1)
+def _decode_text(header: Dataset, source: str) -> None:
+    """Every text value to str with its character set (pydicom's fallbacks for unknown sets),
+    one element at a time: an element that cannot be read or decoded (an unknown VR, bytes no
+    character set takes) is emptied when outputs need it (type 2) and left out otherwise,
+    instead of stopping the rest (``Dataset.decode`` stops at the first). Iterative: the
+    header is bounded already, but nothing here recurses either."""
+    stack = [header]
+    while stack:
+        dataset = stack.pop()
+        encodings = dataset._character_set
+        for tag in list(dataset._dict.keys()):
+            if BaseTag(tag).group in (0x0002, 0x7FE0):
+                continue
+            try:
+                element = dataset[tag]
+                if element.VR == "SQ":
+                    stack.extend(element.value or [])
+                    continue
+                decode_element(element, encodings)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many types here
+                keyword = dictionary_keyword_or_tag(tag)
+                if keyword in TYPE2_COPIED and dataset is header:
+                    header[tag] = DataElement(tag, dictionary_VR(tag), "")
+                    fix = "emptied (type 2): unreadable"
+                else:
+                    del dataset[tag]
+                    fix = "left out: unreadable"
+                reason = str(exc).split("\n", 1)[0].rsplit("got exception: ", 1)[-1]
+                log.warning("source attribute made conformant", extra=kv(
+                    source=source, attribute=keyword, fix=fix,
+                    error=f"{type(exc).__name__}: {_reason(Exception(reason))}"))
+
+
+def dictionary_keyword_or_tag(tag: int) -> str:
+    try:
+        return keyword_for_tag(tag) or str(BaseTag(tag))
+    except KeyError:
+        return str(BaseTag(tag))
 
 
 def _values(element: DataElement) -> list[object]:
     value = element.value
     if value is None or value == "":
         return []
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    if isinstance(value, (str, bytes, PersonName)) or not isinstance(value, Iterable):
         return [value]
     return list(value)
 
@@ -128,6 +154,12 @@ def _conform(element: DataElement) -> tuple[object | None, str | None]:
     if not values:
         return element.value, None
     vr = element.VR
+    if len(values) > 1 and _single_valued(element.tag):
+        # "A\\B" in a name read as two names: highdicom takes one name, so keep the first
+        fixed, action = _conform_one(vr, values[0])
+        if fixed is None:
+            return None, f"left out: {action}"
+        return fixed, f"kept the first of {len(values)} values (value multiplicity 1)"
     repaired: list[object] = []
     actions: set[str] = set()
     for value in values:
@@ -141,6 +173,13 @@ def _conform(element: DataElement) -> tuple[object | None, str | None]:
         return element.value, None
     new_value: object = repaired[0] if len(repaired) == 1 else repaired
     return new_value, "; ".join(sorted(actions))
+
+
+def _single_valued(tag: BaseTag) -> bool:
+    try:
+        return dictionary_VM(tag) == "1"
+    except KeyError:  # a private or unknown attribute: its multiplicity is its own
+        return False
 
 
 def _conform_one(vr: str, value: object) -> tuple[object | None, str | None]:

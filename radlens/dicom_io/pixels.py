@@ -16,6 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
+from radlens.dicom_io.nesting import read_bounded
 from radlens.errors import UnsupportedImageError
 from radlens.findings import DecodedImage, ImageInfo, ImageRef, PixelSpacing
 from radlens.logs import kv
@@ -42,9 +43,12 @@ def image_ref(ds: Dataset) -> ImageRef:
 
 
 def read_dataset(path: Path) -> Dataset:
-    """The whole dataset with its large values (the pixels) read only when used."""
+    """The whole dataset with its large values (the pixels) read only when used, its nesting
+    bounded (see radlens.dicom_io.nesting)."""
     try:
-        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
+        return read_bounded(path, defer_size=DEFER_BYTES)
+    except UnsupportedImageError:
+        raise
     except Exception as exc:  # pydicom raises many types for damaged files
         raise UnsupportedImageError(f"cannot read file: {type(exc).__name__}: {exc}") from exc
 

@@ -28,7 +28,7 @@ from radlens.demo.fuzz import (
 from radlens.dicom_io.synthetic import us_instance
 from tests.helpers import closed_by_node, storescu, wait_for
 
-DATASET_CASES = 14 * 14  # every family fourteen times
+DATASET_CASES = 15 * 14  # every family fourteen times
 PDU_CASES = 16 * 6
 
 

@@ -20,7 +20,12 @@ from pydicom.filebase import DicomBytesIO
 from radlens.config import OutputSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
-from radlens.dicom_io.writers.analysed import AnalysedImage, load_analysed, read_header
+from radlens.dicom_io.writers.analysed import (
+    AnalysedImage,
+    load_analysed,
+    read_header,
+    with_type2_present,
+)
 from radlens.dicom_io.writers.common import Equipment, OutputKind, SeriesPlan
 from radlens.dicom_io.writers.overlay import (
     build_density_overlay,
@@ -204,12 +209,32 @@ def write_failure_report(study_uid: str, revision: int, sources: Mapping[str, Pa
     if not headers:
         return None
     narrative = Narrative.failure(reason)
-    report = build_report([], [], narrative, Equipment.for_model(model),
-                          SeriesPlan.new(OutputKind.SR, revision),
-                          notes=[f"The analysis of this study failed: {reason}"[:1000]],
-                          evidence=list(headers.values()), failed=True)
+    notes = [f"The analysis of this study failed: {reason}"[:1000]]
+    plan = SeriesPlan.new(OutputKind.SR, revision)
+    try:
+        report = build_report([], [], narrative, Equipment.for_model(model), plan,
+                              notes=notes, evidence=list(headers.values()), failed=True)
+    except Exception as exc:  # the last word a study gets: from its UIDs alone, then
+        log.warning("failure report rebuilt from the sources' UIDs alone",
+                    extra=kv(study=study_uid, error=f"{type(exc).__name__}: {exc}"[:300]))
+        report = build_report([], [], narrative, Equipment.for_model(model), plan,
+                              notes=notes, failed=True,
+                              evidence=[uids_only(header) for header in headers.values()])
     folder = study_results / DICOM_DIR / f"revision-{revision}"
     return _save(report, folder, "SR", fsync)
+
+
+def uids_only(header: Dataset) -> Dataset:
+    """A source header cut down to what places an object in its study (UIDs, study and
+    series identity, empty type 2 patient and study attributes): nothing a sender wrote there
+    can fail the object built on it."""
+    kept = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                    "Modality"):
+        if keyword in header:
+            setattr(kept, keyword, header.get(keyword))
+    kept.SpecificCharacterSet = "ISO_IR 192"
+    return with_type2_present(kept)
 
 
 def overlay_pngs(findings: StudyFindings, sources: Mapping[str, Path], study_results: Path,

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from radlens.dicom_io.conformance import TYPE2_COPIED, conformant_header
+from radlens.dicom_io.nesting import read_bounded
 from radlens.findings import FramePrediction, ImageInfo, LesionMeasurements
 
 
@@ -66,7 +66,7 @@ def with_type2_present(header: Dataset) -> Dataset:
 
 def read_header(source_path: Path) -> Dataset:
     """A source's header without pixels, made conformant to be copied into outputs."""
-    header = pydicom.dcmread(source_path, stop_before_pixels=True)
+    header = read_bounded(source_path, stop_before_pixels=True)
     return with_type2_present(conformant_header(header, source=str(header.get(
         "SOPInstanceUID", source_path.name))))
 
