@@ -30,3 +30,12 @@ class DestinationError(RadlensError):
 class ComputeUnavailableError(RadlensError):
     """The model stage could not run at all (its Ray actor died, the Ray cluster is gone): the
     job is retried, rather than its images reported as failed analyses."""
+
+
+class JobAttemptError(RadlensError):
+    """One attempt of a job failed in its worker process; the message is the whole reason the
+    job records (the exception's type is in it already, or it is a worker's death)."""
+
+
+class WorkerLostError(JobAttemptError):
+    """The worker process running a job was killed (past a limit) or died."""

@@ -303,14 +303,7 @@ class Agent:
                                  on_result=self.metrics.delivered, tls=s.dicom.tls,
                                  audit_log=self.audit)
         if self._runs("worker"):
-            self.worker = Worker(self.queue, self.data_dir / RESULTS_DIR,
-                                 analyser=load_analyser(s), fsync=s.storage.fsync,
-                                 outputs=s.outputs, deliver=self._queue_results,
-                                 on_queued=self._results_queued,
-                                 on_finished=self._job_finished, llm=s.llm,
-                                 llm_vision=check_llm(s.llm, self.data_dir),
-                                 max_attempts=s.jobs.max_attempts,
-                                 concurrency=s.worker.concurrency)
+            self.worker = self._make_worker()
         shared_port = s.dicom.listener_processes > 1
         if self._runs("listener"):
             self.spool = Spool(self.data_dir, self.db, fsync=s.storage.fsync,
@@ -371,6 +364,27 @@ class Agent:
                                                    data_dir=str(self.data_dir),
                                                    state=redacted(self.state_url),
                                                    destinations=len(s.destinations)))
+
+    def _make_worker(self) -> Worker:
+        """The worker: with ``worker.isolation: process`` its jobs run in worker processes,
+        started here (their models loaded) so that a broken model stops the start-up."""
+        s = self.settings
+        llm_vision = check_llm(s.llm, self.data_dir)
+        if s.worker.isolation == "process":
+            from radlens.agent.jobprocess import ProcessWorker
+
+            worker = ProcessWorker(self.queue, s, llm_vision=llm_vision,
+                                   deliver=self._queue_results,
+                                   on_queued=self._results_queued,
+                                   on_finished=self._job_finished)
+            worker.start_processes()
+            self._lock.update(worker_pids=worker.pids)
+            return worker
+        return Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
+                      fsync=s.storage.fsync, outputs=s.outputs, deliver=self._queue_results,
+                      on_queued=self._results_queued, on_finished=self._job_finished,
+                      llm=s.llm, llm_vision=llm_vision, max_attempts=s.jobs.max_attempts,
+                      concurrency=s.worker.concurrency)
 
     def _recover_spool(self) -> None:
         """The spool after a crash: partial files removed, files missing from the index

@@ -27,6 +27,8 @@ from radlens.agent.pipeline import Analyser, StudyInput, StudyResult, run_study
 from radlens.agent.queue import Job, JobQueue
 from radlens.config import LlmSettings, OutputSettings
 from radlens.dicom_io.scu import OutgoingFile
+from radlens.errors import JobAttemptError
+from radlens.findings import ModelRef
 from radlens.logs import kv
 from radlens.memory import release_freed_memory
 
@@ -213,8 +215,13 @@ class Worker:
             self.on_finished(job, "failed" if error else "done")
         return True
 
+    @property
+    def model_ref(self) -> ModelRef | None:
+        """The lesion model, named in failure reports."""
+        return self.analyser.model_ref if self.analyser else None
+
     def _failed(self, job: Job, exc: Exception) -> None:
-        error = f"{type(exc).__name__}: {exc}"[:2000]
+        error = failure_reason(exc)
         if job.attempts < self.max_attempts:
             log.error("job failed; it will be retried", exc_info=exc, extra=kv(
                 job=job.id, study=job.study_instance_uid, attempt=job.attempts,
@@ -241,29 +248,45 @@ class Worker:
                 job.study_instance_uid, self.queue.revision(job),
                 {i.sop_instance_uid: i.path for i in instances},
                 self.results_root / job.study_instance_uid, error,
-                model=self.analyser.model_ref if self.analyser else None, fsync=self.fsync)
+                model=self.model_ref, fsync=self.fsync)
             return self._described([path]) if path is not None else []
         except Exception:  # the failure is recorded on the job all the same
             log.exception("cannot write the failure report", extra=kv(job=job.id))
             return []
 
     def _write_outputs(self, study: StudyInput, result: StudyResult) -> list[Path]:
-        """Narrative, then SEG, SR and maps next to findings.json; returns the DICOM objects
-        to deliver. Written before the job is marked done, so a crash here re-runs the job
-        rather than losing its answer. The narrative waits at most ``llm.timeout_s``."""
-        from radlens.dicom_io.writers import overlay_pngs, write_outputs
-        from radlens.reporting.ollama import narrate
-
         assert self.analyser is not None
-        sources = {i.sop_instance_uid: i.path for i in study.instances}
-        study_dir = self.results_root / study.study_instance_uid
-        methods = self.analyser.settings.saliency
-        with result.times.stage("narrative"):
-            narrative = narrate(result.findings, self.llm, vision_capable=self.llm_vision,
-                                images=lambda: overlay_pngs(result.findings, sources,
-                                                            study_dir, methods))
-        written = write_outputs(result.findings, sources, study_dir, narrative,
-                                settings=self.outputs, saliency_methods=methods,
-                                fsync=self.fsync, times=result.times)
-        result.finish(self.results_root, fsync=self.fsync)
-        return list(written.all)
+        return write_job_outputs(study, result, self.analyser, self.results_root,
+                                 llm=self.llm, llm_vision=self.llm_vision,
+                                 outputs=self.outputs, fsync=self.fsync)
+
+
+def failure_reason(exc: Exception) -> str:
+    """The reason a job records: a worker process's own words as they are, else the type and
+    the message."""
+    if isinstance(exc, JobAttemptError):
+        return str(exc)[:2000]
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def write_job_outputs(study: StudyInput, result: StudyResult, analyser: Analyser,
+                      results_root: Path, *, llm: LlmSettings, llm_vision: bool,
+                      outputs: OutputSettings, fsync: bool) -> list[Path]:
+    """Narrative, then SEG, SR and maps next to findings.json; returns the DICOM objects
+    to deliver. Written before the job is marked done, so a crash here re-runs the job
+    rather than losing its answer. The narrative waits at most ``llm.timeout_s``."""
+    from radlens.dicom_io.writers import overlay_pngs, write_outputs
+    from radlens.reporting.ollama import narrate
+
+    sources = {i.sop_instance_uid: i.path for i in study.instances}
+    study_dir = results_root / study.study_instance_uid
+    methods = analyser.settings.saliency
+    with result.times.stage("narrative"):
+        narrative = narrate(result.findings, llm, vision_capable=llm_vision,
+                            images=lambda: overlay_pngs(result.findings, sources,
+                                                        study_dir, methods))
+    written = write_outputs(result.findings, sources, study_dir, narrative,
+                            settings=outputs, saliency_methods=methods,
+                            fsync=fsync, times=result.times)
+    result.finish(results_root, fsync=fsync)
+    return list(written.all)

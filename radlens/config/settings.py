@@ -197,6 +197,10 @@ class AssemblySettings(_Section):
 
     quiet_period_s: float = Field(default=15.0, gt=0)
     max_wait_s: float = Field(default=600.0, gt=0)
+    # An instance sent again byte for byte after its study was analysed (a sender re-sending
+    # what it was not sure had arrived, after a crash or a timeout): ignore it, or analyse the
+    # study again as a new revision. A changed instance always makes a new revision.
+    identical_resend: Literal["ignore", "reprocess"] = "ignore"
 
     @model_validator(mode="after")
     def _max_wait_covers_quiet_period(self) -> AssemblySettings:
@@ -215,12 +219,31 @@ class JobSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    """The worker that runs jobs: how many studies may be in flight at once."""
+    """The worker that runs jobs: how many studies may be in flight at once, and the limits
+    one study runs under, so that no study can take the node down."""
 
-    # 1: one study at a time. 2: a study's writers (SEG, SR, maps, PDF, delivery) run while
-    # the next study is in the model; the model stage waits when writers fall behind, so at
-    # most this many studies are in memory.
+    # 1: one study at a time. 2: two studies in flight (with isolation: process, two worker
+    # processes, each with the model loaded; with thread, a study's writers run while the
+    # next study is in the model).
     concurrency: int = Field(default=2, ge=1, le=4)
+    # process: each job runs in a worker process of its own, apart from the listener and the
+    # sender, killed when it passes max_memory_mb or job_timeout_s (that attempt fails, the
+    # node goes on). thread: in the agent's own process (no limit can be enforced).
+    isolation: Literal["process", "thread"] = "process"
+    # Resident memory one worker process may use; empty: half the machine's memory shared
+    # among the worker processes.
+    max_memory_mb: int | None = Field(default=None, ge=256)
+    job_timeout_s: float = Field(default=900.0, gt=0)  # one attempt of one job, start to end
+
+    def memory_limit_mb(self) -> int:
+        """``max_memory_mb``, or half the machine's memory shared among the workers."""
+        if self.max_memory_mb is not None:
+            return self.max_memory_mb
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        except (ValueError, OSError):  # no sysconf (not POSIX): a figure that fits laptops
+            total = 8192
+        return max(1024, total // 2 // self.concurrency)
 
 
 class Destination(_Section):
