@@ -115,6 +115,10 @@ def status(
     if agent.running and len(agent.listener_pids) > 1:
         console.print(f"listener processes: {len(agent.listener_pids)} (pids "
                       f"{', '.join(map(str, agent.listener_pids))})")
+    if agent.running and agent.worker_pids:
+        console.print(f"worker processes: {len(agent.worker_pids)} (pids "
+                      f"{', '.join(map(str, agent.worker_pids))}; restarted "
+                      f"{agent.worker_restarts} times)")
     console.print(f"data: {report.data_dir}")
     console.print(f"state: {report.state}")
     last = (datetime.fromtimestamp(report.last_received_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")

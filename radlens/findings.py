@@ -274,6 +274,9 @@ class StudyFindings(_Frozen):
     timings: dict[str, float] = Field(default_factory=dict, description="wall-clock seconds "
                                       "per stage of the job (decode, inference, saliency, "
                                       "each writer...) and its total")
+    failure: str | None = Field(default=None, description="why the job failed for good "
+                                "(an error, a worker process past its memory or time limit, "
+                                "or killed); what was found before it stays")
 
 
 @dataclass(frozen=True)

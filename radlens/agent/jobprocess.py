@@ -86,8 +86,12 @@ def death_reason(exitcode: int | None) -> str:
 class JobProcess:
     """One worker process: started on first use (or by ``start``), restarted after a death."""
 
-    def __init__(self, settings: Settings, *, index: int, llm_vision: bool = False) -> None:
+    def __init__(self, settings: Settings, *, index: int, llm_vision: bool = False,
+                 on_started: Callable[[], None] | None = None) -> None:
+        """``on_started()`` is told each time the process is ready (its first start and each
+        restart)."""
         self.settings = settings
+        self.on_started = on_started
         self.index = index
         self.llm_vision = llm_vision
         self.max_memory_mb = settings.worker.memory_limit_mb()
@@ -134,6 +138,8 @@ class JobProcess:
             self.kill()
             raise WorkerStartError(str(detail))
         self.model_ref = ModelRef.model_validate(detail) if detail else None
+        if self.on_started is not None:
+            self.on_started()
         log.info("worker process ready", extra=kv(worker=self.index, pid=process.pid,
                                                   max_memory_mb=self.max_memory_mb,
                                                   job_timeout_s=self.timeout_s))
@@ -273,14 +279,18 @@ class ProcessWorker(Worker):
     def __init__(self, queue: JobQueue, settings: Settings, *, llm_vision: bool = False,
                  deliver: Deliver | None = None,
                  on_queued: Callable[[int], None] | None = None,
-                 on_finished: Callable[[Job, str], None] | None = None) -> None:
+                 on_finished: Callable[[Job, str], None] | None = None,
+                 on_processes: Callable[[list[int], int], None] | None = None) -> None:
+        """``on_processes(pids, restarts)`` is told whenever a worker process (re)starts."""
         super().__init__(queue, settings.storage.data_dir.resolve() / RESULTS_DIR,
                          fsync=settings.storage.fsync, outputs=settings.outputs,
                          deliver=deliver, on_queued=on_queued, on_finished=on_finished,
                          llm=settings.llm, llm_vision=llm_vision,
                          max_attempts=settings.jobs.max_attempts)
         self.model_enabled = settings.model.enabled
-        self.processes = [JobProcess(settings, index=number + 1, llm_vision=llm_vision)
+        self.on_processes = on_processes
+        self.processes = [JobProcess(settings, index=number + 1, llm_vision=llm_vision,
+                                     on_started=self._process_started)
                           for number in range(settings.worker.concurrency)]
         self._slots = [threading.Thread(target=self._run_slot, args=(process,), daemon=True,
                                         name=f"radlens-worker-{process.index}")
@@ -308,6 +318,14 @@ class ProcessWorker(Worker):
             for process in self.processes:
                 process.kill()
             raise errors[0]
+
+    @property
+    def restarts(self) -> int:
+        return sum(max(0, p.starts - 1) for p in self.processes)
+
+    def _process_started(self) -> None:
+        if self.on_processes is not None:
+            self.on_processes(self.pids, self.restarts)
 
     @property
     def model_ref(self) -> ModelRef | None:

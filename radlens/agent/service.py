@@ -376,9 +376,10 @@ class Agent:
             worker = ProcessWorker(self.queue, s, llm_vision=llm_vision,
                                    deliver=self._queue_results,
                                    on_queued=self._results_queued,
-                                   on_finished=self._job_finished)
+                                   on_finished=self._job_finished,
+                                   on_processes=lambda pids, restarts: self._lock.update(
+                                       worker_pids=pids, worker_restarts=restarts))
             worker.start_processes()
-            self._lock.update(worker_pids=worker.pids)
             return worker
         return Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
                       fsync=s.storage.fsync, outputs=s.outputs, deliver=self._queue_results,

@@ -37,6 +37,11 @@ class AgentState(BaseModel):
     listener_pids: list[int] = Field(
         default_factory=list, description="processes serving the port, when more than one "
         "(dicom.listener_processes)")
+    worker_pids: list[int] = Field(
+        default_factory=list, description="the worker processes that run jobs "
+        "(worker.isolation: process)")
+    worker_restarts: int = Field(default=0, description="worker processes started again after "
+                                 "one was killed at a limit or died")
 
 
 class LlmState(BaseModel):

@@ -242,6 +242,7 @@ class Worker:
         failed and why, so nobody waits for results that will not come."""
         from radlens.dicom_io.writers import write_failure_report
 
+        self._record_failure(job, error)
         try:
             instances = self.queue.instances(job)
             path = write_failure_report(
@@ -253,6 +254,31 @@ class Worker:
         except Exception:  # the failure is recorded on the job all the same
             log.exception("cannot write the failure report", extra=kv(job=job.id))
             return []
+
+    def _record_failure(self, job: Job, error: str) -> None:
+        """The reason in the study's findings.json: added to what this revision's model stage
+        wrote before it failed, or on its own."""
+        from radlens import __version__
+        from radlens.agent.pipeline import FINDINGS_FILE, write_findings
+        from radlens.findings import StudyFindings
+
+        try:
+            revision = self.queue.revision(job)
+            path = self.results_root / job.study_instance_uid / FINDINGS_FILE
+            findings = None
+            if path.is_file():
+                try:
+                    findings = StudyFindings.model_validate_json(path.read_bytes())
+                except ValueError:
+                    findings = None
+            if findings is None or findings.revision != revision:
+                findings = StudyFindings(study_instance_uid=job.study_instance_uid,
+                                         job_id=job.id, revision=revision,
+                                         radlens_version=__version__, model=self.model_ref)
+            write_findings(findings.model_copy(update={"failure": error}), self.results_root,
+                           fsync=self.fsync)
+        except Exception:  # the failure is recorded on the job all the same
+            log.exception("cannot record the failure in findings.json", extra=kv(job=job.id))
 
     def _write_outputs(self, study: StudyInput, result: StudyResult) -> list[Path]:
         assert self.analyser is not None

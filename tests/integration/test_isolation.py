@@ -1,0 +1,179 @@
+"""One study must never take the node down: jobs run in worker processes under a memory and a
+time limit; a worker that is killed or passes a limit costs that attempt only, while the
+listener keeps answering; and studies nested without bound are read within bounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from radlens.demo.fuzz import DatasetCase, base_dataset, with_nested_error, write_case_file
+from radlens.dicom_io.synthetic import us_dataset
+from radlens.models.phantoms import make_phantom
+from tests.fake_ollama import FakeOllama
+from tests.helpers import (
+    echoscu,
+    radlens_cli,
+    require_tool,
+    storescu,
+    wait_for,
+)
+
+
+def _phantom_study(folder: Path, seed: int) -> tuple[str, Path]:
+    study = generate_uid()
+    ds = us_dataset(make_phantom(seed, 3).image, study_uid=study, series_uid=generate_uid(),
+                    instance_number=1, spacing_cm=0.02, patient_id=f"ISO-{seed}")
+    path = folder / f"study-{seed}.dcm"
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return study, path
+
+
+def _lock(server) -> dict:
+    return json.loads((server.data_dir / "radlens.lock").read_text() or "{}")
+
+
+def _status(server) -> dict:
+    result = radlens_cli("status", "--json", env={
+        "RADLENS_STORAGE__DATA_DIR": str(server.data_dir)})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def slow_llm():
+    """An Ollama stand-in that takes 6 s to answer: a job waits in its worker process."""
+    fake = FakeOllama(delay_s=6.0).start()
+    yield fake
+    fake.stop()
+
+
+def test_a_killed_worker_costs_one_attempt_and_the_listener_keeps_serving(
+        server_factory, tmp_path, slow_llm):
+    server = server_factory(RADLENS_WORKER__CONCURRENCY="1", RADLENS_LLM__PROVIDER="ollama",
+                            RADLENS_LLM__HOST=slow_llm.host,
+                            RADLENS_LLM__TIMEOUT_S="10").start()
+    wait_for(lambda: _lock(server).get("worker_pids"), 60, "the worker process")
+    (worker,) = _lock(server)["worker_pids"]
+    assert worker != server.process.pid
+    first, first_path = _phantom_study(tmp_path / "in", 1)
+    assert storescu(server.port, [first_path]).returncode == 0
+    wait_for(lambda: slow_llm.requests, 60, "the job to reach its narrative")
+    os.kill(worker, signal.SIGKILL)
+
+    started = time.monotonic()
+    assert echoscu(server.port).returncode == 0  # the listener did not notice
+    assert time.monotonic() - started < 5
+    second, second_path = _phantom_study(tmp_path / "in", 2)
+    assert storescu(server.port, [second_path]).returncode == 0
+
+    wait_for(lambda: len(server.jobs_done()) >= 2, 180, "both studies to be processed")
+    jobs = {r["study_instance_uid"]: r for r in server.jobs_done()}
+    assert jobs[first]["state"] == "done" and jobs[first]["attempts"] == 2
+    assert jobs[second]["state"] == "done"
+    assert "killed by signal 9 (SIGKILL)" in server.log()
+    status = _status(server)
+    assert status["agent"]["worker_restarts"] == 1
+    (restarted,) = status["agent"]["worker_pids"]
+    assert restarted != worker
+    assert server.stop() == 0  # SIGTERM stops the worker process too
+    assert not Path(f"/proc/{restarted}").exists() or \
+        "zombie" in Path(f"/proc/{restarted}/status").read_text()
+
+
+def _failed_for_good(server, study: str, reason: str) -> None:
+    wait_for(lambda: server.jobs_done(), 180, "the job to fail for good")
+    (job,) = server.jobs_done()
+    assert job["state"] == "failed" and reason in job["error"], dict(job)
+    status = radlens_cli("status", env={"RADLENS_STORAGE__DATA_DIR": str(server.data_dir)})
+    assert reason in " ".join(status.stdout.split()), status.stdout
+    assert reason in server.findings(study)["failure"]
+    (sr_path,) = (server.data_dir / "results" / study).glob("dicom/revision-1/SR_*.dcm")
+    dump = subprocess.run([require_tool("dsrdump"), "-Ec", "+U8", "+Pl", str(sr_path)],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "Analysis failed" in dump and reason in " ".join(dump.split()), dump
+    assert echoscu(server.port).returncode == 0
+    assert server.stop() == 0
+
+
+def test_a_worker_past_its_memory_limit_fails_the_job_with_the_reason(server_factory,
+                                                                      tmp_path):
+    """256 MB is less than a worker holding torch and the model needs: each attempt is killed
+    at the limit, the job fails for good with the reason in status, findings and SR."""
+    server = server_factory(RADLENS_WORKER__CONCURRENCY="1", RADLENS_JOBS__MAX_ATTEMPTS="2",
+                            RADLENS_WORKER__MAX_MEMORY_MB="256").start()
+    study, path = _phantom_study(tmp_path / "in", 3)
+    assert storescu(server.port, [path]).returncode == 0
+    _failed_for_good(server, study, "exceeded 256 MB")
+    assert server.log().count("worker process lost") == 2
+
+
+def test_a_job_past_its_time_limit_fails_with_the_reason(server_factory, tmp_path, slow_llm):
+    server = server_factory(RADLENS_WORKER__CONCURRENCY="1", RADLENS_JOBS__MAX_ATTEMPTS="1",
+                            RADLENS_WORKER__JOB_TIMEOUT_S="3", RADLENS_LLM__PROVIDER="ollama",
+                            RADLENS_LLM__HOST=slow_llm.host, RADLENS_LLM__TIMEOUT_S="20").start()
+    study, path = _phantom_study(tmp_path / "in", 4)
+    assert storescu(server.port, [path]).returncode == 0
+    _failed_for_good(server, study, "the job exceeded 3 s")
+
+
+def _nested_instance(folder: Path, depth: int) -> tuple[str, Path]:
+    study = generate_uid()
+    ds = base_dataset(study, depth)
+    case = DatasetCase(f"nested-{depth}", "nested_error", str(ds.SOPInstanceUID),
+                       ExplicitVRLittleEndian, with_nested_error(ds, depth))
+    folder.mkdir(parents=True, exist_ok=True)
+    return study, write_case_file(case, folder)
+
+
+DEPTHS = (10, 100, 400, 1000)
+
+
+def test_deeply_nested_studies_through_the_listener_are_done_and_memory_stays_flat(
+        server_factory, tmp_path):
+    """A Content Sequence nested 10 to 1,000 deep with a value pydicom cannot convert at the
+    bottom (20 deep used to take every byte of the machine): each study is done within
+    seconds and the worker's memory stays where it was."""
+    server = server_factory(RADLENS_WORKER__CONCURRENCY="1").start()
+    wait_for(lambda: _lock(server).get("worker_pids"), 60, "the worker process")
+    (worker,) = _lock(server)["worker_pids"]
+    studies = {}
+    for depth in DEPTHS:
+        study, path = _nested_instance(tmp_path / "in", depth)
+        studies[study] = depth
+        assert storescu(server.port, [path]).returncode == 0
+    wait_for(lambda: len(server.jobs_done()) == len(DEPTHS), 120, "every nested study")
+    states = {r["study_instance_uid"]: (r["state"], r["attempts"]) for r in server.jobs_done()}
+    assert set(states.values()) == {("done", 1)}, states
+    for study in studies:
+        assert server.findings(study)["images"], study  # the image itself was read
+    assert _lock(server)["worker_pids"] == [worker]  # no worker was lost
+    peak_mb = int(next(line.split()[1] for line in Path(f"/proc/{worker}/status").read_text()
+                       .splitlines() if line.startswith("VmHWM:"))) / 1024
+    assert peak_mb < 1500, f"worker peak {peak_mb:.0f} MB"
+    assert "source elements removed before reading" in server.log()
+    assert server.stop() == 0
+
+
+def test_deeply_nested_files_through_radlens_process(tmp_path):
+    folder = tmp_path / "in"
+    studies = [_nested_instance(folder, depth)[0] for depth in DEPTHS]
+    result = radlens_cli("process", str(folder), "--out", str(tmp_path / "out"), "--json",
+                         timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["exit_status"] == 0 and summary["unreadable"] == []
+    assert {s["study_instance_uid"] for s in summary["studies"]} == set(studies)
+    assert {s["outcome"] for s in summary["studies"]} == {"done"}
+    for study in summary["studies"]:
+        (sr,) = study["outputs"]["sr"]
+        assert pydicom.dcmread(sr).StudyInstanceUID == study["study_instance_uid"]
