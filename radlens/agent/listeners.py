@@ -70,7 +70,8 @@ class ListenerProcesses:
                  on_stored: StoredCallback,
                  on_listening: Callable[[list[int]], None] | None = None,
                  tls_port: int | None = None,
-                 audit_settings: AuditSettings | None = None) -> None:
+                 audit_settings: AuditSettings | None = None,
+                 identical_resend: str = "ignore") -> None:
         self.count = count
         served = dicom.model_copy(update={"port": port})
         if tls_port is not None:
@@ -84,6 +85,7 @@ class ListenerProcesses:
             "storage": storage.model_copy(
                 update={"data_dir": storage.data_dir.resolve()}).model_dump(mode="json"),
             "state_url": state_url,
+            "identical_resend": identical_resend,
             "log": logging_settings.model_dump(mode="json"),
         }
         self.grace_s = dicom.shutdown_grace_s
@@ -233,11 +235,12 @@ def serve_helper(config: dict[str, Any], notifier: _Notifier, stop: threading.Ev
     storage = StorageSettings.model_validate(config["storage"])
     data_dir = Path(storage.data_dir)
     db = Database(str(config["state_url"]), durable=storage.fsync)
-    spool = Spool(data_dir, db, fsync=storage.fsync, min_free_mb=storage.min_free_mb)
+    spool = Spool(data_dir, db, fsync=storage.fsync, min_free_mb=storage.min_free_mb,
+                  identical_resend=str(config.get("identical_resend", "ignore")))
 
     def on_stored(stored: StoredInstance) -> None:
         notifier.send(event="stored", study=stored.uids.study_instance_uid,
-                      received_at=stored.received_at)
+                      received_at=time.time())  # every arrival pushes the study's timer
 
     audit_settings = AuditSettings.model_validate(config.get("audit", {}))
     audit_log = AuditLog(audit_settings.resolved_path(data_dir), syslog=audit_settings.syslog)

@@ -307,7 +307,8 @@ class Agent:
         shared_port = s.dicom.listener_processes > 1
         if self._runs("listener"):
             self.spool = Spool(self.data_dir, self.db, fsync=s.storage.fsync,
-                               min_free_mb=s.storage.min_free_mb)
+                               min_free_mb=s.storage.min_free_mb,
+                               identical_resend=s.assembly.identical_resend)
             self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
                                             reuse_port=shared_port, audit=self.audit)
             self._recover_spool()
@@ -349,6 +350,7 @@ class Agent:
                 self.listener_processes = ListenerProcesses(
                     s.dicom.listener_processes - 1, dicom=s.dicom, storage=s.storage,
                     state_url=self.db.url, logging_settings=s.log, port=self.listener.port,
+                    identical_resend=s.assembly.identical_resend,
                     tls_port=self.listener.tls_port, audit_settings=s.audit,
                     on_stored=self._helper_stored,
                     on_listening=lambda pids: self._lock.update(
@@ -489,8 +491,9 @@ class Agent:
         if not stored.duplicate:
             self.metrics.received.inc()
         if self.assembler is not None:
-            self.assembler.instance_received(stored.uids.study_instance_uid,
-                                             stored.received_at)
+            # Every arrival pushes the study's timer, a duplicate's too: a sender re-sending
+            # after a crash is still sending that study, whatever it re-sends first.
+            self.assembler.instance_received(stored.uids.study_instance_uid, time.time())
 
     def stop(self) -> None:
         """Stop accepting, finish stores in flight, then the timers, the worker, the database."""

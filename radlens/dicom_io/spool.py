@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import sqlalchemy as sa
@@ -127,7 +128,15 @@ class Spool:
     """Files received instances under ``<data>/spool/<Study>/<Series>/<SOP>.dcm``."""
 
     def __init__(self, data_dir: Path, db: Database, *, fsync: bool = True,
-                 min_free_mb: int = 0) -> None:
+                 min_free_mb: int = 0, identical_resend: str = "ignore") -> None:
+        """``identical_resend``: what an instance sent again byte for byte does once its study
+        was taken into a job: "ignore" (a duplicate) or "reprocess" (pending again, so the
+        study gets a new revision). A changed instance under a known SOP Instance UID always
+        replaces the file and is pending again."""
+        if identical_resend not in ("ignore", "reprocess"):
+            raise ValueError(f"identical_resend must be ignore or reprocess, not "
+                             f"{identical_resend!r}")
+        self.identical_resend = identical_resend
         self.data_dir = data_dir
         self.root = data_dir / SPOOL_DIR
         self.quarantine_root = data_dir / QUARANTINE_DIR
@@ -152,15 +161,15 @@ class Spool:
         now = time.time()
         try:
             found = self.db.rows(
-                sa.select(instances.c.path, instances.c.size_bytes, instances.c.received_at)
+                sa.select(instances.c.path, instances.c.size_bytes, instances.c.received_at,
+                          instances.c.job_id)
                 .where(instances.c.sop_instance_uid == uids.sop_instance_uid))
         except sa.exc.SQLAlchemyError as exc:
             raise SpoolError(f"cannot read the index: {exc}") from exc
         existing = found[0] if found else None
         if existing is not None:
-            return StoredInstance(uids, transfer_syntax_uid, calling_aet,
-                                  self.data_dir / existing["path"], existing["size_bytes"],
-                                  existing["received_at"], duplicate=True)
+            return self._stored_again(existing, encoded, uids, calling_aet=calling_aet,
+                                      transfer_syntax_uid=transfer_syntax_uid, now=now)
         self._check_free_space(len(encoded))
         relative = Path(SPOOL_DIR, uids.study_instance_uid, uids.series_instance_uid,
                         f"{uids.sop_instance_uid}.dcm")
@@ -180,6 +189,46 @@ class Spool:
                                   now, duplicate=True)
         except sa.exc.SQLAlchemyError as exc:
             raise SpoolError(f"cannot index {relative}: {exc}") from exc
+        return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now)
+
+    def _stored_again(self, existing: Any, encoded: bytes, uids: InstanceUids, *,
+                      calling_aet: str, transfer_syntax_uid: str, now: float
+                      ) -> StoredInstance:
+        """An instance whose SOP Instance UID the index holds already. Byte for byte the same
+        (a sender re-sending what it was not sure had arrived): a duplicate, unless
+        ``identical_resend`` is "reprocess" and its study was analysed. Changed (a corrected
+        header, a re-export): the file is replaced and the instance is pending again, so its
+        study is analysed again as a new revision."""
+        path = self.data_dir / existing["path"]
+        try:
+            identical = (existing["size_bytes"] == len(encoded)
+                         and path.read_bytes() == encoded)
+        except OSError:  # the file went away (retention): take the new one
+            identical = False
+        if identical and (self.identical_resend == "ignore" or existing["job_id"] is None):
+            return StoredInstance(uids, transfer_syntax_uid, calling_aet, path,
+                                  existing["size_bytes"], existing["received_at"],
+                                  duplicate=True)
+        if not identical:
+            self._check_free_space(len(encoded))
+            try:
+                write_durably(path, encoded, fsync=self.fsync)
+            except OSError as exc:
+                raise SpoolError(f"cannot write {existing['path']}: {exc.strerror or exc}"
+                                 ) from exc
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(sa.update(instances)
+                             .where(instances.c.sop_instance_uid == uids.sop_instance_uid)
+                             .values(job_id=None, received_at=now, size_bytes=len(encoded),
+                                     transfer_syntax_uid=transfer_syntax_uid,
+                                     calling_aet=calling_aet))
+        except sa.exc.SQLAlchemyError as exc:
+            raise SpoolError(f"cannot index {existing['path']}: {exc}") from exc
+        log.info("instance received again: its study will be analysed again", extra=kv(
+            sop=uids.sop_instance_uid, study=uids.study_instance_uid,
+            change="identical (assembly.identical_resend: reprocess)" if identical
+            else "changed"))
         return StoredInstance(uids, transfer_syntax_uid, calling_aet, path, len(encoded), now)
 
     def _index(self, uids: InstanceUids, transfer_syntax_uid: str, calling_aet: str,

@@ -99,3 +99,40 @@ def test_sigterm_finishes_stores_in_flight_and_exits_zero(server_factory, burst_
     # A study received just before the stop is assembled after the next start.
     server.start()
     wait_for(lambda: server.jobs_done(), 60, "the study to be processed after restart")
+
+
+@pytest.mark.slow
+def test_kill9_early_in_a_burst_then_the_rest_resent_processes_every_study_once(
+        server_factory, burst_files, tmp_path):
+    """The sender re-sends what was not acknowledged, as modalities do after a lost
+    association: the study in flight at the kill keeps one timer, pushed by every arrival
+    (the re-sent duplicates too), and is processed once, whole; the instances that had
+    arrived but whose Success was lost are ignored as byte-identical re-sends."""
+    server = server_factory(RADLENS_ASSEMBLY__QUIET_PERIOD_S="2",
+                            RADLENS_MODEL__ENABLED="false").start()
+    log = tmp_path / "storescu.log"
+    sender = _start_storescu(server.port, burst_files, log)
+    wait_for(lambda: _indexed(server) >= 25, 120, "25 instances to arrive")
+    server.kill9()
+    sender.wait(timeout=60)
+    acked = set(acknowledged_files(log.read_text()))
+    rest = [path for path in burst_files if str(path) not in acked]
+    assert 25 <= len(acked) < PER_STUDY, "the kill should land early, in the first study"
+
+    server.start()
+    resend = _start_storescu(server.port, rest, tmp_path / "resend.log")
+    assert resend.wait(timeout=300) == 0
+    wait_for(lambda: server.query(
+        "SELECT COUNT(*) FROM instances WHERE job_id IS NULL")[0][0] == 0, 60,
+        "pending instances to be assembled")
+    wait_for(lambda: server.query(
+        "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0] == 0, 120,
+        "jobs to finish")
+    jobs = server.query("SELECT study_instance_uid, COUNT(*) AS n FROM jobs "
+                        "GROUP BY study_instance_uid")
+    assert len(jobs) == STUDIES
+    assert all(j["n"] == 1 for j in jobs), [dict(j) for j in jobs]
+    assert server.query("SELECT COUNT(*) FROM instances")[0][0] == len(burst_files)
+    for job in jobs:
+        assert len(server.findings(job["study_instance_uid"])["images"]) == PER_STUDY
+    assert server.stop() == 0

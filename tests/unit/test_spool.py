@@ -48,6 +48,48 @@ def test_same_sop_instance_is_not_stored_twice(spool):
     assert spool.db.scalar("SELECT calling_aet FROM instances") == "A"
 
 
+def _analysed(spool: Spool) -> None:
+    """Every pending instance taken into a job, as the assembler does."""
+    with spool.db.transaction() as conn:
+        job = conn.execute(sa.text(
+            "INSERT INTO jobs (study_instance_uid, state, created_at, attempts) "
+            "VALUES ('x', 'done', 0, 1) RETURNING id")).scalar_one()
+        conn.execute(sa.text("UPDATE instances SET job_id = :job"), {"job": job})
+
+
+def _changed(encoded: bytes) -> bytes:
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(encoded))
+    ds.PatientName = "Corrected^Name"
+    buffer = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("policy, pending", [("ignore", 0), ("reprocess", 1)])
+def test_an_identical_resend_after_analysis_follows_the_policy(tmp_path, policy, pending):
+    spool = Spool(tmp_path, Database(tmp_path / DB_FILENAME), fsync=False,
+                  identical_resend=policy)
+    encoded = CT.read_bytes()
+    spool.store(encoded, calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    _analysed(spool)
+    again = spool.store(encoded, calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    assert again.duplicate is (policy == "ignore")
+    assert spool.db.scalar("SELECT COUNT(*) FROM instances WHERE job_id IS NULL") == pending
+
+
+def test_a_changed_instance_replaces_the_file_and_is_pending_again(spool):
+    encoded = CT.read_bytes()
+    first = spool.store(encoded, calling_aet="A", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    _analysed(spool)
+    changed = _changed(encoded)
+    again = spool.store(changed, calling_aet="B", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    assert not again.duplicate and again.path == first.path
+    assert first.path.read_bytes() == changed
+    row = spool.db.rows("SELECT * FROM instances")[0]
+    assert row["job_id"] is None and row["size_bytes"] == len(changed)
+    assert row["calling_aet"] == "B"
+
+
 def test_garbage_is_unparseable_and_missing_uids_are_named():
     with pytest.raises(UnparseableDatasetError):
         read_uids(b"\0" * 128 + b"DICM" + b"\xff" * 64)
