@@ -60,13 +60,16 @@ demo: $(RUNTIME_STAMP) tools viewer
 
 ## bench: ingest throughput (storescu to storescp vs radlens), inference speed, turnaround
 ## (last image sent to last result at a storescp destination, per stage) and cluster
-## throughput (studies/hour with 1, 2, 4 workers on PostgreSQL) as tables
+## throughput (studies/hour with 1, 2, 4 workers on PostgreSQL), hostile input (the door, then
+## 1,000 cases through the model) and re-sends after a crash, as tables
 bench: $(DEV_STAMP) tools
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/turnaround.py
 	$(BIN)/python benchmarks/cluster.py
 	$(BIN)/python benchmarks/fuzz.py
+	$(BIN)/python benchmarks/fuzz.py --model --datasets 1000 --pdus 0
+	$(BIN)/python benchmarks/resend.py
 
 clean:
 	rm -rf $(VENV) $(CLIP_VENV) .pytest_cache .ruff_cache *.egg-info

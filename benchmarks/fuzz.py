@@ -9,7 +9,12 @@ build; the test suite runs a few hundred of the same cases with assertions.
 
     .venv/bin/python benchmarks/fuzz.py [--datasets 2800] [--pdus 1600] [--seed 7] [--model]
 
-Target (issue 13): every case answered, every echo within a second, no traceback, no crash.
+Targets: every case answered, every echo within a second, no traceback, no crash (issue 13);
+with the model on (``--model``, jobs in worker processes), peak resident memory of the agent
+and its worker processes together at most 1.5 GB through 1,000 cases, and no worker process
+lost but to its memory limit, each such loss listed with its case (issue 20). With ``--model``
+the cases go ten to a study and the quiet period is 1 s, so studies are analysed while the
+fuzz goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from radlens.demo.fuzz import (  # noqa: E402
     dataset_cases,
     echo_seconds,
+    fuzz_uid,
     pdu_cases,
     send_dataset_case,
     send_pdu_case,
@@ -39,10 +46,60 @@ from radlens.demo.tools import free_port, port_open, wait_for  # noqa: E402
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    return _status_mb(pid, "VmHWM:")
+
+
+def _status_mb(pid: int, field: str) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("nan")
+
+
+def family_rss_mb(pid: int) -> dict[int, float]:
+    """Resident memory of the agent and every process it started (worker processes)."""
+    pids = [pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    return {p: _status_mb(p, "VmRSS:") for p in pids}
+
+
+class MemoryWatch:
+    """Samples the agent's and its children's RSS every 0.2 s: the peak of their sum."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_total = 0.0
+        self.peak_by_pid: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            sample = {p: mb for p, mb in family_rss_mb(self.pid).items() if mb == mb}
+            self.peak_total = max(self.peak_total, sum(sample.values()))
+            for p, mb in sample.items():
+                self.peak_by_pid[p] = max(self.peak_by_pid.get(p, 0.0), mb)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def jobs_in_state(data_dir: Path) -> dict[str, int]:
+    import sqlite3
+
+    conn = sqlite3.connect(data_dir / "radlens.sqlite", timeout=30)
+    try:
+        return dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    finally:
+        conn.close()
 
 
 def main() -> None:
@@ -51,6 +108,8 @@ def main() -> None:
     parser.add_argument("--pdus", type=int, default=1600)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model", action="store_true", help="run the shipped model too")
+    parser.add_argument("--per-study", type=int, default=10,
+                        help="dataset cases per study with --model")
     options = parser.parse_args()
 
     from rich.progress import Progress
@@ -61,21 +120,26 @@ def main() -> None:
                RADLENS_DICOM__PORT=str(port), RADLENS_DICOM__HOST="127.0.0.1",
                RADLENS_STORAGE__MIN_FREE_MB="0", RADLENS_STORAGE__FSYNC="false",
                RADLENS_MODEL__ENABLED="true" if options.model else "false")
+    if options.model:
+        env["RADLENS_ASSEMBLY__QUIET_PERIOD_S"] = "1"
     log_path = work / "serve.log"
     agent = subprocess.Popen([sys.executable, "-m", "radlens.cli", "serve"], env=env,
                              stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     wait_for(lambda: port_open(port), 60, "radlens to listen")
+    watch = MemoryWatch(agent.pid)
     cases_dir = work / "cases"
     cases_dir.mkdir()
 
     answers: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     slowest: dict[str, float] = collections.defaultdict(float)
     failures: list[str] = []
+    study_of_case: dict[str, str] = {}
     started = time.monotonic()
     with Progress() as progress:
         task = progress.add_task("dataset cases", total=options.datasets)
-        for case in dataset_cases(options.datasets, seed=options.seed):
+        for case, study in _cases(options):
             path = write_case_file(case, cases_dir)
+            study_of_case[case.name] = study
             outcome = send_dataset_case(path, "127.0.0.1", port)
             path.unlink()
             answers[case.family]["no answer" if outcome.status is None
@@ -96,8 +160,19 @@ def main() -> None:
                 failures.append(pdu_case.name)
             progress.advance(task)
     elapsed = time.monotonic() - started
+    data_dir = work / "data"
+    if options.model:  # the studies still queued or running when the fuzz ended
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline and (
+                time.sleep(2) or any(jobs_in_state(data_dir).get(state, 0)
+                                     for state in ("queued", "running"))):
+            pass
+        time.sleep(3)
+    watch.stop()
+    after = family_rss_mb(agent.pid)
     peak = peak_rss_mb(agent.pid)
     alive = agent.poll() is None
+    jobs = jobs_in_state(data_dir) if (data_dir / "radlens.sqlite").exists() else {}
     agent.send_signal(signal.SIGTERM)
     code = agent.wait(timeout=120)
     log = log_path.read_text(errors="replace")
@@ -112,9 +187,42 @@ def main() -> None:
         print(f"| {family} | {sum(counts.values())} | {shown} | "
               f"{slowest[family] * 1000:.0f} ms |")
     print(f"\nagent alive after the run: {alive}; exit code after SIGTERM: {code}; "
-          f"peak RSS {peak:.0f} MB; tracebacks in its log: {log.count('Traceback')}; "
-          f"echoes that failed: {len(failures)}")
+          f"tracebacks in its log: {log.count('Traceback')}; echoes that failed: "
+          f"{len(failures)}; jobs: {dict(sorted(jobs.items()))}\n")
+    print("| memory | MB |")
+    print("|---|---:|")
+    print(f"| peak RSS, agent and worker processes together (sampled every 0.2 s) | "
+          f"{watch.peak_total:.0f} |")
+    print(f"| peak RSS, agent process alone (VmHWM) | {peak:.0f} |")
+    for pid, mb in sorted(watch.peak_by_pid.items()):
+        if pid != agent.pid:
+            print(f"| peak RSS, worker process {pid} | {mb:.0f} |")
+    print(f"| RSS after the run, agent and worker processes together | "
+          f"{sum(v for v in after.values() if v == v):.0f} |")
+    lost = [line for line in log.splitlines() if "worker process lost" in line]
+    print(f"\nworker processes lost: {len(lost)}")
+    for line in lost:
+        study = line.split("study=", 1)[1].split()[0] if "study=" in line else "?"
+        cases = [name for name, uid in study_of_case.items() if uid == study]
+        print(f"- {line.split('reason=', 1)[-1][:200]}; study {study}, cases "
+              f"{', '.join(cases) or '?'}")
     print(f"log and data: {work}")
+
+
+def _cases(options: argparse.Namespace):
+    """(case, study UID): one study for all (the door alone), or ``--per-study`` cases to a
+    study with the model on, so that the pipeline reads them while the fuzz goes on."""
+    if not options.model:
+        study = fuzz_uid("study", options.seed)
+        for case in dataset_cases(options.datasets, seed=options.seed):
+            yield case, study
+        return
+    for start in range(0, options.datasets, options.per_study):
+        study = fuzz_uid("bench-study", options.seed, start)
+        for case in dataset_cases(min(options.per_study, options.datasets - start),
+                                  seed=options.seed * 100_000 + start, study_uid=study,
+                                  start=start):
+            yield case, study
 
 
 if __name__ == "__main__":

@@ -327,10 +327,9 @@ def route(
     config: ConfigOption = None,
 ) -> None:
     """Say for each file which model would run on it and why, or why none would."""
-    import pydicom
-
     from radlens.agent.offline import iter_files
     from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ImageFacts, ModelScope, Router
+    from radlens.dicom_io.nesting import read_bounded
     from radlens.models.infer import ModelError, model_folder
 
     settings = cli_settings(config)
@@ -355,7 +354,7 @@ def route(
         raise fail(str(exc), 2) from None
     for path in files:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_bounded(path, stop_before_pixels=True)
             facts = ImageFacts.from_dataset(ds)
         except Exception as exc:
             table.add_row(str(path), "", "", "none", f"not DICOM radlens can read ({exc})")

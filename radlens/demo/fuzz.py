@@ -176,12 +176,13 @@ def _insert_sorted(body: bytes, element: bytes, tag: tuple[int, int]) -> bytes:
     return body[:position] + element + body[position:]
 
 
-def dataset_cases(count: int, *, seed: int = 0, study_uid: str | None = None
-                  ) -> Iterator[DatasetCase]:
-    """``count`` malformed instances, cycling through every family, the same for a seed."""
+def dataset_cases(count: int, *, seed: int = 0, study_uid: str | None = None,
+                  start: int = 0) -> Iterator[DatasetCase]:
+    """``count`` malformed instances, cycling through every family, the same for a seed;
+    ``start``: the first case's number (families cycle on from there)."""
     rng = random.Random(seed)
     study = study_uid or fuzz_uid("study", seed)
-    for index in range(count):
+    for index in range(start, start + count):
         family = DATASET_FAMILIES[index % len(DATASET_FAMILIES)]
         ds = base_dataset(study, index)
         sop_uid = str(ds.SOPInstanceUID)
