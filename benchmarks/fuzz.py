@@ -59,14 +59,32 @@ def _status_mb(pid: int, field: str) -> float:
     return float("nan")
 
 
-def family_rss_mb(pid: int) -> dict[int, float]:
-    """Resident memory of the agent and every process it started (worker processes)."""
+def _family(pid: int) -> list[int]:
     pids = [pid]
     try:
         pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         pass
-    return {p: _status_mb(p, "VmRSS:") for p in pids}
+    return pids
+
+
+def family_rss_mb(pid: int) -> dict[int, float]:
+    """Resident memory of the agent and every process it started (worker processes)."""
+    return {p: _status_mb(p, "VmRSS:") for p in _family(pid)}
+
+
+def family_pss_mb(pid: int) -> float:
+    """Proportional set size of the agent and its processes together: shared pages (the
+    libraries every worker process maps) counted once, the memory the machine really spends."""
+    total = 0.0
+    for p in _family(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
 
 
 class MemoryWatch:
@@ -75,6 +93,7 @@ class MemoryWatch:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_total = 0.0
+        self.peak_pss = 0.0
         self.peak_by_pid: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -84,6 +103,7 @@ class MemoryWatch:
         while not self._stop.wait(0.2):
             sample = {p: mb for p, mb in family_rss_mb(self.pid).items() if mb == mb}
             self.peak_total = max(self.peak_total, sum(sample.values()))
+            self.peak_pss = max(self.peak_pss, family_pss_mb(self.pid))
             for p, mb in sample.items():
                 self.peak_by_pid[p] = max(self.peak_by_pid.get(p, 0.0), mb)
 
@@ -170,6 +190,7 @@ def main() -> None:
         time.sleep(3)
     watch.stop()
     after = family_rss_mb(agent.pid)
+    after_pss = family_pss_mb(agent.pid)
     peak = peak_rss_mb(agent.pid)
     alive = agent.poll() is None
     jobs = jobs_in_state(data_dir) if (data_dir / "radlens.sqlite").exists() else {}
@@ -193,12 +214,14 @@ def main() -> None:
     print("|---|---:|")
     print(f"| peak RSS, agent and worker processes together (sampled every 0.2 s) | "
           f"{watch.peak_total:.0f} |")
+    print(f"| peak PSS, agent and worker processes together (shared pages once) | "
+          f"{watch.peak_pss:.0f} |")
     print(f"| peak RSS, agent process alone (VmHWM) | {peak:.0f} |")
     for pid, mb in sorted(watch.peak_by_pid.items()):
         if pid != agent.pid:
             print(f"| peak RSS, worker process {pid} | {mb:.0f} |")
     print(f"| RSS after the run, agent and worker processes together | "
-          f"{sum(v for v in after.values() if v == v):.0f} |")
+          f"{sum(v for v in after.values() if v == v):.0f} (PSS {after_pss:.0f}) |")
     lost = [line for line in log.splitlines() if "worker process lost" in line]
     print(f"\nworker processes lost: {len(lost)}")
     for line in lost:

@@ -263,6 +263,9 @@ def process(
         console.print(summary_table(processed, unreadable))
         if unreadable:
             console.print(unreadable_table(unreadable))
+    for item in unreadable:  # one line each, whole, for grep and for the log
+        err.print(f"not read: {item.path}: {item.reason}", markup=False, highlight=False,
+                  soft_wrap=True)
     if not studies:
         raise fail("no DICOM study found in the given paths", 1)
     if failed or unreadable:

@@ -290,8 +290,12 @@ def test_process_command_writes_the_outputs_and_names_what_it_skipped(processed,
     source = made["single"][0]
     (folder / source.name).write_bytes(source.read_bytes())
     result = radlens_cli("process", str(folder), "--out", str(tmp_path / "out"), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "notes.txt" in result.stderr and "not a DICOM instance" in result.stderr
+    # notes.txt is listed with its reason, the study is processed, and the exit status says
+    # that something could not be read
+    assert result.returncode == 1, result.stderr
+    assert "radlens: 1 file(s) could not be read" in result.stderr
+    assert f"not read: {folder / 'notes.txt'}: not a DICOM instance" in result.stderr
+    assert "not read" in result.stdout  # the table at the end
     study = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
     written = sorted(p.name.split("_")[0] for p in
                      (tmp_path / "out" / "results" / study / "dicom" / "revision-1").iterdir())
