@@ -45,6 +45,10 @@ _TEXT_LIMITS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240,
 _CHECKED_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
                           "TM", "AE"})
 _CS_ALLOWED = re.compile(r"^[A-Z0-9 _]*$")
+# Control characters no value may hold once re-declared as UTF-8 (ESC only introduces other
+# character sets); texts (LT, ST) keep tab, line feed, form feed and carriage return.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 
 def conformant_header(header: Dataset, *, source: str = "") -> Dataset:
@@ -186,6 +190,10 @@ def _conform_one(vr: str, value: object) -> tuple[object | None, str | None]:
     if vr in ("DS", "IS"):
         return _number(vr, value)
     text = str(value)
+    controls = _TEXT_CONTROLS if vr in ("LT", "ST") else _CONTROLS
+    if controls.search(text):
+        fixed, action = _conform_one(vr, controls.sub("", text))
+        return fixed, "; ".join(filter(None, ("control characters removed", action)))
     if vr == "DA":
         return _date(text)
     if vr == "TM":

@@ -330,6 +330,47 @@ def test_a_source_missing_type2_attributes_still_gets_every_output(tmp_path):
         assert _errors(path) == [], path.name  # nothing missing is passed on
 
 
+def test_an_rgb_image_with_odd_header_text_gets_every_output(tmp_path):
+    """Names holding a backslash (read as several names: highdicom takes one), control
+    characters, bytes no declared character set takes: the outputs are written from the
+    header made conformant (the first name kept), and a failure report could be built from
+    it too. This study once failed for good and could not even write its failure report."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from radlens.dicom_io.writers import write_failure_report
+
+    grey = _phantom(LESION_CASES[0])
+    ds = us_dataset(grey, study_uid=generate_uid(), series_uid=generate_uid(),
+                    instance_number=1, spacing_cm=SPACING_MM / 10, patient_id="ODD\\7")
+    ds.PhotometricInterpretation = "RGB"
+    ds.SamplesPerPixel = 3
+    ds.PlanarConfiguration = 0
+    ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PatientName = "Doe^Jane\\Roe^Richard"
+    ds.ReferringPhysicianName = "Who^\x01Dr"
+    ds.StudyDescription = "caf\xe9"  # written as bytes below: no character set declared
+    source = _write(ds, tmp_path / "src" / "IM1.dcm")
+    raw = source.read_bytes().replace("café".encode("utf-8"), b"caf\xe9 ")
+    source.write_bytes(raw)
+    settings = Settings()
+    settings.storage.fsync = False
+    studies, _ = collect_studies([source])
+    (uid,) = studies
+    done = process_study(uid, studies[uid], tmp_path / "results", load_analyser(settings),
+                         settings)
+    assert done.error is None, done.error
+    assert len(done.outputs.sr) == 1 and len(done.outputs.overlay) == 1
+    for path in (*done.outputs.sr, *done.outputs.overlay):
+        written = pydicom.dcmread(path)
+        assert str(written.PatientName) == "Doe^Jane", path.name
+        assert _errors(path) == [], path.name
+    report = write_failure_report(uid, 9, {ds.SOPInstanceUID: source},
+                                  tmp_path / "failed", "a test reason", model=None,
+                                  fsync=False)
+    assert report is not None and pydicom.dcmread(report).StudyInstanceUID == uid
+
+
 def test_an_output_that_cannot_be_built_is_named_in_the_sr_and_costs_nothing_else(tmp_path):
     """The source's pixels are damaged after the analysis: the overlay (the one object that
     needs them again) fails, the SEG, the map and the SR are still written, and the SR says so."""
