@@ -225,6 +225,7 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
     are the agent's to act on: it stops its worker processes in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _exit_with_the_agent()
     from radlens.logs import configure_logging
 
     configure_logging(settings.log.level, settings.log.format)
@@ -267,6 +268,20 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
                                  traceback.format_exc(limit=20)[-8000:])))
         finally:
             release_freed_memory()
+
+
+def _exit_with_the_agent() -> None:
+    """A worker process whose agent died (kill -9) stops at once, even mid-job: the restarted
+    agent runs that job again, and two processes must never write one study's results."""
+    agent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != agent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="radlens-agent-watch", daemon=True).start()
 
 
 class ProcessWorker(Worker):

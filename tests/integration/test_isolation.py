@@ -86,8 +86,24 @@ def test_a_killed_worker_costs_one_attempt_and_the_listener_keeps_serving(
     (restarted,) = status["agent"]["worker_pids"]
     assert restarted != worker
     assert server.stop() == 0  # SIGTERM stops the worker process too
-    assert not Path(f"/proc/{restarted}").exists() or \
-        "zombie" in Path(f"/proc/{restarted}/status").read_text()
+    assert _gone(restarted)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+def test_worker_processes_do_not_outlive_a_killed_agent(server_factory):
+    """kill -9 of the agent: its worker processes stop within seconds, so a restarted agent
+    never shares a study with an orphan still writing it."""
+    server = server_factory().start()
+    wait_for(lambda: len(_lock(server).get("worker_pids", [])) == 2, 60, "two workers")
+    workers = _lock(server)["worker_pids"]
+    server.kill9()
+    wait_for(lambda: all(_gone(pid) for pid in workers), 10, "the worker processes to stop")
 
 
 def _failed_for_good(server, study: str, reason: str) -> None:
