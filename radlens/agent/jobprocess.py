@@ -151,23 +151,24 @@ class JobProcess:
         WorkerLostError when the process had to be killed or died."""
         if not self.running:
             self.start()
-        assert self._conn is not None and self._process is not None
+        process, conn = self._process, self._conn  # ``kill`` from another thread clears them
+        assert process is not None and conn is not None
         started = time.monotonic()
         try:
-            self._conn.send(("job", study))
+            conn.send(("job", study))
         except (OSError, ValueError):
-            return self._lost(death_reason(self._process.exitcode), study)
+            return self._lost(death_reason(process.exitcode), study)
         while True:
             try:
-                ready = self._conn.poll(POLL_S)
-            except (OSError, EOFError):
+                ready = conn.poll(POLL_S)
+            except (OSError, EOFError, ValueError):  # closed by ``kill`` meanwhile
                 ready = False
             if ready:
                 try:
-                    kind, detail = self._conn.recv()
-                except (EOFError, OSError):
-                    self._process.join(1.0)
-                    return self._lost(death_reason(self._process.exitcode), study)
+                    kind, detail = conn.recv()
+                except (EOFError, OSError, ValueError):
+                    process.join(1.0)
+                    return self._lost(death_reason(process.exitcode), study)
                 if kind == "result":
                     records, outputs = detail
                     return JobOutcome(records, outputs)
@@ -176,9 +177,10 @@ class JobProcess:
                     job=study.job_id, study=study.study_instance_uid, error=message,
                     traceback=trace))
                 raise JobAttemptError(message)
-            if not self._process.is_alive():
-                return self._lost(death_reason(self._process.exitcode), study)
-            rss = resident_mb(self._process.pid)
+            if not process.is_alive():
+                process.join(1.0)
+                return self._lost(death_reason(process.exitcode), study)
+            rss = resident_mb(process.pid)
             if rss is not None:
                 self.peak_mb = max(self.peak_mb, rss)
                 if rss > self.max_memory_mb:
@@ -409,7 +411,14 @@ class ProcessWorker(Worker):
             study = StudyInput(job_id=job.id, revision=self.queue.revision(job),
                                study_instance_uid=job.study_instance_uid,
                                instances=self.queue.instances(job))
-            outcome = process.run(study)
+            try:
+                outcome = process.run(study)
+            except WorkerLostError:
+                if self._stop.is_set():  # stopped by the agent's shutdown, not the job's fault
+                    log.warning("job interrupted by the shutdown; it runs again at the next "
+                                "start", extra=kv(job=job.id, study=job.study_instance_uid))
+                    return
+                raise
             if outcome.records:
                 analyses.record(self.queue.db, job.id, job.study_instance_uid,
                                 outcome.records)
