@@ -51,8 +51,8 @@ def _status(server) -> dict:
 
 @pytest.fixture
 def slow_llm():
-    """An Ollama stand-in that takes 6 s to answer: a job waits in its worker process."""
-    fake = FakeOllama(delay_s=6.0).start()
+    """An Ollama stand-in that takes 4 s to answer: a job waits in its worker process."""
+    fake = FakeOllama(delay_s=4.0).start()
     yield fake
     fake.stop()
 
@@ -61,7 +61,7 @@ def test_a_killed_worker_costs_one_attempt_and_the_listener_keeps_serving(
         server_factory, tmp_path, slow_llm):
     server = server_factory(RADLENS_WORKER__CONCURRENCY="1", RADLENS_LLM__PROVIDER="ollama",
                             RADLENS_LLM__HOST=slow_llm.host,
-                            RADLENS_LLM__TIMEOUT_S="10").start()
+                            RADLENS_LLM__TIMEOUT_S="8").start()
     wait_for(lambda: _lock(server).get("worker_pids"), 60, "the worker process")
     (worker,) = _lock(server)["worker_pids"]
     assert worker != server.process.pid
