@@ -105,6 +105,10 @@ class NodeMetrics:
             buckets=TURNAROUND_BUCKETS, registry=self.registry)
         self.deliveries = Counter("radlens_deliveries", "Files this node sent, by outcome",
                                   ["destination", "outcome"], registry=self.registry)
+        self.workers_lost = Counter(
+            "radlens_worker_processes_lost",
+            "Worker processes killed at a limit or dead while running a job, by cause",
+            ["cause"], registry=self.registry)
 
     def delivered(self, destination: str, outcome: str, count: int) -> None:
         if count:

@@ -87,11 +87,14 @@ class JobProcess:
     """One worker process: started on first use (or by ``start``), restarted after a death."""
 
     def __init__(self, settings: Settings, *, index: int, llm_vision: bool = False,
-                 on_started: Callable[[], None] | None = None) -> None:
+                 on_started: Callable[[], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         """``on_started()`` is told each time the process is ready (its first start and each
-        restart)."""
+        restart); ``on_lost(cause)`` each time it is lost during a job ("memory", "time" or
+        "died")."""
         self.settings = settings
         self.on_started = on_started
+        self.on_lost = on_lost
         self.index = index
         self.llm_vision = llm_vision
         self.max_memory_mb = settings.worker.memory_limit_mb()
@@ -185,13 +188,16 @@ class JobProcess:
                 self.peak_mb = max(self.peak_mb, rss)
                 if rss > self.max_memory_mb:
                     return self._lost(f"the worker process exceeded {self.max_memory_mb} MB "
-                                      f"(worker.max_memory_mb; it held {rss:.0f} MB)", study)
+                                      f"(worker.max_memory_mb; it held {rss:.0f} MB)", study,
+                                      cause="memory")
             if time.monotonic() - started > self.timeout_s:
                 return self._lost(f"the job exceeded {self.timeout_s:g} s "
-                                  "(worker.job_timeout_s)", study)
+                                  "(worker.job_timeout_s)", study, cause="time")
 
-    def _lost(self, reason: str, study: StudyInput) -> JobOutcome:
+    def _lost(self, reason: str, study: StudyInput, *, cause: str = "died") -> JobOutcome:
         self.kill()
+        if self.on_lost is not None:
+            self.on_lost(cause)
         log.error("worker process lost; the job's attempt fails and a new process takes the "
                   "next job", extra=kv(worker=self.index, job=study.job_id,
                                        study=study.study_instance_uid, reason=reason))
@@ -297,8 +303,10 @@ class ProcessWorker(Worker):
                  deliver: Deliver | None = None,
                  on_queued: Callable[[int], None] | None = None,
                  on_finished: Callable[[Job, str], None] | None = None,
-                 on_processes: Callable[[list[int], int], None] | None = None) -> None:
-        """``on_processes(pids, restarts)`` is told whenever a worker process (re)starts."""
+                 on_processes: Callable[[list[int], int], None] | None = None,
+                 on_lost: Callable[[str], None] | None = None) -> None:
+        """``on_processes(pids, restarts)`` is told whenever a worker process (re)starts, and
+        ``on_lost(cause)`` whenever one is lost during a job."""
         super().__init__(queue, settings.storage.data_dir.resolve() / RESULTS_DIR,
                          fsync=settings.storage.fsync, outputs=settings.outputs,
                          deliver=deliver, on_queued=on_queued, on_finished=on_finished,
@@ -307,7 +315,7 @@ class ProcessWorker(Worker):
         self.model_enabled = settings.model.enabled
         self.on_processes = on_processes
         self.processes = [JobProcess(settings, index=number + 1, llm_vision=llm_vision,
-                                     on_started=self._process_started)
+                                     on_started=self._process_started, on_lost=on_lost)
                           for number in range(settings.worker.concurrency)]
         self._slots = [threading.Thread(target=self._run_slot, args=(process,), daemon=True,
                                         name=f"radlens-worker-{process.index}")

@@ -71,9 +71,8 @@ class ImageFacts:
             value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "")).strip()
             if value:
                 codes.append(value)
-        descriptions = " | ".join(str(ds.get(k, "") or "").strip()
-                                  for k in ("StudyDescription", "SeriesDescription")
-                                  if str(ds.get(k, "") or "").strip())
+        descriptions = " | ".join(text for text in (_text(ds, "StudyDescription"),
+                                                     _text(ds, "SeriesDescription")) if text)
         return cls(modality=_text(ds, "Modality").upper(),
                    body_part=_text(ds, "BodyPartExamined").upper(),
                    anatomic_region_codes=tuple(codes),

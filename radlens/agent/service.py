@@ -380,7 +380,9 @@ class Agent:
                                    on_queued=self._results_queued,
                                    on_finished=self._job_finished,
                                    on_processes=lambda pids, restarts: self._lock.update(
-                                       worker_pids=pids, worker_restarts=restarts))
+                                       worker_pids=pids, worker_restarts=restarts),
+                                   on_lost=lambda cause: self.metrics.workers_lost.labels(
+                                       cause).inc())
             worker.start_processes()
             return worker
         return Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),

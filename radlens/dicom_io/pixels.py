@@ -66,8 +66,8 @@ def describe(ds: Dataset) -> ImageInfo:
             else "no pixel data"
         name = getattr(getattr(ds, "SOPClassUID", None), "name", "unknown SOP class")
         raise UnsupportedImageError(f"{kind} ({name})")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     try:
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)

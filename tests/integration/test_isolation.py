@@ -21,8 +21,10 @@ from radlens.models.phantoms import make_phantom
 from tests.fake_ollama import FakeOllama
 from tests.helpers import (
     echoscu,
+    free_port,
     radlens_cli,
     require_tool,
+    scrape,
     storescu,
     wait_for,
 )
@@ -125,10 +127,14 @@ def test_a_worker_past_its_memory_limit_fails_the_job_with_the_reason(server_fac
                                                                       tmp_path):
     """256 MB is less than a worker holding torch and the model needs: each attempt is killed
     at the limit, the job fails for good with the reason in status, findings and SR."""
+    metrics = free_port()
     server = server_factory(RADLENS_WORKER__CONCURRENCY="1", RADLENS_JOBS__MAX_ATTEMPTS="2",
-                            RADLENS_WORKER__MAX_MEMORY_MB="256").start()
+                            RADLENS_WORKER__MAX_MEMORY_MB="256",
+                            RADLENS_METRICS__PORT=str(metrics)).start()
     study, path = _phantom_study(tmp_path / "in", 3)
     assert storescu(server.port, [path]).returncode == 0
+    wait_for(lambda: server.jobs_done(), 180, "the job to fail for good")
+    assert scrape(metrics)[("radlens_worker_processes_lost_total", (("cause", "memory"),))] == 2
     _failed_for_good(server, study, "exceeded 256 MB")
     assert server.log().count("worker process lost") == 2
 
