@@ -65,6 +65,7 @@ class RadlensServer:
             "RADLENS_DICOM__HOST": "127.0.0.1",
             "RADLENS_STORAGE__MIN_FREE_MB": "0",
             "RADLENS_ASSEMBLY__QUIET_PERIOD_S": "1.5",
+            "RADLENS_ASSEMBLY__RECOVERY_WAIT_S": "5",
             "RADLENS_DICOM__SHUTDOWN_GRACE_S": "20",
             "PYTHONUNBUFFERED": "1",
         })

@@ -36,11 +36,15 @@ class _OpenStudy:
 
 class StudyAssembler:
     def __init__(self, scheduler: BaseScheduler, queue: JobQueue, *, quiet_period_s: float,
-                 max_wait_s: float) -> None:
+                 max_wait_s: float, recovery_wait_s: float = 0.0) -> None:
+        """``recovery_wait_s``: a study found pending at start-up (its transfer was cut by the
+        stop) waits at least this long from the start, for its senders to reconnect and send
+        the rest; arrivals push its timer on from there like any study's."""
         self.scheduler = scheduler
         self.queue = queue
         self.quiet_period_s = quiet_period_s
         self.max_wait_s = max_wait_s
+        self.recovery_wait_s = recovery_wait_s
         self._open: dict[str, _OpenStudy] = {}
         self._lock = threading.Lock()
 
@@ -58,17 +62,21 @@ class StudyAssembler:
                 study.armed = True
                 self._arm(study_uid, self._deadline(study))
 
-    def rebuild(self) -> int:
+    def rebuild(self, *, at_start: bool = False) -> int:
         """Arm a timer for every study with pending instances and none armed.
 
-        Called at start-up (after a crash the timers are gone) and periodically as a sweep, so a
-        study can never stay pending because a timer was lost. A recovered study's old deadline
-        has usually passed during the stop, while its sender may be re-sending the rest: it
-        waits for the later of that deadline and one quiet period from now, so it is never
-        processed on the part that arrived before the stop.
+        Called at start-up (``at_start``: after a crash the timers are gone) and periodically
+        as a sweep, so a study can never stay pending because a timer was lost. A recovered
+        study's old deadline has usually passed during the stop, while its senders reconnect
+        and re-send the rest, which takes them longer than a quiet period when many reconnect
+        at once: at start-up it waits for the later of that deadline and ``recovery_wait_s``
+        (at least one quiet period) from now, so it is not processed on the part that arrived
+        before the stop; each arrival pushes the timer on as usual.
         """
         rearmed = 0
-        not_before = time.time() + self.quiet_period_s
+        wait = max(self.quiet_period_s, self.recovery_wait_s) if at_start \
+            else self.quiet_period_s
+        not_before = time.time() + wait
         pending = self.queue.pending_studies()
         with self._lock:
             for item in pending:

@@ -295,7 +295,8 @@ class Agent:
         if self.role == "all":
             self.assembler = StudyAssembler(self.scheduler, self.queue,
                                             quiet_period_s=s.assembly.quiet_period_s,
-                                            max_wait_s=s.assembly.max_wait_s)
+                                            max_wait_s=s.assembly.max_wait_s,
+                                            recovery_wait_s=s.assembly.recovery_wait_s)
         if self._runs("worker", "sender"):
             self.outbox = Outbox(self.db, s.outbox, s.destinations,
                                  calling_aet=s.dicom.ae_title,
@@ -320,7 +321,7 @@ class Agent:
         self.scheduler.add_job(self._heartbeat, "interval", seconds=s.cluster.heartbeat_interval_s,
                                id="heartbeat", coalesce=True, max_instances=1)
         if self.assembler is not None:
-            self.assembler.rebuild()
+            self.assembler.rebuild(at_start=True)
             self.scheduler.add_job(self.assembler.rebuild, "interval",
                                    seconds=SWEEP_INTERVAL_S, id="assembly-sweep",
                                    coalesce=True, max_instances=1)

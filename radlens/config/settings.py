@@ -201,6 +201,9 @@ class AssemblySettings(_Section):
     # what it was not sure had arrived, after a crash or a timeout): ignore it, or analyse the
     # study again as a new revision. A changed instance always makes a new revision.
     identical_resend: Literal["ignore", "reprocess"] = "ignore"
+    # A study found pending when the agent starts (its transfer was cut by the stop or a
+    # crash) waits at least this long for its senders to reconnect and re-send the rest.
+    recovery_wait_s: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _max_wait_covers_quiet_period(self) -> AssemblySettings:

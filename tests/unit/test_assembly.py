@@ -113,6 +113,30 @@ def test_study_still_arriving_after_a_crash_is_processed_once_whole(parts):
                      {"job": jobs[0]["id"]}) == 8
 
 
+def test_a_recovered_study_waits_for_senders_slower_than_a_quiet_period(parts):
+    """After a restart many senders reconnect at once and a study's may come back later than
+    one quiet period: at start-up the recovered study waits ``recovery_wait_s``, then runs
+    once, on every instance."""
+    db, queue, scheduler = parts
+    for i in range(3):
+        _add_instance(db, "6.1", f"6.1.{i}", time.time() - 30)
+    assembler = StudyAssembler(scheduler, queue, quiet_period_s=0.5, max_wait_s=600,
+                               recovery_wait_s=2.0)
+    assert assembler.rebuild(at_start=True) == 1
+    time.sleep(1.2)  # longer than the quiet period: the sender is still reconnecting
+    assert _jobs(db) == []
+    for i in range(3, 6):
+        now = time.time()
+        _add_instance(db, "6.1", f"6.1.{i}", now)
+        assembler.instance_received("6.1", now)
+        time.sleep(0.1)
+    wait_for(lambda: _jobs(db), 5, "the study's job")
+    time.sleep(0.8)
+    (job,) = _jobs(db)
+    assert db.scalar("SELECT COUNT(*) FROM instances WHERE job_id = :job",
+                     {"job": job["id"]}) == 6
+
+
 def test_queue_claims_in_order_and_requeues_interrupted_jobs(tmp_path):
     db = Database(tmp_path / DB_FILENAME)
     queue = JobQueue(db, tmp_path)
