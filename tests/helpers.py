@@ -66,6 +66,9 @@ class RadlensServer:
             "RADLENS_STORAGE__MIN_FREE_MB": "0",
             "RADLENS_ASSEMBLY__QUIET_PERIOD_S": "1.5",
             "RADLENS_ASSEMBLY__RECOVERY_WAIT_S": "5",
+            # One worker process unless a test asks for more: each loads torch and the model,
+            # and a hundred agents start in the suite on two cores.
+            "RADLENS_WORKER__CONCURRENCY": "1",
             "RADLENS_DICOM__SHUTDOWN_GRACE_S": "20",
             "PYTHONUNBUFFERED": "1",
         })

@@ -101,7 +101,7 @@ def _gone(pid: int) -> bool:
 def test_worker_processes_do_not_outlive_a_killed_agent(server_factory):
     """kill -9 of the agent: its worker processes stop within seconds, so a restarted agent
     never shares a study with an orphan still writing it."""
-    server = server_factory().start()
+    server = server_factory(RADLENS_WORKER__CONCURRENCY="2").start()
     wait_for(lambda: len(_lock(server).get("worker_pids", [])) == 2, 60, "two workers")
     workers = _lock(server)["worker_pids"]
     server.kill9()
