@@ -388,14 +388,8 @@ class ProcessWorker(Worker):
 
     def _run_slot(self, process: JobProcess) -> None:
         while not self._stop.is_set():
-            self.queue.wakeup.clear()
-            try:
-                job = self.queue.claim_next()
-            except Exception:
-                log.exception("cannot claim a job")
-                job = None
+            job = self._claim()
             if job is None:
-                self.queue.wakeup.wait(self.poll_interval_s)
                 continue
             with self._running_lock:
                 self._running[process.index] = job.id
@@ -408,10 +402,7 @@ class ProcessWorker(Worker):
                     self._running.pop(process.index, None)
 
     def _run_in(self, process: JobProcess, job: Job) -> None:
-        if job.attempts > self.max_attempts:
-            self._failed(job, RuntimeError(
-                f"abandoned after {job.attempts - 1} attempts: the node running it stopped "
-                "each time"))
+        if self._abandoned(job):
             return
         log.info("job started", extra=kv(job=job.id, study=job.study_instance_uid,
                                          attempt=job.attempts, worker=process.index))

@@ -108,16 +108,32 @@ class Worker:
             jobs = list(self._in_writers)
         return ([self.current_job] if self.current_job is not None else []) + jobs
 
+    def _claim(self) -> Job | None:
+        """The next job, or None after waiting a poll interval (or a wake-up) for one."""
+        self.queue.wakeup.clear()
+        try:
+            job = self.queue.claim_next()
+        except Exception:
+            log.exception("cannot claim a job")
+            job = None
+        if job is None:
+            self.queue.wakeup.wait(self.poll_interval_s)
+        return job
+
+    def _abandoned(self, job: Job) -> bool:
+        """Every earlier attempt ended with its node (killed, out of memory, powered off)
+        before the job could fail properly: fail it now rather than take the next node too."""
+        if job.attempts <= self.max_attempts:
+            return False
+        self._failed(job, RuntimeError(
+            f"abandoned after {job.attempts - 1} attempts: the node running it stopped "
+            "each time"))
+        return True
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.queue.wakeup.clear()
-            try:
-                job = self.queue.claim_next()
-            except Exception:
-                log.exception("cannot claim a job")
-                job = None
+            job = self._claim()
             if job is None:
-                self.queue.wakeup.wait(self.poll_interval_s)
                 continue
             try:
                 self.process(job)
@@ -128,15 +144,9 @@ class Worker:
     def process(self, job: Job) -> None:
         """Run one job: the model stage here, the writers here too or, with concurrency > 1,
         on the writers' thread once a slot is free."""
-        self.current_job = job.id
-        if job.attempts > self.max_attempts:
-            # Every earlier attempt ended with its node (killed, out of memory, powered off)
-            # before the job could fail properly: stop here rather than take the next node too.
-            self.current_job = None
-            self._failed(job, RuntimeError(
-                f"abandoned after {job.attempts - 1} attempts: the node running it stopped "
-                "each time"))
+        if self._abandoned(job):
             return
+        self.current_job = job.id
         log.info("job started", extra=kv(job=job.id, study=job.study_instance_uid,
                                          attempt=job.attempts))
         try:
