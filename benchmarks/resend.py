@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from radlens.demo.tools import free_port, port_open, wait_for  # noqa: E402
+from radlens.demo.tools import acknowledged_files, free_port, port_open, wait_for  # noqa: E402
 from radlens.dicom_io.synthetic import write_us_studies  # noqa: E402
 
 STUDIES, PER_STUDY = 10, 50
@@ -50,17 +50,6 @@ def _indexed(data_dir: Path) -> int:
         return _query(data_dir, "SELECT COUNT(*) FROM instances")[0][0]
     except sqlite3.Error:
         return 0
-
-
-def _acknowledged(output: str) -> set[str]:
-    acked, current = set(), None
-    for line in output.splitlines():
-        if "Sending file:" in line:
-            current = line.split("Sending file:", 1)[1].strip()
-        elif "Received Store Response" in line and "(Success)" in line and current:
-            acked.add(current)
-            current = None
-    return acked
 
 
 def _storescu(port: int, files: list[Path], log: Path) -> subprocess.Popen:
@@ -106,7 +95,7 @@ def trial(files: list[Path], kill_after: int, senders: int, model: bool) -> dict
     acked: set[str] = set()
     for process, log in sending:
         process.wait(timeout=60)
-        acked |= _acknowledged(log.read_text())
+        acked |= set(acknowledged_files(log.read_text()))
     rest = [path for path in files if str(path) not in acked]
     agent = _serve(work, port, 2, model)
     started = time.monotonic()

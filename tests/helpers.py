@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 
 from radlens.demo.tools import (  # noqa: F401 (re-exported)
+    acknowledged_files,
     free_port,
     port_open,
     require_tool,
@@ -154,18 +155,6 @@ def storescu_by_syntax(port: int, files: Iterable[Path], **kwargs: object) -> li
         groups.setdefault(STORESCU_OPTION_BY_SYNTAX[syntax], []).append(path)
     return [storescu(port, group, extra=[option], **kwargs)  # type: ignore[arg-type]
             for option, group in groups.items()]
-
-
-def acknowledged_files(storescu_output: str) -> list[str]:
-    """Files storescu saw answered with Success, from its -v log."""
-    acked, current = [], None
-    for line in storescu_output.splitlines():
-        if "Sending file:" in line:
-            current = line.split("Sending file:", 1)[1].strip()
-        elif "Received Store Response" in line and "(Success)" in line and current:
-            acked.append(current)
-            current = None
-    return acked
 
 
 def echoscu(port: int, *, called_aet: str = "RADLENS", calling_aet: str = "ECHOSCU",

@@ -44,6 +44,19 @@ def require_tool(name: str) -> str:
     return path
 
 
+def acknowledged_files(storescu_output: str) -> list[str]:
+    """Files dcmtk's storescu saw answered with Success, from its ``-v`` log (for tests
+    and benchmarks that kill the receiver mid-burst)."""
+    acked, current = [], None
+    for line in storescu_output.splitlines():
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response" in line and "(Success)" in line and current:
+            acked.append(current)
+            current = None
+    return acked
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -311,6 +311,15 @@ def test_process_command_fails_clearly_without_any_dicom(tmp_path):
     assert "no DICOM study found" in result.stderr
 
 
+def _process_one(source: Path, results: Path):
+    """One file's study through the offline pipeline: (its Study UID, what was written)."""
+    settings = Settings()
+    settings.storage.fsync = False
+    studies, _ = collect_studies([source])
+    (uid,) = studies
+    return uid, process_study(uid, studies[uid], results, load_analyser(settings), settings)
+
+
 def test_a_source_missing_type2_attributes_still_gets_every_output(tmp_path):
     ds = us_dataset(_phantom(LESION_CASES[0]), study_uid=generate_uid(), series_uid=generate_uid(),
                     instance_number=1, spacing_cm=SPACING_MM / 10, patient_id="OUT-5")
@@ -318,12 +327,7 @@ def test_a_source_missing_type2_attributes_still_gets_every_output(tmp_path):
                     "StudyID"):
         delattr(ds, keyword)
     source = _write(ds, tmp_path / "src" / "IM1.dcm")
-    settings = Settings()
-    settings.storage.fsync = False
-    studies, _ = collect_studies([source])
-    (uid,) = studies
-    done = process_study(uid, studies[uid], tmp_path / "results", load_analyser(settings),
-                         settings)
+    uid, done = _process_one(source, tmp_path / "results")
     assert [len(x) for x in (done.outputs.seg, done.outputs.sr, done.outputs.parametric_map,
                              done.outputs.overlay)] == [1, 1, 1, 1]
     for path in done.outputs.all:
@@ -352,12 +356,7 @@ def test_an_rgb_image_with_odd_header_text_gets_every_output(tmp_path):
     ds.StudyDescription = "caf\xe9"  # pydicom writes the byte E9: no character set takes it
     source = _write(ds, tmp_path / "src" / "IM1.dcm")
     assert b"caf\xe9" in source.read_bytes()
-    settings = Settings()
-    settings.storage.fsync = False
-    studies, _ = collect_studies([source])
-    (uid,) = studies
-    done = process_study(uid, studies[uid], tmp_path / "results", load_analyser(settings),
-                         settings)
+    uid, done = _process_one(source, tmp_path / "results")
     assert done.error is None, done.error
     assert len(done.outputs.sr) == 1 and len(done.outputs.overlay) == 1
     for path in (*done.outputs.sr, *done.outputs.overlay):

@@ -39,6 +39,16 @@ def _indexed(server) -> int:
         return 0
 
 
+def _wait_until_processed(server) -> None:
+    """Every pending instance assembled into a job, and every job finished."""
+    wait_for(lambda: server.query(
+        "SELECT COUNT(*) FROM instances WHERE job_id IS NULL")[0][0] == 0, 60,
+        "pending instances to be assembled after restart")
+    wait_for(lambda: server.query(
+        "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0] == 0, 120,
+        "jobs to finish")
+
+
 @pytest.mark.slow
 def test_kill9_mid_burst_loses_no_acknowledged_instance(server_factory, burst_files, tmp_path):
     server = server_factory(RADLENS_ASSEMBLY__QUIET_PERIOD_S="3").start()
@@ -51,12 +61,7 @@ def test_kill9_mid_burst_loses_no_acknowledged_instance(server_factory, burst_fi
     assert 60 <= len(acked) < len(burst_files), "the kill should land mid-burst"
 
     server.start()
-    wait_for(lambda: server.query(
-        "SELECT COUNT(*) FROM instances WHERE job_id IS NULL")[0][0] == 0, 60,
-        "pending instances to be assembled after restart")
-    wait_for(lambda: server.query(
-        "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0] == 0, 120,
-        "jobs to finish")
+    _wait_until_processed(server)
 
     rows = {r["sop_instance_uid"]: r for r in server.query("SELECT * FROM instances")}
     for path in acked:
@@ -122,12 +127,7 @@ def test_kill9_early_in_a_burst_then_the_rest_resent_processes_every_study_once(
     server.start()
     resend = _start_storescu(server.port, rest, tmp_path / "resend.log")
     assert resend.wait(timeout=300) == 0
-    wait_for(lambda: server.query(
-        "SELECT COUNT(*) FROM instances WHERE job_id IS NULL")[0][0] == 0, 60,
-        "pending instances to be assembled")
-    wait_for(lambda: server.query(
-        "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0] == 0, 120,
-        "jobs to finish")
+    _wait_until_processed(server)
     jobs = server.query("SELECT study_instance_uid, COUNT(*) AS n FROM jobs "
                         "GROUP BY study_instance_uid")
     assert len(jobs) == STUDIES
