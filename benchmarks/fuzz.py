@@ -11,8 +11,9 @@ build; the test suite runs a few hundred of the same cases with assertions.
 
 Targets: every case answered, every echo within a second, no traceback, no crash (issue 13);
 with the model on (``--model``, jobs in worker processes), peak resident memory of the agent
-and its worker processes together at most 1.5 GB through 1,000 cases, and no worker process
-lost but to its memory limit, each such loss listed with its case (issue 20). With ``--model``
+and its processes (listeners, workers, sender) together at most 1.5 GB through 1,000 cases,
+and no worker process lost but to its memory limit, each such loss listed with its case
+(issue 20). With ``--model``
 the cases go ten to a study and the quiet period is 1 s, so studies are analysed while the
 fuzz goes on.
 """
@@ -42,7 +43,7 @@ from radlens.demo.fuzz import (  # noqa: E402
     send_pdu_case,
     write_case_file,
 )
-from radlens.demo.tools import free_port, port_open, wait_for  # noqa: E402
+from radlens.demo.tools import free_port, port_open, require_tool, wait_for  # noqa: E402
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -69,7 +70,8 @@ def _family(pid: int) -> list[int]:
 
 
 def family_rss_mb(pid: int) -> dict[int, float]:
-    """Resident memory of the agent and every process it started (worker processes)."""
+    """Resident memory of the agent and every process it started (listener, worker and sender
+    processes, multiprocessing's resource tracker)."""
     return {p: _status_mb(p, "VmRSS:") for p in _family(pid)}
 
 
@@ -87,6 +89,20 @@ def family_pss_mb(pid: int) -> float:
     return total
 
 
+def process_kind(pid: int) -> str:
+    """What one of the agent's children is, from its command line."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "child"
+    for marker, kind in (("radlens.agent.listeners", "listener"),
+                         ("radlens.agent.sender", "sender"), ("resource_tracker", "tracker"),
+                         ("spawn_main", "worker")):
+        if marker in command:
+            return kind
+    return "child"
+
+
 class MemoryWatch:
     """Samples the agent's and its children's RSS every 0.2 s: the peak of their sum."""
 
@@ -95,6 +111,7 @@ class MemoryWatch:
         self.peak_total = 0.0
         self.peak_pss = 0.0
         self.peak_by_pid: dict[int, float] = {}
+        self.kinds: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -106,18 +123,21 @@ class MemoryWatch:
             self.peak_pss = max(self.peak_pss, family_pss_mb(self.pid))
             for p, mb in sample.items():
                 self.peak_by_pid[p] = max(self.peak_by_pid.get(p, 0.0), mb)
+                if p not in self.kinds:
+                    self.kinds[p] = process_kind(p)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
 
-def jobs_in_state(data_dir: Path) -> dict[str, int]:
+def jobs_in_state(data_dir: Path, table: str = "jobs") -> dict[str, int]:
     import sqlite3
 
     conn = sqlite3.connect(data_dir / "radlens.sqlite", timeout=30)
     try:
-        return dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return dict(conn.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
+                    .fetchall())
     finally:
         conn.close()
 
@@ -140,8 +160,18 @@ def main() -> None:
                RADLENS_DICOM__PORT=str(port), RADLENS_DICOM__HOST="127.0.0.1",
                RADLENS_STORAGE__MIN_FREE_MB="0", RADLENS_STORAGE__FSYNC="false",
                RADLENS_MODEL__ENABLED="true" if options.model else "false")
+    archive = None
     if options.model:
         env["RADLENS_ASSEMBLY__QUIET_PERIOD_S"] = "1"
+        # A destination (dcmtk's storescp), so that the sender process runs and sends what the
+        # workers write: the whole node is measured.
+        archive_port = free_port()
+        (work / "archive").mkdir(parents=True)
+        archive = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "--fork",
+                                    "+xa", "-od", str(work / "archive"), str(archive_port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env["RADLENS_DESTINATIONS"] = (f'[{{"name": "archive", "ae_title": "ARCHIVE", '
+                                       f'"host": "127.0.0.1", "port": {archive_port}}}]')
     log_path = work / "serve.log"
     agent = subprocess.Popen([sys.executable, "-m", "radlens.cli", "serve"], env=env,
                              stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
@@ -194,8 +224,18 @@ def main() -> None:
     peak = peak_rss_mb(agent.pid)
     alive = agent.poll() is None
     jobs = jobs_in_state(data_dir) if (data_dir / "radlens.sqlite").exists() else {}
+    if archive is not None:  # the sender's last round; what stays pending is printed
+        try:
+            wait_for(lambda: not jobs_in_state(data_dir, "outbox").get("pending"), 120,
+                     "the outbox to be sent")
+        except TimeoutError:
+            pass
+    outbox = jobs_in_state(data_dir, "outbox") if (data_dir / "radlens.sqlite").exists() else {}
     agent.send_signal(signal.SIGTERM)
     code = agent.wait(timeout=120)
+    if archive is not None:
+        archive.terminate()
+        archive.wait(timeout=30)
     log = log_path.read_text(errors="replace")
 
     print(f"\n{options.datasets} dataset and {options.pdus} PDU cases in {elapsed:.0f} s "
@@ -209,18 +249,19 @@ def main() -> None:
               f"{slowest[family] * 1000:.0f} ms |")
     print(f"\nagent alive after the run: {alive}; exit code after SIGTERM: {code}; "
           f"tracebacks in its log: {log.count('Traceback')}; echoes that failed: "
-          f"{len(failures)}; jobs: {dict(sorted(jobs.items()))}\n")
+          f"{len(failures)}; jobs: {dict(sorted(jobs.items()))}; outbox: "
+          f"{dict(sorted(outbox.items()))}\n")
     print("| memory | MB |")
     print("|---|---:|")
-    print(f"| peak RSS, agent and worker processes together (sampled every 0.2 s) | "
+    print(f"| peak RSS, agent and its processes together (sampled every 0.2 s) | "
           f"{watch.peak_total:.0f} |")
-    print(f"| peak PSS, agent and worker processes together (shared pages once) | "
+    print(f"| peak PSS, agent and its processes together (shared pages once) | "
           f"{watch.peak_pss:.0f} |")
     print(f"| peak RSS, agent process alone (VmHWM) | {peak:.0f} |")
     for pid, mb in sorted(watch.peak_by_pid.items()):
         if pid != agent.pid:
-            print(f"| peak RSS, worker process {pid} | {mb:.0f} |")
-    print(f"| RSS after the run, agent and worker processes together | "
+            print(f"| peak RSS, {watch.kinds.get(pid, 'child')} process {pid} | {mb:.0f} |")
+    print(f"| RSS after the run, agent and its processes together | "
           f"{sum(v for v in after.values() if v == v):.0f} (PSS {after_pss:.0f}) |")
     lost = [line for line in log.splitlines() if "worker process lost" in line]
     print(f"\nworker processes lost: {len(lost)}")

@@ -63,13 +63,16 @@ AUDIT_LOG_USED = EventKind("audit-log-used", "110101", "Audit Log Used", "R")
 INSTANCES_TRANSFERRED = EventKind("instances-transferred", "110104",
                                   "DICOM Instances Transferred", "C")
 EXPORT = EventKind("export", "110106", "Export", "R")
+# Received instances or results removed (the retention sweep): DICOM Instances Accessed, Delete.
+INSTANCES_DELETED = EventKind("instances-deleted", "110103", "DICOM Instances Accessed", "D")
 QUERY = EventKind("query", "110112", "Query", "E")
 SECURITY_ALERT = EventKind("security-alert", "110113", "Security Alert", "E")
 # An association accepted or refused: DICOM's User Authentication event (a Login attempt by a
 # node), so a refusal is also a Security Alert of type Node Authentication.
 ASSOCIATION = EventKind("association", "110114", "User Authentication", "E")
 EVENTS = {kind.name: kind for kind in (APPLICATION_ACTIVITY, AUDIT_LOG_USED, INSTANCES_TRANSFERRED,
-                                       EXPORT, QUERY, SECURITY_ALERT, ASSOCIATION)}
+                                       EXPORT, QUERY, SECURITY_ALERT, ASSOCIATION,
+                                       INSTANCES_DELETED)}
 
 # EventTypeCode values (DCM) used with the events above
 APPLICATION_START = ("110120", "Application Start")
@@ -82,7 +85,7 @@ USE_OF_RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
 _FIELDS = frozenset({
     "peer_ae", "peer_address", "local_ae", "reason", "direction", "study", "instances",
     "sop_classes", "destination", "tls", "port", "command", "count", "path", "role",
-    "bytes", "failed", "cipher", "tls_version", "client_certificate",
+    "bytes", "failed", "cipher", "tls_version", "client_certificate", "what",
 })
 
 

@@ -14,6 +14,7 @@ import yaml
 from rich.table import Table
 
 from radlens import __version__
+from radlens import cli_operations as operations
 from radlens import cli_research as research
 from radlens import cli_security as security
 from radlens.cli_support import (
@@ -103,7 +104,8 @@ def status(
     settings = cli_settings(config)
     report = collect_status(settings.storage.data_dir,
                             settings.state.resolved_url(settings.storage.data_dir),
-                            heartbeat_interval_s=settings.cluster.heartbeat_interval_s)
+                            heartbeat_interval_s=settings.cluster.heartbeat_interval_s,
+                            retention=settings.retention)
     audit_command(settings, "query", command="radlens status")
     if as_json:
         console.print_json(report.model_dump_json())
@@ -112,15 +114,24 @@ def status(
     running = (f"[green]running[/] pid {agent.pid}, {agent.ae_title}@{agent.host}:{agent.port}"
                if agent.running else "[yellow]not running[/]")
     console.print(f"radlens {__version__}  agent: {running}")
-    if agent.running and len(agent.listener_pids) > 1:
-        console.print(f"listener processes: {len(agent.listener_pids)} (pids "
-                      f"{', '.join(map(str, agent.listener_pids))})")
-    if agent.running and agent.worker_pids:
-        console.print(f"worker processes: {len(agent.worker_pids)} (pids "
-                      f"{', '.join(map(str, agent.worker_pids))}; restarted "
-                      f"{agent.worker_restarts} times)")
+    if agent.running:
+        for kind, pids, restarts in (("listener", agent.listener_pids, agent.listener_restarts),
+                                     ("worker", agent.worker_pids, agent.worker_restarts),
+                                     ("sender", agent.sender_pids, agent.sender_restarts)):
+            if pids and pids != [agent.pid]:
+                console.print(f"{kind} processes: {len(pids)} (pids "
+                              f"{', '.join(map(str, pids))}; restarted {restarts} times)")
+    if agent.running and agent.worker_waiting:
+        console.print(f"[yellow]jobs wait[/]: {agent.worker_waiting}", highlight=False)
     console.print(f"data: {report.data_dir}")
     console.print(f"state: {report.state}")
+    if report.disk:
+        disk = report.disk
+        console.print(f"disk: {disk['total']:.1f} MB held (spool {disk['spool']:.1f}, results "
+                      f"{disk['results']:.1f}, quarantine {disk['quarantine']:.1f}, state "
+                      f"{disk['state']:.1f}); {disk['free']:.0f} MB free", highlight=False)
+        console.print(f"next retention sweep: {operations.describe_sweep(report.next_sweep)}",
+                      highlight=False)
     last = (datetime.fromtimestamp(report.last_received_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
             if report.last_received_at else "never")
     table = Table(title="received", show_header=False)
@@ -380,6 +391,9 @@ app.command()(research.evaluate)
 app.command("calibrate-ood")(research.calibrate_ood)
 app.command()(research.cohort)
 app.command("export-nifti")(research.export_nifti)
+app.command()(operations.retention)
+app.add_typer(operations.jobs_app, name="jobs")
+app.add_typer(operations.outbox_app, name="outbox")
 app.command("tls-selfsigned")(security.tls_selfsigned)
 app.command()(security.audit)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The venv the open_clip test runs in (.venv-clip): open_clip imports torchvision, and no
-# torchvision that imports beside radlens's pinned torch (2.13.0, a CPU build) can be had here:
+# torchvision that imports beside radlens's pinned torch (2.13.0, a CPU build on these machines) can be had here:
 # PyPI's wheels for it are built for the CUDA torch ("operator torchvision::nms does not
 # exist") and PyPI has no source. The pairs below are the ones this machine's package mirror
 # holds for Python 3.11, so the test runs radlens's own code on a torch/torchvision pair that

@@ -229,17 +229,17 @@ class JobProcess:
 
 def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: int) -> None:
     """The worker process: load the models, then run jobs until told to stop or the agent's
-    end of the pipe closes. Signals from a terminal (Ctrl-C reaches the whole process group)
-    are the agent's to act on: it stops its worker processes in order."""
+    end of the pipe closes. Signals from a terminal or a service manager, which reach every
+    process of the node at once, are the agent's to act on: it stops its workers in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_the_agent()
     from radlens.logs import configure_logging
 
     configure_logging(settings.log.level, settings.log.format)
-    if settings.model.threads == 0 and settings.worker.concurrency > 1:
+    if settings.model.threads == 0 and settings.worker.processes() > 1:
         # Each worker process takes its share of the cores, as cluster workers do.
-        settings.model.threads = max(1, (os.cpu_count() or 1) // settings.worker.concurrency)
+        settings.model.threads = max(1, (os.cpu_count() or 1) // settings.worker.processes())
     try:
         from radlens.agent.service import load_analyser
 
@@ -293,30 +293,33 @@ def _exit_with_the_agent() -> None:
 
 
 class ProcessWorker(Worker):
-    """The worker of an agent with ``worker.isolation: process``: ``worker.concurrency`` slots,
-    each a thread of the agent that claims a job, runs it in its own worker process and ends
-    it in the state (done with its outputs queued, or retried, or failed with its report).
-    Everything the state sees is done here, in the agent; the process only computes and
-    writes files, so a killed process leaves nothing half-recorded."""
+    """The worker of an agent with ``worker.isolation: process``: one slot per worker process
+    (``WorkerSettings.processes``), each a thread of the agent that claims a job, runs it in
+    its own worker process and ends it in the state (done with its outputs queued, or retried,
+    or failed with its report). Everything the state sees is done here, in the agent; the
+    process only computes and writes files, so a killed process leaves nothing half-recorded."""
 
     def __init__(self, queue: JobQueue, settings: Settings, *, llm_vision: bool = False,
                  deliver: Deliver | None = None,
                  on_queued: Callable[[int], None] | None = None,
                  on_finished: Callable[[Job, str], None] | None = None,
                  on_processes: Callable[[list[int], int], None] | None = None,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+                 on_lost: Callable[[str], None] | None = None,
+                 gate: Callable[[], str | None] | None = None,
+                 on_waiting: Callable[[str | None], None] | None = None) -> None:
         """``on_processes(pids, restarts)`` is told whenever a worker process (re)starts, and
         ``on_lost(cause)`` whenever one is lost during a job."""
         super().__init__(queue, settings.storage.data_dir.resolve() / RESULTS_DIR,
                          fsync=settings.storage.fsync, outputs=settings.outputs,
                          deliver=deliver, on_queued=on_queued, on_finished=on_finished,
                          llm=settings.llm, llm_vision=llm_vision,
-                         max_attempts=settings.jobs.max_attempts)
+                         max_attempts=settings.jobs.max_attempts, gate=gate,
+                         on_waiting=on_waiting)
         self.model_enabled = settings.model.enabled
         self.on_processes = on_processes
         self.processes = [JobProcess(settings, index=number + 1, llm_vision=llm_vision,
                                      on_started=self._process_started, on_lost=on_lost)
-                          for number in range(settings.worker.concurrency)]
+                          for number in range(settings.worker.processes())]
         self._slots = [threading.Thread(target=self._run_slot, args=(process,), daemon=True,
                                         name=f"radlens-worker-{process.index}")
                        for process in self.processes]
@@ -369,8 +372,10 @@ class ProcessWorker(Worker):
         for slot in self._slots:
             slot.join(timeout=max(0.0, deadline - time.monotonic()))
         finished = not any(slot.is_alive() for slot in self._slots)
+        pids = self.pids
         for process in self.processes:
             process.stop(STOP_TIMEOUT_S if finished else 0.0)
+        log.info("worker processes stopped", extra=kv(pids=pids, jobs_finished=finished))
         return finished
 
     @property

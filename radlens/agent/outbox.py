@@ -129,7 +129,7 @@ class Outbox:
             now = time.time() if now is None else now
             self._record_sent(late=True)
             if self._claims_uncertain:
-                self._release_own_claims()
+                self.release_own_claims()
             rows = self._claim_due(now)
             by_destination: dict[str, list[RowMapping]] = defaultdict(list)
             for row in rows:
@@ -162,8 +162,19 @@ class Outbox:
                      extra=kv(rows=len(self._sent_unrecorded)))
         self._sent_unrecorded.clear()
 
-    def _release_own_claims(self) -> None:
-        """Free the pending rows this sender claimed; it is not sending any of them now."""
+    def take_over(self) -> None:
+        """Start as this node's sender in place of one that died: the rows it had claimed are
+        freed now, or at the first round if the state does not answer yet."""
+        self._claims_uncertain = True
+        try:
+            self.release_own_claims()
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("cannot free the rows of an earlier sender yet",
+                        extra=kv(error=str(exc).split("\n", 1)[0]))
+
+    def release_own_claims(self) -> None:
+        """Free the pending rows this sender claimed; it is not sending any of them now (after
+        a state error, or when a sender process starts again in place of one that died)."""
         if self.node_id is None:  # claims without a name cannot be told apart: leases decide
             self._claims_uncertain = False
             return
@@ -226,8 +237,22 @@ class Outbox:
             result = by_path.get(row["path"])
             error = result.error if result is not None else "not attempted"
             status = result.status if result is not None else None
-            report = _add(report, self._retry([row], error or "failed", status=status))
+            if result is not None and result.refused:
+                report = _add(report, self._refused(row, error or "refused", status))
+            else:
+                report = _add(report, self._retry([row], error or "failed", status=status))
         return report
+
+    def _refused(self, row: RowMapping, error: str, status: int | None) -> DeliveryReport:
+        """The destination refuses this object for good: failed at once, with the reason."""
+        with self.db.transaction() as conn:
+            conn.execute(sa.update(outbox).where(outbox.c.id == row["id"]).values(
+                state="failed", attempts=outbox.c.attempts + 1, last_status=status,
+                last_error=f"refused by the destination: {error}", lease_until=None))
+        log.error("delivery refused by the destination; not retried", extra=kv(
+            destination=row["destination"], sop=row["sop_instance_uid"], error=error))
+        self._tell(row["destination"], "failed", 1)
+        return DeliveryReport(failed=1)
 
     def tls_context(self, destination: Destination) -> ssl.SSLContext | None:
         """The client TLS context for ``destination`` (built once), or None without TLS."""
@@ -294,11 +319,17 @@ class Outbox:
             for row in rows:
                 attempts = row["attempts"] + 1
                 limit = self.settings.max_attempts
-                give_up = bool(limit) and attempts >= limit
+                too_old = bool(self.settings.max_age_h) and \
+                    now - row["created_at"] >= self.settings.max_age_h * 3600.0
+                give_up = (bool(limit) and attempts >= limit) or too_old
+                reason = error if not give_up else (
+                    f"{error} (gave up after {attempts} attempts over "
+                    f"{(now - row['created_at']) / 3600:.1f} h: outbox.max_attempts, "
+                    "outbox.max_age_h)")
                 conn.execute(sa.update(outbox).where(outbox.c.id == row["id"]).values(
                     state="failed" if give_up else "pending", attempts=attempts,
                     next_attempt_at=now + self.backoff_s(attempts), last_status=status,
-                    last_error=error, lease_until=None))
+                    last_error=reason, lease_until=None))
                 if give_up:
                     failed += 1
                     log.error("delivery abandoned", extra=kv(

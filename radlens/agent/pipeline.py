@@ -26,7 +26,6 @@ from radlens import __version__
 from radlens.agent.analyses import FrameRecord, LesionRecord
 from radlens.agent.queue import JobInstance
 from radlens.agent.routing import DENSITY_MODEL, ImageFacts, Router
-from radlens.analysis.lesions import find_lesions, measure_regions
 from radlens.config import ModelSettings
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
@@ -214,6 +213,10 @@ def _measure(analyser: Analyser, index: int, result: Prediction, frame: np.ndarr
     """One frame's lesions, measured (and placed in the anatomy when a label map is set)."""
     classes = result.classes  # an argmax over the maps: computed once per frame
     with times.stage("measurement"):
+        # Imported here: SimpleITK, SciPy and scikit-image cost 135 MB of resident memory,
+        # which the supervisor and listener processes (that import this module's types) need not.
+        from radlens.analysis.lesions import find_lesions, measure_regions
+
         regions = find_lesions(classes, min_pixels=analyser.settings.min_lesion_pixels)
         lesions = measure_regions(frame, regions, result.probabilities, spacing_mm=spacing,
                                   frame=index)

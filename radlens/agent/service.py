@@ -1,5 +1,13 @@
 """The agent's lifecycle: start every stage in order, stop them in reverse on SIGTERM/SIGINT.
 
+With ``--role all`` and ``worker.isolation: process`` (the defaults) this process is a small
+supervisor: the DICOM port is served by listener processes (radlens.agent.listeners), jobs run
+in worker processes (radlens.agent.jobprocess) and the outbox in a sender process
+(radlens.agent.sender). The supervisor keeps the study timers, the job queue and the state;
+a child that dies is started again, and SIGTERM stops them in the order data flows: the
+listeners finish their stores, the timers stop, the workers finish their jobs, the sender its
+batch. ``worker.isolation: thread`` runs the whole node in this one process, for debugging.
+
 Start-up recovers from any earlier crash: partial files are removed, spooled files missing from
 the index are re-indexed (after an unclean stop only), interrupted jobs re-queued, study timers
 re-armed from the state database, and the outbox resumes. One agent owns a data folder at a time
@@ -18,7 +26,9 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import threading
 import time
 from datetime import UTC
@@ -32,16 +42,19 @@ from sqlalchemy.engine import Connection
 
 from radlens import __version__, audit
 from radlens.agent.assembler import StudyAssembler
+from radlens.agent.children import ChildProcesses
 from radlens.agent.health import HealthServer, NodeMetrics, StateCollector, state_answers
 from radlens.agent.listeners import ListenerProcesses
 from radlens.agent.nodes import ROLES, Node
 from radlens.agent.outbox import Outbox
 from radlens.agent.pipeline import RESULTS_DIR, Analyser
 from radlens.agent.queue import Job, JobQueue
+from radlens.agent.sender import SenderProcess
 from radlens.agent.worker import Worker
 from radlens.audit import AuditLog
 from radlens.config import LlmSettings, Settings
 from radlens.db import Database, is_sqlite, redacted
+from radlens.dicom_io.acceptor import reserve_port
 from radlens.dicom_io.scp import PortInUseError, StorageListener, check_port_free
 from radlens.dicom_io.scu import OutgoingFile
 from radlens.dicom_io.spool import Spool, StoredInstance
@@ -258,6 +271,11 @@ class Agent:
         self.listener_processes: ListenerProcesses | None = None
         self.worker: Worker | None = None
         self.outbox: Outbox | None = None
+        self.sender: SenderProcess | None = None
+        # Listener, worker and sender in processes of their own under this one (see above).
+        self.supervised = role == "all" and settings.worker.isolation == "process"
+        self._reserved_ports: list[socket.socket] = []
+        self._sweeping = threading.Lock()
         self.metrics = NodeMetrics()
         self.health: HealthServer | None = None
         self.audit = AuditLog(settings.audit.resolved_path(self.data_dir),
@@ -280,6 +298,12 @@ class Agent:
         try:
             self._start_stages()
         except BaseException:
+            # What did start is stopped again: a half-started node must not linger as a
+            # process that serves nothing (its threads would keep it alive).
+            try:
+                self._stop_stages(0.0, clean=False)
+            except Exception:
+                log.exception("cannot stop what had started")
             self._lock.release()
             raise
 
@@ -310,8 +334,9 @@ class Agent:
             self.spool = Spool(self.data_dir, self.db, fsync=s.storage.fsync,
                                min_free_mb=s.storage.min_free_mb,
                                identical_resend=s.assembly.identical_resend)
-            self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
-                                            reuse_port=shared_port, audit=self.audit)
+            if not self.supervised:
+                self.listener = StorageListener(s.dicom, self.spool, on_stored=self._on_stored,
+                                                reuse_port=shared_port, audit=self.audit)
             self._recover_spool()
         if self.role == "all" and is_sqlite(self.state_url):
             # The only node: whatever ran when it stopped was its own. In a cluster a dead
@@ -328,10 +353,12 @@ class Agent:
         elif self.role == "worker":
             self.scheduler.add_job(self._sweep, "interval", seconds=s.cluster.sweep_interval_s,
                                    id="assembly-sweep", coalesce=True, max_instances=1)
-        if self._runs("sender") and self.outbox is not None:
+        if self._runs("sender") and self.outbox is not None and not self.supervised:
             self.scheduler.add_job(self.outbox.deliver_due, "interval",
                                    seconds=s.outbox.poll_interval_s, id="outbox",
                                    coalesce=True, max_instances=1)
+        if self._runs("worker"):
+            self._schedule_retention()
         if s.cohort.schedule and self.role == "all":
             from apscheduler.triggers.cron import CronTrigger
 
@@ -340,7 +367,9 @@ class Agent:
             log.info("cohort analysis scheduled", extra=kv(crontab=s.cohort.schedule))
         if self.worker is not None:
             self.worker.start()
-        if self.listener is not None:
+        if self.supervised:
+            self._start_children()
+        elif self.listener is not None:
             if shared_port:
                 if not s.dicom.tls.only:
                     check_port_free(s.dicom.host, s.dicom.port)
@@ -360,13 +389,101 @@ class Agent:
         if s.metrics.port is not None:
             self._serve_health()
         self.audit.record(audit.APPLICATION_ACTIVITY, event_type=audit.APPLICATION_START,
-                          local_ae=s.dicom.ae_title, role=self.role,
-                          port=None if self.listener is None else self.listener.port)
+                          local_ae=s.dicom.ae_title, role=self.role, port=self.port)
         log.info("radlens agent started", extra=kv(version=__version__, role=self.role,
                                                    node=self.node.id,
                                                    data_dir=str(self.data_dir),
                                                    state=redacted(self.state_url),
                                                    destinations=len(s.destinations)))
+
+    def _schedule_retention(self) -> None:
+        """The retention sweep: in full every ``retention.interval_s`` (the first a minute
+        after start), and at once whenever a check finds the disk budget short."""
+        from datetime import datetime, timedelta
+
+        from radlens.agent.retention import RetentionSweeper
+
+        assert self.db is not None
+        r = self.settings.retention
+        self.retention = RetentionSweeper(self.db, self.data_dir, r, audit_log=self.audit)
+        self.scheduler.add_job(self._sweep_retention, "interval", seconds=r.interval_s,
+                               id="retention-sweep", coalesce=True, max_instances=1,
+                               next_run_time=datetime.now(UTC) + timedelta(
+                                   seconds=min(60.0, r.interval_s)))
+        self.scheduler.add_job(self._check_retention, "interval", seconds=r.check_interval_s,
+                               id="retention-check", coalesce=True, max_instances=1)
+
+    def _sweep_retention(self) -> None:
+        with self._sweeping:
+            try:
+                self.retention.sweep()
+            except Exception:  # the next sweep tries again; nothing is half-removed
+                log.exception("retention sweep failed")
+
+    def _check_retention(self) -> None:
+        try:
+            short = self.retention.needs_sweep()
+        except Exception:
+            log.exception("cannot check the disk budget")
+            return
+        if short:
+            self._sweep_retention()
+
+    def _job_gate(self) -> str | None:
+        """Why jobs must wait now: too little free disk for a job's results."""
+        need = self.settings.worker.min_free_mb
+        if not need:
+            return None
+        try:
+            free = shutil.disk_usage(self.data_dir).free // 2**20
+        except OSError as exc:
+            return f"cannot read the data folder's free space: {exc}"
+        if free < need:
+            return (f"{free} MB free on the data folder's disk, under worker.min_free_mb "
+                    f"({need} MB): jobs wait until the retention sweep or an operator frees "
+                    "space")
+        return None
+
+    @property
+    def port(self) -> int | None:
+        """The DICOM port this node serves (the TLS port when TLS is all there is)."""
+        if self.listener is not None:
+            return self.listener.port
+        if self._reserved_ports:
+            return int(self._reserved_ports[0].getsockname()[1])
+        return None
+
+    def _start_children(self) -> None:
+        """The supervisor's children besides the workers: the sender, then the listeners on
+        the port this process reserves (so the port is answered only once all can run)."""
+        s = self.settings
+        assert self.db is not None and self.node is not None
+        if s.destinations:
+            self.sender = SenderProcess(s, state_url=self.db.url, node_id=self.node.id,
+                                        on_result=self.metrics.delivered,
+                                        on_started=lambda pids: self._lock.update(
+                                            sender_pids=pids,
+                                            sender_restarts=self._restarts(self.sender)))
+            self.sender.start()
+        tls = s.dicom.tls
+        ports = ([] if tls.only else [s.dicom.port]) + ([tls.port] if tls.enabled else [])
+        for port in ports:
+            check_port_free(s.dicom.host, port)
+            self._reserved_ports.append(reserve_port(s.dicom.host, port))
+        served = [int(r.getsockname()[1]) for r in self._reserved_ports]
+        self.listener_processes = ListenerProcesses(
+            s.dicom.listener_processes, dicom=s.dicom, storage=s.storage,
+            state_url=self.db.url, logging_settings=s.log,
+            port=s.dicom.port if tls.only else served[0],
+            tls_port=served[-1] if tls.enabled else None, audit_settings=s.audit,
+            identical_resend=s.assembly.identical_resend, on_stored=self._helper_stored,
+            on_listening=lambda pids: self._lock.update(
+                listener_pids=pids, listener_restarts=self._restarts(self.listener_processes)))
+        self.listener_processes.start()
+
+    @staticmethod
+    def _restarts(children: ChildProcesses | None) -> int:
+        return 0 if children is None else children.restarts
 
     def _make_worker(self) -> Worker:
         """The worker: with ``worker.isolation: process`` its jobs run in worker processes,
@@ -376,7 +493,9 @@ class Agent:
         if s.worker.isolation == "process":
             from radlens.agent.jobprocess import ProcessWorker
 
-            worker = ProcessWorker(self.queue, s, llm_vision=llm_vision,
+            worker = ProcessWorker(self.queue, s, llm_vision=llm_vision, gate=self._job_gate,
+                                   on_waiting=lambda reason: self._lock.update(
+                                       worker_waiting=reason),
                                    deliver=self._queue_results,
                                    on_queued=self._results_queued,
                                    on_finished=self._job_finished,
@@ -390,7 +509,8 @@ class Agent:
                       fsync=s.storage.fsync, outputs=s.outputs, deliver=self._queue_results,
                       on_queued=self._results_queued, on_finished=self._job_finished,
                       llm=s.llm, llm_vision=llm_vision, max_attempts=s.jobs.max_attempts,
-                      concurrency=s.worker.concurrency)
+                      concurrency=s.worker.processes(), gate=self._job_gate,
+                      on_waiting=lambda reason: self._lock.update(worker_waiting=reason))
 
     def _recover_spool(self) -> None:
         """The spool after a crash: partial files removed, files missing from the index
@@ -417,6 +537,11 @@ class Agent:
                   "scheduler": lambda: bool(self.scheduler.running)}
         if self.listener is not None:
             checks["listener"] = lambda: self.listener is not None and self.listener.running
+        elif self.listener_processes is not None:
+            checks["listener"] = lambda: self.listener_processes is not None and \
+                self.listener_processes.alive
+        if self.sender is not None:
+            checks["sender"] = lambda: self.sender is not None and self.sender.alive
         if self.worker is not None:
             checks["worker"] = lambda: self.worker is not None and self.worker.alive
         try:
@@ -454,8 +579,9 @@ class Agent:
         except Exception:
             log.exception("study sweep failed")
 
-    def _helper_stored(self, study_uid: str, received_at: float) -> None:
-        self.metrics.received.inc()
+    def _helper_stored(self, study_uid: str, received_at: float, duplicate: bool) -> None:
+        if not duplicate:
+            self.metrics.received.inc()
         if self.assembler is not None:
             self.assembler.instance_received(study_uid, received_at)
 
@@ -469,7 +595,9 @@ class Agent:
 
     def _results_queued(self, job_id: int) -> None:
         """A node that also sends wakes its outbox; a worker leaves the rows to the senders."""
-        if self.settings.destinations and self._runs("sender") and self.outbox is not None:
+        if self.sender is not None:
+            self.sender.wake()
+        elif self.settings.destinations and self._runs("sender") and self.outbox is not None:
             self.scheduler.add_job(self.outbox.deliver_due, id=f"deliver-{job_id}",
                                    replace_existing=True)
 
@@ -499,39 +627,49 @@ class Agent:
             self.assembler.instance_received(stored.uids.study_instance_uid, time.time())
 
     def stop(self) -> None:
-        """Stop accepting, finish stores in flight, then the timers, the worker, the database."""
+        """Stop accepting, finish stores in flight, then the timers, the worker, the sender,
+        the database."""
         grace = self.settings.dicom.shutdown_grace_s
         log.info("stopping", extra=kv(grace_s=grace, role=self.role))
         try:
-            helpers = self.listener_processes
-            if helpers is not None:
-                helpers.stop_accepting()
-            if self.listener is not None:
-                self.listener.stop(grace)
-            if helpers is not None:
-                helpers.stop()
-            if hasattr(self, "scheduler") and self.scheduler.running:
-                self.scheduler.shutdown(wait=True)
-            if self.health is not None:
-                self.health.stop()
-            if self.worker is not None and not self.worker.stop(grace):
-                log.warning("worker still busy at shutdown; its jobs re-run at next start",
-                            extra=kv(jobs=self.worker.jobs_in_flight))
-            if self.db is not None:
-                if self.node is not None:
-                    try:
-                        self.node.stopped()
-                    except Exception:
-                        log.exception("cannot record the node's stop")
-                self.db.close()
-                if self.role == "all":
-                    (self.data_dir / CLEAN_STOP_MARKER).touch()
+            self._stop_stages(grace, clean=True)
         finally:
             self.audit.record(audit.APPLICATION_ACTIVITY, event_type=audit.APPLICATION_STOP,
                               local_ae=self.settings.dicom.ae_title, role=self.role)
             self.audit.close()
             self._lock.release()
         log.info("radlens agent stopped")
+
+    def _stop_stages(self, grace: float, *, clean: bool) -> None:
+        """Stop whatever of the stages runs, in the order data flows. ``clean``: a stop after a
+        full start, which the next start may trust (no spool check needed)."""
+        helpers = self.listener_processes
+        if helpers is not None:
+            helpers.stop_accepting()
+        if self.listener is not None:
+            self.listener.stop(grace)
+        if helpers is not None:
+            helpers.stop()
+        if hasattr(self, "scheduler") and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.health is not None:
+            self.health.stop()
+        if self.worker is not None and not self.worker.stop(grace):
+            log.warning("worker still busy at shutdown; its jobs re-run at next start",
+                        extra=kv(jobs=self.worker.jobs_in_flight))
+        if self.sender is not None:
+            self.sender.stop()
+        for reserved in self._reserved_ports:
+            reserved.close()
+        if self.db is not None:
+            if self.node is not None:
+                try:
+                    self.node.stopped()
+                except Exception:
+                    log.exception("cannot record the node's stop")
+            self.db.close()
+            if self.role == "all" and clean:
+                (self.data_dir / CLEAN_STOP_MARKER).touch()
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         self._stopping.set()

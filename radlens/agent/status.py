@@ -12,7 +12,9 @@ from sqlalchemy.engine import Connection
 
 from radlens.agent.nodes import heard_since
 from radlens.agent.service import LLM_STATUS_FILE, agent_is_running
+from radlens.config import RetentionSettings
 from radlens.db import (
+    Database,
     instances,
     jobs,
     nodes,
@@ -35,8 +37,16 @@ class AgentState(BaseModel):
     port: int | None = None
     version: str | None = None
     listener_pids: list[int] = Field(
-        default_factory=list, description="processes serving the port, when more than one "
-        "(dicom.listener_processes)")
+        default_factory=list, description="the processes serving the DICOM port "
+        "(dicom.listener_processes; with worker.isolation: thread the agent is the first)")
+    listener_restarts: int = Field(default=0, description="listener processes started again "
+                                   "after one died")
+    sender_pids: list[int] = Field(default_factory=list, description="the process that "
+                                   "delivers the outbox, when destinations are configured")
+    sender_restarts: int = Field(default=0, description="sender processes started again after "
+                                 "one died")
+    worker_waiting: str | None = Field(default=None, description="why jobs wait, queued (too "
+                                       "little free disk), while they do")
     worker_pids: list[int] = Field(
         default_factory=list, description="the worker processes that run jobs "
         "(worker.isolation: process)")
@@ -96,10 +106,17 @@ class StatusReport(BaseModel):
     running: list[dict[str, object]] = Field(
         default_factory=list, description="jobs running, with the node holding each and its "
         "lease")
+    disk: dict[str, float] = Field(
+        default_factory=dict, description="MB the data folder holds by kind (spool, results, "
+        "quarantine, state) and MB free on its disk")
+    next_sweep: dict[str, object] = Field(
+        default_factory=dict, description="what the next retention sweep would remove "
+        "(retention.*): studies whose instances or results go, and the MB it frees")
 
 
 def collect_status(data_dir: Path, url: str | None = None, *,
-                   heartbeat_interval_s: float = 5.0) -> StatusReport:
+                   heartbeat_interval_s: float = 5.0,
+                   retention: RetentionSettings | None = None) -> StatusReport:
     """What the agent of ``data_dir`` holds and does; ``url``: its state database (default
     the SQLite file in ``data_dir``); a node is alive while its heartbeat is younger than three
     ``heartbeat_interval_s``."""
@@ -123,11 +140,25 @@ def collect_status(data_dir: Path, url: str | None = None, *,
         with db.read() as conn:
             studies = _from_state(conn, report)
             _nodes(conn, report, time.time(), heartbeat_interval_s)
+        _retention(db, data_dir, retention or RetentionSettings(), report)
     finally:
         db.close()
     report.recent_not_analysed, report.latest_job_timings = _from_findings(
         data_dir / "results", studies)
     return report
+
+
+def _retention(db: Database, data_dir: Path, settings: RetentionSettings,
+               report: StatusReport) -> None:
+    from radlens.agent.retention import RetentionSweeper
+
+    sweeper = RetentionSweeper(db, data_dir, settings)
+    use = sweeper.disk_use()
+    report.disk = {kind: round(value / 2**20, 1) for kind, value in (
+        ("spool", use.spool_bytes), ("results", use.results_bytes),
+        ("quarantine", use.quarantine_bytes), ("state", use.state_bytes),
+        ("total", use.total_bytes), ("free", use.free_bytes))}
+    report.next_sweep = sweeper.plan().summary()
 
 
 def _from_state(conn: Connection, report: StatusReport) -> list[str]:

@@ -46,12 +46,16 @@ class Worker:
                  on_queued: Callable[[int], None] | None = None,
                  on_finished: Callable[[Job, str], None] | None = None,
                  llm: LlmSettings | None = None, llm_vision: bool = False,
-                 max_attempts: int = 3, concurrency: int = 1) -> None:
+                 max_attempts: int = 3, concurrency: int = 1,
+                 gate: Callable[[], str | None] | None = None,
+                 on_waiting: Callable[[str | None], None] | None = None) -> None:
         """``deliver(conn, job_id, files)`` hands each job's DICOM outputs to the outbox in
         the transaction that ends the job, and ``on_queued(job_id)`` is told afterwards, as is
         ``on_finished(job, "done" | "failed")`` of every job this worker ended; a job
         that raises is retried until it has run ``max_attempts`` times; ``concurrency``
-        studies may be in flight (the writers of one while the next is in the model)."""
+        studies may be in flight (the writers of one while the next is in the model).
+        ``gate()`` is asked before each claim: a reason (the disk is nearly full) keeps the jobs
+        queued until it returns None; ``on_waiting(reason | None)`` hears when that changes."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.max_attempts = max_attempts
@@ -76,6 +80,10 @@ class Worker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="radlens-worker", daemon=True)
         self.current_job: int | None = None
+        self.gate = gate
+        self.on_waiting = on_waiting
+        self.waiting: str | None = None
+        self._gate_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -86,7 +94,8 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         self._stop.set()
         self.queue.wakeup.set()
-        self._thread.join(timeout=timeout_s)
+        if self._thread.ident is not None:  # not started: a start-up that failed
+            self._thread.join(timeout=timeout_s)
         if self._writers is not None:
             with self._in_writers_lock:
                 pending = list(self._in_writers.values())
@@ -111,6 +120,9 @@ class Worker:
     def _claim(self) -> Job | None:
         """The next job, or None after waiting a poll interval (or a wake-up) for one."""
         self.queue.wakeup.clear()
+        if self._held():
+            self.queue.wakeup.wait(self.poll_interval_s)
+            return None
         try:
             job = self.queue.claim_next()
         except Exception:
@@ -119,6 +131,24 @@ class Worker:
         if job is None:
             self.queue.wakeup.wait(self.poll_interval_s)
         return job
+
+    def _held(self) -> bool:
+        """Whether the gate keeps jobs queued now; says so once when that changes."""
+        try:
+            reason = self.gate() if self.gate is not None else None
+        except Exception:  # a gate that cannot tell does not stop the worker
+            log.exception("cannot check whether jobs may start")
+            reason = None
+        with self._gate_lock:
+            changed, self.waiting = reason != self.waiting, reason
+        if changed:
+            if reason is not None:
+                log.warning("jobs wait, queued", extra=kv(reason=reason))
+            else:
+                log.info("jobs start again")
+            if self.on_waiting is not None:
+                self.on_waiting(reason)
+        return reason is not None
 
     def _abandoned(self, job: Job) -> bool:
         """Every earlier attempt ended with its node (killed, out of memory, powered off)

@@ -96,7 +96,8 @@ class DicomSettings(_Section):
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1, le=1000)
-    # processes serving the port (SO_REUSEPORT): the agent and listener_processes - 1 helpers
+    # processes serving the port (SO_REUSEPORT), apart from the agent's own (with
+    # worker.isolation: thread, the agent serves it and starts listener_processes - 1 more)
     listener_processes: int = Field(default=1, ge=1, le=64)
     max_pdu_size: int = Field(default=1_048_576, ge=0)
     tcp_nodelay: bool = True
@@ -221,14 +222,22 @@ class JobSettings(_Section):
     max_attempts: int = Field(default=3, ge=1, le=20)
 
 
+def _machine_memory_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20)
+    except (ValueError, OSError):  # no sysconf (not POSIX): a figure that fits laptops
+        return 8192
+
+
 class WorkerSettings(_Section):
     """The worker that runs jobs: how many studies may be in flight at once, and the limits
     one study runs under, so that no study can take the node down."""
 
-    # 1: one study at a time. 2: two studies in flight (with isolation: process, two worker
-    # processes, each with the model loaded; with thread, a study's writers run while the
-    # next study is in the model).
-    concurrency: int = Field(default=2, ge=1, le=4)
+    # Studies in flight at once. With isolation: process, that many worker processes, each
+    # with the models loaded (about 0.7 GB each on the CPU); with thread, a study's writers run
+    # while the next study is in the model. 0: one per two CPU cores and per 4 GB of memory,
+    # between 1 and 4 (see ``processes``).
+    concurrency: int = Field(default=0, ge=0, le=4)
     # process: each job runs in a worker process of its own, apart from the listener and the
     # sender, killed when it passes max_memory_mb or job_timeout_s (that attempt fails, the
     # node goes on). thread: in the agent's own process (no limit can be enforced).
@@ -237,16 +246,24 @@ class WorkerSettings(_Section):
     # among the worker processes.
     max_memory_mb: int | None = Field(default=None, ge=256)
     job_timeout_s: float = Field(default=900.0, gt=0)  # one attempt of one job, start to end
+    # Free space a job needs on the data folder's disk to start (results are about 20 times
+    # their input); with less, jobs wait queued and radlens status says why.
+    min_free_mb: int = Field(default=500, ge=0)
+
+    def processes(self) -> int:
+        """``concurrency``, or with 0 one per two cores and per 4 GB, from 1 to 4: a small
+        machine runs one study at a time (one process already uses every core for the model)
+        and keeps its memory, a large one overlaps studies."""
+        if self.concurrency:
+            return self.concurrency
+        cores = os.cpu_count() or 1
+        return max(1, min(4, cores // 2, _machine_memory_mb() // 4096))
 
     def memory_limit_mb(self) -> int:
         """``max_memory_mb``, or half the machine's memory shared among the workers."""
         if self.max_memory_mb is not None:
             return self.max_memory_mb
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-        except (ValueError, OSError):  # no sysconf (not POSIX): a figure that fits laptops
-            total = 8192
-        return max(1024, total // 2 // self.concurrency)
+        return max(1024, _machine_memory_mb() // 2 // self.processes())
 
 
 class Destination(_Section):
@@ -263,13 +280,39 @@ class Destination(_Section):
     tls_check_hostname: bool = True  # the certificate must name ``host``
 
 
+class RetentionSettings(_Section):
+    """What the node removes, and when, so that it can be left running: a study's received
+    instances and results once it is finished (no instance waiting, no job queued or running,
+    no output undelivered), the quarantine, and the state's rows of long-finished jobs. Days may
+    be fractions; empty keeps forever."""
+
+    spool_days: float | None = Field(default=30.0, ge=0)  # received instances
+    results_days: float | None = Field(default=30.0, ge=0)  # findings, maps, DICOM outputs
+    quarantine_days: float | None = Field(default=30.0, ge=0)
+    # Rows of finished jobs (their analyses, deliveries and instances), quarantine records and
+    # stopped nodes. The cohort analysis reads the analyses: keep them as long as it needs.
+    state_days: float | None = Field(default=365.0, ge=0)
+    # A budget for the data folder: past it, or with less than keep_free_mb free on its disk,
+    # the sweep removes finished studies (received instances, then results), oldest first,
+    # whatever their age.
+    max_disk_mb: int | None = Field(default=None, ge=1)
+    keep_free_mb: int = Field(default=1024, ge=0)
+    interval_s: float = Field(default=3600.0, gt=0)  # the full sweep
+    # How often the free space and the budget are checked; a shortfall sweeps at once.
+    check_interval_s: float = Field(default=30.0, gt=0)
+
+
 class OutboxSettings(_Section):
     """Delivery to destinations: how often to look, and how to back off while one is down."""
 
     poll_interval_s: float = Field(default=2.0, gt=0)
     retry_initial_s: float = Field(default=5.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
-    max_attempts: int = Field(default=0, ge=0, description="0 = keep trying until delivered")
+    # An outage (no connection, a timeout, Out of Resources) is retried with back-off until
+    # max_attempts (0: no count) or max_age_h after the file was queued (0: no age); a refusal
+    # (SOP class not supported, a data set the peer cannot take) fails at once.
+    max_attempts: int = Field(default=0, ge=0)
+    max_age_h: float = Field(default=72.0, ge=0)
     calling_ae_title: AETitle | None = None
 
 
@@ -443,6 +486,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     density: DensitySettings = Field(default_factory=DensitySettings)

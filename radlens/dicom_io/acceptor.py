@@ -153,6 +153,24 @@ def check_port_free(host: str, port: int) -> None:
             raise PortInUseError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` (0: a free port) with SO_REUSEPORT and never listen on it.
+
+    The agent holds this while its listener processes serve the port: no other program can bind
+    it between a listener's death and its restart, and a socket that does not listen never
+    receives a connection, so the kernel hands every association to a listener.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reserved = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind((host, port))
+    except OSError as exc:
+        reserved.close()
+        raise PortInUseError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return reserved
+
+
 def recv_exactly(raw: socket.socket, nr_bytes: int) -> bytearray:
     """Read ``nr_bytes`` from ``raw``, or fewer if the peer closes: pynetdicom's
     ``AssociationSocket.recv`` contract, without its 4 KiB reads.

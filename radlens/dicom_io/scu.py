@@ -22,6 +22,32 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 MAX_CONTEXTS_PER_ASSOCIATION = 128
 # Success and the C-STORE warning statuses: the peer has the instance.
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116})
+# Failures that sending again cannot change (the peer refuses this object, not the moment):
+# SOP class not supported, not authorized, invalid or duplicate instance, unrecognised
+# operation or mistyped argument (PS3.7 C), a data set that does not match its SOP class and
+# "cannot understand" (PS3.4 B.2.3). Out of Resources (0xA7xx), Processing Failure (0x0110) and
+# Resource Limitation (0x0213) are the peer's moment: they are retried.
+REFUSAL_STATUSES = frozenset({0x0111, 0x0117, 0x0122, 0x0124, 0x0211, 0x0212})
+
+
+def is_refusal(status: int) -> bool:
+    """Whether a C-STORE failure status refuses the object for good (see REFUSAL_STATUSES)."""
+    return status in REFUSAL_STATUSES or 0xA900 <= status <= 0xA9FF \
+        or 0xC000 <= status <= 0xCFFF
+
+
+def status_meaning(status: int) -> str:
+    """The standard's words for a C-STORE status (from pynetdicom's tables)."""
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
+
+    found = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status)
+    if found is None and 0xC000 <= status <= 0xCFFF:
+        found = STORAGE_SERVICE_CLASS_STATUS.get(0xC000)
+    return f"{found[0]}: {found[1]}" if found else "a status the standard does not define"
+
+
+class ContextsRefusedError(DestinationError):
+    """The destination accepted no presentation context of an association: a refusal."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +63,7 @@ class SendResult:
     file: OutgoingFile
     status: int | None
     error: str | None = None
+    refused: bool = False  # the peer refuses this object for good: sending again cannot help
 
     @property
     def delivered(self) -> bool:
@@ -72,6 +99,12 @@ def _associate(ae: AE, host: str, port: int, called_aet: str,
                        if getattr(r, "reason_str", None)), None)
         raise DestinationError(f"association rejected by {where}" +
                                (f": {reason}" if reason else ""))
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        # pynetdicom aborts an association whose every presentation context the peer
+        # rejected: the peer takes none of these objects, which sending again does not change.
+        refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        raise ContextsRefusedError(f"{where} accepts none of the presentation contexts "
+                                   f"proposed (SOP classes {', '.join(refused)})")
     if responses:
         raise DestinationError(f"association aborted by {where}")
     # pynetdicom marks a failed TCP connect (or TLS handshake, logged by pynetdicom's transport
@@ -124,7 +157,10 @@ def _send_batch(host: str, port: int, called_aet: str, batch: list[OutgoingFile]
     ae = _ae(calling_aet, timeout_s)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = _associate(ae, host, port, called_aet, tls_context)
+    try:
+        assoc = _associate(ae, host, port, called_aet, tls_context)
+    except ContextsRefusedError as exc:
+        return [SendResult(item, None, str(exc), refused=True) for item in batch]
     results = []
     try:
         for item in batch:
@@ -136,13 +172,21 @@ def _send_batch(host: str, port: int, called_aet: str, batch: list[OutgoingFile]
                 continue
             try:
                 response = assoc.send_c_store(item.path)
-            except (ValueError, RuntimeError, OSError) as exc:
+            except ValueError as exc:
+                # No accepted presentation context: the peer takes no such object (in this
+                # transfer syntax), which sending again does not change.
+                refused = "No presentation context" in str(exc)
+                results.append(SendResult(item, None, str(exc), refused=refused))
+                continue
+            except (RuntimeError, OSError) as exc:
                 results.append(SendResult(item, None, str(exc)))
                 continue
             if "Status" in response:
                 status = int(response.Status)
-                error = None if status in DELIVERED_STATUSES else f"status 0x{status:04X}"
-                results.append(SendResult(item, status, error))
+                error = None if status in DELIVERED_STATUSES else \
+                    f"status 0x{status:04X} ({status_meaning(status)})"
+                results.append(SendResult(item, status, error,
+                                          refused=error is not None and is_refusal(status)))
             else:
                 results.append(SendResult(item, None, "no response (timeout or abort)"))
     finally:

@@ -176,7 +176,12 @@ class Spool:
         path = self.data_dir / relative
         try:
             self._ensure_dir(path.parent)
-            write_durably(path, encoded, fsync=self.fsync)
+            try:
+                write_durably(path, encoded, fsync=self.fsync)
+            except FileNotFoundError:  # a retention sweep removed the empty folder just now
+                self._known_dirs.discard(path.parent)
+                self._ensure_dir(path.parent)
+                write_durably(path, encoded, fsync=self.fsync)
         except OSError as exc:
             raise SpoolError(f"cannot write {relative}: {exc.strerror or exc}") from exc
         try:
@@ -212,19 +217,25 @@ class Spool:
         if not identical:
             self._check_free_space(len(encoded))
             try:
+                self._ensure_dir(path.parent)  # a retention sweep may have removed it
                 write_durably(path, encoded, fsync=self.fsync)
             except OSError as exc:
                 raise SpoolError(f"cannot write {existing['path']}: {exc.strerror or exc}"
                                  ) from exc
         try:
             with self.db.transaction() as conn:
-                conn.execute(sa.update(instances)
-                             .where(instances.c.sop_instance_uid == uids.sop_instance_uid)
-                             .values(job_id=None, received_at=now, size_bytes=len(encoded),
-                                     transfer_syntax_uid=transfer_syntax_uid,
-                                     calling_aet=calling_aet))
+                updated = conn.execute(
+                    sa.update(instances)
+                    .where(instances.c.sop_instance_uid == uids.sop_instance_uid)
+                    .values(job_id=None, received_at=now, size_bytes=len(encoded),
+                            transfer_syntax_uid=transfer_syntax_uid,
+                            calling_aet=calling_aet)).rowcount
         except sa.exc.SQLAlchemyError as exc:
             raise SpoolError(f"cannot index {existing['path']}: {exc}") from exc
+        if not updated:
+            # The retention sweep removed the instance (file and row) meanwhile: file it anew.
+            return self.store(encoded, calling_aet=calling_aet,
+                              transfer_syntax_uid=transfer_syntax_uid)
         log.info("instance received again: its study will be analysed again", extra=kv(
             sop=uids.sop_instance_uid, study=uids.study_instance_uid,
             change="identical (assembly.identical_resend: reprocess)" if identical
@@ -255,7 +266,7 @@ class Spool:
             )
 
     def _ensure_dir(self, folder: Path) -> None:
-        if folder in self._known_dirs:
+        if folder in self._known_dirs and folder.is_dir():  # retention removes empty folders
             return
         with self._dirs_lock:
             # Create each missing level and fsync its parent so the new entry itself is durable.

@@ -396,3 +396,49 @@ def test_an_output_that_cannot_be_built_is_named_in_the_sr_and_costs_nothing_els
     dump = subprocess.run([require_tool("dsrdump"), "-Ec", "+U8", "+Pl", str(written.sr[0])],
                           capture_output=True, text=True, timeout=60).stdout
     assert f"The saliency overlay of {ds.SOPInstanceUID} could not be written" in dump
+
+
+def _instant(ds: pydicom.Dataset, date: str, time: str):
+    from datetime import datetime
+
+    offset = ds.TimezoneOffsetFromUTC
+    return datetime.strptime(f"{ds[date].value}{ds[time].value[:6]}{offset}", "%Y%m%d%H%M%S%z")
+
+
+def test_every_output_carries_one_creation_time_in_the_nodes_zone(tmp_path):
+    """TZ=America/New_York and TZ=Asia/Tokyo: each job's SEG, SR, PM, SC and PDF carry the
+    same content and creation date and time, in the node's zone, with its offset from UTC; a
+    source that states its own offset sets the zone instead, so the copied study date and time
+    and ours are read alike."""
+    from datetime import UTC, datetime, timedelta
+
+    sources = tmp_path / "sources"
+    plain = us_dataset(_phantom(LESION_CASES[0]), study_uid=generate_uid(),
+                       series_uid=generate_uid(), instance_number=1,
+                       spacing_cm=SPACING_MM / 10, patient_id="TZ-1")
+    _write(plain, sources / "plain.dcm")
+    stated = us_dataset(_phantom(LESION_CASES[1]), study_uid=generate_uid(),
+                        series_uid=generate_uid(), instance_number=1,
+                        spacing_cm=SPACING_MM / 10, patient_id="TZ-2")
+    stated.TimezoneOffsetFromUTC = "+0530"
+    _write(stated, sources / "stated.dcm")
+    for zone, offset in (("America/New_York", "-0500"), ("Asia/Tokyo", "+0900")):
+        out = tmp_path / zone.replace("/", "-")
+        started = datetime.now(UTC)
+        result = radlens_cli("process", str(sources), "--out", str(out), "--json",
+                             env={"TZ": zone}, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        for study, expected in ((plain.StudyInstanceUID, offset),
+                                (stated.StudyInstanceUID, "+0530")):
+            objects = [pydicom.dcmread(p, stop_before_pixels=True)
+                       for p in sorted((out / "results" / study).rglob("*.dcm"))]
+            kinds = {path.name.split("_")[0] for path in (out / "results" / study).rglob("*.dcm")}
+            assert kinds == {"SEG", "SR", "PM", "SC", "PDF"}, kinds
+            assert {ds.TimezoneOffsetFromUTC for ds in objects} == {expected}, zone
+            moments = {(ds.ContentDate, ds.ContentTime, ds.InstanceCreationDate,
+                        ds.InstanceCreationTime) for ds in objects}
+            assert len(moments) == 1, moments
+            assert {ds.ContentDate + ds.ContentTime for ds in objects} == {
+                ds.InstanceCreationDate + ds.InstanceCreationTime for ds in objects}
+            instant = _instant(objects[0], "ContentDate", "ContentTime")
+            assert started - timedelta(seconds=2) <= instant <= datetime.now(UTC), (zone, instant)

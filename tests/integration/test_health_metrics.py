@@ -21,8 +21,9 @@ def test_health_and_metrics_follow_a_study_from_receipt_to_delivery(server_facto
     wait_for(lambda: port_open(metrics_port), 20, "the metrics port")
     status, body = healthz(metrics_port)
     assert status == 200 and body["status"] == "ok" and body["role"] == "all"
+    # The listeners, workers and sender run as processes of their own; each is watched.
     assert body["checks"] == {"state": True, "scheduler": True, "listener": True,
-                              "worker": True}
+                              "worker": True, "sender": True}
     before = scrape(metrics_port)
     assert before[("radlens_state_up", ())] == 1
     assert before[("radlens_instances_received_total", ())] == 0

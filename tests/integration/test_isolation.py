@@ -108,6 +108,70 @@ def test_worker_processes_do_not_outlive_a_killed_agent(server_factory):
     wait_for(lambda: all(_gone(pid) for pid in workers), 10, "the worker processes to stop")
 
 
+def _children(server) -> dict[str, list[int]]:
+    lock = _lock(server)
+    return {kind: list(lock.get(f"{kind}_pids", [])) for kind in ("listener", "worker", "sender")}
+
+
+def test_the_node_supervises_its_listener_worker_and_sender_processes(server_factory, archive,
+                                                                     tmp_path):
+    """--role all: the port is served, jobs run and results are sent by processes of their
+    own; one killed is started again while the rest goes on; SIGTERM stops them in the order
+    data flows (listeners, then workers, then the sender)."""
+    server = server_factory(RADLENS_DESTINATIONS=json.dumps([{
+                                "name": "archive", "ae_title": "ARCHIVE",
+                                "host": "127.0.0.1", "port": archive.port}]),
+                            RADLENS_OUTBOX__POLL_INTERVAL_S="30").start()
+    wait_for(lambda: all(_children(server).values()), 60, "the listener, worker and sender")
+    children = _children(server)
+    pids = [pid for group in children.values() for pid in group]
+    assert len(set(pids)) == 3 and server.process.pid not in pids, children
+
+    # A killed listener: the agent starts another on the same port; the others go on.
+    os.kill(children["listener"][0], signal.SIGKILL)
+    wait_for(lambda: "listener process died" in server.log(), 30, "the death to be noticed")
+    wait_for(lambda: echoscu(server.port).returncode == 0, 30, "C-ECHO to be answered again")
+    wait_for(lambda: _children(server)["listener"] not in ([], children["listener"]), 30,
+             "the new listener in the status")
+    (listener,) = _children(server)["listener"]
+    assert listener != children["listener"][0]
+    assert _children(server)["worker"] == children["worker"]
+
+    # A killed sender: another one delivers what the worker queued (woken at once, long
+    # before its 30 s poll).
+    os.kill(children["sender"][0], signal.SIGKILL)
+    wait_for(lambda: _children(server)["sender"] not in ([], children["sender"]), 30,
+             "the sender to be restarted")
+    (sender,) = _children(server)["sender"]
+    _, path = _phantom_study(tmp_path / "in", 5)
+    assert storescu(server.port, [path]).returncode == 0
+    wait_for(lambda: server.jobs_done(), 60, "the study to be processed")
+    wait_for(lambda: server.query("SELECT COUNT(*) FROM outbox WHERE state = 'sent'")[0][0]
+             == server.query("SELECT COUNT(*) FROM outbox")[0][0] > 0, 20,
+             "the results to be delivered")
+    assert list(archive.folder.rglob("*")), "nothing reached the destination"
+    status = _status(server)["agent"]
+    assert status["listener_restarts"] == 1 and status["sender_restarts"] == 1, status
+    shown = radlens_cli("status", env={"RADLENS_STORAGE__DATA_DIR": str(server.data_dir)})
+    assert f"sender processes: 1 (pids {sender}; restarted 1 times)" in shown.stdout
+
+    # SIGTERM to every process of the node at once, as a service manager sends it to the
+    # node's control group: only the agent acts on it, and stops the others in order.
+    everyone = (listener, sender, *children["worker"])
+    for pid in everyone:
+        os.kill(pid, signal.SIGTERM)
+    assert server.stop() == 0
+    for pid in everyone:
+        assert _gone(pid), pid
+    log = server.log()
+    stopping = log.index("stopping")
+    order = [log.rindex("listener stopped"), log.rindex("worker processes stopped"),
+             log.rindex("sender stopped"), log.rindex("radlens agent stopped")]
+    assert stopping < order[0] and order == sorted(order), order
+    assert "died; starting it again" not in log[stopping:]
+    assert "worker process lost" not in log
+
+
 def _failed_for_good(server, study: str, reason: str) -> None:
     wait_for(lambda: server.jobs_done(), 180, "the job to fail for good")
     (job,) = server.jobs_done()
@@ -199,3 +263,22 @@ def test_deeply_nested_files_through_radlens_process(tmp_path):
     for study in summary["studies"]:
         (sr,) = study["outputs"]["sr"]
         assert pydicom.dcmread(sr).StudyInstanceUID == study["study_instance_uid"]
+
+
+def test_isolation_thread_runs_the_whole_node_in_one_process(server_factory, archive,
+                                                             tmp_path):
+    """worker.isolation: thread (debugging): no child processes; the study is still
+    processed."""
+    server = server_factory(RADLENS_WORKER__ISOLATION="thread", RADLENS_MODEL__ENABLED="false",
+                            RADLENS_DESTINATIONS=json.dumps([{
+                                "name": "archive", "ae_title": "ARCHIVE",
+                                "host": "127.0.0.1", "port": archive.port}])).start()
+    wait_for(lambda: _lock(server).get("pid"), 30, "the lock details")
+    assert _children(server) == {"listener": [], "worker": [], "sender": []}
+    assert not Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children"
+                    ).read_text().split()
+    _, path = _phantom_study(tmp_path / "in", 6)
+    assert storescu(server.port, [path]).returncode == 0
+    wait_for(lambda: server.jobs_done(), 60, "the study to be processed")
+    assert server.jobs_done()[0]["state"] == "done"
+    assert server.stop() == 0

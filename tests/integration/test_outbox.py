@@ -95,3 +95,87 @@ def test_forward_refuses_a_file_that_is_not_dicom(tmp_path):
                                      '"port":104}]'})
     assert result.returncode == 1
     assert "not a DICOM file radlens can send" in result.stderr
+
+
+CT_ONLY = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = OppositeEndianExplicit
+TransferSyntax3 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[CTOnly]
+PresentationContext1 = CTImageStorage\\Uncompressed
+
+[[Profiles]]
+[CTOnly]
+PresentationContexts = CTOnly
+"""
+
+
+def test_a_refusal_fails_at_once_an_outage_gives_up_and_an_operator_can_retry_or_drop(
+        server_factory, tmp_path):
+    """A destination that takes CT images only (dcmtk storescp with an association profile):
+    the MR it refuses fails at once with the reason, never retried, while the CT arrives. A
+    destination that is down is given up after outbox.max_age_h. ``radlens outbox retry``
+    sends a failed delivery again; ``drop`` gives a waiting one up; both are audited."""
+    ct_port, down = free_port(), free_port()
+    profile = tmp_path / "ct-only.cfg"
+    profile.write_text(CT_ONLY)
+    received = tmp_path / "ct-archive"
+    received.mkdir()
+    archive = subprocess.Popen([require_tool("storescp"), "-aet", "CTARCHIVE", "-xf",
+                                str(profile), "CTOnly", "-od", str(received), str(ct_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(ct_port), 20, "storescp to listen")
+        server = server_factory(
+            RADLENS_MODEL__ENABLED="false",
+            RADLENS_DESTINATIONS=json.dumps([
+                {"name": "ct", "ae_title": "CTARCHIVE", "host": "127.0.0.1", "port": ct_port},
+                {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": down}]),
+            RADLENS_OUTBOX__POLL_INTERVAL_S="0.2", RADLENS_OUTBOX__RETRY_INITIAL_S="0.3",
+            RADLENS_OUTBOX__RETRY_MAX_S="0.5", RADLENS_OUTBOX__MAX_AGE_H="0.001").start()
+        files = [str(TEST_FILES / "CT_small.dcm"), str(TEST_FILES / "MR_small.dcm")]
+        for name in ("ct", "down"):
+            assert radlens_cli("forward", *files, "--to", name, env=server.env).returncode == 0
+
+        def settled(destination: str) -> list:
+            rows = server.query("SELECT * FROM outbox WHERE destination = ? ORDER BY id",
+                                (destination,))
+            return rows if all(r["state"] != "pending" for r in rows) else []
+
+        ct, mr = wait_for(lambda: settled("ct"), 30, "the CT archive's deliveries to settle")
+        assert ct["state"] == "sent" and len(list(received.iterdir())) == 1
+        assert mr["state"] == "failed" and mr["attempts"] == 1
+        assert "refused by the destination" in mr["last_error"]
+        assert "No presentation context" in mr["last_error"]  # in a batch with the CT
+        assert "not retried" in server.log()
+
+        # The destination that is down: retried with back-off, then given up after 3.6 s.
+        gave_up = wait_for(lambda: settled("down"), 30, "the outage to be given up")
+        assert all("gave up after" in r["last_error"] and r["attempts"] >= 2 for r in gave_up)
+
+        listed = radlens_cli("outbox", "list", env=server.env)
+        assert listed.returncode == 0 and str(mr["id"]) in listed.stdout
+        retried = radlens_cli("outbox", "retry", str(mr["id"]), env=server.env)
+        assert retried.returncode == 0, retried.stderr
+        wait_for(lambda: server.query("SELECT state, attempts FROM outbox WHERE id = ?",
+                                      (mr["id"],))[0]["state"] == "failed", 30,
+                 "the retried delivery to be refused again")
+        again = server.query("SELECT * FROM outbox WHERE id = ?", (mr["id"],))[0]
+        # Alone, the MR's association carries no context the archive accepts.
+        assert again["attempts"] == 1 and "accepts none of the presentation contexts" in \
+            again["last_error"], dict(again)
+
+        sent = radlens_cli("outbox", "drop", str(ct["id"]), env=server.env)
+        assert sent.returncode == 1 and "was sent already" in sent.stderr
+        missing = radlens_cli("outbox", "retry", "99999", env=server.env)
+        assert missing.returncode == 1 and "no delivery 99999" in missing.stderr
+        audit = (server.data_dir / "audit.jsonl").read_text()
+        assert f"radlens outbox retry {mr['id']}" in audit
+        assert server.stop() == 0
+    finally:
+        archive.terminate()
+        archive.wait(timeout=10)

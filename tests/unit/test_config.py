@@ -115,3 +115,19 @@ def test_a_configured_schedule_registers_the_cohort_job(tmp_path):
         assert job is not None and job.next_run_time.hour == 2
     finally:
         agent.stop()
+
+
+def test_worker_processes_follow_the_machine_unless_set(monkeypatch):
+    """concurrency 0: one worker process per two cores and per 4 GB, from 1 to 4; a set value
+    is kept; the default memory limit shares half the machine's memory among them."""
+    from radlens.config import settings as settings_module
+    from radlens.config.settings import WorkerSettings
+
+    for cores, memory_mb, expected in ((2, 24_000, 1), (1, 24_000, 1), (8, 64_000, 4),
+                                       (16, 128_000, 4), (8, 8_192, 2), (64, 2_048, 1)):
+        monkeypatch.setattr(settings_module.os, "cpu_count", lambda c=cores: c)
+        monkeypatch.setattr(settings_module, "_machine_memory_mb", lambda m=memory_mb: m)
+        worker = WorkerSettings()
+        assert worker.processes() == expected, (cores, memory_mb)
+        assert worker.memory_limit_mb() == max(1024, memory_mb // 2 // expected)
+        assert WorkerSettings(concurrency=3).processes() == 3

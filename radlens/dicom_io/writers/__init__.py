@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 
 from radlens.config import OutputSettings
 from radlens.dicom_io import pixels
@@ -26,7 +25,13 @@ from radlens.dicom_io.writers.analysed import (
     read_header,
     with_type2_present,
 )
-from radlens.dicom_io.writers.common import Equipment, OutputKind, SeriesPlan
+from radlens.dicom_io.writers.common import (
+    Equipment,
+    OutputFolder,
+    OutputKind,
+    SeriesPlan,
+    creation_time,
+)
 from radlens.dicom_io.writers.overlay import (
     build_density_overlay,
     build_overlays,
@@ -137,7 +142,8 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
         if info.predictions and sop_uid in headers:
             images.append(load_analysed(info, sources[sop_uid], study_results,
                                         header=headers[sop_uid]))
-    folder = study_results / DICOM_DIR / f"revision-{findings.revision}"
+    folder = OutputFolder(study_results / DICOM_DIR / f"revision-{findings.revision}", fsync,
+                          creation_time(headers.values()))
     written = WrittenOutputs([], [], [], [])
 
     failures: list[str] = []
@@ -147,24 +153,22 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
             try:
                 segmentations = build_segmentations(
                     images, equipment, SeriesPlan.new(OutputKind.SEG, findings.revision))
-                written.seg.extend(_save(seg.dataset, folder, "SEG", fsync)
-                                   for seg in segmentations)
+                written.seg.extend(folder.save(seg.dataset, "SEG") for seg in segmentations)
             except Exception as exc:  # one object that cannot be built must not cost others
                 failures.append(_failed("segmentation (SEG)", findings, exc))
                 segmentations = []
     figures = _write_per_image(images, sources, equipment, findings, folder, settings,
-                               saliency_methods, written, failures, fsync, times)
+                               saliency_methods, written, failures, times)
     density = [DensityImage(info, headers[info.ref.sop_instance_uid]) for info in findings.images
                if info.density is not None and info.ref.sop_instance_uid in headers]
     figures += _write_density_overlays(density, sources, findings, study_results, folder,
-                                       settings, written, failures, fsync, times)
+                                       settings, written, failures, times)
     if settings.sr and headers:
         with times.stage("sr"):
             notes = study_notes(findings, any(image.lesions for image in images))
-            written.sr.append(_save(_report(images, segmentations, narrative, equipment,
-                                            findings, notes + failures,
-                                            list(headers.values()), density), folder, "SR",
-                                    fsync))
+            written.sr.append(folder.save(_report(images, segmentations, narrative, equipment,
+                                                  findings, notes + failures,
+                                                  list(headers.values()), density), "SR"))
     if settings.pdf:
         with times.stage("pdf"):
             try:
@@ -175,7 +179,7 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
                     document = build_encapsulated_pdf(
                         pdf, pdf_headers, equipment,
                         SeriesPlan.new(OutputKind.PDF, findings.revision))
-                    written.pdf.append(_save(document, folder, "PDF", fsync))
+                    written.pdf.append(folder.save(document, "PDF"))
             except Exception as exc:  # the report must not cost the SEG and SR written
                 _failed("PDF report", findings, exc)
     log.info("DICOM outputs written", extra=kv(
@@ -220,8 +224,9 @@ def write_failure_report(study_uid: str, revision: int, sources: Mapping[str, Pa
         report = build_report([], [], narrative, Equipment.for_model(model), plan,
                               notes=notes, failed=True,
                               evidence=[uids_only(header) for header in headers.values()])
-    folder = study_results / DICOM_DIR / f"revision-{revision}"
-    return _save(report, folder, "SR", fsync)
+    folder = OutputFolder(study_results / DICOM_DIR / f"revision-{revision}", fsync,
+                          creation_time(headers.values()))
+    return folder.save(report, "SR")
 
 
 def uids_only(header: Dataset) -> Dataset:
@@ -273,9 +278,9 @@ def _failed(what: str, findings: StudyFindings, exc: Exception) -> str:
 
 
 def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
-                     equipment: Equipment, findings: StudyFindings, folder: Path,
+                     equipment: Equipment, findings: StudyFindings, folder: OutputFolder,
                      settings: OutputSettings, saliency_methods: Sequence[str],
-                     written: WrittenOutputs, failures: list[str], fsync: bool,
+                     written: WrittenOutputs, failures: list[str],
                      times: StageTimes) -> list[Figure]:
     """Parametric Map and RGB overlay of every image with a saliency map, and the PDF's figures
     (the key frames: with a lesion, most confident first), decoding each source at most once."""
@@ -289,7 +294,7 @@ def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
                 try:
                     pm = build_parametric_map(image, method, equipment, map_plan,
                                               len(written.parametric_map) + 1)
-                    written.parametric_map.append(_save(pm, folder, "PM", fsync))
+                    written.parametric_map.append(folder.save(pm, "PM"))
                 except Exception as exc:
                     failures.append(_failed(
                         f"saliency Parametric Map of {image.sop_instance_uid}", findings, exc))
@@ -310,7 +315,7 @@ def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
                     with_pixels = dataclasses.replace(image, pixels=frames)
                     for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
                                              len(written.overlay) + 1):
-                        written.overlay.append(_save(sc, folder, "SC", fsync))
+                        written.overlay.append(folder.save(sc, "SC"))
                 except Exception as exc:  # a refused header
                     failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
                                             findings, exc))
@@ -326,8 +331,8 @@ DENSITY_FIGURES = 4  # the four views of a screening mammogram
 
 def _write_density_overlays(density: list[DensityImage], sources: Mapping[str, Path],
                             findings: StudyFindings, study_results: Path,
-                            folder: Path, settings: OutputSettings, written: WrittenOutputs,
-                            failures: list[str], fsync: bool, times: StageTimes
+                            folder: OutputFolder, settings: OutputSettings,
+                            written: WrittenOutputs, failures: list[str], times: StageTimes
                             ) -> list[Figure]:
     """The Grad-CAM overlay of every mammogram the density model read (a Secondary Capture
     each, its laterality and view kept, made by the density model's equipment), and the PDF's
@@ -355,7 +360,7 @@ def _write_density_overlays(density: list[DensityImage], sources: Mapping[str, P
                     sc = build_density_overlay(image.header, image.info, frames[0], cam,
                                                Equipment.for_model(reading.model), plan,
                                                len(written.overlay) + 1)
-                    written.overlay.append(_save(sc, folder, "SC", fsync))
+                    written.overlay.append(folder.save(sc, "SC"))
                 except Exception as exc:  # a refused header
                     failures.append(_failed(f"density overlay of {sop_uid}", findings, exc))
         if settings.pdf and len(figures) < DENSITY_FIGURES:
@@ -394,10 +399,3 @@ def _figures(image: AnalysedImage, number: int, frames: np.ndarray, method: str 
     return figures
 
 
-def _save(dataset: Dataset, folder: Path, prefix: str, fsync: bool) -> Path:
-    buffer = DicomBytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    path = folder / f"{prefix}_{dataset.SOPInstanceUID}.dcm"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_durably(path, buffer.getvalue(), fsync=fsync)
-    return path

@@ -5,15 +5,19 @@ nominal geometry that lets a viewer place a derived object on an image that has 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from enum import Enum
+from pathlib import Path
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
 from radlens import __version__
+from radlens.dicom_io.spool import write_durably
 from radlens.findings import ModelRef
 
 MANUFACTURER = "radlens"
@@ -168,3 +172,62 @@ def geometry_sources(headers: Sequence[Dataset], spacing_mm: tuple[float, float]
             completed.append(copied)
         return completed, None
     return with_nominal_geometry(headers, (row_mm, column_mm)), measures
+
+
+def creation_time(sources: Iterable[Dataset]) -> datetime:
+    """The moment a job's objects are made, in the zone their dates and times are read in.
+
+    TimezoneOffsetFromUTC applies to every date and time of an instance, those copied from the
+    source (StudyDate, StudyTime) included. A source that states its offset fixes the zone, so
+    both agree; otherwise the node's own zone (the TZ it runs with), which is the site's."""
+    now = datetime.now().astimezone()
+    for header in sources:
+        offset = parse_utc_offset(header.get("TimezoneOffsetFromUTC"))
+        if offset is not None:
+            return now.astimezone(offset)
+    return now
+
+
+def parse_utc_offset(value: object) -> timezone | None:
+    """A TimezoneOffsetFromUTC value ("+0100", "-0500") as a timezone; None if absent or not
+    of that form."""
+    text = str(value or "").strip()
+    if len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
+        return None
+    hours, minutes = int(text[1:3]), int(text[3:])
+    if hours > 14 or minutes > 59:
+        return None
+    sign = 1 if text[0] == "+" else -1
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def stamp_creation(dataset: Dataset, created: datetime) -> None:
+    """One moment on an object: its instance creation and content date and time, and the
+    offset from UTC they are in. highdicom stamps each object with its own local ``now`` and
+    the PDF writer used UTC; a job's objects must agree."""
+    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
+    dataset.InstanceCreationDate, dataset.InstanceCreationTime = date, time
+    if "ContentDate" in dataset or "ContentTime" in dataset:
+        dataset.ContentDate, dataset.ContentTime = date, time
+    if "AcquisitionDateTime" in dataset:
+        dataset.AcquisitionDateTime = date + time
+    dataset.TimezoneOffsetFromUTC = created.strftime("%z")
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """Where one revision of a study's objects is written, and the one creation moment they
+    all carry."""
+
+    path: Path
+    fsync: bool
+    created: datetime
+
+    def save(self, dataset: Dataset, prefix: str) -> Path:
+        stamp_creation(dataset, self.created)
+        buffer = DicomBytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        path = self.path / f"{prefix}_{dataset.SOPInstanceUID}.dcm"
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_durably(path, buffer.getvalue(), fsync=self.fsync)
+        return path
