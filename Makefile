@@ -70,6 +70,7 @@ bench: $(DEV_STAMP) tools
 	$(BIN)/python benchmarks/fuzz.py
 	$(BIN)/python benchmarks/fuzz.py --model --datasets 1000 --pdus 0
 	$(BIN)/python benchmarks/resend.py
+	$(BIN)/python benchmarks/cam_layer.py
 
 clean:
 	rm -rf $(VENV) $(CLIP_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -238,7 +238,8 @@ def print_tables(rows: list[dict], peak_mb: float, device: str) -> None:
               f"{f'<= {target:.1f} s' if target else '-'} | {row['floor']:.2f} s | "
               f"{ratio:.1f}x ({f'<= {factor:.0f}x' if factor else '-'}) | {row['job']:.2f} s | "
               f"{row['delivery']:.2f} s | {row['objects']} |")
-    print(f"\nPeak RSS, agent plus each worker process's peak: {peak_mb:.0f} MB\n")
+    print(f"\nPeak RSS, agent plus each of its processes' peak (listeners, workers, sender): "
+          f"{peak_mb:.0f} MB\n")
     print("### Seconds per stage (the job's own timings, findings.json)\n")
     print("| frames | " + " | ".join(STAGES) + " | job total |")
     print("|---:|" + "---:|" * (len(STAGES) + 1))

@@ -251,6 +251,8 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
     from radlens.agent.pipeline import run_study
     from radlens.memory import release_freed_memory
 
+    if analyser is not None:  # measurement's libraries, loaded with the models, not by a job
+        import radlens.analysis.lesions  # noqa: F401
     results_root = settings.storage.data_dir.resolve() / RESULTS_DIR
     conn.send(("ready", analyser.model_ref.model_dump(mode="json") if analyser else None))
     log.info("worker process started", extra=kv(worker=index, pid=os.getpid()))
