@@ -143,6 +143,14 @@ class AuditLog:
             self._syslog.send(entry)
         return entry
 
+    def reopen(self) -> None:
+        """Close the file so that the next entry opens ``path`` anew: after logrotate moved it
+        aside (SIGHUP), entries go to the new file, none is lost in between."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:

@@ -301,4 +301,5 @@ def run_child(serve: ChildServe, *, on_command: Callable[[dict[str, Any]], None]
                      daemon=True).start()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the agent stops us, in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the agent says "reopen" on its SIGHUP
     return serve(config, Notifier(sys.stdout.buffer), stop)

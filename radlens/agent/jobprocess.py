@@ -233,6 +233,7 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
     process of the node at once, are the agent's to act on: it stops its workers in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _exit_with_the_agent()
     from radlens.logs import configure_logging
 

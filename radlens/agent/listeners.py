@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from radlens.agent.children import ChildProcesses, Notifier, run_child
+from radlens.audit import AuditLog
 from radlens.config import AuditSettings, DicomSettings, LogSettings, StorageSettings
 from radlens.errors import RadlensError
 
@@ -77,7 +78,6 @@ class ListenerProcesses(ChildProcesses):
 def serve_listener(config: dict[str, Any], notifier: Notifier, stop: threading.Event) -> int:
     """Run one listener until ``stop`` is set; returns the process exit code. Associations in
     flight get ``dicom.shutdown_grace_s`` to finish."""
-    from radlens.audit import AuditLog
     from radlens.db import Database
     from radlens.dicom_io.scp import StorageListener
     from radlens.dicom_io.spool import Spool, StoredInstance
@@ -95,6 +95,7 @@ def serve_listener(config: dict[str, Any], notifier: Notifier, stop: threading.E
 
     audit_settings = AuditSettings.model_validate(config.get("audit", {}))
     audit_log = AuditLog(audit_settings.resolved_path(data_dir), syslog=audit_settings.syslog)
+    _audit_logs.append(audit_log)
     try:
         listener = StorageListener(dicom, spool, on_stored, reuse_port=True, audit=audit_log)
         listener.start()
@@ -109,8 +110,17 @@ def serve_listener(config: dict[str, Any], notifier: Notifier, stop: threading.E
     return 0
 
 
+_audit_logs: list[AuditLog] = []  # this process's audit log, for the agent's "reopen"
+
+
+def _command(message: dict[str, Any]) -> None:
+    if message.get("command") == "reopen":
+        for audit_log in _audit_logs:
+            audit_log.reopen()
+
+
 def main() -> int:
-    return run_child(serve_listener)
+    return run_child(serve_listener, on_command=_command)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from radlens.agent.children import ChildProcesses, Notifier, run_child
+from radlens.audit import AuditLog
 from radlens.config import (
     AuditSettings,
     Destination,
@@ -71,21 +72,27 @@ class SenderProcess(ChildProcesses):
 _deliver_now = threading.Event()  # this process's one wake-up, set by the agent's "deliver"
 
 
+_audit_logs: list[AuditLog] = []  # this process's audit log, for the agent's "reopen"
+
+
 def _command(message: dict[str, Any]) -> None:
     if message.get("command") == "deliver":
         _deliver_now.set()
+    elif message.get("command") == "reopen":
+        for audit_log in _audit_logs:
+            audit_log.reopen()
 
 
 def serve_sender(config: dict[str, Any], notifier: Notifier, stop: threading.Event) -> int:
     """Deliver until ``stop`` is set; a batch under way is finished first."""
     from radlens.agent.outbox import Outbox
-    from radlens.audit import AuditLog
     from radlens.db import Database
 
     settings = OutboxSettings.model_validate(config["outbox"])
     audit_settings = AuditSettings.model_validate(config["audit"])
     assert audit_settings.path is not None  # the agent resolves it against its data folder
     audit_log = AuditLog(audit_settings.path, syslog=audit_settings.syslog)
+    _audit_logs.append(audit_log)
     db = Database(str(config["state_url"]), durable=bool(config["fsync"]))
     outbox = Outbox(db, settings,
                     [Destination.model_validate(d) for d in config["destinations"]],

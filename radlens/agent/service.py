@@ -265,6 +265,7 @@ class Agent:
         self.state_url = settings.state.resolved_url(self.data_dir)
         self._lock = DataDirLock(self.data_dir)
         self._stopping = threading.Event()
+        self._reopening = threading.Event()
         self.db: Database | None = None
         self.node: Node | None = None
         self.listener: StorageListener | None = None
@@ -674,12 +675,27 @@ class Agent:
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         self._stopping.set()
 
+    def request_reopen(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self._reopening.set()
+
+    def reopen_logs(self) -> None:
+        """After logrotate moved the audit trail aside (SIGHUP): every process of the node
+        writes its next entry to a new file at ``audit.path``."""
+        self.audit.reopen()
+        for children in (self.listener_processes, self.sender):
+            if children is not None:
+                children.send(command="reopen")
+        log.info("audit trail reopened", extra=kv(path=str(self.audit.path)))
+
     def run_until_signalled(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reopen)
         self.start()
         try:
             while not self._stopping.wait(1.0):
-                pass
+                if self._reopening.is_set():
+                    self._reopening.clear()
+                    self.reopen_logs()
         finally:
             self.stop()

@@ -284,3 +284,18 @@ def test_the_deploy_files_are_valid():
     from radlens.config import load_settings
 
     assert load_settings(deploy / "radlens.yaml").dicom.ae_title == "RADLENS"
+    # The systemd unit: SIGTERM to the agent alone, which stops its processes in order, within
+    # a stop timeout longer than twice the default grace; reload sends SIGHUP.
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(deploy / "systemd" / "radlens.service")
+    service = unit["Service"]
+    assert service["ExecStart"].split()[1:3] == ["serve", "--log-format"]
+    assert service["KillMode"] == "mixed" and service["ExecReload"].endswith("-HUP $MAINPID")
+    from radlens.config import Settings
+
+    assert int(service["TimeoutStopSec"]) > 2 * Settings().dicom.shutdown_grace_s
+    rotate = (deploy / "systemd" / "radlens.logrotate").read_text()
+    assert "audit.jsonl" in rotate and "systemctl reload radlens" in rotate

@@ -4,6 +4,7 @@ cap, and the audit trail (file, syslog and ``radlens audit``)."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import time
@@ -323,3 +324,39 @@ def test_audit_trail_file_syslog_and_command(server_factory):
     assert audit_entries(server)[-1]["event"] == "audit-log-used"
     wrong = radlens_cli("audit", "--since", "yesterday", env=server.env)
     assert wrong.returncode == 1 and "--since takes" in wrong.stderr
+
+
+def test_sighup_reopens_the_audit_trail_in_every_process(server_factory, archive):
+    """logrotate moves audit.jsonl aside and sends SIGHUP to the agent: the agent, its
+    listener and its sender write their next entries to a new audit.jsonl, none to the old
+    one, and no process of the node stops or restarts."""
+    server = server_factory(RADLENS_MODEL__ENABLED="false",
+                            RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
+                            RADLENS_DESTINATIONS=json.dumps([{
+                                "name": "archive", "ae_title": "ARCHIVE",
+                                "host": "127.0.0.1", "port": archive.port}])).start()
+    trail = server.data_dir / "audit.jsonl"
+    lock = server.data_dir / "radlens.lock"
+    wait_for(lambda: json.loads(lock.read_text() or "{}").get("sender_pids"), 30,
+             "the sender process")
+    before = json.loads(lock.read_text())
+    rotated = trail.with_name("audit.jsonl.1")
+    trail.rename(rotated)
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "audit trail reopened" in server.log(), 20, "the agent to reopen")
+    time.sleep(0.5)  # the children read their "reopen" line
+    assert storescu(server.port, [TEST_FILES / "CT_small.dcm"]).returncode == 0
+    forwarded = radlens_cli("forward", str(TEST_FILES / "MR_small.dcm"), "--to", "archive",
+                            env=server.env)
+    assert forwarded.returncode == 0, forwarded.stderr
+    wait_for(lambda: '"direction":"out"' in (trail.read_text() if trail.exists() else ""), 30,
+             "the sender's entry in the new trail")
+    new = [json.loads(line) for line in trail.read_text().splitlines()]
+    old = rotated.read_text()
+    assert any(e["event"] == "instances-transferred" and e.get("direction") == "in"
+               for e in new), new  # the listener's
+    assert '"direction":"in"' not in old and '"direction":"out"' not in old
+    after = json.loads(lock.read_text())
+    for kind in ("listener_pids", "worker_pids", "sender_pids"):
+        assert after[kind] == before[kind], kind
+    assert server.stop() == 0
