@@ -413,6 +413,22 @@ def config_show(
 
 
 @app.command()
+def conformance(
+    out: Annotated[Path | None, typer.Option("--out", help="write it here (Markdown) instead "
+                                             "of printing it")] = None,
+) -> None:
+    """The DICOM Conformance Statement, written from the code's own lists."""
+    from radlens.conformance_statement import conformance_statement
+
+    text = conformance_statement()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        console.print(f"written: {out}")
+
+
+@app.command()
 def version() -> None:
     """Print the radlens version."""
     console.print(__version__)

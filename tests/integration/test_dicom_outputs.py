@@ -16,6 +16,7 @@ from radlens.agent.offline import collect_studies, process_study
 from radlens.agent.service import load_analyser
 from radlens.config import Settings
 from radlens.dicom_io.synthetic import us_dataset, us_multiframe_dataset
+from radlens.dicom_io.writers.common import OUTPUT_SOP_CLASSES, OUTPUT_TRANSFER_SYNTAXES
 from radlens.models.phantoms import make_phantom
 from tests.helpers import radlens_cli, require_tool
 
@@ -435,6 +436,10 @@ def test_every_output_carries_one_creation_time_in_the_nodes_zone(tmp_path):
             kinds = {path.name.split("_")[0] for path in (out / "results" / study).rglob("*.dcm")}
             assert kinds == {"SEG", "SR", "PM", "SC", "PDF"}, kinds
             assert {ds.TimezoneOffsetFromUTC for ds in objects} == {expected}, zone
+            # ... and every object is of a SOP class and syntax the conformance statement lists
+            assert {ds.SOPClassUID for ds in objects} <= set(OUTPUT_SOP_CLASSES)
+            assert {ds.file_meta.TransferSyntaxUID for ds in objects} <= set(
+                OUTPUT_TRANSFER_SYNTAXES)
             moments = {(ds.ContentDate, ds.ContentTime, ds.InstanceCreationDate,
                         ds.InstanceCreationTime) for ds in objects}
             assert len(moments) == 1, moments

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib import colormaps
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage import measure
 
 from radlens.dicom_io import codes
@@ -177,6 +177,7 @@ def _secondary_capture(image: AnalysedImage, rgb: np.ndarray, equipment: Equipme
         manufacturer=equipment.manufacturer,
         pixel_spacing=(spacing.row_mm, spacing.column_mm) if spacing else None,
         series_description=plan.description,
+        transfer_syntax_uid=ExplicitVRLittleEndian,  # as every other output (highdicom: implicit)
     )
     sc.BurnedInAnnotation = "NO"
     # The overlay lies on the source's pixel grid: it has the source's orientation, which for
