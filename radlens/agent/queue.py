@@ -16,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from radlens.db import Database, instances, jobs
+from radlens.db import Database, instances, jobs, outbox
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,16 @@ class JobQueue:
         """When the last instance of the job's own arrived (the start of its turnaround)."""
         return self.db.scalar(sa.select(sa.func.max(instances.c.received_at))
                               .where(instances.c.job_id == job.id))
+
+    def destinations_of_earlier_jobs(self, conn: Connection, job_id: int) -> set[str]:
+        """The destinations that got (or are to get) outputs of the study's earlier jobs."""
+        study = sa.select(jobs.c.study_instance_uid).where(jobs.c.id == job_id).scalar_subquery()
+        earlier = sa.select(jobs.c.id).where(jobs.c.study_instance_uid == study,
+                                             jobs.c.id < job_id)
+        return {str(r[0]) for r in conn.execute(
+            sa.select(outbox.c.destination).where(outbox.c.job_id.in_(earlier),
+                                                  outbox.c.state.in_(("sent", "pending")))
+            .distinct())}
 
     def revision(self, job: Job) -> int:
         """1 for a study's first job, 2 for the next, and so on."""

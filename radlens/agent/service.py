@@ -591,8 +591,16 @@ class Agent:
         """Queue a job's outputs for every configured destination, in the job's own
         transaction (see ``Worker``)."""
         assert self.outbox is not None
+        from pydicom.uid import KeyObjectSelectionDocumentStorage as note_class
+
+        notes = [f for f in files if f.sop_class_uid == note_class]
+        results = [f for f in files if f.sop_class_uid != note_class]
+        # A rejection note goes where the objects it withdraws went (or are going).
+        received = self.queue.destinations_of_earlier_jobs(conn, job_id) if notes else set()
         for destination in self.settings.destinations:
-            self.outbox.enqueue(files, destination.name, job_id=job_id, conn=conn)
+            chosen = results + (notes if destination.name in received else [])
+            if chosen:
+                self.outbox.enqueue(chosen, destination.name, job_id=job_id, conn=conn)
 
     def _results_queued(self, job_id: int) -> None:
         """A node that also sends wakes its outbox; a worker leaves the rows to the senders."""

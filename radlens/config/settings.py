@@ -390,6 +390,9 @@ class OutputSettings(_Section):
     parametric_map: bool = True  # the first saliency method as a Parametric Map
     overlay: bool = True  # RGB Secondary Capture: image, heat map, lesion contours
     pdf: bool = True  # the report as Encapsulated PDF (and results/<Study>/report.pdf)
+    # When a study is analysed again (revision N+1), a Key Object Selection "Rejected for
+    # Quality Reasons" (IHE IOCM) withdraws revision N's objects at the destinations that got them.
+    retract_superseded: bool = True
 
 
 class AnatomySettings(_Section):

@@ -63,10 +63,12 @@ class WrittenOutputs:
     parametric_map: list[Path]
     overlay: list[Path]
     pdf: list[Path] = dataclasses.field(default_factory=list)
+    retraction: list[Path] = dataclasses.field(default_factory=list)  # last: sent after the rest
 
     @property
     def all(self) -> list[Path]:
-        return [*self.seg, *self.sr, *self.parametric_map, *self.overlay, *self.pdf]
+        return [*self.seg, *self.sr, *self.parametric_map, *self.overlay, *self.pdf,
+                *self.retraction]
 
 
 def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
@@ -182,10 +184,35 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
                     written.pdf.append(folder.save(document, "PDF"))
             except Exception as exc:  # the report must not cost the SEG and SR written
                 _failed("PDF report", findings, exc)
+    if settings.retract_superseded and findings.revision > 1 and written.all:
+        _write_rejection_note(study_results, findings, equipment, folder, written)
     log.info("DICOM outputs written", extra=kv(
         study=findings.study_instance_uid, revision=findings.revision, seg=len(written.seg),
         sr=len(written.sr), pm=len(written.parametric_map), sc=len(written.overlay)))
     return written
+
+
+def _write_rejection_note(study_results: Path, findings: StudyFindings, equipment: Equipment,
+                          folder: OutputFolder, written: WrittenOutputs) -> None:
+    """The IOCM rejection note of the revision this one supersedes (see writers.kos); a note
+    that cannot be built costs the new revision nothing."""
+    from radlens.dicom_io.writers.kos import build_rejection_note, superseded_objects
+
+    previous = study_results / DICOM_DIR / f"revision-{findings.revision - 1}"
+    superseded = superseded_objects(previous)
+    if not superseded:
+        return
+    plan = SeriesPlan.new(OutputKind.KOS, findings.revision)
+    try:
+        note = build_rejection_note(superseded, equipment, plan, revision=findings.revision)
+        note.SeriesDescription = plan.description
+        written.retraction.append(folder.save(note, "KO"))
+    except Exception as exc:
+        _failed("rejection note of the superseded revision", findings, exc)
+        return
+    log.info("superseded revision withdrawn", extra=kv(
+        study=findings.study_instance_uid, revision=findings.revision - 1,
+        objects=len(superseded)))
 
 
 def _report(images: list[AnalysedImage], segmentations: list, narrative: Narrative,

@@ -31,6 +31,9 @@ OUTPUT_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture: the overlay of a "
                                    "multi-frame image, playable",
     "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF: the report",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection (IHE IOCM, \"Rejected for Quality "
+                                     "Reasons\"): withdraws the objects of a revision a newer "
+                                     "one superseded, sent where they went",
 }
 OUTPUT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1",)  # Explicit VR Little Endian
 
@@ -48,6 +51,7 @@ class OutputKind(Enum):
     PARAMETRIC_MAP = (9300, "radlens saliency map")
     OVERLAY = (9400, "radlens saliency overlay")
     PDF = (9500, "radlens report")
+    KOS = (9600, "radlens rejection note")
 
     @property
     def series_base(self) -> int:
