@@ -26,6 +26,7 @@ from radlens.cli_support import (
     err,
     fail,
 )
+from radlens.config import Settings
 from radlens.errors import ConfigError, RadlensError
 
 app = typer.Typer(
@@ -340,7 +341,8 @@ def route(
     = None,
     config: ConfigOption = None,
 ) -> None:
-    """Say for each file which model would run on it and why, or why none would."""
+    """Say for each file which model would run on it and why, and where each study's outputs
+    would go."""
     from radlens.agent.offline import iter_files
     from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ImageFacts, ModelScope, Router
     from radlens.dicom_io.nesting import read_bounded
@@ -366,6 +368,7 @@ def route(
         files = list(iter_files(paths))
     except FileNotFoundError as exc:
         raise fail(str(exc), 2) from None
+    studies: dict[str, list] = {}  # study UID -> [modalities, description]
     for path in files:
         try:
             ds = read_bounded(path, stop_before_pixels=True)
@@ -381,6 +384,33 @@ def route(
         chosen = cards.get(decision_model or "", {})
         shown = (f"{chosen.get('name')} {chosen.get('version')}" if decision_model else "none")
         table.add_row(str(path), facts.modality or "-", facts.body_part or "-", shown, reason)
+        study = studies.setdefault(str(ds.get("StudyInstanceUID", "?")), [set(), ""])
+        study[0].add(facts.modality or "")
+        study[1] = study[1] or str(ds.get("StudyDescription", "") or "")
+    console.print(table)
+    _print_delivery(settings, studies, calling_aet)
+
+
+def _print_delivery(settings: Settings, studies: dict[str, list], calling_aet: str | None
+                    ) -> None:
+    """Where each study's outputs would go (delivery rules, each destination's kinds)."""
+    from radlens.agent.delivery import StudySource, plan
+
+    table = Table(title="delivery")
+    for column in ("study", "destination", "gets", "why"):
+        table.add_column(column, overflow="fold")
+    for study, (modalities, description) in studies.items():
+        chosen = plan(settings, StudySource(frozenset({calling_aet} if calling_aet else ()),
+                                            frozenset(m for m in modalities if m),
+                                            description))
+        if not chosen.destinations:
+            table.add_row(study, "none", "", chosen.reason)
+        for destination in chosen.destinations:
+            table.add_row(study, f"{destination.name} ({destination.ae_title}@"
+                          f"{destination.host}:{destination.port})",
+                          ", ".join(destination.outputs), chosen.reason)
+        for missing in chosen.missing:
+            table.add_row(study, missing, "", chosen.reason)
     console.print(table)
 
 

@@ -13,10 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from radlens.agent.delivery import StudySource
 from radlens.db import Database, instances, jobs, outbox
+from radlens.dicom_io.scu import OutgoingFile
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
@@ -183,6 +186,32 @@ class JobQueue:
         """When the last instance of the job's own arrived (the start of its turnaround)."""
         return self.db.scalar(sa.select(sa.func.max(instances.c.received_at))
                               .where(instances.c.job_id == job.id))
+
+    def study_source(self, conn: Connection, job_id: int, data_dir: Path
+                     ) -> tuple[StudySource, list[OutgoingFile]]:
+        """Where a job's study came from and what it holds (calling AE titles; modality and
+        description from one header per series, at most 20), and its received instances as
+        files to forward."""
+        rows = conn.execute(sa.select(
+            instances.c.sop_instance_uid, instances.c.sop_class_uid,
+            instances.c.transfer_syntax_uid, instances.c.calling_aet, instances.c.path,
+            instances.c.series_instance_uid).where(instances.c.job_id == job_id)).all()
+        modalities: set[str] = set()
+        description = ""
+        one_per_series = {row.series_instance_uid: row.path for row in rows}
+        for relative in list(one_per_series.values())[:20]:
+            try:
+                header = pydicom.dcmread(data_dir / relative, stop_before_pixels=True,
+                                         specific_tags=["Modality", "StudyDescription"])
+            except Exception:  # an unreadable header chooses nothing; its job said why
+                continue
+            modalities.add(str(header.get("Modality", "") or ""))
+            description = description or str(header.get("StudyDescription", "") or "")
+        files = [OutgoingFile(data_dir / row.path, row.sop_class_uid, row.sop_instance_uid,
+                              row.transfer_syntax_uid) for row in rows]
+        source = StudySource(frozenset(row.calling_aet for row in rows),
+                             frozenset(m for m in modalities if m), description)
+        return source, files
 
     def destinations_of_earlier_jobs(self, conn: Connection, job_id: int) -> set[str]:
         """The destinations that got (or are to get) outputs of the study's earlier jobs."""

@@ -48,7 +48,7 @@ class SenderProcess(ChildProcesses):
             "timeout_s": settings.dicom.network_timeout_s,
             "tls": settings.dicom.tls.model_dump(mode="json"),
             "outbox": settings.outbox.model_dump(mode="json"),
-            "destinations": [d.model_dump(mode="json") for d in settings.destinations],
+            "destinations": [d.model_dump(mode="json") for d in settings.delivery_destinations()],
             "audit": settings.audit.model_copy(update={
                 "path": settings.audit.resolved_path(data_dir)}).model_dump(mode="json"),
             "log": settings.log.model_dump(mode="json"),

@@ -323,7 +323,7 @@ class Agent:
                                             max_wait_s=s.assembly.max_wait_s,
                                             recovery_wait_s=s.assembly.recovery_wait_s)
         if self._runs("worker", "sender"):
-            self.outbox = Outbox(self.db, s.outbox, s.destinations,
+            self.outbox = Outbox(self.db, s.outbox, s.delivery_destinations(),
                                  calling_aet=s.dicom.ae_title,
                                  timeout_s=s.dicom.network_timeout_s, node_id=self.node.id,
                                  on_result=self.metrics.delivered, tls=s.dicom.tls,
@@ -459,7 +459,7 @@ class Agent:
         the port this process reserves (so the port is answered only once all can run)."""
         s = self.settings
         assert self.db is not None and self.node is not None
-        if s.destinations:
+        if s.delivery_destinations():
             self.sender = SenderProcess(s, state_url=self.db.url, node_id=self.node.id,
                                         on_result=self.metrics.delivered,
                                         on_started=lambda pids: self._lock.update(
@@ -588,25 +588,34 @@ class Agent:
 
     def _queue_results(self, conn: Connection, job_id: int, files: list[OutgoingFile]
                        ) -> None:
-        """Queue a job's outputs for every configured destination, in the job's own
-        transaction (see ``Worker``)."""
+        """Queue a job's outputs, in the job's own transaction (see ``Worker``), for the
+        destinations the delivery rules choose, each the kinds it takes (radlens.agent.delivery).
+        """
         assert self.outbox is not None
         from pydicom.uid import KeyObjectSelectionDocumentStorage as note_class
 
-        notes = [f for f in files if f.sop_class_uid == note_class]
-        results = [f for f in files if f.sop_class_uid != note_class]
-        # A rejection note goes where the objects it withdraws went (or are going).
-        received = self.queue.destinations_of_earlier_jobs(conn, job_id) if notes else set()
-        for destination in self.settings.destinations:
-            chosen = results + (notes if destination.name in received else [])
-            if chosen:
-                self.outbox.enqueue(chosen, destination.name, job_id=job_id, conn=conn)
+        from radlens.agent.delivery import plan
+
+        source, sources = self.queue.study_source(conn, job_id, self.data_dir)
+        chosen = plan(self.settings, source)
+        for missing in chosen.missing:
+            log.warning("a delivery rule names the sender, which has no return address",
+                        extra=kv(job=job_id, missing=missing))
+        # A rejection note goes only where the objects it withdraws went (or are going).
+        received = (self.queue.destinations_of_earlier_jobs(conn, job_id)
+                    if any(f.sop_class_uid == note_class for f in files) else set())
+        for destination in chosen.destinations:
+            outgoing = [f for f in chosen.files_for(destination, files, sources)
+                        if f.sop_class_uid != note_class or destination.name in received]
+            if outgoing:
+                self.outbox.enqueue(outgoing, destination.name, job_id=job_id, conn=conn)
 
     def _results_queued(self, job_id: int) -> None:
         """A node that also sends wakes its outbox; a worker leaves the rows to the senders."""
         if self.sender is not None:
             self.sender.wake()
-        elif self.settings.destinations and self._runs("sender") and self.outbox is not None:
+        elif (self.settings.delivery_destinations() and self._runs("sender")
+              and self.outbox is not None):
             self.scheduler.add_job(self.outbox.deliver_due, id=f"deliver-{job_id}",
                                    replace_existing=True)
 

@@ -7,6 +7,7 @@ them for users (a unit test keeps the two equal).
 from __future__ import annotations
 
 import os
+import re
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -86,6 +87,15 @@ class Peer(_Section):
     ae_title: AETitle
     addresses: list[Network] = Field(default_factory=list)  # CIDR, e.g. 10.1.2.0/24; empty: any
     max_associations: int | None = Field(default=None, ge=1, le=1000)  # at once; empty: no own cap
+    # The peer's own Storage SCP, where results go back when a delivery rule names "sender".
+    return_host: str | None = None
+    return_port: Port | None = None
+
+    @model_validator(mode="after")
+    def _return_address_whole(self) -> Peer:
+        if (self.return_host is None) != (self.return_port is None):
+            raise ValueError("return_host and return_port go together")
+        return self
 
 
 class DicomSettings(_Section):
@@ -266,6 +276,11 @@ class WorkerSettings(_Section):
         return max(1024, _machine_memory_mb() // 2 // self.processes())
 
 
+OutputName = Literal["seg", "sr", "parametric_map", "overlay", "pdf", "rejection", "sources"]
+RESULT_OUTPUTS: tuple[OutputName, ...] = ("seg", "sr", "parametric_map", "overlay", "pdf",
+                                          "rejection")
+
+
 class Destination(_Section):
     """A DICOM node that receives what radlens sends (results, forwarded instances)."""
 
@@ -278,6 +293,44 @@ class Destination(_Section):
     tls: bool = False
     tls_ca_certificates: Path | None = None
     tls_check_hostname: bool = True  # the certificate must name ``host``
+    # What it gets of each study: the result objects by kind ("rejection": the note that
+    # withdraws a superseded revision), and with "sources" the study's received instances.
+    outputs: list[OutputName] = Field(default_factory=lambda: list(RESULT_OUTPUTS))
+
+
+def sender_destination(ae_title: str) -> str:
+    """The destination name of a peer's return address."""
+    return "sender-" + re.sub(r"[^A-Za-z0-9_.-]", "_", ae_title.strip())[:56]
+
+
+class DeliveryRule(_Section):
+    """Which destinations a study's outputs go to, chosen on its source. Every condition set
+    must hold; the first rule that matches decides."""
+
+    name: str = Field(min_length=1, max_length=64)
+    calling_aet: AETitle | None = None  # the AE title the study arrived from
+    modality: str | None = None  # a modality of the study's instances, e.g. US
+    study_description: str | None = None  # a regular expression searched, any case
+    destinations: list[str] = Field(min_length=1)  # names, or "sender" (the calling AE's
+    # return address, dicom.peers[].return_host/return_port)
+
+    @field_validator("study_description")
+    @classmethod
+    def _valid_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"study_description is not a regular expression: {exc}"
+                                 ) from exc
+        return value
+
+
+class DeliverySettings(_Section):
+    """Where each study's outputs go (see ``radlens route``)."""
+
+    rules: list[DeliveryRule] = Field(default_factory=list)
+    unmatched: Literal["all", "none"] = "all"  # no rule matched: every destination, or none
 
 
 class RetentionSettings(_Section):
@@ -490,6 +543,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     density: DensitySettings = Field(default_factory=DensitySettings)
@@ -506,6 +560,11 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique, repeated: {', '.join(duplicates)}")
+        for rule in self.delivery.rules:
+            unknown = sorted(set(rule.destinations) - set(names) - {"sender"})
+            if unknown:
+                raise ValueError(f"delivery rule {rule.name!r} names unknown destinations: "
+                                 f"{', '.join(unknown)}")
         return self
 
     # The YAML file is chosen at run time, so the sources are built per load (see load_settings).
@@ -524,6 +583,16 @@ class Settings(BaseSettings):
         if cls._yaml_file is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
         return tuple(sources)
+
+    def delivery_destinations(self) -> list[Destination]:
+        """The destinations, and each peer's return address as ``sender-<AE>`` (the outbox
+        sends to any of them)."""
+        returns = [Destination(name=sender_destination(peer.ae_title),
+                               ae_title=peer.ae_title, host=peer.return_host,
+                               port=peer.return_port)
+                   for peer in self.dicom.peers
+                   if peer.return_host is not None and peer.return_port is not None]
+        return [*self.destinations, *returns]
 
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:

@@ -131,3 +131,19 @@ def test_worker_processes_follow_the_machine_unless_set(monkeypatch):
         assert worker.processes() == expected, (cores, memory_mb)
         assert worker.memory_limit_mb() == max(1024, memory_mb // 2 // expected)
         assert WorkerSettings(concurrency=3).processes() == 3
+
+
+def test_delivery_rules_name_known_destinations_and_valid_patterns():
+    pacs = {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}
+    with pytest.raises(ValueError, match="names unknown destinations: ris"):
+        Settings(destinations=[pacs], delivery={"rules": [
+            {"name": "r", "destinations": ["pacs", "ris"]}]})
+    with pytest.raises(ValueError, match="not a regular expression"):
+        Settings(destinations=[pacs], delivery={"rules": [
+            {"name": "r", "study_description": "([", "destinations": ["pacs"]}]})
+    with pytest.raises(ValueError, match="return_host and return_port go together"):
+        Settings(dicom={"peers": [{"ae_title": "US01", "return_port": 104}]})
+    settings = Settings(destinations=[pacs], dicom={"peers": [
+        {"ae_title": "US 01", "return_host": "10.1.1.1", "return_port": 11112}]},
+        delivery={"rules": [{"name": "r", "destinations": ["sender"]}]})
+    assert [d.name for d in settings.delivery_destinations()] == ["pacs", "sender-US_01"]
