@@ -52,8 +52,17 @@ def serve(
     from radlens.agent.service import Agent
 
     settings = cli_settings(config, log_format)
+
+    def reload_settings() -> Settings:  # SIGHUP: the same file and overrides, read again
+        from radlens.config import load_settings
+
+        fresh = load_settings(config)
+        if log_format is not None:
+            fresh.log.format = log_format  # type: ignore[assignment]
+        return fresh
+
     try:
-        Agent(settings, role=role).run_until_signalled()
+        Agent(settings, role=role, reload_settings=reload_settings).run_until_signalled()
     except OSError as exc:
         raise fail(f"cannot start: {exc}", 1) from None
     except RadlensError as exc:

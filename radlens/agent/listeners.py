@@ -117,6 +117,8 @@ def _command(message: dict[str, Any]) -> None:
     if message.get("command") == "reopen":
         for audit_log in _audit_logs:
             audit_log.reopen()
+    elif message.get("command") == "log-level":
+        logging.getLogger().setLevel(str(message.get("level", "INFO")))
 
 
 def main() -> int:

@@ -81,6 +81,8 @@ def _command(message: dict[str, Any]) -> None:
     elif message.get("command") == "reopen":
         for audit_log in _audit_logs:
             audit_log.reopen()
+    elif message.get("command") == "log-level":
+        logging.getLogger().setLevel(str(message.get("level", "INFO")))
 
 
 def serve_sender(config: dict[str, Any], notifier: Notifier, stop: threading.Event) -> int:

@@ -31,6 +31,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 from types import FrameType
@@ -69,6 +70,9 @@ log = logging.getLogger(__name__)
 LLM_STATUS_FILE = "llm-status.json"
 
 LOCK_FILE = "radlens.lock"
+# The sections of the configuration a SIGHUP applies while the node runs; any other change
+# waits for a restart (and the log says which).
+LIVE_SECTIONS = frozenset({"destinations", "delivery", "retention", "outbox", "log"})
 CLEAN_STOP_MARKER = "clean-stop"
 SWEEP_INTERVAL_S = 30.0
 STALE_PARTIAL_S = 3600.0  # a cluster listener removes only partial files older than this
@@ -255,7 +259,11 @@ class Agent:
     """Listener -> spool -> assembler -> jobs -> worker -> outbox, wired together; or, with a
     ``role`` other than "all", the part of them that role runs."""
 
-    def __init__(self, settings: Settings, role: str = "all") -> None:
+    def __init__(self, settings: Settings, role: str = "all", *,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
+        """``reload_settings`` reads the configuration again (SIGHUP); without it a SIGHUP
+        only reopens the audit trail."""
+        self.reload_settings = reload_settings
         if role not in ROLES:
             raise RadlensError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
         self.settings = settings
@@ -695,6 +703,59 @@ class Agent:
     def request_reopen(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         self._reopening.set()
 
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change while the node runs
+        (destinations, delivery rules, retention, the outbox's back-off, the log level); name
+        what needs a restart. A configuration that does not load changes nothing."""
+        if self.reload_settings is None:
+            return
+        try:
+            fresh = self.reload_settings()
+        except (RadlensError, ValueError) as exc:
+            log.error("configuration not reloaded; the node goes on as it was",
+                      extra=kv(error=str(exc)))
+            return
+        old, new = self.settings.model_dump(mode="json"), fresh.model_dump(mode="json")
+        changed = sorted(key for key in new if new[key] != old.get(key))
+        restart = [key for key in changed if key not in LIVE_SECTIONS]
+        if old["log"]["format"] != new["log"]["format"]:
+            restart.append("log.format")  # the handlers are set up once
+        for key in changed:
+            if key in LIVE_SECTIONS:
+                setattr(self.settings, key, getattr(fresh, key))
+        if "log" in changed:
+            logging.getLogger().setLevel(self.settings.log.level)
+            if self.listener_processes is not None:
+                self.listener_processes.send(command="log-level",
+                                             level=self.settings.log.level)
+        if hasattr(self, "retention"):
+            self.retention.settings = self.settings.retention
+        if self.outbox is not None and {"destinations", "outbox"} & set(changed):
+            self.outbox.destinations = {d.name: d for d in self.settings.delivery_destinations()}
+            self.outbox.settings = self.settings.outbox
+        if self.supervised and {"destinations", "outbox", "log"} & set(changed):
+            self._restart_sender()
+        (log.warning if restart else log.info)("configuration reloaded", extra=kv(
+            applied=[key for key in changed if key in LIVE_SECTIONS],
+            needs_restart=restart))
+
+    def _restart_sender(self) -> None:
+        """A sender with the new destinations (its batch under way finishes first)."""
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender = None
+        assert self.db is not None and self.node is not None
+        if self.settings.delivery_destinations():
+            self.sender = SenderProcess(self.settings, state_url=self.db.url,
+                                        node_id=self.node.id,
+                                        on_result=self.metrics.delivered,
+                                        on_started=lambda pids: self._lock.update(
+                                            sender_pids=pids,
+                                            sender_restarts=self._restarts(self.sender)))
+            self.sender.start()
+        else:
+            self._lock.update(sender_pids=[])
+
     def reopen_logs(self) -> None:
         """After logrotate moved the audit trail aside (SIGHUP): every process of the node
         writes its next entry to a new file at ``audit.path``."""
@@ -714,5 +775,6 @@ class Agent:
                 if self._reopening.is_set():
                     self._reopening.clear()
                     self.reopen_logs()
+                    self.reload()
         finally:
             self.stop()

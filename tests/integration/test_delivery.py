@@ -90,3 +90,61 @@ def test_rules_and_output_kinds_choose_what_goes_where(server_factory, tmp_path)
         for process, _ in peers.values():
             process.terminate()
             process.wait(timeout=10)
+
+
+def test_sighup_reloads_destinations_and_names_what_needs_a_restart(server_factory, tmp_path):
+    """The configuration file is read again on SIGHUP: a new destination takes the next
+    study's results at once (the sender restarted with it); a changed model setting is named as
+    needing a restart; a file that does not load changes nothing."""
+    import signal
+
+    first, first_port = _storescp("FIRST", tmp_path / "FIRST")
+    second, second_port = _storescp("SECOND", tmp_path / "SECOND")
+    try:
+        config = tmp_path / "radlens.yaml"
+
+        def write_config(name: str, port: int, extra: str = "") -> None:
+            config.write_text(f"destinations:\n  - {{name: {name.lower()}, ae_title: {name}, "
+                              f"host: 127.0.0.1, port: {port}}}\noutbox:\n"
+                              f"  poll_interval_s: 0.2\n{extra}")
+
+        write_config("FIRST", first_port)
+        server = server_factory(RADLENS_MODEL__ENABLED="false")
+        server.config_file = config
+        server.start()
+
+        def study(number: int) -> Path:
+            path = tmp_path / "in" / f"S{number}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            us_dataset(make_phantom(7, number).image, study_uid=generate_uid(),
+                       series_uid=generate_uid(), instance_number=1, spacing_cm=0.02,
+                       patient_id="HUP").save_as(path, enforce_file_format=True)
+            return path
+
+        # Forwarded files show the destinations at work without the model.
+        from tests.helpers import radlens_cli
+
+        env = dict(server.env, RADLENS_CONFIG=str(config))
+        assert radlens_cli("forward", str(study(1)), "--to", "first", env=env).returncode == 0
+        wait_for(lambda: list((tmp_path / "FIRST").iterdir()), 30, "the first destination")
+
+        write_config("SECOND", second_port, "model:\n  batch_size: 4\n")
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in server.log(), 20, "the reload")
+        line = next(x for x in server.log().splitlines() if "configuration reloaded" in x)
+        assert "destinations" in line and "model" in line.split("needs_restart", 1)[1]
+        assert storescu(server.port, [study(2)]).returncode == 0  # the listeners go on
+        assert radlens_cli("forward", str(study(3)), "--to", "second",
+                           env=env).returncode == 0
+        wait_for(lambda: list((tmp_path / "SECOND").iterdir()), 30, "the new destination")
+        assert len(list((tmp_path / "FIRST").iterdir())) == 1
+
+        config.write_text("destinations: [\n")  # broken: nothing changes
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration not reloaded" in server.log(), 20, "the refusal")
+        assert server.process.poll() is None
+        assert server.stop() == 0
+    finally:
+        for process in (first, second):
+            process.terminate()
+            process.wait(timeout=10)
