@@ -49,6 +49,18 @@ class StudySource:
     calling_aets: frozenset[str]
     modalities: frozenset[str]
     study_description: str = ""
+    tasks: frozenset[str] = frozenset()  # what ran: "lesions", "density"; empty: nothing
+
+    @staticmethod
+    def tasks_of(findings: dict) -> frozenset[str]:
+        """From a study's findings.json: which models analysed its images."""
+        images = findings.get("images", []) or []
+        ran = set()
+        if any(image.get("predictions") for image in images):
+            ran.add("lesions")
+        if any(image.get("density") for image in images):
+            ran.add("density")
+        return frozenset(ran)
 
 
 @dataclass
@@ -91,6 +103,9 @@ def plan(settings: Settings, source: StudySource) -> DeliveryPlan:
             continue
         if rule.study_description is not None and not re.search(
                 rule.study_description, source.study_description, re.IGNORECASE):
+            continue
+        if rule.task is not None and not (rule.task in source.tasks or
+                                          (rule.task == "none" and not source.tasks)):
             continue
         chosen: list[Destination] = []
         missing: list[str] = []

@@ -6,6 +6,7 @@ instances arriving later make a new job. States: queued -> running -> done | fai
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -209,8 +210,18 @@ class JobQueue:
             description = description or str(header.get("StudyDescription", "") or "")
         files = [OutgoingFile(data_dir / row.path, row.sop_class_uid, row.sop_instance_uid,
                               row.transfer_syntax_uid) for row in rows]
+        from radlens.agent.pipeline import FINDINGS_FILE, RESULTS_DIR  # it imports this module
+
+        tasks: frozenset[str] = frozenset()
+        study = conn.execute(sa.select(jobs.c.study_instance_uid)
+                             .where(jobs.c.id == job_id)).scalar_one_or_none()
+        try:  # what ran on the study: the worker wrote its findings before ending the job
+            tasks = StudySource.tasks_of(json.loads(
+                (data_dir / RESULTS_DIR / str(study) / FINDINGS_FILE).read_text()))
+        except (OSError, ValueError):
+            pass
         source = StudySource(frozenset(row.calling_aet for row in rows),
-                             frozenset(m for m in modalities if m), description)
+                             frozenset(m for m in modalities if m), description, tasks)
         return source, files
 
     def destinations_of_earlier_jobs(self, conn: Connection, job_id: int) -> set[str]:

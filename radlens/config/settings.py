@@ -311,6 +311,9 @@ class DeliveryRule(_Section):
     calling_aet: AETitle | None = None  # the AE title the study arrived from
     modality: str | None = None  # a modality of the study's instances, e.g. US
     study_description: str | None = None  # a regular expression searched, any case
+    # what ran on the study: "lesions" (the lesion model analysed an image), "density" (the
+    # density model read a mammogram), "none" (no model analysed anything)
+    task: Literal["lesions", "density", "none"] | None = None
     destinations: list[str] = Field(min_length=1)  # names, or "sender" (the calling AE's
     # return address, dicom.peers[].return_host/return_port)
 

@@ -51,7 +51,7 @@ def test_rules_and_output_kinds_choose_what_goes_where(server_factory, tmp_path)
             RADLENS_DICOM__PEERS=json.dumps([{"ae_title": "US01", "return_host": "127.0.0.1",
                                               "return_port": peers["US01"][1]}]),
             RADLENS_DELIVERY__RULES=json.dumps([{
-                "name": "ultrasound", "calling_aet": "US01", "modality": "US",
+                "name": "ultrasound", "calling_aet": "US01", "modality": "US", "task": "lesions",
                 "destinations": ["pacs", "archive", "sender"]}]),
             RADLENS_DELIVERY__UNMATCHED="none").start()
         study = generate_uid()

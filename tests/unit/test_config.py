@@ -147,3 +147,24 @@ def test_delivery_rules_name_known_destinations_and_valid_patterns():
         {"ae_title": "US 01", "return_host": "10.1.1.1", "return_port": 11112}]},
         delivery={"rules": [{"name": "r", "destinations": ["sender"]}]})
     assert [d.name for d in settings.delivery_destinations()] == ["pacs", "sender-US_01"]
+
+
+def test_a_delivery_rule_matches_every_condition_it_sets():
+    from radlens.agent.delivery import StudySource, plan
+
+    pacs = {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}
+    ris = {"name": "ris", "ae_title": "RIS", "host": "10.0.0.6", "port": 104}
+    settings = Settings(destinations=[pacs, ris], delivery={"unmatched": "none", "rules": [
+        {"name": "density", "task": "density", "destinations": ["ris"]},
+        {"name": "breast-us", "modality": "US", "study_description": "breast",
+         "destinations": ["pacs"]}]})
+    us = StudySource(frozenset({"US01"}), frozenset({"US"}), "US BREAST LEFT",
+                     frozenset({"lesions"}))
+    assert [d.name for d in plan(settings, us).destinations] == ["pacs"]
+    mammo = StudySource(frozenset({"MG01"}), frozenset({"MG"}), "", frozenset({"density"}))
+    assert [d.name for d in plan(settings, mammo).destinations] == ["ris"]
+    other = StudySource(frozenset({"US01"}), frozenset({"US"}), "thyroid", frozenset())
+    chosen = plan(settings, other)
+    assert chosen.destinations == [] and "unmatched: none" in chosen.reason
+    assert StudySource.tasks_of({"images": [{"predictions": [{}]}, {"density": None}]}) == {
+        "lesions"}
