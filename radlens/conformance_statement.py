@@ -126,9 +126,10 @@ def conformance_statement() -> str:
         "",
         "## 4. Storage SCU",
         "",
-        "Each job's results, sent to every configured destination (`destinations`), one "
-        "association per destination and batch, each object proposed in its own transfer "
-        "syntax:",
+        "Each job's results, sent to the destinations the delivery rules choose (`delivery`; "
+        "by default every configured destination), each the kinds of output it takes "
+        "(`destinations[].outputs`), one association per destination and batch, each object "
+        "proposed in its own transfer syntax:",
         "",
         "| SOP class | UID | what |",
         "|---|---|---|",
