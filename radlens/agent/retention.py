@@ -151,11 +151,12 @@ class RetentionSweeper:
             use.free_bytes = 0
         return use
 
-    def finished_studies(self, *, results: bool = False) -> list[FinishedStudy]:
-        """Every study whose received instances (``results``: whose results) nothing waits
-        on, oldest finished first."""
+    def finished_studies(self) -> tuple[list[FinishedStudy], list[FinishedStudy]]:
+        """The studies whose received instances nothing waits on, oldest finished first; and
+        of those, the ones whose results nothing waits on either (every output delivered)."""
         with self.db.read() as conn:
-            busy = self._busy_studies(conn, results=results)
+            busy = self._busy_studies(conn, results=False)
+            sending = self._sending_studies(conn)
             finished_at = {str(r[0]): float(r[1] or 0.0) for r in conn.execute(
                 sa.select(jobs.c.study_instance_uid, sa.func.max(jobs.c.finished_at))
                 .group_by(jobs.c.study_instance_uid))}
@@ -169,7 +170,8 @@ class RetentionSweeper:
             spool_bytes, count = held.get(study, (0, 0))
             studies.append(FinishedStudy(study, when, spool_bytes, count,
                                          folder_bytes(self._results(study))))
-        return sorted(studies, key=lambda s: (s.finished_at, s.study_instance_uid))
+        studies.sort(key=lambda s: (s.finished_at, s.study_instance_uid))
+        return studies, [st for st in studies if st.study_instance_uid not in sending]
 
     def _busy_studies(self, conn: Connection, *, results: bool) -> set[str]:
         """Studies with an instance waiting, a job queued or running, an instance to forward,
@@ -181,15 +183,20 @@ class RetentionSweeper:
             sa.select(jobs.c.study_instance_uid).where(jobs.c.state.in_(UNFINISHED_JOBS))
             .distinct())}
         if results:
-            busy |= {str(r[0]) for r in conn.execute(
-                sa.select(jobs.c.study_instance_uid).join(outbox, outbox.c.job_id == jobs.c.id)
-                .where(outbox.c.state == "pending").distinct())}
+            busy |= self._sending_studies(conn)
         for (path,) in conn.execute(sa.select(outbox.c.path).where(
                 outbox.c.state == "pending", outbox.c.job_id.is_(None))):
             study = self._study_of_path(str(path))  # a forwarded instance
             if study is not None:
                 busy.add(study)
         return busy
+
+    @staticmethod
+    def _sending_studies(conn: Connection) -> set[str]:
+        """Studies with an output still to send."""
+        return {str(r[0]) for r in conn.execute(
+            sa.select(jobs.c.study_instance_uid).join(outbox, outbox.c.job_id == jobs.c.id)
+            .where(outbox.c.state == "pending").distinct())}
 
     def _study_of_path(self, path: str) -> str | None:
         try:
@@ -204,16 +211,15 @@ class RetentionSweeper:
         return self.data_dir / RESULTS_DIR / study
 
     # -- what goes -------------------------------------------------------------------------
-    def plan(self, now: float | None = None) -> SweepPlan:
-        """What a sweep at ``now`` would remove."""
+    def plan(self, now: float | None = None, *, use: DiskUse | None = None) -> SweepPlan:
+        """What a sweep at ``now`` would remove; ``use``: the disk use, if already measured."""
         now = time.time() if now is None else now
         s = self.settings
-        finished = self.finished_studies()
-        delivered = self.finished_studies(results=True)
+        finished, delivered = self.finished_studies()
         plan = SweepPlan()
         spool = _older(finished, now, s.spool_days, lambda st: st.instances > 0)
         results = _older(delivered, now, s.results_days, lambda st: st.results_bytes > 0)
-        use = self.disk_use()
+        use = use or self.disk_use()
         shortfall = self._shortfall(use)
         if shortfall > 0:
             freed = sum(st.spool_bytes for st in spool) + sum(st.results_bytes

@@ -158,7 +158,7 @@ def _retention(db: Database, data_dir: Path, settings: RetentionSettings,
         ("spool", use.spool_bytes), ("results", use.results_bytes),
         ("quarantine", use.quarantine_bytes), ("state", use.state_bytes),
         ("total", use.total_bytes), ("free", use.free_bytes))}
-    report.next_sweep = sweeper.plan().summary()
+    report.next_sweep = sweeper.plan(use=use).summary()
 
 
 def _from_state(conn: Connection, report: StatusReport) -> list[str]:
