@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import sqlalchemy as sa
 import typer
@@ -106,6 +106,21 @@ def _operate(config: ConfigOption, command: str, action: Callable[[Database], T]
     return outcome
 
 
+def _list_rows(config: ConfigOption, table: sa.Table, state: str, limit: int, title: str,
+               columns: tuple[str, ...], cells: Callable[[Any], list[str]]) -> None:
+    """One state's rows of ``table``, newest first, as a table of ``columns``."""
+    settings = cli_settings(config)
+    with _state(settings, write=False) as db:
+        rows = db.rows(sa.select(table).where(table.c.state == state)
+                       .order_by(table.c.id.desc()).limit(limit))
+    shown = Table(title=f"{state} {title}")
+    for column in columns:
+        shown.add_column(column, overflow="fold")
+    for row in rows:
+        shown.add_row(*cells(row))
+    console.print(shown)
+
+
 @jobs_app.command("list")
 def jobs_list(
     config: ConfigOption = None,
@@ -115,17 +130,10 @@ def jobs_list(
     """Jobs in one state, newest first, with their errors."""
     from radlens.db import jobs
 
-    settings = cli_settings(config)
-    with _state(settings, write=False) as db:
-        rows = db.rows(sa.select(jobs).where(jobs.c.state == state)
-                       .order_by(jobs.c.id.desc()).limit(limit))
-    table = Table(title=f"{state} jobs")
-    for column in ("job", "study", "attempts", "finished", "error"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(str(row["id"]), row["study_instance_uid"], str(row["attempts"]),
-                      _when(row["finished_at"]), row["error"] or "")
-    console.print(table)
+    _list_rows(config, jobs, state, limit, "jobs",
+               ("job", "study", "attempts", "finished", "error"),
+               lambda row: [str(row["id"]), row["study_instance_uid"], str(row["attempts"]),
+                            _when(row["finished_at"]), row["error"] or ""])
 
 
 @jobs_app.command("retry")
@@ -155,17 +163,11 @@ def outbox_list(
     """Deliveries in one state, newest first, with the destination's last answer."""
     from radlens.db import outbox
 
-    settings = cli_settings(config)
-    with _state(settings, write=False) as db:
-        rows = db.rows(sa.select(outbox).where(outbox.c.state == state)
-                       .order_by(outbox.c.id.desc()).limit(limit))
-    table = Table(title=f"{state} deliveries")
-    for column in ("id", "destination", "job", "SOP instance", "attempts", "last error"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(str(row["id"]), row["destination"], str(row["job_id"] or ""),
-                      row["sop_instance_uid"], str(row["attempts"]), row["last_error"] or "")
-    console.print(table)
+    _list_rows(config, outbox, state, limit, "deliveries",
+               ("id", "destination", "job", "SOP instance", "attempts", "last error"),
+               lambda row: [str(row["id"]), row["destination"], str(row["job_id"] or ""),
+                            row["sop_instance_uid"], str(row["attempts"]),
+                            row["last_error"] or ""])
 
 
 @outbox_app.command("retry")
