@@ -121,6 +121,8 @@ def plan(settings: Settings, source: StudySource) -> DeliveryPlan:
                     chosen.append(found)
         unique = list({d.name: d for d in chosen}.values())
         return DeliveryPlan(unique, f"delivery rule {rule.name!r}", missing)
+    if not settings.destinations:
+        return DeliveryPlan([], "no destinations are configured")
     if settings.delivery.unmatched == "none":
         return DeliveryPlan([], "no delivery rule matched (delivery.unmatched: none)")
     return DeliveryPlan(list(settings.destinations),

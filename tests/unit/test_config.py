@@ -166,5 +166,7 @@ def test_a_delivery_rule_matches_every_condition_it_sets():
     other = StudySource(frozenset({"US01"}), frozenset({"US"}), "thyroid", frozenset())
     chosen = plan(settings, other)
     assert chosen.destinations == [] and "unmatched: none" in chosen.reason
+    nowhere = plan(Settings(), other)
+    assert nowhere.destinations == [] and nowhere.reason == "no destinations are configured"
     assert StudySource.tasks_of({"images": [{"predictions": [{}]}, {"density": None}]}) == {
         "lesions"}
