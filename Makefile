@@ -45,8 +45,9 @@ $(CLIP_STAMP): pyproject.toml scripts/install-clip-venv.sh
 
 clip: $(CLIP_STAMP)
 
-## test: install what the tests need and run the whole suite
+## test: install what the tests need, lint, and run the whole suite
 test: $(DEV_STAMP) tools viewer $(CLIP_STAMP)
+	$(BIN)/ruff check radlens tests benchmarks
 	$(BIN)/python -m pytest
 
 ## lint: ruff over the package, tests and benchmarks

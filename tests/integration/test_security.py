@@ -339,6 +339,9 @@ def test_sighup_reopens_the_audit_trail_in_every_process(server_factory, archive
     lock = server.data_dir / "radlens.lock"
     wait_for(lambda: json.loads(lock.read_text() or "{}").get("sender_pids"), 30,
              "the sender process")
+    # The start's own entry comes after the children: rotate a trail that has begun.
+    wait_for(lambda: trail.exists() and "application-activity" in trail.read_text(), 30,
+             "the agent's start in the audit trail")
     before = json.loads(lock.read_text())
     rotated = trail.with_name("audit.jsonl.1")
     trail.rename(rotated)
