@@ -84,6 +84,7 @@ def models() -> None:
     """The registered architectures with their parameter counts, and the shipped models."""
     from radlens.models.infer import WEIGHTS_DIR
     from radlens.models.networks import REGISTRY, parameter_count
+    from radlens.models.scope import geometry_text
 
     table = Table(title="architectures")
     for column in ("name", "parameters", "size (float32)", "encoder depths", "description"):
@@ -98,7 +99,13 @@ def models() -> None:
     for card_path in sorted(WEIGHTS_DIR.glob("*/card.json")):
         card = json.loads(card_path.read_text())
         console.print(f"shipped: {card_path.parent.name} = {card['name']} {card['version']} "
-                  f"({card['architecture']})", highlight=False)
+                      f"({card['architecture']})", highlight=False)
+        scope = card.get("scope")
+        if scope:
+            geometry = (f"; {geometry_text(scope['geometry'])}" if scope.get("geometry")
+                        else "")
+            console.print(f"  scope: {', '.join(scope['modalities'])} "
+                          f"{', '.join(scope['body_parts'])}{geometry}", highlight=False)
 
 
 def train(

@@ -6,8 +6,9 @@ use. An image outside that scope is not analysed, with the reason. Many ultrasou
 no body part at all; routing rules from the configuration decide then (by calling AE title,
 modality, body part, anatomic region code, or a Study/Series Description pattern), the first rule
 that matches wins, and ``routing.unstated_body_part`` is the documented default when none does.
-A rule can send an image to the model or to none; it never widens the modality, SOP class or
-photometric scope, since the model cannot read what it was not built for.
+A rule can send an image to the model or to none; it never widens the technical scope (modality,
+SOP class, photometric interpretation and the image geometry: single images or multi-frame, the
+matrix size, the bits stored), since the model cannot read what it was not built for.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
 
 from radlens.config import RoutingRule, RoutingSettings
@@ -35,6 +36,47 @@ class AnatomicRegion(BaseModel):
     meaning: str
 
 
+class ImageGeometry(BaseModel):
+    """The pixel matrices a model was built for: a header can say MG BREAST over any pixels,
+    and a model handed a matrix unlike any it was trained on answers anyway (a real radiograph
+    relabelled MG got a density category with probability 0.98), so the card states them and
+    routing refuses what lies outside."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    frames: Literal["single", "any"] = Field(
+        "any", description="'single': one frame per image (multi-frame objects are refused)")
+    min_size: int = Field(1, ge=1, description="the shorter side, in pixels, at least")
+    max_size: int = Field(65535, ge=1, description="the longer side, in pixels, at most")
+    min_bits_stored: int = Field(1, ge=1, le=32)
+    max_bits_stored: int = Field(32, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ImageGeometry:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
+        if self.min_bits_stored > self.max_bits_stored:
+            raise ValueError(f"min_bits_stored {self.min_bits_stored} is above "
+                             f"max_bits_stored {self.max_bits_stored}")
+        return self
+
+    def refusal(self, facts: ImageFacts) -> str | None:
+        """Why the image's pixels are not what the model reads; None when they are. Values
+        the header does not state (0) are not held against it: decoding judges those."""
+        if self.frames == "single" and facts.frames > 1:
+            return f"multi-frame ({facts.frames} frames; the model reads single images)"
+        if facts.rows and facts.columns:
+            short, long = sorted((facts.rows, facts.columns))
+            if short < self.min_size or long > self.max_size:
+                return (f"matrix {facts.rows}x{facts.columns} (the model reads "
+                        f"{self.min_size} to {self.max_size} pixels a side)")
+        if facts.bits_stored and not (self.min_bits_stored <= facts.bits_stored
+                                      <= self.max_bits_stored):
+            return (f"bits stored {facts.bits_stored} (the model reads "
+                    f"{self.min_bits_stored} to {self.max_bits_stored})")
+        return None
+
+
 class ModelScope(BaseModel):
     """What a model was built for, as its card states it."""
 
@@ -45,6 +87,8 @@ class ModelScope(BaseModel):
     anatomic_regions: list[AnatomicRegion] = Field(min_length=1)
     sop_classes: list[str] = Field(min_length=1, description="SOP Class UIDs")
     photometric_interpretations: list[str] = Field(min_length=1)
+    geometry: ImageGeometry | None = Field(
+        None, description="the pixel matrices it reads; a card without it is not checked")
     intended_use: str
 
     @classmethod
@@ -63,6 +107,10 @@ class ImageFacts:
     sop_class_uid: str
     photometric: str
     descriptions: str
+    frames: int = 1
+    rows: int = 0  # 0: not stated (or not a number)
+    columns: int = 0
+    bits_stored: int = 0
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> ImageFacts:
@@ -78,7 +126,10 @@ class ImageFacts:
                    anatomic_region_codes=tuple(codes),
                    sop_class_uid=_text(ds, "SOPClassUID"),
                    photometric=_text(ds, "PhotometricInterpretation").upper(),
-                   descriptions=descriptions)
+                   descriptions=descriptions,
+                   frames=max(1, _number(ds, "NumberOfFrames")),
+                   rows=_number(ds, "Rows"), columns=_number(ds, "Columns"),
+                   bits_stored=_number(ds, "BitsStored"))
 
     @property
     def states_anatomy(self) -> bool:
@@ -90,6 +141,15 @@ def _text(ds: Dataset, keyword: str) -> str:
         return str(ds.get(keyword, "") or "").strip()
     except Exception:  # a value pydicom cannot convert says nothing usable
         return ""
+
+
+def _number(ds: Dataset, keyword: str) -> int:
+    """A non-negative integer the header states, or 0 when it states none usable."""
+    try:
+        value = int(ds.get(keyword, 0) or 0)
+    except Exception:  # an IS that is not a number, a value pydicom cannot convert
+        return 0
+    return max(0, value)
 
 
 @dataclass(frozen=True)
@@ -110,10 +170,10 @@ class Router:
     ``density``: the breast density model), or to none, with the reason.
 
     A model may look at an image only within its technical scope (modality, SOP class,
-    photometric interpretation). Among the models that may, the first matching rule decides;
-    without one, the first model (in the order given) whose anatomy the header states; a
-    header stating no anatomy goes to the first such model when ``unstated_body_part`` is
-    ``analyse``."""
+    photometric interpretation, image geometry). Among the models that may, the first matching
+    rule decides; without one, the first model (in the order given) whose anatomy the header
+    states; a header stating no anatomy goes to the first such model when
+    ``unstated_body_part`` is ``analyse``."""
 
     def __init__(self, settings: RoutingSettings,
                  scope: ModelScope | None | Mapping[str, ModelScope | None]) -> None:
@@ -173,6 +233,8 @@ def _outside_technical_scope(scope: ModelScope | None, facts: ImageFacts) -> str
         return f"SOP class {uid.name or facts.sop_class_uid}{retired}"
     if facts.photometric not in scope.photometric_interpretations:
         return f"photometric interpretation {facts.photometric or 'unknown'}"
+    if scope.geometry is not None:
+        return scope.geometry.refusal(facts)
     return None
 
 

@@ -465,6 +465,10 @@ DENSITY_SCOPE = {
     "sop_classes": ["1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography - For Presentation
                     "1.2.840.10008.5.1.4.1.1.13.1.4"],  # Breast Projection - For Presentation
     "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2"],
+    # One projection per image, as mammography units and the phantoms (12 bits stored) write
+    # them: a multi-frame object, a thumbnail or an 8-bit secondary capture is not one.
+    "geometry": {"frames": "single", "min_size": 96, "max_size": 6000, "min_bits_stored": 10,
+                 "max_bits_stored": 16},
     "intended_use": "BI-RADS breast density category (A-D) of 2-D mammograms for presentation "
                     "(digital mammography and synthesized 2D), CC and MLO views; research "
                     "only, not for diagnostic use",

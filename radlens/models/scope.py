@@ -15,8 +15,20 @@ BREAST_ULTRASOUND_SCOPE: dict[str, Any] = {
     "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL",
                                     "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
                                     "PALETTE COLOR"],
+    # Frames of any size it resizes to its input; clips frame by frame; 8-bit phantoms, and
+    # 16-bit ultrasound decodes to the same scale. Smaller than 64 pixels a side is no B-mode.
+    "geometry": {"frames": "any", "min_size": 64, "max_size": 4096, "min_bits_stored": 8,
+                 "max_bits_stored": 16},
     "intended_use": ("Research and demonstration only, not for diagnostic use: segments and "
                      "classifies focal lesions (benign- or malignant-appearing) in 2-D B-mode "
                      "breast ultrasound. Trained on synthetic phantoms only; it has never seen "
                      "a real patient's image."),
 }
+
+
+def geometry_text(geometry: dict[str, Any]) -> str:
+    """A card's image geometry in words, for card.md and ``radlens models``."""
+    frames = "single images" if geometry.get("frames") == "single" else "single or multi-frame"
+    return (f"{frames}, {geometry.get('min_size', 1)} to {geometry.get('max_size', 65535)} "
+            f"pixels a side, {geometry.get('min_bits_stored', 1)} to "
+            f"{geometry.get('max_bits_stored', 32)} bits stored")

@@ -41,7 +41,7 @@ from radlens.models.metrics import (
     predict,
 )
 from radlens.models.networks import CLASS_NAMES, build, parameter_count
-from radlens.models.scope import BREAST_ULTRASOUND_SCOPE
+from radlens.models.scope import BREAST_ULTRASOUND_SCOPE, geometry_text
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,10 @@ def write_card(card: dict[str, Any], folder: Path) -> None:
                   f"{', '.join(r['value'] for r in scope['anatomic_regions'])})",
                   f"- SOP classes: {', '.join(scope['sop_classes'])}",
                   f"- photometric interpretations: "
-                  f"{', '.join(scope['photometric_interpretations'])}", ""]
+                  f"{', '.join(scope['photometric_interpretations'])}"]
+        if scope.get("geometry"):
+            lines.append(f"- image geometry: {geometry_text(scope['geometry'])}")
+        lines.append("")
     if ood:
         lines += ["## Abstention (out-of-distribution score)", "",
                   f"- {ood['method']}; threshold {ood['threshold']:.2f} (quantile "

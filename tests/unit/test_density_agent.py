@@ -87,6 +87,55 @@ def test_a_rule_picks_a_model_but_never_widens_its_scope(mammogram):
     assert "outside that model's scope: modality US" in refused.reason
 
 
+def test_pixels_unlike_the_models_images_are_refused_whatever_the_header_says(mammogram):
+    """The cards state the image geometry their models were built for: a multi-frame object,
+    a thumbnail or an 8-bit capture that says MG BREAST is not a mammogram the density model
+    can read, and the reason says which; the lesion model takes clips and 16-bit frames."""
+    from tests.helpers import TEST_FILES
+
+    router = Router(RoutingSettings(), _scopes())
+    assert router.route(_facts(mammogram)).model == DENSITY_MODEL  # 128 x 102, 12 bits stored
+    clip = router.route(_facts(mammogram, NumberOfFrames=10))
+    assert not clip.analyse
+    assert clip.reason == ("outside the model's scope: multi-frame (10 frames; the model "
+                           "reads single images)")
+    small = router.route(_facts(mammogram, Rows=64, Columns=64))
+    assert small.reason == ("outside the model's scope: matrix 64x64 (the model reads 96 to "
+                            "6000 pixels a side)")
+    capture = router.route(_facts(mammogram, BitsStored=8))
+    assert capture.reason == "outside the model's scope: bits stored 8 (the model reads 10 to 16)"
+    # pydicom's 64 x 64 MR slice, its header rewritten to say MG BREAST: refused before any model
+    disguised = _facts(TEST_FILES / "MR_small.dcm", Modality="MG", BodyPartExamined="BREAST",
+                       SOPClassUID="1.2.840.10008.5.1.4.1.1.1.2")
+    assert router.route(disguised).reason.startswith("outside the model's scope: matrix 64x64")
+    # A rule may pick the model, never the pixels it cannot read.
+    forced = Router(RoutingSettings(rules=[RoutingRule(name="all", model="density")]), _scopes())
+    refused = forced.route(_facts(mammogram, NumberOfFrames=3))
+    assert not refused.analyse and "model's scope: multi-frame" in refused.reason
+    us = dict(Modality="US", SOPClassUID="1.2.840.10008.5.1.4.1.1.3.1",
+              PhotometricInterpretation="MONOCHROME2")
+    assert router.route(_facts(mammogram, NumberOfFrames=30, BitsStored=16, **us)).model == \
+        DEFAULT_MODEL
+    tiny_us = router.route(_facts(mammogram, Rows=32, Columns=48, **us))
+    assert tiny_us.reason == ("outside the model's scope: matrix 32x48 (the model reads 64 to "
+                              "4096 pixels a side)")
+    # Values a header does not state, or cannot, are left to decoding.
+    unstated = _facts(mammogram, Rows="x")
+    assert unstated.rows == 0 and router.route(unstated).model == DENSITY_MODEL
+
+
+def test_a_card_states_a_consistent_geometry():
+    from pydantic import ValidationError
+
+    from radlens.agent.routing import ImageGeometry
+
+    with pytest.raises(ValidationError, match="min_size 300 is above max_size 200"):
+        ImageGeometry(min_size=300, max_size=200)
+    with pytest.raises(ValidationError):
+        ImageGeometry(frames="some")
+    assert ImageGeometry().frames == "any"  # a card without limits takes every matrix
+
+
 def _reading(category: str, side: str | None, view: str = "CC", *, tissue: float = 0.8,
              probabilities: dict[str, float] | None = None) -> DensityPrediction:
     probabilities = probabilities or {c: (0.7 if c == category else 0.1) for c in "ABCD"}
