@@ -182,11 +182,17 @@ def conformance_statement() -> str:
         "image SCOORDs, measurements in UCUM units and a reference to its SEG segment; then a "
         "narrative and a not-for-diagnostic-use statement. Mammograms get TID 1500's "
         "qualitative evaluations (breast composition). A study that could not be analysed gets "
-        "an SR stating why. Coded concepts of radlens's own are in the private scheme "
-        "`99RADLENS`.",
+        "an SR stating why. Concepts from DICOM (DCM), SNOMED CT (SCT), UCUM and UMLS are "
+        "used wherever one exists; the rest are radlens's own, in the private scheme "
+        "`99RADLENS`, each with the reason. The saliency Parametric Map's quantity is DCM "
+        "130404 Saliency.",
         "",
-        "| code | scheme | meaning |",
-        "|---|---|---|",
+        "| code | scheme | meaning | why private |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {c.value} | {c.scheme_designator} | {c.meaning} |" for c in _codes()]
+    from radlens.dicom_io.codes import PRIVATE_REASONS
+
+    lines += [f"| {c.value} | {c.scheme_designator} | {c.meaning} | "
+              f"{PRIVATE_REASONS.get(c.value, '') if c.scheme_designator == '99RADLENS' else ''}"
+              f" |" for c in _codes()]
     return "\n".join(lines) + "\n"

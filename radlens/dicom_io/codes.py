@@ -53,8 +53,9 @@ SALIENCY_METHODS: dict[str, Code] = {  # the measurement method of a saliency fi
     for digit, method in enumerate(("gradcam", "gradcam++", "occlusion", "prototype"), start=1)}
 NORMAL_PROBABILITY = Code("RADL030", "99RADLENS", "Probability of normal image")
 BENIGN_PROBABILITY = Code("RADL031", "99RADLENS", "Probability of benign lesion")
-MALIGNANT_PROBABILITY = Code("RADL032", "99RADLENS", "Probability of malignant lesion")
+MALIGNANT_PROBABILITY = Code("111047", "DCM", "Probability of cancer")
 NARRATIVE = Code("121073", "DCM", "Impression")
+SALIENCY = Code("130404", "DCM", "Saliency")  # the quantity of the saliency Parametric Map
 NOT_FOR_DIAGNOSTIC_USE = Code("RADL040", "99RADLENS", "Not for diagnostic use")
 NARRATIVE_AUTHOR = Code("RADL041", "99RADLENS", "Narrative author")
 
@@ -96,3 +97,36 @@ ATTENTION_ON_ARTIFACTS = Code("RADL071", "99RADLENS", "Grad-CAM share on artifac
 ATTENTION_OUTSIDE = Code("RADL072", "99RADLENS", "Grad-CAM share outside the breast")
 ATTENTION_WARNING = Code("RADL073", "99RADLENS", "Attention warning")
 ATTENTION_ON_ARTIFACT = Code("RADL074", "99RADLENS", "Attention on artifact")
+
+
+# Why each concept of radlens's own stays in the private scheme: DICOM (PS3.16) and SNOMED CT
+# were searched for each (pydicom's code dictionaries list both); where one has the concept it
+# is used above instead. The Conformance Statement prints this table.
+PRIVATE_REASONS: dict[str, str] = {
+    **dict.fromkeys(("RADL001", "RADL002", "RADL003", "RADL004", "RADL005"),
+                    "a shape descriptor of radlens's own formula; no DICOM or SNOMED CT concept"),
+    **dict.fromkeys(("RADL006", "RADL007"),
+                    "B-mode grey levels are no physical quantity: no concept to qualify with "
+                    "a mean or standard deviation"),
+    "RADL010": "the probability of the model's predicted class, whatever the class",
+    "RADL011": "the model's own class names (normal, benign, malignant)",
+    "RADL012": "worded as an AI suggestion on purpose: DICOM's BI-RADS assessment codes state "
+               "a reader's assessment",
+    **dict.fromkeys(("RADL020", "RADL021"), "no concept for the agreement of a saliency map "
+                    "with a segmentation"),
+    **dict.fromkeys(("RADL061", "RADL062", "RADL063", "RADL064"),
+                    "no concept for these explanation methods"),
+    **dict.fromkeys(("RADL030", "RADL031"),
+                    "no concept for the probability of a normal image or of a benign lesion "
+                    "(the malignant one is DCM 111047 Probability of cancer)"),
+    **dict.fromkeys(("RADL033", "RADL034"), "no concept for an out-of-distribution score"),
+    "RADL040": "no concept for a not-for-diagnostic-use statement",
+    "RADL041": "no concept for who wrote a narrative (an LLM or the template) and why",
+    "RADL043": "a processing note of this node (what was not analysed and why)",
+    **dict.fromkeys(("RADL044", "RADL045", "RADL046"),
+                    "no concept for the outcome of an automated analysis"),
+    **dict.fromkeys(("RADL051", "RADL052", "RADL053", "RADL054"),
+                    "CID 6000 codes the category itself (used); its probability has no concept"),
+    **dict.fromkeys(("RADL070", "RADL071", "RADL072", "RADL073", "RADL074"),
+                    "no concept for where a Grad-CAM's attention lies"),
+}

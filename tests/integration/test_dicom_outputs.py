@@ -3,7 +3,9 @@ dciodvfy (dicom3tools) for the IODs, dsrdump (dcmtk) for the SR tree, highdicom 
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -447,3 +449,54 @@ def test_every_output_carries_one_creation_time_in_the_nodes_zone(tmp_path):
                 ds.InstanceCreationDate + ds.InstanceCreationTime for ds in objects}
             instant = _instant(objects[0], "ContentDate", "ContentTime")
             assert started - timedelta(seconds=2) <= instant <= datetime.now(UTC), (zone, instant)
+
+
+def _dcmqi(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """One of QIICR's dcmqi readers (the PyPI package, in this venv): the reference readers of
+    SEG, Parametric Maps and TID 1500 SRs, as 3D Slicer uses them."""
+    path = Path(sys.executable).parent / tool
+    assert path.exists(), f"{tool} is missing: the dev extras install dcmqi"
+    return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_dcmqi_reads_every_seg_map_and_report(processed, tmp_path):
+    """Every SEG converts with its segments' recommended colours, every Parametric Map with its
+    frame anatomy and its quantity (DCM Saliency), every SR with its measurements."""
+    done, _ = processed
+    seen = {"seg": 0, "pm": 0, "sr": 0}
+    for name, study in done.items():
+        for number, path in enumerate(study.outputs.seg):
+            out = tmp_path / f"{name}-seg{number}"
+            out.mkdir()
+            result = _dcmqi("segimage2itkimage", "--inputDICOM", str(path),
+                            "--outputDirectory", str(out))
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "Failed to get CIELab values" not in result.stdout + result.stderr
+            meta = json.loads((out / "meta.json").read_text())
+            colours = {tuple(s["recommendedDisplayRGBValue"]) for group in
+                       meta["segmentAttributes"] for s in group}
+            assert colours and colours <= {(220, 30, 30), (30, 190, 60)}, colours
+            seen["seg"] += 1
+        for number, path in enumerate(study.outputs.parametric_map):
+            out = tmp_path / f"{name}-pm{number}"
+            out.mkdir()
+            result = _dcmqi("paramap2itkimage", "--inputDICOM", str(path),
+                            "--outputDirectory", str(out))
+            assert result.returncode == 0, result.stdout + result.stderr
+            meta = json.loads((out / "meta.json").read_text())
+            assert meta["QuantityValueCode"]["CodeMeaning"] == "Saliency", meta
+            assert meta["AnatomicRegionSequence"]["CodeValue"] == "76752008"
+            assert (out / "pmap.nrrd").stat().st_size > 0
+            seen["pm"] += 1
+        for path in study.outputs.sr:
+            out = tmp_path / f"{name}-sr.json"
+            result = _dcmqi("tid1500reader", "--inputDICOM", str(path),
+                            "--outputMetadata", str(out))
+            assert result.returncode == 0, result.stdout + result.stderr
+            report = json.loads(out.read_text())
+            concepts = {item["quantity"]["CodeMeaning"] for group in
+                        report.get("Measurements", []) for item in group["measurementItems"]}
+            if name != "normal":
+                assert "Probability of cancer" in concepts, concepts
+            seen["sr"] += 1
+    assert seen == {"seg": 3, "pm": 4, "sr": 4}, seen

@@ -25,3 +25,20 @@ def test_it_lists_every_context_the_listener_accepts():
             context.abstract_syntax == "1.2.840.10008.1.1"  # Verification, in the overview
         for syntax in context.transfer_syntax:
             assert f"| {syntax} |" in statement, syntax
+
+
+def test_every_private_code_says_why_no_standard_one_fits():
+    """A concept in radlens's private scheme needs a reason in the statement; the standard
+    concepts the outputs use carry none."""
+    from radlens.conformance_statement import _codes
+    from radlens.dicom_io.codes import PRIVATE_REASONS
+
+    codes = _codes()
+    private = {c.value for c in codes if c.scheme_designator == "99RADLENS"}
+    assert private and private <= set(PRIVATE_REASONS), private - set(PRIVATE_REASONS)
+    statement = conformance_statement()
+    assert "| 111047 | DCM | Probability of cancer |  |" in statement
+    assert "RADL032" not in statement  # the malignant probability is DICOM's now
+    for code in private:
+        row = next(line for line in statement.splitlines() if line.startswith(f"| {code} |"))
+        assert row.rstrip(" |").split("|")[-1].strip(), row

@@ -56,7 +56,8 @@ def build_parametric_map(image: AnalysedImage, method: str, equipment: Equipment
         [image.header], (spacing.row_mm, spacing.column_mm) if spacing else None)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=method[:16], lut_explanation=f"{method} saliency, 0 to 1"[:64],
-        unit=codes.UCUM_NO_UNITS, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)
+        unit=codes.UCUM_NO_UNITS, value_range=(0.0, 1.0), slope=1.0, intercept=0.0,
+        quantity_definition=codes.SALIENCY)
     pm = hd.pm.ParametricMap(
         source_images=headers,
         pixel_array=planes if image.info.frames > 1 else planes[0],
@@ -76,7 +77,7 @@ def build_parametric_map(image: AnalysedImage, method: str, equipment: Equipment
         pixel_measures=pixel_measures,
     )
     pm.SeriesDescription = plan.description
-    _copy_laterality(pm, image)
+    _add_frame_anatomy(pm, image)
     log.info("parametric map built", extra=kv(sop=pm.SOPInstanceUID, method=method,
                                               frames=int(image.info.frames)))
     return pm
@@ -213,6 +214,32 @@ def _frame_time_ms(header: Dataset) -> float:
         if np.isfinite(value) and value > 0:
             return round(value, 3)
     return DEFAULT_FRAME_TIME_MS
+
+
+def _add_frame_anatomy(pm: hd.pm.ParametricMap, image: AnalysedImage) -> None:
+    """The Frame Anatomy functional group, which the Parametric Map IOD requires and highdicom
+    does not write (QIICR's dcmqi, the reference reader, crashes without it): the source's
+    anatomic region, else the breast the lesion model reads, and the side it states. DICOM's
+    Frame Laterality has no "unknown": an image that states no side is written U (unpaired),
+    and the series-level Laterality, which Frame Laterality replaces, is left out."""
+    region = _anatomic_region(image.header)
+    side = image.header.get("Laterality") or image.header.get("ImageLaterality")
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = [region]
+    anatomy.FrameLaterality = side if side in ("L", "R", "B") else "U"
+    pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+    if "Laterality" in pm:
+        del pm.Laterality
+
+
+def _anatomic_region(header: Dataset) -> hd.sr.CodedConcept:
+    for item in header.get("AnatomicRegionSequence", []) or []:
+        try:
+            return hd.sr.CodedConcept(str(item.CodeValue), str(item.CodingSchemeDesignator),
+                                      str(item.CodeMeaning))
+        except (AttributeError, TypeError, ValueError):
+            continue  # an item without a usable code: the next, or the model's region
+    return hd.sr.CodedConcept.from_code(codes.BREAST)
 
 
 def _copy_laterality(dataset: hd.SOPClass, image: AnalysedImage) -> None:

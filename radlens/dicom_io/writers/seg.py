@@ -28,6 +28,12 @@ from radlens.logs import kv
 
 log = logging.getLogger(__name__)
 
+# RecommendedDisplayCIELabValue of each segment, in the masks' own colours (red malignant, green
+# benign): readers that follow it (3D Slicer through dcmqi, OHIF) draw them alike.
+SEGMENT_COLOURS: dict[str, tuple[int, int, int]] = {"malignant": (220, 30, 30),
+                                                    "benign": (30, 190, 60)}
+DEFAULT_SEGMENT_COLOUR = (240, 200, 40)
+
 @dataclass(frozen=True)
 class WrittenSegmentation:
     """A SEG and, for the SR, which segment holds each lesion class of which source image."""
@@ -69,7 +75,9 @@ def _segmentation(images: list[AnalysedImage], equipment: Equipment, plan: Serie
             segmented_property_type=codes.LESION_TYPES[name],
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, tracking_uid=generate_uid(),
-            tracking_id=f"radlens {name} lesions")
+            tracking_id=f"radlens {name} lesions",
+            display_color=hd.color.CIELabColor.from_rgb(
+                *SEGMENT_COLOURS.get(name, DEFAULT_SEGMENT_COLOUR)))
         for name, number in segment_numbers.items()]
     planes = []
     for image in images:
