@@ -31,7 +31,9 @@ from radlens.errors import ConfigError, RadlensError
 
 app = typer.Typer(
     name="radlens",
-    help="A DICOM node that explains what it sees. Research use only, not for diagnostic use.",
+    help="A DICOM node that explains what it sees. Research use only, not for diagnostic use. "
+         "Documentation: README.md and docs/ in the radlens source (docs/configuration.md: "
+         "every setting; docs/contracts.md: what the node does in each situation).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
