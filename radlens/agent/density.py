@@ -147,7 +147,7 @@ class DensityAnalyser:
 
 def _write_map(maps_dir: Path, sop_uid: str, cam: np.ndarray) -> str:
     """The Grad-CAM map of a mammogram, as the lesion model's maps are kept."""
-    from radlens.agent.pipeline import MAPS_DIR, npz_bytes
+    from radlens.agent.maps import MAPS_DIR, npz_bytes
     from radlens.dicom_io.spool import write_durably
 
     maps_dir.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from radlens.models.density import (
     prepare,
     weighted_contrastive_loss,
 )
-from radlens.models.train import resolve_device
+from radlens.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radlens.models.device import resolve_device
 from radlens.models.metrics import image_probabilities
 from radlens.models.networks import (
     SegmentationNetwork,
@@ -26,7 +27,6 @@ from radlens.models.networks import (
     pooled_latents,
 )
 from radlens.models.ood import OodDetector
-from radlens.models.train import resolve_device
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 DEFAULT_MODEL = "default"

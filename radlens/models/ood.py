@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -86,7 +86,17 @@ def case_images(cases: list) -> list[np.ndarray]:  # list[datasets.Case]
             for case in cases]
 
 
-def calibrate(segmenter: Segmenter, fit_images: list[np.ndarray],
+class LatentSource(Protocol):
+    """What calibration needs of a model: its pooled latents and the folder its weights are in
+    (radlens.models.infer.Segmenter is one; this module does not import it, since inference
+    imports the detector)."""
+
+    folder: Path
+
+    def latents(self, images: list[np.ndarray]) -> np.ndarray: ...
+
+
+def calibrate(segmenter: LatentSource, fit_images: list[np.ndarray],
               calibration_images: list[np.ndarray], *, quantile: float = 0.99,
               described: dict[str, str] | None = None) -> tuple[OodDetector, dict]:
     """Fit on training images, set the threshold on held-out ones, keep it beside the weights
@@ -102,6 +112,3 @@ def calibrate(segmenter: Segmenter, fit_images: list[np.ndarray],
                "calibration": calibration, **(described or {})}
     return detector, section
 
-
-if TYPE_CHECKING:
-    from radlens.models.infer import Segmenter

@@ -34,6 +34,7 @@ from radlens.models.datasets import (
     holdout,
     load_cases,
 )
+from radlens.models.device import resolve_device
 from radlens.models.metrics import (
     SegmentationMetrics,
     evaluation_report,
@@ -88,15 +89,6 @@ class FoldResult:
 
 
 EpochCallback = Callable[[int, EpochRecord, int], None]  # fold, record, planned epochs
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but no CUDA device is available")
-    return device
 
 
 def _loader(dataset: SegmentationDataset, batch_size: int, shuffle: bool, seed: int,
