@@ -79,7 +79,7 @@ def test_max_wait_closes_a_study_that_never_goes_quiet(parts):
         time.sleep(0.1)
     elapsed = time.time() - start
     assert _jobs(db), "max_wait_s did not close the study"
-    assert 0.9 <= elapsed < 2.0
+    assert 0.9 <= elapsed < 3.0  # near max_wait_s, long before the loop's 5 s (a loaded machine)
 
 
 def test_rebuild_after_restart_fires_overdue_studies_once(parts):
