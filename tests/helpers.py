@@ -70,6 +70,9 @@ class RadlensServer:
             # One worker process unless a test asks for more: each loads torch and the model,
             # and a hundred agents start in the suite on two cores.
             "RADLENS_WORKER__CONCURRENCY": "1",
+            # The density model only where a test reads mammograms (it asks for it): loading
+            # it costs each agent 1.5 s of CPU, and some seventy agents start in the suite.
+            "RADLENS_DENSITY__ENABLED": "false",
             "RADLENS_DICOM__SHUTDOWN_GRACE_S": "20",
             "PYTHONUNBUFFERED": "1",
         })

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests.helpers import TEST_FILES, echoscu, radlens_cli, storescu, wait_for
+
+
+@pytest.fixture
+def server(server_factory):
+    """These tests are about the door: the agent loads no model (a model costs each agent
+    seconds of CPU, and nothing here is analysed)."""
+    return server_factory(RADLENS_MODEL__ENABLED="false").start()
 
 
 def test_echoscu_succeeds(server):
@@ -23,7 +31,8 @@ def test_wrong_called_ae_title_is_rejected(server):
 
 
 def test_calling_ae_title_outside_allowlist_is_rejected(server_factory):
-    server = server_factory(RADLENS_DICOM__ALLOWED_CALLING_AETS='["MODALITY1", "PACS"]').start()
+    server = server_factory(RADLENS_DICOM__ALLOWED_CALLING_AETS='["MODALITY1", "PACS"]',
+                            RADLENS_MODEL__ENABLED="false").start()
     refused = echoscu(server.port, calling_aet="INTRUDER")
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
@@ -38,7 +47,7 @@ def test_calling_ae_title_outside_allowlist_is_rejected(server_factory):
 def test_association_limit(server_factory):
     # pynetdicom holds a slot for a bare TCP connection (our readiness probe) until the ACSE
     # timeout, even after the peer closed it: keep that timeout short here.
-    server = server_factory(RADLENS_DICOM__MAX_ASSOCIATIONS="1",
+    server = server_factory(RADLENS_DICOM__MAX_ASSOCIATIONS="1", RADLENS_MODEL__ENABLED="false",
                             RADLENS_DICOM__ACSE_TIMEOUT_S="2").start()
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
@@ -69,7 +78,7 @@ def test_radlens_echo_command(server):
 
 
 def test_a_second_agent_on_the_same_data_folder_is_refused(server, server_factory):
-    second = server_factory()
+    second = server_factory(RADLENS_MODEL__ENABLED="false")
     second.data_dir = server.data_dir
     second.start(wait=False)
     assert second.process.wait(timeout=60) == 1

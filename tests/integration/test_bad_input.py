@@ -19,6 +19,12 @@ from tests.helpers import TEST_FILES, acknowledged_files, echoscu, storescu
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
+@pytest.fixture
+def server(server_factory):
+    """These tests are about the door: the agent loads no model (a model costs each agent
+    seconds of CPU, and nothing here is analysed)."""
+    return server_factory(RADLENS_MODEL__ENABLED="false").start()
+
 
 def _part10(body: bytes, sop_uid: str, syntax: str = "1.2.840.10008.1.2.1") -> bytes:
     meta = FileMetaDataset()
@@ -106,7 +112,8 @@ def test_dataset_without_usable_uids_is_refused_by_storescu_status(server, tmp_p
 
 
 def test_disk_reserve_answers_out_of_resources(server_factory):
-    server = server_factory(RADLENS_STORAGE__MIN_FREE_MB=str(10**9)).start()
+    server = server_factory(RADLENS_STORAGE__MIN_FREE_MB=str(10**9),
+                            RADLENS_MODEL__ENABLED="false").start()
     result = storescu(server.port, [TEST_FILES / "CT_small.dcm"])
     output = result.stdout + result.stderr
     assert acknowledged_files(output) == []

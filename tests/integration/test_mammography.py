@@ -47,7 +47,7 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     volumes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                for p in mg if p.stem.endswith("_TOMO")}
     assert len(volumes) == 4
-    server = server_factory(RADLENS_DESTINATIONS=json.dumps([{
+    server = server_factory(RADLENS_DENSITY__ENABLED="true", RADLENS_DESTINATIONS=json.dumps([{
         "name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}]),
         RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
         RADLENS_DENSITY__LOW_TISSUE_SHARE=str(LOW_TISSUE_SHARE)).start()
