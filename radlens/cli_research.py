@@ -84,7 +84,7 @@ def models() -> None:
     """The registered architectures with their parameter counts, and the shipped models."""
     from radlens.models.infer import WEIGHTS_DIR
     from radlens.models.networks import REGISTRY, parameter_count
-    from radlens.models.scope import geometry_text
+    from radlens.models.scope import ImageGeometry
 
     table = Table(title="architectures")
     for column in ("name", "parameters", "size (float32)", "encoder depths", "description"):
@@ -102,8 +102,8 @@ def models() -> None:
                       f"({card['architecture']})", highlight=False)
         scope = card.get("scope")
         if scope:
-            geometry = (f"; {geometry_text(scope['geometry'])}" if scope.get("geometry")
-                        else "")
+            geometry = (f"; {ImageGeometry.model_validate(scope['geometry']).describe()}"
+                        if scope.get("geometry") else "")
             console.print(f"  scope: {', '.join(scope['modalities'])} "
                           f"{', '.join(scope['body_parts'])}{geometry}", highlight=False)
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
 
 from radlens.config import RoutingRule, RoutingSettings
+from radlens.models.scope import ImageGeometry
 
 NO_MODEL = "none"
 DEFAULT_MODEL = "default"
@@ -34,47 +35,6 @@ class AnatomicRegion(BaseModel):
     value: str
     scheme: str = "SCT"
     meaning: str
-
-
-class ImageGeometry(BaseModel):
-    """The pixel matrices a model was built for: a header can say MG BREAST over any pixels,
-    and a model handed a matrix unlike any it was trained on answers anyway (a real radiograph
-    relabelled MG got a density category with probability 0.98), so the card states them and
-    routing refuses what lies outside."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    frames: Literal["single", "any"] = Field(
-        "any", description="'single': one frame per image (multi-frame objects are refused)")
-    min_size: int = Field(1, ge=1, description="the shorter side, in pixels, at least")
-    max_size: int = Field(65535, ge=1, description="the longer side, in pixels, at most")
-    min_bits_stored: int = Field(1, ge=1, le=32)
-    max_bits_stored: int = Field(32, ge=1, le=32)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ImageGeometry:
-        if self.min_size > self.max_size:
-            raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
-        if self.min_bits_stored > self.max_bits_stored:
-            raise ValueError(f"min_bits_stored {self.min_bits_stored} is above "
-                             f"max_bits_stored {self.max_bits_stored}")
-        return self
-
-    def refusal(self, facts: ImageFacts) -> str | None:
-        """Why the image's pixels are not what the model reads; None when they are. Values
-        the header does not state (0) are not held against it: decoding judges those."""
-        if self.frames == "single" and facts.frames > 1:
-            return f"multi-frame ({facts.frames} frames; the model reads single images)"
-        if facts.rows and facts.columns:
-            short, long = sorted((facts.rows, facts.columns))
-            if short < self.min_size or long > self.max_size:
-                return (f"matrix {facts.rows}x{facts.columns} (the model reads "
-                        f"{self.min_size} to {self.max_size} pixels a side)")
-        if facts.bits_stored and not (self.min_bits_stored <= facts.bits_stored
-                                      <= self.max_bits_stored):
-            return (f"bits stored {facts.bits_stored} (the model reads "
-                    f"{self.min_bits_stored} to {self.max_bits_stored})")
-        return None
 
 
 class ModelScope(BaseModel):
@@ -234,7 +194,8 @@ def _outside_technical_scope(scope: ModelScope | None, facts: ImageFacts) -> str
     if facts.photometric not in scope.photometric_interpretations:
         return f"photometric interpretation {facts.photometric or 'unknown'}"
     if scope.geometry is not None:
-        return scope.geometry.refusal(facts)
+        return scope.geometry.refusal(frames=facts.frames, rows=facts.rows,
+                                      columns=facts.columns, bits_stored=facts.bits_stored)
     return None
 
 

@@ -42,7 +42,7 @@ from radlens.models.metrics import (
     predict,
 )
 from radlens.models.networks import CLASS_NAMES, build, parameter_count
-from radlens.models.scope import BREAST_ULTRASOUND_SCOPE, geometry_text
+from radlens.models.scope import BREAST_ULTRASOUND_SCOPE, ImageGeometry
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,8 @@ def write_card(card: dict[str, Any], folder: Path) -> None:
                   f"- photometric interpretations: "
                   f"{', '.join(scope['photometric_interpretations'])}"]
         if scope.get("geometry"):
-            lines.append(f"- image geometry: {geometry_text(scope['geometry'])}")
+            geometry = ImageGeometry.model_validate(scope["geometry"]).describe()
+            lines.append(f"- image geometry: {geometry}")
         lines.append("")
     if ood:
         lines += ["## Abstention (out-of-distribution score)", "",

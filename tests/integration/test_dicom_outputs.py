@@ -459,6 +459,15 @@ def _dcmqi(tool: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=120)
 
 
+def _dcmqi_to_itk(tool: str, path: Path, out: Path) -> dict:
+    """Convert one SEG or Parametric Map to ITK images in ``out``; its meta.json, read back."""
+    out.mkdir()
+    result = _dcmqi(tool, "--inputDICOM", str(path), "--outputDirectory", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Failed to get CIELab values" not in result.stdout + result.stderr
+    return json.loads((out / "meta.json").read_text())
+
+
 def test_dcmqi_reads_every_seg_map_and_report(processed, tmp_path):
     """Every SEG converts with its segments' recommended colours, every Parametric Map with its
     frame anatomy and its quantity (DCM Saliency), every SR with its measurements."""
@@ -466,24 +475,14 @@ def test_dcmqi_reads_every_seg_map_and_report(processed, tmp_path):
     seen = {"seg": 0, "pm": 0, "sr": 0}
     for name, study in done.items():
         for number, path in enumerate(study.outputs.seg):
-            out = tmp_path / f"{name}-seg{number}"
-            out.mkdir()
-            result = _dcmqi("segimage2itkimage", "--inputDICOM", str(path),
-                            "--outputDirectory", str(out))
-            assert result.returncode == 0, result.stdout + result.stderr
-            assert "Failed to get CIELab values" not in result.stdout + result.stderr
-            meta = json.loads((out / "meta.json").read_text())
+            meta = _dcmqi_to_itk("segimage2itkimage", path, tmp_path / f"{name}-seg{number}")
             colours = {tuple(s["recommendedDisplayRGBValue"]) for group in
                        meta["segmentAttributes"] for s in group}
             assert colours and colours <= {(220, 30, 30), (30, 190, 60)}, colours
             seen["seg"] += 1
         for number, path in enumerate(study.outputs.parametric_map):
             out = tmp_path / f"{name}-pm{number}"
-            out.mkdir()
-            result = _dcmqi("paramap2itkimage", "--inputDICOM", str(path),
-                            "--outputDirectory", str(out))
-            assert result.returncode == 0, result.stdout + result.stderr
-            meta = json.loads((out / "meta.json").read_text())
+            meta = _dcmqi_to_itk("paramap2itkimage", path, out)
             assert meta["QuantityValueCode"]["CodeMeaning"] == "Saliency", meta
             assert meta["AnatomicRegionSequence"]["CodeValue"] == "76752008"
             assert (out / "pmap.nrrd").stat().st_size > 0

@@ -223,10 +223,9 @@ def _add_frame_anatomy(pm: hd.pm.ParametricMap, image: AnalysedImage) -> None:
     Frame Laterality has no "unknown": an image that states no side is written U (unpaired),
     and the series-level Laterality, which Frame Laterality replaces, is left out."""
     region = _anatomic_region(image.header)
-    side = image.header.get("Laterality") or image.header.get("ImageLaterality")
     anatomy = Dataset()
     anatomy.AnatomicRegionSequence = [region]
-    anatomy.FrameLaterality = side if side in ("L", "R", "B") else "U"
+    anatomy.FrameLaterality = _stated_side(image.header) or "U"
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
     if "Laterality" in pm:
         del pm.Laterality
@@ -242,11 +241,18 @@ def _anatomic_region(header: Dataset) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept.from_code(codes.BREAST)
 
 
+def _stated_side(header: Dataset) -> str | None:
+    """The side the source states (its series' Laterality, else its Image Laterality): L, R or
+    B (both, which only Image Laterality may say); None when it states none."""
+    side = header.get("Laterality") or header.get("ImageLaterality")
+    return side if side in ("L", "R", "B") else None
+
+
 def _copy_laterality(dataset: hd.SOPClass, image: AnalysedImage) -> None:
-    """A paired body part's series says which side (General Series, type 2C)."""
-    laterality = image.header.get("Laterality") or image.header.get("ImageLaterality")
-    if laterality in ("L", "R"):
-        dataset.Laterality = laterality
+    """A paired body part's series says which side (General Series, type 2C: L or R)."""
+    side = _stated_side(image.header)
+    if side in ("L", "R"):
+        dataset.Laterality = side
 
 
 def _reference_source(sc: hd.sc.SCImage, image: AnalysedImage, frames: list[int]) -> None:
