@@ -20,9 +20,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from radlens.models.infer import Segmenter  # noqa: E402
-from radlens.models.phantoms import make_phantom  # noqa: E402
-from radlens.models.saliency import SaliencyExplainer, agreement  # noqa: E402
+from radlens.tasks.breast_us.infer import Segmenter  # noqa: E402
+from radlens.tasks.breast_us.phantoms import make_phantom  # noqa: E402
+from radlens.tasks.breast_us.saliency import SaliencyExplainer, agreement  # noqa: E402
 
 
 def main() -> None:

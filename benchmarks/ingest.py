@@ -31,7 +31,7 @@ from radlens.demo.tools import (  # noqa: E402
     require_tool,
     wait_for,
 )
-from radlens.dicom_io.synthetic import write_us_studies  # noqa: E402
+from radlens.tasks.breast_us.dicom import write_us_studies  # noqa: E402
 
 BARE_PYNETDICOM_SCP = r'''
 import sys

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from radlens.demo.tools import acknowledged_files, free_port, port_open, wait_for  # noqa: E402
-from radlens.dicom_io.synthetic import write_us_studies  # noqa: E402
+from radlens.tasks.breast_us.dicom import write_us_studies  # noqa: E402
 
 STUDIES, PER_STUDY = 10, 50
 

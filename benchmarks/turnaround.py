@@ -46,8 +46,8 @@ def clip(path: Path, frames: int, seed: int) -> Path:
     """A phantom US study: one image (1 frame) or a multi-frame clip, lesions in most frames."""
     from pydicom.uid import generate_uid
 
-    from radlens.dicom_io.synthetic import us_dataset, us_multiframe_dataset
-    from radlens.models.phantoms import make_phantom
+    from radlens.tasks.breast_us.dicom import us_dataset, us_multiframe_dataset
+    from radlens.tasks.breast_us.phantoms import make_phantom
 
     images = [make_phantom(seed, i, label="benign" if i % 2 else "malignant").image
               for i in range(frames)]
@@ -68,7 +68,7 @@ def clip(path: Path, frames: int, seed: int) -> Path:
 def compute_floor(path: Path, device: str) -> float:
     """Seconds of the model's batched forward over the study's frames, warm."""
     from radlens.dicom_io.pixels import decode_file
-    from radlens.models.infer import Segmenter
+    from radlens.tasks.breast_us.infer import Segmenter
 
     segmenter = Segmenter(device=device)
     frames = list(decode_file(path).pixels)

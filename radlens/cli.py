@@ -253,15 +253,16 @@ def process(
     from rich.progress import Progress
 
     from radlens.agent.offline import collect_studies, process_study
-    from radlens.agent.service import load_analyser
+    from radlens.agent.service import load_tasks
 
     settings = cli_settings(config)
     try:
-        analyser = load_analyser(settings)
+        analysers = load_tasks(settings)
     except RadlensError as exc:
         raise fail(str(exc), 1) from None
-    if analyser is None:
-        raise fail("model.enabled is false: nothing to process", 2)
+    if analysers is None:
+        raise fail("no task is enabled (model.enabled, density.enabled...): nothing to "
+                   "process", 2)
     studies, unreadable = collect_studies(paths)
     table = Table(title="processed")
     for column in ("study", "revision", "lesions", "SEG", "SR", "maps", "overlays", "outcome"):
@@ -270,7 +271,7 @@ def process(
     with Progress(console=err) as progress:
         task = progress.add_task("studies", total=len(studies))
         for study_uid, instances in studies.items():
-            done = process_study(study_uid, instances, out / "results", analyser, settings)
+            done = process_study(study_uid, instances, out / "results", analysers, settings)
             processed.append(done)
             table.add_row(study_uid, str(done.revision), str(done.lesions),
                           str(len(done.outputs.seg)), str(len(done.outputs.sr)),
@@ -352,28 +353,28 @@ def route(
     = None,
     config: ConfigOption = None,
 ) -> None:
-    """Say for each file which model would run on it and why, and where each study's outputs
+    """Say for each file which tasks would read it and why, and where each study's outputs
     would go."""
     from radlens.agent.offline import iter_files
-    from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ImageFacts, ModelScope, Router
+    from radlens.agent.routing import ImageFacts, Router
     from radlens.dicom_io.nesting import read_bounded
-    from radlens.models.infer import ModelError, model_folder
+    from radlens.models.cards import ModelError
+    from radlens.tasks.registry import all_tasks
 
     settings = cli_settings(config)
     cards: dict[str, dict] = {}
     try:
-        cards[DEFAULT_MODEL] = json.loads(
-            (model_folder(settings.model.weights) / "card.json").read_text())
-        if settings.density.enabled:
-            cards[DENSITY_MODEL] = json.loads(
-                (model_folder(settings.density.weights) / "card.json").read_text())
-        scopes = {name: ModelScope.from_card(card) for name, card in cards.items()}
+        enabled = [task for task in all_tasks() if task.enabled(settings)]
+        for task in enabled:
+            cards[task.name] = task.card(settings)
+        scopes = {task.name: task.scope(settings) for task in enabled}
     except (ModelError, OSError, ValueError) as exc:
         raise fail(f"cannot read a model's card: {exc}", 1) from None
     router = Router(settings.routing, scopes)
-    table = Table(title="routing (" + ", ".join(
-        f"{c.get('name')} {c.get('version')}" for c in cards.values()) + ")")
-    for column in ("file", "modality", "body part", "model", "why"):
+    table = Table(title="routing (" + (", ".join(
+        f"{name}: {c.get('name')} {c.get('version')}" for name, c in cards.items())
+        or "no task enabled") + ")")
+    for column in ("file", "modality", "body part", "tasks", "why"):
         table.add_column(column, overflow="fold")
     try:
         files = list(iter_files(paths))
@@ -387,13 +388,13 @@ def route(
         except Exception as exc:
             table.add_row(str(path), "", "", "none", f"not DICOM radlens can read ({exc})")
             continue
-        if not settings.model.enabled:
-            decision_model, reason = None, "model.enabled is false"
+        if not enabled:
+            chosen, reason = (), "no task is enabled (model.enabled, density.enabled...)"
         else:
             decision = router.route(facts, calling_aet)
-            decision_model, reason = decision.model, decision.reason
-        chosen = cards.get(decision_model or "", {})
-        shown = (f"{chosen.get('name')} {chosen.get('version')}" if decision_model else "none")
+            chosen, reason = decision.tasks, decision.reason
+        shown = ", ".join(f"{name} ({cards[name].get('name')} {cards[name].get('version')})"
+                          for name in chosen) or "none"
         table.add_row(str(path), facts.modality or "-", facts.body_part or "-", shown, reason)
         study = studies.setdefault(str(ds.get("StudyInstanceUID", "?")), [set(), ""])
         study[0].add(facts.modality or "")

@@ -46,7 +46,7 @@ def phantoms(
     with Progress(console=err, transient=False) as progress:
         task = progress.add_task("phantoms", total=n)
         if kind == "mammo":
-            from radlens.models import mammo_phantoms
+            from radlens.tasks.mammo_density import phantoms as mammo_phantoms
 
             def advance_patient(views: list) -> None:
                 category = mammo_phantoms.study_density(views)
@@ -58,7 +58,7 @@ def phantoms(
                                          tomosynthesis=tomosynthesis,
                                          on_patient=advance_patient)
         else:
-            from radlens.models.phantoms import Phantom, generate, write_dataset
+            from radlens.tasks.breast_us.phantoms import Phantom, generate, write_dataset
 
             def advance(phantom: Phantom) -> None:
                 counts[phantom.label] = counts.get(phantom.label, 0) + 1
@@ -82,7 +82,7 @@ def phantoms(
 
 def models() -> None:
     """The registered architectures with their parameter counts, and the shipped models."""
-    from radlens.models.infer import WEIGHTS_DIR
+    from radlens.models.cards import WEIGHTS_DIR
     from radlens.models.networks import REGISTRY, parameter_count
     from radlens.models.scope import ImageGeometry
 
@@ -147,9 +147,9 @@ def train(
     breast density model (--task density)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from radlens.models.datasets import DatasetError
     from radlens.models.networks import REGISTRY
-    from radlens.models.train import EpochRecord, TrainSettings, run_training
+    from radlens.tasks.breast_us.datasets import DatasetError
+    from radlens.tasks.breast_us.train import EpochRecord, TrainSettings, run_training
 
     cli_settings(config)
     if task == "density":
@@ -197,7 +197,7 @@ def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size:
     """``radlens train --task density``: folds with a progress bar each, then the summary."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from radlens.models.density_train import (
+    from radlens.tasks.mammo_density.train import (
         DensityDataError,
         DensityEpoch,
         DensityTrainSettings,
@@ -209,7 +209,7 @@ def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size:
                                     folds=folds, seed=seed, device=device, size=size,
                                     weighted=weighted, clip=str(clip) if clip else None)
     if clip is not None:
-        from radlens.models.clip_backbone import ClipUnavailableError, load_open_clip
+        from radlens.tasks.mammo_density.clip_backbone import ClipUnavailableError, load_open_clip
 
         try:
             load_open_clip(clip)  # fail before the first fold, with the reason
@@ -270,13 +270,13 @@ def evaluate(
 ) -> None:
     """Evaluate a model on a labelled dataset, or compare architectures trained identically;
     with --task density: accuracy, per-category AUC and the confusion matrix."""
-    from radlens.models import evaluate as evaluation
-    from radlens.models.datasets import DatasetError
+    from radlens.tasks.breast_us import evaluate as evaluation
+    from radlens.tasks.breast_us.datasets import DatasetError
 
     cli_settings(config)
     if task == "density":
-        from radlens.models.density_train import DensityDataError, evaluate_density_folder
-        from radlens.models.infer import ModelError, model_folder
+        from radlens.models.cards import ModelError, model_folder
+        from radlens.tasks.mammo_density.train import DensityDataError, evaluate_density_folder
 
         try:
             folder = model_folder("density" if model == "default" else model)
@@ -320,11 +320,11 @@ def calibrate_ood(
 ) -> None:
     """Fit a model's out-of-distribution detector and threshold (ood.npz, card.json) and state
     the breast-ultrasound scope in its card, without retraining the weights."""
-    from radlens.models.datasets import DatasetError, load_cases
-    from radlens.models.infer import Segmenter
     from radlens.models.ood import calibrate, case_images, summary
-    from radlens.models.scope import BREAST_ULTRASOUND_SCOPE
-    from radlens.models.train import write_card
+    from radlens.tasks.breast_us.datasets import DatasetError, load_cases
+    from radlens.tasks.breast_us.infer import Segmenter
+    from radlens.tasks.breast_us.scope import BREAST_ULTRASOUND_SCOPE
+    from radlens.tasks.breast_us.train import write_card
 
     try:
         segmenter = Segmenter(model, device=device)
@@ -388,7 +388,7 @@ def cohort(
     from rich.progress import Progress
 
     from radlens.analysis.cohort import analyse_agent, analyse_dataset
-    from radlens.models.datasets import DatasetError
+    from radlens.tasks.breast_us.datasets import DatasetError
 
     settings = cli_settings(config)
     if (data is None) == (not from_agent):

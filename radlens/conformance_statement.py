@@ -23,14 +23,10 @@ def _uid_name(uid: str) -> str:
 
 
 def _codes() -> list[Code]:
-    from radlens.dicom_io import codes
+    """Every concept radlens writes: the shared ones and every installed task's."""
+    from radlens.dicom_io.codes import all_codes
 
-    found = {(c.value, c.scheme_designator): c for c in vars(codes).values()
-             if isinstance(c, Code)}
-    for value in vars(codes).values():  # codes grouped in mappings (lesion classes, ...)
-        if isinstance(value, dict):
-            found.update({(c.value, c.scheme_designator): c for c in value.values()
-                          if isinstance(c, Code)})
+    found = {(c.value, c.scheme_designator): c for c in all_codes()}
     return sorted(found.values(), key=lambda c: (c.scheme_designator, c.value))
 
 
@@ -190,9 +186,10 @@ def conformance_statement() -> str:
         "| code | scheme | meaning | why private |",
         "|---|---|---|---|",
     ]
-    from radlens.dicom_io.codes import PRIVATE_REASONS
+    from radlens.dicom_io.codes import private_reasons
 
+    reasons = private_reasons()
     lines += [f"| {c.value} | {c.scheme_designator} | {c.meaning} | "
-              f"{PRIVATE_REASONS.get(c.value, '') if c.scheme_designator == '99RADLENS' else ''}"
+              f"{reasons.get(c.value, '') if c.scheme_designator == '99RADLENS' else ''}"
               f" |" for c in _codes()]
     return "\n".join(lines) + "\n"

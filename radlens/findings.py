@@ -10,12 +10,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 if TYPE_CHECKING:
     import numpy as np
 
-FINDINGS_SCHEMA_VERSION = 1
+FINDINGS_SCHEMA_VERSION = 2  # 2: task readings under images[].analyses and summaries
+
+# The frame model's task: its per-frame readings (class, lesions, saliency) are the images'
+# ``predictions`` and ``abstained``; every other task files its readings under ``analyses``.
+FRAME_TASK = "breast_us"
+
+# Schema 1 kept the breast density model's reading beside the frame model's: the task that
+# reads them now, by the name they are filed under.
+SCHEMA_1_TASK_FIELDS = {"density": "mammo_density"}
+_SCHEMA_1_SUMMARY_FIELDS = {"breast_density": "mammo_density"}
 
 SpacingSource = Literal["PixelSpacing", "PixelMeasuresSequence", "SequenceOfUltrasoundRegions"]
 
@@ -158,75 +167,25 @@ class ModelRef(_Frozen):
     architecture: str
 
 
-DensityCategory = Literal["A", "B", "C", "D"]
-DENSITY_MEANINGS: dict[str, str] = {"A": "almost entirely fatty",
-                                    "B": "scattered areas of fibroglandular density",
-                                    "C": "heterogeneously dense",
-                                    "D": "extremely dense"}
+class TaskFinding(BaseModel):
+    """One task's reading of one image, as ``findings.json`` keeps it under the image's
+    ``analyses``. Each task declares its own subclass with typed fields; ``task`` names the
+    task, so a reader (the writers, ``radlens status``, the cohort) hands each entry to the task
+    that understands it, and an entry of a task not installed here is kept as it is."""
 
+    model_config = ConfigDict(frozen=True, extra="allow")
 
-class AttentionShares(_Frozen):
-    """Where the density model's Grad-CAM mass lies: fractions that sum to 1."""
-
-    tissue: float = Field(ge=0, le=1, description="breast tissue, artifacts excepted")
-    artifacts: float = Field(ge=0, le=1, description="markers, text, clips, paddle edges")
-    outside: float = Field(ge=0, le=1, description="background outside the breast")
-
-
-class DensityPrediction(_Frozen):
-    """The breast density model's reading of one mammogram."""
-
+    task: str = Field(min_length=1, max_length=64)
     model: ModelRef
-    category: DensityCategory
-    probabilities: dict[DensityCategory, float]
-    laterality: Literal["L", "R"] | None = Field(description="ImageLaterality (or Laterality); "
-                                                 "None when the header states neither")
-    view: str | None = Field(description="ViewPosition, e.g. CC or MLO")
-    attention: AttentionShares
-    attention_on_artifact: bool = Field(description="the share on tissue is below "
-                                        "density.low_tissue_share: the category may rest on "
-                                        "an artifact")
-    ood_score: float | None = None
-    maps_file: str | None = Field(default=None, description="npz with the Grad-CAM map "
-                                  "(saliency_gradcam), relative to the study's results folder")
-
-    @property
-    def view_label(self) -> str:
-        """Laterality and view as readers write them ("R CC"); empty when neither is known."""
-        return " ".join(filter(None, (self.laterality, self.view)))
 
 
-class BreastDensity(_Frozen):
-    """Per breast (its views' probabilities averaged) and per study: the denser breast, as
-    readers report it."""
+class TaskSummary(BaseModel):
+    """One task's study-level result (a per-breast category, a volume): ``findings.json``'s
+    ``summaries``, keyed by task name."""
 
-    left: DensityCategory | None = None
-    right: DensityCategory | None = None
-    study: DensityCategory
-    images: int = Field(ge=1, description="mammograms the category rests on")
-    attention_warnings: int = Field(ge=0, description="of them, with attention on artifacts")
+    model_config = ConfigDict(frozen=True, extra="allow")
 
-    @classmethod
-    def of(cls, readings: list[DensityPrediction]) -> BreastDensity | None:
-        """Each breast's category from the mean of its views' probabilities; the study's is
-        the denser breast's (views without a laterality count for the study only)."""
-        if not readings:
-            return None
-        order = ("A", "B", "C", "D")
-
-        def category(items: list[DensityPrediction]) -> DensityCategory | None:
-            if not items:
-                return None
-            means = {c: sum(r.probabilities[c] for r in items) / len(items) for c in order}
-            return max(order, key=lambda c: (means[c], order.index(c)))  # type: ignore[return-value]
-
-        left = category([r for r in readings if r.laterality == "L"])
-        right = category([r for r in readings if r.laterality == "R"])
-        sides = [c for c in (left, right) if c is not None]
-        study = max(sides, key=order.index) if sides else category(readings)
-        assert study is not None
-        return cls(left=left, right=right, study=study, images=len(readings),
-                   attention_warnings=sum(r.attention_on_artifact for r in readings))
+    task: str = Field(min_length=1, max_length=64)
 
 
 class ImageInfo(_Frozen):
@@ -244,11 +203,29 @@ class ImageInfo(_Frozen):
     predictions: list[FramePrediction] = Field(default_factory=list)
     abstained: list[AbstainedFrame] = Field(
         default_factory=list, description="frames the model ran on but reports nothing for")
-    density: DensityPrediction | None = Field(default=None, description="the breast density "
-                                              "model's reading of a mammogram")
+    analyses: list[SerializeAsAny[TaskFinding]] = Field(
+        default_factory=list, description="what each task other than the frame model made of "
+        "the image, each entry naming its task")
     route: str | None = Field(default=None, description="why the model did or did not see it")
     not_analysed: str | None = Field(default=None, description="why the model did not run, or "
                                      "why none of its frames has a finding")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_1(cls, data: object) -> object:
+        """A schema 1 image's task reading, filed under ``analyses`` as it is now."""
+        if isinstance(data, dict) and any(key in data for key in SCHEMA_1_TASK_FIELDS):
+            data = dict(data)
+            analyses = list(data.get("analyses", []))
+            for key, task in SCHEMA_1_TASK_FIELDS.items():
+                reading = data.pop(key, None)
+                if reading is not None:
+                    analyses.append({**reading, "task": task})
+            data["analyses"] = analyses
+        return data
+
+    def analyses_of(self, task: str) -> list[TaskFinding]:
+        return [analysis for analysis in self.analyses if analysis.task == task]
 
 
 class SkippedObject(_Frozen):
@@ -270,13 +247,37 @@ class StudyFindings(_Frozen):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     images: list[ImageInfo] = Field(default_factory=list)
     skipped: list[SkippedObject] = Field(default_factory=list)
-    breast_density: BreastDensity | None = None
+    summaries: dict[str, SerializeAsAny[TaskSummary]] = Field(
+        default_factory=dict, description="each task's study-level result, by task name")
     timings: dict[str, float] = Field(default_factory=dict, description="wall-clock seconds "
                                       "per stage of the job (decode, inference, saliency, "
                                       "each writer...) and its total")
     failure: str | None = Field(default=None, description="why the job failed for good "
                                 "(an error, a worker process past its memory or time limit, "
                                 "or killed); what was found before it stays")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_1(cls, data: object) -> object:
+        """A schema 1 study's task summary, filed under ``summaries`` as it is now."""
+        if isinstance(data, dict) and any(key in data for key in _SCHEMA_1_SUMMARY_FIELDS):
+            data = dict(data)
+            summaries = dict(data.get("summaries", {}))
+            for key, task in _SCHEMA_1_SUMMARY_FIELDS.items():
+                summary = data.pop(key, None)
+                if summary is not None:
+                    summaries[task] = {**summary, "task": task}
+            data["summaries"] = summaries
+        return data
+
+    @property
+    def tasks_run(self) -> list[str]:
+        """The tasks with a reading in this study: the frame model's first, then each other
+        task in the order its first reading appears."""
+        names = [FRAME_TASK] if any(image.predictions for image in self.images) else []
+        for image in self.images:
+            names += [a.task for a in image.analyses if a.task not in names]
+        return names
 
 
 @dataclass(frozen=True)

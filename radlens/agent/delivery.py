@@ -49,17 +49,22 @@ class StudySource:
     calling_aets: frozenset[str]
     modalities: frozenset[str]
     study_description: str = ""
-    tasks: frozenset[str] = frozenset()  # what ran: "lesions", "density"; empty: nothing
+    tasks: frozenset[str] = frozenset()  # the tasks that read an image; empty: none
 
     @staticmethod
     def tasks_of(findings: dict) -> frozenset[str]:
-        """From a study's findings.json: which models analysed its images."""
-        images = findings.get("images", []) or []
-        ran = set()
-        if any(image.get("predictions") for image in images):
-            ran.add("lesions")
-        if any(image.get("density") for image in images):
-            ran.add("density")
+        """From a study's findings.json, as stored (any schema): which tasks read its images."""
+        from radlens.findings import FRAME_TASK, SCHEMA_1_TASK_FIELDS
+
+        ran: set[str] = set()
+        for image in findings.get("images", []) or []:
+            if not isinstance(image, dict):
+                continue
+            if image.get("predictions"):
+                ran.add(FRAME_TASK)
+            ran.update(str(analysis["task"]) for analysis in image.get("analyses", []) or []
+                       if isinstance(analysis, dict) and analysis.get("task"))
+            ran.update(task for key, task in SCHEMA_1_TASK_FIELDS.items() if image.get(key))
         return frozenset(ran)
 
 

@@ -242,9 +242,9 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
         # Each worker process takes its share of the cores, as cluster workers do.
         settings.model.threads = max(1, (os.cpu_count() or 1) // settings.worker.processes())
     try:
-        from radlens.agent.service import load_analyser
+        from radlens.agent.service import load_tasks
 
-        analyser = load_analyser(settings)
+        analysers = load_tasks(settings)
     except Exception as exc:  # noqa: BLE001 - the reason goes to the agent, which stops
         conn.send(("failed", str(exc) if isinstance(exc, RadlensError)
                    else f"{type(exc).__name__}: {exc}"))
@@ -252,10 +252,10 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
     from radlens.agent.pipeline import run_study
     from radlens.memory import release_freed_memory
 
-    if analyser is not None:  # measurement's libraries, loaded with the models, not by a job
+    if analysers is not None:  # measurement's libraries, loaded with the models, not by a job
         import radlens.analysis.lesions  # noqa: F401
     results_root = settings.storage.data_dir.resolve() / RESULTS_DIR
-    conn.send(("ready", analyser.model_ref.model_dump(mode="json") if analyser else None))
+    conn.send(("ready", analysers.model_ref.model_dump(mode="json") if analysers else None))
     log.info("worker process started", extra=kv(worker=index, pid=os.getpid()))
     while True:
         try:
@@ -265,11 +265,11 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
         if kind != "job":
             return
         try:
-            result = run_study(study, results_root, analyser=analyser,
+            result = run_study(study, results_root, analysers=analysers,
                                fsync=settings.storage.fsync)
             outputs: list[Path] = []
-            if analyser is not None:
-                outputs = write_job_outputs(study, result, analyser, results_root,
+            if analysers is not None:
+                outputs = write_job_outputs(study, result, analysers, results_root,
                                             llm=settings.llm, llm_vision=llm_vision,
                                             outputs=settings.outputs,
                                             fsync=settings.storage.fsync)

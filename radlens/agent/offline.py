@@ -14,14 +14,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from radlens.agent.pipeline import Analyser, StudyInput, run_study
+from radlens.agent.pipeline import StudyInput, TaskSet, run_study
 from radlens.agent.queue import JobInstance
 from radlens.config import Settings
 from radlens.dicom_io.nesting import read_bounded
 from radlens.dicom_io.writers import WrittenOutputs, write_failure_report, write_outputs
-from radlens.findings import StudyFindings
+from radlens.findings import FRAME_TASK, StudyFindings
 from radlens.logs import kv
 from radlens.reporting.ollama import narrate
+from radlens.tasks.registry import all_tasks
 
 log = logging.getLogger(__name__)
 
@@ -98,28 +99,29 @@ def next_revision(study_results: Path) -> int:
 
 
 def process_study(study_uid: str, instances: list[JobInstance], results_root: Path,
-                  analyser: Analyser, settings: Settings) -> ProcessedStudy:
+                  analysers: TaskSet, settings: Settings) -> ProcessedStudy:
     """One study, as a job of the agent would run it. An unexpected error (a bug) fails the
     study alone, and its SR still says so."""
     revision = next_revision(results_root / study_uid)
     try:
-        return _process(study_uid, revision, instances, results_root, analyser, settings)
+        return _process(study_uid, revision, instances, results_root, analysers, settings)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:2000]
         log.exception("study failed", extra=kv(study=study_uid))
         sr = write_failure_report(study_uid, revision,
                                   {i.sop_instance_uid: i.path for i in instances},
-                                  results_root / study_uid, error, model=analyser.model_ref,
+                                  results_root / study_uid, error, model=analysers.model_ref,
                                   fsync=settings.storage.fsync)
         return ProcessedStudy(study_uid, revision, None,
                               WrittenOutputs([], [sr] if sr else [], [], []), 0, error)
 
 
 def _process(study_uid: str, revision: int, instances: list[JobInstance], results_root: Path,
-             analyser: Analyser, settings: Settings) -> ProcessedStudy:
+             analysers: TaskSet, settings: Settings) -> ProcessedStudy:
     study = StudyInput(job_id=OFFLINE_JOB_ID, revision=revision, study_instance_uid=study_uid,
                        instances=sorted(instances, key=lambda i: str(i.path)))
-    result = run_study(study, results_root, analyser=analyser, fsync=settings.storage.fsync)
+    result = run_study(study, results_root, analysers=analysers,
+                       fsync=settings.storage.fsync)
     with result.times.stage("narrative"):
         narrative = narrate(result.findings, settings.llm)
     written = write_outputs(
@@ -144,16 +146,17 @@ def outcome_counts(processed: list[ProcessedStudy], unreadable: list[UnreadableF
         if study.findings is None:
             continue
         for image in study.findings.images:
-            counts["images analysed" if image.predictions or image.density
+            counts["images analysed" if image.predictions or image.analyses
                    else "images not analysed"] += 1
-            if image.density is not None:
-                counts[f"mammograms, density {image.density.category}"] += 1
             counts["frames analysed"] += len(image.predictions)
             counts["frames abstained (unlike the training images)"] += len(image.abstained)
             if image.not_analysed:
                 counts[f"not analysed: {_reason_kind(image.not_analysed)}"] += 1
         for skipped in study.findings.skipped:
             counts[f"skipped: {_reason_kind(skipped.reason)}"] += 1
+        for task in all_tasks():
+            if task.name != FRAME_TASK:  # the frame model's counts are the frames above
+                counts.update(task.status_counts(study.findings))
     return dict(sorted(counts.items(), key=lambda item: (not item[0].startswith(
         ("files", "studies", "images", "frames")), item[0])))
 

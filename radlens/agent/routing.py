@@ -1,4 +1,4 @@
-"""Which model, if any, may look at an image: the model's scope and the site's routing rules.
+"""Which tasks, if any, may read an image: their models' scopes and the site's routing rules.
 
 A model card states the model's scope: modalities, body parts (BodyPartExamined values and
 SNOMED CT anatomic region codes), SOP classes and photometric interpretations, and its intended
@@ -16,45 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
 
 from radlens.config import RoutingRule, RoutingSettings
-from radlens.models.scope import ImageGeometry
+from radlens.models.scope import ModelScope
 
-NO_MODEL = "none"
-DEFAULT_MODEL = "default"
-DENSITY_MODEL = "density"
-
-
-class AnatomicRegion(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    value: str
-    scheme: str = "SCT"
-    meaning: str
-
-
-class ModelScope(BaseModel):
-    """What a model was built for, as its card states it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    modalities: list[str] = Field(min_length=1)
-    body_parts: list[str] = Field(min_length=1, description="BodyPartExamined values")
-    anatomic_regions: list[AnatomicRegion] = Field(min_length=1)
-    sop_classes: list[str] = Field(min_length=1, description="SOP Class UIDs")
-    photometric_interpretations: list[str] = Field(min_length=1)
-    geometry: ImageGeometry | None = Field(
-        None, description="the pixel matrices it reads; a card without it is not checked")
-    intended_use: str
-
-    @classmethod
-    def from_card(cls, card: dict[str, Any]) -> ModelScope | None:
-        scope = card.get("scope")
-        return cls.model_validate(scope) if scope is not None else None
+NO_TASK = "none"
 
 
 @dataclass(frozen=True)
@@ -114,66 +82,81 @@ def _number(ds: Dataset, keyword: str) -> int:
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """``model`` is the model that runs (``default`` or ``density``), or None with the reason
-    it does not."""
+    """``tasks``: the tasks that read the image, in the registry's order (empty: none, and
+    ``reason`` says why)."""
 
-    model: str | None
+    tasks: tuple[str, ...]
     reason: str
 
     @property
     def analyse(self) -> bool:
-        return self.model is not None
+        return bool(self.tasks)
 
 
 class Router:
-    """Routes each image to one of the loaded models (``default``: the lesion model,
-    ``density``: the breast density model), or to none, with the reason.
+    """Routes each image to the loaded tasks that may read it, or to none, with the reason.
 
-    A model may look at an image only within its technical scope (modality, SOP class,
-    photometric interpretation, image geometry). Among the models that may, the first matching
-    rule decides; without one, the first model (in the order given) whose anatomy the header
-    states; a header stating no anatomy goes to the first such model when
-    ``unstated_body_part`` is ``analyse``."""
+    A task may read an image only within its technical scope (modality, SOP class,
+    photometric interpretation, image geometry). Among the tasks that may, the first matching
+    rule decides (a rule names tasks, or ``none``; one naming none takes every task in
+    scope); without one, every task whose anatomy the header states; a header stating no
+    anatomy goes to every task in scope when ``unstated_body_part`` is ``analyse``. Several
+    tasks may read one image: each adds its reading to the study's one report."""
 
     def __init__(self, settings: RoutingSettings,
-                 scope: ModelScope | None | Mapping[str, ModelScope | None]) -> None:
+                 scopes: Mapping[str, ModelScope | None]) -> None:
         self.settings = settings
-        self.scopes: dict[str, ModelScope | None] = (
-            dict(scope) if isinstance(scope, Mapping) else {DEFAULT_MODEL: scope})
+        self.scopes: dict[str, ModelScope | None] = dict(scopes)
 
     def route(self, facts: ImageFacts, calling_ae: str | None = None) -> RouteDecision:
-        """The first matching rule decides about anatomy; the models' scopes decide the rest."""
+        """The first matching rule decides about anatomy; the tasks' scopes decide the rest."""
         refusals = {name: _outside_technical_scope(scope, facts)
                     for name, scope in self.scopes.items()}
         candidates = [name for name, refusal in refusals.items() if refusal is None]
         if not candidates:
-            refusal = self._refusal(refusals, facts)
-            return RouteDecision(None, f"outside the model's scope: {refusal}")
+            refusal = self._refusal(refusals, facts) if refusals else "no task is loaded"
+            return RouteDecision((), f"outside the model's scope: {refusal}")
         for number, rule in enumerate(self.settings.rules, start=1):
             if rule_matches(rule, facts, calling_ae):
-                name = rule.name or f"rule {number}"
-                if rule.model == NO_MODEL:
-                    return RouteDecision(None, f"routing rule {name!r} sends it to no model")
-                if rule.model not in self.scopes:
-                    return RouteDecision(None, f"routing rule {name!r} sends it to the "
-                                         f"{rule.model} model, which is not loaded")
-                if rule.model not in candidates:
-                    return RouteDecision(None, f"routing rule {name!r} sends it to the "
-                                         f"{rule.model} model, but it is outside that model's "
-                                         f"scope: {refusals[rule.model]}")
-                return RouteDecision(rule.model, f"routing rule {name!r} matched")
+                return self._by_rule(rule.name or f"rule {number}", rule.tasks, candidates,
+                                     refusals)
         if facts.states_anatomy:
             decisions = [_by_anatomy(name, self.scopes[name], facts) for name in candidates]
-            return next((d for d in decisions if d.analyse), decisions[0])
+            chosen = tuple(name for d in decisions for name in d.tasks)
+            if not chosen:
+                return decisions[0]
+            return RouteDecision(chosen, "; ".join(dict.fromkeys(
+                d.reason for d in decisions if d.analyse)))
         if self.settings.unstated_body_part == "analyse":
-            return RouteDecision(candidates[0], "no body part stated and no routing rule "
+            return RouteDecision(tuple(candidates), "no body part stated and no routing rule "
                                  "matched: routing.unstated_body_part is 'analyse' (the "
                                  "out-of-distribution check still applies)")
-        return RouteDecision(None, "no body part stated and no routing rule matched "
+        return RouteDecision((), "no body part stated and no routing rule matched "
                              "(routing.unstated_body_part is 'skip')")
 
+    def _by_rule(self, name: str, tasks: tuple[str, ...] | None, candidates: list[str],
+                 refusals: dict[str, str | None]) -> RouteDecision:
+        if tasks is None:
+            return RouteDecision(tuple(candidates), f"routing rule {name!r} matched")
+        if not tasks:
+            return RouteDecision((), f"routing rule {name!r} sends it to no model")
+        chosen, reasons = [], []
+        for task in tasks:
+            if task not in self.scopes:
+                reasons.append(f"routing rule {name!r} sends it to the {task} model, which is "
+                               "not loaded")
+            elif task not in candidates:
+                reasons.append(f"routing rule {name!r} sends it to the {task} model, but it "
+                               f"is outside that model's scope: {refusals[task]}")
+            else:
+                chosen.append(task)
+        if not chosen:
+            return RouteDecision((), "; ".join(reasons))
+        ordered = tuple(task for task in self.scopes if task in chosen)
+        return RouteDecision(ordered, f"routing rule {name!r} matched")
+
     def _refusal(self, refusals: dict[str, str | None], facts: ImageFacts) -> str:
-        """Why no model may look: that of the model built for this modality, if one is."""
+        """Why no task may read it: that of the task built for this modality, if one is."""
         for name, scope in self.scopes.items():
             if scope is not None and facts.modality in scope.modalities:
                 return str(refusals[name])
@@ -201,15 +184,15 @@ def _outside_technical_scope(scope: ModelScope | None, facts: ImageFacts) -> str
 
 def _by_anatomy(name: str, scope: ModelScope | None, facts: ImageFacts) -> RouteDecision:
     if scope is None:
-        return RouteDecision(name, "the model states no scope")
+        return RouteDecision((name,), "the model states no scope")
     codes = {region.value for region in scope.anatomic_regions}
     if facts.body_part and facts.body_part in scope.body_parts:
-        return RouteDecision(name, f"body part {facts.body_part} is in scope")
+        return RouteDecision((name,), f"body part {facts.body_part} is in scope")
     if set(facts.anatomic_region_codes) & codes:
-        return RouteDecision(name, "anatomic region code is in scope")
+        return RouteDecision((name,), "anatomic region code is in scope")
     stated = (f"body part {facts.body_part}" if facts.body_part else
               f"anatomic region {', '.join(facts.anatomic_region_codes)}")
-    return RouteDecision(None, f"outside the model's scope: {stated}")
+    return RouteDecision((), f"outside the model's scope: {stated}")
 
 
 def rule_matches(rule: RoutingRule, facts: ImageFacts, calling_ae: str | None) -> bool:

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -48,7 +47,7 @@ from radlens.agent.health import HealthServer, NodeMetrics, StateCollector, stat
 from radlens.agent.listeners import ListenerProcesses
 from radlens.agent.nodes import ROLES, Node
 from radlens.agent.outbox import Outbox
-from radlens.agent.pipeline import RESULTS_DIR, Analyser
+from radlens.agent.pipeline import RESULTS_DIR, TaskSet
 from radlens.agent.queue import Job, JobQueue
 from radlens.agent.sender import SenderProcess
 from radlens.agent.worker import Worker
@@ -61,9 +60,6 @@ from radlens.dicom_io.scu import OutgoingFile
 from radlens.dicom_io.spool import Spool, StoredInstance
 from radlens.errors import RadlensError
 from radlens.logs import kv
-
-if TYPE_CHECKING:
-    from radlens.agent.density import DensityAnalyser
 
 log = logging.getLogger(__name__)
 
@@ -149,88 +145,43 @@ def agent_is_running(data_dir: Path) -> dict[str, object] | None:
         os.close(handle)
 
 
-def load_analyser(settings: Settings) -> Analyser | None:
-    """The model stage, loaded once at start-up so a broken model fails loudly there."""
-    if not settings.model.enabled:
-        log.info("model disabled: images are decoded but not analysed")
+def load_tasks(settings: Settings) -> TaskSet | None:
+    """Every enabled task's model, loaded once at start-up so a broken one fails loudly there,
+    and the router over their scopes. None when no task is enabled: images are decoded and
+    described, not analysed."""
+    from radlens.agent.routing import Router
+    from radlens.models.device import resolve_device
+    from radlens.tasks.base import TaskError
+    from radlens.tasks.registry import all_tasks, problems
+
+    for problem in problems():
+        log.error("task plug-in not loaded", extra=kv(problem=problem))
+    enabled = [task for task in all_tasks() if task.enabled(settings)]
+    for task in all_tasks():
+        if task not in enabled:
+            log.info("task disabled: its images are not analysed", extra=kv(task=task.name))
+    if not enabled:
+        log.info("no task enabled: images are decoded but not analysed")
         return None
-    from radlens.agent.compute import load_segmenter
-    from radlens.models.infer import ModelError
-
-    on_ray = settings.compute.backend == "ray"
+    # Tasks share the lesion model's device; with the model stage on Ray the workers keep the
+    # CPU and the actors the GPUs.
     try:
-        # With the model stage on Ray this copy only answers what the worker asks of the model
-        # itself (its card, scope, OOD threshold): the CPU is enough, the GPUs stay the actors'.
-        segmenter = load_segmenter(settings.model, device="cpu" if on_ray else None)
-    except (ModelError, ValueError) as exc:
-        raise RadlensError(f"cannot load model {settings.model.weights!r}: {exc}") from exc
-    from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ModelScope, Router
-
-    try:
-        scope = ModelScope.from_card(segmenter.card)
-    except ValueError as exc:
-        raise RadlensError(f"model {settings.model.weights!r}: invalid scope in its card: "
-                           f"{exc}") from exc
-    if scope is None:
-        log.warning("the model's card states no scope: every image routing lets through runs")
-    if segmenter.ood is None and settings.model.abstain:
-        log.warning("the model has no out-of-distribution detector: it cannot abstain "
-                    "(radlens calibrate-ood builds one)")
-    log.info("model loaded", extra=kv(name=segmenter.name, version=segmenter.version,
-                                      device=str(segmenter.device),
-                                      ood_threshold=segmenter.ood.threshold
-                                      if segmenter.ood else None))
-    from radlens.models.saliency import SaliencyExplainer
-
-    anatomy = None
-    if settings.anatomy.label_map is not None and settings.anatomy.names is not None:
-        from radlens.analysis.nifti import LabelMap
-
+        device = ("cpu" if settings.compute.backend == "ray"
+                  else str(resolve_device(settings.model.device)))
+    except ValueError as exc:  # cuda asked for, none present
+        raise RadlensError(f"model.device: {exc}") from exc
+    loaded = {}
+    for task in enabled:
         try:
-            anatomy = LabelMap.load(settings.anatomy.label_map, settings.anatomy.names)
-        except (OSError, ValueError, KeyError) as exc:
-            raise RadlensError(f"cannot load anatomy label map: {exc}") from exc
-        log.info("anatomy label map loaded", extra=kv(structures=len(anatomy.names),
-                                                      grid=str(anatomy.labels.shape)))
-    explainer = SaliencyExplainer(segmenter)
-    stage = None
-    if on_ray:
-        from radlens.agent.compute import RayModelStage
-
-        stage = RayModelStage(settings.compute, settings.model, name=segmenter.name,
-                              version=segmenter.version)
-    density = load_density(settings, device=str(segmenter.device))
-    scopes = {DEFAULT_MODEL: scope}
-    if density is not None:
-        scopes[DENSITY_MODEL] = ModelScope.from_card(density.card)
-    return Analyser(segmenter, settings.model, Router(settings.routing, scopes), explainer,
-                    anatomy, stage, density)
-
-
-def load_density(settings: Settings, *, device: str = "cpu") -> DensityAnalyser | None:
-    """The breast density model, when enabled; a broken one fails the start like the lesion
-    model. Its card must state its scope: it sees mammograms only."""
-    if not settings.density.enabled:
-        log.info("density model disabled: mammograms are not analysed")
-        return None
-    from radlens.agent.density import DensityAnalyser
-    from radlens.agent.routing import ModelScope
-    from radlens.models.infer import ModelError
-
-    try:
-        density = DensityAnalyser.load(settings.density, device=device)
-        if ModelScope.from_card(density.card) is None:
-            raise ModelError("its card states no scope")
-    except (ModelError, ValueError) as exc:
-        raise RadlensError(f"cannot load density model {settings.density.weights!r}: {exc}"
-                           ) from exc
-    if density.ood is None and settings.density.abstain:
-        log.warning("the density model has no out-of-distribution detector: it cannot abstain")
-    log.info("density model loaded", extra=kv(name=density.model_ref.name,
-                                              version=density.model_ref.version, device=device,
-                                              ood_threshold=density.ood.threshold
-                                              if density.ood else None))
-    return density
+            loaded[task.name] = task.load(settings, device=device)
+        except TaskError as exc:
+            raise RadlensError(str(exc)) from exc
+        model = loaded[task.name].model_ref
+        log.info("task loaded", extra=kv(task=task.name, origin=task.origin, name=model.name,
+                                         version=model.version, device=device,
+                                         ood_threshold=loaded[task.name].ood_threshold))
+    scopes = {name: task.scope for name, task in loaded.items()}
+    return TaskSet(loaded, Router(settings.routing, scopes), tuple(settings.model.saliency))
 
 
 def check_llm(settings: LlmSettings, data_dir: Path) -> bool:
@@ -514,7 +465,7 @@ class Agent:
                                        cause).inc())
             worker.start_processes()
             return worker
-        return Worker(self.queue, self.data_dir / RESULTS_DIR, analyser=load_analyser(s),
+        return Worker(self.queue, self.data_dir / RESULTS_DIR, analysers=load_tasks(s),
                       fsync=s.storage.fsync, outputs=s.outputs, deliver=self._queue_results,
                       on_queued=self._results_queued, on_finished=self._job_finished,
                       llm=s.llm, llm_vision=llm_vision, max_attempts=s.jobs.max_attempts,

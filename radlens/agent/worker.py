@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from radlens.agent import analyses
 from radlens.agent.outbox import describe_file
-from radlens.agent.pipeline import Analyser, StudyInput, StudyResult, run_study
+from radlens.agent.pipeline import StudyInput, StudyResult, TaskSet, run_study
 from radlens.agent.queue import Job, JobQueue
 from radlens.config import LlmSettings, OutputSettings
 from radlens.dicom_io.scu import OutgoingFile
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, queue: JobQueue, results_root: Path, *, analyser: Analyser | None = None,
+    def __init__(self, queue: JobQueue, results_root: Path, *, analysers: TaskSet | None = None,
                  fsync: bool = True, poll_interval_s: float = 2.0,
                  outputs: OutputSettings | None = None, deliver: Deliver | None = None,
                  on_queued: Callable[[int], None] | None = None,
@@ -73,7 +73,7 @@ class Worker:
         self.deliver = deliver
         self.on_queued = on_queued
         self.on_finished = on_finished
-        self.analyser = analyser
+        self.analysers = analysers
         self.results_root = results_root
         self.fsync = fsync
         self.poll_interval_s = poll_interval_s
@@ -183,7 +183,7 @@ class Worker:
             study = StudyInput(job_id=job.id, revision=self.queue.revision(job),
                                study_instance_uid=job.study_instance_uid,
                                instances=self.queue.instances(job))
-            result = run_study(study, self.results_root, analyser=self.analyser,
+            result = run_study(study, self.results_root, analysers=self.analysers,
                                fsync=self.fsync)
             if result.records:
                 with result.times.stage("findings"):
@@ -195,7 +195,7 @@ class Worker:
             release_freed_memory()
             return
         self.current_job = None
-        if self.analyser is None:
+        if self.analysers is None:
             self._done(job)
             return
         if self._writers is None:
@@ -258,7 +258,7 @@ class Worker:
     @property
     def model_ref(self) -> ModelRef | None:
         """The lesion model, named in failure reports."""
-        return self.analyser.model_ref if self.analyser else None
+        return self.analysers.model_ref if self.analysers else None
 
     def _failed(self, job: Job, exc: Exception) -> None:
         error = failure_reason(exc)
@@ -321,8 +321,8 @@ class Worker:
             log.exception("cannot record the failure in findings.json", extra=kv(job=job.id))
 
     def _write_outputs(self, study: StudyInput, result: StudyResult) -> list[Path]:
-        assert self.analyser is not None
-        return write_job_outputs(study, result, self.analyser, self.results_root,
+        assert self.analysers is not None
+        return write_job_outputs(study, result, self.analysers, self.results_root,
                                  llm=self.llm, llm_vision=self.llm_vision,
                                  outputs=self.outputs, fsync=self.fsync)
 
@@ -335,7 +335,7 @@ def failure_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def write_job_outputs(study: StudyInput, result: StudyResult, analyser: Analyser,
+def write_job_outputs(study: StudyInput, result: StudyResult, analysers: TaskSet,
                       results_root: Path, *, llm: LlmSettings, llm_vision: bool,
                       outputs: OutputSettings, fsync: bool) -> list[Path]:
     """Narrative, then SEG, SR and maps next to findings.json; returns the DICOM objects
@@ -346,7 +346,7 @@ def write_job_outputs(study: StudyInput, result: StudyResult, analyser: Analyser
 
     sources = {i.sop_instance_uid: i.path for i in study.instances}
     study_dir = results_root / study.study_instance_uid
-    methods = analyser.settings.saliency
+    methods = analysers.saliency_methods
     with result.times.stage("narrative"):
         narrative = narrate(result.findings, llm, vision_capable=llm_vision,
                             images=lambda: overlay_pngs(result.findings, sources,

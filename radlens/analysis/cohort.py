@@ -220,9 +220,9 @@ def analyse_dataset(data: Path, out: Path, *, model: str = "default", device: st
     from PIL import Image
 
     from radlens.analysis.lesions import measure_frame
-    from radlens.models.datasets import LABELS as DATA_LABELS
-    from radlens.models.datasets import decode_mask, load_cases
-    from radlens.models.infer import Segmenter
+    from radlens.tasks.breast_us.datasets import LABELS as DATA_LABELS
+    from radlens.tasks.breast_us.datasets import decode_mask, load_cases
+    from radlens.tasks.breast_us.infer import Segmenter
 
     cases = load_cases(data)
     segmenter = Segmenter(model, device=device)

@@ -49,6 +49,11 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Network = Annotated[IPv4Network | IPv6Network, Field(union_mode="left_to_right")]
 
 
+# The names configurations gave the two built-in models before they became tasks.
+LEGACY_MODEL_TASKS = {"default": "breast_us", "density": "mammo_density"}
+LEGACY_DELIVERY_TASKS = {"lesions": "breast_us", "density": "mammo_density"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -311,11 +316,17 @@ class DeliveryRule(_Section):
     calling_aet: AETitle | None = None  # the AE title the study arrived from
     modality: str | None = None  # a modality of the study's instances, e.g. US
     study_description: str | None = None  # a regular expression searched, any case
-    # what ran on the study: "lesions" (the lesion model analysed an image), "density" (the
-    # density model read a mammogram), "none" (no model analysed anything)
-    task: Literal["lesions", "density", "none"] | None = None
+    # what ran on the study: a task's name (radlens models lists them: the task read an image
+    # of it), or "none" (no task read anything)
+    task: str | None = None
     destinations: list[str] = Field(min_length=1)  # names, or "sender" (the calling AE's
     # return address, dicom.peers[].return_host/return_port)
+
+    @field_validator("task")
+    @classmethod
+    def _legacy_task(cls, value: str | None) -> str | None:
+        """"lesions" and "density", as rules named the two models' work before tasks."""
+        return LEGACY_DELIVERY_TASKS.get(value, value) if value is not None else None
 
     @field_validator("study_description")
     @classmethod
@@ -414,9 +425,28 @@ class RoutingRule(_Section):
     body_part: str | None = None  # BodyPartExamined, e.g. BREAST
     anatomic_region: str | None = None  # SNOMED CT code value in AnatomicRegionSequence
     description: str | None = None  # regular expression over Study and Series Description
-    # default: the lesion model (model.*); density: the breast density model (density.*);
-    # none: no model
-    model: Literal["default", "density", "none"] = "default"
+    # The tasks that read a matching image (radlens models lists them), or "none": no task.
+    # Unset: every task whose technical scope takes the image.
+    task: str | list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_model(cls, data: Any) -> Any:
+        """``model: default|density|none``, as rules named the two models before tasks."""
+        if isinstance(data, dict) and "model" in data:
+            data = dict(data)
+            legacy = data.pop("model")
+            if "task" not in data and legacy is not None:
+                data["task"] = LEGACY_MODEL_TASKS.get(str(legacy), str(legacy))
+        return data
+
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        """The task names the rule sends to (empty for ``none``), or None: any in scope."""
+        if self.task is None:
+            return None
+        names = [self.task] if isinstance(self.task, str) else list(self.task)
+        return tuple(name for name in names if name != "none")
 
     @model_validator(mode="after")
     def _valid_pattern(self) -> RoutingRule:

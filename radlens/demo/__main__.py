@@ -52,8 +52,8 @@ def _storescu(aet: str, port: int, files: list[Path]) -> None:
 
 def _phantom_study(folder: Path) -> Path:
     """The phantom with the largest lesion among a few held-out cases."""
-    from radlens.dicom_io.synthetic import write_phantom_study
-    from radlens.models.phantoms import make_phantom
+    from radlens.tasks.breast_us.dicom import write_phantom_study
+    from radlens.tasks.breast_us.phantoms import make_phantom
 
     phantom = max((make_phantom(321, index) for index in range(8)),
                   key=lambda p: int((p.mask > 0).sum()))

@@ -40,7 +40,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from radlens.dicom_io.acceptor import recv_exactly
-from radlens.dicom_io.synthetic import US_IMAGE_STORAGE, us_dataset
+from radlens.tasks.breast_us.dicom import US_IMAGE_STORAGE, us_dataset
 
 ROOT = "1.2.826.0.1.3680043.10.511.9."  # radlens's fuzz UIDs
 VERIFICATION = "1.2.840.10008.1.1"

@@ -1,6 +1,7 @@
 """Coded concepts radlens writes into its DICOM outputs (SNOMED CT, DCM, UCUM, LOINC).
 
-Kept in one place so the SEG, the SR and the maps say the same thing in the same words.
+Kept in one place so the SEG, the SR and the maps say the same thing in the same words; a task
+keeps the concepts only it writes in its own ``codes`` module (``tasks_codes`` gathers them).
 """
 
 from __future__ import annotations
@@ -9,17 +10,11 @@ from pydicom.sr.coding import Code
 
 # SEG: segmented property category and type (CID 7150 / CID 7151 family).
 MORPHOLOGICALLY_ALTERED_STRUCTURE = Code("49755003", "SCT", "Morphologically Altered Structure")
-LESION_TYPES: dict[str, Code] = {
-    "benign": Code("3898006", "SCT", "Neoplasm, benign"),
-    "malignant": Code("86049000", "SCT", "Neoplasm, Malignant (Primary)"),
-}
-LESION_CLASS_VALUE: dict[str, int] = {"benign": 1, "malignant": 2}
 
 # Algorithm family for AlgorithmIdentification.
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
 # SR: procedure reported and anatomy.
-ULTRASONOGRAPHY_OF_BREAST = Code("47079000", "SCT", "Ultrasonography of breast")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging")  # a study none of whose images ran
 # TID 1500 row 10: the container a report without measurements carries instead of row 6.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
@@ -28,7 +23,6 @@ NO_IMAGE_ANALYSED = Code("RADL045", "99RADLENS", "No image analysed")
 ANALYSIS_FAILED = Code("RADL046", "99RADLENS", "Analysis failed")
 OOD_SCORE = Code("RADL033", "99RADLENS", "Out-of-distribution score")
 OOD_THRESHOLD = Code("RADL034", "99RADLENS", "Out-of-distribution threshold")
-BREAST = Code("76752008", "SCT", "Breast")
 LESION = Code("52988006", "SCT", "Lesion")
 
 # SR measurement concepts (DCM / SCT) and their UCUM units.
@@ -44,16 +38,11 @@ ASYMMETRY = Code("RADL003", "99RADLENS", "Asymmetry about principal axes")
 BORDER_IRREGULARITY = Code("RADL004", "99RADLENS", "Border irregularity")
 ELONGATION = Code("RADL005", "99RADLENS", "Elongation")
 CLASS_PROBABILITY = Code("RADL010", "99RADLENS", "Class probability")
-PREDICTED_CLASS = Code("RADL011", "99RADLENS", "Predicted lesion class")
-AI_CATEGORY_SUGGESTION = Code("RADL012", "99RADLENS", "BI-RADS-style category (AI suggestion)")
 SALIENCY_DICE = Code("RADL020", "99RADLENS", "Saliency agreement Dice")
 SALIENCY_MASS_INSIDE = Code("RADL021", "99RADLENS", "Saliency mass inside lesion")
 SALIENCY_METHODS: dict[str, Code] = {  # the measurement method of a saliency figure
     method: Code(f"RADL06{digit}", "99RADLENS", method)
     for digit, method in enumerate(("gradcam", "gradcam++", "occlusion", "prototype"), start=1)}
-NORMAL_PROBABILITY = Code("RADL030", "99RADLENS", "Probability of normal image")
-BENIGN_PROBABILITY = Code("RADL031", "99RADLENS", "Probability of benign lesion")
-MALIGNANT_PROBABILITY = Code("111047", "DCM", "Probability of cancer")
 NARRATIVE = Code("121073", "DCM", "Impression")
 SALIENCY = Code("130404", "DCM", "Saliency")  # the quantity of the saliency Parametric Map
 NOT_FOR_DIAGNOSTIC_USE = Code("RADL040", "99RADLENS", "Not for diagnostic use")
@@ -69,35 +58,10 @@ REPORT_NOTE = Code("RADL043", "99RADLENS", "Processing note")
 UCUM_PIXELS = Code("{pixels}", "UCUM", "pixels")
 UCUM_SQUARE_PIXELS = Code("{pixels}2", "UCUM", "square pixels")
 
-# Breast density (mammography): DICOM's own concepts where the standard has one.
-MAMMOGRAPHY = Code("71651007", "SCT", "Mammography")
-BREAST_COMPOSITION = Code("129715009", "SCT", "Breast composition")
-BREAST_COMPOSITION_VALUES: dict[str, Code] = {  # CID 6000 Overall Breast Composition
-    "A": Code("129716005", "SCT", "Almost entirely fat"),
-    "B": Code("129717001", "SCT", "Scattered fibroglandular densities"),
-    "C": Code("129718006", "SCT", "Heterogeneously dense"),
-    "D": Code("129719003", "SCT", "Extremely dense"),
-}
-IMAGE_VIEW = Code("111031", "DCM", "Image View")
-VIEWS: dict[str, Code] = {  # CID 4014 View for Mammography
-    "CC": Code("399162004", "SCT", "cranio-caudal"),
-    "MLO": Code("399368009", "SCT", "medio-lateral oblique"),
-    "ML": Code("399260004", "SCT", "medial-lateral"),
-    "LM": Code("399352003", "SCT", "lateral-medial"),
-}
 IMAGE_LATERALITY = Code("111027", "DCM", "Image Laterality")
 LATERALITY = Code("272741003", "SCT", "Laterality")
 SIDES: dict[str, Code] = {"L": Code("7771000", "SCT", "Left"),
                           "R": Code("24028007", "SCT", "Right")}
-DENSITY_PROBABILITY: dict[str, Code] = {
-    c: Code(f"RADL05{i}", "99RADLENS", f"Probability of breast composition {c}")
-    for i, c in enumerate("ABCD", start=1)}
-ATTENTION_ON_TISSUE = Code("RADL070", "99RADLENS", "Grad-CAM share on breast tissue")
-ATTENTION_ON_ARTIFACTS = Code("RADL071", "99RADLENS", "Grad-CAM share on artifacts")
-ATTENTION_OUTSIDE = Code("RADL072", "99RADLENS", "Grad-CAM share outside the breast")
-ATTENTION_WARNING = Code("RADL073", "99RADLENS", "Attention warning")
-ATTENTION_ON_ARTIFACT = Code("RADL074", "99RADLENS", "Attention on artifact")
-
 
 # Why each concept of radlens's own stays in the private scheme: DICOM (PS3.16) and SNOMED CT
 # were searched for each (pydicom's code dictionaries list both); where one has the concept it
@@ -109,24 +73,49 @@ PRIVATE_REASONS: dict[str, str] = {
                     "B-mode grey levels are no physical quantity: no concept to qualify with "
                     "a mean or standard deviation"),
     "RADL010": "the probability of the model's predicted class, whatever the class",
-    "RADL011": "the model's own class names (normal, benign, malignant)",
-    "RADL012": "worded as an AI suggestion on purpose: DICOM's BI-RADS assessment codes state "
-               "a reader's assessment",
     **dict.fromkeys(("RADL020", "RADL021"), "no concept for the agreement of a saliency map "
                     "with a segmentation"),
     **dict.fromkeys(("RADL061", "RADL062", "RADL063", "RADL064"),
                     "no concept for these explanation methods"),
-    **dict.fromkeys(("RADL030", "RADL031"),
-                    "no concept for the probability of a normal image or of a benign lesion "
-                    "(the malignant one is DCM 111047 Probability of cancer)"),
     **dict.fromkeys(("RADL033", "RADL034"), "no concept for an out-of-distribution score"),
     "RADL040": "no concept for a not-for-diagnostic-use statement",
     "RADL041": "no concept for who wrote a narrative (an LLM or the template) and why",
     "RADL043": "a processing note of this node (what was not analysed and why)",
     **dict.fromkeys(("RADL044", "RADL045", "RADL046"),
                     "no concept for the outcome of an automated analysis"),
-    **dict.fromkeys(("RADL051", "RADL052", "RADL053", "RADL054"),
-                    "CID 6000 codes the category itself (used); its probability has no concept"),
-    **dict.fromkeys(("RADL070", "RADL071", "RADL072", "RADL073", "RADL074"),
-                    "no concept for where a Grad-CAM's attention lies"),
 }
+
+
+def codes_in(module: object) -> list[Code]:
+    """Every Code a codes module defines, those grouped in mappings included."""
+    found: list[Code] = []
+    for value in vars(module).values():
+        if isinstance(value, Code):
+            found.append(value)
+        elif isinstance(value, dict):
+            found += [v for v in value.values() if isinstance(v, Code)]
+    return found
+
+
+def all_codes() -> list[Code]:
+    """The concepts any radlens output may carry: these and every installed task's."""
+    import sys
+
+    from radlens.tasks.registry import all_tasks
+
+    found = codes_in(sys.modules[__name__])
+    for task in all_tasks():
+        for module in task.code_modules():
+            found += codes_in(module)
+    return found
+
+
+def private_reasons() -> dict[str, str]:
+    """Why each private concept stays private, these and every installed task's."""
+    from radlens.tasks.registry import all_tasks
+
+    reasons = dict(PRIVATE_REASONS)
+    for task in all_tasks():
+        for module in task.code_modules():
+            reasons.update(getattr(module, "PRIVATE_REASONS", {}))
+    return reasons

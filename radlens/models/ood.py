@@ -88,7 +88,7 @@ def case_images(cases: list) -> list[np.ndarray]:  # list[datasets.Case]
 
 class LatentSource(Protocol):
     """What calibration needs of a model: its pooled latents and the folder its weights are in
-    (radlens.models.infer.Segmenter is one; this module does not import it, since inference
+    (radlens.tasks.breast_us.infer.Segmenter is one; this module does not import it, since inference
     imports the detector)."""
 
     folder: Path

@@ -1,34 +1,12 @@
-"""The scope a model's card states: the breast-ultrasound model's (what ``radlens train``
-writes), and the image geometry any card may state. No torch here: the agent's routing reads
-it."""
+"""The scope a model's card states (modalities, body parts and anatomic regions, SOP classes,
+photometric interpretations, the image geometry, the intended use), for every task. No torch
+here: the agent's routing reads it."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-US_MULTIFRAME_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
-
-BREAST_ULTRASOUND_SCOPE: dict[str, Any] = {
-    "modalities": ["US"],
-    "body_parts": ["BREAST"],
-    "anatomic_regions": [{"value": "76752008", "scheme": "SCT", "meaning": "Breast"}],
-    "sop_classes": [US_IMAGE_STORAGE, US_MULTIFRAME_IMAGE_STORAGE],
-    "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL",
-                                    "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
-                                    "PALETTE COLOR"],
-    # Frames of any size it resizes to its input; clips frame by frame; 8-bit phantoms, and
-    # 16-bit ultrasound decodes to the same scale. Smaller than 64 pixels a side is no B-mode.
-    "geometry": {"frames": "any", "min_size": 64, "max_size": 4096, "min_bits_stored": 8,
-                 "max_bits_stored": 16},
-    "intended_use": ("Research and demonstration only, not for diagnostic use: segments and "
-                     "classifies focal lesions (benign- or malignant-appearing) in 2-D B-mode "
-                     "breast ultrasound. Trained on synthetic phantoms only; it has never seen "
-                     "a real patient's image."),
-}
-
 
 
 class ImageGeometry(BaseModel):
@@ -75,3 +53,31 @@ class ImageGeometry(BaseModel):
         frames = "single images" if self.frames == "single" else "single or multi-frame"
         return (f"{frames}, {self.min_size} to {self.max_size} pixels a side, "
                 f"{self.min_bits_stored} to {self.max_bits_stored} bits stored")
+
+
+class AnatomicRegion(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    value: str
+    scheme: str = "SCT"
+    meaning: str
+
+
+class ModelScope(BaseModel):
+    """What a model was built for, as its card states it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    modalities: list[str] = Field(min_length=1)
+    body_parts: list[str] = Field(min_length=1, description="BodyPartExamined values")
+    anatomic_regions: list[AnatomicRegion] = Field(min_length=1)
+    sop_classes: list[str] = Field(min_length=1, description="SOP Class UIDs")
+    photometric_interpretations: list[str] = Field(min_length=1)
+    geometry: ImageGeometry | None = Field(
+        None, description="the pixel matrices it reads; a card without it is not checked")
+    intended_use: str
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> ModelScope | None:
+        scope = card.get("scope")
+        return cls.model_validate(scope) if scope is not None else None

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "cohort_report.md"
 SYSTEM = (
     "You are a careful imaging research assistant. You interpret cluster tables of a latent "
-    "space analysis of breast ultrasound images. Every number you write must be one of the "
+    "space analysis of the images a model read. Every number you write must be one of the "
     "tables', rounded as given; you name only the clusters and classes they hold. Nothing you "
     "write is a diagnosis. Answer with JSON matching the schema you are given.")
 TASKS = (

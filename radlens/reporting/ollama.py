@@ -37,10 +37,10 @@ class LlmNarrative(BaseModel):
     """What the model must answer: the report's sections."""
 
     impression: str = Field(description="a short clinical summary of the study")
-    lesions: list[str] = Field(description="one description per lesion, in order")
-    comparison: str = Field(description="how the lesions compare")
-    recommendation: str = Field(description="BI-RADS-style category per lesion, as an AI "
-                                            "suggestion")
+    lesions: list[str] = Field(description="one description per finding (lesion) the "
+                               "findings list, in order")
+    comparison: str = Field(description="how those findings compare")
+    recommendation: str = Field(description="the category of each, as an AI suggestion")
     limitations: str = Field(description="what this automated analysis cannot tell")
 
     def text(self) -> str:
@@ -179,7 +179,7 @@ def narrate(findings: StudyFindings, settings: LlmSettings, *,
     """The study's narrative: the LLM's when it answers, grounded, within ``timeout_s``;
     otherwise the template, saying why."""
     template = template_narrative(findings)
-    if settings.provider == "template" or not any(i.predictions for i in findings.images):
+    if settings.provider == "template" or not findings.tasks_run:
         return template  # nothing analysed: there is nothing for an LLM to put into words
     facts = StudyFacts.from_findings(findings)
     attachments = images() if (images and settings.vision and vision_capable) else None

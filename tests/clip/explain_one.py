@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from radlens.models.density import breast_region
-from radlens.models.density_saliency import explain
-from radlens.models.density_train import load_model
+from radlens.tasks.mammo_density.model import breast_region
+from radlens.tasks.mammo_density.saliency import explain
+from radlens.tasks.mammo_density.train import load_model
 
 model, card = load_model(Path(sys.argv[1]))
 image = np.asarray(Image.open(sys.argv[2]), dtype=np.float32)

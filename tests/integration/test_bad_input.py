@@ -137,7 +137,7 @@ def tiny_disk(tmp_path: Path):
 
 
 def test_full_disk_answers_out_of_resources_and_loses_nothing(server_factory, tiny_disk, tmp_path):
-    from radlens.dicom_io.synthetic import write_us_studies
+    from radlens.tasks.breast_us.dicom import write_us_studies
 
     server = server_factory()
     server.data_dir = tiny_disk / "data"

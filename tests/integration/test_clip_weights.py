@@ -98,7 +98,8 @@ def test_a_users_clip_folder_is_fine_tuned_evaluated_explained_and_run_by_the_ag
     assert run.returncode == 0, run.stderr[-3000:]
     (findings_path,) = (tmp_path / "agent" / "results").glob("*/findings.json")
     findings = json.loads(findings_path.read_text())
-    readings = [image["density"] for image in findings["images"] if image["density"]]
+    readings = [analysis for image in findings["images"] for analysis in image["analyses"]
+                if analysis["task"] == "mammo_density"]
     abstained = [image for image in findings["images"] if image["abstained"]]
     assert len(readings) + len(abstained) == 4
     for reading in readings:

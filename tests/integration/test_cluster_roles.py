@@ -39,8 +39,8 @@ LEASE_S = 6.0
 
 def _clip(folder: Path, frames: int, seed: int, *, instances: int = 1) -> list[Path]:
     """A phantom US study: ``instances`` multi-frame clips of ``frames`` frames each."""
-    from radlens.dicom_io.synthetic import us_multiframe_dataset
-    from radlens.models.phantoms import make_phantom
+    from radlens.tasks.breast_us.dicom import us_multiframe_dataset
+    from radlens.tasks.breast_us.phantoms import make_phantom
 
     study, series = generate_uid(), generate_uid()
     paths = []

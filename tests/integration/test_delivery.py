@@ -18,8 +18,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from radlens.dicom_io.synthetic import us_dataset
-from radlens.models.phantoms import make_phantom
+from radlens.tasks.breast_us.dicom import us_dataset
+from radlens.tasks.breast_us.phantoms import make_phantom
 from tests.helpers import free_port, port_open, require_tool, storescu, wait_for
 
 

@@ -15,11 +15,11 @@ import pytest
 from pydicom.uid import generate_uid
 
 from radlens.agent.offline import collect_studies, process_study
-from radlens.agent.service import load_analyser
+from radlens.agent.service import load_tasks
 from radlens.config import Settings
-from radlens.dicom_io.synthetic import us_dataset, us_multiframe_dataset
 from radlens.dicom_io.writers.common import OUTPUT_SOP_CLASSES, OUTPUT_TRANSFER_SYNTAXES
-from radlens.models.phantoms import make_phantom
+from radlens.tasks.breast_us.dicom import us_dataset, us_multiframe_dataset
+from radlens.tasks.breast_us.phantoms import make_phantom
 from tests.helpers import radlens_cli, require_tool
 
 SPACING_MM = 0.2
@@ -73,14 +73,14 @@ def processed(tmp_path_factory):
 
     settings = Settings()
     settings.storage.fsync = False
-    analyser = load_analyser(settings)
+    analysers = load_tasks(settings)
     studies, unreadable = collect_studies([sources])
     assert not unreadable and len(studies) == 4
     results = root / "results"
     done = {}
     for name, paths in made.items():
         uid = pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
-        done[name] = process_study(uid, studies[uid], results, analyser, settings)
+        done[name] = process_study(uid, studies[uid], results, analysers, settings)
     return done, made
 
 
@@ -275,7 +275,7 @@ def test_reprocessing_makes_new_objects_and_says_which_revision(processed, tmp_p
     studies, _ = collect_studies(made["single"])
     (uid,) = studies
     results = first.findings_path.parent.parent
-    again = process_study(uid, studies[uid], results, load_analyser(settings), settings)
+    again = process_study(uid, studies[uid], results, load_tasks(settings), settings)
     assert again.revision == first.revision + 1
     before = pydicom.dcmread(first.outputs.seg[0], stop_before_pixels=True)
     after = pydicom.dcmread(again.outputs.seg[0], stop_before_pixels=True)
@@ -320,7 +320,7 @@ def _process_one(source: Path, results: Path):
     settings.storage.fsync = False
     studies, _ = collect_studies([source])
     (uid,) = studies
-    return uid, process_study(uid, studies[uid], results, load_analyser(settings), settings)
+    return uid, process_study(uid, studies[uid], results, load_tasks(settings), settings)
 
 
 def test_a_source_missing_type2_attributes_still_gets_every_output(tmp_path):
@@ -386,7 +386,7 @@ def test_an_output_that_cannot_be_built_is_named_in_the_sr_and_costs_nothing_els
     studies, _ = collect_studies([source])
     (uid,) = studies
     result = run_study(StudyInput(1, 1, uid, studies[uid]), tmp_path / "results",
-                       analyser=load_analyser(settings), fsync=False)
+                       analysers=load_tasks(settings), fsync=False)
     damaged = pydicom.dcmread(source)
     damaged.PixelData = damaged.PixelData[:100]  # truncated: no longer decodable
     damaged.save_as(source, enforce_file_format=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from radlens.dicom_io.synthetic import write_us_studies
+from radlens.tasks.breast_us.dicom import write_us_studies
 from tests.helpers import acknowledged_files, port_open, require_tool, wait_for
 
 STUDIES, PER_STUDY = 4, 55  # 220 instances

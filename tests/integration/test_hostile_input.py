@@ -25,7 +25,7 @@ from radlens.demo.fuzz import (
     send_pdu_case,
     write_case_file,
 )
-from radlens.dicom_io.synthetic import us_instance
+from radlens.tasks.breast_us.dicom import us_instance
 from tests.helpers import closed_by_node, storescu, wait_for
 
 DATASET_CASES = 15 * 6  # every family six times; benchmarks/fuzz.py runs thousands

@@ -16,8 +16,8 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from radlens.demo.fuzz import DatasetCase, base_dataset, with_nested_error, write_case_file
-from radlens.dicom_io.synthetic import us_dataset
-from radlens.models.phantoms import make_phantom
+from radlens.tasks.breast_us.dicom import us_dataset
+from radlens.tasks.breast_us.phantoms import make_phantom
 from tests.fake_ollama import FakeOllama
 from tests.helpers import (
     echoscu,

@@ -15,15 +15,16 @@ from pydicom.uid import generate_uid
 
 from radlens.agent.offline import collect_studies
 from radlens.agent.pipeline import StudyInput, run_study
-from radlens.agent.service import load_analyser
+from radlens.agent.service import load_tasks
 from radlens.config import LlmSettings, Settings
-from radlens.dicom_io.synthetic import us_dataset
 from radlens.dicom_io.writers import write_outputs
-from radlens.models.phantoms import make_phantom
 from radlens.reporting import grounding
 from radlens.reporting.ollama import OllamaNarrator, narrate
 from radlens.reporting.prompt import StudyFacts
 from radlens.reporting.template import template_narrative
+from radlens.tasks.breast_us.dicom import us_dataset
+from radlens.tasks.breast_us.phantoms import make_phantom
+from radlens.tasks.breast_us.report import LesionFacts, LesionTaskFacts
 from tests.fake_ollama import FakeOllama, answer
 from tests.helpers import free_port, require_tool
 
@@ -50,7 +51,7 @@ def study(tmp_path_factory):
         paths.append(path)
     studies, _ = collect_studies(paths)
     result = run_study(StudyInput(1, 1, study_uid, studies[study_uid]), root / "results",
-                       analyser=load_analyser(Settings()), fsync=False)
+                       analysers=load_tasks(Settings()), fsync=False)
     return root, result.findings, paths
 
 
@@ -66,15 +67,21 @@ def _settings(host: str, **overrides) -> LlmSettings:
                        **overrides)
 
 
+def _lesions(facts: StudyFacts) -> list[LesionFacts]:
+    """The lesion task's facts: the lesions an LLM may describe."""
+    lesion_facts = facts.of("breast_us", LesionTaskFacts)
+    return lesion_facts.lesions if lesion_facts is not None else []
+
+
 def _grounded(facts: StudyFacts) -> str:
     lesions = [f"Lesion {x.number}: {x.lesion_class}-appearing, {x.longest_diameter_mm} x "
                f"{x.perpendicular_diameter_mm} mm, model probability {x.probability_percent}%."
-               for x in facts.lesions]
-    return answer(impression=f"{len(facts.lesions)} lesions detected on breast ultrasound.",
+               for x in _lesions(facts)]
+    return answer(impression=f"{len(_lesions(facts))} lesions detected on breast ultrasound.",
                   lesions=lesions, comparison="Lesion 1 is the larger.",
                   recommendation="; ".join(f"Lesion {x.number}: BI-RADS-style category "
                                            f"{x.suggested_category}, an AI suggestion"
-                                           for x in facts.lesions),
+                                           for x in _lesions(facts)),
                   limitations="2-D images without clinical context.")
 
 
@@ -92,7 +99,7 @@ def _sr_text(findings, paths, root: Path, narrative) -> str:
 def test_a_grounded_answer_goes_into_the_sr_with_the_models_name(study, fake):
     root, findings, paths = study
     facts = StudyFacts.from_findings(findings)
-    assert len(facts.lesions) == 2
+    assert len(_lesions(facts)) == 2
     fake.replies = [_grounded(facts)]
     narrative = narrate(findings, _settings(fake.host))
     assert narrative.author == "llama3.1:8b" and narrative.grounded is True
@@ -115,8 +122,8 @@ def test_an_ungrounded_answer_is_retried_then_replaced_by_the_template(study, fa
     root, findings, paths = study
     facts = StudyFacts.from_findings(findings)
     good = _grounded(facts)
-    bad = {"number": good.replace(f"{facts.lesions[0].longest_diameter_mm} x",
-                                  f"{facts.lesions[0].longest_diameter_mm + 7.3:.1f} x"),
+    bad = {"number": good.replace(f"{_lesions(facts)[0].longest_diameter_mm} x",
+                                  f"{_lesions(facts)[0].longest_diameter_mm + 7.3:.1f} x"),
            "lesion": good.replace("Lesion 1 is the larger.",
                                   "Lesion 1 is the larger; Lesion 3 is a small cyst."),
            "side": good.replace("detected on breast ultrasound",
@@ -221,7 +228,7 @@ def test_the_template_names_both_lesions_with_their_sizes_and_passes_grounding(s
     _, findings, _ = study
     narrative = template_narrative(findings)
     facts = StudyFacts.from_findings(findings)
-    for lesion in facts.lesions:
+    for lesion in _lesions(facts):
         assert (f"Lesion {lesion.number} " in narrative.text
                 and f"{lesion.longest_diameter_mm:.1f} x {lesion.perpendicular_diameter_mm:.1f} mm"
                 in narrative.text)
@@ -307,7 +314,7 @@ def test_the_pdf_report_holds_the_narrative_and_each_lesions_size(study, tmp_pat
     first_line = narrative.text.splitlines()[1]  # "Impression: ..."
     assert " ".join(first_line.split()) in flat
     facts = StudyFacts.from_findings(findings)
-    for lesion in facts.lesions:
+    for lesion in _lesions(facts):
         size = f"{lesion.longest_diameter_mm:.1f} x {lesion.perpendicular_diameter_mm:.1f} mm"
         assert flat.count(size) >= 2, size  # in the narrative and in the table
     for value in IDENTIFIERS.values():
@@ -378,7 +385,7 @@ def test_the_cohort_report_is_grounded_and_written_next_to_the_tables(cohort, fa
 def test_grounding_catches_a_wrong_count_and_an_invented_finding(study):
     _, findings, _ = study
     facts = StudyFacts.from_findings(findings)
-    assert len(facts.lesions) == 2
+    assert len(_lesions(facts)) == 2
     assert any("the findings hold 2 lesion(s)" in v
                for v in grounding.check("Three lesions are seen.", facts))
     assert any("no such finding" in v

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 
-from radlens.dicom_io import codes
+from radlens.tasks.mammo_density import codes
 from tests.helpers import dciodvfy_errors, radlens_cli, require_tool, storescu, wait_for
 
 SEED = 11  # phantom patients whose truth the shipped model gets right with margin
@@ -65,9 +65,9 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     refused = [image for image in mammo["images"] if image["ref"]["sop_instance_uid"] in volumes]
     assert {image["not_analysed"] for image in refused} == {
         "outside the model's scope: SOP class Breast Tomosynthesis Image Storage"}
-    assert all(image["density"] is None and image["frames"] == 6 for image in refused)
+    assert all(_density(image) is None and image["frames"] == 6 for image in refused)
     for image in (image for image in mammo["images"] if image not in refused):
-        reading = image["density"]
+        reading = _density(image)
         assert image["route"] == "body part BREAST is in scope" and image["predictions"] == []
         side = reading["laterality"] + reading["view"]
         assert reading["category"] == truth[side], (side, reading["probabilities"])
@@ -75,10 +75,10 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
         assert abs(sum(reading["attention"].values()) - 1) < 0.01
         assert reading["attention_on_artifact"] == (reading["attention"]["tissue"]
                                                     < LOW_TISSUE_SHARE)
-    flagged = sum(image["density"]["attention_on_artifact"] for image in mammo["images"]
-                  if image["density"])
+    flagged = sum(_density(image)["attention_on_artifact"] for image in mammo["images"]
+                  if _density(image))
     assert 0 < flagged < 4, "this patient's views should fall on both sides of the threshold"
-    summary = mammo["breast_density"]
+    summary = mammo["summaries"]["mammo_density"]
     order = "ABCD"
     expected_left = max((truth["LCC"], truth["LMLO"]), key=order.index)
     assert summary["study"] == max(summary["left"], summary["right"], key=order.index)
@@ -87,8 +87,8 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     assert summary["attention_warnings"] == flagged
     ultrasound = server.findings(_study_uid(us[0]))
     (image,) = ultrasound["images"]
-    assert image["predictions"] and image["density"] is None
-    assert ultrasound["breast_density"] is None
+    assert image["predictions"] and _density(image) is None
+    assert "mammo_density" not in ultrasound["summaries"]
 
     # What came back for the MG study: SR, a Grad-CAM overlay per view, the PDF; no SEG.
     wait_for(lambda: server.query("SELECT COUNT(*) FROM outbox WHERE state != 'sent'")[0][0]
@@ -135,6 +135,13 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     assert text.count("attention on artifacts") >= flagged  # the table and the figures
 
 
+def _density(image: dict) -> dict | None:
+    """The breast density task's reading of an image in findings.json, if it has one."""
+    readings = [a for a in image.get("analyses", []) if a["task"] == "mammo_density"]
+    assert len(readings) <= 1
+    return readings[0] if readings else None
+
+
 def test_real_files_relabelled_as_mammograms_get_no_density(tmp_path):
     """pydicom's CT, MR and chest and extremity radiographs, their headers rewritten to say MG
     BREAST: the 64 x 64 MR slice is outside the density model's image geometry, and routing
@@ -157,7 +164,7 @@ def test_real_files_relabelled_as_mammograms_get_no_density(tmp_path):
               for image in json.loads(path.read_text())["images"]]
     assert len(images) == 4
     for image in images:
-        assert image["density"] is None
+        assert _density(image) is None
         if image["rows"] == 64:  # MR_small
             assert image["not_analysed"] == ("outside the model's scope: matrix 64x64 (the "
                                              "model reads 96 to 6000 pixels a side)")

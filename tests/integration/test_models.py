@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from radlens.models.infer import WEIGHTS_DIR
+from radlens.models.cards import WEIGHTS_DIR
 from tests.helpers import radlens_cli
 
 FRESH_SEED = 4242  # neither the training seed nor the card's measurement seed

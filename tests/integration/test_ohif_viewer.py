@@ -20,12 +20,12 @@ from PIL import Image
 from scipy import ndimage
 
 from radlens.agent.offline import collect_studies, process_study
-from radlens.agent.service import load_analyser
+from radlens.agent.service import load_tasks
 from radlens.config import Settings
 from radlens.demo.ohif import OhifServer, fetch_ohif
 from radlens.demo.orthanc import Orthanc
-from radlens.dicom_io.synthetic import us_multiframe_dataset, write_phantom_study
-from radlens.models.phantoms import make_phantom
+from radlens.tasks.breast_us.dicom import us_multiframe_dataset, write_phantom_study
+from radlens.tasks.breast_us.phantoms import make_phantom
 from tests.helpers import REPO, require_tool
 
 VIEWER_DIR = REPO / "tests" / "viewer"
@@ -59,7 +59,7 @@ def _study(root: Path, name: str, *, tracked: bool) -> tuple[Path, object]:
     settings.storage.fsync = False
     studies, _ = collect_studies([source])
     (uid,) = studies
-    done = process_study(uid, studies[uid], root / "results", load_analyser(settings), settings)
+    done = process_study(uid, studies[uid], root / "results", load_tasks(settings), settings)
     return source, done
 
 
@@ -203,7 +203,7 @@ def test_cine_overlay_opens_in_ohif(viewer):
     settings.storage.fsync = False
     studies, _ = collect_studies([source])
     done = process_study(study_uid, studies[study_uid], root / "results",
-                         load_analyser(settings), settings)
+                         load_tasks(settings), settings)
     (overlay,) = done.outputs.overlay
     assert int(pydicom.dcmread(overlay, stop_before_pixels=True).NumberOfFrames) == 3
     _push(orthanc, [source, *done.outputs.all])
@@ -220,8 +220,8 @@ def test_mammography_study_in_ohif(viewer):
     """A four-view MG study with the density model's SR, Grad-CAM overlays and PDF: OHIF opens
     the mammograms, loads the SR, shows an overlay with the heat map and embeds the PDF."""
     root, orthanc, server = viewer
-    from radlens.dicom_io.mammography import write_mammo_study
-    from radlens.models.mammo_phantoms import generate
+    from radlens.tasks.mammo_density.dicom import write_mammo_study
+    from radlens.tasks.mammo_density.phantoms import generate
 
     views = list(generate(1, 11, size=256))[0]
     sources = write_mammo_study(root / "mammo", views, uid_seed="ohif mammo", synthesized=False)
@@ -229,7 +229,7 @@ def test_mammography_study_in_ohif(viewer):
     settings.storage.fsync = False
     studies, _ = collect_studies(sources)
     (uid,) = studies
-    done = process_study(uid, studies[uid], root / "results", load_analyser(settings), settings)
+    done = process_study(uid, studies[uid], root / "results", load_tasks(settings), settings)
     assert len(done.outputs.overlay) == 4 and not done.outputs.seg
     _push(orthanc, [*sources, *done.outputs.all])
     out = ARTIFACTS / "mammo"

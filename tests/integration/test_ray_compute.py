@@ -39,8 +39,8 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
 
 
 def _clip(folder: Path, frames: int, seed: int) -> Path:
-    from radlens.dicom_io.synthetic import us_multiframe_dataset
-    from radlens.models.phantoms import make_phantom
+    from radlens.tasks.breast_us.dicom import us_multiframe_dataset
+    from radlens.tasks.breast_us.phantoms import make_phantom
 
     images = np.stack([make_phantom(seed, i, label="malignant" if i % 2 else "benign").image
                        for i in range(frames)])

@@ -14,12 +14,12 @@ import sqlalchemy as sa
 
 from radlens.agent.offline import collect_studies, process_study
 from radlens.agent.queue import JobQueue
-from radlens.agent.service import load_analyser
+from radlens.agent.service import load_tasks
 from radlens.agent.worker import Worker
 from radlens.config import Settings
 from radlens.db import DB_FILENAME, Database, instances
-from radlens.dicom_io.synthetic import us_dataset
-from radlens.models.phantoms import make_phantom
+from radlens.tasks.breast_us.dicom import us_dataset
+from radlens.tasks.breast_us.phantoms import make_phantom
 from tests.helpers import (
     TEST_FILES,
     acknowledged_files,
@@ -51,7 +51,7 @@ def test_one_unusable_image_never_costs_the_study_its_good_image(tmp_path):
     settings = Settings()
     settings.storage.fsync = False
     studies, _ = collect_studies([tmp_path / "in"])
-    done = process_study(study, studies[study], tmp_path / "out", load_analyser(settings),
+    done = process_study(study, studies[study], tmp_path / "out", load_tasks(settings),
                          settings)
     assert done.error is None and done.lesions >= 1
     findings = json.loads(done.findings_path.read_text())

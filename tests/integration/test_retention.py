@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from radlens.dicom_io.synthetic import us_dataset
+from radlens.tasks.breast_us.dicom import us_dataset
 from tests.helpers import (
     acknowledged_files,
     free_port,

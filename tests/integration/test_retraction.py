@@ -11,8 +11,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
 
-from radlens.dicom_io.synthetic import us_dataset
-from radlens.models.phantoms import make_phantom
+from radlens.tasks.breast_us.dicom import us_dataset
+from radlens.tasks.breast_us.phantoms import make_phantom
 from tests.helpers import require_tool, storescu, wait_for
 
 

@@ -145,7 +145,7 @@ def test_same_instance_twice_is_stored_once(server):
 
 
 def test_late_instance_makes_a_second_job_over_the_whole_study(server, tmp_path):
-    from radlens.dicom_io.synthetic import write_us_studies
+    from radlens.tasks.breast_us.dicom import write_us_studies
 
     files = list(write_us_studies(tmp_path / "us", studies=1, instances_per_study=3,
                                   rows=64, columns=64))

@@ -6,19 +6,13 @@ from __future__ import annotations
 from pydicom.sr.coding import Code
 
 from radlens.dicom_io import codes
-from radlens.dicom_io.writers.sr import _category_code
 from radlens.reporting.narrative import Category
+from radlens.tasks.breast_us.sr import category_code
 
 
 def _all_codes() -> list[Code]:
-    found: list[Code] = []
-    for value in vars(codes).values():
-        if isinstance(value, Code):
-            found.append(value)
-        elif isinstance(value, dict):
-            found += [v for v in value.values() if isinstance(v, Code)]
-    found += [_category_code(Category(n, "")) for n in range(1, 6)]
-    return found
+    """Every concept any output may carry: the shared ones and every task's."""
+    return codes.all_codes() + [category_code(Category(n, "")) for n in range(1, 6)]
 
 
 def test_every_code_value_has_one_meaning_in_its_scheme():

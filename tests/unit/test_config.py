@@ -159,9 +159,10 @@ def test_a_delivery_rule_matches_every_condition_it_sets():
         {"name": "breast-us", "modality": "US", "study_description": "breast",
          "destinations": ["pacs"]}]})
     us = StudySource(frozenset({"US01"}), frozenset({"US"}), "US BREAST LEFT",
-                     frozenset({"lesions"}))
+                     frozenset({"breast_us"}))
     assert [d.name for d in plan(settings, us).destinations] == ["pacs"]
-    mammo = StudySource(frozenset({"MG01"}), frozenset({"MG"}), "", frozenset({"density"}))
+    mammo = StudySource(frozenset({"MG01"}), frozenset({"MG"}), "",
+                        frozenset({"mammo_density"}))
     assert [d.name for d in plan(settings, mammo).destinations] == ["ris"]
     other = StudySource(frozenset({"US01"}), frozenset({"US"}), "thyroid", frozenset())
     chosen = plan(settings, other)
@@ -169,4 +170,4 @@ def test_a_delivery_rule_matches_every_condition_it_sets():
     nowhere = plan(Settings(), other)
     assert nowhere.destinations == [] and nowhere.reason == "no destinations are configured"
     assert StudySource.tasks_of({"images": [{"predictions": [{}]}, {"density": None}]}) == {
-        "lesions"}
+        "breast_us"}

@@ -31,11 +31,12 @@ def test_every_private_code_says_why_no_standard_one_fits():
     """A concept in radlens's private scheme needs a reason in the statement; the standard
     concepts the outputs use carry none."""
     from radlens.conformance_statement import _codes
-    from radlens.dicom_io.codes import PRIVATE_REASONS
+    from radlens.dicom_io.codes import private_reasons
 
     codes = _codes()
     private = {c.value for c in codes if c.scheme_designator == "99RADLENS"}
-    assert private and private <= set(PRIVATE_REASONS), private - set(PRIVATE_REASONS)
+    reasons = private_reasons()  # the shared concepts' and every task's
+    assert private and private <= set(reasons), private - set(reasons)
     statement = conformance_statement()
     assert "| 111047 | DCM | Probability of cancer |  |" in statement
     assert "RADL032" not in statement  # the malignant probability is DICOM's now

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from radlens.models.density import (
+from radlens.tasks.mammo_density.model import (
     DESCRIPTIONS,
     DensityCLIP,
     Vocabulary,
@@ -19,7 +19,8 @@ from radlens.models.density import (
     prepare,
     weighted_contrastive_loss,
 )
-from radlens.models.density_train import (
+from radlens.tasks.mammo_density.phantoms import ARTIFACT, PECTORAL, TISSUE, generate
+from radlens.tasks.mammo_density.train import (
     DensityTrainSettings,
     balanced_epoch,
     density_metrics,
@@ -27,7 +28,6 @@ from radlens.models.density_train import (
     patient_folds,
     run_density_training,
 )
-from radlens.models.mammo_phantoms import ARTIFACT, PECTORAL, TISSUE, generate
 from tests.helpers import radlens_cli
 
 
@@ -73,7 +73,7 @@ def test_undersampling_caps_the_majority_and_folds_keep_patients_together(tmp_pa
     epoch = balanced_epoch(labels, np.random.default_rng(0), ratio=2.0)
     counts = np.bincount(labels[epoch], minlength=4)
     assert counts.tolist() == [10, 20, 20, 12]
-    from radlens.models.density_train import DensityCase
+    from radlens.tasks.mammo_density.train import DensityCase
 
     cases = [DensityCase(f"c{i}", f"p{i // 4}", int(labels[i]), tmp_path) for i in range(132)]
     for train, val in patient_folds(cases, 3, seed=1):
@@ -143,9 +143,9 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
 def test_shipped_density_model_meets_its_card_on_fresh_phantoms(tmp_path):
     """The shipped model (trained by radlens train --task density) on phantoms it never saw:
     accuracy >= 0.80 and every category's AUC >= 0.90, as its card states; <= 20 MB."""
-    from radlens.models.density_train import evaluate_density_folder
-    from radlens.models.infer import WEIGHTS_DIR
-    from radlens.models.mammo_phantoms import write_dataset
+    from radlens.models.cards import WEIGHTS_DIR
+    from radlens.tasks.mammo_density.phantoms import write_dataset
+    from radlens.tasks.mammo_density.train import evaluate_density_folder
 
     folder = WEIGHTS_DIR / "density"
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 20 * 2**20

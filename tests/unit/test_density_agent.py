@@ -9,22 +9,18 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from radlens.agent.routing import DEFAULT_MODEL, DENSITY_MODEL, ImageFacts, ModelScope, Router
+from radlens.agent.routing import ImageFacts, ModelScope, Router
 from radlens.config import RoutingRule, RoutingSettings
-from radlens.findings import (
-    AttentionShares,
-    BreastDensity,
-    DensityPrediction,
-    ImageInfo,
-    ImageRef,
-    ModelRef,
-    StudyFindings,
-)
-from radlens.models.infer import DEFAULT_MODEL as LESION_WEIGHTS
-from radlens.models.infer import model_folder
+from radlens.findings import ImageInfo, ImageRef, ModelRef, StudyFindings
+from radlens.models.cards import model_folder
 from radlens.reporting import grounding
 from radlens.reporting.prompt import StudyFacts
 from radlens.reporting.template import template_narrative
+from radlens.tasks.breast_us.infer import DEFAULT_MODEL as LESION_WEIGHTS
+from radlens.tasks.mammo_density.findings import AttentionShares, BreastDensity, DensityPrediction
+
+DEFAULT_MODEL = "breast_us"  # the tasks, by the names routing rules and findings use
+DENSITY_MODEL = "mammo_density"
 
 BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
 MODEL = ModelRef(name="radlens-density", version="test", architecture="DensityCLIP")
@@ -38,8 +34,8 @@ def _scopes() -> dict[str, ModelScope | None]:
 
 @pytest.fixture(scope="module")
 def mammogram(tmp_path_factory) -> Path:
-    from radlens.dicom_io.mammography import write_mammo_study
-    from radlens.models.mammo_phantoms import generate
+    from radlens.tasks.mammo_density.dicom import write_mammo_study
+    from radlens.tasks.mammo_density.phantoms import generate
 
     views = list(generate(1, 4, size=128))[0]
     return write_mammo_study(tmp_path_factory.mktemp("mg"), views, uid_seed="routing test",
@@ -58,9 +54,9 @@ def test_each_image_goes_to_the_model_built_for_it(mammogram):
 
     router = Router(RoutingSettings(), _scopes())
     mg = router.route(_facts(mammogram))
-    assert (mg.model, mg.reason) == (DENSITY_MODEL, "body part BREAST is in scope")
+    assert (mg.tasks, mg.reason) == ((DENSITY_MODEL,), "body part BREAST is in scope")
     unstated = router.route(_facts(mammogram, BodyPartExamined=""))
-    assert unstated.model == DENSITY_MODEL  # MG within its SOP classes: the density model
+    assert unstated.tasks == (DENSITY_MODEL,)  # MG within its SOP classes: the density model
     heart = router.route(_facts(mammogram, BodyPartExamined="HEART", AnatomicRegionSequence=[]))
     assert not heart.analyse and heart.reason == "outside the model's scope: body part HEART"
     tomo = router.route(_facts(mammogram, SOPClassUID=BREAST_TOMOSYNTHESIS))
@@ -69,7 +65,7 @@ def test_each_image_goes_to_the_model_built_for_it(mammogram):
     assert ct.reason == "outside the model's scope: modality CT"
     us = _facts(mammogram, Modality="US", SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1",
                 PhotometricInterpretation="MONOCHROME2")
-    assert router.route(us).model == DEFAULT_MODEL
+    assert router.route(us).tasks == (DEFAULT_MODEL,)
     lesion_only = Router(RoutingSettings(), {DEFAULT_MODEL: _scopes()[DEFAULT_MODEL]})
     assert not lesion_only.route(_facts(mammogram)).analyse  # the density model not loaded
 
@@ -80,7 +76,7 @@ def test_a_rule_picks_a_model_but_never_widens_its_scope(mammogram):
         RoutingRule(name="everything to density", model="density")])
     router = Router(rules, _scopes())
     assert not router.route(_facts(mammogram), "VAN").analyse
-    assert router.route(_facts(mammogram), "ROOM").model == DENSITY_MODEL
+    assert router.route(_facts(mammogram), "ROOM").tasks == (DENSITY_MODEL,)
     us = _facts(mammogram, Modality="US", SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1")
     refused = router.route(us, "ROOM")
     assert not refused.analyse
@@ -94,7 +90,7 @@ def test_pixels_unlike_the_models_images_are_refused_whatever_the_header_says(ma
     from tests.helpers import TEST_FILES
 
     router = Router(RoutingSettings(), _scopes())
-    assert router.route(_facts(mammogram)).model == DENSITY_MODEL  # 128 x 102, 12 bits stored
+    assert router.route(_facts(mammogram)).tasks == (DENSITY_MODEL,)  # 128 x 102, 12 bits stored
     clip = router.route(_facts(mammogram, NumberOfFrames=10))
     assert not clip.analyse
     assert clip.reason == ("outside the model's scope: multi-frame (10 frames; the model "
@@ -114,20 +110,20 @@ def test_pixels_unlike_the_models_images_are_refused_whatever_the_header_says(ma
     assert not refused.analyse and "model's scope: multi-frame" in refused.reason
     us = dict(Modality="US", SOPClassUID="1.2.840.10008.5.1.4.1.1.3.1",
               PhotometricInterpretation="MONOCHROME2")
-    assert router.route(_facts(mammogram, NumberOfFrames=30, BitsStored=16, **us)).model == \
-        DEFAULT_MODEL
+    assert router.route(_facts(mammogram, NumberOfFrames=30, BitsStored=16, **us)).tasks == \
+        (DEFAULT_MODEL,)
     tiny_us = router.route(_facts(mammogram, Rows=32, Columns=48, **us))
     assert tiny_us.reason == ("outside the model's scope: matrix 32x48 (the model reads 64 to "
                               "4096 pixels a side)")
     # Values a header does not state, or cannot, are left to decoding.
     unstated = _facts(mammogram, Rows="x")
-    assert unstated.rows == 0 and router.route(unstated).model == DENSITY_MODEL
+    assert unstated.rows == 0 and router.route(unstated).tasks == (DENSITY_MODEL,)
 
 
 def test_a_card_states_a_consistent_geometry():
     from pydantic import ValidationError
 
-    from radlens.agent.routing import ImageGeometry
+    from radlens.models.scope import ImageGeometry
 
     with pytest.raises(ValidationError, match="min_size 300 is above max_size 200"):
         ImageGeometry(min_size=300, max_size=200)
@@ -167,10 +163,10 @@ def _findings(readings: list[DensityPrediction]) -> StudyFindings:
                        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2")
         images.append(ImageInfo(ref=ref, modality="MG", photometric_interpretation="MONOCHROME2",
                                 transfer_syntax_uid="1.2.840.10008.1.2.1", rows=64, columns=64,
-                                frames=1, channels=1, spacing=None, density=reading))
+                                frames=1, channels=1, spacing=None, analyses=[reading]))
     return StudyFindings(study_instance_uid="1.2.3", job_id=1, revision=1,
                          radlens_version="test", images=images,
-                         breast_density=BreastDensity.of(readings))
+                         summaries={DENSITY_MODEL: BreastDensity.of(readings)})
 
 
 def test_the_template_states_each_breast_and_passes_grounding():
@@ -195,7 +191,7 @@ def test_grounding_rejects_a_category_or_a_side_the_findings_do_not_hold():
                                  facts)
     assert any("'right': the findings give no side" in v for v in other_side)
     ultrasound = StudyFacts(modality="US", model="radlens-unet 1", images_analysed=1,
-                            images_not_analysed=0, images=[], lesions=[])
+                            images_not_analysed=0)
     assert any("hold no breast density" in v for v in grounding.check(
         "The breasts are extremely dense.", ultrasound))
     assert any("'left'" in v for v in grounding.check("A lesion in the left breast.",

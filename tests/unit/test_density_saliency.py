@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from radlens.models.density import prepare, to_original
-from radlens.models.density_saliency import (
+from radlens.models.cards import WEIGHTS_DIR
+from radlens.tasks.mammo_density.model import prepare, to_original
+from radlens.tasks.mammo_density.phantoms import ARTIFACT, PECTORAL, TISSUE, generate
+from radlens.tasks.mammo_density.saliency import (
     LOW_TISSUE_SHARE,
     artifact_mask,
     attention_shares,
     explain,
 )
-from radlens.models.density_train import load_model
-from radlens.models.infer import WEIGHTS_DIR
-from radlens.models.mammo_phantoms import ARTIFACT, PECTORAL, TISSUE, generate
+from radlens.tasks.mammo_density.train import load_model
 
 
 def test_maps_return_to_the_original_grid_where_the_breast_is():

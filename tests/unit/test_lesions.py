@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from radlens.analysis.lesions import find_lesions, measure_frame
-from radlens.models.phantoms import make_phantom
+from radlens.tasks.breast_us.phantoms import make_phantom
 
 YY, XX = np.mgrid[0:200, 0:200]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from radlens.dicom_io.mammography import write_mammo_study
-from radlens.models.mammo_phantoms import (
+from radlens.tasks.mammo_density.dicom import write_mammo_study
+from radlens.tasks.mammo_density.phantoms import (
     ARTIFACT,
     DENSITIES,
     PECTORAL,

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from radlens.models.datasets import load_cases
-from radlens.models.infer import ModelError, Segmenter
+from radlens.models.cards import ModelError
 from radlens.models.metrics import SegmentationMetrics, image_probabilities, image_scores
 from radlens.models.networks import REGISTRY, build
-from radlens.models.phantoms import generate, write_dataset
-from radlens.models.train import TrainSettings, train_fold
+from radlens.tasks.breast_us.datasets import load_cases
+from radlens.tasks.breast_us.infer import Segmenter
+from radlens.tasks.breast_us.phantoms import generate, write_dataset
+from radlens.tasks.breast_us.train import TrainSettings, train_fold
 
 
 @pytest.fixture(scope="module")

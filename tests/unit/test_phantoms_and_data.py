@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radlens.models.datasets import (
+from radlens.tasks.breast_us.datasets import (
     DatasetError,
     SegmentationDataset,
     decode_mask,
     folds,
     load_cases,
 )
-from radlens.models.phantoms import generate, make_phantom, mask_to_rgb, write_dataset
+from radlens.tasks.breast_us.phantoms import generate, make_phantom, mask_to_rgb, write_dataset
 
 
 def _digest(folder: Path) -> dict[str, str]:

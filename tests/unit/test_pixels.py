@@ -9,8 +9,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import convert_color_space
 
 from radlens.dicom_io.pixels import decode_dataset, decode_file, physical_spacing
-from radlens.dicom_io.synthetic import us_instance
 from radlens.errors import UnsupportedImageError
+from radlens.tasks.breast_us.dicom import us_instance
 from tests.helpers import TEST_FILES
 
 

@@ -15,10 +15,10 @@ from radlens.agent.routing import ImageFacts, ModelScope, Router
 from radlens.config import RoutingRule, RoutingSettings
 from radlens.dicom_io.conformance import MAX_SEQUENCE_DEPTH, conformant_header
 from radlens.dicom_io.pixels import decode_dataset, describe, physical_spacing
-from radlens.dicom_io.synthetic import us_instance
 from radlens.errors import UnsupportedImageError
 from radlens.models.ood import OodDetector
-from radlens.models.scope import BREAST_ULTRASOUND_SCOPE
+from radlens.tasks.breast_us.dicom import us_instance
+from radlens.tasks.breast_us.scope import BREAST_ULTRASOUND_SCOPE
 
 
 def _us() -> Dataset:
@@ -143,6 +143,7 @@ def test_deeply_nested_sequences_are_cut():
 # --- scope and routing ----------------------------------------------------------------------
 
 SCOPE = ModelScope.model_validate(BREAST_ULTRASOUND_SCOPE)
+SCOPES = {"breast_us": SCOPE}  # the lesion task alone
 
 
 def _facts(**changes) -> ImageFacts:
@@ -154,25 +155,25 @@ def _facts(**changes) -> ImageFacts:
 
 
 def test_stated_body_part_outside_scope_is_not_analysed():
-    decision = Router(RoutingSettings(), SCOPE).route(_facts(BodyPartExamined="HEART"))
+    decision = Router(RoutingSettings(), SCOPES).route(_facts(BodyPartExamined="HEART"))
     assert not decision.analyse
     assert decision.reason == "outside the model's scope: body part HEART"
-    assert Router(RoutingSettings(), SCOPE).route(_facts(BodyPartExamined="BREAST")).analyse
+    assert Router(RoutingSettings(), SCOPES).route(_facts(BodyPartExamined="BREAST")).analyse
 
 
 def test_anatomic_region_code_decides_like_a_body_part():
     region = Dataset()
     region.CodeValue, region.CodingSchemeDesignator = "76752008", "SCT"
     region.CodeMeaning = "Breast"
-    assert Router(RoutingSettings(), SCOPE).route(_facts(AnatomicRegionSequence=[region])).analyse
+    assert Router(RoutingSettings(), SCOPES).route(_facts(AnatomicRegionSequence=[region])).analyse
     region.CodeValue, region.CodeMeaning = "80891009", "Heart"
-    assert not Router(RoutingSettings(), SCOPE).route(
+    assert not Router(RoutingSettings(), SCOPES).route(
         _facts(AnatomicRegionSequence=[region])).analyse
 
 
 def test_modality_sop_class_and_photometric_bound_every_rule():
     rules = RoutingSettings(rules=[RoutingRule(model="default")])  # matches everything
-    router = Router(rules, SCOPE)
+    router = Router(rules, SCOPES)
     assert router.route(_facts(Modality="CT")).reason == "outside the model's scope: modality CT"
     assert "SOP class" in router.route(_facts(SOPClassUID="1.2.840.10008.5.1.4.1.1.7")).reason
 
@@ -182,14 +183,14 @@ def test_first_matching_rule_wins_and_unstated_body_part_has_a_default():
         RoutingRule(name="echo", description="echo|cardi", model="none"),
         RoutingRule(name="breast room", calling_ae="BREASTUS1"),
     ], unstated_body_part="skip")
-    router = Router(rules, SCOPE)
+    router = Router(rules, SCOPES)
     echo = router.route(_facts(StudyDescription="Echocardiogram"), "BREASTUS1")
     assert not echo.analyse and "'echo'" in echo.reason
     room = router.route(_facts(), "BREASTUS1")
     assert room.analyse and "'breast room'" in room.reason
     other = router.route(_facts(), "OTHER")
     assert not other.analyse and "unstated_body_part is 'skip'" in other.reason
-    default = Router(RoutingSettings(), SCOPE).route(_facts(), "OTHER")
+    default = Router(RoutingSettings(), SCOPES).route(_facts(), "OTHER")
     assert default.analyse and "out-of-distribution check still applies" in default.reason
 
 
@@ -213,7 +214,7 @@ def test_ood_threshold_is_the_calibration_quantile(tmp_path):
 # --- which frames of a clip get saliency ----------------------------------------------------
 
 def _measured(index: int, suspicion: float, lesion: bool):
-    from radlens.agent.pipeline import _MeasuredFrame
+    from radlens.tasks.breast_us.analyser import _MeasuredFrame
 
     probabilities = np.array([1 - suspicion, suspicion, 0.0], dtype=np.float32)
     return _MeasuredFrame(index, probabilities, np.zeros((4, 4), np.float32),
@@ -222,7 +223,7 @@ def _measured(index: int, suspicion: float, lesion: bool):
 
 
 def test_explain_frames_bounds_saliency_on_long_clips():
-    from radlens.agent.pipeline import frames_to_explain
+    from radlens.tasks.breast_us.analyser import frames_to_explain
 
     clip = [_measured(0, 0.2, False), _measured(1, 0.9, True), _measured(2, 0.6, True),
             _measured(3, 0.95, False)]

@@ -15,7 +15,7 @@ from radlens.audit import AuditLog
 from radlens.config import RetentionSettings
 from radlens.db import DB_FILENAME, Database, frame_analyses, instances, jobs, outbox
 from radlens.dicom_io.spool import Spool
-from radlens.dicom_io.synthetic import us_dataset
+from radlens.tasks.breast_us.dicom import us_dataset
 
 NOW = time.time()
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from radlens.models.infer import Segmenter
-from radlens.models.phantoms import make_phantom
-from radlens.models.saliency import METHODS, SaliencyExplainer, agreement
+from radlens.tasks.breast_us.infer import Segmenter
+from radlens.tasks.breast_us.phantoms import make_phantom
+from radlens.tasks.breast_us.saliency import METHODS, SaliencyExplainer, agreement
 
 HELD_OUT_SEED = 123  # the shipped model was trained on seed 20261122
 
@@ -96,7 +96,7 @@ def test_a_constant_floor_carries_no_mass():
     mass over the frame; without that, one cold pixel leaves less than half of it in the lesion."""
     import torch
 
-    from radlens.models.saliency import _normalise, _remove_floor
+    from radlens.tasks.breast_us.saliency import _normalise, _remove_floor
 
     mask = np.zeros((64, 64), bool)
     mask[24:40, 24:40] = True
@@ -131,11 +131,10 @@ def test_pipeline_saliency_reuses_inference_and_adds_late_maps(tmp_path):
     get theirs added to the maps already written."""
     from pydicom.uid import generate_uid
 
-    from radlens.agent.pipeline import Analyser, analyse_image
-    from radlens.agent.routing import Router
-    from radlens.config import ModelSettings, RoutingSettings
+    from radlens.config import ModelSettings
     from radlens.dicom_io import pixels
-    from radlens.dicom_io.synthetic import us_multiframe_dataset
+    from radlens.tasks.breast_us.analyser import Analyser, analyse_image
+    from radlens.tasks.breast_us.dicom import us_multiframe_dataset
 
     segmenter = Segmenter(device="cpu", batch_size=4)
     explainer = SaliencyExplainer(segmenter)
@@ -147,7 +146,7 @@ def test_pipeline_saliency_reuses_inference_and_adds_late_maps(tmp_path):
 
     def run(explain: str | int, folder: str):
         settings = ModelSettings(explain_frames=explain, saliency=methods, batch_size=4)
-        analyser = Analyser(segmenter, settings, Router(RoutingSettings(), None), explainer)
+        analyser = Analyser(segmenter, settings, explainer)
         info, _ = analyse_image(decoded, analyser, tmp_path / folder / "maps")
         return info, tmp_path / folder
 
@@ -179,7 +178,7 @@ def test_cam_from_the_inference_pass_equals_monai_through_the_whole_network(meth
     left as it was: no hook behind, weights still trainable."""
     from monai.visualize import GradCAM, GradCAMpp
 
-    from radlens.models.saliency import RegionScores, _normalise, _remove_floor, _to_source
+    from radlens.tasks.breast_us.saliency import RegionScores, _normalise, _remove_floor, _to_source
 
     segmenter = Segmenter(device="cpu", batch_size=4)
     layer = segmenter.model.cam_layer

@@ -1,8 +1,10 @@
 """The study's answer as DICOM: SEG, TID 1500 SR, saliency Parametric Map and RGB overlay.
 
 ``write_outputs`` builds every configured object of one job from its findings and the maps the
-pipeline kept, and writes them durably under ``results/<Study>/dicom/`` (one folder per job
+tasks kept, and writes them durably under ``results/<Study>/dicom/`` (one folder per job
 revision), ready for the outbox. Every object lies in the source study, in its own new series.
+What goes in them comes from each task that read an image of the study (``radlens.tasks``):
+this module assembles their contributions and names none of them.
 """
 
 from __future__ import annotations
@@ -13,18 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from radlens.config import OutputSettings
-from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
-from radlens.dicom_io.writers.analysed import (
-    AnalysedImage,
-    load_analysed,
-    read_header,
-    with_type2_present,
-)
 from radlens.dicom_io.writers.common import (
     Equipment,
     OutputFolder,
@@ -32,26 +26,20 @@ from radlens.dicom_io.writers.common import (
     SeriesPlan,
     creation_time,
 )
-from radlens.dicom_io.writers.overlay import (
-    build_density_overlay,
-    build_overlays,
-    build_parametric_map,
-    chosen_method,
-)
+from radlens.dicom_io.writers.headers import read_header, with_type2_present
 from radlens.dicom_io.writers.pdf import build_encapsulated_pdf
-from radlens.dicom_io.writers.seg import build_segmentations
-from radlens.dicom_io.writers.sr import DensityImage, build_report
+from radlens.dicom_io.writers.sr import build_report
 from radlens.findings import ModelRef, StudyFindings
 from radlens.logs import kv
 from radlens.reporting.narrative import Narrative
 from radlens.reporting.pdf import Figure, render_report
+from radlens.tasks.base import ImagePlans, OutputContext, SrContent, Task
 from radlens.timing import StageTimes
 
 log = logging.getLogger(__name__)
 
 DICOM_DIR = "dicom"
 REPORT_PDF = "report.pdf"
-FIGURES = 2  # key frames shown in the PDF report: those with lesions, most confident first
 
 
 @dataclass(frozen=True)
@@ -71,8 +59,16 @@ class WrittenOutputs:
                 *self.retraction]
 
 
-def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
-    """Plain statements for the SR: what was not analysed, and why there is no SEG."""
+def tasks_of(findings: StudyFindings) -> list[Task]:
+    """The installed tasks with a reading in this study, in the registry's order."""
+    from radlens.tasks.registry import all_tasks
+
+    return [task for task in all_tasks() if task.analysed(findings)]
+
+
+def study_notes(findings: StudyFindings, tasks: Sequence[Task]) -> list[str]:
+    """Plain statements for the SR: what was not analysed and why, each task's own notes, and
+    why there is no SEG."""
     notes = [f"Image {image.ref.sop_instance_uid} not analysed: {image.not_analysed}."
              for image in findings.images if image.not_analysed]
     for image in findings.images:
@@ -83,33 +79,18 @@ def study_notes(findings: StudyFindings, has_lesions: bool) -> list[str]:
                          f"not analysed, unlike the model's training images (out-of-"
                          f"distribution score above the threshold "
                          f"{image.abstained[0].threshold:.1f}; frame: score {scores}{more}).")
-    for image in findings.images:
-        reading = image.density
-        if reading is not None and reading.attention_on_artifact:
-            notes.append(
-                f"Image {image.ref.sop_instance_uid}: attention-on-artifact warning. Only "
-                f"{reading.attention.tissue:.0%} of the density model's Grad-CAM attention lies "
-                f"on breast tissue ({reading.attention.artifacts:.0%} on markers, text, clips or "
-                f"paddle edges, {reading.attention.outside:.0%} outside the breast): breast "
-                f"composition {reading.category} may rest on an artifact.")
-    for image in findings.images:
-        if image.frames > 1 and image.predictions:
-            explained = [p.frame + 1 for p in image.predictions if p.saliency]
-            shown = ", ".join(map(str, explained[:60])) + (" ..." if len(explained) > 60 else "")
-            notes.append(f"Image {image.ref.sop_instance_uid}: saliency computed for "
-                         f"{len(explained)} of {len(image.predictions)} analysed frame(s)"
-                         + (f" (frames {shown})." if explained else "."))
+    for task in tasks:
+        notes += task.notes(findings)
     notes += [f"Object {skipped.ref.sop_instance_uid} skipped: {skipped.reason}."
               for skipped in findings.skipped]
-    if any(image.density for image in findings.images) and not any(
-            image.predictions for image in findings.images):
-        notes.append("Breast density only: the lesion model does not read mammograms, so no "
-                     "segmentation (SEG) or lesion measurement was written.")
-    elif not any(image.predictions for image in findings.images):
+    if not tasks:
         notes.append("No image was analysed, so no segmentation (SEG), saliency map or overlay "
                      "was written.")
-    elif not has_lesions:
-        notes.append("No lesion was found, so no segmentation (SEG) was written.")
+    elif not any(task.segments for task in tasks):
+        notes.append(f"None of the tasks that read this study segments "
+                     f"({', '.join(task.name for task in tasks)}), so no segmentation (SEG) "
+                     "was written.")
+    notes += [note for task in tasks if (note := task.segmentation_note(findings))]
     return notes
 
 
@@ -131,52 +112,72 @@ def write_outputs(findings: StudyFindings, sources: Mapping[str, Path], study_re
                   saliency_methods: Sequence[str], fsync: bool = True,
                   times: StageTimes | None = None) -> WrittenOutputs:
     """Build and write the study's DICOM outputs. ``sources`` maps each source SOP Instance
-    UID to its file; images without predictions contribute notes only. One object that cannot
-    be built costs the others nothing, and the SR always goes out: with the measurements, or,
+    UID to its file; images no task read contribute notes only. One object that cannot be
+    built costs the others nothing, and the SR always goes out: with the measurements, or,
     when they cannot be written, with the reason. Each kind's time is added to ``times``."""
     times = times or StageTimes()
     equipment = Equipment.for_model(findings.model)
     with times.stage("sr"):  # the headers serve every object; the SR accounts for them all
         headers = source_headers(sources)
-    images: list[AnalysedImage] = []
-    for info in findings.images:
-        sop_uid = info.ref.sop_instance_uid
-        if info.predictions and sop_uid in headers:
-            images.append(load_analysed(info, sources[sop_uid], study_results,
-                                        header=headers[sop_uid]))
+    context = OutputContext(findings=findings, sources=sources, headers=headers,
+                            study_results=study_results, settings=settings,
+                            revision=findings.revision,
+                            saliency_methods=tuple(saliency_methods), times=times)
+    tasks = tasks_of(findings)
     folder = OutputFolder(study_results / DICOM_DIR / f"revision-{findings.revision}", fsync,
                           creation_time(headers.values()))
     written = WrittenOutputs([], [], [], [])
 
     failures: list[str] = []
-    segmentations = []
+    segmentations: dict[str, list] = {}
     if settings.seg:
-        with times.stage("seg"):
-            try:
-                segmentations = build_segmentations(
-                    images, equipment, SeriesPlan.new(OutputKind.SEG, findings.revision))
-                written.seg.extend(folder.save(seg.dataset, "SEG") for seg in segmentations)
-            except Exception as exc:  # one object that cannot be built must not cost others
-                failures.append(_failed("segmentation (SEG)", findings, exc))
-                segmentations = []
-    figures = _write_per_image(images, sources, equipment, findings, folder, settings,
-                               saliency_methods, written, failures, times)
-    density = [DensityImage(info, headers[info.ref.sop_instance_uid]) for info in findings.images
-               if info.density is not None and info.ref.sop_instance_uid in headers]
-    figures += _write_density_overlays(density, sources, findings, study_results, folder,
-                                       settings, written, failures, times)
+        plan = SeriesPlan.new(OutputKind.SEG, findings.revision)
+        for task in tasks:
+            with times.stage("seg"):
+                try:
+                    segmentations[task.name] = task.segmentations(context, equipment, plan)
+                    written.seg.extend(folder.save(seg.dataset, "SEG")
+                                       for seg in segmentations[task.name])
+                except Exception as exc:  # one object that cannot be built must not cost others
+                    failures.append(_failed(f"segmentation (SEG) of {task.name}", findings, exc))
+                    segmentations[task.name] = []
+    figures: list[Figure] = []
+    for task in tasks:
+        plans = ImagePlans(SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision),
+                           SeriesPlan.new(OutputKind.OVERLAY, findings.revision),
+                           first_parametric_map=len(written.parametric_map) + 1,
+                           first_overlay=len(written.overlay) + 1)
+        try:
+            made = task.image_outputs(context, equipment, plans)
+        except Exception as exc:
+            failures.append(_failed(f"maps and overlays of {task.name}", findings, exc))
+            continue
+        written.parametric_map.extend(folder.save(pm, "PM") for pm in made.parametric_maps)
+        written.overlay.extend(folder.save(sc, "SC") for sc in made.overlays)
+        figures += made.figures
+        failures += made.failures
     if settings.sr and headers:
         with times.stage("sr"):
-            notes = study_notes(findings, any(image.lesions for image in images))
-            written.sr.append(folder.save(_report(images, segmentations, narrative, equipment,
-                                                  findings, notes + failures,
-                                                  list(headers.values()), density), "SR"))
+            contents: list[SrContent] = []
+            for task in tasks:
+                try:
+                    contents.append(task.sr_content(context, segmentations.get(task.name, [])))
+                except Exception as exc:
+                    failures.append(_failed(f"measurements of {task.name}", findings, exc))
+            notes = study_notes(findings, tasks)
+            all_segmentations = [seg for task in tasks for seg in segmentations.get(task.name, [])]
+            written.sr.append(folder.save(_report(contents, all_segmentations, narrative,
+                                                  equipment, findings, notes + failures,
+                                                  list(headers.values())), "SR"))
     if settings.pdf:
         with times.stage("pdf"):
             try:
-                pdf = render_report(findings, narrative, figures)
+                pdf = render_report(findings, narrative, figures, tasks)
                 write_durably(study_results / REPORT_PDF, pdf, fsync=fsync)
-                pdf_headers = [image.header for image in images] or list(headers.values())[:1]
+                # One document with one source series: the first task's images that it names.
+                pdf_headers = next((found for task in tasks
+                                    if (found := task.pdf_sources(context))), [])
+                pdf_headers = pdf_headers or list(headers.values())[:1]
                 if pdf_headers:
                     document = build_encapsulated_pdf(
                         pdf, pdf_headers, equipment,
@@ -215,15 +216,14 @@ def _write_rejection_note(study_results: Path, findings: StudyFindings, equipmen
         objects=len(superseded)))
 
 
-def _report(images: list[AnalysedImage], segmentations: list, narrative: Narrative,
+def _report(contents: list[SrContent], segmentations: list, narrative: Narrative,
             equipment: Equipment, findings: StudyFindings, notes: list[str],
-            evidence: list[Dataset], density: list[DensityImage]) -> Dataset:
+            evidence: list[Dataset]) -> Dataset:
     """The SR with every measurement; if that cannot be built, one that says why."""
     plan = SeriesPlan.new(OutputKind.SR, findings.revision)
     try:
-        return build_report(images, segmentations, narrative, equipment, plan, notes=notes,
-                            evidence=evidence, density=density,
-                            breast_density=findings.breast_density)
+        return build_report(contents, segmentations, narrative, equipment, plan, notes=notes,
+                            evidence=evidence)
     except Exception as exc:
         failure = _failed("measurement report", findings, exc)
         return build_report([], [], narrative, equipment, plan, evidence=evidence, failed=True,
@@ -271,158 +271,21 @@ def uids_only(header: Dataset) -> Dataset:
 
 def overlay_pngs(findings: StudyFindings, sources: Mapping[str, Path], study_results: Path,
                  saliency_methods: Sequence[str], *, limit: int = 4) -> list[bytes]:
-    """The saliency overlays as PNG, for a vision-capable LLM the user enabled (at most
+    """The tasks' overlays as PNG, for a vision-capable LLM the user enabled (at most
     ``limit``: a prompt is not an archive)."""
-    import io
+    from radlens.config import OutputSettings
 
-    from PIL import Image
-
-    from radlens.dicom_io.writers.overlay import render_overlay
-
+    context = OutputContext(findings=findings, sources=sources, headers={},
+                            study_results=study_results, settings=OutputSettings(),
+                            revision=findings.revision,
+                            saliency_methods=tuple(saliency_methods))
     pngs: list[bytes] = []
-    for info in findings.images:
-        if not info.predictions or info.ref.sop_instance_uid not in sources:
-            continue
-        image = load_analysed(info, sources[info.ref.sop_instance_uid], study_results)
-        method = chosen_method(image, saliency_methods)
-        if method is None:
-            continue
-        decoded = pixels.decode_file(sources[image.sop_instance_uid])
-        for number, frame in sorted(image.frames.items()):
-            if method in frame.saliency and len(pngs) < limit:
-                rgb = render_overlay(decoded.pixels[number], frame.saliency[method],
-                                     image.mask(number))
-                buffer = io.BytesIO()
-                Image.fromarray(rgb).save(buffer, format="PNG")
-                pngs.append(buffer.getvalue())
-    return pngs
+    for task in tasks_of(findings):
+        pngs += task.overlay_pngs(context, limit - len(pngs))
+    return pngs[:limit]
 
 
 def _failed(what: str, findings: StudyFindings, exc: Exception) -> str:
     log.error("DICOM output not written", exc_info=exc,
               extra=kv(study=findings.study_instance_uid, output=what))
     return f"The {what} could not be written: {type(exc).__name__}: {exc}"[:1000]
-
-
-def _write_per_image(images: list[AnalysedImage], sources: Mapping[str, Path],
-                     equipment: Equipment, findings: StudyFindings, folder: OutputFolder,
-                     settings: OutputSettings, saliency_methods: Sequence[str],
-                     written: WrittenOutputs, failures: list[str],
-                     times: StageTimes) -> list[Figure]:
-    """Parametric Map and RGB overlay of every image with a saliency map, and the PDF's figures
-    (the key frames: with a lesion, most confident first), decoding each source at most once."""
-    map_plan = SeriesPlan.new(OutputKind.PARAMETRIC_MAP, findings.revision)
-    overlay_plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
-    figures: list[Figure] = []
-    for number, image in enumerate(images, start=1):
-        method = chosen_method(image, saliency_methods)
-        if method is not None and settings.parametric_map:
-            with times.stage("parametric_map"):
-                try:
-                    pm = build_parametric_map(image, method, equipment, map_plan,
-                                              len(written.parametric_map) + 1)
-                    written.parametric_map.append(folder.save(pm, "PM"))
-                except Exception as exc:
-                    failures.append(_failed(
-                        f"saliency Parametric Map of {image.sop_instance_uid}", findings, exc))
-        overlay = method is not None and settings.overlay
-        figure = settings.pdf and bool(image.lesions)
-        if not (overlay or figure):
-            continue
-        with times.stage("overlay"):  # the decode it needs included
-            try:
-                frames = pixels.decode_file(sources[image.sop_instance_uid]).pixels
-            except Exception as exc:  # an undecodable source
-                if overlay:
-                    failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
-                                            findings, exc))
-                continue
-            if overlay:
-                try:
-                    with_pixels = dataclasses.replace(image, pixels=frames)
-                    for sc in build_overlays(with_pixels, method, equipment, overlay_plan,
-                                             len(written.overlay) + 1):
-                        written.overlay.append(folder.save(sc, "SC"))
-                except Exception as exc:  # a refused header
-                    failures.append(_failed(f"saliency overlay of {image.sop_instance_uid}",
-                                            findings, exc))
-        if figure:
-            with times.stage("pdf"):
-                figures += _figures(image, number, frames, method, FIGURES)
-            figures = sorted(figures, key=lambda f: -f.confidence)[:FIGURES]
-    return figures
-
-
-DENSITY_FIGURES = 4  # the four views of a screening mammogram
-
-
-def _write_density_overlays(density: list[DensityImage], sources: Mapping[str, Path],
-                            findings: StudyFindings, study_results: Path,
-                            folder: OutputFolder, settings: OutputSettings,
-                            written: WrittenOutputs, failures: list[str], times: StageTimes
-                            ) -> list[Figure]:
-    """The Grad-CAM overlay of every mammogram the density model read (a Secondary Capture
-    each, its laterality and view kept, made by the density model's equipment), and the PDF's
-    figures of up to four views."""
-    from radlens.dicom_io.writers.overlay import render_overlay
-
-    plan = SeriesPlan.new(OutputKind.OVERLAY, findings.revision)
-    figures: list[tuple[tuple[int, int], Figure]] = []
-    views = {"CC": 0, "MLO": 1}
-    for image in density:
-        reading = image.reading
-        if reading.maps_file is None or not (settings.overlay or settings.pdf):
-            continue
-        sop_uid = image.info.ref.sop_instance_uid
-        with times.stage("overlay"):
-            try:
-                frames = pixels.decode_file(sources[sop_uid]).pixels
-                with np.load(study_results / reading.maps_file) as stored:
-                    cam = stored["saliency_gradcam"].astype(np.float32)
-            except Exception as exc:  # an undecodable source, a lost map
-                failures.append(_failed(f"density overlay of {sop_uid}", findings, exc))
-                continue
-            if settings.overlay:
-                try:
-                    sc = build_density_overlay(image.header, image.info, frames[0], cam,
-                                               Equipment.for_model(reading.model), plan,
-                                               len(written.overlay) + 1)
-                    written.overlay.append(folder.save(sc, "SC"))
-                except Exception as exc:  # a refused header
-                    failures.append(_failed(f"density overlay of {sop_uid}", findings, exc))
-        if settings.pdf and len(figures) < DENSITY_FIGURES:
-            zero = np.zeros(cam.shape, dtype=bool)
-            side = reading.view_label or "view"
-            warning = ", attention on artifacts!" if reading.attention_on_artifact else ""
-            order = (views.get(reading.view or "", 2), 0 if reading.laterality == "R" else 1)
-            figures.append((order, Figure(
-                f"{side}: {reading.category}, {reading.attention.tissue:.0%} on tissue{warning}",
-                render_overlay(frames[0], np.zeros(cam.shape, np.float32), zero),
-                render_overlay(frames[0], cam, zero), confidence=-1.0,
-                captions=("mammogram", "Grad-CAM: where the density model looked"))))
-    return [figure for _, figure in sorted(figures, key=lambda item: item[0])]
-
-
-def _figures(image: AnalysedImage, number: int, frames: np.ndarray, method: str | None,
-             limit: int) -> list[Figure]:
-    """The image's most confident frames with a lesion (at most ``limit``): outlined, and beside
-    it the saliency overlay."""
-    from radlens.dicom_io.writers.overlay import render_overlay
-
-    def confidence(frame: int) -> float:
-        return max(lesion.probability for lesion in image.frames[frame].prediction.lesions)
-
-    figures = []
-    key_frames = sorted((f for f, a in image.frames.items() if a.prediction.lesions),
-                        key=lambda f: (-confidence(f), f))[:limit]
-    for frame in key_frames:
-        mask = image.mask(frame)
-        zero = np.zeros(mask.shape, np.float32)
-        saliency = image.frames[frame].saliency.get(method, zero) if method else zero
-        title = f"image {number}" + (f", frame {frame + 1}" if image.info.frames > 1 else "")
-        figures.append(Figure(title, render_overlay(frames[frame], zero, mask),
-                              render_overlay(frames[frame], saliency, mask),
-                              confidence=confidence(frame)))
-    return figures
-
-

@@ -1,9 +1,10 @@
-"""Saliency as DICOM: a Parametric Map per source image (OHIF overlays it on the image) and an
-RGB overlay (image, heat map, lesion contours) that every viewer shows: a Secondary Capture per
-single-frame image, one Multi-frame True Color Secondary Capture per cine loop.
+"""Saliency as DICOM, for any task: a Parametric Map per source image (OHIF overlays it on the
+image) and an RGB overlay (image, heat map, outlines) that every viewer shows: a Secondary
+Capture per single-frame image, one Multi-frame True Color Secondary Capture per cine loop.
 
-The map is the first configured saliency method (``model.saliency``). Saliency shows what the
-model attends to, not whether it is right; both objects say so in their descriptions.
+The task decides what the maps are and says it in the objects' comments; these builders place
+them on the source's grid, in its study, with its side. Saliency shows what a model attends to,
+not whether it is right; every object says so.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import highdicom as hd
 import numpy as np
 from matplotlib import colormaps
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from skimage import measure
 
 from radlens.dicom_io import codes
-from radlens.dicom_io.writers.analysed import AnalysedImage
 from radlens.dicom_io.writers.common import (
     Equipment,
     SeriesPlan,
@@ -36,31 +37,23 @@ CONTOUR_RGB = (0, 255, 0)
 HEAT_COLOURMAP = "inferno"
 
 
-def chosen_method(image: AnalysedImage, methods: Sequence[str]) -> str | None:
-    """The first configured method that has a map on any frame of the image."""
-    for method in methods:
-        if any(method in frame.saliency for frame in image.frames.values()):
-            return method
-    return None
-
-
-def build_parametric_map(image: AnalysedImage, method: str, equipment: Equipment,
-                         plan: SeriesPlan, instance_number: int) -> hd.pm.ParametricMap:
-    """Float saliency in [0, 1] for every frame of the source (0 where none was computed)."""
-    planes = np.zeros((image.info.frames, image.info.rows, image.info.columns), np.float32)
-    for number, frame in image.frames.items():
-        if method in frame.saliency:
-            planes[number] = np.clip(frame.saliency[method], 0.0, 1.0)
-    spacing = image.info.spacing
+def build_parametric_map(header: Dataset, info: ImageInfo, planes: np.ndarray, method: str,
+                         equipment: Equipment, plan: SeriesPlan, instance_number: int, *,
+                         region: Code) -> hd.pm.ParametricMap:
+    """Float saliency in [0, 1], shaped (frames, rows, columns) like the source (0 where none
+    was computed). ``region``: the anatomic region the task reads, for a source that states
+    none (the Frame Anatomy the IOD requires)."""
+    planes = np.clip(planes.astype(np.float32), 0.0, 1.0)
+    spacing = info.spacing
     headers, pixel_measures = geometry_sources(
-        [image.header], (spacing.row_mm, spacing.column_mm) if spacing else None)
+        [header], (spacing.row_mm, spacing.column_mm) if spacing else None)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=method[:16], lut_explanation=f"{method} saliency, 0 to 1"[:64],
         unit=codes.UCUM_NO_UNITS, value_range=(0.0, 1.0), slope=1.0, intercept=0.0,
         quantity_definition=codes.SALIENCY)
     pm = hd.pm.ParametricMap(
         source_images=headers,
-        pixel_array=planes if image.info.frames > 1 else planes[0],
+        pixel_array=planes if info.frames > 1 else planes[0],
         series_instance_uid=plan.series_instance_uid,
         series_number=plan.series_number,
         sop_instance_uid=generate_uid(),
@@ -77,9 +70,9 @@ def build_parametric_map(image: AnalysedImage, method: str, equipment: Equipment
         pixel_measures=pixel_measures,
     )
     pm.SeriesDescription = plan.description
-    _add_frame_anatomy(pm, image)
+    _add_frame_anatomy(pm, header, region)
     log.info("parametric map built", extra=kv(sop=pm.SOPInstanceUID, method=method,
-                                              frames=int(image.info.frames)))
+                                              frames=int(info.frames)))
     return pm
 
 
@@ -106,66 +99,41 @@ def render_overlay(frame_pixels: np.ndarray, saliency: np.ndarray,
     return image
 
 
-def build_overlays(image: AnalysedImage, method: str, equipment: Equipment, plan: SeriesPlan,
-                   first_instance_number: int) -> list[hd.sc.SCImage]:
-    """The overlay of an image, which needs the decoded pixels: one RGB Secondary Capture for a
-    single-frame source; for a multi-frame source (a cine loop) one Multi-frame True Color
-    Secondary Capture of its analysed frames, in order, that viewers play as a cine. Frames
-    without a map (no lesion, nothing to explain) show the image and the lesion outlines."""
-    if image.pixels is None:
-        raise ValueError("overlays need the decoded source pixels")
-    numbers = sorted(image.frames) if image.info.frames > 1 else [
-        n for n, f in sorted(image.frames.items()) if method in f.saliency]
-    if not numbers:
-        return []
-    rendered = [render_overlay(image.pixels[n], image.frames[n].saliency.get(
-        method, np.zeros((image.info.rows, image.info.columns), np.float32)), image.mask(n))
-        for n in numbers]
-    sc = _secondary_capture(image, rendered[0], equipment, plan, first_instance_number)
-    if image.info.frames > 1:
-        _as_multiframe(sc, image, rendered)
-        sc.ImageComments = (f"{method} saliency over {len(numbers)} frame(s) of "
-                            f"{image.sop_instance_uid}, lesions outlined in green. Saliency "
-                            "shows what the model attends to, not whether it is right.")
-    else:
-        sc.ImageComments = (f"{method} saliency over {image.sop_instance_uid}, lesions "
-                            "outlined in green. Saliency shows what the model attends to, "
-                            "not whether it is right.")
-    _reference_source(sc, image, numbers)
-    return [sc]
-
-
-def build_density_overlay(header: Dataset, info: ImageInfo, pixels: np.ndarray, cam: np.ndarray,
-                          equipment: Equipment, plan: SeriesPlan, instance_number: int
-                          ) -> hd.sc.SCImage:
-    """The density model's Grad-CAM over one mammogram, as an RGB Secondary Capture on the
-    mammogram's grid, with its laterality and view, so a viewer hangs it beside the source."""
-    reading = info.density
-    if reading is None:
-        raise ValueError(f"{info.ref.sop_instance_uid} has no density reading")
-    image = AnalysedImage(header=header, info=info, frames={})
-    rgb = render_overlay(pixels, cam, np.zeros(cam.shape, dtype=bool))
-    sc = _secondary_capture(image, rgb, equipment, plan, instance_number)
-    # The SC IOD has no Image Laterality or View Position: the series' Laterality (copied)
-    # and the comments say which view it is.
-    side = reading.view_label
-    warning = (" Attention-on-artifact warning: only "
-               f"{reading.attention.tissue:.0%} of it lies on breast tissue."
-               if reading.attention_on_artifact else "")
-    sc.ImageComments = (f"{side + ': ' if side else ''}Grad-CAM of the breast density model "
-                        f"over {info.ref.sop_instance_uid} (composition {reading.category})."
-                        f"{warning} Saliency shows what the "
-                        "model attends to, not whether it is right.")[:10240]
-    _reference_source(sc, image, [0])
-    log.info("density overlay built", extra=kv(sop=sc.SOPInstanceUID, category=reading.category))
+def build_frame_overlays(header: Dataset, info: ImageInfo, rendered: Sequence[np.ndarray],
+                         frames: Sequence[int], equipment: Equipment, plan: SeriesPlan,
+                         instance_number: int, *, comments: str) -> hd.sc.SCImage:
+    """Rendered RGB overlays (``render_overlay``) of these 0-based frames of a source as one
+    object: an RGB Secondary Capture for a single-frame source, a Multi-frame True Color
+    Secondary Capture, timed like the source, for a multi-frame one (viewers play it)."""
+    sc = _secondary_capture(header, info, rendered[0], equipment, plan, instance_number)
+    if info.frames > 1:
+        _as_multiframe(sc, header, list(rendered))
+    sc.ImageComments = comments[:10240]
+    _reference_source(sc, info, list(frames))
     return sc
 
 
-def _secondary_capture(image: AnalysedImage, rgb: np.ndarray, equipment: Equipment,
-                       plan: SeriesPlan, instance_number: int) -> hd.sc.SCImage:
-    spacing = image.info.spacing
+def build_heat_overlay(header: Dataset, info: ImageInfo, pixels: np.ndarray, heat: np.ndarray,
+                       equipment: Equipment, plan: SeriesPlan, instance_number: int, *,
+                       comments: str) -> hd.sc.SCImage:
+    """A task's heat map over one single-frame image, as an RGB Secondary Capture on the
+    image's grid with its laterality, so a viewer hangs it beside the source. ``comments``
+    says what the map is (the task knows; the writer does not)."""
+    rgb = render_overlay(pixels, heat, np.zeros(heat.shape, dtype=bool))
+    sc = _secondary_capture(header, info, rgb, equipment, plan, instance_number)
+    sc.ImageComments = comments[:10240]
+    _reference_source(sc, info, [0])
+    log.info("heat map overlay built", extra=kv(sop=sc.SOPInstanceUID,
+                                                source=info.ref.sop_instance_uid))
+    return sc
+
+
+def _secondary_capture(header: Dataset, info: ImageInfo, rgb: np.ndarray,
+                       equipment: Equipment, plan: SeriesPlan,
+                       instance_number: int) -> hd.sc.SCImage:
+    spacing = info.spacing
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=image.header,
+        ref_dataset=header,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -183,8 +151,8 @@ def _secondary_capture(image: AnalysedImage, rgb: np.ndarray, equipment: Equipme
     sc.BurnedInAnnotation = "NO"
     # The overlay lies on the source's pixel grid: it has the source's orientation, which for
     # 2-D ultrasound is usually unknown (an empty Patient Orientation).
-    sc.PatientOrientation = image.header.get("PatientOrientation", "")
-    _copy_laterality(sc, image)
+    sc.PatientOrientation = header.get("PatientOrientation", "")
+    _copy_laterality(sc, header)
     return sc
 
 
@@ -192,7 +160,7 @@ MULTIFRAME_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
 DEFAULT_FRAME_TIME_MS = 33.3  # 30 frames per second, when the source states no timing
 
 
-def _as_multiframe(sc: hd.sc.SCImage, image: AnalysedImage, frames: list[np.ndarray]) -> None:
+def _as_multiframe(sc: hd.sc.SCImage, header: Dataset, frames: list[np.ndarray]) -> None:
     """Turn highdicom's single-frame SC (its header copied and checked) into the Multi-frame
     True Color SC of the frames, timed like the source (Cine module) so a viewer plays it."""
     sc.SOPClassUID = MULTIFRAME_TRUE_COLOR_SC
@@ -200,7 +168,7 @@ def _as_multiframe(sc: hd.sc.SCImage, image: AnalysedImage, frames: list[np.ndar
     sc.NumberOfFrames = len(frames)
     sc.PixelData = np.ascontiguousarray(np.stack(frames), dtype=np.uint8).tobytes()
     sc.FrameIncrementPointer = Tag("FrameTime")
-    sc.FrameTime = _frame_time_ms(image.header)
+    sc.FrameTime = _frame_time_ms(header)
 
 
 def _frame_time_ms(header: Dataset) -> float:
@@ -216,29 +184,28 @@ def _frame_time_ms(header: Dataset) -> float:
     return DEFAULT_FRAME_TIME_MS
 
 
-def _add_frame_anatomy(pm: hd.pm.ParametricMap, image: AnalysedImage) -> None:
+def _add_frame_anatomy(pm: hd.pm.ParametricMap, header: Dataset, region: Code) -> None:
     """The Frame Anatomy functional group, which the Parametric Map IOD requires and highdicom
     does not write (QIICR's dcmqi, the reference reader, crashes without it): the source's
-    anatomic region, else the breast the lesion model reads, and the side it states. DICOM's
+    anatomic region, else the region the task reads, and the side it states. DICOM's
     Frame Laterality has no "unknown": an image that states no side is written U (unpaired),
     and the series-level Laterality, which Frame Laterality replaces, is left out."""
-    region = _anatomic_region(image.header)
     anatomy = Dataset()
-    anatomy.AnatomicRegionSequence = [region]
-    anatomy.FrameLaterality = _stated_side(image.header) or "U"
+    anatomy.AnatomicRegionSequence = [_anatomic_region(header, region)]
+    anatomy.FrameLaterality = _stated_side(header) or "U"
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
     if "Laterality" in pm:
         del pm.Laterality
 
 
-def _anatomic_region(header: Dataset) -> hd.sr.CodedConcept:
+def _anatomic_region(header: Dataset, fallback: Code) -> hd.sr.CodedConcept:
     for item in header.get("AnatomicRegionSequence", []) or []:
         try:
             return hd.sr.CodedConcept(str(item.CodeValue), str(item.CodingSchemeDesignator),
                                       str(item.CodeMeaning))
         except (AttributeError, TypeError, ValueError):
-            continue  # an item without a usable code: the next, or the model's region
-    return hd.sr.CodedConcept.from_code(codes.BREAST)
+            continue  # an item without a usable code: the next, or the task's region
+    return hd.sr.CodedConcept.from_code(fallback)
 
 
 def _stated_side(header: Dataset) -> str | None:
@@ -248,18 +215,18 @@ def _stated_side(header: Dataset) -> str | None:
     return side if side in ("L", "R", "B") else None
 
 
-def _copy_laterality(dataset: hd.SOPClass, image: AnalysedImage) -> None:
+def _copy_laterality(dataset: hd.SOPClass, header: Dataset) -> None:
     """A paired body part's series says which side (General Series, type 2C: L or R)."""
-    side = _stated_side(image.header)
+    side = _stated_side(header)
     if side in ("L", "R"):
         dataset.Laterality = side
 
 
-def _reference_source(sc: hd.sc.SCImage, image: AnalysedImage, frames: list[int]) -> None:
+def _reference_source(sc: hd.sc.SCImage, info: ImageInfo, frames: list[int]) -> None:
     """Source Image Sequence: the overlay derives from these frames of this image."""
     item = Dataset()
-    item.ReferencedSOPClassUID = image.info.ref.sop_class_uid
-    item.ReferencedSOPInstanceUID = image.sop_instance_uid
-    if image.info.frames > 1:
+    item.ReferencedSOPClassUID = info.ref.sop_class_uid
+    item.ReferencedSOPInstanceUID = info.ref.sop_instance_uid
+    if info.frames > 1:
         item.ReferencedFrameNumber = [n + 1 for n in frames] if len(frames) > 1 else frames[0] + 1
     sc.SourceImageSequence = [item]

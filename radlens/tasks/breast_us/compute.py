@@ -26,8 +26,8 @@ from radlens.logs import kv
 
 if TYPE_CHECKING:
     from radlens.config import ComputeSettings, ModelSettings
-    from radlens.models.infer import Prediction, Segmenter
-    from radlens.models.saliency import SaliencyExplainer, SaliencyMap
+    from radlens.tasks.breast_us.infer import Prediction, Segmenter
+    from radlens.tasks.breast_us.saliency import SaliencyExplainer, SaliencyMap
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def load_segmenter(model: ModelSettings, *, device: str | None = None) -> Segmen
     the OS, torch on ``model.threads`` threads, on ``device`` (default ``model.device``).
     Raises ModelError (or ValueError) when it cannot be loaded."""
     from radlens.memory import cap_mmap_threshold
-    from radlens.models.infer import Segmenter
+    from radlens.tasks.breast_us.infer import Segmenter
 
     cap_mmap_threshold()  # a clip's batches give their memory back (radlens.memory)
     if model.threads:
@@ -115,7 +115,7 @@ class ModelActor:
 
     def __init__(self, model: dict[str, Any]) -> None:
         from radlens.config import ModelSettings
-        from radlens.models.saliency import SaliencyExplainer
+        from radlens.tasks.breast_us.saliency import SaliencyExplainer
 
         segmenter = load_segmenter(ModelSettings.model_validate(model))
         self.stage = LocalModelStage(segmenter, SaliencyExplainer(segmenter))

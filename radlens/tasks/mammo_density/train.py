@@ -29,7 +29,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from radlens import __version__
 from radlens.logs import kv
-from radlens.models.density import (
+from radlens.models.device import resolve_device
+from radlens.tasks.mammo_density.model import (
     DENSITY_CLASSES,
     DESCRIPTIONS,
     INPUT_SIZE,
@@ -40,7 +41,6 @@ from radlens.models.density import (
     prepare,
     weighted_contrastive_loss,
 )
-from radlens.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def new_density_model(settings: DensityTrainSettings, vocabulary: Vocabulary,
                       device: torch.device) -> DensityModel:
     """A fresh model for a fold: radlens's small encoders, or the user's CLIP weights."""
     if settings.clip is not None:
-        from radlens.models.clip_backbone import load_open_clip
+        from radlens.tasks.mammo_density.clip_backbone import load_open_clip
 
         return load_open_clip(Path(settings.clip), device)
     return DensityCLIP(vocabulary).to(device)
@@ -314,7 +314,7 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Densit
                                                                            dict[str, Any]]:
     """A trained density model and its card: radlens's own (model.pt), or a fine-tuned
     open_clip model (clip/)."""
-    from radlens.models.clip_backbone import CLIP_DIR, is_clip_folder, load_open_clip
+    from radlens.tasks.mammo_density.clip_backbone import CLIP_DIR, is_clip_folder, load_open_clip
 
     if is_clip_folder(folder / CLIP_DIR):
         card = json.loads((folder / CARD_FILE).read_text()) if (folder / CARD_FILE).is_file() \
@@ -435,7 +435,7 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
                    "threshold": detector.threshold, "quantile": 0.99,
                    "held_out": ood.summary(detector.score(held_out), detector.threshold)}
     if settings.clip is not None:
-        from radlens.models.clip_backbone import CLIP_DIR
+        from radlens.tasks.mammo_density.clip_backbone import CLIP_DIR
 
         model.cpu().save(out / CLIP_DIR)  # an open_clip folder: the user's tools read it too
         vision = model.config.get("model_cfg", {}).get("vision_cfg", {})

@@ -2,7 +2,7 @@
 
 These are plain speckle frames with valid US Image Storage headers (ultrasound regions included)
 and obviously fake patient data. They carry no lesions: realistic phantoms with lesions and masks
-come from ``radlens.models.phantoms``.
+come from ``radlens.tasks.breast_us.phantoms``.
 """
 
 from __future__ import annotations

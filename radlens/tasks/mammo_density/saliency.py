@@ -21,7 +21,7 @@ from monai.visualize import GradCAM
 from scipy import ndimage
 from torch import nn
 
-from radlens.models.density import (
+from radlens.tasks.mammo_density.model import (
     CAM_LAYER,
     DENSITY_CLASSES,
     DensityModel,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radlens.models.density import DENSITY_CLASSES, DESCRIPTIONS
+from radlens.tasks.mammo_density.model import DENSITY_CLASSES, DESCRIPTIONS
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")

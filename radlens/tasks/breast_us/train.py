@@ -25,15 +25,6 @@ from monai.utils import set_determinism
 
 from radlens import __version__
 from radlens.logs import kv
-from radlens.models.datasets import (
-    INPUT_SIZE,
-    Case,
-    SegmentationDataset,
-    augmentations,
-    folds,
-    holdout,
-    load_cases,
-)
 from radlens.models.device import resolve_device
 from radlens.models.metrics import (
     SegmentationMetrics,
@@ -42,7 +33,17 @@ from radlens.models.metrics import (
     predict,
 )
 from radlens.models.networks import CLASS_NAMES, build, parameter_count
-from radlens.models.scope import BREAST_ULTRASOUND_SCOPE, ImageGeometry
+from radlens.models.scope import ImageGeometry
+from radlens.tasks.breast_us.datasets import (
+    INPUT_SIZE,
+    Case,
+    SegmentationDataset,
+    augmentations,
+    folds,
+    holdout,
+    load_cases,
+)
+from radlens.tasks.breast_us.scope import BREAST_ULTRASOUND_SCOPE
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,8 @@ def calibrate_ood(folder: Path, fit_cases: list, calibration_cases: list, *,
                   device: str = "auto") -> dict[str, Any]:
     """The OOD detector of a trained weights folder: fitted on its training images, the
     threshold set on its validation images; returns the card's ``ood`` section."""
-    from radlens.models.infer import Segmenter
     from radlens.models.ood import calibrate, case_images
+    from radlens.tasks.breast_us.infer import Segmenter
 
     segmenter = Segmenter(folder, device=device)
     _, section = calibrate(segmenter, case_images(fit_cases), case_images(calibration_cases),

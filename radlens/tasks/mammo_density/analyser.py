@@ -1,4 +1,4 @@
-"""The breast density stage: what the density model makes of a mammogram routing sent it.
+"""The breast density task's model in a worker: what it makes of a mammogram routing sent it.
 
 The model reads one image at a time (a mammogram is one frame): its out-of-distribution score
 first, so that it abstains on images unlike its training ones, then the category with its
@@ -19,19 +19,15 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radlens.config import DensitySettings
-from radlens.findings import (
-    AbstainedFrame,
-    AttentionShares,
-    DecodedImage,
-    DensityPrediction,
-    ImageInfo,
-    ModelRef,
-)
+from radlens.findings import AbstainedFrame, DecodedImage, ImageInfo, ModelRef
 from radlens.logs import kv
+from radlens.tasks.base import ImageInput, LoadedTask, Task, TaskResult
+from radlens.tasks.mammo_density.findings import AttentionShares, DensityPrediction
+from radlens.timing import StageTimes
 
 if TYPE_CHECKING:
-    from radlens.models.density import DensityModel
     from radlens.models.ood import OodDetector
+    from radlens.tasks.mammo_density.model import DensityModel
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +47,23 @@ def view_position(ds: Dataset) -> str | None:
 
 
 @dataclass(frozen=True)
-class DensityAnalyser:
+class DensityAnalyser(LoadedTask):
     """A loaded density model, its card, its OOD detector and the settings it runs under."""
 
     model: DensityModel
     card: dict[str, Any]
     ood: OodDetector | None
     settings: DensitySettings
+    task: Task
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.ood.threshold if self.ood is not None else None
+
+    def analyse_image(self, image: ImageInput, maps_dir: Path | None,
+                      times: StageTimes) -> TaskResult:
+        with times.stage("density"):
+            return TaskResult([self.analyse(image.decoded, image.header, maps_dir)])
 
     @property
     def model_ref(self) -> ModelRef:
@@ -70,12 +76,13 @@ class DensityAnalyser:
         return int(self.card.get("input_size", 224))
 
     @classmethod
-    def load(cls, settings: DensitySettings, *, device: str = "cpu") -> DensityAnalyser:
+    def load(cls, settings: DensitySettings, task: Task, *,
+             device: str = "cpu") -> DensityAnalyser:
         """The configured density model. Raises ModelError when it cannot be loaded or its
         version is not the pinned one."""
-        from radlens.models.density_train import DensityDataError, load_model
-        from radlens.models.infer import ModelError, model_folder
+        from radlens.models.cards import ModelError, model_folder
         from radlens.models.ood import OodDetector
+        from radlens.tasks.mammo_density.train import DensityDataError, load_model
 
         folder = model_folder(settings.weights)
         try:
@@ -87,15 +94,15 @@ class DensityAnalyser:
             raise ModelError(f"density model {folder} is version {card.get('version')!r}, "
                              f"not the pinned {settings.version!r}")
         ood = OodDetector.load(folder) if settings.abstain else None
-        return cls(model, card, ood, settings)
+        return cls(model, card, ood, settings, task)
 
     def analyse(self, decoded: DecodedImage, header: Dataset,
                 maps_dir: Path | None) -> ImageInfo:
         """The image's density reading, or why it has none (abstained)."""
         import torch
 
-        from radlens.models.density import breast_region, not_a_mammogram, prepare
-        from radlens.models.density_saliency import explain
+        from radlens.tasks.mammo_density.model import breast_region, not_a_mammogram, prepare
+        from radlens.tasks.mammo_density.saliency import explain
 
         info = decoded.info
         frame = decoded.pixels[0]
@@ -142,7 +149,7 @@ class DensityAnalyser:
             log.warning("density attention on artifacts", extra=kv(
                 sop=info.ref.sop_instance_uid, tissue_share=shares.tissue,
                 artifacts_share=shares.artifacts))
-        return info.model_copy(update={"density": reading})
+        return info.model_copy(update={"analyses": [*info.analyses, reading]})
 
 
 def _write_map(maps_dir: Path, sop_uid: str, cam: np.ndarray) -> str:

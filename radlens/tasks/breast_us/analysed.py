@@ -1,8 +1,8 @@
-"""An analysed source image as the writers see it: its header, its findings and its maps.
+"""An image the lesion model read, as its outputs see it: its header, findings and maps.
 
-The pipeline keeps each frame's lesion labels, class probabilities and saliency maps in
+The analyser keeps each frame's lesion labels, class probabilities and saliency maps in
 ``results/<Study>/maps/*.npz``; this module brings them back next to the source header so the
-SEG, SR and map writers all read one object.
+SEG, SR and map builders all read one object.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radlens.dicom_io.conformance import TYPE2_COPIED, conformant_header
-from radlens.dicom_io.nesting import read_bounded
+from radlens.dicom_io.writers.headers import read_header
 from radlens.findings import FramePrediction, ImageInfo, LesionMeasurements
 
 
@@ -53,22 +52,6 @@ class AnalysedImage:
         indices = [lesion.index for lesion in analysed.prediction.lesions
                    if lesion_class is None or lesion.lesion_class == lesion_class]
         return np.isin(analysed.lesions, indices) if indices else np.zeros(shape, dtype=bool)
-
-
-def with_type2_present(header: Dataset) -> Dataset:
-    """Every type 2 attribute outputs copy is present (empty when the source lacks it):
-    highdicom needs them, and an empty value is what the standard asks for."""
-    for keyword in sorted(TYPE2_COPIED):
-        if keyword not in header:
-            setattr(header, keyword, "")
-    return header
-
-
-def read_header(source_path: Path) -> Dataset:
-    """A source's header without pixels, made conformant to be copied into outputs."""
-    header = read_bounded(source_path, stop_before_pixels=True)
-    return with_type2_present(conformant_header(header, source=str(header.get(
-        "SOPInstanceUID", source_path.name))))
 
 
 def load_analysed(info: ImageInfo, source_path: Path, study_results: Path, *,

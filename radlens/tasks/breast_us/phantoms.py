@@ -234,7 +234,7 @@ def write_dataset(out: Path, phantoms: Iterator[Phantom], *, dicom: bool = False
         (out / "images" / f"{phantom.case_id}.png").write_bytes(png_bytes(phantom.image))
         (out / "masks" / f"{phantom.case_id}.png").write_bytes(png_bytes(mask_to_rgb(phantom.mask)))
         if dicom:
-            from radlens.dicom_io.synthetic import write_phantom_study
+            from radlens.tasks.breast_us.dicom import write_phantom_study
 
             write_phantom_study(out / "dicom" / phantom.case_id, phantom.image,
                                 spacing_mm=phantom.pixel_spacing_mm, case_id=phantom.case_id,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radlens.models.cards import ModelError, model_folder
 from radlens.models.device import resolve_device
 from radlens.models.metrics import image_probabilities
 from radlens.models.networks import (
@@ -28,12 +29,7 @@ from radlens.models.networks import (
 )
 from radlens.models.ood import OodDetector
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
-DEFAULT_MODEL = "default"
-
-
-class ModelError(RuntimeError):
-    """A weights folder that cannot be loaded."""
+DEFAULT_MODEL = "default"  # the shipped lesion model's weights
 
 
 @dataclass(frozen=True)
@@ -67,17 +63,6 @@ class BatchPrediction:
     # The CAM layer's output, in the pass's autograd graph up to ``logits``, when the pass
     # was run for Grad-CAM (``predict_batch(..., cam_layer=...)``); else None.
     cam_activation: torch.Tensor | None = None
-
-
-def model_folder(name_or_path: str | Path) -> Path:
-    """A folder path, or the name of a model shipped in ``radlens/models/weights``."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    shipped = WEIGHTS_DIR / str(name_or_path)
-    if shipped.is_dir():
-        return shipped
-    raise ModelError(f"no model folder {name_or_path!r} (nor {shipped})")
 
 
 class Segmenter:

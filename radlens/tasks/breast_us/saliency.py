@@ -23,8 +23,8 @@ from monai.visualize.visualizer import default_upsampler
 from scipy import ndimage
 from torch import nn
 
-from radlens.models.infer import BatchPrediction, Segmenter
 from radlens.models.networks import SegmentationNetwork
+from radlens.tasks.breast_us.infer import BatchPrediction, Segmenter
 
 Method = Literal["gradcam", "gradcam++", "occlusion", "prototype"]
 METHODS: tuple[Method, ...] = ("gradcam", "gradcam++", "occlusion", "prototype")

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from radlens.models.phantoms import png_bytes
+from radlens.tasks.breast_us.phantoms import png_bytes
 
 Density = Literal["A", "B", "C", "D"]
 DENSITIES: tuple[Density, ...] = ("A", "B", "C", "D")
@@ -277,7 +277,7 @@ def write_dataset(out: Path, patients: Iterator[list[MammoView]], *, dicom: bool
             (out / "regions" / f"{view.case_id}.png").write_bytes(
                 png_bytes(regions_to_rgb(view.regions)))
         if dicom:
-            from radlens.dicom_io.mammography import write_mammo_study
+            from radlens.tasks.mammo_density.dicom import write_mammo_study
 
             write_mammo_study(out / "dicom" / views[0].patient_id, views, uid_seed=uid_seed,
                               tomosynthesis=tomosynthesis)

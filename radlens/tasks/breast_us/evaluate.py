@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from radlens.models.datasets import SegmentationDataset, load_cases
-from radlens.models.infer import Segmenter
 from radlens.models.metrics import PIXEL_METRICS, evaluation_report, markdown_table, predict
 from radlens.models.ood import case_images, summary
-from radlens.models.train import TrainSettings, run_training
+from radlens.tasks.breast_us.datasets import SegmentationDataset, load_cases
+from radlens.tasks.breast_us.infer import Segmenter
+from radlens.tasks.breast_us.train import TrainSettings, run_training
 
 
 def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "auto",
