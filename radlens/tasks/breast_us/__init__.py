@@ -65,10 +65,10 @@ class BreastUltrasoundTask(Task):
     def load(self, settings: Settings, *, device: str) -> Analyser:
         """The segmenter (on Ray actors when ``compute.backend`` is ray), its explainer and
         the anatomy label map when one is configured."""
-        from radlens.tasks.breast_us.compute import load_segmenter
         from radlens.models.cards import ModelError
         from radlens.models.scope import ModelScope
         from radlens.tasks.breast_us.analyser import Analyser
+        from radlens.tasks.breast_us.compute import load_segmenter
 
         on_ray = settings.compute.backend == "ray"
         try:

@@ -1,8 +1,8 @@
 """The lesion model in a worker: every frame of a breast ultrasound image through segmentation
-and classification (``models.infer``, here or on Ray actors: ``tasks.breast_us.compute``), a per-frame
+and classification (``infer``, here or on Ray actors: ``compute``), a per-frame
 out-of-distribution score that makes the model abstain on frames unlike its training images,
-lesion measurement (``analysis.lesions``) and saliency (``models.saliency``), the maps kept on
-disk for the writers.
+lesion measurement (``analysis.lesions``) and saliency (``saliency``), the maps kept on disk for
+the writers.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from radlens.tasks.base import ImageInput, LoadedTask, Task, TaskResult
 from radlens.timing import StageTimes
 
 if TYPE_CHECKING:  # torch stays out of the agent's import path until a model is loaded
-    from radlens.tasks.breast_us.compute import LocalModelStage, RayModelStage
     from radlens.analysis.nifti import LabelMap
+    from radlens.tasks.breast_us.compute import LocalModelStage, RayModelStage
     from radlens.tasks.breast_us.infer import Prediction, Segmenter
     from radlens.tasks.breast_us.saliency import SaliencyExplainer, SaliencyMap
 
