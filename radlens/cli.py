@@ -359,10 +359,15 @@ def route(
     from radlens.agent.routing import ImageFacts, Router
     from radlens.dicom_io.nesting import read_bounded
     from radlens.models.cards import ModelError
-    from radlens.tasks.registry import all_tasks
+    from radlens.tasks.base import TaskError
+    from radlens.tasks.registry import all_tasks, configure
 
     settings = cli_settings(config)
     cards: dict[str, dict] = {}
+    try:
+        configure(settings)
+    except TaskError as exc:
+        raise fail(str(exc), 1) from None
     try:
         enabled = [task for task in all_tasks() if task.enabled(settings)]
         for task in enabled:
@@ -393,8 +398,8 @@ def route(
         else:
             decision = router.route(facts, calling_aet)
             chosen, reason = decision.tasks, decision.reason
-        shown = ", ".join(f"{name} ({cards[name].get('name')} {cards[name].get('version')})"
-                          for name in chosen) or "none"
+        # The model's name beside each task; versions are in the table's title.
+        shown = ", ".join(f"{name} ({cards[name].get('name')})" for name in chosen) or "none"
         table.add_row(str(path), facts.modality or "-", facts.body_part or "-", shown, reason)
         study = studies.setdefault(str(ds.get("StudyInstanceUID", "?")), [set(), ""])
         study[0].add(facts.modality or "")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,75 +17,118 @@ from radlens.cli_support import ConfigOption, audit_command, cli_settings, conso
 from radlens.config import Settings
 from radlens.errors import RadlensError
 
+# The names --kind and --task took before each model became a task.
+LEGACY_TASK_NAMES = {"us": "breast_us", "mammo": "mammo_density",
+                     "segmentation": "breast_us", "density": "mammo_density"}
+
+
+class _Bars:
+    """A task's progress, drawn as rich progress bars on stderr."""
+
+    def __init__(self, progress: Any) -> None:
+        self.progress, self.bars = progress, {}
+
+    def start(self, key: str, label: str, total: int) -> None:
+        self.bars[key] = self.progress.add_task(label, total=total, info="")
+
+    def update(self, key: str, completed: int, info: str = "") -> None:
+        if key in self.bars:
+            self.progress.update(self.bars[key], completed=completed, info=info)
+
+
+def _task(name: str) -> Any:
+    """The task ``--task`` names (its older names accepted), or a usage error."""
+    from radlens.tasks.base import TaskError
+    from radlens.tasks.registry import get_task
+
+    try:
+        return get_task(LEGACY_TASK_NAMES.get(name, name))
+    except TaskError as exc:
+        raise fail(str(exc), 2) from None
+
+
+def _bars() -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+
 
 def phantoms(
     out: Annotated[Path, typer.Option(help="folder to write images/, masks/ (or regions/), "
                                       "labels.csv")],
-    n: Annotated[int, typer.Option(min=1, help="number of cases (mammo: of patients, four "
-                                   "views each)")] = 100,
+    n: Annotated[int, typer.Option(min=1, help="number of cases (mammo_density: of patients, "
+                                   "four views each)")] = 100,
     seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
-    size: Annotated[int, typer.Option(min=64, max=2048, help="frame size in pixels (mammo: "
-                                      "the height)")] = 256,
-    kind: Annotated[str, typer.Option(help="us: breast ultrasound with lesions; mammo: "
-                                      "mammograms with a BI-RADS density category")] = "us",
+    size: Annotated[int, typer.Option(min=64, max=2048, help="frame size in pixels "
+                                      "(mammo_density: the height)")] = 256,
+    task: Annotated[str | None, typer.Option(
+        help="the task whose phantoms to write (radlens models lists them): breast_us, "
+             "breast ultrasound with lesions; mammo_density, mammograms with a BI-RADS "
+             "density category")] = None,
+    kind: Annotated[str | None, typer.Option(help="the older name of --task: us or mammo")]
+    = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="also one DICOM study per case "
-                                        "(mammo: per patient)")] = False,
+                                        "(mammo_density: per patient)")] = False,
     tomosynthesis: Annotated[bool, typer.Option(
-        "--tomosynthesis", help="mammo, with --dicom: also a Breast Tomosynthesis volume per "
-        "view, as a combined 2D and 3D examination")] = False,
+        "--tomosynthesis", help="mammo_density, with --dicom: also a Breast Tomosynthesis "
+        "volume per view, as a combined 2D and 3D examination")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Write synthetic phantoms: breast ultrasound in the BUS-UCLM folder layout, or
-    mammograms (CC and MLO, left and right) labelled with their breast density."""
-    from rich.progress import Progress
+    """Write seeded synthetic phantoms of a task: breast ultrasound in the BUS-UCLM folder
+    layout, or mammograms (CC and MLO, left and right) labelled with their breast density."""
+    from radlens.tasks.base import TaskError
 
     cli_settings(config)
-    if kind not in ("us", "mammo"):
-        raise fail(f"--kind is us or mammo, not {kind!r}", 2)
-    counts: dict[str, int] = {}
-    with Progress(console=err, transient=False) as progress:
-        task = progress.add_task("phantoms", total=n)
-        if kind == "mammo":
-            from radlens.tasks.mammo_density import phantoms as mammo_phantoms
-
-            def advance_patient(views: list) -> None:
-                category = mammo_phantoms.study_density(views)
-                counts[category] = counts.get(category, 0) + 1
-                progress.advance(task)
-
-            mammo_phantoms.write_dataset(out, mammo_phantoms.generate(n, seed, size=size),
-                                         dicom=dicom, uid_seed=f"radlens-mammo-{seed}-{size}",
-                                         tomosynthesis=tomosynthesis,
-                                         on_patient=advance_patient)
-        else:
-            from radlens.tasks.breast_us.phantoms import Phantom, generate, write_dataset
-
-            def advance(phantom: Phantom) -> None:
-                counts[phantom.label] = counts.get(phantom.label, 0) + 1
-                progress.advance(task)
-
-            write_dataset(out, generate(n, seed, size=size), dicom=dicom,
-                          uid_seed=f"radlens-phantoms-{seed}-{size}", on_case=advance)
+    chosen = _task(task or kind or "breast_us")
+    with _bars() as progress:
+        try:
+            line = chosen.write_phantoms(out, n=n, seed=seed, size=size, dicom=dicom,
+                                         options={"tomosynthesis": tomosynthesis},
+                                         progress=_Bars(progress))
+        except TaskError as exc:
+            raise fail(str(exc), 1) from None
     out.mkdir(parents=True, exist_ok=True)
-    if kind == "mammo":
-        summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in "ABCD")
-        console_line = (f"wrote {n} patients, {4 * n} views (study density: {summary}) "
-                        f"to {out}")
-    else:
-        summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "benign",
-                                                               "malignant"))
-        console_line = f"wrote {n} phantoms ({summary}) to {out}"
     if dicom:
-        console_line += f"; DICOM studies in {out / 'dicom'}"
-    sys.stdout.write(console_line + "\n")
+        line += f"; DICOM studies in {out / 'dicom'}"
+    sys.stdout.write(line + "\n")
 
 
-def models() -> None:
-    """The registered architectures with their parameter counts, and the shipped models."""
+def models(config: ConfigOption = None) -> None:
+    """Every task this installation has (built-in, from installed packages, configured MONAI
+    bundles) with its model, scope and origin; the registered architectures with their
+    parameter counts; and the shipped models."""
     from radlens.models.cards import WEIGHTS_DIR
     from radlens.models.networks import REGISTRY, parameter_count
     from radlens.models.scope import ImageGeometry
+    from radlens.tasks.base import TaskError
+    from radlens.tasks.registry import all_tasks, configure, problems
 
+    settings = cli_settings(config)
+    try:
+        configure(settings)
+    except TaskError as exc:
+        raise fail(str(exc), 1) from None
+    tasks = Table(title="tasks")
+    for column in ("task", "origin", "model", "reads", "scope", "enabled"):
+        tasks.add_column(column, overflow="fold")
+    for task in all_tasks():
+        try:
+            card = task.card(settings)
+            scope = task.scope(settings)
+        except Exception as exc:  # a card that cannot be read: say so, list the rest
+            card, scope = {"name": f"(card unreadable: {exc})", "version": ""}, None
+        reads = {"image": "each image", "series": "a series as a volume",
+                 "study": "the study's images"}[task.unit]
+        described = "states no scope"
+        if scope is not None:
+            described = (f"{', '.join(scope.modalities)} {', '.join(scope.body_parts)}"
+                         + (f"; {scope.geometry.describe()}" if scope.geometry else ""))
+        tasks.add_row(task.name, task.origin, f"{card.get('name')} {card.get('version')}",
+                      reads, described, "yes" if task.enabled(settings) else "no")
+    console.print(tasks)
+    for problem in problems():
+        err.print(problem, highlight=False)
     table = Table(title="architectures")
     for column in ("name", "parameters", "size (float32)", "encoder depths", "description"):
         table.add_column(column, justify="right" if column in ("parameters", "size (float32)",
@@ -125,8 +168,9 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="data-loading processes")] = 0,
     task: Annotated[str, typer.Option(
-        help="segmentation: breast-ultrasound lesions; density: BI-RADS breast density on "
-             "mammograms (docs/density.md)")] = "segmentation",
+        help="the task whose model to train (radlens models lists them): breast_us, "
+             "breast-ultrasound lesions; mammo_density, BI-RADS breast density on mammograms "
+             "(docs/density.md)")] = "breast_us",
     class_weights: Annotated[bool, typer.Option(
         "--class-weights/--no-class-weights",
         help="density: inverse-frequency weights and undersampling (off: the ablation)")]
@@ -143,108 +187,26 @@ def train(
              "encoders; needs radlens[clip]", exists=True, file_okay=False)] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Train a segmentation network with the published settings (docs/method.md), or the
-    breast density model (--task density)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from radlens.models.networks import REGISTRY
-    from radlens.tasks.breast_us.datasets import DatasetError
-    from radlens.tasks.breast_us.train import EpochRecord, TrainSettings, run_training
+    """Train a task's model (radlens models lists the tasks): the lesion network with the
+    published settings (docs/method.md), or the breast density model (--task mammo_density,
+    docs/density.md)."""
+    from radlens.tasks.base import TaskError, TaskUsageError, TrainRequest
 
     cli_settings(config)
-    if task == "density":
-        train_density(data, out, folds=folds, epochs=epochs, batch_size=batch_size,
-                      learning_rate=learning_rate, patience=patience, seed=seed,
-                      size=size or 224, device=device, weighted=class_weights, test=test,
-                      ablation=ablation, clip=clip)
-        return
-    if task != "segmentation":
-        raise fail(f"--task is segmentation or density, not {task!r}", 2)
-    size = size or 256
-    if arch not in REGISTRY:
-        raise fail(f"unknown architecture {arch!r} (known: {', '.join(REGISTRY)})", 2)
-    settings = TrainSettings(arch=arch, epochs=epochs, batch_size=batch_size,
-                             learning_rate=learning_rate, patience=patience, folds=folds,
-                             seed=seed, device=device, size=size, workers=workers)
-    command = "radlens " + " ".join(sys.argv[1:])
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=err) as progress:
-        tasks: dict[int, int] = {}
-
-        def on_epoch(fold: int, record: EpochRecord, planned: int) -> None:
-            if fold not in tasks:
-                tasks[fold] = progress.add_task(f"{arch} fold {fold}", total=planned, info="")
-            dice = record.val_lesion_dice
-            progress.update(tasks[fold], completed=record.epoch,
-                            info=f"loss {record.train_loss:.3f} / {record.val_loss:.3f}  "
-                                 f"lesion Dice " + (f"{dice:.3f}" if dice is not None else "n/a"))
-
+    chosen = _task(task)
+    request = TrainRequest(
+        data=data, out=out, folds=folds, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, patience=patience, seed=seed, size=size, device=device,
+        command="radlens " + " ".join(sys.argv[1:]),
+        options={"arch": arch, "workers": workers, "class_weights": class_weights,
+                 "test": test, "ablation": ablation, "clip": clip})
+    with _bars() as progress:
         try:
-            metrics = run_training(data, settings, out, command=command, on_epoch=on_epoch)
-        except (DatasetError, ValueError) as exc:
-            raise fail(str(exc), 1) from None
-    summary = metrics["summary"]
-    dice = summary["lesion_dice"]["mean"]
-    console.print(f"trained {arch} on {metrics['data']['cases']} cases; validation lesion Dice "
-              f"{dice:.3f}; image accuracy "
-              f"{summary['from_segmentation']['accuracy']['mean']:.3f}; wrote {out}")
-
-
-def train_density(data: Path, out: Path, *, folds: int, epochs: int, batch_size: int,
-                  learning_rate: float, patience: int, seed: int, size: int, device: str,
-                  weighted: bool, test: Path | None = None, ablation: bool = False,
-                  clip: Path | None = None) -> None:
-    """``radlens train --task density``: folds with a progress bar each, then the summary."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from radlens.tasks.mammo_density.train import (
-        DensityDataError,
-        DensityEpoch,
-        DensityTrainSettings,
-        run_density_training,
-    )
-
-    settings = DensityTrainSettings(epochs=epochs, batch_size=batch_size,
-                                    learning_rate=learning_rate, patience=patience,
-                                    folds=folds, seed=seed, device=device, size=size,
-                                    weighted=weighted, clip=str(clip) if clip else None)
-    if clip is not None:
-        from radlens.tasks.mammo_density.clip_backbone import ClipUnavailableError, load_open_clip
-
-        try:
-            load_open_clip(clip)  # fail before the first fold, with the reason
-        except ClipUnavailableError as exc:
-            raise fail(str(exc), 1) from None
-    command = "radlens " + " ".join(sys.argv[1:])
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=err) as progress:
-        tasks: dict[int, int] = {}
-
-        def on_epoch(fold: int, record: DensityEpoch, planned: int) -> None:
-            if fold not in tasks:
-                tasks[fold] = progress.add_task(f"density fold {fold}", total=planned,
-                                                info="")
-            progress.update(tasks[fold], completed=record.epoch,
-                            info=f"loss {record.train_loss:.3f} / {record.val_loss:.3f}  "
-                                 f"accuracy {record.val_accuracy:.3f}")
-
-        try:
-            metrics = run_density_training(data, settings, out, command=command,
-                                           on_epoch=on_epoch, test=test, ablation=ablation)
-        except (DensityDataError, ValueError) as exc:
-            raise fail(str(exc), 1) from None
-    summary = metrics["summary"]
-    console.print(f"trained the density model on {metrics['data']['views']} views of "
-                  f"{metrics['data']['patients']} patients; validation accuracy "
-                  f"{summary['accuracy']['mean']:.3f}, mean AUC "
-                  f"{summary['mean_auc']['mean']:.3f}; wrote {out}", highlight=False)
-    for label, figures in (("fresh cases", metrics.get("test")),
-                           ("without class weights",
-                            (metrics.get("ablation") or {}).get("without_class_weights"))):
-        if figures:
-            aucs = ", ".join(f"{k} {v:.3f}" for k, v in figures["auc"].items() if v is not None)
-            console.print(f"{label}: accuracy {figures['accuracy']:.3f}; AUC {aucs}",
-                          highlight=False)
+            summary = chosen.train(request, _Bars(progress))
+        except TaskError as exc:
+            raise fail(str(exc), 2 if isinstance(exc, TaskUsageError) else 1) from None
+    for line in summary.splitlines():
+        console.print(line, highlight=False)
 
 
 def evaluate(
@@ -265,39 +227,25 @@ def evaluate(
     unlike: Annotated[list[Path] | None, typer.Option(
         help="DICOM files or folders the model should abstain on: their out-of-distribution "
              "scores are printed beside the dataset's")] = None,
-    task: Annotated[str, typer.Option(help="segmentation or density")] = "segmentation",
+    task: Annotated[str, typer.Option(help="the task whose model to evaluate: breast_us or "
+                                      "mammo_density (radlens models lists them)")]
+    = "breast_us",
     config: ConfigOption = None,
 ) -> None:
-    """Evaluate a model on a labelled dataset, or compare architectures trained identically;
-    with --task density: accuracy, per-category AUC and the confusion matrix."""
-    from radlens.tasks.breast_us import evaluate as evaluation
-    from radlens.tasks.breast_us.datasets import DatasetError
+    """Evaluate a task's model on a labelled dataset (the lesion model: segmentation and
+    classification, or compare architectures trained identically; --task mammo_density:
+    accuracy, per-category AUC and the confusion matrix)."""
+    from radlens.tasks.base import TaskError
 
     cli_settings(config)
-    if task == "density":
-        from radlens.models.cards import ModelError, model_folder
-        from radlens.tasks.mammo_density.train import DensityDataError, evaluate_density_folder
-
-        try:
-            folder = model_folder("density" if model == "default" else model)
-            evaluate_density_folder(data, folder, out, device=device)
-        except (DensityDataError, ModelError, ValueError, RadlensError) as exc:
-            raise fail(str(exc), 1) from None
-        console.print((out / "report.md").read_text(), markup=False, highlight=False)
-        return
-    if task != "segmentation":
-        raise fail(f"--task is segmentation or density, not {task!r}", 2)
+    chosen = _task(task)
+    options = {"compare": compare, "epochs": epochs, "folds": folds,
+               "unlike": unlike_frames(unlike) if unlike else None}
     try:
-        if compare:
-            evaluation.compare_architectures(
-                data, [a.strip() for a in compare.split(",") if a.strip()], out,
-                epochs=epochs, folds=folds, device=device, seed=seed)
-        else:
-            evaluation.evaluate_folder(data, model, out, device=device, seed=seed,
-                                       unlike=unlike_frames(unlike) if unlike else None)
-    except (DatasetError, ValueError, RadlensError) as exc:
+        report = chosen.evaluate(data, model, out, device=device, seed=seed, options=options)
+    except TaskError as exc:
         raise fail(str(exc), 1) from None
-    console.print((out / "report.md").read_text(), markup=False, highlight=False)
+    console.print(report.read_text(), markup=False, highlight=False)
 
 
 def calibrate_ood(

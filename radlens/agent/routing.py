@@ -98,8 +98,9 @@ class Router:
 
     A task may read an image only within its technical scope (modality, SOP class,
     photometric interpretation, image geometry). Among the tasks that may, the first matching
-    rule decides (a rule names tasks, or ``none``; one naming none takes every task in
-    scope); without one, every task whose anatomy the header states; a header stating no
+    rule decides (a rule names tasks, or ``none``; one naming no task admits the image to the
+    tasks whose anatomy it states, or to all of them when it states none); without one, every
+    task whose anatomy the header states; a header stating no
     anatomy goes to every task in scope when ``unstated_body_part`` is ``analyse``. Several
     tasks may read one image: each adds its reading to the study's one report."""
 
@@ -118,15 +119,17 @@ class Router:
             return RouteDecision((), f"outside the model's scope: {refusal}")
         for number, rule in enumerate(self.settings.rules, start=1):
             if rule_matches(rule, facts, calling_ae):
-                return self._by_rule(rule.name or f"rule {number}", rule.tasks, candidates,
-                                     refusals)
+                name = rule.name or f"rule {number}"
+                if rule.tasks is None:  # the rule admits the image; the scopes choose
+                    if facts.states_anatomy:
+                        chosen = self._by_anatomy(candidates, facts)
+                        if not chosen.analyse:
+                            return chosen
+                        candidates = list(chosen.tasks)
+                    return RouteDecision(tuple(candidates), f"routing rule {name!r} matched")
+                return self._by_rule(name, rule.tasks, candidates, refusals)
         if facts.states_anatomy:
-            decisions = [_by_anatomy(name, self.scopes[name], facts) for name in candidates]
-            chosen = tuple(name for d in decisions for name in d.tasks)
-            if not chosen:
-                return decisions[0]
-            return RouteDecision(chosen, "; ".join(dict.fromkeys(
-                d.reason for d in decisions if d.analyse)))
+            return self._by_anatomy(candidates, facts)
         if self.settings.unstated_body_part == "analyse":
             return RouteDecision(tuple(candidates), "no body part stated and no routing rule "
                                  "matched: routing.unstated_body_part is 'analyse' (the "
@@ -134,10 +137,17 @@ class Router:
         return RouteDecision((), "no body part stated and no routing rule matched "
                              "(routing.unstated_body_part is 'skip')")
 
-    def _by_rule(self, name: str, tasks: tuple[str, ...] | None, candidates: list[str],
+    def _by_anatomy(self, candidates: list[str], facts: ImageFacts) -> RouteDecision:
+        """Every task whose anatomy the header states, or why none."""
+        decisions = [_by_anatomy(name, self.scopes[name], facts) for name in candidates]
+        chosen = tuple(name for d in decisions for name in d.tasks)
+        if not chosen:
+            return decisions[0]
+        return RouteDecision(chosen, "; ".join(dict.fromkeys(
+            d.reason for d in decisions if d.analyse)))
+
+    def _by_rule(self, name: str, tasks: tuple[str, ...], candidates: list[str],
                  refusals: dict[str, str | None]) -> RouteDecision:
-        if tasks is None:
-            return RouteDecision(tuple(candidates), f"routing rule {name!r} matched")
         if not tasks:
             return RouteDecision((), f"routing rule {name!r} sends it to no model")
         chosen, reasons = [], []

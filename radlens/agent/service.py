@@ -152,8 +152,12 @@ def load_tasks(settings: Settings) -> TaskSet | None:
     from radlens.agent.routing import Router
     from radlens.models.device import resolve_device
     from radlens.tasks.base import TaskError
-    from radlens.tasks.registry import all_tasks, problems
+    from radlens.tasks.registry import all_tasks, configure, problems
 
+    try:
+        configure(settings)
+    except TaskError as exc:
+        raise RadlensError(str(exc)) from exc
     for problem in problems():
         log.error("task plug-in not loaded", extra=kv(problem=problem))
     enabled = [task for task in all_tasks() if task.enabled(settings)]

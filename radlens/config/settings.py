@@ -29,6 +29,8 @@ from pydantic_settings import (
 )
 
 from radlens.errors import ConfigError
+from radlens.models.scope import ModelScope
+from radlens.tasks.labels import LabelDefinition
 
 CONFIG_ENV_VAR = "RADLENS_CONFIG"
 
@@ -416,6 +418,23 @@ class DensitySettings(_Section):
     low_tissue_share: float = Field(default=0.6, ge=0, le=1)
 
 
+class BundleSettings(_Section):
+    """A MONAI bundle folder run as a task (docs/tasks.md). A bundle's configs instantiate the
+    Python objects they name: a bundle is code, and only those listed here are loaded."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")  # the task's name (rules, findings)
+    path: Path  # the folder: configs/metadata.json, configs/inference.json, models/model.pt
+    # What it reads, as a model card states it: radlens cannot guess a bundle's body part.
+    scope: ModelScope
+    unit: Literal["image", "series"] = "image"  # each image's frames, or a series as a volume
+    input_key: str = "image"
+    output_key: str = "pred"
+    # Labels when the metadata's channel_def names none: [{value: 1, name: spleen, code:
+    # {value: "78961009", scheme: SCT, meaning: Spleen}}]
+    labels: list[LabelDefinition] = Field(default_factory=list)
+    enabled: bool = True
+
+
 class RoutingRule(_Section):
     """One routing rule: every criterion given must hold; the first rule that matches decides."""
 
@@ -426,7 +445,7 @@ class RoutingRule(_Section):
     anatomic_region: str | None = None  # SNOMED CT code value in AnatomicRegionSequence
     description: str | None = None  # regular expression over Study and Series Description
     # The tasks that read a matching image (radlens models lists them), or "none": no task.
-    # Unset: every task whose technical scope takes the image.
+    # Unset: the tasks in scope whose anatomy the header states (all of them if it states none).
     task: str | list[str] | None = None
 
     @model_validator(mode="before")
@@ -580,6 +599,7 @@ class Settings(BaseSettings):
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     density: DensitySettings = Field(default_factory=DensitySettings)
+    bundles: list[BundleSettings] = Field(default_factory=list)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     anatomy: AnatomySettings = Field(default_factory=AnatomySettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)

@@ -48,6 +48,9 @@ SALIENCY = Code("130404", "DCM", "Saliency")  # the quantity of the saliency Par
 NOT_FOR_DIAGNOSTIC_USE = Code("RADL040", "99RADLENS", "Not for diagnostic use")
 NARRATIVE_AUTHOR = Code("RADL041", "99RADLENS", "Narrative author")
 
+VOLUME = Code("118565006", "SCT", "Volume")
+TISSUE = Code("85756007", "SCT", "Tissue")  # a segment's category when its label has no code
+UCUM_ML = Code("ml", "UCUM", "milliliter")
 UCUM_MM = Code("mm", "UCUM", "millimeter")
 UCUM_MM2 = Code("mm2", "UCUM", "square millimeter")
 UCUM_NO_UNITS = Code("1", "UCUM", "no units")

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -40,7 +40,6 @@ from radlens.models.scope import ModelScope
 from radlens.timing import StageTimes
 
 if TYPE_CHECKING:
-    import numpy as np
     from pydicom.dataset import Dataset
     from pydicom.sr.coding import Code
 
@@ -59,6 +58,11 @@ AnalysisUnit = Literal["image", "study", "series"]
 
 class TaskError(Exception):
     """A task that cannot be found, loaded or run as configured: the agent refuses to start."""
+
+
+class TaskUsageError(TaskError):
+    """A request a task cannot take as asked (an unknown architecture, an option it lacks):
+    the command's usage, not the data, is wrong."""
 
 
 @dataclass(frozen=True)
@@ -156,28 +160,6 @@ class SrContent:
 
 
 @dataclass(frozen=True)
-class Segment:
-    """One SEG segment a task contributes: a label (1..n) of a label map over the source's
-    frames, with its name and SNOMED CT or DCM category and type codes."""
-
-    label: int
-    name: str
-    category: Code
-    type: Code
-
-
-@dataclass(frozen=True)
-class LabelMapOutput:
-    """A task's segmentation of one source image: labels (frames, rows, columns) with the
-    segments they stand for; the writers make a SEG of it."""
-
-    source: AnalysedSource
-    labels: np.ndarray
-    segments: tuple[Segment, ...]
-    algorithm: ModelRef
-
-
-@dataclass(frozen=True)
 class ImagePlans:
     """The series a task's maps and overlays go in, and the next free instance number in each
     (several tasks may fill one kind of series)."""
@@ -220,6 +202,45 @@ class NarrativePart:
     limitations: str
 
 
+class ResearchProgress(Protocol):
+    """Where a task's phantoms, training and evaluation report how far they are (the CLI
+    draws progress bars from it)."""
+
+    def start(self, key: str, label: str, total: int) -> None: ...
+
+    def update(self, key: str, completed: int, info: str = "") -> None: ...
+
+
+class _Silent:
+    def start(self, key: str, label: str, total: int) -> None:
+        pass
+
+    def update(self, key: str, completed: int, info: str = "") -> None:
+        pass
+
+
+SILENT: ResearchProgress = _Silent()
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What ``radlens train`` asks of any task; ``options`` holds the task's own settings
+    (an architecture, class weights...), by the names its docs give."""
+
+    data: Path
+    out: Path
+    folds: int = 0
+    epochs: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    patience: int = 4
+    seed: int = 0
+    size: int | None = None
+    device: str = "auto"
+    command: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Task(ABC):
     """One analysis task: the light half, which every process may hold.
 
@@ -249,15 +270,9 @@ class Task(ABC):
     def card(self, settings: Settings) -> dict[str, Any]:
         """The model card (``card.json`` of the configured weights), read without loading the
         model: ``radlens models`` and ``radlens route`` need only this."""
-        import json
+        from radlens.models.cards import model_folder, read_card
 
-        from radlens.models.cards import ModelError, model_folder
-
-        folder = model_folder(self.weights(settings))
-        try:
-            return dict(json.loads((folder / "card.json").read_text()))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.name}: cannot read {folder / 'card.json'}: {exc}") from exc
+        return read_card(model_folder(self.weights(settings)))
 
     def scope(self, settings: Settings) -> ModelScope | None:
         return ModelScope.from_card(self.card(settings))
@@ -265,6 +280,25 @@ class Task(ABC):
     @abstractmethod
     def load(self, settings: Settings, *, device: str) -> LoadedTask:
         """The model in memory. Raises TaskError when it cannot be loaded as configured."""
+
+    # ---- research: phantoms, training, evaluation (radlens phantoms|train|evaluate) ---------
+    def write_phantoms(self, out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
+                       options: Mapping[str, Any], progress: ResearchProgress = SILENT) -> str:
+        """Write ``n`` seeded phantom cases (and DICOM studies with ``dicom``) to ``out``;
+        returns a line saying what was written."""
+        raise TaskError(f"task {self.name} ({self.origin}) has no phantoms in radlens")
+
+    def train(self, request: TrainRequest, progress: ResearchProgress = SILENT) -> str:
+        """Train the task's model on ``request.data`` into a weights folder at
+        ``request.out`` (model, card, metrics, curves); returns the summary line."""
+        raise TaskError(f"task {self.name} ({self.origin}) has no training in radlens")
+
+    def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
+                 options: Mapping[str, Any]) -> Path:
+        """Evaluate a weights folder (or the shipped model: ``model`` "default") on a labelled
+        folder, writing ``report.json`` and ``report.md`` in ``out``; returns the Markdown's
+        path."""
+        raise TaskError(f"task {self.name} ({self.origin}) has no evaluation in radlens")
 
     # ---- findings ------------------------------------------------------------------------
     def code_modules(self) -> tuple[ModuleType, ...]:

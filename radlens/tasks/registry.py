@@ -18,9 +18,13 @@ import importlib
 import logging
 from functools import cache
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from radlens.logs import kv
 from radlens.tasks.base import Task, TaskError
+
+if TYPE_CHECKING:
+    from radlens.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,8 @@ def _instance(target: object, origin: str) -> Task:
     task = target() if isinstance(target, type) else target
     if not isinstance(task, Task):
         raise TaskError(f"{origin}: {target!r} is not a radlens.tasks.base.Task")
-    if not getattr(type(task), "name", None):
+    if not getattr(task, "name", None):
         raise TaskError(f"{origin}: the task class states no name")
-    task.origin = origin
     return task
 
 
@@ -45,6 +48,7 @@ def _discovered() -> tuple[tuple[Task, ...], tuple[str, ...]]:
     for path in BUILT_IN:
         module, _, attribute = path.partition(":")
         task = _instance(getattr(importlib.import_module(module), attribute), "built-in")
+        task.origin = "built-in"
         tasks[task.name] = task
     for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name):
         origin = f"{point.dist.name} {point.dist.version}" if point.dist else point.value
@@ -54,19 +58,42 @@ def _discovered() -> tuple[tuple[Task, ...], tuple[str, ...]]:
             problems.append(f"task plug-in {point.name!r} ({origin}) not loaded: "
                             f"{type(exc).__name__}: {exc}")
             continue
-        if task.name in tasks:
+        if task.name in tasks or any(task is known for known in tasks.values()):
+            taken = tasks.get(task.name)
             problems.append(f"task plug-in {point.name!r} ({origin}) not loaded: the name "
-                            f"{task.name!r} is taken by {tasks[task.name].origin}")
+                            f"{task.name!r} is taken by {taken.origin if taken else 'a task'}")
             continue
+        task.origin = origin
         tasks[task.name] = task
     for problem in problems:
         log.error("task plug-in refused", extra=kv(problem=problem))
     return tuple(tasks.values()), tuple(problems)
 
 
+_configured: dict[str, Task] = {}  # MONAI bundles the configuration names
+
+
+def configure(settings: Settings) -> list[Task]:
+    """The tasks the configuration adds (each ``bundles`` entry), from now on among
+    ``all_tasks``. Raises TaskError for a bundle that cannot be read or whose name is taken."""
+    from radlens.tasks.monai_bundle import BundleTask
+
+    taken = {task.name: task.origin for task in _discovered()[0]}
+    configured: dict[str, Task] = {}
+    for bundle in settings.bundles:
+        if bundle.name in taken or bundle.name in configured:
+            raise TaskError(f"bundles: the name {bundle.name!r} is taken by "
+                            f"{taken.get(bundle.name, 'another bundle')}")
+        configured[bundle.name] = BundleTask(bundle)
+    _configured.clear()
+    _configured.update(configured)
+    return list(configured.values())
+
+
 def all_tasks() -> list[Task]:
-    """Every task this installation has, built-in first."""
-    return list(_discovered()[0])
+    """Every task this installation has, built-in first, then plug-ins, then the configured
+    bundles."""
+    return [*_discovered()[0], *_configured.values()]
 
 
 def problems() -> list[str]:
@@ -86,3 +113,4 @@ def get_task(name: str) -> Task:
 def reload() -> None:
     """Forget what was discovered (after a package was installed in this process's life)."""
     _discovered.cache_clear()
+    _configured.clear()

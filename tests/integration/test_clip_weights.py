@@ -47,7 +47,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def phantoms(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("mammo")
     for name, seed in (("train", 21), ("test", 22)):
-        made = radlens_cli("phantoms", "--kind", "mammo", "--out", str(root / name), "--n",
+        made = radlens_cli("phantoms", "--task", "mammo_density", "--out", str(root / name), "--n",
                            "8", "--seed", str(seed), "--size", "128", "--dicom")
         assert made.returncode == 0, made.stderr
     return root / "train", root / "test"
@@ -57,7 +57,7 @@ def test_a_users_clip_folder_is_fine_tuned_evaluated_explained_and_run_by_the_ag
         checkpoint, phantoms, tmp_path):
     train, test = phantoms
     out = tmp_path / "model"
-    trained = _run("-m", "radlens", "train", "--task", "density", "--data", str(train),
+    trained = _run("-m", "radlens", "train", "--task", "mammo_density", "--data", str(train),
                    "--out", str(out), "--clip", str(checkpoint), "--folds", "2", "--epochs",
                    "2", "--batch-size", "8", "--device", "cpu")
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -75,7 +75,7 @@ def test_a_users_clip_folder_is_fine_tuned_evaluated_explained_and_run_by_the_ag
     assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
     assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
 
-    evaluated = _run("-m", "radlens", "evaluate", "--task", "density", "--data", str(test),
+    evaluated = _run("-m", "radlens", "evaluate", "--task", "mammo_density", "--data", str(test),
                      "--model", str(out), "--out", str(tmp_path / "eval"))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
@@ -112,7 +112,7 @@ def test_without_open_clip_the_clip_option_says_what_is_missing(checkpoint, phan
                                                                  tmp_path):
     """In the project's own venv (pinned CPU torch, no open_clip), a clear error and no model."""
     train, _ = phantoms
-    result = radlens_cli("train", "--task", "density", "--data", str(train), "--out",
+    result = radlens_cli("train", "--task", "mammo_density", "--data", str(train), "--out",
                          str(tmp_path / "model"), "--clip", str(checkpoint))
     assert result.returncode == 1
     assert "needs open_clip and a torchvision built for the installed torch" in result.stderr

@@ -391,3 +391,27 @@ def test_grounding_catches_a_wrong_count_and_an_invented_finding(study):
     assert any("no such finding" in v
                for v in grounding.check("Lesion 1 shows calcifications.", facts))
     assert grounding.check("Two lesions are seen.", facts) == []
+
+
+def test_a_mammography_only_study_reaches_the_llm_with_its_density_facts(fake):
+    """A study only the density task read: the LLM is asked (with the density facts and the
+    task's guidance), its grounded text is the narrative, and a category the findings do not
+    hold sends it back."""
+    from tests.unit.test_density_agent import _findings, _reading
+
+    findings = _findings([_reading("B", "L"), _reading("C", "R")])
+    good = answer(impression="Breast density: left breast B, right breast C; study category C "
+                             "(the denser breast), an AI suggestion.",
+                  lesions=[], comparison="No lesion.",
+                  recommendation="Study breast composition C, an AI suggestion.",
+                  limitations="2-D images without clinical context.")
+    fake.replies = [good]
+    narrative = narrate(findings, _settings(fake.host))
+    assert narrative.grounded is True and narrative.author == _settings(fake.host).model
+    assert "study category C" in narrative.text
+    body = fake.raw_bodies[-1].decode()
+    assert "mammo_density" in body and "BI-RADS breast composition" in body
+    fake.replies = [good.replace("study category C", "study category D")] * 2
+    refused = narrate(findings, _settings(fake.host))
+    assert refused.grounded is False and "density category D is not in the findings" in (
+        refused.note or "")

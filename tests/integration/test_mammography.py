@@ -23,7 +23,7 @@ LOW_TISSUE_SHARE = 0.83
 
 
 def _phantoms(root: Path) -> tuple[list[Path], dict[str, str], list[Path]]:
-    made = radlens_cli("phantoms", "--kind", "mammo", "--out", str(root / "mg"), "--n", "1",
+    made = radlens_cli("phantoms", "--task", "mammo_density", "--out", str(root / "mg"), "--n", "1",
                        "--seed", str(SEED), "--size", "256", "--dicom", "--tomosynthesis")
     assert made.returncode == 0, made.stderr
     mg = sorted((root / "mg" / "dicom").glob("*/*.dcm"))

@@ -101,7 +101,7 @@ def test_metrics_count_adjacent_errors():
 
 def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     data = tmp_path / "data"
-    made = radlens_cli("phantoms", "--kind", "mammo", "--out", str(data), "--n", "12",
+    made = radlens_cli("phantoms", "--task", "mammo_density", "--out", str(data), "--n", "12",
                        "--size", "96")
     assert made.returncode == 0, made.stderr
     settings = DensityTrainSettings(epochs=2, folds=2, size=64, batch_size=8, device="cpu")
@@ -117,7 +117,7 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     assert card["ood"]["held_out"]["abstain_rate"] <= 0.1
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
 
-    trained = radlens_cli("train", "--task", "density", "--data", str(data), "--out",
+    trained = radlens_cli("train", "--task", "mammo_density", "--data", str(data), "--out",
                           str(tmp_path / "cli"), "--epochs", "1", "--folds", "2", "--size", "64",
                           "--device", "cpu", "--test", str(data), "--ablation", timeout=600)
     assert trained.returncode == 0, trained.stderr
@@ -127,14 +127,14 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     shipped_card = json.loads((tmp_path / "cli" / "card.json").read_text())
     assert shipped_card["test"]["cases"] == 48
     assert set(shipped_card["ablation"]["without_class_weights"]["auc"]) == set("ABCD")
-    evaluated = radlens_cli("evaluate", "--task", "density", "--data", str(data), "--model",
+    evaluated = radlens_cli("evaluate", "--task", "mammo_density", "--data", str(data), "--model",
                             str(tmp_path / "cli"), "--out", str(tmp_path / "report"),
                             "--device", "cpu", timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "Confusion matrix" in evaluated.stdout and "| D (" in evaluated.stdout
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["cases"] == 48 and sum(map(sum, report["confusion"])) == 48
-    missing = radlens_cli("evaluate", "--task", "density", "--data", str(data), "--model",
+    missing = radlens_cli("evaluate", "--task", "mammo_density", "--data", str(data), "--model",
                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2"))
     assert missing.returncode == 1 and "no model folder" in missing.stderr
     assert len(list(generate(1, 0, size=64))[0]) == 4

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,14 +24,17 @@ from radlens.errors import RadlensError
 from radlens.findings import FRAME_TASK, ImageInfo, StudyFindings
 from radlens.logs import kv
 from radlens.tasks.base import (
+    SILENT,
     ImageOutputs,
     ImagePlans,
     NarrativePart,
     OutputContext,
     PdfTable,
+    ResearchProgress,
     SrContent,
     Task,
     TaskError,
+    TrainRequest,
 )
 
 if TYPE_CHECKING:
@@ -108,6 +112,25 @@ class BreastUltrasoundTask(Task):
                                   version=segmenter.version)
         return Analyser(segmenter, settings.model, SaliencyExplainer(segmenter), anatomy,
                         stage)
+
+    def write_phantoms(self, out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
+                       options: Mapping[str, Any], progress: ResearchProgress = SILENT) -> str:
+        from radlens.tasks.breast_us import research
+
+        return research.write_phantoms(out, n=n, seed=seed, size=size, dicom=dicom,
+                                       progress=progress)
+
+    def train(self, request: TrainRequest, progress: ResearchProgress = SILENT) -> str:
+        from radlens.tasks.breast_us import research
+
+        return research.train(request, progress)
+
+    def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
+                 options: Mapping[str, Any]) -> Path:
+        from radlens.tasks.breast_us import research
+
+        return research.evaluate(data, model, out, device=device, seed=seed,
+                                 options=options)
 
     def code_modules(self) -> tuple[ModuleType, ...]:
         from radlens.tasks.breast_us import codes

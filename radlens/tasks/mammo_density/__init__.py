@@ -10,6 +10,8 @@ method and figures are in docs/density.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,20 +19,23 @@ from pydantic import BaseModel
 
 from radlens.findings import StudyFindings, TaskSummary
 from radlens.tasks.base import (
+    SILENT,
     ImageOutputs,
     ImagePlans,
     NarrativePart,
     OutputContext,
     PdfTable,
+    ResearchProgress,
     SrContent,
     Task,
     TaskError,
+    TrainRequest,
 )
 from radlens.tasks.mammo_density import report
 from radlens.tasks.mammo_density.findings import TASK_NAME, BreastDensity, DensityPrediction
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from radlens.config import Settings
     from radlens.dicom_io.writers.common import Equipment
@@ -66,6 +71,26 @@ class MammoDensityTask(Task):
             raise TaskError(f"cannot load density model {settings.density.weights!r}: its "
                             "card states no scope")
         return loaded
+
+    def write_phantoms(self, out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
+                       options: Mapping[str, Any], progress: ResearchProgress = SILENT) -> str:
+        from radlens.tasks.mammo_density import research
+
+        return research.write_phantoms(out, n=n, seed=seed, size=size, dicom=dicom,
+                                       tomosynthesis=bool(options.get("tomosynthesis", False)),
+                                       progress=progress)
+
+    def train(self, request: TrainRequest, progress: ResearchProgress = SILENT) -> str:
+        from radlens.tasks.mammo_density import research
+
+        return research.train(request, progress)
+
+    def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
+                 options: Mapping[str, Any]) -> Path:
+        from radlens.tasks.mammo_density import research
+
+        return research.evaluate(data, model, out, device=device,
+                                 options=options)
 
     def code_modules(self) -> tuple[ModuleType, ...]:
         from radlens.tasks.mammo_density import codes

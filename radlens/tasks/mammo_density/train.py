@@ -114,7 +114,7 @@ def load_density_cases(folder: Path) -> list[DensityCase]:
     labels = folder / "labels.csv"
     if not labels.is_file():
         raise DensityDataError(f"{folder} has no labels.csv (make one with radlens phantoms "
-                               "--kind mammo)")
+                               "--task mammo_density)")
     cases = []
     with labels.open(newline="") as handle:
         for row in csv.DictReader(handle):

@@ -1,0 +1,102 @@
+"""The breast density task's research commands: phantom mammograms, training (k-fold, class
+weights, your own CLIP weights) and evaluation, as ``radlens phantoms|train|evaluate --task
+mammo_density`` run them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from radlens.tasks.base import ResearchProgress, TaskError, TrainRequest
+
+
+def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
+                   tomosynthesis: bool, progress: ResearchProgress) -> str:
+    from radlens.tasks.mammo_density import phantoms
+
+    size = size or 256
+    counts: dict[str, int] = {}
+    progress.start("phantoms", "patients", n)
+
+    def advance_patient(views: list) -> None:
+        category = phantoms.study_density(views)
+        counts[category] = counts.get(category, 0) + 1
+        progress.update("phantoms", sum(counts.values()))
+
+    phantoms.write_dataset(out, phantoms.generate(n, seed, size=size), dicom=dicom,
+                           uid_seed=f"radlens-mammo-{seed}-{size}", tomosynthesis=tomosynthesis,
+                           on_patient=advance_patient)
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in "ABCD")
+    return f"wrote {n} patients, {4 * n} views (study density: {summary}) to {out}"
+
+
+def train(request: TrainRequest, progress: ResearchProgress) -> str:
+    from radlens.tasks.mammo_density.train import (
+        DensityDataError,
+        DensityEpoch,
+        DensityTrainSettings,
+        run_density_training,
+    )
+
+    options = request.options
+    clip = options.get("clip")
+    settings = DensityTrainSettings(epochs=request.epochs, batch_size=request.batch_size,
+                                    learning_rate=request.learning_rate,
+                                    patience=request.patience, folds=request.folds,
+                                    seed=request.seed, device=request.device,
+                                    size=request.size or 224,
+                                    weighted=bool(options.get("class_weights", True)),
+                                    clip=str(clip) if clip else None)
+    if clip:
+        from radlens.tasks.mammo_density.clip_backbone import (
+            ClipUnavailableError,
+            load_open_clip,
+        )
+
+        try:
+            load_open_clip(Path(clip))  # fail before the first fold, with the reason
+        except ClipUnavailableError as exc:
+            raise TaskError(str(exc)) from exc
+
+    def on_epoch(fold: int, record: DensityEpoch, planned: int) -> None:
+        key = f"fold {fold}"
+        if record.epoch == 1:
+            progress.start(key, f"density fold {fold}", planned)
+        progress.update(key, record.epoch,
+                        f"loss {record.train_loss:.3f} / {record.val_loss:.3f}  "
+                        f"accuracy {record.val_accuracy:.3f}")
+
+    try:
+        metrics = run_density_training(request.data, settings, request.out,
+                                       command=request.command, on_epoch=on_epoch,
+                                       test=options.get("test"),
+                                       ablation=bool(options.get("ablation", False)))
+    except (DensityDataError, ValueError) as exc:
+        raise TaskError(str(exc)) from exc
+    summary = metrics["summary"]
+    lines = [f"trained the density model on {metrics['data']['views']} views of "
+             f"{metrics['data']['patients']} patients; validation accuracy "
+             f"{summary['accuracy']['mean']:.3f}, mean AUC "
+             f"{summary['mean_auc']['mean']:.3f}; wrote {request.out}"]
+    for label, figures in (("fresh cases", metrics.get("test")),
+                           ("without class weights",
+                            (metrics.get("ablation") or {}).get("without_class_weights"))):
+        if figures:
+            aucs = ", ".join(f"{k} {v:.3f}" for k, v in figures["auc"].items() if v is not None)
+            lines.append(f"{label}: accuracy {figures['accuracy']:.3f}; AUC {aucs}")
+    return "\n".join(lines)
+
+
+def evaluate(data: Path, model: str, out: Path, *, device: str,
+             options: Mapping[str, Any]) -> Path:
+    from radlens.errors import RadlensError
+    from radlens.models.cards import ModelError, model_folder
+    from radlens.tasks.mammo_density.train import DensityDataError, evaluate_density_folder
+
+    try:
+        folder = model_folder("density" if model == "default" else model)
+        evaluate_density_folder(data, folder, out, device=device)
+    except (DensityDataError, ModelError, ValueError, RadlensError) as exc:
+        raise TaskError(str(exc)) from exc
+    return out / "report.md"
