@@ -15,16 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validat
 if TYPE_CHECKING:
     import numpy as np
 
-FINDINGS_SCHEMA_VERSION = 2  # 2: task readings under images[].analyses and summaries
+FINDINGS_SCHEMA_VERSION = 2  # 2: every task's readings under images[].analyses, summaries
 
-# The frame model's task: its per-frame readings (class, lesions, saliency) are the images'
-# ``predictions`` and ``abstained``; every other task files its readings under ``analyses``.
-FRAME_TASK = "breast_us"
-
-# Schema 1 kept the breast density model's reading beside the frame model's: the task that
-# reads them now, by the name they are filed under.
-SCHEMA_1_TASK_FIELDS = {"density": "mammo_density"}
+# Schema 1 kept the two models' readings in fields of their own: the tasks that read them now,
+# by the names they were filed under (``predictions``: the lesion model's frames).
+SCHEMA_1_TASK_FIELDS = {"predictions": "breast_us", "density": "mammo_density"}
 _SCHEMA_1_SUMMARY_FIELDS = {"breast_density": "mammo_density"}
+_UNKNOWN_MODEL = {"name": "unknown", "version": "unknown", "architecture": "unknown"}
 
 SpacingSource = Literal["PixelSpacing", "PixelMeasuresSequence", "SequenceOfUltrasoundRegions"]
 
@@ -179,6 +176,17 @@ class TaskFinding(BaseModel):
     model: ModelRef
 
 
+class FrameReadings(TaskFinding):
+    """A frame model's reading of one image: what it made of each frame it analysed (class
+    probabilities, lesions and their measurements, saliency agreement). Frames it abstained on
+    are the image's ``abstained``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["frames"] = "frames"
+    frames: list[FramePrediction] = Field(min_length=1)
+
+
 class TaskSummary(BaseModel):
     """One task's study-level result (a per-breast category, a volume): ``findings.json``'s
     ``summaries``, keyed by task name."""
@@ -200,32 +208,46 @@ class ImageInfo(_Frozen):
     frames: int = Field(ge=1)
     channels: Literal[1, 3] = Field(description="1 = greyscale, 3 = RGB after colour conversion")
     spacing: PixelSpacing | None = Field(description="None when unknown: never guessed")
-    predictions: list[FramePrediction] = Field(default_factory=list)
     abstained: list[AbstainedFrame] = Field(
-        default_factory=list, description="frames the model ran on but reports nothing for")
+        default_factory=list, description="frames a model ran on but reports nothing for")
     analyses: list[SerializeAsAny[TaskFinding]] = Field(
-        default_factory=list, description="what each task other than the frame model made of "
-        "the image, each entry naming its task")
+        default_factory=list, description="what each task made of the image, each entry "
+        "naming its task")
     route: str | None = Field(default=None, description="why the model did or did not see it")
     not_analysed: str | None = Field(default=None, description="why the model did not run, or "
                                      "why none of its frames has a finding")
 
     @model_validator(mode="before")
     @classmethod
-    def _schema_1(cls, data: object) -> object:
-        """A schema 1 image's task reading, filed under ``analyses`` as it is now."""
-        if isinstance(data, dict) and any(key in data for key in SCHEMA_1_TASK_FIELDS):
-            data = dict(data)
-            analyses = list(data.get("analyses", []))
-            for key, task in SCHEMA_1_TASK_FIELDS.items():
-                reading = data.pop(key, None)
-                if reading is not None:
-                    analyses.append({**reading, "task": task})
-            data["analyses"] = analyses
+    def _typed(cls, data: object) -> object:
+        """Schema 1's readings filed under ``analyses`` as they are now, and frame readings
+        typed as such (other tasks type their own entries: ``Task.readings``)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        analyses = list(data.get("analyses", []) or [])
+        model = data.pop("_study_model", None) or _UNKNOWN_MODEL
+        frames = data.pop("predictions", None)
+        if frames:
+            analyses.insert(0, {"task": SCHEMA_1_TASK_FIELDS["predictions"], "model": model,
+                                "kind": "frames", "frames": frames})
+        for key, task in SCHEMA_1_TASK_FIELDS.items():
+            reading = data.pop(key, None) if key != "predictions" else None
+            if reading is not None:
+                analyses.append({**reading, "task": task})
+        data["analyses"] = [FrameReadings.model_validate(entry)
+                            if isinstance(entry, dict) and entry.get("kind") == "frames"
+                            else entry for entry in analyses]
         return data
 
     def analyses_of(self, task: str) -> list[TaskFinding]:
         return [analysis for analysis in self.analyses if analysis.task == task]
+
+    @property
+    def predictions(self) -> list[FramePrediction]:
+        """The frames a frame model analysed (the lesion task's), in order."""
+        return [frame for analysis in self.analyses if isinstance(analysis, FrameReadings)
+                for frame in analysis.frames]
 
 
 class SkippedObject(_Frozen):
@@ -259,7 +281,13 @@ class StudyFindings(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _schema_1(cls, data: object) -> object:
-        """A schema 1 study's task summary, filed under ``summaries`` as it is now."""
+        """A schema 1 study's task summary, filed under ``summaries`` as it is now, and its
+        images' readings with the model that made them."""
+        if isinstance(data, dict) and data.get("schema_version", 1) == 1:
+            data = dict(data)
+            data["images"] = [{**image, "_study_model": data.get("model")}
+                              if isinstance(image, dict) and image.get("predictions")
+                              else image for image in data.get("images", []) or []]
         if isinstance(data, dict) and any(key in data for key in _SCHEMA_1_SUMMARY_FIELDS):
             data = dict(data)
             summaries = dict(data.get("summaries", {}))
@@ -272,9 +300,8 @@ class StudyFindings(_Frozen):
 
     @property
     def tasks_run(self) -> list[str]:
-        """The tasks with a reading in this study: the frame model's first, then each other
-        task in the order its first reading appears."""
-        names = [FRAME_TASK] if any(image.predictions for image in self.images) else []
+        """The tasks with a reading in this study, in the order their first reading appears."""
+        names: list[str] = []
         for image in self.images:
             names += [a.task for a in image.analyses if a.task not in names]
         return names

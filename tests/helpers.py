@@ -131,6 +131,13 @@ class RadlensServer:
         return json.loads(path.read_text())
 
 
+def frames_of(image: dict) -> list[dict]:
+    """The frame readings (class probabilities, lesions, saliency) of an image in a stored
+    findings.json: the lesion task's entry under ``analyses``."""
+    return [frame for analysis in image.get("analyses", [])
+            if analysis.get("kind") == "frames" for frame in analysis["frames"]]
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's Error lines for one file (its warnings are not errors)."""
     checked = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,

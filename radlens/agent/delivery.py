@@ -54,14 +54,12 @@ class StudySource:
     @staticmethod
     def tasks_of(findings: dict) -> frozenset[str]:
         """From a study's findings.json, as stored (any schema): which tasks read its images."""
-        from radlens.findings import FRAME_TASK, SCHEMA_1_TASK_FIELDS
+        from radlens.findings import SCHEMA_1_TASK_FIELDS
 
         ran: set[str] = set()
         for image in findings.get("images", []) or []:
             if not isinstance(image, dict):
                 continue
-            if image.get("predictions"):
-                ran.add(FRAME_TASK)
             ran.update(str(analysis["task"]) for analysis in image.get("analyses", []) or []
                        if isinstance(analysis, dict) and analysis.get("task"))
             ran.update(task for key, task in SCHEMA_1_TASK_FIELDS.items() if image.get(key))

@@ -19,7 +19,7 @@ from radlens.agent.queue import JobInstance
 from radlens.config import Settings
 from radlens.dicom_io.nesting import read_bounded
 from radlens.dicom_io.writers import WrittenOutputs, write_failure_report, write_outputs
-from radlens.findings import FRAME_TASK, StudyFindings
+from radlens.findings import StudyFindings
 from radlens.logs import kv
 from radlens.reporting.ollama import narrate
 from radlens.tasks.registry import all_tasks
@@ -155,8 +155,7 @@ def outcome_counts(processed: list[ProcessedStudy], unreadable: list[UnreadableF
         for skipped in study.findings.skipped:
             counts[f"skipped: {_reason_kind(skipped.reason)}"] += 1
         for task in all_tasks():
-            if task.name != FRAME_TASK:  # the frame model's counts are the frames above
-                counts.update(task.status_counts(study.findings))
+            counts.update(task.status_counts(study.findings))
     return dict(sorted(counts.items(), key=lambda item: (not item[0].startswith(
         ("files", "studies", "images", "frames")), item[0])))
 

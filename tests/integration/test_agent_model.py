@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.helpers import radlens_cli, storescu, wait_for
+from tests.helpers import frames_of, radlens_cli, storescu, wait_for
 
 
 def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tmp_path):
@@ -32,7 +32,7 @@ def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tm
         assert findings["model"]["name"] == "radlens-unet-phantom"
         (image,) = findings["images"]
         assert image["not_analysed"] is None
-        (frame,) = image["predictions"]
+        (frame,) = frames_of(image)
         probabilities = frame["class_probabilities"]
         assert abs(sum(probabilities.values()) - 1) < 1e-4
         label = truth[case_id]["label"]
@@ -104,7 +104,7 @@ def test_processed_study_exports_as_nifti(server, tmp_path):
     exported = radlens_cli("export-nifti", str(results), "--out", str(tmp_path / "nifti"))
     assert exported.returncode == 0, exported.stderr
     findings = server.findings(study)
-    (frame,) = findings["images"][0]["predictions"]
+    (frame,) = frames_of(findings["images"][0])
     stem = frame["maps_file"].split("/")[-1].removesuffix(".npz")
     classes = nib.load(str(tmp_path / "nifti" / f"{stem}_classes.nii.gz"))
     kept = np.load(results / frame["maps_file"])["classes"]
@@ -133,7 +133,7 @@ def test_lesions_and_saliency_are_reported_in_named_structures(server_factory, t
     assert storescu(server.port, [path]).returncode == 0
     wait_for(lambda: server.jobs_done(), 60, "the study to be processed")
     study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
-    (frame,) = server.findings(study)["images"][0]["predictions"]
+    (frame,) = frames_of(server.findings(study)["images"][0])
     assert frame["anatomy_note"] is None
     lesion = frame["lesions"][0]
     classes = np.load(server.data_dir / "results" / study / frame["maps_file"])["classes"]
@@ -164,7 +164,7 @@ def test_a_label_map_on_another_grid_is_reported_not_guessed(server_factory, tmp
     assert storescu(server.port, [path]).returncode == 0
     wait_for(lambda: server.jobs_done(), 60, "the study to be processed")
     study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
-    (frame,) = server.findings(study)["images"][0]["predictions"]
+    (frame,) = frames_of(server.findings(study)["images"][0])
     assert "differs from the image's (256, 256)" in frame["anatomy_note"]
     assert frame["lesions"][0]["anatomy"] == []
 

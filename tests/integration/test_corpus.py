@@ -21,6 +21,7 @@ from pydicom.data import get_testdata_files
 
 from tests.helpers import (
     acknowledged_files,
+    frames_of,
     radlens_cli,
     require_tool,
     storescu_by_syntax,
@@ -89,11 +90,11 @@ def test_every_study_of_the_corpus_completes(processed, capsys):
         srs = list(study.glob("dicom/revision-1/SR_*.dcm"))
         assert len(srs) == 1, f"{study.name}: {len(srs)} SRs"
         # Nothing here is breast ultrasound: no finding may be reported anywhere.
-        lesions = [lesion for image in findings["images"] for frame in image["predictions"]
+        lesions = [lesion for image in findings["images"] for frame in frames_of(image)
                    for lesion in frame["lesions"]]
         assert lesions == [], f"{study.name}: lesions reported on real non-breast images"
         for image in findings["images"]:
-            assert image["predictions"] == [] and image["not_analysed"], image["ref"]
+            assert frames_of(image) == [] and image["not_analysed"], image["ref"]
         assert not list(study.glob("dicom/revision-1/SEG_*.dcm"))
 
 
@@ -181,7 +182,7 @@ def test_a_sample_through_the_listener_ends_done(server_factory, tmp_path):
                                      stop_before_pixels=True).StudyInstanceUID)
     findings = server.findings(echo_study)
     (echo,) = [i for i in findings["images"] if i["frames"] == 30]
-    assert echo["predictions"] == [] and len(echo["abstained"]) == 4
+    assert frames_of(echo) == [] and len(echo["abstained"]) == 4
     assert echo["not_analysed"].startswith("unlike the model's training images")
     results = server.data_dir / "results" / echo_study / "dicom" / "revision-1"
     assert not list(results.glob("SEG_*")) and not list(results.glob("SC_*"))

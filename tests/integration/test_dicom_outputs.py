@@ -20,7 +20,7 @@ from radlens.config import Settings
 from radlens.dicom_io.writers.common import OUTPUT_SOP_CLASSES, OUTPUT_TRANSFER_SYNTAXES
 from radlens.tasks.breast_us.dicom import us_dataset, us_multiframe_dataset
 from radlens.tasks.breast_us.phantoms import make_phantom
-from tests.helpers import radlens_cli, require_tool
+from tests.helpers import frames_of, radlens_cli, require_tool
 
 SPACING_MM = 0.2
 # Held-out phantoms (the shipped model trained on another seed) with large lesions, and a normal.
@@ -114,7 +114,7 @@ def test_what_each_study_gets(processed):
 def _pipeline_mask(study_dir: Path, sop_uid: str, frame: int, lesion_class: str,
                    findings: dict) -> np.ndarray:
     (image,) = [i for i in findings["images"] if i["ref"]["sop_instance_uid"] == sop_uid]
-    (prediction,) = [p for p in image["predictions"] if p["frame"] == frame]
+    (prediction,) = [p for p in frames_of(image) if p["frame"] == frame]
     lesions = np.load(study_dir / prediction["maps_file"])["lesions"]
     indices = [lesion["index"] for lesion in prediction["lesions"]
                if lesion["lesion_class"] == lesion_class]
@@ -190,7 +190,7 @@ def test_sr_reads_back_to_the_same_measurements(processed):
     for name in ("single", "cine", "series"):
         study = done[name]
         findings = json.loads(study.findings_path.read_text())
-        lesions = [lesion for image in findings["images"] for p in image["predictions"]
+        lesions = [lesion for image in findings["images"] for p in frames_of(image)
                    for lesion in p["lesions"]]
         groups = _sr_groups(study.outputs.sr[0])
         assert len(groups) == len(lesions) == study.lesions

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 
 from radlens.tasks.mammo_density import codes
-from tests.helpers import dciodvfy_errors, radlens_cli, require_tool, storescu, wait_for
+from tests.helpers import dciodvfy_errors, frames_of, radlens_cli, require_tool, storescu, wait_for
 
 SEED = 11  # phantom patients whose truth the shipped model gets right with margin
 # Raised from 0.6 so that some views of this patient (0.79 to 0.87 of their Grad-CAM on
@@ -68,7 +68,7 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     assert all(_density(image) is None and image["frames"] == 6 for image in refused)
     for image in (image for image in mammo["images"] if image not in refused):
         reading = _density(image)
-        assert image["route"] == "body part BREAST is in scope" and image["predictions"] == []
+        assert image["route"] == "body part BREAST is in scope" and frames_of(image) == []
         side = reading["laterality"] + reading["view"]
         assert reading["category"] == truth[side], (side, reading["probabilities"])
         assert reading["model"]["name"] == "radlens-density"
@@ -87,7 +87,7 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     assert summary["attention_warnings"] == flagged
     ultrasound = server.findings(_study_uid(us[0]))
     (image,) = ultrasound["images"]
-    assert image["predictions"] and _density(image) is None
+    assert frames_of(image) and _density(image) is None
     assert "mammo_density" not in ultrasound["summaries"]
 
     # What came back for the MG study: SR, a Grad-CAM overlay per view, the PDF; no SEG.

@@ -26,7 +26,7 @@ from radlens.demo.ohif import OhifServer, fetch_ohif
 from radlens.demo.orthanc import Orthanc
 from radlens.tasks.breast_us.dicom import us_multiframe_dataset, write_phantom_study
 from radlens.tasks.breast_us.phantoms import make_phantom
-from tests.helpers import REPO, require_tool
+from tests.helpers import REPO, frames_of, require_tool
 
 VIEWER_DIR = REPO / "tests" / "viewer"
 ARTIFACTS = REPO / "test-artifacts" / "ohif"
@@ -135,7 +135,7 @@ def test_seg_sr_and_overlay_in_ohif(viewer):
 
     # SR: the measurement panel lists each lesion with its long and short axes.
     findings = json.loads(done.findings_path.read_text())
-    lesions = [x for i in findings["images"] for p in i["predictions"] for x in p["lesions"]]
+    lesions = [x for i in findings["images"] for p in frames_of(i) for x in p["lesions"]]
     sr = facts["steps"]["sr"]
     assert sr["hydrated"]
     assert f"Measurements ({len(lesions)})" in sr["panel"]

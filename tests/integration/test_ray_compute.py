@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.helpers import free_port, storescu, wait_for
+from tests.helpers import frames_of, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def _clip(folder: Path, frames: int, seed: int) -> Path:
 def _summary(findings: dict) -> list[tuple]:
     (image,) = findings["images"]
     return [(p["frame"], p["predicted_class"], len(p["lesions"]), sorted(p["saliency"]),
-             round(p["class_probabilities"]["malignant"], 3)) for p in image["predictions"]]
+             round(p["class_probabilities"]["malignant"], 3)) for p in frames_of(image)]
 
 
 def test_the_model_stage_on_ray_matches_in_process_and_survives_its_actor(
@@ -99,7 +99,7 @@ def test_the_model_stage_on_ray_matches_in_process_and_survives_its_actor(
         assert job["state"] == "done" and job["attempts"] in (1, 2), dict(job)
         long_study = str(pydicom.dcmread(long_clip, stop_before_pixels=True).StudyInstanceUID)
         (image,) = server.findings(long_study)["images"]
-        assert len(image["predictions"]) + len(image["abstained"]) == 64
+        assert len(frames_of(image)) + len(image["abstained"]) == 64
         assert ray.get(actor.pid.remote()) != victim  # restarted
     finally:
         ray.shutdown()

@@ -24,6 +24,7 @@ from tests.helpers import (
     TEST_FILES,
     acknowledged_files,
     dciodvfy_errors,
+    frames_of,
     radlens_cli,
     require_tool,
     storescu,
@@ -55,7 +56,7 @@ def test_one_unusable_image_never_costs_the_study_its_good_image(tmp_path):
                          settings)
     assert done.error is None and done.lesions >= 1
     findings = json.loads(done.findings_path.read_text())
-    (analysed,) = [i for i in findings["images"] if i["predictions"]]
+    (analysed,) = [i for i in findings["images"] if frames_of(i)]
     assert analysed["ref"]["sop_instance_uid"] == str(pydicom.dcmread(good).SOPInstanceUID)
     (skipped,) = findings["skipped"]
     assert "pixel data do not fit the header" in skipped["reason"]
@@ -250,7 +251,7 @@ def test_mutated_datasets_over_real_associations_lose_nothing_and_fail_no_job(se
             for name, p in files.items()}
     assert set(accounted) == set(uids.values())  # every acknowledged instance is in the answer
     valid = accounted[uids["valid"]]
-    assert valid["predictions"] and valid["predictions"][0]["lesions"]
+    assert frames_of(valid) and frames_of(valid)[0]["lesions"]
     for name in ("double_pixel_data", "frames_disagree", "bits_allocated_1", "rescale_nan",
                  "broken_palette"):
         reason = accounted[uids[name]].get("reason") or accounted[uids[name]]["not_analysed"]

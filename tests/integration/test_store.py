@@ -10,7 +10,14 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.helpers import TEST_FILES, acknowledged_files, storescu, storescu_by_syntax, wait_for
+from tests.helpers import (
+    TEST_FILES,
+    acknowledged_files,
+    frames_of,
+    storescu,
+    storescu_by_syntax,
+    wait_for,
+)
 
 # file -> (rows, columns, frames, channels, row spacing in mm or None, spacing source or None)
 DECODABLE = {
@@ -115,12 +122,12 @@ def test_every_syntax_is_spooled_as_received_and_decoded(server, corpus):
             assert image["spacing"]["source"] == source_attr
     # The shipped model reads breast ultrasound; other modalities say why it did not run.
     ct = images[pydicom.dcmread(corpus["CT_small.dcm"], stop_before_pixels=True).SOPInstanceUID]
-    assert ct["predictions"] == []
+    assert frames_of(ct) == []
     assert ct["not_analysed"] == "outside the model's scope: modality CT"
     # The echocardiogram clip states no body part: the model runs, and abstains on every frame.
     clip = images[pydicom.dcmread(corpus["examples_ybr_color.dcm"],
                                   stop_before_pixels=True).SOPInstanceUID]
-    assert clip["predictions"] == [] and len(clip["abstained"]) == 30
+    assert frames_of(clip) == [] and len(clip["abstained"]) == 30
     assert clip["not_analysed"].startswith("unlike the model's training images")
     # A CT whose JPEG cannot be decoded: the model would not read it anyway, so it is not
     # decoded at all, and the reason given is the one that decides (decode errors: test_pixels).

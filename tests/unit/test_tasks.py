@@ -70,20 +70,31 @@ def test_findings_from_before_tasks_read_as_they_are_now():
              "transfer_syntax_uid": "1.2.840.10008.1.2.1", "rows": 64, "columns": 64,
              "frames": 1, "channels": 1, "spacing": None, "predictions": [], "abstained": [],
              "density": reading, "route": "body part BREAST is in scope", "not_analysed": None}
+    frame = {"frame": 0, "predicted_class": "benign",
+             "class_probabilities": {"normal": 0.1, "benign": 0.8, "malignant": 0.1},
+             "lesion_pixels": {"benign": 40, "malignant": 0}}
+    ultrasound = {**image, "ref": {**image["ref"], "sop_instance_uid": "1.2.1.2",
+                                   "sop_class_uid": US},
+                  "modality": "US", "density": None, "predictions": [frame]}
+    lesion_model = {"name": "radlens-unet-phantom", "version": "1", "architecture": "unet"}
     stored = {"schema_version": 1, "study_instance_uid": "1.2", "job_id": 3, "revision": 1,
-              "radlens_version": "0.1.0", "images": [image], "skipped": [],
+              "radlens_version": "0.1.0", "model": lesion_model,
+              "images": [image, ultrasound], "skipped": [],
               "breast_density": {"left": "C", "right": None, "study": "C", "images": 1,
                                  "attention_warnings": 0}}
     findings = StudyFindings.model_validate_json(json.dumps(stored))
     (analysis,) = findings.images[0].analyses
     assert analysis.task == "mammo_density" and analysis.model_dump()["category"] == "C"
     assert findings.summaries["mammo_density"].model_dump()["study"] == "C"
-    assert findings.tasks_run == ["mammo_density"]
+    assert findings.tasks_run == ["mammo_density", "breast_us"]
+    (frames,) = findings.images[1].analyses  # the lesion model's, with the study's model
+    assert frames.task == "breast_us" and frames.model.name == "radlens-unet-phantom"
+    assert [p.predicted_class for p in findings.images[1].predictions] == ["benign"]
     from radlens.tasks.mammo_density import TASK
 
     (typed,) = TASK.readings(findings.images[0])
     assert typed.view_label == "L CC" and TASK.summary(findings).left == "C"
-    assert StudySource.tasks_of(stored) == {"mammo_density"}
+    assert StudySource.tasks_of(stored) == {"mammo_density", "breast_us"}
     rewritten = StudyFindings.model_validate_json(findings.model_dump_json())
     assert rewritten.images[0].analyses[0].model_dump() == analysis.model_dump()
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel
 
 from radlens.errors import RadlensError
-from radlens.findings import FRAME_TASK, ImageInfo, StudyFindings
+from radlens.findings import FrameReadings, StudyFindings
 from radlens.logs import kv
 from radlens.tasks.base import (
     SILENT,
@@ -44,14 +44,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TASK_NAME = "breast_us"
+
 
 class BreastUltrasoundTask(Task):
     """The lesion model, configured by the ``model`` section (and ``anatomy``, ``compute``)."""
 
-    name: ClassVar[str] = FRAME_TASK
+    name: ClassVar[str] = TASK_NAME
     title: ClassVar[str] = "lesions in 2-D breast ultrasound (B-mode images and clips)"
     unit = "image"
     segments = True
+    finding_type = FrameReadings
     prompt_guidance = (
         "For the lesions: (2) lesions: for each lesion, in order, a one- or two-sentence "
         "description using its measurements and five-level descriptors (1 very low .. 5 very "
@@ -137,22 +140,11 @@ class BreastUltrasoundTask(Task):
 
         return (codes,)
 
-    # The frame model's readings are the images' predictions, not ``analyses``.
-    def readings(self, info: ImageInfo) -> list[Any]:
-        return list(info.predictions)
-
-    def analysed(self, findings: StudyFindings) -> bool:
-        return any(info.predictions for info in findings.images)
-
     def model_line(self, findings: StudyFindings) -> str | None:
         if findings.model is None or not self.analysed(findings):
             return None
         return (f"{findings.model.name} {findings.model.version} "
                 f"({findings.model.architecture})")
-
-    def status_counts(self, findings: StudyFindings) -> dict[str, int]:
-        lesions = sum(len(p.lesions) for info in findings.images for p in info.predictions)
-        return {"lesions": lesions} if lesions else {}
 
     def notes(self, findings: StudyFindings) -> list[str]:
         from radlens.tasks.breast_us import report

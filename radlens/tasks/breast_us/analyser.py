@@ -24,6 +24,7 @@ from radlens.findings import (
     ClassProbabilities,
     DecodedImage,
     FramePrediction,
+    FrameReadings,
     ImageInfo,
     LesionMeasurements,
     ModelRef,
@@ -161,7 +162,10 @@ def analyse_image(decoded: DecodedImage, analyser: Analyser, maps_dir: Path | No
                         _add_maps(maps_dir.parent / item.maps_file, late[item.index][1])
     predictions = [_prediction(item, explained.get(item.index, ({}, {}))[0])
                    for item in measured]
-    update: dict[str, object] = {"predictions": predictions, "abstained": abstained}
+    update: dict[str, object] = {"abstained": abstained}
+    if predictions:
+        update["analyses"] = [*info.analyses, FrameReadings(
+            task=analyser.task.name, model=analyser.model_ref, frames=predictions)]
     if abstained and not predictions:
         scores = [a.ood_score for a in abstained]
         update["not_analysed"] = (

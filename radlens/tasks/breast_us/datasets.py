@@ -26,7 +26,6 @@ from monai.transforms import (
     RandScaleIntensityd,
 )
 from PIL import Image
-from sklearn.model_selection import StratifiedGroupKFold
 
 LABELS = ("normal", "benign", "malignant")
 INPUT_SIZE = 256
@@ -156,12 +155,13 @@ def _plain(value: torch.Tensor) -> torch.Tensor:
 
 def folds(cases: Sequence[Case], n_folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """Patient-grouped, label-stratified folds: (train indices, validation indices)."""
-    labels = [c.label for c in cases]
-    groups = [c.patient_id for c in cases]
-    if len(set(groups)) < n_folds:
-        raise DatasetError(f"{len(set(groups))} patients cannot make {n_folds} folds")
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return [(list(train), list(val)) for train, val in splitter.split(cases, labels, groups)]
+    from radlens.models.folds import patient_folds
+
+    try:
+        return patient_folds([c.label for c in cases], [c.patient_id for c in cases], n_folds,
+                             seed)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 def holdout(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

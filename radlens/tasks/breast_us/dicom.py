@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from radlens.dicom_io.synthetic_header import synthetic_header
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 
@@ -37,35 +39,14 @@ def us_dataset(pixels: np.ndarray, *, study_uid: str, series_uid: str, instance_
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise ValueError(f"expected a 2-D uint8 frame, got {pixels.dtype} {pixels.shape}")
     rows, columns = pixels.shape
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SOPClassUID = US_IMAGE_STORAGE
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyDate = "20260101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = accession
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.Modality = "US"
+    ds = synthetic_header(
+        sop_class_uid=US_IMAGE_STORAGE, sop_uid=sop_uid or generate_uid(), study_uid=study_uid,
+        series_uid=series_uid, modality="US", body_part="BREAST", patient_id=patient_id,
+        patient_name=patient_name, patient_sex="O", study_date="20260101",
+        study_time="120000", accession=accession, series_number=1,
+        instance_number=instance_number, image_type=["ORIGINAL", "PRIMARY", "", "0001"])
     ds.Laterality = "L"
     ds.PatientOrientation = ""
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "", "0001"]
-    ds.ContentDate = ds.StudyDate
-    ds.ContentTime = ds.StudyTime
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
-    ds.Manufacturer = "radlens synthetic"
-    ds.BodyPartExamined = "BREAST"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = rows, columns

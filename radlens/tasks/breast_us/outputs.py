@@ -22,7 +22,6 @@ from radlens.dicom_io.writers.overlay import (
     render_overlay,
 )
 from radlens.dicom_io.writers.seg import WrittenSegmentation
-from radlens.findings import FRAME_TASK
 from radlens.logs import kv
 from radlens.tasks.base import ImageOutputs, ImagePlans, OutputContext, SrContent
 from radlens.tasks.breast_us import codes as task_codes
@@ -36,7 +35,7 @@ FIGURES = 2  # key frames shown in the PDF report: those with lesions, most conf
 def analysed_images(context: OutputContext) -> list[AnalysedImage]:
     """Every image with predictions whose header could be read, with its maps (loaded once
     per study and kept in the context)."""
-    key = f"{FRAME_TASK}.analysed"
+    key = "breast_us.analysed"
     if key not in context.memo:
         context.memo[key] = [
             load_analysed(info, context.sources[info.ref.sop_instance_uid],

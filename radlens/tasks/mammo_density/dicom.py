@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from radlens.dicom_io.synthetic_header import synthetic_header
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
@@ -46,35 +48,14 @@ def _header(view: Any, sop_class_uid: str, sop_uid: str, *, study_uid: str, seri
             image_type: list[str]) -> Dataset:
     """What every phantom mammography object of a patient shares: file meta, patient,
     study, series and instance."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.ImageType = image_type
-    ds.SOPClassUID = sop_class_uid
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate, ds.StudyTime = "20260101", "090000"
-    ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
-    ds.AccessionNumber = view.patient_id[-16:]
-    ds.Modality = "MG"
-    ds.Manufacturer = "radlens synthetic"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "radlens phantom mammography"
-    ds.SeriesDescription = series_description
-    ds.PatientName = f"PHANTOM^{view.patient_id}"
-    ds.PatientID = view.patient_id
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "F"
-    ds.BodyPartExamined = "BREAST"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = series_number
-    ds.InstanceNumber = instance_number
-    return ds
+    return synthetic_header(
+        sop_class_uid=sop_class_uid, sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
+        modality="MG", body_part="BREAST", patient_id=view.patient_id,
+        patient_name=f"PHANTOM^{view.patient_id}", patient_sex="F", study_date="20260101",
+        study_time="090000", accession=view.patient_id[-16:], series_number=series_number,
+        instance_number=instance_number, image_type=image_type,
+        study_description="radlens phantom mammography",
+        series_description=series_description, character_set="ISO_IR 192")
 
 
 def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: str,

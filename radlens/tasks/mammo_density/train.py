@@ -25,7 +25,6 @@ from monai.transforms import Compose, RandAffine, RandGaussianNoise, RandScaleIn
 from monai.utils import set_determinism
 from PIL import Image
 from sklearn.metrics import confusion_matrix, roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold
 
 from radlens import __version__
 from radlens.logs import kv
@@ -287,14 +286,14 @@ def train_density_fold(fold: int, images: np.ndarray, labels: np.ndarray,
 
 def patient_folds(cases: list[DensityCase], folds: int, seed: int
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Patient-level folds stratified by category (every view of a patient in one fold)."""
-    labels = np.array([c.label for c in cases])
-    groups = np.array([c.patient_id for c in cases])
-    if folds < 2:
-        splitter = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed)
-        return [next(splitter.split(labels, labels, groups))]
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return list(splitter.split(labels, labels, groups))
+    """Patient-level folds stratified by category (every view of a patient in one fold); with
+    fewer than two folds, the first of five as one hold-out split."""
+    from radlens.models.folds import patient_folds as shared_folds
+
+    splits = shared_folds([c.label for c in cases], [c.patient_id for c in cases],
+                          folds if folds >= 2 else 5, seed)
+    chosen = splits[:1] if folds < 2 else splits
+    return [(np.array(train), np.array(val)) for train, val in chosen]
 
 
 def save_card(folder: Path, card: dict[str, Any]) -> None:
