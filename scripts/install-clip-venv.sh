@@ -24,4 +24,4 @@ print("\n".join(d for d in project["dependencies"] if not d.replace(" ", "").sta
 PY
 "${pip[@]}" install -r "$venv/requirements-no-torch.txt" "pytest>=8.0"
 "${pip[@]}" install --no-deps -e .
-"$venv/bin/python" -c "import open_clip, torchvision, radlens.models.clip_backbone" 
+"$venv/bin/python" -c "import open_clip, torchvision, radlens.tasks.mammo_density.clip_backbone" 

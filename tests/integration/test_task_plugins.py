@@ -159,7 +159,7 @@ def test_a_plugin_package_and_a_monai_bundle_read_a_study_sent_with_storescu(
            "RADLENS_MODEL__ENABLED": "false", "RADLENS_BUNDLES": json.dumps(bundles)}
 
     # What the installation has, and where each came from.
-    listed = radlens_cli("models", env={**os.environ, **env, "COLUMNS": "250"})
+    listed = radlens_cli("models", env={**os.environ, **env, "COLUMNS": "400"})
     assert listed.returncode == 0, listed.stderr
     lines = {line.split()[1]: line for line in listed.stdout.splitlines()
              if line.startswith("│ ") and len(line.split()) > 2}
@@ -168,7 +168,7 @@ def test_a_plugin_package_and_a_monai_bundle_read_a_study_sent_with_storescu(
     assert "built-in" in lines["breast_us"] and "built-in" in lines["mammo_density"]
 
     files = _study(tmp_path / "study")
-    routed = radlens_cli("route", *map(str, files), env={**os.environ, **env, "COLUMNS": "300"})
+    routed = radlens_cli("route", *map(str, files), env={**os.environ, **env, "COLUMNS": "400"})
     assert routed.returncode == 0, routed.stderr
     by_file = {Path(line.split()[1]).name: line for line in routed.stdout.splitlines()
                if ".dcm" in line}
