@@ -170,7 +170,7 @@ def train(
     task: Annotated[str, typer.Option(
         help="the task whose model to train (radlens models lists them): breast_us, "
              "breast-ultrasound lesions; mammo_density, BI-RADS breast density on mammograms "
-             "(docs/density.md)")] = "breast_us",
+             "(docs/mammo_density.md)")] = "breast_us",
     class_weights: Annotated[bool, typer.Option(
         "--class-weights/--no-class-weights",
         help="density: inverse-frequency weights and undersampling (off: the ablation)")]
@@ -189,7 +189,7 @@ def train(
 ) -> None:
     """Train a task's model (radlens models lists the tasks): the lesion network with the
     published settings (docs/method.md), or the breast density model (--task mammo_density,
-    docs/density.md)."""
+    docs/mammo_density.md)."""
     from radlens.tasks.base import TaskError, TaskUsageError, TrainRequest
 
     cli_settings(config)

@@ -17,9 +17,9 @@ from radlens.tasks.mammo_density import codes
 from tests.helpers import dciodvfy_errors, frames_of, radlens_cli, require_tool, storescu, wait_for
 
 SEED = 11  # phantom patients whose truth the shipped model gets right with margin
-# Raised from 0.6 so that some views of this patient (0.79 to 0.87 of their Grad-CAM on
-# tissue) carry the attention-on-artifact warning, and others do not.
-LOW_TISSUE_SHARE = 0.83
+# The default: this patient's views (0.53 to 0.78 of their Grad-CAM on tissue) fall on both
+# sides of it, so some carry the attention-on-artifact warning and others do not.
+LOW_TISSUE_SHARE = 0.6
 
 
 def _phantoms(root: Path) -> tuple[list[Path], dict[str, str], list[Path]]:

@@ -1,13 +1,16 @@
 """Breast ultrasound lesions: every frame of a B-mode image or clip segmented and classified
 (normal, benign- or malignant-appearing), each lesion measured, saliency where the model looked.
 
-The frame model's readings are the images' ``predictions`` in ``findings.json`` (per frame:
-class probabilities, lesions with their measurements, saliency agreement), and its abstained
-frames ``abstained``. This package holds what is the task's own: the agent's stage
+The task's readings are a ``FrameReadings`` entry in each image's ``analyses`` in
+``findings.json`` (per frame: class probabilities, lesions with their measurements, saliency
+agreement), and its abstained frames ``abstained``. This package holds the whole task: its
+phantoms (``phantoms``), dataset loader (``datasets``), training and evaluation (``train``,
+``evaluate``, ``research``), inference and saliency (``infer``, ``saliency``), the agent's stage
 (``analyser``), the maps it keeps (``analysed``), its part of the SR, SEG, maps, overlays, PDF
-and narrative (``outputs``, ``report``) and its codes (``codes``). The network, its phantoms and
-training live in ``radlens.models``, shared with the tasks that reuse them; its card is the
-shipped ``default`` weights' ``card.json``, and docs/model-card.md tells its science.
+and narrative (``outputs``, ``seg``, ``sr``, ``report``) and its codes (``codes``). The network
+architectures, metrics and the out-of-distribution detector are shared with other tasks
+(``radlens.models``). Its card is the shipped ``default`` weights' ``card.json``, and
+docs/breast_us.md tells its science.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from monai.visualize.visualizer import default_upsampler
 from scipy import ndimage
 from torch import nn
 
+from radlens.models.cam import cam_from_activations
 from radlens.models.networks import SegmentationNetwork
 from radlens.tasks.breast_us.infer import BatchPrediction, Segmenter
 
@@ -229,8 +230,8 @@ class SaliencyExplainer:
         upsample = default_upsampler(forward.inputs.shape[2:])
         out: dict[Method, list[SaliencyMap]] = {}
         for method in methods:
-            raw = upsample(_cam_map(method, activation, gradient,
-                                    scores.detach().reshape(-1, 1, 1, 1)))
+            raw = upsample(cam_from_activations(method, activation, gradient,
+                                                scores.detach().reshape(-1, 1, 1, 1)))
             out[method] = [
                 SaliencyMap(method, target, _normalise(_remove_floor(
                     _to_source(raw[i, 0], sizes[i]).cpu().numpy(), regions[i:i + 1], sizes[i])))
@@ -291,25 +292,6 @@ class SaliencyExplainer:
             maps.append(SaliencyMap("prototype", target, stages[-1], stages=list(stages),
                                     per_depth=list(depths[:, 0].cpu().numpy())))
         return maps
-
-
-def _cam_map(method: Method, activation: torch.Tensor, gradient: torch.Tensor,
-             score: torch.Tensor) -> torch.Tensor:
-    """(B, 1, h, w) Grad-CAM or Grad-CAM++ at the CAM layer's size, as MONAI computes them
-    (``GradCAM.compute_map``, ``GradCAMpp.compute_map``): the activations weighted by the
-    pooled gradient, or by Grad-CAM++'s alpha-weighted positive gradient."""
-    b, c = gradient.shape[:2]
-    if method == "gradcam":
-        weights = gradient.reshape(b, c, -1).mean(2).reshape(b, c, 1, 1)
-    else:
-        alpha_nr = gradient.pow(2)
-        alpha_dr = alpha_nr.mul(2) + activation.mul(gradient.pow(3)).reshape(b, c, -1).sum(-1) \
-            .reshape(b, c, 1, 1)
-        alpha_dr = torch.where(alpha_dr != 0.0, alpha_dr, torch.ones_like(alpha_dr))
-        alpha = alpha_nr.div(alpha_dr + 1e-7)
-        relu_grad = F.relu(score.exp() * gradient)
-        weights = (alpha * relu_grad).reshape(b, c, -1).sum(-1).reshape(b, c, 1, 1)
-    return F.relu((weights * activation).sum(1, keepdim=True))
 
 
 def _check_methods(methods: Sequence[str]) -> None:

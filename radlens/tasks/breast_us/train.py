@@ -7,7 +7,6 @@ patient. Seeded: the same data, settings and seed give the same weights on the s
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -34,6 +33,7 @@ from radlens.models.metrics import (
 )
 from radlens.models.networks import CLASS_NAMES, build, parameter_count
 from radlens.models.scope import ImageGeometry
+from radlens.models.training import EarlyStopping, cpu_state, cross_validate, fit
 from radlens.tasks.breast_us.datasets import (
     INPUT_SIZE,
     Case,
@@ -117,10 +117,8 @@ def train_fold(fold: int, train_cases: list[Case], val_cases: list[Case],
                                   weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.t_max,
                                                            eta_min=settings.eta_min)
-    result = FoldResult(fold, len(train_cases), len(val_cases), 0, float("inf"), False)
-    best_state = copy.deepcopy(model.state_dict())
-    waited = 0
-    for epoch in range(1, settings.epochs + 1):
+
+    def run_epoch(epoch: int) -> EpochRecord:
         started = time.perf_counter()
         model.train()
         losses = []
@@ -135,20 +133,18 @@ def train_fold(fold: int, train_cases: list[Case], val_cases: list[Case],
         val_loss, val_dice = _validate(model, val_loader, loss_fn, device)
         record = EpochRecord(epoch, float(np.mean(losses)), val_loss, val_dice, learning_rate,
                              time.perf_counter() - started)
-        result.history.append(record)
         log.info("epoch", extra=kv(fold=fold, epoch=epoch, train_loss=round(record.train_loss, 4),
                                    val_loss=round(val_loss, 4), val_lesion_dice=val_dice))
-        if on_epoch is not None:
-            on_epoch(fold, record, settings.epochs)
-        if val_loss < result.best_val_loss - settings.min_delta:
-            result.best_val_loss, result.best_epoch, waited = val_loss, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            waited += 1
-            if waited >= settings.patience:
-                result.stopped_early = True
-                break
-    model.load_state_dict(best_state)
+        return record
+
+    fitted = fit(model, epochs=settings.epochs,
+                 stopping=EarlyStopping(settings.patience, settings.min_delta),
+                 run_epoch=run_epoch, val_loss=lambda record: record.val_loss,
+                 on_epoch=(None if on_epoch is None
+                           else lambda record: on_epoch(fold, record, settings.epochs)))
+    best_state = fitted.best_state
+    result = FoldResult(fold, len(train_cases), len(val_cases), fitted.best_epoch,
+                        fitted.best_val_loss, fitted.stopped_early, fitted.history)
     result.report = evaluation_report(predict(model, val_loader, device), settings.seed)
     fold_dir = out / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -223,15 +219,14 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     splits = (folds(cases, settings.folds, settings.seed) if settings.folds > 1
               else [holdout(cases, settings.val_fraction, settings.seed)])
     out.mkdir(parents=True, exist_ok=True)
-    results, best_model, best_loss = [], None, float("inf")
-    for fold, (train_idx, val_idx) in enumerate(splits):
-        result, model = train_fold(fold, [cases[i] for i in train_idx],
-                                   [cases[i] for i in val_idx], settings, out, on_epoch)
-        results.append(result)
-        if result.best_val_loss < best_loss:
-            best_loss, best_model = result.best_val_loss, model
-    assert best_model is not None
-    best_fold = min(results, key=lambda r: r.best_val_loss)
+    trained, selected = cross_validate(
+        splits,
+        lambda fold, train_idx, val_idx: train_fold(
+            fold, [cases[i] for i in train_idx], [cases[i] for i in val_idx], settings, out,
+            on_epoch),
+        val_loss=lambda outcome: outcome[0].best_val_loss)
+    results = [result for result, _ in trained]
+    best_fold, best_model = trained[selected]
     metrics = {
         "settings": asdict(settings),
         "data": {"path": str(data), "cases": len(cases),
@@ -246,7 +241,7 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     (out / "metrics.md").write_text("".join(
         markdown_table(r.report, f"{settings.arch}, fold {r.fold} (validation)")
         for r in results))
-    torch.save(best_model.state_dict(), out / "model.pt")
+    torch.save(cpu_state(best_model), out / "model.pt")  # loads without a GPU
     card = model_card(settings, metrics, best_fold, command, parameter_count(best_model))
     write_card(card, out)
     train_idx, val_idx = splits[best_fold.fold]

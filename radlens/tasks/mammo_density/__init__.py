@@ -5,7 +5,7 @@ Everything of the task is in this package: phantoms (``phantoms``, ``dicom``), t
 (``model``), training and evaluation (``train``), explanation (``saliency``), the agent's
 stage (``analyser``), its findings (``findings``), codes (``codes``) and its part of the
 study's answer (``report``). Its card is the shipped ``density`` weights' ``card.json``; the
-method and figures are in docs/density.md.
+method and figures are in docs/mammo_density.md.
 """
 
 from __future__ import annotations

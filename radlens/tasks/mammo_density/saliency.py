@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.visualize import GradCAM
 from scipy import ndimage
-from torch import nn
 
+from radlens.models.cam import monai_gradcam, token_gradcam
 from radlens.tasks.mammo_density.model import (
     CAM_LAYER,
     DENSITY_CLASSES,
@@ -71,57 +69,6 @@ def attention_shares(cam: np.ndarray, breast: np.ndarray, artifacts: np.ndarray
             "outside": max(0.0, 1.0 - tissue - on_artifacts)}
 
 
-def _monai_gradcam(model: DensityModel, batch: torch.Tensor, predicted: int,
-                   target: str) -> np.ndarray:
-    """MONAI's Grad-CAM at a convolutional block, upsampled to the input."""
-    layer = model.get_submodule(target)
-    # MONAI registers its hooks without keeping the handles: remove the ones it adds, or
-    # every explanation would leave two more on the model.
-    before = (set(layer._forward_hooks), set(layer._backward_hooks))
-    cam = GradCAM(nn_module=model, target_layers=target)
-    try:
-        return cam(batch, class_idx=predicted)[0, 0].detach().cpu().numpy()
-    finally:
-        for hooks, kept in ((layer._forward_hooks, before[0]),
-                            (layer._backward_hooks, before[1])):
-            for key in set(hooks) - kept:
-                del hooks[key]
-
-
-def token_gradcam(model: DensityModel, batch: torch.Tensor, predicted: int) -> np.ndarray:
-    """Grad-CAM of a vision transformer (a CLIP ViT tower): the last block's patch tokens as
-    the feature map, each weighted by its channels' mean gradient, on the patch grid and
-    upsampled to the input. MONAI's Grad-CAM needs a convolutional (N, C, H, W) map."""
-    block, grid = model.token_block, model.token_grid
-    if block is None or grid is None:
-        raise ValueError("the model has neither a convolutional block nor a token grid")
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        output.retain_grad()
-        kept["tokens"] = output
-
-    handle = block.register_forward_hook(keep)
-    try:
-        model.zero_grad(set_to_none=True)
-        logits = model(batch)
-        logits[0, predicted].backward()
-    finally:
-        handle.remove()
-    tokens = kept["tokens"]
-    if tokens.shape[0] != batch.shape[0]:  # (L, N, C): a sequence-first transformer
-        tokens = tokens.transpose(0, 1)
-    gradients = tokens.grad
-    patches = grid[0] * grid[1]
-    acts, grads = tokens[0, -patches:], gradients[0, -patches:]  # drop the class token
-    weights = grads.mean(dim=0)
-    cam = torch.relu(acts @ weights).reshape(1, 1, *grid).detach()
-    cam = F.interpolate(cam, size=tuple(batch.shape[-2:]), mode="bilinear",
-                        align_corners=False)[0, 0]
-    top = float(cam.max())
-    return (cam / top if top > 0 else cam).cpu().numpy()
-
-
 def explain(model: DensityModel, image: np.ndarray, *, size: int = 224,
             prepared: PreparedImage | None = None,
             breast: np.ndarray | None = None) -> DensityExplanation:
@@ -136,8 +83,12 @@ def explain(model: DensityModel, image: np.ndarray, *, size: int = 224,
         probabilities = model(batch).softmax(dim=1)[0].cpu().numpy()
     predicted = int(probabilities.argmax())
     target = getattr(model, "cam_layer", CAM_LAYER)
-    canvas = (_monai_gradcam(model, batch, predicted, target) if target is not None
-              else token_gradcam(model, batch, predicted))
+    if target is not None:
+        canvas = monai_gradcam(model, batch, predicted, target)
+    elif model.token_block is not None and model.token_grid is not None:
+        canvas = token_gradcam(model, model.token_block, model.token_grid, batch, predicted)
+    else:
+        raise ValueError("the model has neither a convolutional block nor a token grid")
     original = to_original(canvas, prepared, image.shape)
     shares = attention_shares(original, breast, artifact_mask(image, breast))
     return DensityExplanation(DENSITY_CLASSES[predicted],

@@ -29,6 +29,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from radlens import __version__
 from radlens.logs import kv
 from radlens.models.device import resolve_device
+from radlens.models.training import EarlyStopping, cross_validate, fit
 from radlens.tasks.mammo_density.model import (
     DENSITY_CLASSES,
     DESCRIPTIONS,
@@ -233,10 +234,10 @@ def train_density_fold(fold: int, images: np.ndarray, labels: np.ndarray,
     val_weights = class_weights(labels[val_index]).to(device) if settings.weighted else None
     augment = _augment(settings.seed + fold)
     rng = np.random.default_rng([settings.seed, fold])
-    best: DensityFold | None = None
-    history: list[DensityEpoch] = []
-    stale = 0
-    for epoch in range(1, settings.epochs + 1):
+    val_labels = labels[val_index]
+    latest: dict[str, np.ndarray] = {}
+
+    def run_epoch(epoch: int) -> DensityEpoch:
         started = time.perf_counter()
         model.train()
         order = (train_index[balanced_epoch(train_labels, rng, settings.undersample_ratio)]
@@ -256,29 +257,26 @@ def train_density_fold(fold: int, images: np.ndarray, labels: np.ndarray,
             losses.append(float(loss.detach()))
         schedule.step()
         probabilities = predict_probabilities(model, images[val_index], device)
+        latest["probabilities"] = probabilities
         with torch.no_grad():
             val_logits = torch.from_numpy(np.log(np.clip(probabilities, 1e-8, 1.0)))
             val_loss = float(weighted_contrastive_loss(
-                val_logits.to(device), torch.from_numpy(labels[val_index]).long().to(device),
+                val_logits.to(device), torch.from_numpy(val_labels).long().to(device),
                 val_weights))
-        accuracy = float((probabilities.argmax(1) == labels[val_index]).mean())
-        record = DensityEpoch(epoch, float(np.mean(losses)) if losses else float("nan"),
-                              val_loss, accuracy, time.perf_counter() - started)
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(fold, record, settings.epochs)
-        if best is None or val_loss < best.val_loss - settings.min_delta:
-            best = DensityFold(fold, epoch, val_loss,
-                               density_metrics(labels[val_index], probabilities),
-                               state={k: v.detach().cpu().clone()
-                                      for k, v in model.state_dict().items()})
-            stale = 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                break
-    assert best is not None
-    best.history = history
+        accuracy = float((probabilities.argmax(1) == val_labels).mean())
+        return DensityEpoch(epoch, float(np.mean(losses)) if losses else float("nan"),
+                            val_loss, accuracy, time.perf_counter() - started)
+
+    kept: dict[str, dict[str, Any]] = {}
+    fitted = fit(model, epochs=settings.epochs,
+                 stopping=EarlyStopping(settings.patience, settings.min_delta),
+                 run_epoch=run_epoch, val_loss=lambda record: record.val_loss,
+                 on_epoch=(None if on_epoch is None
+                           else lambda record: on_epoch(fold, record, settings.epochs)),
+                 on_best=lambda _record: kept.update(
+                     metrics=density_metrics(val_labels, latest["probabilities"])))
+    best = DensityFold(fold, fitted.best_epoch, fitted.best_val_loss, kept["metrics"],
+                       history=fitted.history, state=fitted.best_state)
     log.info("density fold trained", extra=kv(fold=fold, best_epoch=best.best_epoch,
                                               accuracy=round(best.metrics["accuracy"], 3)))
     return best
@@ -392,10 +390,13 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     labels = np.array([c.label for c in cases])
     vocabulary = Vocabulary(list(DESCRIPTIONS.values()))
     splits = patient_folds(cases, settings.folds, settings.seed)
-    results = [train_density_fold(fold, images, labels, train_index, val_index, settings,
-                                  vocabulary, on_epoch)
-               for fold, (train_index, val_index) in enumerate(splits)]
-    selected = min(results, key=lambda r: r.val_loss)
+    results, chosen = cross_validate(
+        splits,
+        lambda fold, train_index, val_index: train_density_fold(
+            fold, images, labels, np.asarray(train_index), np.asarray(val_index), settings,
+            vocabulary, on_epoch),
+        val_loss=lambda result: result.val_loss)
+    selected = results[chosen]
     summary = {
         "accuracy": _mean_sd([r.metrics["accuracy"] for r in results]),
         "mean_auc": _mean_sd([r.metrics["mean_auc"] for r in results
