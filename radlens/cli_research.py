@@ -98,7 +98,7 @@ def models(config: ConfigOption = None) -> None:
     """Every task this installation has (built-in, from installed packages, configured MONAI
     bundles) with its model, scope and origin; the registered architectures with their
     parameter counts; and the shipped models."""
-    from radlens.models.cards import WEIGHTS_DIR
+    from radlens.models.cards import shipped_models
     from radlens.models.networks import REGISTRY, parameter_count
     from radlens.models.scope import ImageGeometry
     from radlens.tasks.base import TaskError
@@ -139,9 +139,9 @@ def models(config: ConfigOption = None) -> None:
         table.add_row(name, f"{count:,}", f"{count * 4 / 2**20:.1f} MiB", str(network.depth),
                       architecture.description)
     console.print(table)
-    for card_path in sorted(WEIGHTS_DIR.glob("*/card.json")):
-        card = json.loads(card_path.read_text())
-        console.print(f"shipped: {card_path.parent.name} = {card['name']} {card['version']} "
+    for name, folder in shipped_models().items():
+        card = json.loads((folder / "card.json").read_text())
+        console.print(f"shipped: {name} = {card['name']} {card['version']} "
                       f"({card['architecture']})", highlight=False)
         scope = card.get("scope")
         if scope:

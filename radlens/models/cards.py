@@ -1,7 +1,7 @@
 """Model folders and their cards, for every task: a weights folder holds ``model.pt`` (or the
 task's own format) beside ``card.json``, which states the model's name, version, scope and
-figures. Shipped models live in ``radlens/models/weights/<name>``; a configuration names one of
-them or a folder of its own.
+figures. A shipped model lives in its task's package, ``radlens/tasks/<task>/weights/<name>``;
+a configuration names one of them or a folder of its own.
 """
 
 from __future__ import annotations
@@ -10,22 +10,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
 class ModelError(RuntimeError):
     """A weights folder that cannot be loaded."""
 
 
+def shipped_models() -> dict[str, Path]:
+    """Every model shipped with radlens, by name: the folders with a ``card.json`` under a
+    built-in task's ``weights/``."""
+    return {card.parent.name: card.parent
+            for card in sorted(TASKS_DIR.glob("*/weights/*/card.json"))}
+
+
 def model_folder(name_or_path: str | Path) -> Path:
-    """A folder path, or the name of a model shipped in ``radlens/models/weights``."""
+    """A folder path, or the name of a shipped model (``shipped_models``)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    shipped = WEIGHTS_DIR / str(name_or_path)
-    if shipped.is_dir():
-        return shipped
-    raise ModelError(f"no model folder {name_or_path!r} (nor {shipped})")
+    shipped = shipped_models()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise ModelError(f"no model folder {name_or_path!r} (nor a shipped model of that name: "
+                     f"{', '.join(sorted(shipped)) or 'none'})")
 
 
 def read_card(folder: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from radlens.models.cards import WEIGHTS_DIR
+from radlens.models.cards import model_folder
 from tests.helpers import radlens_cli
 
 FRESH_SEED = 4242  # neither the training seed nor the card's measurement seed
@@ -14,9 +14,9 @@ FRESH_SEED = 4242  # neither the training seed nor the card's measurement seed
 
 @pytest.mark.slow
 def test_shipped_model_meets_its_card(tmp_path):
-    card = json.loads((WEIGHTS_DIR / "default" / "card.json").read_text())
+    card = json.loads((model_folder("default") / "card.json").read_text())
     assert "not for diagnostic use" in card["intended_use"].lower()
-    assert (WEIGHTS_DIR / "default" / "model.pt").stat().st_size <= 20 * 2**20
+    assert (model_folder("default") / "model.pt").stat().st_size <= 20 * 2**20
     acceptance = card["acceptance"]
     made = radlens_cli("phantoms", "--out", str(tmp_path / "fresh"), "--n", "300", "--seed",
                        str(FRESH_SEED))

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from radlens.models.cards import model_folder
 from tests.helpers import frames_of, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.slow
@@ -83,8 +84,7 @@ def test_the_model_stage_on_ray_matches_in_process_and_survives_its_actor(
     # restarts the actor, and the retry answers.
     ray.init(address=ray_head, namespace=f"t{os.getpid()}", log_to_driver=False)
     try:
-        card = json.loads((Path(__file__).resolve().parents[2] / "radlens" / "models" /
-                           "weights" / "default" / "card.json").read_text())
+        card = json.loads((model_folder("default") / "card.json").read_text())
         actor = ray.get_actor(f"radlens-model-{card['name']}-{card['version']}-0")
         victim = ray.get(actor.pid.remote())
         long_clip = _clip(tmp_path / "long", 64, seed=5)

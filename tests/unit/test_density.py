@@ -143,11 +143,11 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
 def test_shipped_density_model_meets_its_card_on_fresh_phantoms(tmp_path):
     """The shipped model (trained by radlens train --task density) on phantoms it never saw:
     accuracy >= 0.80 and every category's AUC >= 0.90, as its card states; <= 20 MB."""
-    from radlens.models.cards import WEIGHTS_DIR
+    from radlens.models.cards import model_folder
     from radlens.tasks.mammo_density.phantoms import write_dataset
     from radlens.tasks.mammo_density.train import evaluate_density_folder
 
-    folder = WEIGHTS_DIR / "density"
+    folder = model_folder("density")
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 20 * 2**20
     card = json.loads((folder / "card.json").read_text())
     assert card["task"] == "density" and card["scope"]["modalities"] == ["MG"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radlens.models.cards import WEIGHTS_DIR
+from radlens.models.cards import model_folder
 from radlens.tasks.mammo_density.model import prepare, to_original
 from radlens.tasks.mammo_density.phantoms import ARTIFACT, PECTORAL, TISSUE, generate
 from radlens.tasks.mammo_density.saliency import (
@@ -56,7 +56,7 @@ def test_attention_shares_split_the_mass():
 
 
 def test_the_shipped_model_looks_at_tissue_and_leaves_no_hooks_behind():
-    model, _ = load_model(WEIGHTS_DIR / "density")
+    model, _ = load_model(model_folder("density"))
     layer = model.get_submodule("image_encoder.layer4")
     views = [v for patient in generate(2, 31, size=224) for v in patient]
     explanations = [explain(model, v.image) for v in views]
@@ -69,4 +69,4 @@ def test_the_shipped_model_looks_at_tissue_and_leaves_no_hooks_behind():
     shares = [e.shares["tissue"] for e in explanations]
     assert np.mean(shares) > LOW_TISSUE_SHARE, shares
     assert sum(e.category == v.density for e, v in zip(explanations, views, strict=True)) >= 6
-    assert Path(WEIGHTS_DIR / "density" / "model.pt").is_file()
+    assert Path(model_folder("density") / "model.pt").is_file()
