@@ -30,7 +30,7 @@ MODULE_SECONDS = {
     "integration/test_store.py": 27, "unit/test_density.py": 26,
     "integration/test_mammography.py": 26, "integration/test_delivery.py": 26,
     "integration/test_postgres_state.py": 23, "integration/test_retraction.py": 16,
-    "integration/test_health_metrics.py": 14, "integration/test_task_plugins.py": 45,
+    "integration/test_health_metrics.py": 14, "integration/test_task_plugins.py": 55,
 }
 
 

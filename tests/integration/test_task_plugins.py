@@ -1,9 +1,11 @@
 """Models that are not radlens's own, end to end: a site's task plug-in (a pip package declaring
 a ``radlens.tasks`` entry point, built and installed here with a small network trained here)
 and a MONAI bundle folder named in the configuration (the same kind of network, saved as the
-bundle's weights). One agent runs both without its own models; storescu sends a study whose
-thyroid series goes to the plug-in and whose kidney series goes to the bundle, and a storescp
-archive gets each one's SEG and the study's SR, which dciodvfy accepts and dsrdump reads."""
+bundle's weights), and a second bundle that reads a CT series as one volume. One agent runs them
+without its own models; storescu sends a study whose thyroid series goes to the plug-in and
+whose kidney series goes to the first bundle, then a CT study slice by slice for the volume
+bundle, and a storescp archive gets each one's SEG and each study's SR, which dciodvfy accepts
+and dsrdump reads."""
 
 from __future__ import annotations
 
@@ -148,12 +150,14 @@ def trained() -> dict:
     return _trained_state()
 
 
-def test_a_plugin_package_and_a_monai_bundle_read_a_study_sent_with_storescu(
+def test_a_plugin_package_and_monai_bundles_read_studies_sent_with_storescu(
         server_factory, archive, tmp_path, trained):
     site = _install_plugin(tmp_path, trained)
     bundle = _bundle(tmp_path, trained)
     bundles = [{"name": "phantom_cysts", "path": str(bundle),
-                "scope": _scope("KIDNEY", "64033007", "Kidney structure")}]
+                "scope": _scope("KIDNEY", "64033007", "Kidney structure")},
+               {"name": "phantom_spheres", "unit": "series", "scope": CT_SCOPE,
+                "path": str(_volume_bundle(tmp_path, _trained_3d_state()))}]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site),
                                                        os.environ.get("PYTHONPATH")])),
            "RADLENS_MODEL__ENABLED": "false", "RADLENS_BUNDLES": json.dumps(bundles)}
@@ -214,3 +218,183 @@ def test_a_plugin_package_and_a_monai_bundle_read_a_study_sent_with_storescu(
     for name in ("phantom_nodules (phantom-nodules 2026.12.0)",
                  "phantom_cysts (Phantom cysts 0.1.0)"):
         assert f"{name} has no out-of-distribution check" in " ".join(tree.split())
+
+    _a_ct_series_is_read_as_one_volume(server, archive, tmp_path)
+
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_SHAPE = (8, 32, 32)  # slices, rows, columns
+CT_SPACING = (2.5, 0.8, 0.8)  # mm: slice spacing, row, column
+
+
+def _sphere_volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A soft-tissue block (HU around 40) with one bright sphere (HU around 220) of random
+    centre and radius, and its mask."""
+    z, y, x = np.indices(CT_SHAPE)
+    centre = rng.uniform((2.5, 10, 10), (5.5, 22, 22))
+    radius = rng.uniform(5.0, 8.0)  # mm
+    inside = (((z - centre[0]) * CT_SPACING[0]) ** 2 + ((y - centre[1]) * CT_SPACING[1]) ** 2
+              + ((x - centre[2]) * CT_SPACING[2]) ** 2) <= radius ** 2
+    hu = rng.normal(40, 15, CT_SHAPE) + 180 * inside
+    return hu, inside
+
+
+def _trained_3d_state() -> dict:
+    """MONAI's 3-D UNet trained for 40 steps (about a second) to find the sphere, on volumes
+    scaled as the bundle's preprocessing scales them (HU -200 to 400 to 0 to 1)."""
+    import torch
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    volumes = [_sphere_volume(rng) for _ in range(24)]
+    images = torch.tensor(np.stack([np.clip((hu + 200) / 600, 0, 1) for hu, _ in volumes])
+                          [:, None], dtype=torch.float32)
+    masks = torch.tensor(np.stack([mask for _, mask in volumes]).astype(np.int64))
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8),
+               strides=(2,), num_res_units=0)
+    optimiser = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(40):
+        batch = torch.randint(0, len(volumes), (4,))
+        loss = torch.nn.functional.cross_entropy(net(images[batch]), masks[batch],
+                                                 weight=torch.tensor([1.0, 4.0]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return net.state_dict()
+
+
+def _volume_bundle(tmp_path: Path, state: dict) -> Path:
+    """A bundle that reads a CT series as one volume, labels in its metadata."""
+    import torch
+
+    folder = tmp_path / "phantom_spheres_bundle"
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    torch.save(state, folder / "models" / "model.pt")
+    (folder / "configs" / "metadata.json").write_text(json.dumps({
+        "name": "Phantom spheres", "version": "0.2.0",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "num_channels": 1,
+                                 "spatial_shape": list(CT_SHAPE)}},
+            "outputs": {"pred": {"type": "image", "num_channels": 2,
+                                 "channel_def": {"0": "background", "1": "sphere"}}}}}))
+    (folder / "configs" / "inference.json").write_text(json.dumps({
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cpu')",
+        "network_def": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1,
+                        "out_channels": 2, "channels": [4, 8], "strides": [2],
+                        "num_res_units": 0},
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -200, "a_max": 400,
+             "b_min": 0.0, "b_max": 1.0, "clip": True}]},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]},
+    }))
+    return folder
+
+
+def _ct_series(folder: Path) -> tuple[list[Path], np.ndarray]:
+    """A CT series of one phantom volume, a file per slice, written in a shuffled order (as
+    scanners and archives send them); returns the files and the sphere's mask."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    hu, mask = _sphere_volume(rng)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    for index in rng.permutation(CT_SHAPE[0]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = \
+            "Phantom^Spheres", "BUNDLE3D", "19700101", "O"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = \
+            "20261207", "120000", "A3D", "1"
+        ds.ReferringPhysicianName = ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, int(index) + 1
+        ds.BodyPartExamined, ds.SeriesDescription = "ABDOMEN", "phantom spheres"
+        ds.Manufacturer = "radlens tests"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(index) * CT_SPACING[0]]
+        ds.PixelSpacing = list(CT_SPACING[1:])
+        ds.SliceThickness = CT_SPACING[0]
+        ds.Rows, ds.Columns = CT_SHAPE[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        ds.KVP, ds.AcquisitionNumber = 120, 1
+        ds.PixelData = np.clip(np.rint(hu[index] + 1024), 0, 4095).astype(np.uint16).tobytes()
+        paths.append(folder / f"CT{index + 1}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths, mask
+
+
+CT_SCOPE = {"modalities": ["CT"], "body_parts": ["ABDOMEN"],
+            "anatomic_regions": [{"value": "818981001", "scheme": "SCT", "meaning": "Abdomen"}],
+            "sop_classes": [CT_IMAGE], "photometric_interpretations": ["MONOCHROME2"],
+            "geometry": {"frames": "single", "min_size": 16, "max_size": 1024,
+                         "min_bits_stored": 12, "max_bits_stored": 16},
+            "intended_use": "Tests only: a 3-D network trained for a few steps on phantoms."}
+
+
+def _a_ct_series_is_read_as_one_volume(server, archive, tmp_path: Path) -> None:
+    """A bundle with ``unit: series``: storescu sends a CT series slice by slice in a shuffled
+    order; the bundle reads it once, as a volume with its geometry, and one SEG over the
+    series (a frame per slice it covers, each referencing its slice) and an SR with the
+    sphere's volume in mL come back to the archive, accepted by dciodvfy and read by
+    dsrdump."""
+    files, truth = _ct_series(tmp_path / "ct")
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    before = set(archive.files())
+    sent = storescu(server.port, files)
+    assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
+
+    def job() -> list:
+        return [j for j in server.jobs_done() if j["study_instance_uid"] == study_uid]
+
+    wait_for(lambda: len(job()) == 1, 180, "the series to be processed")
+    assert job()[0]["state"] == "done", server.log()[-3000:]
+    findings = server.findings(study_uid)
+    assert len(findings["images"]) == CT_SHAPE[0]
+    readings = [reading for image in findings["images"] for reading in image["analyses"]]
+    assert {r["task"] for r in readings} == {"phantom_spheres"}
+    assert len(readings) == CT_SHAPE[0] and len({r["volume"] for r in readings}) == 1
+    (sphere,) = readings[0]["labels"]
+    true_ml = truth.sum() * np.prod(CT_SPACING) / 1000
+    assert sphere["name"] == "sphere" and 0.5 * true_ml < sphere["volume_ml"] < 2 * true_ml, \
+        (sphere, true_ml)
+
+    wait_for(lambda: any(pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR"
+                         for path in set(archive.files()) - before)
+             and server.query("SELECT COUNT(*) FROM outbox WHERE state != 'sent'")[0][0] == 0,
+             60, "every output to reach the archive")
+    returned = {path: pydicom.dcmread(path) for path in set(archive.files()) - before}
+    assert {str(ds.StudyInstanceUID) for ds in returned.values()} == {study_uid}
+    (seg,) = [ds for ds in returned.values() if ds.SOPClassUID == SEG_STORAGE]
+    (sr_path,) = [path for path, ds in returned.items() if ds.Modality == "SR"]
+    assert str(seg.SegmentSequence[0].SegmentLabel) == "sphere"
+    sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    referenced = {str(frame.DerivationImageSequence[0].SourceImageSequence[0]
+                      .ReferencedSOPInstanceUID)
+                  for frame in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced <= sources and len(referenced) >= 2  # the sphere spans several slices
+    for path in returned:
+        errors = dciodvfy_errors(path)
+        assert errors == [], (path.name, errors)
+    tree = " ".join(subprocess.run(
+        [require_tool("dsrdump"), "+U8", "+Pl", "+Pc", str(sr_path)],
+        capture_output=True, text=True, timeout=60).stdout.split())
+    assert '(118565006,SCT,"Volume")' in tree and '(ml,UCUM,"milliliter")' in tree
+    assert "phantom_spheres (Phantom spheres 0.2.0) has no out-of-distribution check" in tree
