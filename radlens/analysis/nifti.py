@@ -11,12 +11,13 @@ Anatomy (docs/method.md): a label map on the image grid (NIfTI) plus a names tab
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from radlens.findings import StudyFindings
 
 UNKNOWN_SPACING_NOTE = "pixel spacing unknown: affine in pixels, not mm"
 
@@ -53,17 +54,17 @@ def from_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
 def export_study(results: Path, out: Path) -> list[Path]:
     """Every kept frame map of one study's results folder as NIfTI: the class map, each class
     probability and each saliency map, with the image's spacing from findings.json."""
-    findings = json.loads((results / "findings.json").read_text())
+    findings = StudyFindings.model_validate_json((results / "findings.json").read_text())
     written = []
     out.mkdir(parents=True, exist_ok=True)
-    for image in findings["images"]:
-        spacing = image.get("spacing")
-        spacing_mm = (spacing["row_mm"], spacing["column_mm"]) if spacing else None
-        for frame in image.get("predictions", []):
-            if not frame.get("maps_file"):
+    for image in findings.images:
+        spacing_mm = ((image.spacing.row_mm, image.spacing.column_mm) if image.spacing
+                      else None)
+        for frame in image.predictions:
+            if not frame.maps_file:
                 continue
-            maps = np.load(results / frame["maps_file"])
-            stem = Path(frame["maps_file"]).stem
+            maps = np.load(results / frame.maps_file)
+            stem = Path(frame.maps_file).stem
             arrays = {"classes": maps["classes"].astype(np.uint8)}
             for index, name in enumerate(("background", "benign", "malignant")):
                 arrays[f"probability_{name}"] = maps["probabilities"][index].astype(np.float32)

@@ -62,22 +62,28 @@ def _phantom_study(folder: Path) -> Path:
 
 
 def _summary(findings: dict) -> list[str]:
+    """What the demo's lesion task read, from findings.json (either schema)."""
+    from radlens.findings import FrameReadings, StudyFindings
+
+    study = StudyFindings.model_validate(findings)
     lines = []
-    model = findings.get("model") or {}
-    lines.append(f"model {model.get('name')} {model.get('version')}")
-    for image in findings["images"]:
-        for frame in image["predictions"]:
-            probabilities = frame["class_probabilities"]
-            lines.append(f"image: {frame['predicted_class']} (normal "
-                         f"{probabilities['normal']:.2f}, benign "
-                         f"{probabilities['benign']:.2f}, malignant "
-                         f"{probabilities['malignant']:.2f})")
-            for lesion in frame["lesions"]:
-                lines.append(f"  lesion {lesion['index']}: {lesion['lesion_class']}, "
-                             f"{lesion['longest_diameter_mm']:.1f} x "
-                             f"{lesion['perpendicular_diameter_mm']:.1f} mm, area "
-                             f"{lesion['area_mm2']:.1f} mm², probability "
-                             f"{lesion['probability']:.2f}")
+    for image in study.images:
+        for reading in image.analyses:
+            if not isinstance(reading, FrameReadings):
+                continue
+            lines.append(f"model {reading.model.name} {reading.model.version}")
+            for frame in reading.frames:
+                probabilities = frame.class_probabilities
+                lines.append(f"image: {frame.predicted_class} (normal "
+                             f"{probabilities.normal:.2f}, benign "
+                             f"{probabilities.benign:.2f}, malignant "
+                             f"{probabilities.malignant:.2f})")
+                for lesion in frame.lesions:
+                    lines.append(f"  lesion {lesion.index}: {lesion.lesion_class}, "
+                                 f"{lesion.longest_diameter_mm:.1f} x "
+                                 f"{lesion.perpendicular_diameter_mm:.1f} mm, area "
+                                 f"{lesion.area_mm2:.1f} mm², probability "
+                                 f"{lesion.probability:.2f}")
     return lines
 
 

@@ -54,7 +54,7 @@ class StudyFacts(BaseModel):
                 stated = task.facts(findings)
                 if stated is not None:
                     tasks[task.name] = stated.model_dump(mode="json")
-        analysed = [image for image in findings.images if image.predictions or image.analyses]
+        analysed = [image for image in findings.images if image.analyses]
         modality = next((image.modality for image in analysed if image.modality), "") or "US"
         model = f"{findings.model.name} {findings.model.version}" if findings.model else "none"
         return cls(modality=modality, model=model, images_analysed=len(analysed),
