@@ -171,6 +171,7 @@ def test_parametric_map_in_ohif(viewer):
     facts = _drive(server, source, out, "source,pmap")
     image = facts["steps"]["pmap"]["image"]
     assert image is not None
+    assert facts["steps"]["pmap"]["actors"] >= 2, "the map was loaded but never drawn"
     shot = _coloured(out / "pmap.png")
     box = _image_box(image, shot.shape)
     coloured = shot & box

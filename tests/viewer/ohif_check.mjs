@@ -161,9 +161,16 @@ const steps = {
         .find((d) => d.Modality === 'PMAP');
       return pmap && pmap.isLoaded;
     }, null, { timeout: 90000 });
-    await settle(5000);
+    // Loaded is not drawn: wait until the viewport holds the map's actor beside the source's
+    // (under load the fusion can lag the display set by seconds).
+    const fused = () => window.cornerstone.getEnabledElements().some(
+      (enabled) => enabled.viewport.getActors && enabled.viewport.getActors().length >= 2);
+    await page.waitForFunction(fused, null, { timeout: 90000 }).catch(() => {});
+    await settle(3000);
     await page.screenshot({ path: join(outDir, 'pmap.png') });
-    return { image: await imageOnScreen() };
+    const actors = await page.evaluate(() => Math.max(0, ...window.cornerstone.getEnabledElements()
+      .map((enabled) => (enabled.viewport.getActors ? enabled.viewport.getActors().length : 0))));
+    return { image: await imageOnScreen(), actors };
   },
 };
 
