@@ -36,6 +36,12 @@ class _Bars:
             self.progress.update(self.bars[key], completed=completed, info=info)
 
 
+LAYOUT_HELP = ("the dataset's layout (breast_us: colour, class-index, binary, nifti, nnunet, "
+               "dicom-seg; "
+               "docs/research.md); unset: the one the folder shows, refused when it could be "
+               "read two ways")
+
+
 def _task(name: str) -> Any:
     """The task ``--task`` names (its older names accepted), or a usage error."""
     from radlens.tasks.base import TaskError
@@ -181,6 +187,7 @@ def train(
     ablation: Annotated[bool, typer.Option(
         "--ablation", help="density, with --test: also train without class weights and "
         "record its figures in the card")] = False,
+    layout: Annotated[str | None, typer.Option(help=LAYOUT_HELP)] = None,
     clip: Annotated[Path | None, typer.Option(
         help="density: fine-tune your own CLIP weights (an open_clip folder such as "
              "BiomedCLIP's: open_clip_config.json and the weights) instead of radlens's "
@@ -199,7 +206,7 @@ def train(
         learning_rate=learning_rate, patience=patience, seed=seed, size=size, device=device,
         command="radlens " + " ".join(sys.argv[1:]),
         options={"arch": arch, "workers": workers, "class_weights": class_weights,
-                 "test": test, "ablation": ablation, "clip": clip})
+                 "test": test, "ablation": ablation, "clip": clip, "layout": layout})
     with _bars() as progress:
         try:
             summary = chosen.train(request, _Bars(progress))
@@ -230,6 +237,7 @@ def evaluate(
     task: Annotated[str, typer.Option(help="the task whose model to evaluate: breast_us or "
                                       "mammo_density (radlens models lists them)")]
     = "breast_us",
+    layout: Annotated[str | None, typer.Option(help=LAYOUT_HELP)] = None,
     config: ConfigOption = None,
 ) -> None:
     """Evaluate a task's model on a labelled dataset (the lesion model: segmentation and
@@ -239,7 +247,7 @@ def evaluate(
 
     cli_settings(config)
     chosen = _task(task)
-    options = {"compare": compare, "epochs": epochs, "folds": folds,
+    options = {"compare": compare, "epochs": epochs, "folds": folds, "layout": layout,
                "unlike": unlike_frames(unlike) if unlike else None}
     try:
         report = chosen.evaluate(data, model, out, device=device, seed=seed, options=options)
@@ -375,6 +383,50 @@ def _llm_takes_images(settings: Settings) -> bool:
     from radlens.reporting.ollama import OllamaNarrator
 
     return OllamaNarrator(settings.llm).status().vision
+
+
+dataset_app = typer.Typer(help="Your own labelled folders: what radlens reads in them, before "
+                                "anything trains on them (docs/research.md).",
+                           no_args_is_help=True)
+
+
+@dataset_app.command("check")
+def dataset_check(
+    data: Annotated[Path, typer.Argument(help="the dataset folder", exists=True,
+                                         file_okay=False)],
+    task: Annotated[str, typer.Option(help="the task whose training would read it "
+                                      "(radlens models lists them)")] = "breast_us",
+    layout: Annotated[str | None, typer.Option(help=LAYOUT_HELP)] = None,
+) -> None:
+    """Read a labelled folder exactly as training and evaluation will, and print what is in
+    it: its layout and why, cases and patients, each label's count, the mask values, the
+    pixels per class, image sizes and pixel spacings. A folder that cannot be read without
+    guessing is refused with the files and the readings that compete (exit status 1)."""
+    from radlens.tasks.base import TaskError, TaskUsageError
+
+    chosen = _task(task)
+    try:
+        summary = chosen.check_dataset(data, layout=layout)
+    except TaskError as exc:
+        raise fail(str(exc), 2 if isinstance(exc, TaskUsageError) else 1) from None
+    console.print(f"{summary.folder}: {summary.cases} cases of {summary.patients} patients, "
+                  f"layout {summary.layout} ({summary.how})", highlight=False)
+    console.print(f"\nlabels ({chosen.name})", highlight=False)
+    labels = Table()
+    for name in summary.labels:
+        labels.add_column(name, justify="right")
+    labels.add_row(*(str(count) for count in summary.labels.values()))
+    console.print(labels)
+    for title, counts in summary.tables.items():
+        console.print(f"\n{title}", highlight=False)
+        table = Table()
+        table.add_column("value")
+        table.add_column("count", justify="right")
+        for key, count in counts.items():
+            table.add_row(key, f"{count:,}")
+        console.print(table)
+    for note in summary.notes:
+        console.print(note, highlight=False)
 
 
 def export_nifti(

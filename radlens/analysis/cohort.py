@@ -217,27 +217,23 @@ def analyse_dataset(data: Path, out: Path, *, model: str = "default", device: st
                     ) -> dict[str, Any]:
     """Latents from the model, attributes from the reference masks, nine clusterings, tables,
     pictures; writes ``cohort.json`` and ``cohort.md`` into ``out``."""
-    from PIL import Image
-
     from radlens.analysis.lesions import measure_frame
+    from radlens.datasets.segmentation import read_grey, read_mask
     from radlens.tasks.breast_us.datasets import LABELS as DATA_LABELS
-    from radlens.tasks.breast_us.datasets import decode_mask, load_cases
+    from radlens.tasks.breast_us.datasets import LESION_MASKS, load_cases
     from radlens.tasks.breast_us.infer import Segmenter
 
     cases = load_cases(data)
     segmenter = Segmenter(model, device=device)
-    spacing = _spacings(data)
     latents, labels, attributes = [], [], []
     for index, case in enumerate(cases):
-        image = np.asarray(Image.open(case.image_path).convert("L"))
-        mask_image = Image.open(case.mask_path)
-        classes = decode_mask(np.asarray(mask_image.convert("RGB") if mask_image.mode != "L"
-                                         else mask_image))
+        image = read_grey(case.image_path).astype(np.uint8)
+        classes = read_mask(case, LESION_MASKS).astype(np.uint8)
         (prediction,) = segmenter.predict([image])
         latents.append(prediction.latent)
         labels.append(DATA_LABELS.index(case.label))
         lesions = measure_frame(image.astype(np.float64), classes, None,
-                                spacing_mm=spacing.get(case.case_id))
+                                spacing_mm=case.spacing_mm)
         attributes.append(_attributes(lesions[0].model_dump(mode="json")) if lesions else None)
         if on_progress is not None:
             on_progress("images", index + 1, len(cases))
@@ -323,15 +319,3 @@ def _attributes(lesion: dict[str, Any] | None) -> dict[str, Any] | None:
             "centroid_y": lesion["centroid_fraction"][1],
             "border_irregularity": lesion["border_irregularity"],
             "asymmetry": lesion["asymmetry"]}
-
-
-def _spacings(data: Path) -> dict[str, tuple[float, float]]:
-    """Pixel spacing per case from labels.csv (phantoms write it), else unknown."""
-    import csv
-
-    labels_csv = data / "labels.csv"
-    if not labels_csv.is_file():
-        return {}
-    with open(labels_csv, newline="") as handle:
-        return {row["case_id"]: (float(row["pixel_spacing_mm"]),) * 2
-                for row in csv.DictReader(handle) if row.get("pixel_spacing_mm")}

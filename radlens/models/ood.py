@@ -80,10 +80,9 @@ def summary(scores: np.ndarray, threshold: float) -> dict[str, float]:
 
 def case_images(cases: list) -> list[np.ndarray]:  # list[datasets.Case]
     """A dataset's images as the agent sees them: the stored pixels, greyscale, source size."""
-    from PIL import Image
+    from radlens.datasets.segmentation import read_grey
 
-    return [np.asarray(Image.open(case.image_path).convert("L"), dtype=np.float32)
-            for case in cases]
+    return [read_grey(case.image_path) for case in cases]
 
 
 class LatentSource(Protocol):

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from pydicom.sr.coding import Code
 
     from radlens.config import OutputSettings, Settings
+    from radlens.datasets.summary import DatasetSummary
     from radlens.dicom_io.writers.common import Equipment, SeriesPlan
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,12 @@ class Task(ABC):
         """Train the task's model on ``request.data`` into a weights folder at
         ``request.out`` (model, card, metrics, curves); returns the summary line."""
         raise TaskError(f"task {self.name} ({self.origin}) has no training in radlens")
+
+    def check_dataset(self, data: Path, *, layout: str | None = None) -> DatasetSummary:
+        """Read a labelled folder the way training and evaluation will (in ``layout``, or the
+        one the folder shows) and say what is in it; raises TaskError when the folder cannot
+        be read without guessing."""
+        raise TaskError(f"task {self.name} ({self.origin}) has no dataset reader in radlens")
 
     def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
                  options: Mapping[str, Any]) -> Path:

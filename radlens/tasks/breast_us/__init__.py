@@ -42,6 +42,7 @@ from radlens.tasks.base import (
 
 if TYPE_CHECKING:
     from radlens.config import Settings
+    from radlens.datasets.summary import DatasetSummary
     from radlens.dicom_io.writers.common import Equipment, SeriesPlan
     from radlens.tasks.breast_us.analyser import Analyser
 
@@ -130,6 +131,11 @@ class BreastUltrasoundTask(Task):
         from radlens.tasks.breast_us import research
 
         return research.train(request, progress)
+
+    def check_dataset(self, data: Path, *, layout: str | None = None) -> DatasetSummary:
+        from radlens.tasks.breast_us import research
+
+        return research.check_dataset(data, layout)
 
     def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
                  options: Mapping[str, Any]) -> Path:

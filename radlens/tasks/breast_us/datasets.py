@@ -1,17 +1,16 @@
-"""Datasets in the BUS-UCLM folder layout: ``images/*.png`` with colour-coded ``masks/*.png``.
+"""The lesion task's datasets: images with masks in any layout radlens declares (BUS-UCLM's
+colour masks, class-index masks, binary masks with a labels file, NIfTI pairs, nnU-Net's raw
+layout; ``radlens.datasets.segmentation``), read without guessing.
 
-Masks decode to class indices (0 background, 1 benign = green, 2 malignant = red); the image label
-(normal / benign / malignant) comes from ``labels.csv`` when present, else from the mask colours.
-Patients come from ``labels.csv`` or, for BUS-UCLM, the file name's prefix (``ALWI_000.png`` is
-patient ``ALWI``), so splits never put one patient on both sides.
+Mask classes are 0 background, 1 benign, 2 malignant (green and red in colour masks); the
+image label (normal / benign / malignant) is ``labels.csv``'s, which must agree with the mask,
+or the mask's. Patients come from ``labels.csv`` or, for BUS-UCLM, the file name's prefix
+(``ALWI_000.png`` is patient ``ALWI``), so splits never put one patient on both sides.
 """
 
 from __future__ import annotations
 
-import csv
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,80 +26,48 @@ from monai.transforms import (
 )
 from PIL import Image
 
+from radlens.datasets.segmentation import (
+    DatasetError,
+    Layout,
+    MaskClasses,
+    SegmentationCase,
+    decode_colour,
+    read_grey,
+    read_mask,
+    read_segmentation_folder,
+)
+
 LABELS = ("normal", "benign", "malignant")
 INPUT_SIZE = 256
-_PATIENT_PREFIX = re.compile(r"^(?P<patient>.+?)_\d+$")
+# Mask values 0, 1, 2; in colour masks benign is green (channel 1), malignant red (channel 0).
+LESION_MASKS = MaskClasses(names=("background", "benign", "malignant"), image_labels=LABELS,
+                           colours={1: 1, 2: 0})
 
-
-class DatasetError(ValueError):
-    """The folder is not a dataset radlens can read."""
-
-
-@dataclass(frozen=True)
-class Case:
-    case_id: str
-    patient_id: str
-    label: str
-    image_path: Path
-    mask_path: Path
+Case = SegmentationCase
+__all__ = ["LABELS", "LESION_MASKS", "Case", "DatasetError", "SegmentationDataset",
+           "augmentations", "decode_mask", "folds", "holdout", "load_arrays", "load_cases"]
 
 
 def decode_mask(mask: np.ndarray) -> np.ndarray:
-    """RGB (or greyscale) mask to class indices; tolerant of anti-aliased colours."""
+    """A BUS-UCLM colour mask (or a binary greyscale one: lesion above 127) to class indices."""
     if mask.ndim == 2:
-        return (mask > 127).astype(np.uint8)  # binary mask: the label decides benign/malignant
-    red, green = mask[..., 0].astype(np.int16), mask[..., 1].astype(np.int16)
-    classes = np.zeros(mask.shape[:2], dtype=np.uint8)
-    classes[(green > 127) & (green - red > 64)] = 1
-    classes[(red > 127) & (red - green > 64)] = 2
-    return classes
+        return (mask > 127).astype(np.uint8)
+    return decode_colour(mask, LESION_MASKS).astype(np.uint8)
 
 
-def label_from_mask(classes: np.ndarray) -> str:
-    if (classes == 2).any():
-        return "malignant"
-    if (classes == 1).any():
-        return "benign"
-    return "normal"
-
-
-def load_cases(root: Path) -> list[Case]:
-    """Every image with its mask; raises DatasetError naming what is missing."""
-    images, masks = root / "images", root / "masks"
-    if not images.is_dir() or not masks.is_dir():
-        raise DatasetError(f"{root}: expected images/ and masks/ folders")
-    listed: dict[str, dict[str, str]] = {}
-    labels_csv = root / "labels.csv"
-    if labels_csv.is_file():
-        with open(labels_csv, newline="") as handle:
-            listed = {row["case_id"]: row for row in csv.DictReader(handle)}
-    cases = []
-    for image_path in sorted(images.glob("*.png")):
-        case_id = image_path.stem
-        mask_path = masks / image_path.name
-        if not mask_path.is_file():
-            raise DatasetError(f"{image_path.name} has no mask in {masks}")
-        row = listed.get(case_id, {})
-        label = row.get("label") or label_from_mask(
-            decode_mask(np.asarray(Image.open(mask_path).convert("RGB"))))
-        if label not in LABELS:
-            raise DatasetError(f"{case_id}: unknown label {label!r}")
-        match = _PATIENT_PREFIX.match(case_id)
-        patient = row.get("patient_id") or (match.group("patient") if match else case_id)
-        cases.append(Case(case_id, patient, label, image_path, mask_path))
-    if not cases:
-        raise DatasetError(f"{images}: no PNG images")
-    return cases
+def load_cases(root: Path, layout: Layout | None = None) -> list[Case]:
+    """Every image with its mask, in ``layout`` or the one the masks show; raises
+    DatasetError naming what is missing, ambiguous or contradictory."""
+    return read_segmentation_folder(root, LESION_MASKS, layout=layout).cases
 
 
 def load_arrays(case: Case, size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Greyscale image in [0, 1] (bilinear) and class-index mask (nearest), both size x size."""
-    image = Image.open(case.image_path).convert("L")
-    mask_image = Image.open(case.mask_path)
-    mask_rgb = np.asarray(mask_image.convert("RGB") if mask_image.mode != "L" else mask_image)
-    classes = decode_mask(mask_rgb)
-    if mask_rgb.ndim == 2 and case.label == "malignant":
-        classes = classes * 2
+    if case.image_path.suffix == ".png":
+        image = Image.open(case.image_path).convert("L")
+    else:
+        image = Image.fromarray(read_grey(case.image_path), mode="F")
+    classes = read_mask(case, LESION_MASKS).astype(np.uint8)
     image = image.resize((size, size), Image.BILINEAR)
     classes = np.asarray(Image.fromarray(classes).resize((size, size), Image.NEAREST))
     return np.asarray(image, dtype=np.float32) / 255.0, classes.astype(np.int64)

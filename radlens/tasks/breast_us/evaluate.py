@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from radlens.datasets.segmentation import Layout
 from radlens.models.metrics import PIXEL_METRICS, evaluation_report, markdown_table, predict
 from radlens.models.ood import case_images, summary
 from radlens.tasks.breast_us.datasets import SegmentationDataset, load_cases
@@ -19,12 +20,13 @@ from radlens.tasks.breast_us.train import TrainSettings, run_training
 
 def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "auto",
                     seed: int = 0, batch_size: int = 8,
-                    unlike: dict[str, list[np.ndarray]] | None = None) -> dict[str, Any]:
+                    unlike: dict[str, list[np.ndarray]] | None = None,
+                    layout: Layout | None = None) -> dict[str, Any]:
     """Evaluate a weights folder on every case of ``data``; writes report.json and report.md.
     With an OOD detector, the score distribution of ``data`` and of each ``unlike`` source
     (frames the model should abstain on) is reported beside the metrics."""
     segmenter = Segmenter(model, device=device, batch_size=batch_size)
-    cases = load_cases(data)
+    cases = load_cases(data, layout)
     dataset = SegmentationDataset(cases, size=segmenter.input_size[0])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     report = evaluation_report(predict(segmenter.model, loader, segmenter.device), seed)

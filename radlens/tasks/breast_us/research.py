@@ -7,7 +7,30 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from radlens.datasets.summary import DatasetSummary
 from radlens.tasks.base import ResearchProgress, TaskError, TaskUsageError, TrainRequest
+
+
+def _layout(value: object) -> Any:
+    from radlens.datasets.segmentation import LAYOUTS
+
+    if value is None:
+        return None
+    if value not in LAYOUTS:
+        raise TaskUsageError(f"unknown layout {value!r} (known: {', '.join(LAYOUTS)})")
+    return value
+
+
+def check_dataset(data: Path, layout: str | None) -> DatasetSummary:
+    from radlens.datasets.segmentation import DatasetError, read_segmentation_folder
+    from radlens.datasets.summary import segmentation_summary
+    from radlens.tasks.breast_us.datasets import LESION_MASKS
+
+    try:
+        return segmentation_summary(read_segmentation_folder(data, LESION_MASKS,
+                                                             layout=_layout(layout)))
+    except DatasetError as exc:
+        raise TaskError(str(exc)) from exc
 
 
 def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
@@ -40,7 +63,8 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
                              learning_rate=request.learning_rate, patience=request.patience,
                              folds=request.folds, seed=request.seed, device=request.device,
                              size=request.size or 256,
-                             workers=int(request.options.get("workers", 0)))
+                             workers=int(request.options.get("workers", 0)),
+                             layout=_layout(request.options.get("layout")))
 
     def on_epoch(fold: int, record: EpochRecord, planned: int) -> None:
         key = f"fold {fold}"
@@ -77,7 +101,8 @@ def evaluate(data: Path, model: str, out: Path, *, device: str, seed: int,
                 device=device, seed=seed)
         else:
             evaluation.evaluate_folder(data, model, out, device=device, seed=seed,
-                                       unlike=options.get("unlike"))
+                                       unlike=options.get("unlike"),
+                                       layout=_layout(options.get("layout")))
     except (DatasetError, ValueError, RadlensError) as exc:
         raise TaskError(str(exc)) from exc
     return out / "report.md"

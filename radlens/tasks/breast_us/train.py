@@ -65,6 +65,7 @@ class TrainSettings:
     device: str = "auto"
     size: int = INPUT_SIZE
     workers: int = 0  # data-loading processes; MONAI re-seeds each, so results stay seeded
+    layout: str | None = None  # the dataset's layout (radlens.datasets); None: as the masks show
 
 
 @dataclass
@@ -215,7 +216,7 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     """Train (with k-fold cross-validation when ``settings.folds > 1``) and write ``out``:
     ``model.pt`` + ``card.json`` + ``card.md`` (a weights folder), ``metrics.json``,
     ``metrics.md`` and per-fold curves."""
-    cases = load_cases(data)
+    cases = load_cases(data, settings.layout)  # type: ignore[arg-type]
     splits = (folds(cases, settings.folds, settings.seed) if settings.folds > 1
               else [holdout(cases, settings.val_fraction, settings.seed)])
     out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from radlens.config import Settings
+    from radlens.datasets.summary import DatasetSummary
     from radlens.dicom_io.writers.common import Equipment
     from radlens.tasks.mammo_density.analyser import DensityAnalyser
 
@@ -84,6 +85,11 @@ class MammoDensityTask(Task):
         from radlens.tasks.mammo_density import research
 
         return research.train(request, progress)
+
+    def check_dataset(self, data: Path, *, layout: str | None = None) -> DatasetSummary:
+        from radlens.tasks.mammo_density import research
+
+        return research.check_dataset(data, layout)
 
     def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
                  options: Mapping[str, Any]) -> Path:

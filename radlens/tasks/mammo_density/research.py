@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from radlens.tasks.base import ResearchProgress, TaskError, TrainRequest
+from radlens.datasets.summary import DatasetSummary
+from radlens.tasks.base import ResearchProgress, TaskError, TaskUsageError, TrainRequest
 
 
 def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
@@ -100,3 +101,42 @@ def evaluate(data: Path, model: str, out: Path, *, device: str,
     except (DensityDataError, ModelError, ValueError, RadlensError) as exc:
         raise TaskError(str(exc)) from exc
     return out / "report.md"
+
+
+LAYOUT = "labels.csv (case_id, patient_id, density A-D, view, laterality) with images/<case_id>.png"
+
+
+def check_dataset(data: Path, layout: str | None) -> DatasetSummary:
+    """What a density folder holds, read as training reads it."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from radlens.tasks.mammo_density.model import DENSITY_CLASSES
+    from radlens.tasks.mammo_density.train import DensityDataError, load_density_cases
+
+    if layout not in (None, "density"):
+        raise TaskUsageError(f"the density task reads one layout ({LAYOUT}); not {layout!r}")
+    try:
+        cases = load_density_cases(data)
+    except DensityDataError as exc:
+        raise TaskError(str(exc)) from exc
+    sizes: Counter[str] = Counter()
+    for case in cases:
+        with Image.open(case.path) as image:
+            sizes[f"{image.size[1]} x {image.size[0]}"] += 1
+    listed = {case.path.name for case in cases}
+    unlisted = sorted(p.name for p in (data / "images").glob("*.png") if p.name not in listed)
+    notes = [f"layout: {LAYOUT}"]
+    if unlisted:
+        notes.append(f"{len(unlisted)} image(s) in images/ are not in labels.csv and are not "
+                     f"read: {', '.join(unlisted[:5])}" + (" ..." if len(unlisted) > 5 else ""))
+    labels = Counter(DENSITY_CLASSES[case.label] for case in cases)
+    return DatasetSummary(
+        folder=str(data), layout="density", how="labels.csv names each case's category",
+        cases=len(cases), patients=len({case.patient_id for case in cases}),
+        labels={name: labels.get(name, 0) for name in DENSITY_CLASSES},
+        tables={"views": dict(Counter(case.view or "not stated" for case in cases)),
+                "laterality": dict(Counter(case.laterality or "not stated" for case in cases)),
+                "image sizes (rows x columns)": dict(sizes.most_common())},
+        notes=tuple(notes))

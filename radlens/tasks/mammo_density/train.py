@@ -115,7 +115,7 @@ def load_density_cases(folder: Path) -> list[DensityCase]:
     if not labels.is_file():
         raise DensityDataError(f"{folder} has no labels.csv (make one with radlens phantoms "
                                "--task mammo_density)")
-    cases = []
+    cases, seen = [], set()
     with labels.open(newline="") as handle:
         for row in csv.DictReader(handle):
             try:
@@ -124,6 +124,11 @@ def load_density_cases(folder: Path) -> list[DensityCase]:
             except (KeyError, ValueError):
                 raise DensityDataError(f"{labels}: case {row.get('case_id')!r} has no density "
                                        f"A-D (got {row.get('density')!r})") from None
+            if not (row.get("case_id") or "").strip():
+                raise DensityDataError(f"{labels}: a row without a case_id ({dict(row)})")
+            if row["case_id"] in seen:
+                raise DensityDataError(f"{labels}: case {row['case_id']!r} is listed twice")
+            seen.add(row["case_id"])
             path = folder / "images" / f"{row['case_id']}.png"
             if not path.is_file():
                 raise DensityDataError(f"{path} is missing")
