@@ -432,7 +432,8 @@ def _print_delivery(settings: Settings, studies: dict[str, list], calling_aet: s
 
 
 app.command()(research.phantoms)
-app.command()(research.models)
+app.add_typer(research.models_app, name="models")
+app.command()(research.export)
 app.command()(research.train)
 app.command()(research.evaluate)
 app.command("calibrate-ood")(research.calibrate_ood)

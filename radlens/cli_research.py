@@ -100,10 +100,19 @@ def phantoms(
     sys.stdout.write(line + "\n")
 
 
-def models(config: ConfigOption = None) -> None:
+models_app = typer.Typer(help="Every task this installation has (built-in, from installed "
+                          "packages, configured MONAI bundles) with its model, scope and origin; "
+                          "the registered architectures; the shipped models. `radlens models "
+                          "verify` checks weights against their cards' hashes.")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Every task this installation has (built-in, from installed packages, configured MONAI
     bundles) with its model, scope and origin; the registered architectures with their
     parameter counts; and the shipped models."""
+    if ctx.invoked_subcommand is not None:
+        return
     from radlens.models.cards import shipped_models
     from radlens.models.networks import REGISTRY, parameter_count
     from radlens.models.scope import ImageGeometry
@@ -155,6 +164,56 @@ def models(config: ConfigOption = None) -> None:
                         if scope.get("geometry") else "")
             console.print(f"  scope: {', '.join(scope['modalities'])} "
                           f"{', '.join(scope['body_parts'])}{geometry}", highlight=False)
+
+
+@models_app.command("verify")
+def models_verify(
+    models: Annotated[list[str] | None, typer.Argument(
+        help="weights folders or shipped model names (default: every shipped model)")] = None,
+) -> None:
+    """Check each model's weights files against the SHA-256 its card recorded when it was
+    trained: a changed, missing or unlisted file is named, and the exit status is 1."""
+    from radlens.models.cards import ModelError, model_folder, shipped_models, verify
+
+    names = models or list(shipped_models())
+    failed = False
+    for name in names:
+        try:
+            folder = model_folder(name)
+            problems = verify(folder)
+        except ModelError as exc:
+            problems, folder = [str(exc)], Path(name)
+        failed = failed or bool(problems)
+        if problems:
+            for problem in problems:
+                err.print(f"{name}: {problem}", highlight=False, markup=False,
+                          soft_wrap=True)
+        else:
+            console.print(f"{name}: every weights file matches its card ({folder})",
+                          highlight=False, markup=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def export(
+    out: Annotated[Path, typer.Option(help="the TorchScript file to write (model.ts)")],
+    model: Annotated[str, typer.Option(help="weights folder or shipped model name")]
+    = "default",
+    task: Annotated[str, typer.Option(help="the task whose network to export (radlens models "
+                                      "lists them)")] = "breast_us",
+) -> None:
+    """Export a task's trained network as TorchScript, with its card embedded (card.json),
+    for sites that serve models outside radlens; the saved file is loaded back and must give
+    the same output."""
+    from radlens.models.cards import ModelError
+    from radlens.tasks.base import TaskError
+
+    chosen = _task(task)
+    try:
+        line = chosen.export(model, out)
+    except (TaskError, ModelError, ValueError) as exc:
+        raise fail(str(exc), 1) from None
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def train(
@@ -276,6 +335,7 @@ def calibrate_ood(
 ) -> None:
     """Fit a model's out-of-distribution detector and threshold (ood.npz, card.json) and state
     the breast-ultrasound scope in its card, without retraining the weights."""
+    from radlens.models.cards import rehash
     from radlens.models.ood import calibrate, case_images, summary
     from radlens.tasks.breast_us.datasets import DatasetError, load_cases
     from radlens.tasks.breast_us.infer import Segmenter
@@ -302,7 +362,7 @@ def calibrate_ood(
     card["intended_use"] = card["scope"]["intended_use"]
     if version:
         card["version"] = version
-    write_card(card, segmenter.folder)
+    write_card(rehash(card, segmenter.folder), segmenter.folder)
     console.print(f"threshold {detector.threshold:.2f} (quantile {quantile}); held-out abstain "
                   f"rate {section['calibration']['abstain_rate']:.3f}")
     for name, measured in (section.get("measured") or {}).items():
@@ -410,7 +470,8 @@ def dataset_check(
     except TaskError as exc:
         raise fail(str(exc), 2 if isinstance(exc, TaskUsageError) else 1) from None
     console.print(f"{summary.folder}: {summary.cases} cases of {summary.patients} patients, "
-                  f"layout {summary.layout} ({summary.how})", highlight=False)
+                  f"layout {summary.layout} ({summary.how})", highlight=False, markup=False,
+                  soft_wrap=True)
     console.print(f"\nlabels ({chosen.name})", highlight=False)
     labels = Table()
     for name in summary.labels:
@@ -426,7 +487,7 @@ def dataset_check(
             table.add_row(key, f"{count:,}")
         console.print(table)
     for note in summary.notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
 
 
 def export_nifti(

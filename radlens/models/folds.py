@@ -5,6 +5,7 @@ scikit-learn's ``StratifiedGroupKFold``."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -20,3 +21,22 @@ def patient_folds(labels: Sequence[Hashable], patients: Sequence[Hashable], n_fo
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(list(map(int, train)), list(map(int, val)))
             for train, val in splitter.split(list(labels), list(labels), list(patients))]
+
+
+SPLIT_FILE = "split.json"
+
+
+def write_split(folder: Path, case_ids: Sequence[str], splits: Sequence[tuple[Sequence[int],
+                Sequence[int]]], *, seed: int, selected: int) -> str:
+    """Which case trained and which validated each fold, by case ID, beside the model
+    (``split.json``), so that a model's figures can be recomputed on the same cases; returns
+    the file's name for the card."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPLIT_FILE).write_text(json.dumps({
+        "seed": seed, "selected_fold": selected,
+        "folds": [{"fold": fold, "train": sorted(case_ids[i] for i in train),
+                   "validation": sorted(case_ids[i] for i in val)}
+                  for fold, (train, val) in enumerate(splits)]}, indent=2) + "\n")
+    return SPLIT_FILE

@@ -300,6 +300,11 @@ class Task(ABC):
         be read without guessing."""
         raise TaskError(f"task {self.name} ({self.origin}) has no dataset reader in radlens")
 
+    def export(self, model: str, out: Path) -> str:
+        """Write the task's network (``model``: a weights folder or shipped name) as a
+        TorchScript file at ``out``; returns a line saying what was written."""
+        raise TaskError(f"task {self.name} ({self.origin}) has no export in radlens")
+
     def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
                  options: Mapping[str, Any]) -> Path:
         """Evaluate a weights folder (or the shipped model: ``model`` "default") on a labelled

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 
 from radlens.models.cards import model_folder
 from tests.helpers import radlens_cli
@@ -55,6 +57,37 @@ def test_train_command_writes_a_usable_weights_folder(tmp_path):
                             "--out", str(tmp_path / "eval"), "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "linear probe on latents" in evaluated.stdout
+
+    # The card reproduces the model: the split by case ID, the seed, the environment, and a
+    # version and hashes that belong to these weights only.
+    split = json.loads((out / "split.json").read_text())
+    cases = sorted(p.stem for p in (tmp_path / "data" / "images").glob("*.png"))
+    assert split["seed"] == 0 and split["selected_fold"] == metrics["selected_fold"]
+    assert sorted(c for fold in split["folds"] for c in fold["validation"]) == cases
+    for fold in split["folds"]:
+        assert not set(fold["train"]) & set(fold["validation"])
+    assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}-[0-9a-f]{8}", card["version"]), card["version"]
+    provenance = card["provenance"]
+    assert set(provenance["sha256"]) == {"model.pt", "ood.npz"}
+    assert provenance["environment"]["libraries"]["torch"] == torch.__version__
+    assert provenance["split"] == "split.json" and provenance["seed"] == 0
+    assert provenance["command"].startswith("radlens train")
+    assert "## Provenance" in (out / "card.md").read_text()
+    state = torch.load(out / "model.pt", weights_only=True)  # loads with no GPU
+    assert all(tensor.device.type == "cpu" for tensor in state.values())
+
+    verified = radlens_cli("models", "verify", str(out))
+    assert verified.returncode == 0 and "every weights file matches" in verified.stdout
+    exported = radlens_cli("export", "--model", str(out), "--out", str(tmp_path / "model.ts"))
+    assert exported.returncode == 0, exported.stderr
+    extra = {"card.json": ""}
+    network = torch.jit.load(str(tmp_path / "model.ts"), _extra_files=extra)
+    assert network(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    assert json.loads(extra["card.json"])["version"] == card["version"]
+    with open(out / "ood.npz", "ab") as handle:
+        handle.write(b"\0")
+    tampered = radlens_cli("models", "verify", str(out))
+    assert tampered.returncode == 1 and "ood.npz differs from the card" in tampered.stderr
 
 
 def test_compare_trains_architectures_side_by_side(tmp_path):

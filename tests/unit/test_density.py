@@ -116,6 +116,16 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     assert (tmp_path / "a" / "ood.npz").is_file() and card["ood"]["threshold"] > 0
     assert card["ood"]["held_out"]["abstain_rate"] <= 0.1
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+    # Seeded weights, the same hash; the card records it, and the split is saved.
+    card_a = json.loads((tmp_path / "a" / "card.json").read_text())
+    assert card_a["provenance"]["sha256"]["model.pt"] == card["provenance"]["sha256"]["model.pt"]
+    assert set(card["provenance"]["sha256"]) == {"model.pt", "ood.npz"}
+    split = json.loads((tmp_path / "a" / "split.json").read_text())
+    assert len(split["folds"]) == 2 and split == json.loads((tmp_path / "b" /
+                                                             "split.json").read_text())
+    from radlens.models.cards import verify
+
+    assert verify(tmp_path / "a") == []
 
     trained = radlens_cli("train", "--task", "mammo_density", "--data", str(data), "--out",
                           str(tmp_path / "cli"), "--epochs", "1", "--folds", "2", "--size", "64",

@@ -132,6 +132,17 @@ class BreastUltrasoundTask(Task):
 
         return research.train(request, progress)
 
+    def export(self, model: str, out: Path) -> str:
+        import torch
+
+        from radlens.models.export import export_torchscript
+        from radlens.tasks.breast_us.infer import Segmenter
+
+        segmenter = Segmenter(model, device="cpu")
+        rows, columns = segmenter.input_size
+        return export_torchscript(segmenter.model.net, torch.zeros(1, 1, rows, columns),
+                                  out, segmenter.card)
+
     def check_dataset(self, data: Path, *, layout: str | None = None) -> DatasetSummary:
         from radlens.tasks.breast_us import research
 

@@ -24,7 +24,9 @@ from monai.utils import set_determinism
 
 from radlens import __version__
 from radlens.logs import kv
+from radlens.models.cards import seal
 from radlens.models.device import resolve_device
+from radlens.models.folds import write_split
 from radlens.models.metrics import (
     SegmentationMetrics,
     evaluation_report,
@@ -248,6 +250,9 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     train_idx, val_idx = splits[best_fold.fold]
     card["ood"] = calibrate_ood(out, [cases[i] for i in train_idx], [cases[i] for i in val_idx],
                                 device=settings.device)
+    split_file = write_split(out, [c.case_id for c in cases], splits, seed=settings.seed,
+                             selected=best_fold.fold)
+    card = seal(card, out, seed=settings.seed, command=command, split_file=split_file)
     write_card(card, out)
     return metrics
 
@@ -298,6 +303,17 @@ def write_card(card: dict[str, Any], folder: Path) -> None:
              f"classes {', '.join(card['classes'])}",
              f"- trained with: `{card['training']['command']}`",
              f"- data: {card['training']['data']}", ""]
+    provenance = card.get("provenance")
+    if provenance:
+        env = provenance["environment"]
+        lines += ["## Provenance", "",
+                  f"- seed {provenance['seed']}; split by case ID: `{provenance['split']}`",
+                  f"- radlens {env['radlens']} (commit {env['git_commit'] or 'not a checkout'}), "
+                  f"Python {env['python']}, "
+                  + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
+                  *[f"- SHA-256 `{name}`: `{digest}`"
+                    for name, digest in provenance["sha256"].items()],
+                  "- `radlens models verify FOLDER` checks the files against these hashes", ""]
     scope, ood = card.get("scope"), card.get("ood")
     if scope:
         lines += ["## Scope", "", scope["intended_use"], "",

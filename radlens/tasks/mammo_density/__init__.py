@@ -86,6 +86,17 @@ class MammoDensityTask(Task):
 
         return research.train(request, progress)
 
+    def export(self, model: str, out: Path) -> str:
+        import torch
+
+        from radlens.models.cards import model_folder
+        from radlens.models.export import export_torchscript
+        from radlens.tasks.mammo_density.train import load_model
+
+        network, card = load_model(model_folder("density" if model == "default" else model))
+        size = int(card.get("input_size") or 224)
+        return export_torchscript(network, torch.zeros(1, 1, size, size), out, card)
+
     def check_dataset(self, data: Path, *, layout: str | None = None) -> DatasetSummary:
         from radlens.tasks.mammo_density import research
 

@@ -28,7 +28,9 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from radlens import __version__
 from radlens.logs import kv
+from radlens.models.cards import seal
 from radlens.models.device import resolve_device
+from radlens.models.folds import write_split
 from radlens.models.training import EarlyStopping, cross_validate, fit
 from radlens.tasks.mammo_density.model import (
     DENSITY_CLASSES,
@@ -451,6 +453,10 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
         save_card(out, card)
     else:
         save_model(out, selected.state, vocabulary, card)
+    split_file = write_split(out, [c.case_id for c in cases], splits, seed=settings.seed,
+                             selected=selected.fold)
+    save_card(out, seal(json.loads((out / CARD_FILE).read_text()), out, seed=settings.seed,
+                        command=command, split_file=split_file))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_density_curves(results, out / "curves.png")
     return metrics
