@@ -247,6 +247,9 @@ def train(
         "--ablation", help="density, with --test: also train without class weights and "
         "record its figures in the card")] = False,
     layout: Annotated[str | None, typer.Option(help=LAYOUT_HELP)] = None,
+    test_fraction: Annotated[float, typer.Option(
+        min=0.0, max=0.5, help="share of patients held out first as the test set, reported "
+        "only (0: none)")] = 0.2,
     clip: Annotated[Path | None, typer.Option(
         help="density: fine-tune your own CLIP weights (an open_clip folder such as "
              "BiomedCLIP's: open_clip_config.json and the weights) instead of radlens's "
@@ -265,7 +268,8 @@ def train(
         learning_rate=learning_rate, patience=patience, seed=seed, size=size, device=device,
         command="radlens " + " ".join(sys.argv[1:]),
         options={"arch": arch, "workers": workers, "class_weights": class_weights,
-                 "test": test, "ablation": ablation, "clip": clip, "layout": layout})
+                 "test": test, "ablation": ablation, "clip": clip, "layout": layout,
+                 "test_fraction": test_fraction})
     with _bars() as progress:
         try:
             summary = chosen.train(request, _Bars(progress))

@@ -4,7 +4,14 @@ report in the published table's layout (with a linear probe on pooled encoder la
 Pixel metrics are computed per image and class from MONAI's confusion counts, then averaged over
 the images where the class is present in the reference or the prediction (an image with neither
 says nothing about that class). At pixel level F1 equals Dice by definition; both are reported so
-the table has the published layout.
+the table has the published layout. The "average" row averages the lesion classes only: the
+background's Dice (near 1 on every image) would lift it while saying nothing of the lesions.
+
+Beside the pixel figures, lesion detection: a reference lesion (a connected component) is found
+when a predicted lesion of at least ``MIN_LESION_PIXELS`` overlaps it with an IoU of at least
+``DETECTION_IOU``; every predicted lesion on an image without a reference lesion is a false
+positive. Every headline figure comes with a 95 % bootstrap interval over images
+(``bootstrap_intervals``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ from radlens.models.networks import (
 
 PIXEL_METRICS = ("iou", "dice", "pixel_accuracy", "precision", "recall", "f1")
 IMAGE_LABELS = ("normal", "benign", "malignant")
+LESION_CLASSES = CLASS_NAMES[1:]  # what the "average" row averages: not the background
+DETECTION_IOU = 0.1  # a predicted lesion this close to a reference one finds it
+MIN_LESION_PIXELS = 20  # as the agent's lesion finder: smaller regions are noise
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def _one_hot(classes: torch.Tensor) -> torch.Tensor:
@@ -48,6 +59,9 @@ class SegmentationMetrics:
 
     confusion: list[np.ndarray] = field(default_factory=list)  # each (B, C, 4): tp fp tn fn
     lesion_dice: list[float] = field(default_factory=list)  # per image with a reference lesion
+    # per image: (reference lesions, of them found, predicted lesions on a normal image)
+    detection: list[tuple[int, int, int]] = field(default_factory=list)
+    detect: bool = True  # False: skip lesion detection (an epoch's validation needs no more)
 
     def update(self, predicted: torch.Tensor, reference: torch.Tensor) -> None:
         predicted, reference = predicted.detach().cpu(), reference.detach().cpu()
@@ -60,6 +74,8 @@ class SegmentationMetrics:
             if ref.any():
                 overlap = float((pred & ref).sum())
                 self.lesion_dice.append(2 * overlap / float(pred.sum() + ref.sum()))
+            if self.detect:
+                self.detection.append(detect_lesions(pred.numpy(), ref.numpy()))
 
     def per_image(self) -> dict[str, np.ndarray]:
         """Each metric as an (images, classes) array, NaN where the class is absent in both."""
@@ -86,12 +102,49 @@ class SegmentationMetrics:
             table[name] = {metric: _nanmean(values[:, index])
                            for metric, values in per_image.items()}
         table["average"] = {
-            metric: _nanmean(np.array([table[c][metric] for c in CLASS_NAMES], dtype=float))
+            metric: _nanmean(np.array([table[c][metric] if table[c][metric] is not None
+                                       else np.nan for c in LESION_CLASSES], dtype=float))
             for metric in PIXEL_METRICS
         }
         table["lesion"] = {"dice": _nanmean(np.array(self.lesion_dice, dtype=float)),
                            "images": float(len(self.lesion_dice))}
         return table
+
+    def detection_summary(self) -> dict[str, float | int | None]:
+        """Per-lesion sensitivity and false positives per normal image."""
+        found = np.array(self.detection, dtype=float).reshape(-1, 3)
+        lesions, detected = int(found[:, 0].sum()), int(found[:, 1].sum())
+        normal = found[:, 0] == 0
+        false_positives = int(found[normal, 2].sum())
+        return {"lesions": lesions, "detected": detected,
+                "sensitivity": detected / lesions if lesions else None,
+                "normal_images": int(normal.sum()), "false_positives": false_positives,
+                "fp_per_normal_image": (false_positives / int(normal.sum())
+                                        if normal.any() else None),
+                "iou_threshold": DETECTION_IOU, "min_lesion_pixels": MIN_LESION_PIXELS}
+
+
+def detect_lesions(predicted: np.ndarray, reference: np.ndarray) -> tuple[int, int, int]:
+    """(reference lesions, of them found, predicted lesions when the reference has none) of
+    one image's lesion masks (any lesion class)."""
+    from scipy import ndimage
+
+    predicted_labels, predicted_count = ndimage.label(predicted)
+    sizes = np.bincount(predicted_labels.ravel(), minlength=predicted_count + 1)
+    kept = [i for i in range(1, predicted_count + 1) if sizes[i] >= MIN_LESION_PIXELS]
+    reference_labels, reference_count = ndimage.label(reference)
+    if reference_count == 0:
+        return 0, 0, len(kept)
+    found = 0
+    for index in range(1, reference_count + 1):
+        lesion = reference_labels == index
+        for candidate in kept:
+            region = predicted_labels == candidate
+            union = float((lesion | region).sum())
+            if union and float((lesion & region).sum()) / union >= DETECTION_IOU:
+                found += 1
+                break
+    return reference_count, found, 0
 
 
 def _nanmean(values: np.ndarray) -> float | None:
@@ -139,6 +192,7 @@ class Predictions:
     labels: np.ndarray  # (N,) 0 normal, 1 benign, 2 malignant
     image_probabilities: np.ndarray  # (N, 3)
     latents: np.ndarray  # (N, C) deepest encoder map, global-average pooled
+    metrics: SegmentationMetrics | None = None  # the per-image counts, for the intervals
 
 
 @torch.inference_mode()
@@ -156,7 +210,7 @@ def predict(model: SegmentationNetwork, loader: torch.utils.data.DataLoader,
         latents.append(pooled_latents(features).float().cpu().numpy())
         labels.append(batch["label"].numpy())
     return Predictions(metrics.aggregate(), np.concatenate(labels),
-                       np.concatenate(probabilities), np.concatenate(latents))
+                       np.concatenate(probabilities), np.concatenate(latents), metrics)
 
 
 def linear_probe(latents: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, Any]:
@@ -174,9 +228,81 @@ def linear_probe(latents: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict
     return {**asdict(scores), "folds": folds}
 
 
+def bootstrap_intervals(predictions: Predictions, seed: int = 0,
+                        resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, list[float] | None]:
+    """95 % percentile intervals of the headline figures, resampling images with replacement
+    (the images are the independent units; their pixels are not). Checked first: SciPy's
+    ``stats.bootstrap`` resamples one statistic at a time; every figure here must come from
+    the same resampled images, and AUC needs both outcomes in a resample, so the loop is
+    written out. A figure that cannot be computed on a resample (no lesion drawn) is left out
+    of that resample; None when fewer than half the resamples give it."""
+    metrics = predictions.metrics
+    if metrics is None or not metrics.confusion or not metrics.detect:
+        return {}
+    dice = metrics.per_image()["dice"]  # (N, classes)
+    n = dice.shape[0]
+    lesion_dice = np.full(n, np.nan)
+    detection = np.array(metrics.detection, dtype=float).reshape(-1, 3)
+    with_lesion = detection[:, 0] > 0
+    lesion_dice[with_lesion] = np.asarray(metrics.lesion_dice, dtype=float)  # same order
+    labels, probabilities = predictions.labels, predictions.image_probabilities
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+
+    def keep(name: str, value: float | None) -> None:
+        if value is not None and np.isfinite(value):
+            samples.setdefault(name, []).append(float(value))
+
+    for _ in range(resamples):
+        chosen = rng.integers(0, n, n)
+        for index in range(1, len(CLASS_NAMES)):
+            keep(f"dice_{CLASS_NAMES[index]}", _nanmean(dice[chosen, index]))
+        per_class = [_nanmean(dice[chosen, index]) for index in range(1, len(CLASS_NAMES))]
+        present = [v for v in per_class if v is not None]
+        keep("average_dice", float(np.mean(present)) if present else None)
+        keep("lesion_dice", _nanmean(lesion_dice[chosen]))
+        found = detection[chosen]
+        lesions = found[:, 0].sum()
+        keep("sensitivity", found[:, 1].sum() / lesions if lesions else None)
+        normal = found[:, 0] == 0
+        keep("fp_per_normal_image", found[normal, 2].mean() if normal.any() else None)
+        scores = image_scores(labels[chosen], probabilities[chosen])
+        keep("accuracy", scores.accuracy)
+        keep("auc_ovr", scores.auc_ovr)
+    return {name: ([float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+                   if len(values) >= resamples / 2 else None)
+            for name, values in samples.items()}
+
+
+def classification_intervals(labels: np.ndarray, probabilities: np.ndarray,
+                             class_names: tuple[str, ...], seed: int = 0,
+                             resamples: int = BOOTSTRAP_RESAMPLES
+                             ) -> dict[str, list[float] | None]:
+    """95 % bootstrap intervals (cases resampled) of a classifier's accuracy, each class's
+    one-vs-rest AUC and their mean; None where fewer than half the resamples hold both
+    outcomes of a class."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    samples: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        chosen = rng.integers(0, n, n)
+        truth, scores = labels[chosen], probabilities[chosen]
+        samples.setdefault("accuracy", []).append(float((scores.argmax(1) == truth).mean()))
+        aucs = []
+        for index, name in enumerate(class_names):
+            positives = truth == index
+            if 0 < positives.sum() < n:
+                aucs.append(float(roc_auc_score(positives, scores[:, index])))
+                samples.setdefault(f"auc_{name}", []).append(aucs[-1])
+        if aucs:
+            samples.setdefault("mean_auc", []).append(float(np.mean(aucs)))
+    return {name: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                   if len(v) >= resamples / 2 else None) for name, v in samples.items()}
+
+
 def evaluation_report(predictions: Predictions, seed: int = 0) -> dict[str, Any]:
     from_segmentation = image_scores(predictions.labels, predictions.image_probabilities)
-    return {
+    report = {
         "images": int(len(predictions.labels)),
         "class_counts": {name: int((predictions.labels == i).sum())
                          for i, name in enumerate(IMAGE_LABELS)},
@@ -187,6 +313,10 @@ def evaluation_report(predictions: Predictions, seed: int = 0) -> dict[str, Any]
                                                     seed),
         },
     }
+    if predictions.metrics is not None and predictions.metrics.detect:
+        report["detection"] = predictions.metrics.detection_summary()
+        report["intervals"] = bootstrap_intervals(predictions, seed)
+    return report
 
 
 def _pct(value: float | None) -> str:
@@ -202,15 +332,46 @@ def markdown_table(report: dict[str, Any], title: str = "Evaluation") -> str:
         "|---|---:|---:|---:|---:|---:|---:|"]
     for name in (*CLASS_NAMES, "average"):
         row = report["segmentation"][name]
-        lines.append(f"| {name} | " + " | ".join(_pct(row[m]) for m in PIXEL_METRICS) + " |")
+        label = "average (lesion classes)" if name == "average" else name
+        lines.append(f"| {label} | " + " | ".join(_pct(row[m]) for m in PIXEL_METRICS) + " |")
     lesion = report["segmentation"]["lesion"]
+    intervals = report.get("intervals") or {}
+
+    def ci(name: str) -> str:
+        bounds = intervals.get(name)
+        return f" (95 % CI {_pct(bounds[0])}-{_pct(bounds[1])})" if bounds else ""
+
     lines += ["", f"Lesion Dice (benign and malignant together, per image with a lesion): "
-              f"{_pct(lesion['dice'])} % over {int(lesion['images'])} images", "",
+              f"{_pct(lesion['dice'])} %{ci('lesion_dice')} over {int(lesion['images'])} "
+              "images"]
+    if intervals:
+        lines.append("Dice, 95 % bootstrap intervals over images: " + "; ".join(
+            f"{name} {_pct(report['segmentation'][name]['dice'])}{ci('dice_' + name)}"
+            for name in LESION_CLASSES)
+            + f"; average {_pct(report['segmentation']['average']['dice'])}"
+            f"{ci('average_dice')}")
+    detection = report.get("detection")
+    if detection:
+        sensitivity = detection["sensitivity"]
+        fp = detection["fp_per_normal_image"]
+        lines.append(
+            f"Lesion detection (IoU >= {detection['iou_threshold']}): sensitivity "
+            f"{_pct(sensitivity)} %{ci('sensitivity')} ({detection['detected']} of "
+            f"{detection['lesions']} lesions); false positives per normal image "
+            f"{'n/a' if fp is None else f'{fp:.3f}'}"
+            + (f" (95 % CI {intervals['fp_per_normal_image'][0]:.3f}-"
+               f"{intervals['fp_per_normal_image'][1]:.3f})"
+               if intervals.get("fp_per_normal_image") else "")
+            + f" over {detection['normal_images']} normal images")
+    lines += ["",
               "| image-level | accuracy | AUC (one-vs-rest) | normal | benign | malignant |",
               "|---|---:|---:|---:|---:|---:|"]
     for source, scores in report["image_level"].items():
         per_class = scores.get("per_class_auc", {})
-        lines.append(f"| {source.replace('_', ' ')} | {_pct(scores['accuracy'])} | "
-                     f"{_pct(scores['auc_ovr'])} | " + " | ".join(
+        suffix = ("", "")
+        if source == "from_segmentation":
+            suffix = (ci("accuracy"), ci("auc_ovr"))
+        lines.append(f"| {source.replace('_', ' ')} | {_pct(scores['accuracy'])}{suffix[0]} | "
+                     f"{_pct(scores['auc_ovr'])}{suffix[1]} | " + " | ".join(
                          _pct(per_class.get(k)) for k in IMAGE_LABELS) + " |")
     return "\n".join(lines) + "\n"

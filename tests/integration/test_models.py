@@ -63,9 +63,18 @@ def test_train_command_writes_a_usable_weights_folder(tmp_path):
     split = json.loads((out / "split.json").read_text())
     cases = sorted(p.stem for p in (tmp_path / "data" / "images").glob("*.png"))
     assert split["seed"] == 0 and split["selected_fold"] == metrics["selected_fold"]
-    assert sorted(c for fold in split["folds"] for c in fold["validation"]) == cases
+    assert sorted([c for fold in split["folds"] for c in fold["validation"]]
+                  + split["test"]) == cases
+    assert 3 <= len(split["test"]) <= 7  # about a fifth, held out first
     for fold in split["folds"]:
         assert not set(fold["train"]) & set(fold["validation"])
+        assert not (set(fold["train"]) | set(fold["validation"])) & set(split["test"])
+    # The test set is reported with intervals and lesion detection; nothing was chosen on it.
+    test = metrics["test"]
+    assert test["images"] == len(split["test"]) == card["test"]["images"]
+    assert {"lesions", "sensitivity", "fp_per_normal_image"} <= set(test["detection"])
+    assert "Test (held out" in (out / "card.md").read_text()
+    assert "test (" in trained.stdout and "held-out images" in trained.stdout
     assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}-[0-9a-f]{8}", card["version"]), card["version"]
     provenance = card["provenance"]
     assert set(provenance["sha256"]) == {"model.pt", "ood.npz"}

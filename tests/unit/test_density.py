@@ -123,6 +123,10 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     split = json.loads((tmp_path / "a" / "split.json").read_text())
     assert len(split["folds"]) == 2 and split == json.loads((tmp_path / "b" /
                                                              "split.json").read_text())
+    # A fifth of the patients held out first: the card's test figures, with intervals.
+    assert split["test"] and card["test"]["cases"] == len(split["test"])
+    low, high = card["test"]["intervals"]["accuracy"]
+    assert low <= card["test"]["accuracy"] <= high
     from radlens.models.cards import verify
 
     assert verify(tmp_path / "a") == []

@@ -45,7 +45,7 @@ LESION_MASKS = MaskClasses(names=("background", "benign", "malignant"), image_la
 
 Case = SegmentationCase
 __all__ = ["LABELS", "LESION_MASKS", "Case", "DatasetError", "SegmentationDataset",
-           "augmentations", "decode_mask", "folds", "holdout", "load_arrays", "load_cases"]
+           "augmentations", "decode_mask", "folds", "load_arrays", "load_cases"]
 
 
 def decode_mask(mask: np.ndarray) -> np.ndarray:
@@ -129,11 +129,3 @@ def folds(cases: Sequence[Case], n_folds: int, seed: int) -> list[tuple[list[int
                              seed)
     except ValueError as exc:
         raise DatasetError(str(exc)) from exc
-
-
-def holdout(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """One patient-grouped split with about ``val_fraction`` of cases for validation (a larger
-    share when there are too few patients for that)."""
-    patients = len({c.patient_id for c in cases})
-    n_folds = min(max(2, round(1 / val_fraction)), patients)
-    return folds(cases, max(n_folds, 2), seed)[0]

@@ -78,7 +78,8 @@ def compare_architectures(data: Path, architectures: list[str], out: Path, *, ep
         metrics = run_training(data, settings, out / arch,
                                command=f"radlens evaluate --compare {','.join(architectures)}")
         card = json.loads((out / arch / "card.json").read_text())
-        results[arch] = {"parameters": card["parameters"], "summary": metrics["summary"]}
+        results[arch] = {"parameters": card["parameters"], "summary": metrics["summary"],
+                         "test": metrics.get("test")}
     report = {"data": str(data), "epochs": epochs, "folds": folds, "seed": seed,
               "architectures": results}
     out.mkdir(parents=True, exist_ok=True)
@@ -94,16 +95,27 @@ def comparison_table(report: dict[str, Any]) -> str:
         text = f"{100 * spread['mean']:.2f}"
         return text + (f" ± {100 * spread['std']:.2f}" if report["folds"] > 1 else "")
 
+    def test_cell(test: dict[str, Any] | None) -> str:
+        if not test or test["segmentation"]["lesion"]["dice"] is None:
+            return "n/a"
+        bounds = (test.get("intervals") or {}).get("lesion_dice")
+        text = f"{100 * test['segmentation']['lesion']['dice']:.2f}"
+        return text + (f" ({100 * bounds[0]:.1f}-{100 * bounds[1]:.1f})" if bounds else "")
+
     header = ("| architecture | parameters | " + " | ".join(
         m.replace("_", " ") for m in PIXEL_METRICS)
-        + " | lesion Dice | image accuracy | latent-probe accuracy |")
+        + " | lesion Dice | image accuracy | latent-probe accuracy | test lesion Dice (95 % CI) "
+          "|")
     lines = [f"## Architectures compared on {report['data']} ({report['epochs']} epochs max, "
-             f"{max(report['folds'], 1)} fold(s), seed {report['seed']}); averages over classes, "
-             "percent", "", header, "|---" + "|---:" * (len(PIXEL_METRICS) + 4) + "|"]
+             f"{max(report['folds'], 1)} fold(s), seed {report['seed']}); validation averages "
+             "over the lesion classes, percent; the last column on the held-out test set, "
+             "where nothing was chosen", "", header,
+             "|---" + "|---:" * (len(PIXEL_METRICS) + 5) + "|"]
     for arch, result in report["architectures"].items():
         summary = result["summary"]
         lines.append(f"| {arch} | {result['parameters'] / 1e6:.2f} M | " + " | ".join(
             cell(summary["average"][m]) for m in PIXEL_METRICS) + f" | "
             f"{cell(summary['lesion_dice'])} | {cell(summary['from_segmentation']['accuracy'])} | "
-            f"{cell(summary['linear_probe_on_latents']['accuracy'])} |")
+            f"{cell(summary['linear_probe_on_latents']['accuracy'])} | "
+            f"{test_cell(result.get('test'))} |")
     return "\n".join(lines) + "\n"

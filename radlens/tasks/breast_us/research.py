@@ -64,7 +64,8 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
                              folds=request.folds, seed=request.seed, device=request.device,
                              size=request.size or 256,
                              workers=int(request.options.get("workers", 0)),
-                             layout=_layout(request.options.get("layout")))
+                             layout=_layout(request.options.get("layout")),
+                             test_fraction=float(request.options.get("test_fraction", 0.2)))
 
     def on_epoch(fold: int, record: EpochRecord, planned: int) -> None:
         key = f"fold {fold}"
@@ -81,9 +82,21 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
     except (DatasetError, ValueError) as exc:
         raise TaskError(str(exc)) from exc
     summary = metrics["summary"]
-    return (f"trained {arch} on {metrics['data']['cases']} cases; validation lesion Dice "
+    line = (f"trained {arch} on {metrics['data']['cases']} cases; validation lesion Dice "
             f"{summary['lesion_dice']['mean']:.3f}; image accuracy "
             f"{summary['from_segmentation']['accuracy']['mean']:.3f}; wrote {request.out}")
+    test = metrics.get("test")
+    if test:
+        def figure(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        bounds = (test.get("intervals") or {}).get("lesion_dice")
+        line += (f"\ntest ({test['images']} held-out images): lesion Dice "
+                 f"{figure(test['segmentation']['lesion']['dice'])}"
+                 + (f" (95 % CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else "")
+                 + f", lesion sensitivity {figure(test['detection']['sensitivity'])}, "
+                 f"image accuracy {figure(test['image_level']['from_segmentation']['accuracy'])}")
+    return line
 
 
 def evaluate(data: Path, model: str, out: Path, *, device: str, seed: int,

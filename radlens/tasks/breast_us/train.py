@@ -26,7 +26,7 @@ from radlens import __version__
 from radlens.logs import kv
 from radlens.models.cards import seal
 from radlens.models.device import resolve_device
-from radlens.models.folds import write_split
+from radlens.models.folds import split_with_test, write_split
 from radlens.models.metrics import (
     SegmentationMetrics,
     evaluation_report,
@@ -39,10 +39,9 @@ from radlens.models.training import EarlyStopping, cpu_state, cross_validate, fi
 from radlens.tasks.breast_us.datasets import (
     INPUT_SIZE,
     Case,
+    DatasetError,
     SegmentationDataset,
     augmentations,
-    folds,
-    holdout,
     load_cases,
 )
 from radlens.tasks.breast_us.scope import BREAST_ULTRASOUND_SCOPE
@@ -63,6 +62,7 @@ class TrainSettings:
     min_delta: float = 1e-4
     folds: int = 0  # 0 or 1: one patient-grouped hold-out split
     val_fraction: float = 0.2
+    test_fraction: float = 0.2  # held out first, reported only; 0: no test set
     seed: int = 0
     device: str = "auto"
     size: int = INPUT_SIZE
@@ -161,7 +161,7 @@ def _validate(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
               loss_fn: DiceCELoss, device: torch.device) -> tuple[float, float | None]:
     model.eval()
     losses = []
-    metrics = SegmentationMetrics()
+    metrics = SegmentationMetrics(detect=False)
     for batch in loader:
         logits = model(batch["image"].to(device))
         mask = batch["mask"].to(device)
@@ -219,8 +219,13 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     ``model.pt`` + ``card.json`` + ``card.md`` (a weights folder), ``metrics.json``,
     ``metrics.md`` and per-fold curves."""
     cases = load_cases(data, settings.layout)  # type: ignore[arg-type]
-    splits = (folds(cases, settings.folds, settings.seed) if settings.folds > 1
-              else [holdout(cases, settings.val_fraction, settings.seed)])
+    try:
+        split = split_with_test([c.label for c in cases], [c.patient_id for c in cases],
+                                test_fraction=settings.test_fraction, folds=settings.folds,
+                                val_fraction=settings.val_fraction, seed=settings.seed)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
+    splits = split.folds
     out.mkdir(parents=True, exist_ok=True)
     trained, selected = cross_validate(
         splits,
@@ -239,11 +244,19 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
         "folds": [{**asdict(r), "history": [asdict(h) for h in r.history]} for r in results],
         "summary": summarise(results),
         "selected_fold": best_fold.fold,
+        "test": None,
     }
+    if split.test:  # the selected model on cases nothing was chosen on
+        test_data = SegmentationDataset([cases[i] for i in split.test], size=settings.size)
+        metrics["test"] = evaluation_report(predict(
+            best_model, _loader(test_data, settings.batch_size, False, settings.seed),
+            next(best_model.parameters()).device), settings.seed)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "metrics.md").write_text("".join(
-        markdown_table(r.report, f"{settings.arch}, fold {r.fold} (validation)")
-        for r in results))
+    (out / "metrics.md").write_text(
+        (markdown_table(metrics["test"], f"{settings.arch}, fold {best_fold.fold}: test "
+                        "(held out, reported only)") if metrics["test"] else "")
+        + "".join(markdown_table(r.report, f"{settings.arch}, fold {r.fold} (validation)")
+                  for r in results))
     torch.save(cpu_state(best_model), out / "model.pt")  # loads without a GPU
     card = model_card(settings, metrics, best_fold, command, parameter_count(best_model))
     write_card(card, out)
@@ -251,7 +264,7 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     card["ood"] = calibrate_ood(out, [cases[i] for i in train_idx], [cases[i] for i in val_idx],
                                 device=settings.device)
     split_file = write_split(out, [c.case_id for c in cases], splits, seed=settings.seed,
-                             selected=best_fold.fold)
+                             selected=best_fold.fold, test=split.test)
     card = seal(card, out, seed=settings.seed, command=command, split_file=split_file)
     write_card(card, out)
     return metrics
@@ -287,6 +300,7 @@ def model_card(settings: TrainSettings, metrics: dict[str, Any], selected: FoldR
                      "selected_fold": selected.fold, "best_epoch": selected.best_epoch,
                      "radlens_version": __version__, "torch_version": torch.__version__},
         "validation": selected.report,
+        "test": metrics.get("test"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "intended_use": BREAST_ULTRASOUND_SCOPE["intended_use"],
         "scope": BREAST_ULTRASOUND_SCOPE,
@@ -335,8 +349,11 @@ def write_card(card: dict[str, Any], folder: Path) -> None:
                   f"score {s['median']:.1f} (min {s['min']:.1f}, max {s['max']:.1f})"
                   for name, s in (ood.get("measured") or {}).items()]
         lines.append("")
+    if card.get("test"):
+        lines.append(markdown_table(card["test"], "Test (held out: nothing was chosen on it)"))
     if validation:
-        lines.append(markdown_table(validation, "Validation"))
+        lines.append(markdown_table(validation, "Validation (early stopping, model selection "
+                                                "and the OOD threshold were chosen on it)"))
     for name, measured in (card.get("measured") or {}).items():
         lines += ["", markdown_table(measured, f"Measured: {name}")]
     (folder / "card.md").write_text("\n".join(lines) + "\n")

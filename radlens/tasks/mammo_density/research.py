@@ -48,7 +48,8 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
                                     seed=request.seed, device=request.device,
                                     size=request.size or 224,
                                     weighted=bool(options.get("class_weights", True)),
-                                    clip=str(clip) if clip else None)
+                                    clip=str(clip) if clip else None,
+                                    test_fraction=float(options.get("test_fraction", 0.2)))
     if clip:
         from radlens.tasks.mammo_density.clip_backbone import (
             ClipUnavailableError,
@@ -80,7 +81,10 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
              f"{metrics['data']['patients']} patients; validation accuracy "
              f"{summary['accuracy']['mean']:.3f}, mean AUC "
              f"{summary['mean_auc']['mean']:.3f}; wrote {request.out}"]
-    for label, figures in (("fresh cases", metrics.get("test")),
+    test = metrics.get("test")
+    test_label = ("fresh cases" if options.get("test")
+                  else f"test ({test['cases']} held-out views)" if test else "")
+    for label, figures in ((test_label, test),
                            ("without class weights",
                             (metrics.get("ablation") or {}).get("without_class_weights"))):
         if figures:

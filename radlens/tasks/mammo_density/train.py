@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from radlens import __version__
 from radlens.logs import kv
 from radlens.models.cards import seal
 from radlens.models.device import resolve_device
-from radlens.models.folds import write_split
+from radlens.models.folds import Splits, split_with_test, write_split
+from radlens.models.metrics import classification_intervals
 from radlens.models.training import EarlyStopping, cross_validate, fit
 from radlens.tasks.mammo_density.model import (
     DENSITY_CLASSES,
@@ -80,6 +81,7 @@ class DensityTrainSettings:
     undersample_ratio: float = 2.0
     # An open_clip folder (e.g. BiomedCLIP) to fine-tune instead of radlens's own encoders.
     clip: str | None = None
+    test_fraction: float = 0.2  # patients held out first, reported only; 0: none
 
 
 def new_density_model(settings: DensityTrainSettings, vocabulary: Vocabulary,
@@ -301,6 +303,18 @@ def patient_folds(cases: list[DensityCase], folds: int, seed: int
     return [(np.array(train), np.array(val)) for train, val in chosen]
 
 
+def density_splits(cases: list[DensityCase], settings: DensityTrainSettings) -> Splits:
+    """Patient-level and stratified by category (every view of a patient on one side): the
+    held-out test patients first, then the folds of the rest (fewer than two folds: one
+    split with a fifth for validation)."""
+    try:
+        return split_with_test([c.label for c in cases], [c.patient_id for c in cases],
+                               test_fraction=settings.test_fraction, folds=settings.folds,
+                               val_fraction=0.2, seed=settings.seed)
+    except ValueError as exc:
+        raise DensityDataError(str(exc)) from exc
+
+
 def save_card(folder: Path, card: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
@@ -367,6 +381,8 @@ def run_density_training(data: Path, settings: DensityTrainSettings, out: Path, 
     card.json, metrics.json and curves.png into ``out``. With ``test`` (a folder of fresh
     cases) the model's figures on it go into the card; with ``ablation`` a model trained
     identically but without class weights and undersampling is measured beside it."""
+    if test is not None:  # a test folder of its own: nothing held out of the training one
+        settings = replace(settings, test_fraction=0.0)
     metrics = _train_and_save(data, settings, out, command=command, on_epoch=on_epoch)
     if test is None:
         return metrics
@@ -374,8 +390,6 @@ def run_density_training(data: Path, settings: DensityTrainSettings, out: Path, 
     card["test"] = {"data": str(test), **evaluate_density_folder(test, out, out / "test",
                                                                    device=settings.device)}
     if ablation:
-        from dataclasses import replace
-
         unweighted = out / "ablation-unweighted"
         _train_and_save(data, replace(settings, weighted=False), unweighted, command=command,
                         on_epoch=on_epoch)
@@ -396,7 +410,8 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     images = prepared_images(cases, settings.size)
     labels = np.array([c.label for c in cases])
     vocabulary = Vocabulary(list(DESCRIPTIONS.values()))
-    splits = patient_folds(cases, settings.folds, settings.seed)
+    split = density_splits(cases, settings)
+    splits = [(np.array(train), np.array(val)) for train, val in split.folds]
     results, chosen = cross_validate(
         splits,
         lambda fold, train_index, val_index: train_density_fold(
@@ -433,6 +448,15 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     model = new_density_model(settings, vocabulary, device)
     model.load_state_dict(selected.state)
     train_index, val_index = splits[selected.fold]
+    if split.test:  # the selected model on patients nothing was chosen on
+        test_index = np.array(split.test)
+        probabilities = predict_probabilities(model, images[test_index], device)
+        metrics["test"] = {**density_metrics(labels[test_index], probabilities),
+                           "intervals": classification_intervals(
+                               labels[test_index], probabilities, DENSITY_CLASSES,
+                               settings.seed),
+                           "held_out": "patients held out before training"}
+        card["test"] = metrics["test"]
     held_out = pooled_features(model, images[val_index], device)
     detector = ood.OodDetector.fit(pooled_features(model, images[train_index], device),
                                    held_out)
@@ -454,7 +478,7 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     else:
         save_model(out, selected.state, vocabulary, card)
     split_file = write_split(out, [c.case_id for c in cases], splits, seed=settings.seed,
-                             selected=selected.fold)
+                             selected=selected.fold, test=split.test)
     save_card(out, seal(json.loads((out / CARD_FILE).read_text()), out, seed=settings.seed,
                         command=command, split_file=split_file))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
