@@ -162,6 +162,14 @@ class ModelRef(_Frozen):
     name: str
     version: str
     architecture: str
+    training_data: str | None = Field(default=None, description="the card's one sentence on "
+                                      "what the model was trained on")
+
+    def training_statement(self) -> str:
+        """The sentence every SR and PDF states about this model's training data."""
+        said = (self.training_data or "").strip()
+        return (f"Model {self.name} {self.version}: "
+                + (said if said else "its card does not state what it was trained on."))
 
 
 class TaskFinding(BaseModel):
@@ -297,6 +305,13 @@ class StudyFindings(_Frozen):
                     summaries[task] = {**summary, "task": task}
             data["summaries"] = summaries
         return data
+
+    def models_used(self) -> list[ModelRef]:
+        """Every model with a reading in this study, once each, in the order they appear."""
+        models: list[ModelRef] = []
+        for image in self.images:
+            models += [a.model for a in image.analyses if a.model not in models]
+        return models
 
     @property
     def tasks_run(self) -> list[str]:

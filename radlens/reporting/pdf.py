@@ -141,6 +141,9 @@ def render_report(findings: StudyFindings, narrative: Narrative, figures: Sequen
         pages = _Pages(pdf, f"Model: {model}. Narrative written by: {narrative.author_line}.")
         pages.line("radlens report", 0.022, fontsize=16, weight="bold")
         pages.line(STATEMENT, 0.038, fontsize=8, color="#b00020")
+        for used in findings.models_used():
+            for part in textwrap.wrap(used.training_statement(), 130):
+                pages.line(part, 0.016, fontsize=8)
         pages.line("Narrative", 0.018, fontsize=11, weight="bold")
         for paragraph in narrative.text.splitlines():
             for line in textwrap.wrap(paragraph, 100) or [""]:

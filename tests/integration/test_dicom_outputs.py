@@ -221,6 +221,7 @@ def test_dsrdump_shows_groups_scoords_and_narrative(processed):
     assert '"Impression"' in text and "Automated analysis of 2 ultrasound image(s)" in text
     assert "NOT FOR DIAGNOSTIC USE" in text
     assert '"Device Observer Name")="radlens"' in text
+    assert "Trained on synthetic phantoms only" in " ".join(text.split())  # from the card
 
 
 def test_no_lesion_is_said_in_the_sr(processed):

@@ -133,6 +133,9 @@ def test_one_agent_reads_mammograms_for_density_and_ultrasound_for_lesions(
     for view in ("R CC", "L CC", "R MLO", "L MLO"):
         assert f"{view}: " in text
     assert text.count("attention on artifacts") >= flagged  # the table and the figures
+    # Both SR and PDF say what the model was trained on, from its card.
+    assert "Trained on synthetic phantoms only" in " ".join(tree.split())
+    assert "Trained on synthetic phantoms only" in " ".join(text.split())
 
 
 def _density(image: dict) -> dict | None:

@@ -75,6 +75,12 @@ def test_train_command_writes_a_usable_weights_folder(tmp_path):
     assert {"lesions", "sensitivity", "fp_per_normal_image"} <= set(test["detection"])
     assert "Test (held out" in (out / "card.md").read_text()
     assert "test (" in trained.stdout and "held-out images" in trained.stdout
+    # Calibration fitted on validation, measured on test, stated by the agent.
+    assert card["calibration"]["temperature"] > 0 and (out / "reliability.png").is_file()
+    assert {"before", "after"} <= set(test["calibration"])
+    assert "## Calibration" in (out / "card.md").read_text()
+    assert "Calibration of the image probabilities" in evaluated.stdout
+    assert (tmp_path / "eval" / "reliability.png").is_file()
     assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}-[0-9a-f]{8}", card["version"]), card["version"]
     provenance = card["provenance"]
     assert set(provenance["sha256"]) == {"model.pt", "ood.npz"}

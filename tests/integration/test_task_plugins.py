@@ -218,6 +218,8 @@ def test_a_plugin_package_and_monai_bundles_read_studies_sent_with_storescu(
     for name in ("phantom_nodules (phantom-nodules 2026.12.0)",
                  "phantom_cysts (Phantom cysts 0.1.0)"):
         assert f"{name} has no out-of-distribution check" in " ".join(tree.split())
+    assert ("Model phantom-nodules 2026.12.0: its card does not state what it was trained on."
+            in " ".join(tree.split()))
 
     _a_ct_series_is_read_as_one_volume(server, archive, tmp_path)
 
@@ -274,6 +276,7 @@ def _volume_bundle(tmp_path: Path, state: dict) -> Path:
     torch.save(state, folder / "models" / "model.pt")
     (folder / "configs" / "metadata.json").write_text(json.dumps({
         "name": "Phantom spheres", "version": "0.2.0",
+        "data_source": "24 synthetic CT volumes with one sphere each, made by the test",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "num_channels": 1,
                                  "spatial_shape": list(CT_SHAPE)}},
@@ -398,3 +401,5 @@ def _a_ct_series_is_read_as_one_volume(server, archive, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60).stdout.split())
     assert '(118565006,SCT,"Volume")' in tree and '(ml,UCUM,"milliliter")' in tree
     assert "phantom_spheres (Phantom spheres 0.2.0) has no out-of-distribution check" in tree
+    assert ("Model Phantom spheres 0.2.0: Trained on 24 synthetic CT volumes with one sphere "
+            "each, made by the test.") in tree  # the bundle metadata's data_source

@@ -91,6 +91,7 @@ def study_notes(findings: StudyFindings, tasks: Sequence[Task]) -> list[str]:
                      f"({', '.join(task.name for task in tasks)}), so no segmentation (SEG) "
                      "was written.")
     notes += [note for task in tasks if (note := task.segmentation_note(findings))]
+    notes += [model.training_statement() for model in findings.models_used()]
     return notes
 
 

@@ -75,7 +75,8 @@ class Analyser(LoadedTask):
     @property
     def model_ref(self) -> ModelRef:
         return ModelRef(name=self.segmenter.name, version=self.segmenter.version,
-                        architecture=str(self.segmenter.card["architecture"]))
+                        architecture=str(self.segmenter.card["architecture"]),
+                        training_data=self.segmenter.card.get("training_data"))
 
     @property
     def ood_threshold(self) -> float | None:

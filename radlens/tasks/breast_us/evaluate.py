@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from radlens.datasets.segmentation import Layout
+from radlens.models.calibration import apply_temperature, measure, reliability_diagram
 from radlens.models.metrics import PIXEL_METRICS, evaluation_report, markdown_table, predict
 from radlens.models.ood import case_images, summary
 from radlens.tasks.breast_us.datasets import SegmentationDataset, load_cases
@@ -29,18 +30,51 @@ def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "
     cases = load_cases(data, layout)
     dataset = SegmentationDataset(cases, size=segmenter.input_size[0])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    report = evaluation_report(predict(segmenter.model, loader, segmenter.device), seed)
+    predictions = predict(segmenter.model, loader, segmenter.device)
+    report = evaluation_report(predictions, seed)
     report["model"] = {"name": segmenter.name, "version": segmenter.version,
                        "folder": str(segmenter.folder)}
     report["data"] = str(data)
     table = markdown_table(report, f"{segmenter.name} {segmenter.version} on {data}")
+    out.mkdir(parents=True, exist_ok=True)
+    report["calibration"] = calibration_report(predictions.image_probabilities,
+                                               predictions.labels, segmenter.temperature, out)
+    table += calibration_table(report["calibration"])
     if segmenter.ood is not None:
         report["ood"] = ood_report(segmenter, case_images(cases), unlike or {}, str(data))
         table += ood_table(report["ood"])
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(table)
     return report
+
+
+def calibration_report(probabilities: np.ndarray, labels: np.ndarray, temperature: float,
+                       out: Path) -> dict[str, Any]:
+    """ECE and Brier score of the image probabilities as the network gives them and as the
+    agent states them (after the card's temperature), and a reliability diagram."""
+    curves = {"as trained": (probabilities, labels)}
+    report: dict[str, Any] = {"temperature": temperature,
+                              "as_trained": measure(probabilities, labels).as_dict(),
+                              "stated": None, "diagram": "reliability.png"}
+    if temperature != 1.0:
+        calibrated = apply_temperature(probabilities, temperature)
+        report["stated"] = measure(calibrated, labels).as_dict()
+        curves[f"temperature {temperature:.2f} (what the agent states)"] = (calibrated, labels)
+    reliability_diagram(curves, out / "reliability.png", "Image probabilities")
+    return report
+
+
+def calibration_table(calibration: dict[str, Any]) -> str:
+    trained, stated = calibration["as_trained"], calibration["stated"]
+    line = (f"\n## Calibration of the image probabilities\n\nAs trained: ECE "
+            f"{trained['ece']:.3f}, Brier {trained['brier']:.3f} over {trained['images']} "
+            "images")
+    if stated:
+        line += (f"; as the agent states them (temperature {calibration['temperature']:.2f}): "
+                 f"ECE {stated['ece']:.3f}, Brier {stated['brier']:.3f}")
+    else:
+        line += "; the model's card states no calibration, so the agent states these"
+    return line + f". Reliability diagram: `{calibration['diagram']}`.\n"
 
 
 def ood_report(segmenter: Segmenter, images: list[np.ndarray],

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radlens.models.calibration import apply_temperature
 from radlens.models.cards import ModelError, model_folder
 from radlens.models.device import resolve_device
 from radlens.models.metrics import image_probabilities
@@ -94,6 +95,8 @@ class Segmenter:
         self.ood = OodDetector.load(self.folder)
         self.input_size = tuple(self.card["input_size"])
         self.batch_size = batch_size
+        # Temperature scaling fitted at training (1: the card states none).
+        self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
 
     @property
     def name(self) -> str:
@@ -154,6 +157,8 @@ class Segmenter:
         with torch.no_grad():
             probs = logits.softmax(dim=1)
             per_image = image_probabilities(probs).cpu().numpy()
+            if self.temperature != 1.0:  # the calibrated probabilities the card measured
+                per_image = apply_temperature(per_image, self.temperature).astype(np.float32)
             latents = pooled_latents(features).float().cpu().numpy()
             deepest = features[-1].float().cpu().numpy()
             results = []

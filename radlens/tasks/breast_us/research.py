@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from radlens.datasets.origin import mark_phantoms
 from radlens.datasets.summary import DatasetSummary
 from radlens.tasks.base import ResearchProgress, TaskError, TaskUsageError, TrainRequest
 
@@ -47,6 +48,7 @@ def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: boo
 
     write_dataset(out, generate(n, seed, size=size), dicom=dicom,
                   uid_seed=f"radlens-phantoms-{seed}-{size}", on_case=advance)
+    mark_phantoms(out, task="breast_us", seed=seed, n=n, size=size)
     summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("normal", "benign", "malignant"))
     return f"wrote {n} phantoms ({summary}) to {out}"
 

@@ -23,7 +23,14 @@ from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 
 from radlens import __version__
+from radlens.datasets.origin import training_data_sentence
 from radlens.logs import kv
+from radlens.models.calibration import (
+    apply_temperature,
+    fit_temperature,
+    measure,
+    reliability_diagram,
+)
 from radlens.models.cards import seal
 from radlens.models.device import resolve_device
 from radlens.models.folds import split_with_test, write_split
@@ -246,11 +253,33 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
         "selected_fold": best_fold.fold,
         "test": None,
     }
+    device = next(best_model.parameters()).device
+    # Temperature scaling of the image probabilities, fitted on the selected fold's validation.
+    _, selected_val = splits[best_fold.fold]
+    validation = predict(best_model, _loader(SegmentationDataset(
+        [cases[i] for i in selected_val], size=settings.size), settings.batch_size, False,
+        settings.seed), device)
+    temperature = fit_temperature(validation.image_probabilities, validation.labels)
+    metrics["calibration"] = {
+        "method": "temperature scaling of the image probabilities' logarithms",
+        "temperature": temperature, "fitted_on": f"validation, fold {best_fold.fold}",
+        "validation": {
+            "before": measure(validation.image_probabilities, validation.labels).as_dict(),
+            "after": measure(apply_temperature(validation.image_probabilities, temperature),
+                             validation.labels).as_dict()}}
     if split.test:  # the selected model on cases nothing was chosen on
         test_data = SegmentationDataset([cases[i] for i in split.test], size=settings.size)
-        metrics["test"] = evaluation_report(predict(
-            best_model, _loader(test_data, settings.batch_size, False, settings.seed),
-            next(best_model.parameters()).device), settings.seed)
+        tested = predict(best_model, _loader(test_data, settings.batch_size, False,
+                                             settings.seed), device)
+        metrics["test"] = evaluation_report(tested, settings.seed)
+        calibrated = apply_temperature(tested.image_probabilities, temperature)
+        metrics["test"]["calibration"] = {
+            "before": measure(tested.image_probabilities, tested.labels).as_dict(),
+            "after": measure(calibrated, tested.labels).as_dict(),
+            "diagram": "reliability.png"}
+        reliability_diagram({"as trained": (tested.image_probabilities, tested.labels),
+                             f"temperature {temperature:.2f}": (calibrated, tested.labels)},
+                            out / "reliability.png", "Test set: image probabilities")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "metrics.md").write_text(
         (markdown_table(metrics["test"], f"{settings.arch}, fold {best_fold.fold}: test "
@@ -301,9 +330,13 @@ def model_card(settings: TrainSettings, metrics: dict[str, Any], selected: FoldR
                      "radlens_version": __version__, "torch_version": torch.__version__},
         "validation": selected.report,
         "test": metrics.get("test"),
+        "calibration": metrics.get("calibration"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "intended_use": BREAST_ULTRASOUND_SCOPE["intended_use"],
         "scope": BREAST_ULTRASOUND_SCOPE,
+        "training_data": training_data_sentence(Path(metrics["data"]["path"]),
+                                                images=metrics["data"]["cases"],
+                                                patients=metrics["data"]["patients"]),
     }
 
 
@@ -349,6 +382,17 @@ def write_card(card: dict[str, Any], folder: Path) -> None:
                   f"score {s['median']:.1f} (min {s['min']:.1f}, max {s['max']:.1f})"
                   for name, s in (ood.get("measured") or {}).items()]
         lines.append("")
+    calibration = card.get("calibration")
+    if calibration:
+        tested = (card.get("test") or {}).get("calibration")
+        lines += ["## Calibration", "",
+                  f"- {calibration['method']}: T = {calibration['temperature']:.3f}, fitted on "
+                  f"{calibration['fitted_on']}; the probabilities the agent states are these",
+                  *([f"- test: ECE {tested['before']['ece']:.3f} as trained, "
+                     f"{tested['after']['ece']:.3f} calibrated; Brier "
+                     f"{tested['before']['brier']:.3f}, {tested['after']['brier']:.3f} "
+                     f"({tested['after']['images']} images; `{tested['diagram']}`)"]
+                    if tested else []), ""]
     if card.get("test"):
         lines.append(markdown_table(card["test"], "Test (held out: nothing was chosen on it)"))
     if validation:

@@ -69,7 +69,8 @@ class DensityAnalyser(LoadedTask):
     def model_ref(self) -> ModelRef:
         return ModelRef(name=str(self.card.get("name", "radlens-density")),
                         version=str(self.card.get("version", "unknown")),
-                        architecture=str(self.card.get("architecture", "DensityCLIP")))
+                        architecture=str(self.card.get("architecture", "DensityCLIP")),
+                        training_data=self.card.get("training_data"))
 
     @property
     def size(self) -> int:

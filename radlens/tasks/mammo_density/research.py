@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from radlens.datasets.origin import mark_phantoms
 from radlens.datasets.summary import DatasetSummary
 from radlens.tasks.base import ResearchProgress, TaskError, TaskUsageError, TrainRequest
 
@@ -28,6 +29,7 @@ def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: boo
     phantoms.write_dataset(out, phantoms.generate(n, seed, size=size), dicom=dicom,
                            uid_seed=f"radlens-mammo-{seed}-{size}", tomosynthesis=tomosynthesis,
                            on_patient=advance_patient)
+    mark_phantoms(out, task="mammo_density", seed=seed, n=n, size=size)
     summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in "ABCD")
     return f"wrote {n} patients, {4 * n} views (study density: {summary}) to {out}"
 

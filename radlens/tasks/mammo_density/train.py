@@ -27,6 +27,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from radlens import __version__
+from radlens.datasets.origin import training_data_sentence
 from radlens.logs import kv
 from radlens.models.cards import seal
 from radlens.models.device import resolve_device
@@ -525,6 +526,9 @@ def density_card(settings: DensityTrainSettings, metrics: dict[str, Any],
         "validation": metrics["summary"],
         "command": command,
         "intended_use": "research only; not for diagnostic use",
+        "training_data": training_data_sentence(Path(metrics["data"]["folder"]),
+                                                images=metrics["data"]["views"],
+                                                patients=metrics["data"]["patients"]),
     }
 
 

@@ -113,6 +113,8 @@ class BundleTask(LabelMapTask):
                 "architecture": f"MONAI bundle {self.folder.name}",
                 "scope": self.config.scope.model_dump(mode="json"),
                 "intended_use": self.config.scope.intended_use,
+                "training_data": (f"Trained on {source}." if (source := str(
+                    self.metadata.get("data_source") or "").strip().rstrip(".")) else None),
                 "labels": [label.model_dump() for label in self.labels]}
 
     def scope(self, settings: Settings | None = None) -> ModelScope | None:
@@ -153,7 +155,8 @@ class LoadedBundle(LoadedTask):
     @property
     def model_ref(self) -> ModelRef:
         return ModelRef(name=self.card["name"], version=self.card["version"],
-                        architecture=self.card["architecture"])
+                        architecture=self.card["architecture"],
+                        training_data=self.card.get("training_data"))
 
     @classmethod
     def load(cls, task: BundleTask, device: str) -> LoadedBundle:
