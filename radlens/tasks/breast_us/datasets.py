@@ -24,7 +24,6 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
 )
-from PIL import Image
 
 from radlens.datasets.segmentation import (
     DatasetError,
@@ -62,15 +61,13 @@ def load_cases(root: Path, layout: Layout | None = None) -> list[Case]:
 
 
 def load_arrays(case: Case, size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Greyscale image in [0, 1] (bilinear) and class-index mask (nearest), both size x size."""
-    if case.image_path.suffix == ".png":
-        image = Image.open(case.image_path).convert("L")
-    else:
-        image = Image.fromarray(read_grey(case.image_path), mode="F")
-    classes = read_mask(case, LESION_MASKS).astype(np.uint8)
-    image = image.resize((size, size), Image.BILINEAR)
-    classes = np.asarray(Image.fromarray(classes).resize((size, size), Image.NEAREST))
-    return np.asarray(image, dtype=np.float32) / 255.0, classes.astype(np.int64)
+    """The network's input as the agent makes it (``preprocess.prepare``, the ``bit-depth``
+    policy new cards record) and the class-index mask resized alike (nearest), size x size."""
+    from radlens.tasks.breast_us.preprocess import BIT_DEPTH, prepare, prepare_mask
+
+    image = prepare(read_grey(case.image_path), (size, size), BIT_DEPTH)[0, 0].numpy()
+    classes = prepare_mask(read_mask(case, LESION_MASKS), (size, size))
+    return image.astype(np.float32), classes.astype(np.int64)
 
 
 def augmentations(seed: int) -> Compose:

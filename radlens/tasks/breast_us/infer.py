@@ -29,6 +29,7 @@ from radlens.models.networks import (
     pooled_latents,
 )
 from radlens.models.ood import OodDetector
+from radlens.tasks.breast_us.preprocess import policy_of, prepare
 
 DEFAULT_MODEL = "default"  # the shipped lesion model's weights
 
@@ -97,6 +98,7 @@ class Segmenter:
         self.batch_size = batch_size
         # Temperature scaling fitted at training (1: the card states none).
         self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
+        self.preprocessing = policy_of(self.card)  # the one training used
 
     @property
     def name(self) -> str:
@@ -107,20 +109,7 @@ class Segmenter:
         return str(self.card["version"])
 
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
-        array = np.asarray(image, dtype=np.float32)
-        if array.ndim == 3:  # (H, W, channels): ITU-R 601 luma for colour
-            if array.shape[-1] == 3:
-                array = array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-            elif array.shape[-1] == 1:
-                array = array[..., 0]
-            else:
-                raise ValueError(f"expected 1 or 3 channels, got {array.shape[-1]}")
-        if array.ndim != 2:
-            raise ValueError(f"expected a 2-D image, got shape {image.shape}")
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
-        tensor = torch.from_numpy(scaled)[None, None]
-        return F.interpolate(tensor, size=self.input_size, mode="bilinear", align_corners=False)
+        return prepare(image, self.input_size, self.preprocessing)
 
     @torch.inference_mode()
     def latents(self, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -51,6 +51,7 @@ from radlens.tasks.breast_us.datasets import (
     augmentations,
     load_cases,
 )
+from radlens.tasks.breast_us.preprocess import BIT_DEPTH
 from radlens.tasks.breast_us.scope import BREAST_ULTRASOUND_SCOPE
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,9 @@ def model_card(settings: TrainSettings, metrics: dict[str, Any], selected: FoldR
         "classes": list(CLASS_NAMES),
         "image_labels": ["normal", "benign", "malignant"],
         "input_size": [settings.size, settings.size],
-        "input_normalisation": "greyscale, scaled to [0, 1] from the image's 8-bit range",
+        "input_normalisation": "greyscale, divided by 255 (or by its bit depth's top value "
+                               "when it exceeds 255), resized bilinearly to the input size",
+        "preprocessing": BIT_DEPTH,
         "parameters": parameters,
         "training": {"data": metrics["data"], "command": command, "settings": asdict(settings),
                      "selected_fold": selected.fold, "best_epoch": selected.best_epoch,
