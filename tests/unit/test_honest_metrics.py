@@ -135,3 +135,16 @@ def test_temperature_scaling_calibrates_an_overconfident_model_and_keeps_its_cla
                                                                                labels)},
                         tmp_path / "reliability.png", "test")
     assert (tmp_path / "reliability.png").stat().st_size > 5000
+
+
+def test_the_bootstraps_auc_is_scikit_learns():
+    from sklearn.metrics import roc_auc_score
+
+    from radlens.models.metrics import rank_auc
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        positives = rng.random(80) < 0.3
+        scores = np.round(rng.random(80), 1)  # many ties
+        assert rank_auc(positives, scores) == pytest.approx(roc_auc_score(positives, scores))
+    assert rank_auc(np.zeros(5, bool), np.arange(5.0)) is None

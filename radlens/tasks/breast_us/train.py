@@ -156,7 +156,8 @@ def train_fold(fold: int, train_cases: list[Case], val_cases: list[Case],
     best_state = fitted.best_state
     result = FoldResult(fold, len(train_cases), len(val_cases), fitted.best_epoch,
                         fitted.best_val_loss, fitted.stopped_early, fitted.history)
-    result.report = evaluation_report(predict(model, val_loader, device), settings.seed)
+    result.report = evaluation_report(predict(model, val_loader, device), settings.seed,
+                                      intervals=False)
     fold_dir = out / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     torch.save(best_state, fold_dir / "model.pt")
