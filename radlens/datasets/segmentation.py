@@ -160,6 +160,24 @@ def _dicom_plane(path: Path) -> np.ndarray:
     return frame[..., 0]
 
 
+def _image_shape(path: Path) -> tuple[int, int]:
+    """(rows, columns) of an image file from its header, without decoding its pixels."""
+    if path.name.endswith(_NIFTI):
+        import nibabel as nib
+
+        shape = [n for n in nib.load(str(path)).shape if n != 1]
+        if len(shape) != 2:
+            raise DatasetError(f"{path}: shape {tuple(shape)} is not one 2-D image")
+        return shape[1], shape[0]  # (x = column, y = row)
+    if path.suffix.lower() == ".dcm":
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+        return int(ds.Rows), int(ds.Columns)
+    with Image.open(path) as image:
+        return image.size[1], image.size[0]
+
+
 def _nifti_spacing(path: Path) -> tuple[float, float]:
     import nibabel as nib
 
@@ -421,24 +439,27 @@ def _listed_spacing(row: Mapping[str, str]) -> tuple[float, float] | None:
 
 def _tally(dataset: SegmentationDataset, scan: _MaskScan, mask: np.ndarray, image_path: Path,
            spacing: tuple[float, float] | None) -> None:
+    """A mask file's raw values, then what every layout counts (``_tally_case``), after
+    checking that image and mask are the same size."""
     if scan.colour:
         dataset.mask_values["colour"] += int(mask.size)
     else:
         for value, pixels in scan.values.items():
             dataset.mask_values[str(value)] += pixels
-    for index, pixels in enumerate(np.bincount(mask.ravel(), minlength=len(
-            dataset.classes.names))[:len(dataset.classes.names)]):
-        dataset.class_pixels[dataset.classes.names[index]] += int(pixels)
-    rows, columns = mask.shape[:2]
-    if image_path.name.endswith(_NIFTI):
-        image_shape = _nifti_plane(image_path).shape
-    else:
-        with Image.open(image_path) as image:
-            image_shape = (image.size[1], image.size[0])
-    if image_shape != (rows, columns):
+    image_shape = _image_shape(image_path)
+    if image_shape != mask.shape[:2]:
         raise DatasetError(f"{image_path.name}: image {image_shape[0]} x {image_shape[1]}, "
-                           f"mask {rows} x {columns}")
-    dataset.sizes[f"{rows} x {columns}"] += 1
+                           f"mask {mask.shape[0]} x {mask.shape[1]}")
+    _tally_case(dataset, mask, spacing)
+
+
+def _tally_case(dataset: SegmentationDataset, mask: np.ndarray,
+                spacing: tuple[float, float] | None) -> None:
+    """One case's pixels per class, size and spacing."""
+    names = dataset.classes.names
+    for index, pixels in enumerate(np.bincount(mask.ravel(), minlength=len(names))[:len(names)]):
+        dataset.class_pixels[names[index]] += int(pixels)
+    dataset.sizes[f"{mask.shape[0]} x {mask.shape[1]}"] += 1
     dataset.spacings[f"{spacing[0]:.3f} x {spacing[1]:.3f} mm" if spacing
                      else "not stated"] += 1
 
@@ -518,24 +539,24 @@ def _segment_classes(seg: object, classes: MaskClasses, path: Path) -> dict[int,
 def _seg_mask(case: SegmentationCase, classes: MaskClasses) -> np.ndarray:
     import highdicom as hd
 
-    image = read_grey(case.image_path)
+    shape = _image_shape(case.image_path)
     if case.mask_path == case.image_path:  # a normal case no SEG covers
-        return np.zeros(image.shape, dtype=np.int64)
+        return np.zeros(shape, dtype=np.int64)
     seg = hd.seg.segread(str(case.mask_path))
     mapping = _segment_classes(seg, classes, case.mask_path)
-    sop = str(pydicom_sop(case.image_path))
+    sop = _sop_instance_uid(case.image_path)
     planes = seg.get_pixels_by_source_instance([sop], segment_numbers=sorted(mapping),
                                                skip_overlap_checks=True)[0]
     out = np.zeros(planes.shape[:2], dtype=np.int64)
     for channel, number in enumerate(sorted(mapping)):  # the higher class wins an overlap
         out = np.where(planes[..., channel] > 0, np.maximum(out, mapping[number]), out)
-    if out.shape != image.shape:
+    if out.shape != shape:
         raise DatasetError(f"{case.mask_path.name}: segmentation {out.shape} for an image of "
-                           f"{image.shape}")
+                           f"{shape}")
     return out
 
 
-def pydicom_sop(path: Path) -> str:
+def _sop_instance_uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True,
@@ -607,11 +628,8 @@ def _read_dicom_seg(root: Path, classes: MaskClasses) -> SegmentationDataset:
                                   f"{from_mask}")
         dataset.cases.append(replace(case, label=from_mask))
         for index, count in enumerate(np.bincount(mask.ravel(), minlength=len(classes.names))):
-            dataset.mask_values[str(index)] += int(count)
-            dataset.class_pixels[classes.names[index]] += int(count)
-        dataset.sizes[f"{mask.shape[0]} x {mask.shape[1]}"] += 1
-        dataset.spacings[f"{spacing[0]:.3f} x {spacing[1]:.3f} mm" if spacing
-                         else "not stated"] += 1
+            dataset.mask_values[str(index)] += int(count)  # a SEG's values are its classes
+        _tally_case(dataset, mask, spacing)
     if contradictions:
         raise DatasetError(f"labels.csv contradicts {len(contradictions)} SEG(s): "
                            + "; ".join(contradictions[:_SHOWN]))

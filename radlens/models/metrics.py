@@ -135,15 +135,19 @@ def detect_lesions(predicted: np.ndarray, reference: np.ndarray) -> tuple[int, i
     reference_labels, reference_count = ndimage.label(reference)
     if reference_count == 0:
         return 0, 0, len(kept)
+    # One pass over the pixels: the intersection of every (reference, predicted) pair.
+    pairs = np.bincount(reference_labels.ravel() * (predicted_count + 1)
+                        + predicted_labels.ravel(),
+                        minlength=(reference_count + 1) * (predicted_count + 1)
+                        ).reshape(reference_count + 1, predicted_count + 1)
+    reference_sizes = pairs.sum(axis=1)
+    candidates = np.array(kept, dtype=np.int64)
     found = 0
     for index in range(1, reference_count + 1):
-        lesion = reference_labels == index
-        for candidate in kept:
-            region = predicted_labels == candidate
-            union = float((lesion | region).sum())
-            if union and float((lesion & region).sum()) / union >= DETECTION_IOU:
-                found += 1
-                break
+        overlap = pairs[index, candidates]
+        union = reference_sizes[index] + sizes[candidates] - overlap
+        if np.any(overlap >= DETECTION_IOU * union):
+            found += 1
     return reference_count, found, 0
 
 
