@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 
 from radlens.demo.tools import (  # noqa: F401 (re-exported)
@@ -215,3 +216,35 @@ def closed_by_node(connection: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def ct_slice(path: Path, pixels: np.ndarray, *, study: str, series: str,
+             frame_of_reference: str, number: int, z: float,
+             pixel_spacing: tuple[float, float], slice_thickness: float,
+             **attributes: object) -> Path:
+    """One axial CT Image Storage slice (uint16 ``pixels``, identity orientation, at height
+    ``z``) written to ``path``; ``attributes`` add or override header attributes."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality, ds.InstanceNumber = "CT", number
+    ds.FrameOfReferenceUID = frame_of_reference
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+    ds.PixelSpacing, ds.SliceThickness = list(pixel_spacing), slice_thickness
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

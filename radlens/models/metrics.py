@@ -232,6 +232,15 @@ def linear_probe(latents: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict
     return {**asdict(scores), "folds": folds}
 
 
+def _percentile_intervals(samples: dict[str, list[float]], resamples: int
+                          ) -> dict[str, list[float] | None]:
+    """Each figure's 2.5th and 97.5th percentiles over the resamples that gave it; None when
+    fewer than half did."""
+    return {name: ([float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+                   if len(values) >= resamples / 2 else None)
+            for name, values in samples.items()}
+
+
 def rank_auc(positives: np.ndarray, scores: np.ndarray) -> float | None:
     """ROC AUC as the Mann-Whitney statistic on mid-ranks (ties count a half), equal to
     scikit-learn's ``roc_auc_score`` and fast enough to run a thousand times; None when one
@@ -290,9 +299,7 @@ def bootstrap_intervals(predictions: Predictions, seed: int = 0,
         aucs = [auc for index in range(len(IMAGE_LABELS))
                 if (auc := rank_auc(truth == index, chosen_probabilities[:, index])) is not None]
         keep("auc_ovr", float(np.mean(aucs)) if aucs else None)
-    return {name: ([float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-                   if len(values) >= resamples / 2 else None)
-            for name, values in samples.items()}
+    return _percentile_intervals(samples, resamples)
 
 
 def classification_intervals(labels: np.ndarray, probabilities: np.ndarray,
@@ -317,8 +324,7 @@ def classification_intervals(labels: np.ndarray, probabilities: np.ndarray,
                 samples.setdefault(f"auc_{name}", []).append(auc)
         if aucs:
             samples.setdefault("mean_auc", []).append(float(np.mean(aucs)))
-    return {name: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-                   if len(v) >= resamples / 2 else None) for name, v in samples.items()}
+    return _percentile_intervals(samples, resamples)
 
 
 def evaluation_report(predictions: Predictions, seed: int = 0, *,

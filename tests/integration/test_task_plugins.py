@@ -21,7 +21,15 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.helpers import REPO, dciodvfy_errors, radlens_cli, require_tool, storescu, wait_for
+from tests.helpers import (
+    REPO,
+    ct_slice,
+    dciodvfy_errors,
+    radlens_cli,
+    require_tool,
+    storescu,
+    wait_for,
+)
 
 PLUGIN_SOURCE = REPO / "tests" / "plugins" / "phantom_nodules"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -87,22 +95,28 @@ def _install_plugin(tmp_path: Path, state: dict) -> Path:
     return site
 
 
-def _bundle(tmp_path: Path, state: dict) -> Path:
-    """A bundle folder in the MONAI Model Zoo's layout, its network saved as its weights."""
+def _write_bundle(folder: Path, state: dict, metadata: dict, inference: dict) -> Path:
+    """A bundle folder in the MONAI Model Zoo's layout: configs/metadata.json,
+    configs/inference.json and the network's weights as models/model.pt."""
     import torch
 
-    folder = tmp_path / "phantom_cysts_bundle"
     (folder / "configs").mkdir(parents=True)
     (folder / "models").mkdir()
     torch.save(state, folder / "models" / "model.pt")
-    (folder / "configs" / "metadata.json").write_text(json.dumps({
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    return folder
+
+
+def _bundle(tmp_path: Path, state: dict) -> Path:
+    """A bundle folder in the MONAI Model Zoo's layout, its network saved as its weights."""
+    return _write_bundle(tmp_path / "phantom_cysts_bundle", state, {
         "name": "Phantom cysts", "version": "0.1.0",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "num_channels": 1,
                                  "spatial_shape": [64, 64]}},
             "outputs": {"pred": {"type": "image", "num_channels": 2,
-                                 "channel_def": {"0": "background", "1": "cyst"}}}}}))
-    (folder / "configs" / "inference.json").write_text(json.dumps({
+                                 "channel_def": {"0": "background", "1": "cyst"}}}}}, {
         "imports": ["$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cpu')",
@@ -119,8 +133,7 @@ def _bundle(tmp_path: Path, state: dict) -> Path:
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             {"_target_": "SaveImaged", "keys": "pred",  # radlens writes its own outputs
              "output_dir": "$@bundle_root + '/eval'"}]},
-    }))
-    return folder
+    })
 
 
 def _study(folder: Path) -> list[Path]:
@@ -268,21 +281,14 @@ def _trained_3d_state() -> dict:
 
 def _volume_bundle(tmp_path: Path, state: dict) -> Path:
     """A bundle that reads a CT series as one volume, labels in its metadata."""
-    import torch
-
-    folder = tmp_path / "phantom_spheres_bundle"
-    (folder / "configs").mkdir(parents=True)
-    (folder / "models").mkdir()
-    torch.save(state, folder / "models" / "model.pt")
-    (folder / "configs" / "metadata.json").write_text(json.dumps({
+    return _write_bundle(tmp_path / "phantom_spheres_bundle", state, {
         "name": "Phantom spheres", "version": "0.2.0",
         "data_source": "24 synthetic CT volumes with one sphere each, made by the test",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "num_channels": 1,
                                  "spatial_shape": list(CT_SHAPE)}},
             "outputs": {"pred": {"type": "image", "num_channels": 2,
-                                 "channel_def": {"0": "background", "1": "sphere"}}}}}))
-    (folder / "configs" / "inference.json").write_text(json.dumps({
+                                 "channel_def": {"0": "background", "1": "sphere"}}}}}, {
         "imports": ["$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cpu')",
@@ -296,51 +302,31 @@ def _volume_bundle(tmp_path: Path, state: dict) -> Path:
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]},
-    }))
-    return folder
+    })
 
 
 def _ct_series(folder: Path) -> tuple[list[Path], np.ndarray]:
     """A CT series of one phantom volume, a file per slice, written in a shuffled order (as
     scanners and archives send them); returns the files and the sphere's mask."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
     folder.mkdir()
     rng = np.random.default_rng(11)
     hu, mask = _sphere_volume(rng)
     study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     paths = []
     for index in rng.permutation(CT_SHAPE[0]):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.FrameOfReferenceUID = frame_of_reference
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = \
-            "Phantom^Spheres", "BUNDLE3D", "19700101", "O"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = \
-            "20261207", "120000", "A3D", "1"
-        ds.ReferringPhysicianName = ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, int(index) + 1
-        ds.BodyPartExamined, ds.SeriesDescription = "ABDOMEN", "phantom spheres"
-        ds.Manufacturer = "radlens tests"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, float(index) * CT_SPACING[0]]
-        ds.PixelSpacing = list(CT_SPACING[1:])
-        ds.SliceThickness = CT_SPACING[0]
-        ds.Rows, ds.Columns = CT_SHAPE[1:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.KVP, ds.AcquisitionNumber = 120, 1
-        ds.PixelData = np.clip(np.rint(hu[index] + 1024), 0, 4095).astype(np.uint16).tobytes()
-        paths.append(folder / f"CT{index + 1}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
+        paths.append(ct_slice(
+            folder / f"CT{index + 1}.dcm",
+            np.clip(np.rint(hu[index] + 1024), 0, 4095).astype(np.uint16),
+            study=study, series=series, frame_of_reference=frame_of_reference,
+            number=int(index) + 1, z=float(index) * CT_SPACING[0],
+            pixel_spacing=CT_SPACING[1:], slice_thickness=CT_SPACING[0],
+            PatientName="Phantom^Spheres", PatientID="BUNDLE3D", PatientBirthDate="19700101",
+            PatientSex="O", StudyDate="20261207", StudyTime="120000", AccessionNumber="A3D",
+            StudyID="1", ReferringPhysicianName="", SeriesNumber=3,
+            BodyPartExamined="ABDOMEN", SeriesDescription="phantom spheres",
+            Manufacturer="radlens tests", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+            BitsStored=12, HighBit=11, RescaleIntercept=-1024, RescaleType="HU", KVP=120,
+            AcquisitionNumber=1))
     return paths, mask
 
 

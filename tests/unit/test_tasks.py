@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from radlens.agent.routing import ImageFacts, Router
@@ -17,6 +16,7 @@ from radlens.findings import StudyFindings
 from radlens.models.scope import ModelScope
 from radlens.tasks import registry
 from radlens.tasks.base import TaskError
+from tests.helpers import ct_slice
 
 US = "1.2.840.10008.5.1.4.1.1.6.1"
 
@@ -137,26 +137,9 @@ def test_several_tasks_may_read_one_image_and_rules_name_tasks():
 
 
 def _slice(folder: Path, study: str, series: str, z: float, number: int) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.Modality, ds.InstanceNumber = "CT", number
-    ds.FrameOfReferenceUID = study + ".9"
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [0.0, 0.0, z]
-    ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 2.0
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-    ds.PixelData = np.full((8, 8), number, dtype=np.uint16).tobytes()
-    path = folder / f"slice{number}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return ct_slice(folder / f"slice{number}.dcm", np.full((8, 8), number, dtype=np.uint16),
+                    study=study, series=series, frame_of_reference=study + ".9", number=number,
+                    z=z, pixel_spacing=(0.5, 0.5), slice_thickness=2.0)
 
 
 def test_a_series_is_read_as_a_volume_in_its_spatial_order(tmp_path):
