@@ -250,6 +250,9 @@ def train(
     test_fraction: Annotated[float, typer.Option(
         min=0.0, max=0.5, help="share of patients held out first as the test set, reported "
         "only (0: none)")] = 0.2,
+    aspect: Annotated[str, typer.Option(
+        help="lesions: how an image that is not square becomes the square input: pad (keep "
+             "its aspect ratio, black borders) or stretch (docs/breast_us.md)")] = "pad",
     clip: Annotated[Path | None, typer.Option(
         help="density: fine-tune your own CLIP weights (an open_clip folder such as "
              "BiomedCLIP's: open_clip_config.json and the weights) instead of radlens's "
@@ -269,7 +272,7 @@ def train(
         command="radlens " + " ".join(sys.argv[1:]),
         options={"arch": arch, "workers": workers, "class_weights": class_weights,
                  "test": test, "ablation": ablation, "clip": clip, "layout": layout,
-                 "test_fraction": test_fraction})
+                 "test_fraction": test_fraction, "aspect": aspect})
     with _bars() as progress:
         try:
             summary = chosen.train(request, _Bars(progress))

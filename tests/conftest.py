@@ -10,27 +10,29 @@ import pytest
 
 from tests.helpers import RadlensServer, free_port, port_open, require_tool, wait_for
 
-# Seconds each module took when the suite last ran in one process (pytest --durations=0 on the
-# 2-core machine; the cluster's as it took beside others). The suite runs under pytest-xdist,
-# whole modules per worker (pyproject's addopts), and a module that starts last decides when the
-# suite ends: the longest go first. A module not listed runs after these; re-measure when one
+# Seconds each module took in the whole suite (pytest --durations=0 on the 2-core machine,
+# 2026-12-07), each beside the others. The suite runs under pytest-xdist, whole modules per
+# worker (pyproject's addopts), and a module that starts last decides when the suite ends: the
+# longest go first. A module not listed runs after these; re-measure when one
 # grows past a minute.
 MODULE_SECONDS = {
-    "integration/test_ohif_viewer.py": 174, "integration/test_cluster_roles.py": 150,
-    "integration/test_isolation.py": 120, "integration/test_models.py": 85,
-    "integration/test_agent_model.py": 80, "unit/test_saliency.py": 63,
-    "integration/test_demo.py": 62, "integration/test_ray_compute.py": 61,
-    "integration/test_durability.py": 51, "integration/test_listener_processes.py": 50,
-    "integration/test_hostile_input.py": 49, "integration/test_clip_weights.py": 47,
-    "integration/test_associations.py": 43, "integration/test_security.py": 42,
-    "integration/test_orthanc_e2e.py": 40, "integration/test_llm.py": 38,
-    "integration/test_real_traffic.py": 37, "integration/test_bad_input.py": 36,
-    "integration/test_dicom_outputs.py": 34, "integration/test_outbox.py": 34,
-    "integration/test_corpus.py": 33, "integration/test_retention.py": 29,
-    "integration/test_store.py": 27, "unit/test_density.py": 26,
-    "integration/test_mammography.py": 26, "integration/test_delivery.py": 26,
-    "integration/test_postgres_state.py": 23, "integration/test_retraction.py": 16,
-    "integration/test_health_metrics.py": 14, "integration/test_task_plugins.py": 55,
+    "integration/test_models.py": 263, "integration/test_ohif_viewer.py": 232,
+    "integration/test_isolation.py": 197, "integration/test_cluster_roles.py": 162,
+    "integration/test_agent_model.py": 154, "unit/test_saliency.py": 153,
+    "integration/test_durability.py": 108, "integration/test_dicom_outputs.py": 105,
+    "integration/test_outbox.py": 95, "integration/test_security.py": 94,
+    "integration/test_llm.py": 89, "integration/test_listener_processes.py": 88,
+    "integration/test_real_traffic.py": 84, "integration/test_clip_weights.py": 83,
+    "integration/test_corpus.py": 73, "integration/test_demo.py": 70,
+    "integration/test_associations.py": 69, "unit/test_density.py": 67,
+    "integration/test_bad_input.py": 66, "integration/test_ray_compute.py": 65,
+    "integration/test_orthanc_e2e.py": 60, "integration/test_hostile_input.py": 56,
+    "integration/test_store.py": 45, "integration/test_retention.py": 40,
+    "unit/test_dataset_layouts.py": 39, "integration/test_postgres_state.py": 38,
+    "integration/test_delivery.py": 37, "unit/test_models.py": 36,
+    "integration/test_task_plugins.py": 27, "integration/test_mammography.py": 27,
+    "unit/test_config.py": 26, "unit/test_mammo_phantoms.py": 19,
+    "integration/test_retraction.py": 19, "integration/test_health_metrics.py": 19,
 }
 
 

@@ -150,7 +150,6 @@ def load_tasks(settings: Settings) -> TaskSet | None:
     and the router over their scopes. None when no task is enabled: images are decoded and
     described, not analysed."""
     from radlens.agent.routing import Router
-    from radlens.models.device import resolve_device
     from radlens.tasks.base import TaskError
     from radlens.tasks.registry import all_tasks, configure, problems
 
@@ -168,7 +167,10 @@ def load_tasks(settings: Settings) -> TaskSet | None:
         log.info("no task enabled: images are decoded but not analysed")
         return None
     # Tasks share the lesion model's device; with the model stage on Ray the workers keep the
-    # CPU and the actors the GPUs.
+    # CPU and the actors the GPUs. (torch is imported here, not above: a node with every task
+    # disabled never loads it, which spares each worker process about 250 MB.)
+    from radlens.models.device import resolve_device
+
     try:
         device = ("cpu" if settings.compute.backend == "ray"
                   else str(resolve_device(settings.model.device)))

@@ -200,8 +200,12 @@ def _raw_mask(path: Path) -> np.ndarray:
 
 
 def _is_colour(rgb: np.ndarray) -> bool:
-    spread = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1).astype(np.int16)
-    return bool((spread > _COLOUR_MARGIN).any())
+    """Whether any pixel's channels differ by more than the margin (elementwise maxima and
+    minima of the three planes: numpy reduces a last axis of three slowly)."""
+    red, green, blue = (rgb[..., channel] for channel in range(3))
+    high = np.maximum(np.maximum(red, green), blue)
+    low = np.minimum(np.minimum(red, green), blue)
+    return bool(((high - low) > _COLOUR_MARGIN).any())  # high >= low: no uint8 wrap-around
 
 
 def decode_colour(rgb: np.ndarray, classes: MaskClasses) -> np.ndarray:

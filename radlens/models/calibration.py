@@ -13,8 +13,10 @@ refits, and ``calibration_curve`` bins one class; torch minimises the one parame
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,11 @@ class Calibration:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"ece": self.ece, "brier": self.brier, "images": self.images}
+
+
+def card_temperature(card: Mapping[str, Any]) -> float:
+    """The temperature a model card's ``calibration`` fitted; 1 (none) for cards without."""
+    return float((card.get("calibration") or {}).get("temperature", 1.0))
 
 
 def _log(probabilities: np.ndarray) -> np.ndarray:

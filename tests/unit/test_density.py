@@ -127,6 +127,13 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     assert split["test"] and card["test"]["cases"] == len(split["test"])
     low, high = card["test"]["intervals"]["accuracy"]
     assert low <= card["test"]["accuracy"] <= high
+    # Temperature scaling fitted on validation; ECE and Brier on test, before and after.
+    temperature = card["calibration"]["temperature"]
+    assert 0.05 <= temperature <= 20 and card["calibration"]["fitted_on"].startswith("validation")
+    tested = card["test"]["calibration"]
+    assert tested["temperature"] == temperature and 0 <= tested["before"]["ece"] <= 1
+    assert (tested["after"] is None) == (temperature == 1.0)
+    assert (tmp_path / "a" / "reliability.png").stat().st_size > 1000
     from radlens.models.cards import verify
 
     assert verify(tmp_path / "a") == []
@@ -148,6 +155,10 @@ def test_training_is_seeded_and_the_cli_trains_and_evaluates(tmp_path):
     assert "Confusion matrix" in evaluated.stdout and "| D (" in evaluated.stdout
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["cases"] == 48 and sum(map(sum, report["confusion"])) == 48
+    assert "Calibration of the category probabilities" in evaluated.stdout
+    assert report["calibration"]["temperature"] == shipped_card["calibration"]["temperature"]
+    assert report["intervals"]["accuracy"][0] <= report["accuracy"]
+    assert (tmp_path / "report" / "reliability.png").is_file()
     missing = radlens_cli("evaluate", "--task", "mammo_density", "--data", str(data), "--model",
                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2"))
     assert missing.returncode == 1 and "no model folder" in missing.stderr
@@ -173,3 +184,25 @@ def test_shipped_density_model_meets_its_card_on_fresh_phantoms(tmp_path):
                                       device="cpu")
     assert metrics["accuracy"] >= 0.80, metrics
     assert all(v is None or v >= 0.90 for v in metrics["auc"].values()), metrics["auc"]
+
+
+def test_the_agent_states_the_calibrated_category_probabilities():
+    """With a temperature in the card the agent states softmax(log p / T): the category (the
+    arg-max) stays, a confident probability comes down for T > 1; without one, as given."""
+    from radlens.config import DensitySettings
+    from radlens.models.calibration import apply_temperature
+    from radlens.models.cards import model_folder
+    from radlens.tasks.mammo_density.analyser import DensityAnalyser
+
+    card = json.loads((model_folder("density") / "card.json").read_text())
+    given = {"A": 0.02, "B": 0.9, "C": 0.06, "D": 0.02}
+    plain = DensityAnalyser(model=None, card={**card, "calibration": None}, ood=None,
+                            settings=DensitySettings(), task=None)
+    assert plain._stated(given) == given
+    warm = DensityAnalyser(model=None, card={**card, "calibration": {"temperature": 2.0}},
+                           ood=None, settings=DensitySettings(), task=None)
+    stated = warm._stated(given)
+    expected = apply_temperature(np.array([list(given.values())]), 2.0)[0]
+    assert list(stated.values()) == pytest.approx(list(expected))
+    assert max(stated, key=stated.get) == "B" and stated["B"] < 0.9
+    assert sum(stated.values()) == pytest.approx(1.0)

@@ -94,7 +94,6 @@ def test_each_method_puts_most_mass_inside_the_planted_lesion():
 def test_a_constant_floor_carries_no_mass():
     """A CAM's spatially constant floor is removed before normalising, so it cannot spread the
     mass over the frame; without that, one cold pixel leaves less than half of it in the lesion."""
-    import torch
 
     from radlens.tasks.breast_us.saliency import _normalise, _remove_floor
 
@@ -102,11 +101,10 @@ def test_a_constant_floor_carries_no_mass():
     mask[24:40, 24:40] = True
     raw = np.full((64, 64), 0.1, np.float32)
     raw[mask] = 1.0
-    region = torch.from_numpy(mask)[None, None]
     assert agreement(_normalise(raw), mask).mass_inside == pytest.approx(1.0)  # min is the floor
     raw[0, 0] = 0.0  # one cold pixel: min-max keeps the floor
     assert agreement(_normalise(raw), mask).mass_inside < 0.5
-    cleaned = _normalise(_remove_floor(raw, region, (64, 64)))
+    cleaned = _normalise(_remove_floor(raw, mask))
     assert agreement(cleaned, mask).mass_inside == pytest.approx(1.0)
 
 
@@ -178,7 +176,7 @@ def test_cam_from_the_inference_pass_equals_monai_through_the_whole_network(meth
     left as it was: no hook behind, weights still trainable."""
     from monai.visualize import GradCAM, GradCAMpp
 
-    from radlens.tasks.breast_us.saliency import RegionScores, _normalise, _remove_floor, _to_source
+    from radlens.tasks.breast_us.saliency import RegionScores, _normalise, _remove_floor
 
     segmenter = Segmenter(device="cpu", batch_size=4)
     layer = segmenter.model.cam_layer
@@ -188,7 +186,8 @@ def test_cam_from_the_inference_pass_equals_monai_through_the_whole_network(meth
     sizes = [image.shape[:2] for image in images]
     forward = segmenter.predict_batch(images, cam_layer=layer)
     assert forward.cam_activation is not None
-    ours = SaliencyExplainer(segmenter).explain_pass(forward, range(4), sizes, [method])
+    explainer = SaliencyExplainer(segmenter)
+    ours = explainer.explain_pass(forward, range(4), sizes, [method])
     regions, targets = SaliencyExplainer._targets(forward.logits)
     assert len(set(targets)) == 2  # benign and malignant in one backward pass
     name = next(n for n, m in RegionScores(segmenter.model, regions[:1]).named_modules()
@@ -200,8 +199,9 @@ def test_cam_from_the_inference_pass_equals_monai_through_the_whole_network(meth
         with torch.enable_grad():
             raw = reference(forward.inputs[i:i + 1].clone().requires_grad_(True),
                             class_idx=target)
-        expected = _normalise(_remove_floor(_to_source(raw[0, 0], sizes[i]).detach().numpy(),
-                                            regions[i:i + 1], sizes[i]))
+        expected = _normalise(_remove_floor(
+            explainer._to_source(raw[0, 0], sizes[i]).detach().numpy(),
+            explainer._region_at_source(regions[i], sizes[i])))
         assert ours[i][0].target_class == target
         assert np.allclose(ours[i][0].map, expected, atol=1e-5)
         assert ours[i][0].map.max() == pytest.approx(1.0)

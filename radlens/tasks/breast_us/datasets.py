@@ -10,7 +10,7 @@ or the mask's. Patients come from ``labels.csv`` or, for BUS-UCLM, the file name
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +28,15 @@ from monai.transforms import (
 from radlens.datasets.segmentation import (
     DatasetError,
     Layout,
-    MaskClasses,
     SegmentationCase,
     decode_colour,
     read_grey,
     read_mask,
     read_segmentation_folder,
 )
+from radlens.tasks.breast_us.classes import LABELS, LESION_MASKS
 
-LABELS = ("normal", "benign", "malignant")
 INPUT_SIZE = 256
-# Mask values 0, 1, 2; in colour masks benign is green (channel 1), malignant red (channel 0).
-LESION_MASKS = MaskClasses(names=("background", "benign", "malignant"), image_labels=LABELS,
-                           colours={1: 1, 2: 0})
 
 Case = SegmentationCase
 __all__ = ["LABELS", "LESION_MASKS", "Case", "DatasetError", "SegmentationDataset",
@@ -60,13 +56,16 @@ def load_cases(root: Path, layout: Layout | None = None) -> list[Case]:
     return read_segmentation_folder(root, LESION_MASKS, layout=layout).cases
 
 
-def load_arrays(case: Case, size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """The network's input as the agent makes it (``preprocess.prepare``, the ``bit-depth``
-    policy new cards record) and the class-index mask resized alike (nearest), size x size."""
+def load_arrays(case: Case, size: int = INPUT_SIZE,
+                policy: Mapping[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The network's input as the agent makes it (``preprocess.prepare`` under ``policy``; by
+    default the one new cards record) and the class-index mask placed alike (nearest),
+    size x size."""
     from radlens.tasks.breast_us.preprocess import BIT_DEPTH, prepare, prepare_mask
 
-    image = prepare(read_grey(case.image_path), (size, size), BIT_DEPTH)[0, 0].numpy()
-    classes = prepare_mask(read_mask(case, LESION_MASKS), (size, size))
+    policy = policy or BIT_DEPTH
+    image = prepare(read_grey(case.image_path), (size, size), policy)[0, 0].numpy()
+    classes = prepare_mask(read_mask(case, LESION_MASKS), (size, size), policy)
     return image.astype(np.float32), classes.astype(np.int64)
 
 
@@ -90,9 +89,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Cases held in memory at the network's input size (phantoms and BUS-UCLM are small)."""
 
     def __init__(self, cases: Sequence[Case], *, size: int = INPUT_SIZE,
-                 transform: Compose | None = None) -> None:
+                 transform: Compose | None = None,
+                 policy: Mapping[str, str] | None = None) -> None:
+        """``policy``: the preprocessing (``preprocess``) of the model these cases train or
+        evaluate; by default the one new cards record."""
         self.cases = list(cases)
-        arrays = [load_arrays(c, size) for c in self.cases]
+        arrays = [load_arrays(c, size, policy) for c in self.cases]
         self.images = np.stack([a[0] for a in arrays])[:, None]
         self.masks = np.stack([a[1] for a in arrays])[:, None]
         self.labels = np.array([LABELS.index(c.label) for c in self.cases])

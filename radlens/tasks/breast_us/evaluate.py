@@ -13,7 +13,7 @@ import torch
 from radlens.datasets.segmentation import Layout
 from radlens.models.calibration import apply_temperature, measure, reliability_diagram
 from radlens.models.metrics import PIXEL_METRICS, evaluation_report, markdown_table, predict
-from radlens.models.ood import case_images, summary
+from radlens.models.ood import summary
 from radlens.tasks.breast_us.datasets import SegmentationDataset, load_cases
 from radlens.tasks.breast_us.infer import Segmenter
 from radlens.tasks.breast_us.train import TrainSettings, run_training
@@ -28,7 +28,8 @@ def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "
     (frames the model should abstain on) is reported beside the metrics."""
     segmenter = Segmenter(model, device=device, batch_size=batch_size)
     cases = load_cases(data, layout)
-    dataset = SegmentationDataset(cases, size=segmenter.input_size[0])
+    dataset = SegmentationDataset(cases, size=segmenter.input_size[0],
+                                  policy=segmenter.preprocessing)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     predictions = predict(segmenter.model, loader, segmenter.device)
     report = evaluation_report(predictions, seed)
@@ -41,7 +42,9 @@ def evaluate_folder(data: Path, model: str | Path, out: Path, *, device: str = "
                                                predictions.labels, segmenter.temperature, out)
     table += calibration_table(report["calibration"])
     if segmenter.ood is not None:
-        report["ood"] = ood_report(segmenter, case_images(cases), unlike or {}, str(data))
+        # The evaluation pass's latents are the agent's: the dataset is prepared under the
+        # model's own preprocessing, so the data need not go through the network again.
+        report["ood"] = ood_report(segmenter, predictions.latents, unlike or {}, str(data))
         table += ood_table(report["ood"])
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(table)
@@ -77,12 +80,14 @@ def calibration_table(calibration: dict[str, Any]) -> str:
     return line + f". Reliability diagram: `{calibration['diagram']}`.\n"
 
 
-def ood_report(segmenter: Segmenter, images: list[np.ndarray],
+def ood_report(segmenter: Segmenter, latents: np.ndarray,
                unlike: dict[str, list[np.ndarray]], name: str) -> dict[str, Any]:
+    """OOD score distributions: of the evaluated data (its pooled ``latents``) and of each
+    ``unlike`` source's frames."""
     detector = segmenter.ood
     assert detector is not None
-    distributions = {f"{name} (should pass)": summary(
-        detector.score(segmenter.latents(images)), detector.threshold)}
+    distributions = {f"{name} (should pass)": summary(detector.score(latents),
+                                                      detector.threshold)}
     for source, frames in unlike.items():
         distributions[f"{source} (should abstain)"] = summary(
             detector.score(segmenter.latents(frames)), detector.threshold)

@@ -1,8 +1,10 @@
 """Inference with a weights folder: ``model.pt`` (a state dict) beside ``card.json``.
 
-Images of any size go in (greyscale or RGB, any value range); each is scaled to [0, 1], converted
-to greyscale, resized to the card's input size, and its probability maps are resized back to the
-source size. Batched, under ``torch.inference_mode``, on CUDA when present (device "auto").
+Images of any size go in (greyscale or RGB, any value range); each becomes the network's input
+through the card's preprocessing (``preprocess.prepare``: intensity scaling, resizing, padding to
+keep the aspect ratio), and its probability maps are mapped back onto the source image through
+the same geometry (``preprocess.to_source``). Batched, under ``torch.inference_mode``, on CUDA
+when present (device "auto").
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from radlens.models.calibration import apply_temperature
+from radlens.models.calibration import apply_temperature, card_temperature
 from radlens.models.cards import ModelError, model_folder
 from radlens.models.device import resolve_device
 from radlens.models.metrics import image_probabilities
@@ -29,7 +30,7 @@ from radlens.models.networks import (
     pooled_latents,
 )
 from radlens.models.ood import OodDetector
-from radlens.tasks.breast_us.preprocess import policy_of, prepare
+from radlens.tasks.breast_us.preprocess import policy_of, prepare, to_source
 
 DEFAULT_MODEL = "default"  # the shipped lesion model's weights
 
@@ -97,7 +98,7 @@ class Segmenter:
         self.input_size = tuple(self.card["input_size"])
         self.batch_size = batch_size
         # Temperature scaling fitted at training (1: the card states none).
-        self.temperature = float((self.card.get("calibration") or {}).get("temperature", 1.0))
+        self.temperature = card_temperature(self.card)
         self.preprocessing = policy_of(self.card)  # the one training used
 
     @property
@@ -153,8 +154,7 @@ class Segmenter:
             results = []
             for index, image in enumerate(images):
                 size = np.asarray(image).shape[:2]
-                full = F.interpolate(probs[index:index + 1], size=size, mode="bilinear",
-                                     align_corners=False)[0]
+                full = to_source(probs[index], size, self.input_size, self.preprocessing)
                 results.append(Prediction(full.float().cpu().numpy(), per_image[index],
                                           latents[index], deepest[index]))
         return BatchPrediction(results, batch, logits, features, activation)

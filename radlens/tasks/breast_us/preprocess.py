@@ -14,34 +14,95 @@ network with different values. Now the card names the policy and everything call
   retrained): each image stretched from its minimum to its maximum, as the agent always did
   for them, so their outputs do not change.
 
-The image is resized to the network's square input whatever its aspect ratio ("stretch"), as
-training did; padding to keep the aspect ratio is not built yet.
+Its geometry is the ``aspect`` policy:
+
+- ``pad`` (new cards): the image is scaled, keeping its aspect ratio, until its longer side fills
+  the input, and the shorter side is padded symmetrically with black (MONAI's ``SpatialPad``).
+  A lesion keeps its shape: orientation ("taller than wide") and roundness are among the
+  ultrasound findings that tell benign from malignant, and stretching a 4:3 frame into a square
+  changes both;
+- ``stretch`` (the shipped model's card): resized to the square whatever the aspect ratio.
+
+``placement`` says where the image lies in the input and ``to_source`` maps anything the
+network gives back (probabilities, saliency) from the input to the image: the padding is cut
+away before resizing, so a map lands on the pixels it was computed from. Resampling to a
+physical spacing (mm per pixel) is not a policy here: ultrasound frames of one probe depth
+already share their spacing, and the lesion model was trained on frames, not on millimetres.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Resize, ScaleIntensityRange
+from monai.transforms import Resize, ScaleIntensityRange, SpatialPad
 
-BIT_DEPTH = {"intensity": "bit-depth", "resize": "bilinear", "aspect": "stretch"}
+BIT_DEPTH = {"intensity": "bit-depth", "resize": "bilinear", "aspect": "pad"}
 MIN_MAX = {"intensity": "min-max", "resize": "bilinear", "aspect": "stretch"}
+INTENSITIES = ("bit-depth", "min-max")
+ASPECTS = ("pad", "stretch")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def policy_of(card: Mapping[str, Any]) -> dict[str, str]:
-    """The card's preprocessing; cards from before it was recorded get ``min-max``."""
+    """The card's preprocessing; cards from before it was recorded get ``min-max``, and cards
+    that name no aspect policy were trained on stretched images."""
     stated = card.get("preprocessing")
     if stated is None:
         return dict(MIN_MAX)
-    if stated.get("intensity") not in ("bit-depth", "min-max") or \
-            stated.get("aspect", "stretch") != "stretch":
-        raise ValueError(f"unknown preprocessing {dict(stated)} (known: {BIT_DEPTH}, {MIN_MAX})")
-    return dict(stated)
+    policy = {"resize": "bilinear", "aspect": "stretch", **dict(stated)}
+    if policy["intensity"] not in INTENSITIES or policy["aspect"] not in ASPECTS or \
+            policy["resize"] != "bilinear":
+        raise ValueError(f"unknown preprocessing {dict(stated)} (intensity one of "
+                         f"{INTENSITIES}, aspect one of {ASPECTS}, resize bilinear)")
+    return policy
+
+
+def training_policy(aspect: str = "pad") -> dict[str, str]:
+    """The policy a model trained now records: bit-depth intensities, ``aspect`` geometry."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"unknown aspect policy {aspect!r} (known: {ASPECTS})")
+    return {**BIT_DEPTH, "aspect": aspect}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a source image lies in the network's input: rows ``top:top + height`` and columns
+    ``left:left + width``; the rest is padding."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.top, self.top + self.height)
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.left, self.left + self.width)
+
+
+def placement(source: Sequence[int], size: Sequence[int], policy: Mapping[str, str]
+              ) -> Placement:
+    """The box a (H, W) ``source`` occupies in an input of ``size`` under ``policy``."""
+    rows, columns = int(size[0]), int(size[1])
+    if policy.get("aspect", "stretch") == "stretch":
+        return Placement(0, 0, rows, columns)
+    height, width = int(source[0]), int(source[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"cannot place an image of shape {tuple(source)}")
+    scale = min(rows / height, columns / width)
+    fitted_rows = min(rows, max(1, round(height * scale)))
+    fitted_columns = min(columns, max(1, round(width * scale)))
+    # SpatialPad's "symmetric" method: the odd pixel of padding goes after the image.
+    return Placement((rows - fitted_rows) // 2, (columns - fitted_columns) // 2,
+                     fitted_rows, fitted_columns)
 
 
 def grey(image: np.ndarray) -> np.ndarray:
@@ -68,21 +129,52 @@ def bit_depth_top(array: np.ndarray) -> float:
 def prepare(image: np.ndarray, size: tuple[int, int], policy: Mapping[str, str]) -> torch.Tensor:
     """The network's input (1, 1, *size) from one image, under ``policy``."""
     array = grey(image)
+    box = placement(array.shape, size, policy)
     if policy["intensity"] == "min-max":
         low, high = float(array.min()), float(array.max())
         scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
-        tensor = torch.from_numpy(np.ascontiguousarray(scaled))[None, None]
-        return F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)
+        tensor = F.interpolate(torch.from_numpy(np.ascontiguousarray(scaled))[None, None],
+                               size=(box.height, box.width), mode="bilinear",
+                               align_corners=False)
+        return _pad(tensor[0], size).reshape(1, 1, *size)
     scale = ScaleIntensityRange(a_min=0.0, a_max=bit_depth_top(array), b_min=0.0, b_max=1.0,
                                 clip=True, dtype=np.float32)
-    resize = Resize(spatial_size=tuple(size), mode="bilinear", align_corners=False,
+    resize = Resize(spatial_size=(box.height, box.width), mode="bilinear", align_corners=False,
                     anti_aliasing=False)
     resized = resize(scale(torch.from_numpy(np.ascontiguousarray(array))[None]))
-    return torch.as_tensor(resized, dtype=torch.float32).reshape(1, 1, *size)
+    return _pad(torch.as_tensor(resized, dtype=torch.float32), size).reshape(1, 1, *size)
 
 
-def prepare_mask(classes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Class indices resized as their image is (nearest), (size) int64."""
-    resize = Resize(spatial_size=tuple(size), mode="nearest")
+def prepare_mask(classes: np.ndarray, size: tuple[int, int],
+                 policy: Mapping[str, str] = BIT_DEPTH) -> np.ndarray:
+    """Class indices placed as their image is (nearest; padding is background), (size) int64."""
+    box = placement(np.shape(classes)[:2], size, policy)
+    resize = Resize(spatial_size=(box.height, box.width), mode="nearest")
     resized = resize(torch.from_numpy(np.ascontiguousarray(classes, dtype=np.float32))[None])
-    return torch.as_tensor(resized)[0].round().long().numpy()
+    return _pad(torch.as_tensor(resized), size)[0].round().long().numpy()
+
+
+def to_source(values: torch.Tensor, source: Sequence[int], size: Sequence[int],
+              policy: Mapping[str, str], *, mode: str = "bilinear") -> torch.Tensor:
+    """Maps at the network's size, or on a coarser grid over the same input (an encoder's
+    features), (..., h, w), back onto a (H, W) ``source`` image: the padding cut away, then
+    resized (``mode``: "bilinear" or "nearest"). Leading dimensions are kept."""
+    target = (int(source[0]), int(source[1]))
+    lead = values.shape[:-2]
+    flat = values.float().reshape(-1, 1, *values.shape[-2:])
+    options = {"align_corners": False} if mode == "bilinear" else {}
+    box = placement(source, size, policy)
+    if box != Placement(0, 0, int(size[0]), int(size[1])):
+        if tuple(flat.shape[-2:]) != (int(size[0]), int(size[1])):
+            flat = F.interpolate(flat, size=tuple(int(n) for n in size), mode=mode, **options)
+        flat = flat[..., box.rows, box.columns]
+    mapped = F.interpolate(flat, size=target, mode=mode, **options)
+    return mapped.reshape(*lead, *target)
+
+
+def _pad(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(C, h, w) padded symmetrically with zeros to (C, *size); a no-op when it fills it."""
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    padded = SpatialPad(spatial_size=tuple(size), method="symmetric", mode="constant")(tensor)
+    return torch.as_tensor(padded)

@@ -25,7 +25,7 @@ def _layout(value: object) -> Any:
 def check_dataset(data: Path, layout: str | None) -> DatasetSummary:
     from radlens.datasets.segmentation import DatasetError, read_segmentation_folder
     from radlens.datasets.summary import segmentation_summary
-    from radlens.tasks.breast_us.datasets import LESION_MASKS
+    from radlens.tasks.breast_us.classes import LESION_MASKS
 
     try:
         return segmentation_summary(read_segmentation_folder(data, LESION_MASKS,
@@ -56,18 +56,23 @@ def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: boo
 def train(request: TrainRequest, progress: ResearchProgress) -> str:
     from radlens.models.networks import REGISTRY
     from radlens.tasks.breast_us.datasets import DatasetError
+    from radlens.tasks.breast_us.preprocess import ASPECTS
     from radlens.tasks.breast_us.train import EpochRecord, TrainSettings, run_training
 
     arch = str(request.options.get("arch", "unet"))
     if arch not in REGISTRY:
         raise TaskUsageError(f"unknown architecture {arch!r} (known: {', '.join(REGISTRY)})")
+    aspect = str(request.options.get("aspect", "pad"))
+    if aspect not in ASPECTS:
+        raise TaskUsageError(f"unknown --aspect {aspect!r} (known: {', '.join(ASPECTS)})")
     settings = TrainSettings(arch=arch, epochs=request.epochs, batch_size=request.batch_size,
                              learning_rate=request.learning_rate, patience=request.patience,
                              folds=request.folds, seed=request.seed, device=request.device,
                              size=request.size or 256,
                              workers=int(request.options.get("workers", 0)),
                              layout=_layout(request.options.get("layout")),
-                             test_fraction=float(request.options.get("test_fraction", 0.2)))
+                             test_fraction=float(request.options.get("test_fraction", 0.2)),
+                             aspect=aspect)
 
     def on_epoch(fold: int, record: EpochRecord, planned: int) -> None:
         key = f"fold {fold}"

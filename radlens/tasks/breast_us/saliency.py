@@ -11,7 +11,7 @@ similarity to a sharp map. These maps show what the model attends to, not whethe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +26,7 @@ from torch import nn
 from radlens.models.cam import cam_from_activations
 from radlens.models.networks import SegmentationNetwork
 from radlens.tasks.breast_us.infer import BatchPrediction, Segmenter
+from radlens.tasks.breast_us.preprocess import to_source
 
 Method = Literal["gradcam", "gradcam++", "occlusion", "prototype"]
 METHODS: tuple[Method, ...] = ("gradcam", "gradcam++", "occlusion", "prototype")
@@ -82,12 +83,6 @@ def _normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span < 1e-12, torch.zeros_like(maps), (maps - low) / span)
 
 
-def _to_source(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(h, w) or (1, 1, h, w) tensor -> (H, W) at the source size, bilinear."""
-    tensor = values.float().reshape(1, 1, *values.shape[-2:])
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0]
-
-
 def _channel_norm(values: torch.Tensor) -> torch.Tensor:
     """(B, 1, h, w) Euclidean norm over the channels of (B, C, h, w). torch's own norm over a
     dimension that is not the innermost runs about 10x slower on the CPU."""
@@ -112,6 +107,13 @@ class SaliencyExplainer:
         self.cam_layer = cam_layer
         self.occlusion_mask = occlusion_mask
         self.occlusion_batch = occlusion_batch
+
+    def _to_source(self, values: torch.Tensor, size: tuple[int, int],
+                   mode: str = "bilinear") -> torch.Tensor:
+        """Maps from the network's input, or from a feature map's grid, (..., h, w), onto the
+        source image, (..., H, W), through the model's preprocessing (its padding cut away)."""
+        return to_source(values, size, self.segmenter.input_size,
+                         self.segmenter.preprocessing, mode=mode)
 
     @property
     def target_layer(self) -> nn.Module:
@@ -185,7 +187,7 @@ class SaliencyExplainer:
         cams = self._cams(forward, index, regions, targets, list(sizes), cam_methods) \
             if cam_methods else {}
         prototypes = self._prototypes([f.index_select(0, index) for f in forward.features],
-                                      regions, targets, list(sizes)) \
+                                      regions, targets, list(sizes), self._to_source) \
             if "prototype" in methods else []
         x = forward.inputs.index_select(0, index)
         maps = []
@@ -234,7 +236,8 @@ class SaliencyExplainer:
                                                 scores.detach().reshape(-1, 1, 1, 1)))
             out[method] = [
                 SaliencyMap(method, target, _normalise(_remove_floor(
-                    _to_source(raw[i, 0], sizes[i]).cpu().numpy(), regions[i:i + 1], sizes[i])))
+                    self._to_source(raw[i, 0], sizes[i]).cpu().numpy(),
+                    self._region_at_source(regions[i], sizes[i]))))
                 for i, target in enumerate(targets)]
         return out
 
@@ -248,12 +251,19 @@ class SaliencyExplainer:
             sensitivity, _ = occlusion(x)
             baseline = wrapper(x)[0, target]
         drop = (baseline - sensitivity[0, target]).clamp_min(0)  # score lost when hidden
-        raw = _to_source(drop, size).detach().cpu().numpy()
-        return SaliencyMap("occlusion", target, _normalise(_remove_floor(raw, region, size)))
+        raw = self._to_source(drop, size).detach().cpu().numpy()
+        return SaliencyMap("occlusion", target, _normalise(_remove_floor(
+            raw, self._region_at_source(region[0], size))))
+
+    def _region_at_source(self, region: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """A (1, h, w) region of the network's input as a boolean mask of the source image."""
+        return self._to_source(region.float().cpu(), size, mode="nearest")[0].numpy() > 0
 
     @staticmethod
     def _prototypes(features: list[torch.Tensor], regions: torch.Tensor, targets: list[int],
-                    sizes: list[tuple[int, int]]) -> list[SaliencyMap]:
+                    sizes: list[tuple[int, int]],
+                    onto_source: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+                    ) -> list[SaliencyMap]:
         """The prototype maps of a batch: at every depth the three stages of all its images at
         once, then each image's stages at its source size, averaged over the depths."""
         mask = regions.float()
@@ -283,8 +293,7 @@ class SaliencyExplainer:
             stage3 = (similarity - baseline).clamp_min(0) * prior * energy  # sharp
             stages = torch.stack([stage1, stage2, stage3], dim=1)  # (n, 3, h, w)
             for i, size in enumerate(sizes):
-                upsampled[i].append(_normalise_maps(F.interpolate(
-                    stages[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]))
+                upsampled[i].append(_normalise_maps(onto_source(stages[i], size)))
         maps = []
         for per_depth, target in zip(upsampled, targets, strict=True):
             depths = torch.stack(per_depth)  # (depths, 3, H, W)
@@ -300,18 +309,16 @@ def _check_methods(methods: Sequence[str]) -> None:
         raise ValueError(f"unknown saliency methods {sorted(unknown)} (known: {METHODS})")
 
 
-def _remove_floor(values: np.ndarray, region: torch.Tensor, size: tuple[int, int]
-                  ) -> np.ndarray:
+def _remove_floor(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """Subtract the map's typical level far from the explained region, clipping at zero.
 
     A CAM carries a spatially constant floor: channels that fire all over the image, weighted
     by the pooled gradient (Grad-CAM++ more than Grad-CAM, as its weights count every positive
     gradient alike). A constant says nothing about where the model looked, yet under min-max
     normalisation it spreads most of the map's mass over the whole frame. The floor is the
-    median of the map outside the region grown by its own radius; with no such pixels (a
-    region covering the frame) the map is left as it is.
+    median of the map outside the region (``inside``, at the map's size) grown by its own
+    radius; with no such pixels (a region covering the frame) the map is left as it is.
     """
-    inside = F.interpolate(region.float().cpu(), size=size, mode="nearest")[0, 0].numpy() > 0
     if not inside.any():
         return values
     radius = max(math.sqrt(inside.sum() / math.pi), 1.0)

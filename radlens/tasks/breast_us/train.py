@@ -51,7 +51,7 @@ from radlens.tasks.breast_us.datasets import (
     augmentations,
     load_cases,
 )
-from radlens.tasks.breast_us.preprocess import BIT_DEPTH
+from radlens.tasks.breast_us.preprocess import training_policy
 from radlens.tasks.breast_us.scope import BREAST_ULTRASOUND_SCOPE
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,12 @@ class TrainSettings:
     size: int = INPUT_SIZE
     workers: int = 0  # data-loading processes; MONAI re-seeds each, so results stay seeded
     layout: str | None = None  # the dataset's layout (radlens.datasets); None: as the masks show
+    aspect: str = "pad"  # "pad" keeps the aspect ratio, "stretch" fills the square (preprocess)
+
+    @property
+    def preprocessing(self) -> dict[str, str]:
+        """The input policy this training uses and its card records."""
+        return training_policy(self.aspect)
 
 
 @dataclass
@@ -118,8 +124,9 @@ def train_fold(fold: int, train_cases: list[Case], val_cases: list[Case],
     device = resolve_device(settings.device)
     model = build(settings.arch).to(device)
     train_data = SegmentationDataset(train_cases, size=settings.size,
-                                     transform=augmentations(settings.seed + fold))
-    val_data = SegmentationDataset(val_cases, size=settings.size)
+                                     transform=augmentations(settings.seed + fold),
+                                     policy=settings.preprocessing)
+    val_data = SegmentationDataset(val_cases, size=settings.size, policy=settings.preprocessing)
     train_loader = _loader(train_data, settings.batch_size, True, settings.seed + fold,
                            settings.workers)
     val_loader = _loader(val_data, settings.batch_size, False, settings.seed + fold)
@@ -259,8 +266,8 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
     # Temperature scaling of the image probabilities, fitted on the selected fold's validation.
     _, selected_val = splits[best_fold.fold]
     validation = predict(best_model, _loader(SegmentationDataset(
-        [cases[i] for i in selected_val], size=settings.size), settings.batch_size, False,
-        settings.seed), device)
+        [cases[i] for i in selected_val], size=settings.size, policy=settings.preprocessing),
+        settings.batch_size, False, settings.seed), device)
     temperature = fit_temperature(validation.image_probabilities, validation.labels)
     metrics["calibration"] = {
         "method": "temperature scaling of the image probabilities' logarithms",
@@ -270,7 +277,8 @@ def run_training(data: Path, settings: TrainSettings, out: Path, *, command: str
             "after": measure(apply_temperature(validation.image_probabilities, temperature),
                              validation.labels).as_dict()}}
     if split.test:  # the selected model on cases nothing was chosen on
-        test_data = SegmentationDataset([cases[i] for i in split.test], size=settings.size)
+        test_data = SegmentationDataset([cases[i] for i in split.test], size=settings.size,
+                                        policy=settings.preprocessing)
         tested = predict(best_model, _loader(test_data, settings.batch_size, False,
                                              settings.seed), device)
         metrics["test"] = evaluation_report(tested, settings.seed)
@@ -326,8 +334,10 @@ def model_card(settings: TrainSettings, metrics: dict[str, Any], selected: FoldR
         "image_labels": ["normal", "benign", "malignant"],
         "input_size": [settings.size, settings.size],
         "input_normalisation": "greyscale, divided by 255 (or by its bit depth's top value "
-                               "when it exceeds 255), resized bilinearly to the input size",
-        "preprocessing": BIT_DEPTH,
+                               "when it exceeds 255), resized bilinearly to the input size"
+                               + (", keeping the aspect ratio (padded with black)"
+                                  if settings.aspect == "pad" else ""),
+        "preprocessing": settings.preprocessing,
         "parameters": parameters,
         "training": {"data": metrics["data"], "command": command, "settings": asdict(settings),
                      "selected_fold": selected.fold, "best_epoch": selected.best_epoch,

@@ -76,6 +76,19 @@ class DensityAnalyser(LoadedTask):
     def size(self) -> int:
         return int(self.card.get("input_size", 224))
 
+    def _stated(self, probabilities: dict[str, float]) -> dict[str, float]:
+        """The category probabilities the card's calibration measured (temperature scaling
+        fitted at training; the category, their arg-max, does not change); a card without a
+        calibration states them as the network gives them."""
+        from radlens.models.calibration import apply_temperature, card_temperature
+
+        temperature = card_temperature(self.card)
+        if temperature == 1.0:
+            return probabilities
+        names = list(probabilities)
+        scaled = apply_temperature(np.array([[probabilities[n] for n in names]]), temperature)
+        return {name: float(value) for name, value in zip(names, scaled[0], strict=True)}
+
     @classmethod
     def load(cls, settings: DensitySettings, task: Task, *,
              device: str = "cpu") -> DensityAnalyser:
@@ -140,7 +153,8 @@ class DensityAnalyser(LoadedTask):
             maps_file = _write_map(maps_dir, info.ref.sop_instance_uid, explanation.cam)
         reading = DensityPrediction(
             model=self.model_ref, category=explanation.category,  # type: ignore[arg-type]
-            probabilities={c: round(p, 4) for c, p in explanation.probabilities.items()},
+            probabilities={c: round(p, 4) for c, p in self._stated(
+                explanation.probabilities).items()},
             laterality=image_laterality(header),  # type: ignore[arg-type]
             view=view_position(header), attention=shares,
             attention_on_artifact=shares.tissue < self.settings.low_tissue_share,

@@ -91,7 +91,12 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
                             (metrics.get("ablation") or {}).get("without_class_weights"))):
         if figures:
             aucs = ", ".join(f"{k} {v:.3f}" for k, v in figures["auc"].items() if v is not None)
-            lines.append(f"{label}: accuracy {figures['accuracy']:.3f}; AUC {aucs}")
+            line = f"{label}: accuracy {figures['accuracy']:.3f}; AUC {aucs}"
+            calibration = figures.get("calibration") or {}
+            stated = calibration.get("after") or calibration.get("before")
+            if stated:
+                line += f"; ECE {stated['ece']:.3f} (as the agent states the probabilities)"
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -29,6 +29,13 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from radlens import __version__
 from radlens.datasets.origin import training_data_sentence
 from radlens.logs import kv
+from radlens.models.calibration import (
+    apply_temperature,
+    card_temperature,
+    fit_temperature,
+    measure,
+    reliability_diagram,
+)
 from radlens.models.cards import seal
 from radlens.models.device import resolve_device
 from radlens.models.folds import Splits, split_with_test, write_split
@@ -449,6 +456,18 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
     model = new_density_model(settings, vocabulary, device)
     model.load_state_dict(selected.state)
     train_index, val_index = splits[selected.fold]
+    # Temperature scaling of the category probabilities, fitted on the selected fold's
+    # validation views: what the agent states is then a probability that was measured as one.
+    validation = predict_probabilities(model, images[val_index], device)
+    temperature = fit_temperature(validation, labels[val_index])
+    card["calibration"] = metrics["calibration"] = {
+        "method": "temperature scaling of the category probabilities' logarithms",
+        "temperature": temperature, "fitted_on": f"validation, fold {selected.fold}",
+        "validation": {
+            "before": measure(validation, labels[val_index]).as_dict(),
+            "after": measure(apply_temperature(validation, temperature),
+                             labels[val_index]).as_dict()}}
+    out.mkdir(parents=True, exist_ok=True)
     if split.test:  # the selected model on patients nothing was chosen on
         test_index = np.array(split.test)
         probabilities = predict_probabilities(model, images[test_index], device)
@@ -456,12 +475,13 @@ def _train_and_save(data: Path, settings: DensityTrainSettings, out: Path, *, co
                            "intervals": classification_intervals(
                                labels[test_index], probabilities, DENSITY_CLASSES,
                                settings.seed),
+                           "calibration": calibration_report(
+                               probabilities, labels[test_index], temperature, out),
                            "held_out": "patients held out before training"}
         card["test"] = metrics["test"]
     held_out = pooled_features(model, images[val_index], device)
     detector = ood.OodDetector.fit(pooled_features(model, images[train_index], device),
                                    held_out)
-    out.mkdir(parents=True, exist_ok=True)
     detector.save(out)
     card["ood"] = {"method": "mahalanobis distance of the image encoder's pooled last block",
                    "threshold": detector.threshold, "quantile": 0.99,
@@ -533,39 +553,83 @@ def density_card(settings: DensityTrainSettings, metrics: dict[str, Any],
 
 
 def density_markdown(metrics: dict[str, Any], title: str) -> str:
-    """Accuracy, per-category AUC and the confusion matrix as Markdown."""
+    """Accuracy, per-category AUC (with 95 % bootstrap intervals when measured), the
+    confusion matrix and the calibration of the probabilities, as Markdown."""
     aucs = metrics["auc"]
+    intervals = metrics.get("intervals") or {}
+
+    def bounds(key: str) -> str:
+        found = intervals.get(key)
+        return f" ({found[0]:.3f}-{found[1]:.3f})" if found else ""
+
     lines = [f"## {title}", "",
-             f"{metrics['cases']} views; accuracy {metrics['accuracy']:.3f}; mean AUC "
-             + (f"{metrics['mean_auc']:.3f}" if metrics["mean_auc"] is not None else "n/a")
+             f"{metrics['cases']} views; accuracy {metrics['accuracy']:.3f}{bounds('accuracy')}"
+             "; mean AUC "
+             + (f"{metrics['mean_auc']:.3f}{bounds('mean_auc')}"
+                if metrics["mean_auc"] is not None else "n/a")
              + f"; {metrics['errors']} errors, {metrics['adjacent_errors']} of them between "
-               "neighbouring categories", "",
+               "neighbouring categories"
+             + ("; in brackets, 95 % bootstrap intervals" if intervals else ""), "",
              "| category | AUC (one vs rest) |", "|---|---:|"]
     for name in DENSITY_CLASSES:
         value = aucs.get(name)
         lines.append(f"| {name} ({DESCRIPTIONS[name].rstrip('.')}) | "
-                     + (f"{value:.3f}" if value is not None else "n/a") + " |")
+                     + (f"{value:.3f}{bounds(f'auc_{name}')}" if value is not None else "n/a")
+                     + " |")
     lines += ["", "Confusion matrix (rows: truth, columns: prediction):", "",
               "| truth \\ predicted | " + " | ".join(DENSITY_CLASSES) + " |",
               "|---|" + "---:|" * len(DENSITY_CLASSES)]
     for name, row in zip(DENSITY_CLASSES, metrics["confusion"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    calibration = metrics.get("calibration")
+    if calibration:
+        before, after = calibration["before"], calibration["after"]
+        line = (f"Calibration of the category probabilities: as trained, ECE "
+                f"{before['ece']:.3f} and Brier {before['brier']:.3f}")
+        if after:
+            line += (f"; as the agent states them (temperature "
+                     f"{calibration['temperature']:.2f}), ECE {after['ece']:.3f} and Brier "
+                     f"{after['brier']:.3f}")
+        else:
+            line += "; the card states no calibration, so the agent states these"
+        lines += ["", line + f". Reliability diagram: `{calibration['diagram']}`."]
     return "\n".join(lines) + "\n"
 
 
 def evaluate_density_folder(data: Path, model_dir: Path, out: Path, *,
-                            device: str = "auto") -> dict[str, Any]:
+                            device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Run a density model over a labelled folder; write report.json and report.md."""
     resolved = resolve_device(device)
     model, card = load_model(model_dir, resolved)
     cases = load_density_cases(data)
     images = prepared_images(cases, int(card.get("input_size", INPUT_SIZE)))
     labels = np.array([c.label for c in cases])
-    metrics = density_metrics(labels, predict_probabilities(model, images, resolved))
+    probabilities = predict_probabilities(model, images, resolved)
     out.mkdir(parents=True, exist_ok=True)
+    metrics = {**density_metrics(labels, probabilities),
+               "intervals": classification_intervals(labels, probabilities, DENSITY_CLASSES,
+                                                     seed),
+               "calibration": calibration_report(probabilities, labels,
+                                                 card_temperature(card), out)}
     title = f"{card.get('name', model_dir.name)} {card.get('version', '')} on {data}"
     (out / "report.json").write_text(json.dumps({"model": card.get("name"),
                                                  "version": card.get("version"),
                                                  "data": str(data), **metrics}, indent=2) + "\n")
     (out / "report.md").write_text(density_markdown(metrics, title))
     return metrics
+
+
+def calibration_report(probabilities: np.ndarray, labels: np.ndarray, temperature: float,
+                       out: Path) -> dict[str, Any]:
+    """ECE and Brier score of the category probabilities as the network gives them and as the
+    agent states them (after ``temperature``), with ``reliability.png`` in ``out``."""
+    curves = {"as trained": (probabilities, labels)}
+    report: dict[str, Any] = {"temperature": temperature,
+                              "before": measure(probabilities, labels).as_dict(),
+                              "after": None, "diagram": "reliability.png"}
+    if temperature != 1.0:
+        calibrated = apply_temperature(probabilities, temperature)
+        report["after"] = measure(calibrated, labels).as_dict()
+        curves[f"temperature {temperature:.2f} (what the agent states)"] = (calibrated, labels)
+    reliability_diagram(curves, out / "reliability.png", "Density category probabilities")
+    return report
