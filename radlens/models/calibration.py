@@ -72,7 +72,7 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
         return loss
 
     optimiser.step(closure)
-    return float(np.clip(float(log_t.exp()), 0.05, 20.0))
+    return float(np.clip(float(log_t.detach().exp()), 0.05, 20.0))
 
 
 def measure(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> Calibration:
