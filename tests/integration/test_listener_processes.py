@@ -124,9 +124,12 @@ def test_interleaved_senders_through_several_processes(server_factory, study_fil
 
 @pytest.mark.slow
 def test_kill9_of_one_listener_process(server_factory, study_files, tmp_path):
+    # The resend below must reach the study before it is closed, so the quiet period spans
+    # the kill, the restart, the status polls and the byte-for-byte check (over 6 s on a
+    # loaded machine, when the instance lost with the killed process became a second job).
     server = server_factory(RADLENS_DICOM__LISTENER_PROCESSES=PROCESSES,
                             RADLENS_MODEL__ENABLED="false",
-                            RADLENS_ASSEMBLY__QUIET_PERIOD_S="6").start()
+                            RADLENS_ASSEMBLY__QUIET_PERIOD_S="20").start()
     pids = _listener_pids(server, int(PROCESSES))
     victim = pids[1]
     groups = [study_files[i::6] for i in range(6)]
@@ -140,9 +143,11 @@ def test_kill9_of_one_listener_process(server_factory, study_files, tmp_path):
              for path in acknowledged_files(log.read_text())]
     # The agent notices, says so, and starts the process again on the same port.
     wait_for(lambda: "listener process died" in server.log(), 30, "the death to be noticed")
-    wait_for(lambda: len(_status(server)["agent"]["listener_pids"]) == int(PROCESSES)
-             and victim not in _status(server)["agent"]["listener_pids"], 60,
-             "the listener process to be restarted")
+    def restarted() -> bool:
+        listening = _status(server)["agent"]["listener_pids"]
+        return len(listening) == int(PROCESSES) and victim not in listening
+
+    wait_for(restarted, 60, "the listener process to be restarted")
     # Every instance acknowledged before or after the kill is held, byte for byte.
     held = {r["sop_instance_uid"]: r["path"] for r in server.query(
         "SELECT sop_instance_uid, path FROM instances")}
