@@ -211,12 +211,12 @@ def _is_colour(rgb: np.ndarray) -> bool:
 def decode_colour(rgb: np.ndarray, classes: MaskClasses) -> np.ndarray:
     """RGB mask to class indices: a pixel whose coding channel exceeds the others by a margin
     (tolerant of anti-aliased edges) takes that class; every other pixel is background."""
-    channels = rgb.astype(np.int16)
+    planes = [rgb[..., c].astype(np.int16) for c in range(3)]
     out = np.zeros(rgb.shape[:2], dtype=np.int64)
     for index, channel in classes.colours.items():
-        others = np.delete(channels, channel, axis=-1).max(axis=-1)
-        out[(channels[..., channel] > 127) & (channels[..., channel] - others > _COLOUR_MARGIN)] \
-            = index
+        first, second = (planes[c] for c in range(3) if c != channel)
+        coding = planes[channel]
+        out[(coding > 127) & (coding - np.maximum(first, second) > _COLOUR_MARGIN)] = index
     return out
 
 

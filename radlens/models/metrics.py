@@ -209,7 +209,9 @@ def predict(model: SegmentationNetwork, loader: torch.utils.data.DataLoader,
         images = batch["image"].to(device)
         logits, features = model.forward_with_features(images)
         probs = logits.softmax(dim=1)
-        metrics.update(probs.argmax(dim=1), batch["mask"][:, 0])
+        # max's indices over the class channel: argmax over a leading dimension is ~15x slower
+        # on the CPU; both give the first of equal values.
+        metrics.update(probs.max(dim=1).indices, batch["mask"][:, 0])
         probabilities.append(image_probabilities(probs).cpu().numpy())
         latents.append(pooled_latents(features).float().cpu().numpy())
         labels.append(batch["label"].numpy())
