@@ -53,7 +53,9 @@ esac
 # and the reports went to docs/measured. The temporary folder's name leaves the files: "train",
 # "fresh" and "model" are the folders the phantom commands (recorded as data_commands) write.
 rm -rf "$work/model/ablation-unweighted" "$work/model/test"
-sed -i "s#$work/##g" "$work/model/metrics.json" "$work/model/split.json" "$report.md"
+find "$work/model" -maxdepth 1 \( -name '*.json' -o -name '*.md' \) \
+  -exec sed -i "s#$work/##g" {} +
+sed -i "s#$work/##g" "$report.md"
 .venv/bin/python - "$weights/card.json" "$work/model/card.json" "$work/" "${data_commands[@]}" <<'PY'
 import json, pathlib, sys
 previous, made, work, *commands = sys.argv[1:]
