@@ -128,3 +128,19 @@ def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def as_trained_and_stated(probabilities: np.ndarray, labels: np.ndarray, temperature: float,
+                          diagram: Path, title: str) -> tuple[Calibration, Calibration | None]:
+    """The calibration of ``probabilities`` as the network gives them and, when the card holds
+    a temperature other than 1, as the agent states them, with both curves drawn into
+    ``diagram``: what every task's evaluation reports, under its own report's names."""
+    trained = measure(probabilities, labels)
+    curves = {"as trained": (probabilities, labels)}
+    stated = None
+    if temperature != 1.0:
+        calibrated = apply_temperature(probabilities, temperature)
+        stated = measure(calibrated, labels)
+        curves[f"temperature {temperature:.2f} (what the agent states)"] = (calibrated, labels)
+    reliability_diagram(curves, diagram, title)
+    return trained, stated

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from radlens.datasets.segmentation import Layout
-from radlens.models.calibration import apply_temperature, measure, reliability_diagram
+from radlens.models.calibration import as_trained_and_stated
 from radlens.models.metrics import PIXEL_METRICS, evaluation_report, markdown_table, predict
 from radlens.models.ood import summary
 from radlens.tasks.breast_us.datasets import SegmentationDataset, load_cases
@@ -55,16 +55,10 @@ def calibration_report(probabilities: np.ndarray, labels: np.ndarray, temperatur
                        out: Path) -> dict[str, Any]:
     """ECE and Brier score of the image probabilities as the network gives them and as the
     agent states them (after the card's temperature), and a reliability diagram."""
-    curves = {"as trained": (probabilities, labels)}
-    report: dict[str, Any] = {"temperature": temperature,
-                              "as_trained": measure(probabilities, labels).as_dict(),
-                              "stated": None, "diagram": "reliability.png"}
-    if temperature != 1.0:
-        calibrated = apply_temperature(probabilities, temperature)
-        report["stated"] = measure(calibrated, labels).as_dict()
-        curves[f"temperature {temperature:.2f} (what the agent states)"] = (calibrated, labels)
-    reliability_diagram(curves, out / "reliability.png", "Image probabilities")
-    return report
+    trained, stated = as_trained_and_stated(probabilities, labels, temperature,
+                                            out / "reliability.png", "Image probabilities")
+    return {"temperature": temperature, "as_trained": trained.as_dict(),
+            "stated": stated.as_dict() if stated else None, "diagram": "reliability.png"}
 
 
 def calibration_table(calibration: dict[str, Any]) -> str:

@@ -31,10 +31,10 @@ from radlens.datasets.origin import training_data_sentence
 from radlens.logs import kv
 from radlens.models.calibration import (
     apply_temperature,
+    as_trained_and_stated,
     card_temperature,
     fit_temperature,
     measure,
-    reliability_diagram,
 )
 from radlens.models.cards import seal
 from radlens.models.device import resolve_device
@@ -623,13 +623,8 @@ def calibration_report(probabilities: np.ndarray, labels: np.ndarray, temperatur
                        out: Path) -> dict[str, Any]:
     """ECE and Brier score of the category probabilities as the network gives them and as the
     agent states them (after ``temperature``), with ``reliability.png`` in ``out``."""
-    curves = {"as trained": (probabilities, labels)}
-    report: dict[str, Any] = {"temperature": temperature,
-                              "before": measure(probabilities, labels).as_dict(),
-                              "after": None, "diagram": "reliability.png"}
-    if temperature != 1.0:
-        calibrated = apply_temperature(probabilities, temperature)
-        report["after"] = measure(calibrated, labels).as_dict()
-        curves[f"temperature {temperature:.2f} (what the agent states)"] = (calibrated, labels)
-    reliability_diagram(curves, out / "reliability.png", "Density category probabilities")
-    return report
+    before, after = as_trained_and_stated(probabilities, labels, temperature,
+                                          out / "reliability.png",
+                                          "Density category probabilities")
+    return {"temperature": temperature, "before": before.as_dict(),
+            "after": after.as_dict() if after else None, "diagram": "reliability.png"}
