@@ -134,5 +134,7 @@ def test_the_scheduled_sweep_keeps_what_a_destination_has_not_taken(server_facto
     assert not list((server.data_dir / "spool").rglob("*.dcm"))
     pending = server.query("SELECT path FROM outbox WHERE state = 'pending'")
     assert pending and all(Path(r["path"]).is_file() for r in pending)
-    assert "retention sweep" in server.log()
+    # The sweep logs its summary once it has gone through every study (after the rows
+    # above went), so the line may come a moment after the query sees them gone.
+    wait_for(lambda: "retention sweep" in server.log(), 30, "the sweep's summary in the log")
     assert server.stop() == 0
