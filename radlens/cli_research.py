@@ -71,7 +71,7 @@ def phantoms(
     task: Annotated[str | None, typer.Option(
         help="the task whose phantoms to write (radlens models lists them): breast_us, "
              "breast ultrasound with lesions; mammo_density, mammograms with a BI-RADS "
-             "density category")] = None,
+             "density category; dermoscopy, nevi and melanomas")] = None,
     kind: Annotated[str | None, typer.Option(help="the older name of --task: us or mammo")]
     = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="also one DICOM study per case "
@@ -79,10 +79,14 @@ def phantoms(
     tomosynthesis: Annotated[bool, typer.Option(
         "--tomosynthesis", help="mammo_density, with --dicom: also a Breast Tomosynthesis "
         "volume per view, as a combined 2D and 3D examination")] = False,
+    visits: Annotated[int, typer.Option(
+        min=1, max=12, help="dermoscopy: each lesion seen on this many visits six months "
+        "apart (a melanoma grows between them, a nevus does not)")] = 1,
     config: ConfigOption = None,
 ) -> None:
     """Write seeded synthetic phantoms of a task: breast ultrasound in the BUS-UCLM folder
-    layout, or mammograms (CC and MLO, left and right) labelled with their breast density."""
+    layout, mammograms (CC and MLO, left and right) labelled with their breast density, or
+    dermoscopic photographs of nevi and melanomas with masks and their true descriptors."""
     from radlens.tasks.base import TaskError
 
     cli_settings(config)
@@ -90,7 +94,8 @@ def phantoms(
     with _bars() as progress:
         try:
             line = chosen.write_phantoms(out, n=n, seed=seed, size=size, dicom=dicom,
-                                         options={"tomosynthesis": tomosynthesis},
+                                         options={"tomosynthesis": tomosynthesis,
+                                                  "visits": visits},
                                          progress=_Bars(progress))
         except TaskError as exc:
             raise fail(str(exc), 1) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -137,6 +138,15 @@ def frames_of(image: dict) -> list[dict]:
     findings.json: the lesion task's entry under ``analyses``."""
     return [frame for analysis in image.get("analyses", [])
             if analysis.get("kind") == "frames" for frame in analysis["frames"]]
+
+
+def folder_digest(folder: Path) -> str:
+    """One SHA-256 over every file's relative path and bytes: equal for identical folders."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -418,6 +418,15 @@ class DensitySettings(_Section):
     low_tissue_share: float = Field(default=0.6, ge=0, le=1)
 
 
+class DermoscopySettings(_Section):
+    """The melanoma model on dermoscopic photographs (DMS, or XC as older systems send them).
+    Off until a model is trained or shipped: radlens has its phantoms and features so far."""
+
+    enabled: bool = False
+    weights: str = "dermoscopy"  # a shipped model's name, or a folder with model.pt + card.json
+    version: str | None = None  # when set, the card's version must match
+
+
 class BundleSettings(_Section):
     """A MONAI bundle folder run as a task (docs/tasks.md). A bundle's configs instantiate the
     Python objects they name: a bundle is code, and only those listed here are loaded."""
@@ -599,6 +608,7 @@ class Settings(BaseSettings):
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     density: DensitySettings = Field(default_factory=DensitySettings)
+    dermoscopy: DermoscopySettings = Field(default_factory=DermoscopySettings)
     bundles: list[BundleSettings] = Field(default_factory=list)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     anatomy: AnatomySettings = Field(default_factory=AnatomySettings)

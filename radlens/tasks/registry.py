@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "radlens.tasks"
-BUILT_IN = ("radlens.tasks.breast_us:TASK", "radlens.tasks.mammo_density:TASK")
+BUILT_IN = ("radlens.tasks.breast_us:TASK", "radlens.tasks.mammo_density:TASK",
+            "radlens.tasks.dermoscopy:TASK")
 
 
 def _instance(target: object, origin: str) -> Task:

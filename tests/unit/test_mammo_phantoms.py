@@ -4,8 +4,6 @@ with neighbouring categories overlapping, the confounders marked, valid MG DICOM
 from __future__ import annotations
 
 import collections
-import hashlib
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -21,15 +19,7 @@ from radlens.tasks.mammo_density.phantoms import (
     study_density,
     write_dataset,
 )
-from tests.helpers import dciodvfy_errors, radlens_cli
-
-
-def _digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+from tests.helpers import dciodvfy_errors, folder_digest, radlens_cli
 
 
 def test_same_seed_same_bytes_including_dicom(tmp_path):
@@ -38,7 +28,7 @@ def test_same_seed_same_bytes_including_dicom(tmp_path):
                            "--n", "3", "--seed", "5", "--size", "128", "--dicom",
                            "--tomosynthesis")
         assert made.returncode == 0, made.stderr
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert folder_digest(tmp_path / "a") == folder_digest(tmp_path / "b")
     assert "wrote 3 patients, 12 views" in made.stdout
     other = write_dataset(tmp_path / "c", generate(3, 6, size=128))
     assert other[0].image.tobytes() != make_patient(5, 0, size=128)[0].image.tobytes()

@@ -47,7 +47,8 @@ def test_a_broken_plugin_is_left_out_with_the_reason(tmp_path, monkeypatch):
         problems = registry.problems()
         assert any("'broken'" in p and "ModuleNotFoundError" in p for p in problems), problems
         assert any("'impostor'" in p and "taken by built-in" in p for p in problems), problems
-        assert [t.name for t in registry.all_tasks()] == ["breast_us", "mammo_density"]
+        assert [t.name for t in registry.all_tasks()] == ["breast_us", "mammo_density",
+                                                          "dermoscopy"]
     finally:
         monkeypatch.undo()
         registry.reload()
