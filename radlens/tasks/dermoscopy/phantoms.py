@@ -238,11 +238,14 @@ def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, cy: float, c
 
 def _pigment(rng: np.random.Generator, lesion: _Lesion, yy: np.ndarray, xx: np.ndarray,
              cy: float, cx: float, rho: np.ndarray, inside: np.ndarray, size: int,
-             reach: float) -> tuple[np.ndarray, list[str]]:
+             reach: float, tone: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The lesion's colour (H, W, 3) and the dermoscopic colours it shows (``reach``: its
-    mean radius in pixels)."""
-    light = np.asarray(PIGMENTS["light brown"], np.float32) * rng.uniform(0.92, 1.08)
-    dark = np.asarray(PIGMENTS["dark brown"], np.float32) * rng.uniform(0.9, 1.1)
+    mean radius in pixels). Pigment is darker than the skin around it whatever the skin's
+    type: on dark skin a "light brown" lesion is a darker brown than on fair skin."""
+    light = np.minimum(np.asarray(PIGMENTS["light brown"], np.float32),
+                       tone * 0.72) * rng.uniform(0.92, 1.08)
+    dark = np.minimum(np.asarray(PIGMENTS["dark brown"], np.float32),
+                      tone * 0.45) * rng.uniform(0.9, 1.1)
     colours = ["light brown"]
     if "dark brown" in lesion.truth:
         colours.append("dark brown")
@@ -398,7 +401,8 @@ def make_case(seed: int, index: int, *, size: int = 256, visit: int = 1,
     radius_px = min(lesion.radius_mm / spacing_mm, 0.36 * size)
     rho = np.hypot(yy - cy, xx - cx) / (radius_px * _boundary(lesion, theta))
     inside = rho < 1.0
-    colour, colours = _pigment(rng, lesion, yy, xx, cy, cx, rho, inside, size, radius_px)
+    colour, colours = _pigment(rng, lesion, yy, xx, cy, cx, rho, inside, size, radius_px,
+                               tone)
     streaks = np.zeros_like(inside)
     if "streaks" in lesion.truth:  # radial lines from the periphery out, part of the lesion
         for angle in lesion.streak_angles:

@@ -1,0 +1,89 @@
+"""The refinement stage: prompts from the coarse mask, the random walker beats a coarse
+mask it is prompted from, a refiner that runs off is not believed, and SAM2 says what it
+lacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from radlens.tasks.dermoscopy.phantoms import make_case
+from radlens.tasks.dermoscopy.refine import (
+    Prompts,
+    RandomWalkerRefiner,
+    RefinerError,
+    Sam2Refiner,
+    dice,
+    refine,
+    sample_points,
+)
+
+
+def _coarse(mask: np.ndarray) -> np.ndarray:
+    """What a low-resolution first stage gives: the mask at an eighth of the size, blown up
+    (blocky), and three pixels off."""
+    small = ndimage.zoom(mask.astype(float), 1 / 8, order=1)
+    blocky = ndimage.zoom(small, 8, order=0)[:mask.shape[0], :mask.shape[1]] > 0.5
+    return ndimage.shift(blocky.astype(float), (3, -2), order=0) > 0.5
+
+
+def test_prompts_lie_inside_and_around_the_coarse_mask_and_repeat():
+    coarse = _coarse(make_case(21, 0).mask)
+    prompts = sample_points(coarse)
+    assert coarse[tuple(prompts.foreground.T)].all()
+    assert not coarse[tuple(prompts.background.T)].any()
+    assert len(prompts.foreground) == 24 and len(prompts.background) == 48
+    again = sample_points(coarse)
+    assert (again.foreground == prompts.foreground).all()
+    with pytest.raises(ValueError, match="empty"):
+        sample_points(np.zeros((32, 32), bool))
+
+
+def test_the_random_walker_refines_a_blocky_coarse_mask_towards_the_truth():
+    refiner = RandomWalkerRefiner()
+    coarse_scores, refined_scores = [], []
+    for index in range(12):
+        case = make_case(21, index)
+        coarse = _coarse(case.mask)
+        refined = refine(case.image, coarse, refiner)
+        coarse_scores.append(dice(coarse, case.mask))
+        refined_scores.append(dice(refined.mask, case.mask))
+        if not refined.kept:
+            assert "coarse mask stands" in refined.note and (refined.mask == coarse).all()
+    assert np.mean(refined_scores) > np.mean(coarse_scores) + 0.02
+    assert np.mean(refined_scores) > 0.93
+    assert min(refined_scores) >= min(coarse_scores) - 0.02  # the agreement rule's floor
+
+
+class _RunsOff:
+    """A refiner that takes the whole frame for lesion."""
+
+    name = "runaway"
+
+    def segment(self, image: np.ndarray, prompts: Prompts) -> np.ndarray:
+        return np.ones(image.shape[:2], dtype=bool)
+
+
+def test_a_refined_mask_that_disagrees_with_the_coarse_one_is_not_believed():
+    case = make_case(21, 1)
+    coarse = _coarse(case.mask)
+    refined = refine(case.image, coarse, _RunsOff())
+    assert not refined.kept and (refined.mask == coarse).all()
+    assert refined.agreement < 0.85 and "under 0.85" in refined.note
+
+
+def test_sam2_says_what_it_lacks(tmp_path):
+    with pytest.raises(RefinerError, match="does not exist"):
+        Sam2Refiner(tmp_path / "absent")
+    with pytest.raises(RefinerError, match="no published checkpoint"):
+        Sam2Refiner(tmp_path)
+    (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(b"")
+    try:
+        import sam2  # noqa: F401
+    except ImportError:
+        with pytest.raises(RefinerError, match=r"pip install 'radlens\[sam2\]'"):
+            Sam2Refiner(tmp_path)
+    (tmp_path / "sam2.json").write_text('{"config": "x.yaml"}')
+    with pytest.raises(RefinerError, match="must hold"):
+        Sam2Refiner(tmp_path)
