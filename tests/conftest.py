@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -9,6 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import RadlensServer, free_port, port_open, require_tool, wait_for
+
+# Under pytest-xdist every worker (and every agent a test starts) is one of several processes
+# on few cores: torch's default of a thread per core would run twice as many threads as
+# there are cores. One thread each, set before any test imports torch; a value the caller
+# set stands.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Seconds each module took in the whole suite (pytest --durations=0 on the 2-core machine,
 # 2026-12-07), each beside the others. The suite runs under pytest-xdist, whole modules per

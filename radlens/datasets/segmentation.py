@@ -19,7 +19,6 @@ logic here is the part no library has.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections import Counter
@@ -249,25 +248,15 @@ class _MaskScan:
 
 
 def _labels_csv(root: Path, classes: MaskClasses) -> dict[str, dict[str, str]]:
+    from radlens.datasets.labels_csv import LabelsCsvError, read_labels_csv
+
     path = root / "labels.csv"
     if not path.is_file():
         return {}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "case_id" not in reader.fieldnames:
-            raise DatasetError(f"{path}: no case_id column (columns: {reader.fieldnames})")
-        rows = list(reader)
-    listed: dict[str, dict[str, str]] = {}
-    for row in rows:
-        case_id = (row.get("case_id") or "").strip()
-        if case_id in listed:
-            raise DatasetError(f"{path}: case {case_id!r} is listed twice")
-        label = (row.get("label") or "").strip()
-        if label and label not in classes.image_labels:
-            raise DatasetError(f"{path}: case {case_id!r} has label {label!r}; the task's "
-                               f"labels are {', '.join(classes.image_labels)}")
-        listed[case_id] = row
-    return listed
+    try:
+        return read_labels_csv(path, labels=classes.image_labels)
+    except LabelsCsvError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 def _patient(case_id: str, row: Mapping[str, str]) -> str:

@@ -209,7 +209,7 @@ def refine(image: np.ndarray, coarse: np.ndarray, refiner: Refiner, *,
     except (ValueError, RuntimeError) as exc:
         return Refined(region, prompts, refiner.name, 0.0, False,
                        f"the {refiner.name} refiner failed ({exc}): the coarse mask stands")
-    segmented = _largest_filled(segmented)
+    segmented = largest_region(segmented)
     agreement = dice(segmented, region)
     if agreement < min_agreement:
         return Refined(region, prompts, refiner.name, agreement, False,
@@ -218,7 +218,9 @@ def refine(image: np.ndarray, coarse: np.ndarray, refiner: Refiner, *,
     return Refined(segmented, prompts, refiner.name, agreement, True)
 
 
-def _largest_filled(mask: np.ndarray) -> np.ndarray:
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest connected part of ``mask``, its holes filled (empty stays empty): a
+    lesion is one region."""
     labels, count = ndimage.label(mask)
     if count == 0:
         return np.zeros(mask.shape, dtype=bool)
