@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from radlens.tasks.base import SILENT, ResearchProgress, Task, TaskError
+from radlens.tasks.base import SILENT, ResearchProgress, Task, TaskError, TrainRequest
 
 if TYPE_CHECKING:
     from radlens.config import Settings
@@ -49,6 +49,18 @@ class DermoscopyTask(Task):
         return research.write_phantoms(out, n=n, seed=seed, size=size, dicom=dicom,
                                        visits=int(options.get("visits") or 1),
                                        progress=progress)
+
+    def train(self, request: TrainRequest, progress: ResearchProgress = SILENT) -> str:
+        from radlens.tasks.dermoscopy import research
+
+        return research.train(request, progress)
+
+    def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
+                 options: Mapping[str, Any]) -> Path:
+        from radlens.tasks.dermoscopy import research
+
+        return research.evaluate(data, model, out, device=device, seed=seed,
+                                 progress=SILENT)
 
 
 TASK = DermoscopyTask()

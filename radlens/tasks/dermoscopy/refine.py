@@ -56,7 +56,7 @@ class Refined:
     """The refined mask, the prompts it came from, and whether it was kept."""
 
     mask: np.ndarray  # bool (H, W): the refined mask, or the coarse one when not kept
-    prompts: Prompts
+    prompts: Prompts | None  # None: there was no coarse mask to prompt from
     refiner: str
     agreement: float  # Dice between the refiner's mask and the coarse mask
     kept: bool

@@ -1,12 +1,12 @@
-"""The dermoscopy task's research commands, as ``radlens phantoms --task dermoscopy`` runs
-them."""
+"""The dermoscopy task's research commands, as ``radlens phantoms|train|evaluate --task
+dermoscopy`` run them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from radlens.datasets.origin import mark_phantoms
-from radlens.tasks.base import ResearchProgress, TaskUsageError
+from radlens.tasks.base import ResearchProgress, TaskError, TaskUsageError, TrainRequest
 
 MAX_VISITS = 12
 
@@ -36,3 +36,80 @@ def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: boo
     seen = f", each seen on {visits} visits six months apart" if visits > 1 else ""
     return (f"wrote {n} lesions ({counts['nevus']} nevus, {counts['melanoma']} melanoma)"
             f"{seen} to {out}")
+
+
+def train(request: TrainRequest, progress: ResearchProgress) -> str:
+    from radlens.tasks.dermoscopy.datasets import DermoscopyDataError
+    from radlens.tasks.dermoscopy.train import DermoscopyTrainSettings, run_training
+
+    options = request.options
+    settings = DermoscopyTrainSettings(
+        epochs=request.epochs, segmenter_epochs=request.epochs,
+        batch_size=max(2, request.batch_size), learning_rate=request.learning_rate,
+        patience=request.patience, folds=request.folds, seed=request.seed,
+        device=request.device, size=request.size or 128,
+        test_fraction=float(options.get("test_fraction", 0.2)))
+    started: set[str] = set()
+
+    def tell(key: str, label: str, done: int, total: int, info: str = "") -> None:
+        if key not in started:
+            started.add(key)
+            progress.start(key, label, total)
+        progress.update(key, done, info)
+
+    try:
+        metrics = run_training(request.data, settings, request.out, command=request.command,
+                               ablation=bool(options.get("ablation", False)), progress=tell)
+    except (DermoscopyDataError, ValueError) as exc:
+        raise TaskError(str(exc)) from exc
+    card = metrics["card"]
+    trained = card["trained_on"]
+    lines = [f"trained the dermoscopy model on {trained['images']} images of "
+             f"{trained['patients']} patients ({trained['melanoma']} melanoma); coarse UNet "
+             f"validation Dice {card['segmentation']['validation_dice']:.3f}; wrote "
+             f"{request.out}"]
+    for label, figures in (("test", metrics.get("test")),
+                           ("without alignment", (metrics.get("ablation") or {}).get(
+                               "without_alignment"))):
+        if figures:
+            c = figures["classification"]
+            line = (f"{label}: accuracy {c['accuracy']:.3f}, AUC "
+                    + ("n/a" if c["auc"] is None else f"{c['auc']:.3f}"))
+            alignment = figures.get("alignment") or {}
+            if alignment.get("positive_median") is not None:
+                line += (f"; pair similarity {alignment['positive_median']:.2f} positive, "
+                         f"{alignment['negative_median']:.2f} negative")
+            segmentation = (figures.get("segmentation") or {}).get("all")
+            if segmentation and segmentation.get("refined_dice") is not None:
+                line += (f"; Dice coarse {segmentation['coarse_dice']:.3f}, refined "
+                         f"{segmentation['refined_dice']:.3f}")
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def load_model(model: str, *, device: str = "cpu"):
+    """A weights folder (or, once one ships, the shipped model) as a ``DermoscopyModel``."""
+    from radlens.models.cards import model_folder, read_card
+    from radlens.tasks.dermoscopy.model import DermoscopyModel
+
+    folder = model_folder("dermoscopy" if model == "default" else model)
+    return DermoscopyModel.load(folder, card=read_card(folder), device=device)
+
+
+def evaluate(data: Path, model: str, out: Path, *, device: str, seed: int,
+             progress: ResearchProgress) -> Path:
+    from radlens.models.cards import ModelError
+    from radlens.models.device import resolve_device
+    from radlens.tasks.dermoscopy.datasets import DermoscopyDataError, read_folder
+    from radlens.tasks.dermoscopy.evaluate import evaluate_records, report, write_report
+
+    try:
+        loaded = load_model(model, device=str(resolve_device(device)))
+        records = read_folder(data)
+        progress.start("evaluate", "images", len(records))
+        results = evaluate_records(loaded, records,
+                                   on_case=lambda n: progress.update("evaluate", n))
+        figures = report(results, out, temperature=loaded.temperature, seed=seed)
+        return write_report(figures, out, f"Dermoscopy model on {data.name}")
+    except (DermoscopyDataError, ModelError, ValueError, OSError) as exc:
+        raise TaskError(str(exc)) from exc
