@@ -240,7 +240,8 @@ def train(
     task: Annotated[str, typer.Option(
         help="the task whose model to train (radlens models lists them): breast_us, "
              "breast-ultrasound lesions; mammo_density, BI-RADS breast density on mammograms "
-             "(docs/mammo_density.md)")] = "breast_us",
+             "(docs/mammo_density.md); dermoscopy, melanoma with ABC features "
+             "(docs/dermoscopy.md)")] = "breast_us",
     class_weights: Annotated[bool, typer.Option(
         "--class-weights/--no-class-weights",
         help="density: inverse-frequency weights and undersampling (off: the ablation)")]
@@ -249,8 +250,8 @@ def train(
         help="density: a folder of fresh cases; the model's figures on it go into its card",
         exists=True, file_okay=False)] = None,
     ablation: Annotated[bool, typer.Option(
-        "--ablation", help="density, with --test: also train without class weights and "
-        "record its figures in the card")] = False,
+        "--ablation", help="density, with --test: also train without class weights; "
+        "dermoscopy: also without the alignment loss; the card records its figures")] = False,
     layout: Annotated[str | None, typer.Option(help=LAYOUT_HELP)] = None,
     test_fraction: Annotated[float, typer.Option(
         min=0.0, max=0.5, help="share of patients held out first as the test set, reported "
