@@ -48,6 +48,9 @@ def test_the_vit_gives_a_logit_embeddings_and_a_token_grid():
     z_c = network.abc_embedding(torch.rand(3, ABC_FEATURES))
     assert torch.allclose(z_v.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(z_c.norm(dim=-1), torch.ones(3), atol=1e-5)
+    similarity = network.descriptor_similarity(feature)
+    assert similarity.shape == (3, 13) and similarity.abs().max() <= 1.0 + 1e-5
+    assert network.descriptor_logits(feature).shape == (3, 13)
     grid = token_grid(network.tokens(torch.rand(2, 3, 32, 32)), shape.grid)
     assert grid.shape == (2, 32, 4, 4)
     with pytest.raises(ValueError, match="do not make"):
@@ -61,10 +64,12 @@ def test_a_frozen_encoder_stays_as_it_was_and_the_heads_train():
     images = (torch.rand(12, 3, 32, 32) * 255).byte()
     abc = torch.randn(12, ABC_FEATURES)
     targets = torch.tensor([0, 1] * 6)
+    descriptors = (torch.rand(12, 13) > 0.5).float()
+    descriptors[3] = -1  # a case whose folder states no descriptors
     network, history, best = train_classifier(
         images, abc, targets, list(range(8)), list(range(8, 12)), shape=shape, epochs=2,
         batch_size=4, learning_rate=1e-3, patience=2, alignment_weight=1.0,
-        freeze_encoder=True, seed=0, device="cpu")
+        freeze_encoder=True, seed=0, device="cpu", descriptors=descriptors)
     torch.manual_seed(0)  # as training seeds it: the encoder it started from
     reference = CrossModalClassifier(shape)
     encoder_same = all(torch.equal(a, b) for a, b in zip(
@@ -72,4 +77,16 @@ def test_a_frozen_encoder_stays_as_it_was_and_the_heads_train():
         strict=True))
     assert encoder_same
     assert len(history) == 2 and history[0].val_alignment_loss is not None
+    assert history[0].val_descriptor_loss is not None
     assert not any(p.requires_grad for p in network.encoder.parameters())
+
+
+def test_retrieval_keeps_one_of_each_pair_and_precision_counts_the_true_ones():
+    from radlens.tasks.dermoscopy.descriptors import precision_at, ranked
+
+    scores = {"symmetric shape": 0.9, "asymmetric shape": 0.95, "streaks": 0.2,
+              "regular border": 0.8, "irregular border": 0.1, "blue-gray areas": 0.7}
+    top = ranked(scores)
+    assert top == ["asymmetric shape", "regular border", "blue-gray areas"]
+    assert precision_at(top, {"asymmetric shape", "irregular border"}) == pytest.approx(1 / 3)
+    assert precision_at([], {"streaks"}) == 0.0

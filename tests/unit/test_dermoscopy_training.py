@@ -47,8 +47,10 @@ def test_train_and_evaluate_write_what_the_card_and_report_promise(tmp_path):
     assert set(figures["confounders"]) <= {"hair", "ruler", "ink", "bubbles", "specular",
                                            "vignette"}
     text = (report / "report.md").read_text()
+    assert figures["descriptors"]["cases"] == 48
+    assert 0.0 <= figures["descriptors"]["precision_at_3"] <= 1.0
     for part in ("sensitivity at specificity 0.80", "refined Dice", "positive pairs",
-                 "Calibration of the melanoma probability"):
+                 "precision at 3", "Calibration of the melanoma probability"):
         assert part in text, part
 
 

@@ -51,3 +51,18 @@ def opposite(descriptor: str) -> str | None:
         if descriptor == second:
             return first
     return None
+
+
+def ranked(scores: dict[str, float], top: int = 3) -> list[str]:
+    """The ``top`` descriptors by score, a descriptor left out when the other of its pair
+    scores higher (a lesion is not both symmetric and asymmetric)."""
+    kept = [name for name in sorted(scores, key=scores.__getitem__, reverse=True)
+            if (other := opposite(name)) is None or scores.get(other, float("-inf"))
+            <= scores[name]]
+    return kept[:top]
+
+
+def precision_at(retrieved: list[str], truth: set[str]) -> float:
+    """The share of the retrieved descriptors that are true (precision at k, k their
+    count)."""
+    return sum(name in truth for name in retrieved) / len(retrieved) if retrieved else 0.0

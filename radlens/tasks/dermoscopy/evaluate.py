@@ -8,7 +8,9 @@ and refined mask Dice and IoU, by class and on the images with each confounder, 
 often the refinement was kept; the accuracy on each confounder's images beside the whole;
 the cosine similarities of positive pairs (an image and its own features) and negative pairs
 (an image and another's), with their histogram (``alignment.png``: positives that stay
-scattered mean the alignment failed); the calibration (ECE, Brier, ``reliability.png``).
+scattered mean the alignment failed); the precision at 3 of the retrieved visual
+descriptors against the folder's stated ones; the calibration (ECE, Brier,
+``reliability.png``).
 scikit-learn gives the ROC curve and AUC.
 """
 
@@ -46,6 +48,8 @@ class CaseResult:
     confounders: tuple[str, ...]
     image_embedding: np.ndarray
     abc_embedding: np.ndarray | None
+    retrieved: tuple[str, ...]  # the top three descriptors
+    true_descriptors: tuple[str, ...]  # what the folder states (empty: nothing stated)
 
 
 def _overlap(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -74,7 +78,8 @@ def evaluate_records(model: DermoscopyModel, records: Sequence[DermoscopyRecord]
             coarse_dice=coarse[0], coarse_iou=coarse[1], refined_dice=refined[0],
             refined_iou=refined[1], refinement_kept=analysis.refined.kept,
             confounders=record.confounders, image_embedding=analysis.image_embedding,
-            abc_embedding=analysis.abc_embedding))
+            abc_embedding=analysis.abc_embedding, retrieved=tuple(analysis.descriptors),
+            true_descriptors=record.descriptors))
         if on_case is not None:
             on_case(number)
     return results
@@ -155,6 +160,26 @@ def alignment_report(results: Sequence[CaseResult], diagram: Path | None) -> dic
             "histogram": diagram.name if diagram is not None else None}
 
 
+def descriptor_report(results: Sequence[CaseResult]) -> dict[str, Any]:
+    """Precision at 3 of the retrieved descriptors against the stated ones, overall and by
+    descriptor (how often retrieved, how often then true)."""
+    from radlens.tasks.dermoscopy.descriptors import DESCRIPTORS, precision_at
+
+    stated = [r for r in results if r.true_descriptors]
+    per = {}
+    for name in DESCRIPTORS:
+        retrieved = [r for r in stated if name in r.retrieved]
+        per[name] = {"true": sum(name in r.true_descriptors for r in stated),
+                     "retrieved": len(retrieved),
+                     "precision": (sum(name in r.true_descriptors for r in retrieved)
+                                   / len(retrieved) if retrieved else None)}
+    return {"cases": len(stated),
+            "precision_at_3": (float(np.mean([precision_at(list(r.retrieved),
+                                                           set(r.true_descriptors))
+                                              for r in stated])) if stated else None),
+            "by_descriptor": per}
+
+
 def report(results: Sequence[CaseResult], out: Path, *, temperature: float, seed: int = 0
            ) -> dict[str, Any]:
     """Every figure of the module's docstring, with ``alignment.png`` and
@@ -198,6 +223,7 @@ def report(results: Sequence[CaseResult], out: Path, *, temperature: float, seed
                             for index, name in enumerate(CLASSES)}},
         "confounders": by_confounder,
         "alignment": alignment_report(results, out / "alignment.png"),
+        "descriptors": descriptor_report(results),
         "calibration": {"temperature": temperature,
                         "as_trained": trained_calibration.as_dict(),
                         "as_stated": (stated_calibration.as_dict()
@@ -250,6 +276,15 @@ def markdown(figures: dict[str, Any], title: str) -> str:
                   f"positive pairs (an image and its own features), "
                   f"{a['negative_median']:.2f} for negative pairs; histogram "
                   f"`{a['histogram']}`."]
+    d = figures.get("descriptors") or {}
+    if d.get("precision_at_3") is not None:
+        lines += ["", f"Visual descriptors: precision at 3 of the retrieved descriptors "
+                  f"{_pct(d['precision_at_3'])} against the {d['cases']} images' stated "
+                  "ones.", "", "| descriptor | true of | retrieved for | then true |",
+                  "|---|---:|---:|---:|"]
+        for name, row in d["by_descriptor"].items():
+            lines.append(f"| {name} | {row['true']} | {row['retrieved']} | "
+                         f"{_pct(row['precision'])} |")
     cal = figures["calibration"]
     line = (f"Calibration of the melanoma probability: as trained, ECE "
             f"{cal['as_trained']['ece']:.3f}, Brier {cal['as_trained']['brier']:.3f}")

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from radlens.models.text import Vocabulary
 from radlens.tasks.dermoscopy.classifier import ClassifierShape, CrossModalClassifier
+from radlens.tasks.dermoscopy.descriptors import DESCRIPTORS, ranked
 from radlens.tasks.dermoscopy.features import AbcFeatures, FeatureError, measure_abc
 from radlens.tasks.dermoscopy.refine import RandomWalkerRefiner, Refined, Refiner, refine
 from radlens.tasks.dermoscopy.segment import (
@@ -46,6 +48,9 @@ class DermoscopyAnalysis:
     image_embedding: np.ndarray  # z_v
     abc_embedding: np.ndarray | None  # z_c (None without features)
     alignment: float | None  # cosine of z_v and z_c
+    descriptor_similarity: dict[str, float]  # cosine of the image to each descriptor
+    descriptor_probability: dict[str, float]  # each descriptor's sigmoid
+    descriptors: list[str]  # the top three, consistent (see descriptors.ranked)
     pooled: np.ndarray  # the image feature the OOD detector scores
 
 
@@ -87,6 +92,7 @@ class DermoscopyModel:
                     "segmenter_size": self.coarse.size,
                     "classifier": self.classifier.state_dict(),
                     "shape": vars(self.shape).copy(),
+                    "vocabulary": list(self.classifier.vocabulary.tokens),
                     "abc_mean": self.abc_mean.tolist(), "abc_scale": self.abc_scale.tolist()},
                    path)
         return path
@@ -97,7 +103,8 @@ class DermoscopyModel:
         saved = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
         segmenter = build_coarse_unet()
         segmenter.load_state_dict(saved["segmenter"])
-        classifier = CrossModalClassifier(ClassifierShape(**saved["shape"]))
+        classifier = CrossModalClassifier(ClassifierShape(**saved["shape"]),
+                                          Vocabulary.of_tokens(saved["vocabulary"]))
         classifier.load_state_dict(saved["classifier"])
         return cls(segmenter, classifier, segmenter_size=int(saved.get("segmenter_size",
                                                                          SEGMENTER_SIZE)),
@@ -136,6 +143,9 @@ class DermoscopyModel:
         logits, pooled = self.classifier(prepared)
         probability = float(torch.sigmoid(logits)[0])
         z_v = self.classifier.image_embedding(pooled)[0]
+        similarity = self.classifier.descriptor_similarity(pooled)[0].cpu().numpy()
+        chance = torch.sigmoid(self.classifier.descriptor_logits(pooled))[0].cpu().numpy()
+        probabilities = {name: float(p) for name, p in zip(DESCRIPTORS, chance, strict=True)}
         z_c, alignment = None, None
         if features is not None:
             z_c = self.classifier.abc_embedding(
@@ -147,4 +157,8 @@ class DermoscopyModel:
             probability_as_trained=probability, probability=self.stated(probability),
             image_embedding=z_v.cpu().numpy(),
             abc_embedding=None if z_c is None else z_c.cpu().numpy(),
-            alignment=alignment, pooled=pooled[0].cpu().numpy())
+            alignment=alignment,
+            descriptor_similarity={name: float(v) for name, v in zip(DESCRIPTORS, similarity,
+                                                                      strict=True)},
+            descriptor_probability=probabilities, descriptors=ranked(probabilities),
+            pooled=pooled[0].cpu().numpy())

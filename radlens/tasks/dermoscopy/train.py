@@ -41,6 +41,7 @@ from radlens.tasks.dermoscopy.datasets import (
     load_rgb,
     read_folder,
 )
+from radlens.tasks.dermoscopy.descriptors import DESCRIPTORS
 from radlens.tasks.dermoscopy.features import DEFAULT_CUT_POINTS, FeatureError, measure_abc
 from radlens.tasks.dermoscopy.segment import (
     SEGMENTER_SIZE,
@@ -80,6 +81,7 @@ class DermoscopyTrainSettings:
     device: str = "auto"
     size: int = 128  # the classifier's input; the coarse UNet's is SEGMENTER_SIZE
     alignment_weight: float = 1.0
+    descriptor_weight: float = 1.0
     freeze_encoder: bool = False
     test_fraction: float = 0.2
     val_fraction: float = 0.2
@@ -93,6 +95,7 @@ class Prepared:
     seg_masks: torch.Tensor  # (N, 1, s, s) uint8
     abc: np.ndarray  # (N, 8) on the true masks
     targets: torch.Tensor  # (N,) 0 nevus, 1 melanoma
+    descriptors: torch.Tensor  # (N, 13) 1/0 true descriptors, rows of -1 where none stated
 
 
 def prepare(records: list[DermoscopyRecord], size: int,
@@ -116,9 +119,11 @@ def prepare(records: list[DermoscopyRecord], size: int,
         seg_masks.append(prepare_mask(mask, SEGMENTER_SIZE).to(torch.uint8))
         if on_case is not None:
             on_case(number)
+    truth = torch.tensor([[float(name in r.descriptors) for name in DESCRIPTORS]
+                          if r.descriptors else [-1.0] * len(DESCRIPTORS) for r in records])
     return Prepared(records, torch.stack(images), torch.stack(seg_images),
                     torch.stack(seg_masks), np.stack(vectors),
-                    torch.tensor([r.target for r in records], dtype=torch.long))
+                    torch.tensor([r.target for r in records], dtype=torch.long), truth)
 
 
 def _curves(segmenter: list[SegmenterEpoch], folds: list[list[ClassifierEpoch]],
@@ -201,7 +206,8 @@ def run_training(data: Path, settings: DermoscopyTrainSettings, out: Path, *, co
             shape=shape, epochs=settings.epochs, batch_size=settings.batch_size,
             learning_rate=settings.learning_rate, patience=settings.patience,
             alignment_weight=alignment_weight, freeze_encoder=settings.freeze_encoder,
-            seed=settings.seed + fold, device=device,
+            seed=settings.seed + fold, device=device, descriptors=prepared.descriptors,
+            descriptor_weight=settings.descriptor_weight,
             on_epoch=lambda r: tell(key, f"classifier {key}", r.epoch, settings.epochs,
                                     f"loss {r.train_loss:.3f} / {r.val_loss:.3f}  accuracy "
                                     f"{r.val_accuracy:.3f}"))

@@ -14,7 +14,6 @@ turned so that the chest wall is on the left, and resized to 224 x 224.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,8 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
+from radlens.models.text import MAX_TOKENS, TextEncoder, Vocabulary, words  # noqa: F401
+
 DENSITY_CLASSES = ("A", "B", "C", "D")
 # The BI-RADS atlas (5th edition) wording of the four breast composition categories.
 DESCRIPTIONS = {
@@ -34,7 +35,6 @@ DESCRIPTIONS = {
     "D": "The breasts are extremely dense, which lowers the sensitivity of mammography.",
 }
 INPUT_SIZE = 224
-MAX_TOKENS = 24
 EMBED_DIM = 64
 CAM_LAYER = "image_encoder.layer4"
 
@@ -139,50 +139,7 @@ def to_original(values: np.ndarray, prepared: PreparedImage,
     return out
 
 
-# -- text ------------------------------------------------------------------------------------
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z]+", text.lower())
-
-
-class Vocabulary:
-    """Word-level tokens: the descriptions' words, and <pad>, <unk>, <bos>."""
-
-    SPECIAL = ("<pad>", "<unk>", "<bos>")
-
-    def __init__(self, texts: Sequence[str]) -> None:
-        known = sorted({w for text in texts for w in words(text)})
-        self.tokens = [*self.SPECIAL, *known]
-        self.index = {token: i for i, token in enumerate(self.tokens)}
-
-    def encode(self, texts: Sequence[str], length: int = MAX_TOKENS) -> torch.Tensor:
-        rows = []
-        for text in texts:
-            ids = [self.index["<bos>"]] + [self.index.get(w, 1) for w in words(text)]
-            ids = ids[:length] + [0] * max(0, length - len(ids))
-            rows.append(ids)
-        return torch.tensor(rows, dtype=torch.long)
-
-
-class TextEncoder(nn.Module):
-    """Token embeddings, one transformer layer, mean over the words, a projection."""
-
-    def __init__(self, vocabulary_size: int, width: int = 64, embed_dim: int = EMBED_DIM) -> None:
-        super().__init__()
-        self.tokens = nn.Embedding(vocabulary_size, width, padding_idx=0)
-        self.positions = nn.Parameter(torch.zeros(MAX_TOKENS, width))
-        self.layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width,
-                                                dropout=0.0, batch_first=True)
-        self.projection = nn.Linear(width, embed_dim)
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        padding = token_ids == 0
-        hidden = self.tokens(token_ids) + self.positions[: token_ids.shape[1]]
-        hidden = self.layer(hidden, src_key_padding_mask=padding)
-        keep = (~padding).unsqueeze(-1).float()
-        pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
-        return self.projection(pooled)
-
-
+# -- text: the shared word-level tokenizer and text tower (radlens.models.text) -------------
 # -- the model -------------------------------------------------------------------------------
 class DensityCLIP(nn.Module):
     """Image and text in one space; the logits of an image against each description."""

@@ -349,10 +349,7 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Densit
     if not (folder / MODEL_FILE).is_file():
         raise DensityDataError(f"{folder} holds no {MODEL_FILE} (nor an open_clip {CLIP_DIR}/)")
     saved = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
-    vocabulary = Vocabulary([])
-    vocabulary.tokens = list(saved["vocabulary"])
-    vocabulary.index = {t: i for i, t in enumerate(vocabulary.tokens)}
-    model = DensityCLIP(vocabulary)
+    model = DensityCLIP(Vocabulary.of_tokens(saved["vocabulary"]))
     model.load_state_dict(saved["state_dict"])
     card = json.loads((folder / CARD_FILE).read_text()) if (folder / CARD_FILE).is_file() else {}
     return model.to(device).eval(), card
