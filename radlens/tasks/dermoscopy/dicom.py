@@ -26,9 +26,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from radlens.dicom_io.synthetic_header import synthetic_header
+from radlens.tasks.dermoscopy.scope import (  # noqa: F401 (re-exported)
+    DERMOSCOPIC_PHOTOGRAPHY,
+    VL_PHOTOGRAPHIC,
+)
 
-DERMOSCOPIC_PHOTOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.7"
-VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
 BODY_PART = "SKIN"
 # What the phantom dermatoscope is: contact, cross-polarized or not, x10.
 OPTICAL_MAGNIFICATION = 10.0

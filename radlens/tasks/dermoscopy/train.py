@@ -43,6 +43,7 @@ from radlens.tasks.dermoscopy.datasets import (
 )
 from radlens.tasks.dermoscopy.descriptors import DESCRIPTORS
 from radlens.tasks.dermoscopy.features import DEFAULT_CUT_POINTS, FeatureError, measure_abc
+from radlens.tasks.dermoscopy.scope import DERMOSCOPY_SCOPE
 from radlens.tasks.dermoscopy.segment import (
     SEGMENTER_SIZE,
     SegmenterEpoch,
@@ -54,21 +55,6 @@ from radlens.tasks.dermoscopy.segment import (
 log = logging.getLogger(__name__)
 
 CARD_FILE = "card.json"
-# What the model was built for, in the form the agent's routing reads (ModelScope).
-DERMOSCOPY_SCOPE = {
-    "modalities": ["DMS", "XC"],
-    "body_parts": ["SKIN"],
-    "sop_classes": ["1.2.840.10008.5.1.4.1.1.77.1.7",  # Dermoscopic Photography Image
-                    "1.2.840.10008.5.1.4.1.1.77.1.4"],  # VL Photographic Image
-    "photometric_interpretations": ["RGB", "YBR_FULL_422", "YBR_FULL"],
-    "geometry": {"frames": "single", "min_size": 64, "max_size": 8000, "min_bits_stored": 8,
-                 "max_bits_stored": 8},
-    "intended_use": "melanoma against nevus on dermoscopic photographs of single pigmented "
-                    "skin lesions, with the lesion's ABC(D) measurements; research only, not "
-                    "for diagnostic use",
-}
-
-
 @dataclass(frozen=True)
 class DermoscopyTrainSettings:
     epochs: int = 60
