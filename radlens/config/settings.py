@@ -425,6 +425,9 @@ class DermoscopySettings(_Section):
     enabled: bool = False
     weights: str = "dermoscopy"  # a shipped model's name, or a folder with model.pt + card.json
     version: str | None = None  # when set, the card's version must match
+    abstain: bool = True  # a photograph unlike the training images gets no reading
+    # A SAM2 checkpoint folder (the sam2 extra) as the mask refiner; None: the random walker.
+    sam2: Path | None = None
 
 
 class BundleSettings(_Section):

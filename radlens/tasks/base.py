@@ -106,6 +106,24 @@ class SeriesVolume:
         return self.volume.direction
 
 
+def abstained_image(info: ImageInfo, score: float, threshold: float, model: str,
+                    what: str) -> ImageInfo | None:
+    """The image as abstained on when ``score`` is above ``threshold`` (a single-image task's
+    OOD decision, ``what`` the kind of image in the log), None when it is not: the log line,
+    the abstained frame and the reason every single-image task states alike."""
+    from radlens.findings import AbstainedFrame
+    from radlens.logs import kv
+
+    if score <= threshold:
+        return None
+    abstained = AbstainedFrame(frame=0, ood_score=round(score, 3), threshold=round(threshold, 3))
+    log.info(f"{what} unlike the {model} model's training images: no reading",
+             extra=kv(sop=info.ref.sop_instance_uid, score=round(score, 2)))
+    return info.model_copy(update={"abstained": [abstained],
+                                   "not_analysed": f"the {model} model abstains: "
+                                                   f"{abstained.reason}"})
+
+
 @dataclass
 class TaskResult:
     """What a task made of its unit: each image's description with the task's reading added

@@ -8,18 +8,32 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import pydicom
+import pytest
+from pydicom.data import get_testdata_files
+
+from radlens.tasks.dermoscopy.scope import VL_PHOTOGRAPHIC
 from tests.helpers import radlens_cli
 
 
-def test_train_and_evaluate_write_what_the_card_and_report_promise(tmp_path):
-    data, model, report = tmp_path / "data", tmp_path / "model", tmp_path / "eval"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dermoscopy")
+    data, model = root / "data", root / "model"
     made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(data), "--n", "48",
                        "--size", "64", "--seed", "3")
     assert made.returncode == 0, made.stderr
-    trained = radlens_cli("train", "--task", "dermoscopy", "--data", str(data), "--out",
-                          str(model), "--epochs", "2", "--batch-size", "8", "--size", "32",
-                          "--device", "cpu", "--ablation", timeout=300)
+    result = radlens_cli("train", "--task", "dermoscopy", "--data", str(data), "--out",
+                         str(model), "--epochs", "2", "--batch-size", "8", "--size", "32",
+                         "--device", "cpu", "--ablation", timeout=300)
+    return data, model, result
+
+
+def test_train_and_evaluate_write_what_the_card_and_report_promise(trained, tmp_path):
+    data, model, trained = trained
+    report = tmp_path / "eval"
     assert trained.returncode == 0, trained.stderr
     assert "trained the dermoscopy model on 48 images" in trained.stdout
     assert "without alignment:" in trained.stdout
@@ -64,3 +78,59 @@ def test_a_folder_without_masks_is_refused_with_the_case_named(tmp_path):
     assert trained.returncode == 1
     assert "no mask of case" in trained.stderr and "D000" in trained.stderr
     assert not (tmp_path / "model" / "model.pt").exists()
+
+
+def _relabelled(name: str, folder: Path) -> Path:
+    """A corpus colour image sent as a dermoscopic photograph (VL Photographic, XC, SKIN)."""
+    source = next(Path(p) for p in get_testdata_files(name) if Path(p).name == name)
+    ds = pydicom.dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = VL_PHOTOGRAPHIC
+    ds.Modality, ds.BodyPartExamined = "XC", "SKIN"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    ds.save_as(path)
+    return path
+
+
+def test_the_agent_reads_dermoscopy_and_refuses_what_is_not(trained, tmp_path):
+    """radlens process with the task on: each phantom photograph (DMS or XC, with or without
+    Pixel Spacing) gets a reading whose numbers come from its measured mask; colour images of
+    the corpus relabelled as dermoscopy are refused by the plausibility check, with why."""
+    _, model, result = trained
+    assert result.returncode == 0, result.stderr
+    inbox = tmp_path / "in"
+    phantoms = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(tmp_path / "p"),
+                           "--n", "6", "--size", "96", "--seed", "8", "--dicom")
+    assert phantoms.returncode == 0, phantoms.stderr
+    shutil.copytree(tmp_path / "p" / "dicom", inbox)
+    for name in ("SC_rgb_rle.dcm", "US1_UNCR.dcm", "SC_rgb_jpeg_dcmd.dcm"):
+        _relabelled(name, inbox / "corpus")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"dermoscopy:\n  enabled: true\n  weights: {model}\n  abstain: false\n")
+    out = tmp_path / "out"
+    processed = radlens_cli("process", str(inbox), "--out", str(out), "--config", str(config),
+                            timeout=300)
+    assert processed.returncode == 0, processed.stderr[-2000:]
+    readings, refused = [], []
+    for findings_file in (out / "results").glob("*/findings.json"):
+        for image in json.loads(findings_file.read_text())["images"]:
+            ours = [a for a in image.get("analyses", []) if a.get("task") == "dermoscopy"]
+            if ours:
+                readings.append((findings_file.parent, ours[0]))
+            elif "not like a dermoscopic photograph" in (image.get("not_analysed") or ""):
+                refused.append(image["not_analysed"])
+    assert len(readings) == 6 and len(refused) == 3, (len(readings), refused)
+    with_mm = 0
+    for study, reading in readings:
+        assert 0 <= reading["melanoma_probability"] <= 1
+        assert reading["assessment"] in ("nevus", "melanoma")
+        assert len(reading["descriptors"]) == 3 and reading["lesion_pixels"] > 0
+        measured = reading["measurements"]
+        if measured is not None:
+            assert set(measured["levels"]) == {"asymmetry", "border", "colour", "diameter_mm"}
+            with_mm += measured["diameter_mm"] is not None
+            assert (measured["diameter_mm"] is None) == (measured["levels"]["diameter_mm"]
+                                                         is None)
+        assert reading["site"] and reading["lesion_id"] in ("1", "2")
+        assert (study / reading["maps_file"]).is_file()
+    assert 0 < with_mm < 6  # Pixel Spacing on some phantoms only: D only where it is known

@@ -2,11 +2,14 @@
 on the mask, a ViT image encoder aligned with those features, a melanoma probability and a
 report whose every number and descriptor comes from the findings.
 
-Built so far: the phantoms (``phantoms``, ``dicom``), the fixed descriptor list
-(``descriptors``) and the ABC(D) features with their severity levels (``features``). The
-network, training, evaluation and the agent's stage follow; until a model exists the task is
-disabled in the configuration and refuses to load with the reason. The method and figures
-are in docs/dermoscopy.md.
+Everything of the task is in this package: phantoms (``phantoms``, ``dicom``), the
+descriptor list (``descriptors``), the ABC(D) features (``features``), the two segmentation
+stages (``segment``, ``refine``), the classifier (``classifier``), the model as one object
+(``model``), training and evaluation (``train``, ``evaluate``, ``research``), the scope and
+plausibility check (``scope``), explanation (``saliency``), its findings (``findings``) and
+the agent's stage (``analyser``). Its part of the study's answer (SEG, SR, overlay, PDF,
+narrative) is not built yet, and no model ships: the task is off by default. The method
+and figures are in docs/dermoscopy.md.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from radlens.tasks.base import SILENT, ResearchProgress, Task, TaskError, TrainRequest
+from radlens.tasks.dermoscopy.findings import TASK_NAME, DermoscopyReading
 
 if TYPE_CHECKING:
     from radlens.config import Settings
     from radlens.tasks.base import LoadedTask
 
-TASK_NAME = "dermoscopy"
 
 
 class DermoscopyTask(Task):
@@ -30,6 +33,7 @@ class DermoscopyTask(Task):
     name: ClassVar[str] = TASK_NAME
     title: ClassVar[str] = "melanoma on dermoscopic photographs"
     unit = "image"
+    finding_type = DermoscopyReading
 
     def enabled(self, settings: Settings) -> bool:
         return settings.dermoscopy.enabled
@@ -38,9 +42,15 @@ class DermoscopyTask(Task):
         return settings.dermoscopy.weights
 
     def load(self, settings: Settings, *, device: str) -> LoadedTask:
-        raise TaskError("the dermoscopy task has no model in this version of radlens (its "
-                        "phantoms and ABC features are built; the classifier is not): set "
-                        "dermoscopy.enabled to false")
+        from radlens.models.cards import ModelError
+        from radlens.tasks.dermoscopy.analyser import DermoscopyAnalyser
+
+        try:
+            return DermoscopyAnalyser.load(settings.dermoscopy, self, device=device)
+        except (ModelError, ValueError) as exc:
+            raise TaskError(f"cannot load dermoscopy model {settings.dermoscopy.weights!r}: "
+                            f"{exc} (radlens ships none yet: train one with radlens train "
+                            "--task dermoscopy, or set dermoscopy.enabled to false)") from exc
 
     def write_phantoms(self, out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
                        options: Mapping[str, Any], progress: ResearchProgress = SILENT) -> str:

@@ -20,9 +20,24 @@ import numpy as np
 DERMOSCOPIC_PHOTOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.7"
 VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
 
+# Where on the body a pigmented lesion is photographed: the skin, and the sites a
+# dermatoscope's Anatomic Region Sequence names (SNOMED CT, from pydicom's code dictionary).
+SKIN_SITES = ("Skin", "Scalp", "Face", "Ear", "Nose", "Lip", "Neck", "Trunk", "Chest", "Back",
+              "Abdomen", "Axilla", "Breast", "Buttock", "Shoulder", "UpperLimb", "UpperArm",
+              "Forearm", "Hand", "LowerLimb", "Thigh", "Knee", "LowerLeg", "Foot")
+
+
+def _regions() -> list[dict[str, str]]:
+    from pydicom.sr.codedict import codes
+
+    return [{"value": code.value, "scheme": code.scheme_designator, "meaning": code.meaning}
+            for code in (getattr(codes.SCT, name) for name in SKIN_SITES)]
+
+
 DERMOSCOPY_SCOPE: dict[str, Any] = {
     "modalities": ["DMS", "XC"],
     "body_parts": ["SKIN"],
+    "anatomic_regions": _regions(),
     "sop_classes": [DERMOSCOPIC_PHOTOGRAPHY, VL_PHOTOGRAPHIC],
     "photometric_interpretations": ["RGB", "YBR_FULL_422", "YBR_FULL"],
     "geometry": {"frames": "single", "min_size": 64, "max_size": 8000, "min_bits_stored": 8,

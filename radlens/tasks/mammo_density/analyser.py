@@ -19,9 +19,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radlens.config import DensitySettings
-from radlens.findings import AbstainedFrame, DecodedImage, ImageInfo, ModelRef
+from radlens.findings import DecodedImage, ImageInfo, ModelRef
 from radlens.logs import kv
-from radlens.tasks.base import ImageInput, LoadedTask, Task, TaskResult
+from radlens.tasks.base import ImageInput, LoadedTask, Task, TaskResult, abstained_image
 from radlens.tasks.mammo_density.findings import AttentionShares, DensityPrediction
 from radlens.timing import StageTimes
 
@@ -136,14 +136,10 @@ class DensityAnalyser(LoadedTask):
                 features = self.model.pooled_features(
                     torch.from_numpy(prepared.pixels)[None, None].to(device)).cpu().numpy()
             ood_score = float(self.ood.score(features)[0])
-            if ood_score > self.ood.threshold:
-                abstained = AbstainedFrame(frame=0, ood_score=round(ood_score, 3),
-                                           threshold=round(self.ood.threshold, 3))
-                log.info("mammogram unlike the density model's training images: no category",
-                         extra=kv(sop=info.ref.sop_instance_uid, score=round(ood_score, 2)))
-                return info.model_copy(update={
-                    "abstained": [abstained],
-                    "not_analysed": f"the density model abstains: {abstained.reason}"})
+            abstained = abstained_image(info, ood_score, self.ood.threshold, "density",
+                                        "mammogram")
+            if abstained is not None:
+                return abstained
         explanation = explain(self.model, image, size=self.size, prepared=prepared,
                               breast=breast)
         shares = AttentionShares(**{k: round(min(max(v, 0.0), 1.0), 4)
