@@ -134,3 +134,31 @@ def test_the_agent_reads_dermoscopy_and_refuses_what_is_not(trained, tmp_path):
         assert reading["site"] and reading["lesion_id"] in ("1", "2")
         assert (study / reading["maps_file"]).is_file()
     assert 0 < with_mm < 6  # Pixel Spacing on some phantoms only: D only where it is known
+    _outputs_are_valid([study for study, _ in readings])
+
+
+def _outputs_are_valid(studies: list[Path]) -> None:
+    """Each study's SEG and SR pass dciodvfy; dsrdump reads the SR, whose group holds the
+    probability, the ABC values with their levels, the assessment, the descriptors and the
+    reference to the SEG's segment."""
+    import subprocess
+
+    from tests.helpers import dciodvfy_errors, require_tool
+
+    for study in studies:
+        segs = list(study.glob("dicom/revision-1/SEG_*.dcm"))
+        srs = list(study.glob("dicom/revision-1/SR_*.dcm"))
+        assert len(segs) == 1 and len(srs) == 1, study
+        for path in (*segs, *srs):
+            assert dciodvfy_errors(path) == [], path
+        seg = pydicom.dcmread(segs[0])
+        assert seg.SegmentSequence[0].SegmentLabel == "skin lesion"
+        dumped = subprocess.run([require_tool("dsrdump"), str(srs[0])], capture_output=True,
+                                text=True, timeout=60)
+        assert dumped.returncode == 0, dumped.stderr
+        text = dumped.stdout
+        for concept in ("Probability of melanoma", "Asymmetry level (1-5)",
+                        "Border total turning", "Hue standard deviation",
+                        "Dermoscopic AI assessment", "Dermoscopic feature",
+                        "Referenced Segment", "Dermoscopic photography"):
+            assert concept in text, (concept, study)

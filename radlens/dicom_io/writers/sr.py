@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 from radlens.dicom_io import codes
 from radlens.dicom_io.writers.common import NOT_FOR_DIAGNOSTIC_USE, Equipment, SeriesPlan
 from radlens.dicom_io.writers.seg import WrittenSegmentation
+from radlens.findings import ImageInfo
 from radlens.logs import kv
 from radlens.reporting.narrative import Narrative
 from radlens.tasks.base import SrContent
@@ -38,6 +39,17 @@ def frame_outline(rows: int, columns: int) -> np.ndarray:
     corners = [(0.5, 0.5), (columns - 0.5, 0.5), (columns - 0.5, rows - 0.5),
                (0.5, rows - 0.5), (0.5, 0.5)]
     return np.array(corners, dtype=np.float32)
+
+
+def whole_image(info: ImageInfo) -> list[hd.sr.CoordinatesForMeasurement]:
+    """The frame outline of a single-frame image as the region a whole-image measurement
+    (a probability, a category) was made on."""
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=info.ref.sop_class_uid,
+        referenced_sop_instance_uid=info.ref.sop_instance_uid)
+    return [hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=frame_outline(info.rows, info.columns), source_image=source)]
 
 
 def build_report(contents: Sequence[SrContent], segmentations: Sequence[WrittenSegmentation],

@@ -22,8 +22,13 @@ from radlens.tasks.base import SILENT, ResearchProgress, Task, TaskError, TrainR
 from radlens.tasks.dermoscopy.findings import TASK_NAME, DermoscopyReading
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
+
     from radlens.config import Settings
-    from radlens.tasks.base import LoadedTask
+    from radlens.dicom_io.writers.common import Equipment, SeriesPlan
+    from radlens.findings import StudyFindings
+    from radlens.tasks.base import LoadedTask, OutputContext, SrContent
 
 
 
@@ -33,6 +38,7 @@ class DermoscopyTask(Task):
     name: ClassVar[str] = TASK_NAME
     title: ClassVar[str] = "melanoma on dermoscopic photographs"
     unit = "image"
+    segments = True
     finding_type = DermoscopyReading
 
     def enabled(self, settings: Settings) -> bool:
@@ -71,6 +77,32 @@ class DermoscopyTask(Task):
 
         return research.evaluate(data, model, out, device=device, seed=seed,
                                  progress=SILENT)
+
+    def code_modules(self) -> tuple[ModuleType, ...]:
+        from radlens.tasks.dermoscopy import codes
+
+        return (codes,)
+
+    def status_counts(self, findings: StudyFindings) -> dict[str, int]:
+        from radlens.tasks.dermoscopy import report
+
+        counts: dict[str, int] = {}
+        for _, _, reading in report.readings_of(findings):
+            key = f"dermoscopy, {reading.assessment}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def segmentations(self, context: OutputContext, equipment: Equipment,
+                      plan: SeriesPlan) -> list[Any]:
+        from radlens.tasks.dermoscopy import report
+
+        return report.segmentations(context, equipment, plan)
+
+    def sr_content(self, context: OutputContext, segmentations: Sequence[Any] = ()
+                   ) -> SrContent:
+        from radlens.tasks.dermoscopy import report
+
+        return report.sr_content(context, segmentations)
 
 
 TASK = DermoscopyTask()

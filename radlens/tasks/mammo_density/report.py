@@ -86,14 +86,9 @@ def _group(image: AnalysedSource, reading: DensityPrediction) -> Any:
     from pydicom.uid import generate_uid
 
     from radlens.dicom_io import codes as common
-    from radlens.dicom_io.writers.sr import frame_outline
+    from radlens.dicom_io.writers.sr import whole_image
 
-    source = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=image.info.ref.sop_class_uid,
-        referenced_sop_instance_uid=image.info.ref.sop_instance_uid)
-    outline = [hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=frame_outline(image.info.rows, image.info.columns), source_image=source)]
+    outline = whole_image(image.info)
     measurements = [
         hd.sr.Measurement(codes.DENSITY_PROBABILITY[category], round(probability, 4),
                           common.UCUM_NO_UNITS,
