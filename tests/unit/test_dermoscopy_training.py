@@ -148,17 +148,21 @@ def _outputs_are_valid(studies: list[Path]) -> None:
     for study in studies:
         segs = list(study.glob("dicom/revision-1/SEG_*.dcm"))
         srs = list(study.glob("dicom/revision-1/SR_*.dcm"))
-        assert len(segs) == 1 and len(srs) == 1, study
-        for path in (*segs, *srs):
+        overlays = list(study.glob("dicom/revision-1/SC_*.dcm"))
+        pdfs = list(study.glob("dicom/revision-1/PDF_*.dcm"))
+        assert len(segs) == len(srs) == len(overlays) == len(pdfs) == 1, study
+        for path in (*segs, *srs, *overlays, *pdfs):
             assert dciodvfy_errors(path) == [], path
+        assert "Grad-CAM of the dermoscopy model" in pydicom.dcmread(overlays[0]).ImageComments
         seg = pydicom.dcmread(segs[0])
         assert seg.SegmentSequence[0].SegmentLabel == "skin lesion"
-        dumped = subprocess.run([require_tool("dsrdump"), str(srs[0])], capture_output=True,
+        dumped = subprocess.run([require_tool("dsrdump"), "+Pl", str(srs[0])], capture_output=True,
                                 text=True, timeout=60)
         assert dumped.returncode == 0, dumped.stderr
         text = dumped.stdout
         for concept in ("Probability of melanoma", "Asymmetry level (1-5)",
                         "Border total turning", "Hue standard deviation",
                         "Dermoscopic AI assessment", "Dermoscopic feature",
-                        "Referenced Segment", "Dermoscopic photography"):
+                        "Referenced Segment", "Dermoscopic photography",
+                        "Quantitative analysis", "Visual features:", "Risk assessment:"):
             assert concept in text, (concept, study)

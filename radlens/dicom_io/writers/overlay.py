@@ -91,10 +91,15 @@ def render_overlay(frame_pixels: np.ndarray, saliency: np.ndarray,
     heat = colormaps[HEAT_COLOURMAP](np.clip(saliency, 0.0, 1.0))[..., :3]
     alpha = HEAT_ALPHA * np.clip(saliency, 0.0, 1.0)[..., None]
     rgb = (1 - alpha) * base + alpha * heat
-    image = np.round(rgb * 255).astype(np.uint8)
-    for contour in measure.find_contours(np.pad(lesion_mask.astype(np.float32), 1), 0.5):
-        rows = np.clip(np.round(contour[:, 0] - 1).astype(int), 0, lesion_mask.shape[0] - 1)
-        columns = np.clip(np.round(contour[:, 1] - 1).astype(int), 0, lesion_mask.shape[1] - 1)
+    return draw_outline(np.round(rgb * 255).astype(np.uint8), lesion_mask)
+
+
+def draw_outline(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` (rows, columns, 3) uint8 with the border of every region of ``mask`` drawn
+    in the contour colour (in place; returned)."""
+    for contour in measure.find_contours(np.pad(mask.astype(np.float32), 1), 0.5):
+        rows = np.clip(np.round(contour[:, 0] - 1).astype(int), 0, mask.shape[0] - 1)
+        columns = np.clip(np.round(contour[:, 1] - 1).astype(int), 0, mask.shape[1] - 1)
         image[rows, columns] = CONTOUR_RGB
     return image
 
@@ -115,11 +120,13 @@ def build_frame_overlays(header: Dataset, info: ImageInfo, rendered: Sequence[np
 
 def build_heat_overlay(header: Dataset, info: ImageInfo, pixels: np.ndarray, heat: np.ndarray,
                        equipment: Equipment, plan: SeriesPlan, instance_number: int, *,
-                       comments: str) -> hd.sc.SCImage:
+                       comments: str, outline: np.ndarray | None = None) -> hd.sc.SCImage:
     """A task's heat map over one single-frame image, as an RGB Secondary Capture on the
     image's grid with its laterality, so a viewer hangs it beside the source. ``comments``
-    says what the map is (the task knows; the writer does not)."""
-    rgb = render_overlay(pixels, heat, np.zeros(heat.shape, dtype=bool))
+    says what the map is (the task knows; the writer does not); ``outline``: a mask whose
+    border is drawn too (a lesion the task found)."""
+    rgb = render_overlay(pixels, heat, np.zeros(heat.shape, dtype=bool) if outline is None
+                         else outline)
     sc = _secondary_capture(header, info, rgb, equipment, plan, instance_number)
     sc.ImageComments = comments[:10240]
     _reference_source(sc, info, [0])
@@ -216,10 +223,14 @@ def _stated_side(header: Dataset) -> str | None:
 
 
 def _copy_laterality(dataset: hd.SOPClass, header: Dataset) -> None:
-    """A paired body part's series says which side (General Series, type 2C: L or R)."""
+    """A paired body part's series says which side (General Series, type 2C: L or R); a
+    source whose image says it is of an unpaired part (Image Laterality U, as dermatoscopes
+    write for the back) passes that on, which is what spares the series its side."""
     side = _stated_side(header)
     if side in ("L", "R"):
         dataset.Laterality = side
+    elif str(header.get("ImageLaterality", "") or "").strip().upper() == "U":
+        dataset.ImageLaterality = "U"
 
 
 def _reference_source(sc: hd.sc.SCImage, info: ImageInfo, frames: list[int]) -> None:

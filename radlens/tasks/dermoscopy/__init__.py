@@ -7,8 +7,9 @@ descriptor list (``descriptors``), the ABC(D) features (``features``), the two s
 stages (``segment``, ``refine``), the classifier (``classifier``), the model as one object
 (``model``), training and evaluation (``train``, ``evaluate``, ``research``), the scope and
 plausibility check (``scope``), explanation (``saliency``), its findings (``findings``) and
-the agent's stage (``analyser``). Its part of the study's answer (SEG, SR, overlay, PDF,
-narrative) is not built yet, and no model ships: the task is off by default. The method
+the agent's stage (``analyser``) and its part of the study's answer: SEG, SR, overlay, PDF,
+narrative and its grounding (``report``, ``codes``). No model ships yet: the task is off by
+default. The method
 and figures are in docs/dermoscopy.md.
 """
 
@@ -20,15 +21,26 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from radlens.tasks.base import SILENT, ResearchProgress, Task, TaskError, TrainRequest
 from radlens.tasks.dermoscopy.findings import TASK_NAME, DermoscopyReading
+from radlens.tasks.dermoscopy.report import PROMPT_GUIDANCE
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import ModuleType
 
+    from pydantic import BaseModel
+
     from radlens.config import Settings
     from radlens.dicom_io.writers.common import Equipment, SeriesPlan
     from radlens.findings import StudyFindings
-    from radlens.tasks.base import LoadedTask, OutputContext, SrContent
+    from radlens.tasks.base import (
+        ImageOutputs,
+        ImagePlans,
+        LoadedTask,
+        NarrativePart,
+        OutputContext,
+        PdfTable,
+        SrContent,
+    )
 
 
 
@@ -40,6 +52,7 @@ class DermoscopyTask(Task):
     unit = "image"
     segments = True
     finding_type = DermoscopyReading
+    prompt_guidance = PROMPT_GUIDANCE
 
     def enabled(self, settings: Settings) -> bool:
         return settings.dermoscopy.enabled
@@ -103,6 +116,43 @@ class DermoscopyTask(Task):
         from radlens.tasks.dermoscopy import report
 
         return report.sr_content(context, segmentations)
+
+    def image_outputs(self, context: OutputContext, equipment: Equipment,
+                      plans: ImagePlans) -> ImageOutputs:
+        from radlens.tasks.dermoscopy import report
+
+        with context.times.stage("overlay"):
+            return report.image_outputs(context, plans)
+
+    def pdf_table(self, findings: StudyFindings) -> PdfTable | None:
+        from radlens.tasks.dermoscopy import report
+
+        return report.pdf_table(findings)
+
+    def narrative(self, findings: StudyFindings) -> NarrativePart | None:
+        from radlens.tasks.dermoscopy import report
+
+        return report.narrative(findings)
+
+    def facts(self, findings: StudyFindings) -> BaseModel | None:
+        from radlens.tasks.dermoscopy import report
+
+        return report.facts(findings)
+
+    def grounding_numbers(self, facts: Mapping[str, Any]) -> set[float]:
+        from radlens.tasks.dermoscopy import report
+
+        return report.grounding_numbers(facts)
+
+    def grounding_violations(self, text: str, facts: Mapping[str, Any] | None) -> list[str]:
+        from radlens.tasks.dermoscopy import report
+
+        return report.violations(text, facts)
+
+    def named_sides(self, facts: Mapping[str, Any]) -> frozenset[str]:
+        from radlens.tasks.dermoscopy import report
+
+        return report.named_sides(facts)
 
 
 TASK = DermoscopyTask()

@@ -1,8 +1,10 @@
-"""What the dermoscopy task adds to a study's answer, so far: a SEG of each photograph's
-refined lesion, and a TID 1500 measurement group per photograph with the ABC(D) values (each
-with its units and its severity level), the melanoma probability, the assessment, the
-retrieved descriptors as qualitative evaluations, the attention on the lesion and the OOD
-score. The overlay, the PDF section, the narrative and its grounding come next.
+"""What the dermoscopy task adds to a study's answer: a SEG of each photograph's refined
+lesion; a TID 1500 measurement group per photograph with the ABC(D) values (each with its
+units and its severity level), the melanoma probability, the assessment, the retrieved
+descriptors as qualitative evaluations, the attention on the lesion and the OOD score; a
+Grad-CAM overlay with the lesion outlined; the PDF's table and figures; the narrative in the
+published reports' three sections, the facts an LLM may use, and the rules its text is
+checked by (a descriptor the findings do not hold, or that a level contradicts, is refused).
 
 Each feature's severity level is a measurement of its own (1 to 5) beside the feature's
 value, its concept naming the feature it grades. A
@@ -12,10 +14,12 @@ photograph without Pixel Spacing states B per pixel and no diameter: nothing is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 from radlens.findings import StudyFindings
 from radlens.tasks.base import AnalysedSource, OutputContext, SrContent
@@ -25,6 +29,8 @@ from radlens.tasks.dermoscopy.findings import TASK_NAME, DermoscopyReading
 log = logging.getLogger(__name__)
 
 SEGMENT = "skin lesion"
+# Sites on the body's midline: an image of one has no side (Image Laterality U).
+UNPAIRED_SITES = frozenset({"back", "abdomen", "trunk", "scalp", "neck", "nose", "lip"})
 SEGMENT_COLOUR = (250, 170, 30)
 
 
@@ -207,3 +213,304 @@ def _group(image: AnalysedSource, reading: DermoscopyReading, segmentation: Any)
             referenced_segment_numbers=[1],
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
+
+
+# ---- overlays and PDF figures ------------------------------------------------------------
+
+def _outlined(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The photograph in its own colours with the lesion's border drawn."""
+    from radlens.dicom_io.writers.overlay import draw_outline
+
+    return draw_outline(np.clip(image, 0, 255).astype(np.uint8).copy(), mask)
+
+
+def image_outputs(context: OutputContext, plans: Any) -> Any:
+    """A Grad-CAM overlay per photograph read (a Secondary Capture with the lesion outlined),
+    and the PDF's figures: the photograph with its outline beside the saliency map."""
+    from radlens.dicom_io import pixels
+    from radlens.dicom_io.writers.common import Equipment
+    from radlens.dicom_io.writers.overlay import build_heat_overlay, render_overlay
+    from radlens.reporting.pdf import Figure
+    from radlens.tasks.base import ImageOutputs
+    from radlens.tasks.dermoscopy import TASK
+
+    settings = context.settings
+    out = ImageOutputs()
+    number = plans.first_overlay
+    for image in context.analysed_by(TASK_NAME):
+        for reading in TASK.readings(image.info):
+            if reading.maps_file is None or not (settings.overlay or settings.pdf):
+                continue
+            sop_uid = image.info.ref.sop_instance_uid
+            try:
+                photograph = pixels.decode_file(image.path).pixels[0]
+                with np.load(context.study_results / reading.maps_file) as stored:
+                    cam = stored["saliency_gradcam"].astype(np.float32)
+                    mask = stored["lesion_mask"].astype(bool)
+            except Exception as exc:  # an undecodable source, a lost map
+                out.failures.append(f"dermoscopy overlay of {sop_uid}: "
+                                    f"{type(exc).__name__}: {exc}")
+                continue
+            where = _where(reading)
+            if settings.overlay:
+                header = image.header
+                if reading.laterality is None and "ImageLaterality" not in header and \
+                        (reading.site or "").lower() in UNPAIRED_SITES:
+                    header = header.copy()  # the site has no side: say so on the overlay
+                    header.ImageLaterality = "U"
+                comments = (f"Grad-CAM of the dermoscopy model over {sop_uid}"
+                            f"{' (' + where + ')' if where else ''}, lesion outlined: "
+                            f"{reading.assessment}, melanoma probability "
+                            f"{reading.melanoma_probability:.0%}, "
+                            f"{reading.attention_on_lesion or 0:.0%} of the attention on the "
+                            "lesion. Saliency shows what the model attends to, not whether it "
+                            "is right.")
+                try:
+                    out.overlays.append(build_heat_overlay(
+                        header, image.info, photograph, cam,
+                        Equipment.for_model(reading.model), plans.overlay, number,
+                        comments=comments, outline=mask))
+                    number += 1
+                except Exception as exc:  # a refused header
+                    out.failures.append(f"dermoscopy overlay of {sop_uid}: "
+                                        f"{type(exc).__name__}: {exc}")
+            if settings.pdf:
+                out.figures.append(Figure(
+                    f"{where or 'lesion'}: {reading.assessment}, melanoma "
+                    f"{reading.melanoma_probability:.0%}",
+                    _outlined(photograph, mask), render_overlay(photograph, cam, mask),
+                    confidence=reading.melanoma_probability,
+                    captions=("photograph, lesion outlined",
+                              "Grad-CAM: where the model looked")))
+    return out
+
+
+def _where(reading: DermoscopyReading) -> str:
+    side = {"L": "left", "R": "right"}.get(reading.laterality or "", "")
+    return " ".join(filter(None, (side, (reading.site or "").lower(),
+                                  f"lesion {reading.lesion_id}" if reading.lesion_id
+                                  else ""))).strip()
+
+
+# ---- PDF table ---------------------------------------------------------------------------
+
+def _value(value: float | None, level: int | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + (f" ({level})" if level is not None else "")
+
+
+def pdf_table(findings: StudyFindings) -> Any:
+    from radlens.tasks.base import PdfTable
+
+    rows = []
+    for number, _, reading in readings_of(findings):
+        m = reading.measurements
+        levels = m.levels if m is not None else {}
+        rows.append([str(number), _where(reading) or "-",
+                     _value(m.asymmetry if m else None, levels.get("asymmetry"), 2),
+                     _value(m.border_turns if m else None, levels.get("border"), 2),
+                     _value(m.colour_score if m else None, levels.get("colour"), 2),
+                     _value(m.diameter_mm if m else None, levels.get("diameter_mm"), 1),
+                     f"{reading.melanoma_probability:.0%}", reading.assessment])
+    if not rows:
+        return None
+    return PdfTable(
+        title="Dermoscopy: ABC(D) of each lesion",
+        columns=("image", "site", "A (level)", "B turns (level)", "C (level)", "D mm (level)",
+                 "melanoma*", "assessment*"),
+        rows=rows,
+        footnote="A asymmetry about the principal axes; B the border's total turning (1 when "
+                 "convex); C the sum of the hue, saturation and value spreads; D the largest "
+                 "diameter where the pixel spacing is known; levels 1 (least) to 5. * An AI "
+                 "suggestion, calibrated; not for diagnostic use.")
+
+
+# ---- narrative, facts and grounding ------------------------------------------------------
+
+PROMPT_GUIDANCE = (
+    "When the findings hold dermoscopy, the narrative has three parts, each opening with its "
+    "name: 'Quantitative analysis:' (each lesion's A, B, C and, when stated, D with their "
+    "levels 1-5, exactly as the findings give them), 'Visual features:' (only the descriptors "
+    "the findings list, never one that contradicts a level, e.g. not 'symmetric' beside an "
+    "asymmetry level of 4 or 5) and 'Risk assessment:' (the melanoma probability and the "
+    "assessment as an AI suggestion).")
+
+LIMITATIONS = ("Limitations: an automated reading of dermoscopic photographs without the "
+               "patient's history, palpation or the lesion's evolution unless a prior visit "
+               "is stated; trained on synthetic phantoms; Grad-CAM shows where the model "
+               "looked, not whether it is correct. Not for diagnostic use: to be reviewed by "
+               "a dermatologist.")
+
+_LEVEL_NAMES = {"asymmetry": "asymmetry", "border": "border", "colour": "colour",
+                "diameter_mm": "diameter"}
+
+
+class PhotographFacts(BaseModel):
+    number: int
+    site: str | None
+    side: str | None
+    melanoma_probability_percent: int
+    assessment: str
+    asymmetry: float | None
+    border_turns: float | None
+    border_per_mm: float | None
+    colour_score: float | None
+    diameter_mm: float | None
+    levels: dict[str, int | None]
+    descriptors: list[str]
+    attention_on_lesion_percent: int | None
+
+
+class DermoscopyFacts(BaseModel):
+    """Each photograph's ABC(D), levels, descriptors, probability and assessment."""
+
+    photographs: list[PhotographFacts]
+
+
+def facts(findings: StudyFindings) -> DermoscopyFacts | None:
+    photographs = []
+    for number, _, reading in readings_of(findings):
+        m = reading.measurements
+        photographs.append(PhotographFacts(
+            number=number, site=(reading.site or "").lower() or None,
+            side={"L": "left", "R": "right"}.get(reading.laterality or ""),
+            melanoma_probability_percent=round(100 * reading.melanoma_probability),
+            assessment=reading.assessment,
+            asymmetry=None if m is None else round(m.asymmetry, 2),
+            border_turns=None if m is None else round(m.border_turns, 2),
+            border_per_mm=None if m is None or m.border_per_mm is None
+            else round(m.border_per_mm, 3),
+            colour_score=None if m is None else round(m.colour_score, 2),
+            diameter_mm=None if m is None or m.diameter_mm is None else round(m.diameter_mm, 1),
+            levels=dict(m.levels) if m is not None else {},
+            descriptors=[d.name for d in reading.descriptors],
+            attention_on_lesion_percent=None if reading.attention_on_lesion is None
+            else round(100 * reading.attention_on_lesion)))
+    return DermoscopyFacts(photographs=photographs) if photographs else None
+
+
+def narrative(findings: StudyFindings) -> Any:
+    """The three sections of the published reports, from the findings alone."""
+    from radlens.tasks.base import NarrativePart
+
+    stated = facts(findings)
+    if stated is None:
+        return None
+    readings = readings_of(findings)
+    model = f"{readings[0][2].model.name} {readings[0][2].model.version}"
+    lines = [f"Dermoscopy of {len(stated.photographs)} photograph(s) by {model}, an AI "
+             "suggestion."]
+    for photo in stated.photographs:
+        where = " ".join(filter(None, (photo.side, photo.site))) or "the lesion"
+        parts = []
+        for key, value, digits in (("asymmetry", photo.asymmetry, 2),
+                                   ("border", photo.border_turns, 2),
+                                   ("colour", photo.colour_score, 2),
+                                   ("diameter_mm", photo.diameter_mm, 1)):
+            if value is None:
+                continue
+            unit = " mm" if key == "diameter_mm" else ""
+            parts.append(f"{_LEVEL_NAMES[key]} {value:.{digits}f}{unit} (level "
+                         f"{photo.levels.get(key)})")
+        quantitative = "; ".join(parts) if parts else "the lesion's outline could not be measured"
+        lines.append(f"Quantitative analysis ({where}, image {photo.number}): {quantitative}.")
+        lines.append("Visual features: " + (", ".join(photo.descriptors) or "none retrieved")
+                     + ".")
+        lines.append(f"Risk assessment: {photo.assessment}, melanoma probability "
+                     f"{photo.melanoma_probability_percent}% (calibrated).")
+    return NarrativePart(lines=lines, limitations=LIMITATIONS)
+
+
+def grounding_numbers(stated: Mapping[str, Any]) -> set[float]:
+    derm = DermoscopyFacts.model_validate(stated)
+    values: set[float] = {float(len(derm.photographs))}
+    for photo in derm.photographs:
+        numbers = [photo.number, photo.melanoma_probability_percent,
+                   photo.attention_on_lesion_percent, photo.asymmetry, photo.border_turns,
+                   photo.border_per_mm, photo.colour_score, photo.diameter_mm,
+                   *photo.levels.values()]
+        for value in numbers:
+            if value is None:
+                continue
+            for decimals in (0, 1, 2, 3):
+                values.add(round(float(value), decimals))
+        for percent in (photo.melanoma_probability_percent, photo.attention_on_lesion_percent):
+            if percent is not None:
+                for decimals in (0, 1, 2):
+                    values.add(round(percent / 100, decimals))
+        if photo.diameter_mm is not None:
+            values.add(round(photo.diameter_mm / 10, 2))  # in cm
+    return values
+
+
+def named_sides(stated: Mapping[str, Any]) -> frozenset[str]:
+    derm = DermoscopyFacts.model_validate(stated)
+    return frozenset(p.side for p in derm.photographs if p.side)
+
+
+# How a narrative may name each descriptor; the pattern must not match its opposite
+# ("symmetric" inside "asymmetric" is not a word of its own).
+_DESCRIBED = {
+    "asymmetric shape": r"\basymmetr(?:ic|y)\b(?!\s+level)", "symmetric shape": r"\bsymmetric\b",
+    "irregular border": r"\birregular(?:ly)?\b[^.;]*\bborder", "regular border":
+    r"(?<!ir)\bregular\b[^.;]*\bborder", "multiple colours": r"\b(?:multiple|several|many)\s+"
+    r"colou?rs\b", "one or two colours": r"\b(?:one or two|uniform|single)\s+colou?rs?\b",
+    "regular pigment network": r"(?<!a)\btypical\b[^.;]*network|(?<!ir)\bregular\b[^.;]*"
+    r"network", "atypical pigment network": r"\batypical\b[^.;]*network",
+    "blue-gray areas": r"\bblue[- ]gr[ae]y\b", "white regression areas":
+    r"\b(?:white|regression)\b", "black dots or blotches": r"\bblack\b",
+    "red areas": r"\bred\b", "streaks": r"\bstreaks?\b",
+}
+# A descriptor a level contradicts: (feature, the lowest level that contradicts it).
+_CONTRADICTED_BY = {"symmetric shape": ("asymmetry", 4), "regular border": ("border", 4),
+                    "one or two colours": ("colour", 4)}
+_NEGATED = re.compile(r"\b(?:no|not|without|neither|nor|absent)\b[^.;,]*$", re.IGNORECASE)
+_LEVEL = re.compile(r"\b(asymmetry|border|colou?r|diameter)\b[^.;]*?\blevel\s*(\d)",
+                    re.IGNORECASE)
+_MELANOMA_CLAIM = re.compile(r"\b(?:suggest\w*|consistent with|likely|suspicious for|"
+                             r"indicat\w*|probable)\b[^.;]*\bmelanoma\b", re.IGNORECASE)
+
+
+def _named(sentence: str, descriptor: str) -> bool:
+    """Whether ``sentence`` names ``descriptor`` affirmatively (not after a negation)."""
+    for match in re.finditer(_DESCRIBED[descriptor], sentence, re.IGNORECASE):
+        if not _NEGATED.search(sentence[:match.start()]):
+            return True
+    return False
+
+
+def violations(text: str, stated: Mapping[str, Any] | None) -> list[str]:
+    """A descriptor the findings do not hold or a level contradicts, a level the findings do
+    not give, or a melanoma the model did not suggest."""
+    from radlens.reporting.grounding import sentences
+
+    derm = DermoscopyFacts.model_validate(stated) if stated is not None else None
+    found = []
+    for sentence in sentences(text):
+        levels = [(m.group(1).lower().replace("color", "colour"), int(m.group(2)))
+                  for m in _LEVEL.finditer(sentence)]
+        named = [d for d in _DESCRIBED if _named(sentence, d)]
+        if derm is None:
+            if levels:
+                found.append(f"'{sentence.strip()[:80]}': the findings hold no dermoscopy")
+            continue
+        held = {d for p in derm.photographs for d in p.descriptors}
+        for descriptor in named:
+            if descriptor not in held:
+                found.append(f"the descriptor '{descriptor}' is not in the findings (they "
+                             f"hold {', '.join(sorted(held)) or 'none'})")
+            if descriptor in _CONTRADICTED_BY:
+                feature, lowest = _CONTRADICTED_BY[descriptor]
+                if any((p.levels.get(feature) or 0) >= lowest for p in derm.photographs):
+                    found.append(f"'{descriptor}' contradicts the measured {feature} "
+                                 f"(level {lowest} or more)")
+        for feature, level in levels:
+            key = "diameter_mm" if feature == "diameter" else feature
+            if not any(p.levels.get(key) == level for p in derm.photographs):
+                found.append(f"{feature} level {level} is not in the findings")
+        claim = _MELANOMA_CLAIM.search(sentence)
+        if claim and not _NEGATED.search(sentence[:claim.end()]) and \
+                all(p.assessment != "melanoma" for p in derm.photographs):
+            found.append("melanoma is suggested, but the model's assessment is nevus")
+    return found
