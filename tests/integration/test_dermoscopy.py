@@ -1,13 +1,16 @@
-"""``radlens train|evaluate --task dermoscopy`` end to end, small: phantoms in, a sealed
-weights folder with its card (calibration, OOD threshold, split, held-out test and the
-ablation without alignment) out, and an evaluation report in the published tables' terms.
-The figures of so short a training mean nothing; what is asserted is that each is there and
-consistent."""
+"""The dermoscopy task end to end, small: ``radlens train|evaluate --task dermoscopy`` (phantoms
+in; a sealed weights folder with its card, calibration, OOD threshold, split, held-out test
+and the ablation without alignment out; an evaluation report in the published tables'
+terms), ``radlens process`` with the task on (phantom photographs read, relabelled corpus
+images refused), and storescu to the agent to a storescp (SEG, SR, overlay and PDF back,
+dciodvfy-clean). The figures of so short a training mean nothing; what is asserted is that
+each is there and consistent."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -15,7 +18,13 @@ import pytest
 from pydicom.data import get_testdata_files
 
 from radlens.tasks.dermoscopy.scope import VL_PHOTOGRAPHIC
-from tests.helpers import radlens_cli
+from tests.helpers import (
+    dciodvfy_errors,
+    radlens_cli,
+    require_tool,
+    storescu,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +150,6 @@ def _outputs_are_valid(studies: list[Path]) -> None:
     """Each study's SEG and SR pass dciodvfy; dsrdump reads the SR, whose group holds the
     probability, the ABC values with their levels, the assessment, the descriptors and the
     reference to the SEG's segment."""
-    import subprocess
-
-    from tests.helpers import dciodvfy_errors, require_tool
-
     for study in studies:
         segs = list(study.glob("dicom/revision-1/SEG_*.dcm"))
         srs = list(study.glob("dicom/revision-1/SR_*.dcm"))
@@ -166,3 +171,49 @@ def _outputs_are_valid(studies: list[Path]) -> None:
                         "Referenced Segment", "Dermoscopic photography",
                         "Quantitative analysis", "Visual features:", "Risk assessment:"):
             assert concept in text, (concept, study)
+
+
+def test_a_dermoscopy_study_comes_back_as_seg_sr_overlay_and_pdf(trained, server_factory,
+                                                                  archive, tmp_path):
+    """storescu sends two phantom photographs (a Dermoscopic Photography Image and a VL
+    Photographic Image, each its own study) to the agent with the task on; each study comes
+    back to a storescp as SEG, SR, Grad-CAM overlay and PDF, every object dciodvfy-clean,
+    the SR read with dsrdump."""
+    _, model, result = trained
+    assert result.returncode == 0, result.stderr
+    made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(tmp_path / "p"),
+                       "--n", "8", "--size", "96", "--seed", "21", "--dicom")
+    assert made.returncode == 0, made.stderr
+    by_class: dict[str, Path] = {}
+    for path in sorted((tmp_path / "p" / "dicom").glob("*/*.dcm")):
+        by_class.setdefault(str(pydicom.dcmread(path, stop_before_pixels=True).Modality), path)
+    assert set(by_class) == {"DMS", "XC"}
+    server = server_factory(
+        RADLENS_DERMOSCOPY__ENABLED="true", RADLENS_DERMOSCOPY__WEIGHTS=str(model),
+        RADLENS_DERMOSCOPY__ABSTAIN="false", RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
+        RADLENS_DESTINATIONS=json.dumps([{"name": "archive", "ae_title": "ARCHIVE",
+                                          "host": "127.0.0.1", "port": archive.port}])).start()
+    sent = storescu(server.port, list(by_class.values()), extra=["-R"])
+    assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
+    wait_for(lambda: len(server.jobs_done()) == 2, 180, "both studies to be processed")
+    assert {row["state"] for row in server.jobs_done()} == {"done"}
+    wait_for(lambda: server.query("SELECT COUNT(*) FROM outbox WHERE state != 'sent'")[0][0]
+             == 0 and server.query("SELECT COUNT(*) FROM outbox")[0][0] >= 8, 60,
+             "every output to reach the archive")
+    studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+               for p in by_class.values()}
+    for study in studies:
+        returned = [p for p in archive.files()
+                    if str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+                    == study]
+        modalities = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality)
+                            for p in returned)
+        assert modalities == ["DOC", "OT", "SEG", "SR"], modalities
+        for path in returned:
+            assert dciodvfy_errors(path) == [], path.name
+        (sr,) = [p for p in returned
+                 if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
+        tree = subprocess.run([require_tool("dsrdump"), "+Pl", str(sr)], capture_output=True,
+                              text=True, timeout=60).stdout
+        assert '(95324001,SCT,"Skin lesion")' in tree and "Probability of melanoma" in tree
+        assert "Quantitative analysis" in tree and "Referenced Segment" in tree
