@@ -167,14 +167,15 @@ def storescu(port: int, files: Iterable[Path], *, called_aet: str = "RADLENS",
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def storescu_by_syntax(port: int, files: Iterable[Path], **kwargs: object) -> list[
-        subprocess.CompletedProcess[str]]:
-    """Send each group of files with the storescu option proposing their transfer syntax."""
+def storescu_by_syntax(port: int, files: Iterable[Path], *, extra: Sequence[str] = (),
+                       **kwargs: object) -> list[subprocess.CompletedProcess[str]]:
+    """Send each group of files with the storescu option proposing their transfer syntax
+    (and ``extra`` options: -R to propose the files' own SOP classes)."""
     groups: dict[str, list[Path]] = {}
     for path in files:
         syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         groups.setdefault(STORESCU_OPTION_BY_SYNTAX[syntax], []).append(path)
-    return [storescu(port, group, extra=[option], **kwargs)  # type: ignore[arg-type]
+    return [storescu(port, group, extra=[option, *extra], **kwargs)  # type: ignore[arg-type]
             for option, group in groups.items()]
 
 

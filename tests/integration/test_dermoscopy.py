@@ -22,7 +22,7 @@ from tests.helpers import (
     dciodvfy_errors,
     radlens_cli,
     require_tool,
-    storescu,
+    storescu_by_syntax,
     wait_for,
 )
 
@@ -101,119 +101,79 @@ def _relabelled(name: str, folder: Path) -> Path:
     return path
 
 
-def test_the_agent_reads_dermoscopy_and_refuses_what_is_not(trained, tmp_path):
-    """radlens process with the task on: each phantom photograph (DMS or XC, with or without
-    Pixel Spacing) gets a reading whose numbers come from its measured mask; colour images of
-    the corpus relabelled as dermoscopy are refused by the plausibility check, with why."""
-    _, model, result = trained
-    assert result.returncode == 0, result.stderr
-    inbox = tmp_path / "in"
-    phantoms = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(tmp_path / "p"),
-                           "--n", "6", "--size", "96", "--seed", "8", "--dicom")
-    assert phantoms.returncode == 0, phantoms.stderr
-    shutil.copytree(tmp_path / "p" / "dicom", inbox)
-    for name in ("SC_rgb_rle.dcm", "US1_UNCR.dcm", "SC_rgb_jpeg_dcmd.dcm"):
-        _relabelled(name, inbox / "corpus")
-    config = tmp_path / "config.yaml"
-    config.write_text(f"dermoscopy:\n  enabled: true\n  weights: {model}\n  abstain: false\n")
-    out = tmp_path / "out"
-    processed = radlens_cli("process", str(inbox), "--out", str(out), "--config", str(config),
-                            timeout=300)
-    assert processed.returncode == 0, processed.stderr[-2000:]
-    readings, refused = [], []
-    for findings_file in (out / "results").glob("*/findings.json"):
-        for image in json.loads(findings_file.read_text())["images"]:
-            ours = [a for a in image.get("analyses", []) if a.get("task") == "dermoscopy"]
-            if ours:
-                readings.append((findings_file.parent, ours[0]))
-            elif "not like a dermoscopic photograph" in (image.get("not_analysed") or ""):
-                refused.append(image["not_analysed"])
-    assert len(readings) == 6 and len(refused) == 3, (len(readings), refused)
-    with_mm = 0
-    for study, reading in readings:
-        assert 0 <= reading["melanoma_probability"] <= 1
-        assert reading["assessment"] in ("nevus", "melanoma")
-        assert len(reading["descriptors"]) == 3 and reading["lesion_pixels"] > 0
-        measured = reading["measurements"]
-        if measured is not None:
-            assert set(measured["levels"]) == {"asymmetry", "border", "colour", "diameter_mm"}
-            with_mm += measured["diameter_mm"] is not None
-            assert (measured["diameter_mm"] is None) == (measured["levels"]["diameter_mm"]
-                                                         is None)
-        assert reading["site"] and reading["lesion_id"] in ("1", "2")
-        assert (study / reading["maps_file"]).is_file()
-    assert 0 < with_mm < 6  # Pixel Spacing on some phantoms only: D only where it is known
-    _outputs_are_valid([study for study, _ in readings])
-
-
-def _outputs_are_valid(studies: list[Path]) -> None:
-    """Each study's SEG and SR pass dciodvfy; dsrdump reads the SR, whose group holds the
-    probability, the ABC values with their levels, the assessment, the descriptors and the
-    reference to the SEG's segment."""
-    for study in studies:
-        segs = list(study.glob("dicom/revision-1/SEG_*.dcm"))
-        srs = list(study.glob("dicom/revision-1/SR_*.dcm"))
-        overlays = list(study.glob("dicom/revision-1/SC_*.dcm"))
-        pdfs = list(study.glob("dicom/revision-1/PDF_*.dcm"))
-        assert len(segs) == len(srs) == len(overlays) == len(pdfs) == 1, study
-        for path in (*segs, *srs, *overlays, *pdfs):
-            assert dciodvfy_errors(path) == [], path
-        assert "Grad-CAM of the dermoscopy model" in pydicom.dcmread(overlays[0]).ImageComments
-        seg = pydicom.dcmread(segs[0])
-        assert seg.SegmentSequence[0].SegmentLabel == "skin lesion"
-        dumped = subprocess.run([require_tool("dsrdump"), "+Pl", str(srs[0])], capture_output=True,
-                                text=True, timeout=60)
-        assert dumped.returncode == 0, dumped.stderr
-        text = dumped.stdout
-        for concept in ("Probability of melanoma", "Asymmetry level (1-5)",
-                        "Border total turning", "Hue standard deviation",
-                        "Dermoscopic AI assessment", "Dermoscopic feature",
-                        "Referenced Segment", "Dermoscopic photography",
-                        "Quantitative analysis", "Visual features:", "Risk assessment:"):
-            assert concept in text, (concept, study)
-
-
-def test_a_dermoscopy_study_comes_back_as_seg_sr_overlay_and_pdf(trained, server_factory,
-                                                                  archive, tmp_path):
-    """storescu sends two phantom photographs (a Dermoscopic Photography Image and a VL
-    Photographic Image, each its own study) to the agent with the task on; each study comes
-    back to a storescp as SEG, SR, Grad-CAM overlay and PDF, every object dciodvfy-clean,
-    the SR read with dsrdump."""
+def test_a_dermoscopy_study_comes_back_and_what_is_not_one_is_refused(
+        trained, server_factory, archive, tmp_path):
+    """storescu sends two phantom photographs (a Dermoscopic Photography Image with Pixel
+    Spacing, a VL Photographic Image without) and three colour images of pydicom's corpora
+    relabelled as dermoscopy, each its own study, to the agent with the task on. Each
+    photograph gets a reading whose numbers come from its measured mask (a diameter only
+    where the spacing is known) and comes back to a storescp as SEG, SR, Grad-CAM overlay
+    and PDF, every object dciodvfy-clean, the SR read with dsrdump; each relabelled image is
+    refused by the plausibility check, with why."""
     _, model, result = trained
     assert result.returncode == 0, result.stderr
     made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(tmp_path / "p"),
-                       "--n", "8", "--size", "96", "--seed", "21", "--dicom")
+                       "--n", "24", "--size", "96", "--seed", "21", "--dicom")
     assert made.returncode == 0, made.stderr
-    by_class: dict[str, Path] = {}
+    chosen: dict[tuple[str, bool], Path] = {}
     for path in sorted((tmp_path / "p" / "dicom").glob("*/*.dcm")):
-        by_class.setdefault(str(pydicom.dcmread(path, stop_before_pixels=True).Modality), path)
-    assert set(by_class) == {"DMS", "XC"}
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        chosen.setdefault((str(ds.Modality), "PixelSpacing" in ds), path)
+    photographs = [chosen[("DMS", True)], chosen[("XC", False)]]
+    corpus = [_relabelled(name, tmp_path / "corpus")
+              for name in ("SC_rgb_rle.dcm", "US1_UNCR.dcm", "SC_rgb_jpeg_dcmd.dcm")]
     server = server_factory(
         RADLENS_DERMOSCOPY__ENABLED="true", RADLENS_DERMOSCOPY__WEIGHTS=str(model),
         RADLENS_DERMOSCOPY__ABSTAIN="false", RADLENS_OUTBOX__POLL_INTERVAL_S="0.2",
         RADLENS_DESTINATIONS=json.dumps([{"name": "archive", "ae_title": "ARCHIVE",
                                           "host": "127.0.0.1", "port": archive.port}])).start()
-    sent = storescu(server.port, list(by_class.values()), extra=["-R"])
-    assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
-    wait_for(lambda: len(server.jobs_done()) == 2, 180, "both studies to be processed")
+    for sent in storescu_by_syntax(server.port, [*photographs, *corpus], extra=["-R"]):
+        assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
+    wait_for(lambda: len(server.jobs_done()) == 5, 180, "the five studies to be processed")
     assert {row["state"] for row in server.jobs_done()} == {"done"}
+
+    def study_of(path: Path) -> str:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+    for path in corpus:
+        (image,) = server.findings(study_of(path))["images"]
+        assert "not like a dermoscopic photograph" in image["not_analysed"], image
+        assert not image.get("analyses")
+    for path, spacing in zip(photographs, (True, False), strict=True):
+        (image,) = server.findings(study_of(path))["images"]
+        (reading,) = [a for a in image["analyses"] if a["task"] == "dermoscopy"]
+        assert 0 <= reading["melanoma_probability"] <= 1
+        assert reading["assessment"] in ("nevus", "melanoma")
+        assert len(reading["descriptors"]) == 3 and reading["lesion_pixels"] > 0
+        assert reading["site"] and reading["lesion_id"] in ("1", "2")
+        measured = reading["measurements"]
+        assert set(measured["levels"]) == {"asymmetry", "border", "colour", "diameter_mm"}
+        assert (measured["diameter_mm"] is not None) == spacing
+        assert (measured["levels"]["diameter_mm"] is not None) == spacing
+
     wait_for(lambda: server.query("SELECT COUNT(*) FROM outbox WHERE state != 'sent'")[0][0]
              == 0 and server.query("SELECT COUNT(*) FROM outbox")[0][0] >= 8, 60,
              "every output to reach the archive")
-    studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
-               for p in by_class.values()}
-    for study in studies:
-        returned = [p for p in archive.files()
-                    if str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
-                    == study]
+    for study in map(study_of, photographs):
+        returned = [p for p in archive.files() if study_of(p) == study]
         modalities = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality)
                             for p in returned)
         assert modalities == ["DOC", "OT", "SEG", "SR"], modalities
         for path in returned:
             assert dciodvfy_errors(path) == [], path.name
-        (sr,) = [p for p in returned
-                 if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
-        tree = subprocess.run([require_tool("dsrdump"), "+Pl", str(sr)], capture_output=True,
-                              text=True, timeout=60).stdout
-        assert '(95324001,SCT,"Skin lesion")' in tree and "Probability of melanoma" in tree
-        assert "Quantitative analysis" in tree and "Referenced Segment" in tree
+        by_modality = {str(pydicom.dcmread(p, stop_before_pixels=True).Modality): p
+                       for p in returned}
+        assert pydicom.dcmread(by_modality["SEG"]).SegmentSequence[0].SegmentLabel == \
+            "skin lesion"
+        assert "Grad-CAM of the dermoscopy model" in pydicom.dcmread(
+            by_modality["OT"], stop_before_pixels=True).ImageComments
+        tree = subprocess.run([require_tool("dsrdump"), "+Pl", str(by_modality["SR"])],
+                              capture_output=True, text=True, timeout=60)
+        assert tree.returncode == 0, tree.stderr
+        for concept in ('(95324001,SCT,"Skin lesion")', "Probability of melanoma",
+                        "Asymmetry level (1-5)", "Border total turning",
+                        "Hue standard deviation", "Dermoscopic AI assessment",
+                        "Dermoscopic feature", "Referenced Segment",
+                        "Dermoscopic photography", "Quantitative analysis",
+                        "Visual features:", "Risk assessment:"):
+            assert concept in tree.stdout, (concept, study)
