@@ -157,9 +157,10 @@ def main() -> None:
                 path = clip(work / "in" / f"clip{n}-{seed}.dcm", int(n), seed)
                 floor = compute_floor(path, args.device) if seed != 900 else None
             jobs_before = _count(db, "SELECT COUNT(*) FROM jobs WHERE state IN ('done','failed')")
-            sent = subprocess.run([require_tool("storescu"), "-aec", "RADLENS", "127.0.0.1",
-                                   str(port), str(path)], capture_output=True, text=True,
-                                  env=dict(os.environ, TCP_NODELAY="1"))
+            # -R: propose the file's own SOP class (storescu's default list lacks DMS)
+            sent = subprocess.run([require_tool("storescu"), "-R", "-aec", "RADLENS",
+                                   "127.0.0.1", str(port), str(path)], capture_output=True,
+                                  text=True, env=dict(os.environ, TCP_NODELAY="1"))
             last_response = time.time()
             if sent.returncode != 0:
                 raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
