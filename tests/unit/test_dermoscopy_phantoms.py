@@ -42,6 +42,10 @@ def test_same_seed_same_bytes_including_dicom(tmp_path):
         assert (tmp_path / "a" / "masks" / f"{row['case_id']}.png").is_file()
         assert set(row["descriptors"].split(";")) <= set(DESCRIPTORS)
     assert len(list((tmp_path / "a" / "dicom").rglob("*.dcm"))) == 8
+    checked = radlens_cli("dataset", "check", str(tmp_path / "a"), "--task", "dermoscopy")
+    assert checked.returncode == 0, checked.stderr
+    assert "8 cases of 2 patients, layout dermoscopy" in checked.stdout
+    assert "symmetric shape" in checked.stdout and "without a mask" not in checked.stdout
 
 
 def test_melanoma_is_the_minority_and_skin_spans_the_six_types(cases):

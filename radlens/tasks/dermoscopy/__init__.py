@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from radlens.config import Settings
+    from radlens.datasets.summary import DatasetSummary
     from radlens.dicom_io.writers.common import Equipment, SeriesPlan
     from radlens.findings import StudyFindings
     from radlens.tasks.base import (
@@ -83,6 +84,11 @@ class DermoscopyTask(Task):
         from radlens.tasks.dermoscopy import research
 
         return research.train(request, progress)
+
+    def check_dataset(self, data: Path, *, layout: str | None = None) -> DatasetSummary:
+        from radlens.tasks.dermoscopy import research
+
+        return research.check_dataset(data, layout)
 
     def evaluate(self, data: Path, model: str, out: Path, *, device: str, seed: int,
                  options: Mapping[str, Any]) -> Path:

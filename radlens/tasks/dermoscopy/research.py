@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from radlens.datasets.origin import mark_phantoms
+from radlens.datasets.summary import DatasetSummary
 from radlens.tasks.base import ResearchProgress, TaskError, TaskUsageError, TrainRequest
 
 MAX_VISITS = 12
@@ -113,3 +114,51 @@ def evaluate(data: Path, model: str, out: Path, *, device: str, seed: int,
         return write_report(figures, out, f"Dermoscopy model on {data.name}")
     except (DermoscopyDataError, ModelError, ValueError, OSError) as exc:
         raise TaskError(str(exc)) from exc
+
+
+LAYOUT = ("labels.csv (case_id, patient_id, label nevus or melanoma; optionally "
+          "pixel_spacing_mm, descriptors, confounders, fitzpatrick) with images/<case_id>.png "
+          "or .jpg and masks/<case_id>.png")
+
+
+def check_dataset(data: Path, layout: str | None) -> DatasetSummary:
+    """What a dermoscopy folder holds, read as training reads it."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from radlens.tasks.dermoscopy.datasets import DermoscopyDataError, read_folder
+
+    if layout not in (None, "dermoscopy"):
+        raise TaskUsageError(f"the dermoscopy task reads one layout ({LAYOUT}); not {layout!r}")
+    try:
+        records = read_folder(data)
+    except DermoscopyDataError as exc:
+        raise TaskError(str(exc)) from exc
+    sizes: Counter[str] = Counter()
+    for record in records:
+        with Image.open(record.image) as image:
+            sizes[f"{image.size[1]} x {image.size[0]}"] += 1
+    notes = [f"layout: {LAYOUT}"]
+    unmasked = [r.case_id for r in records if r.mask is None]
+    if unmasked:
+        notes.append(f"{len(unmasked)} case(s) without a mask: training needs one for each "
+                     f"(evaluation reads them without): {', '.join(unmasked[:5])}"
+                     + (" ..." if len(unmasked) > 5 else ""))
+    unspaced = sum(r.spacing_mm is None for r in records)
+    if unspaced:
+        notes.append(f"{unspaced} case(s) without pixel_spacing_mm: their diameter is not "
+                     "measured")
+    labels = Counter(r.label for r in records)
+    return DatasetSummary(
+        folder=str(data), layout="dermoscopy", how="labels.csv names each case's label",
+        cases=len(records), patients=len({r.patient_id for r in records}),
+        labels={name: labels.get(name, 0) for name in ("nevus", "melanoma")},
+        tables={"descriptors": dict(Counter(d for r in records for d in r.descriptors)
+                                    .most_common()),
+                "confounders": dict(Counter(c for r in records for c in r.confounders)
+                                    .most_common()),
+                "Fitzpatrick skin type": {str(k): v for k, v in sorted(Counter(
+                    r.fitzpatrick for r in records if r.fitzpatrick is not None).items())},
+                "image sizes (rows x columns)": dict(sizes.most_common())},
+        notes=tuple(notes))
