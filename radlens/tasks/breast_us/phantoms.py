@@ -14,15 +14,15 @@ Masks follow the real dataset's colour code: red = malignant, green = benign, bl
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
+
+from radlens.datasets.png import png_bytes  # noqa: F401 (re-exported)
 
 Label = Literal["normal", "benign", "malignant"]
 LABELS: tuple[Label, ...] = ("normal", "benign", "malignant")
@@ -208,13 +208,6 @@ def mask_to_rgb(mask: np.ndarray) -> np.ndarray:
     for name, colour in MASK_COLOURS.items():
         rgb[mask == CLASS_INDEX[name]] = colour
     return rgb
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """PNG with no timestamp or text chunks, so equal arrays give equal bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", optimize=False, compress_level=6)
-    return buffer.getvalue()
 
 
 def generate(n: int, seed: int, *, size: int = 256,

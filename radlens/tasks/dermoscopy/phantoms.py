@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from radlens.tasks.breast_us.phantoms import png_bytes
+from radlens.datasets.png import png_bytes
 from radlens.tasks.dermoscopy.descriptors import COLOURS, DESCRIPTORS
 
 Label = Literal["nevus", "melanoma"]

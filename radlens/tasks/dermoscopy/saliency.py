@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from radlens.models.cam import token_gradcam
-from radlens.tasks.breast_us.preprocess import to_source
+from radlens.models.placement import to_source
 from radlens.tasks.dermoscopy.classifier import CrossModalClassifier
 from radlens.tasks.dermoscopy.segment import PAD, prepare_rgb
 

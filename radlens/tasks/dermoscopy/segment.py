@@ -3,7 +3,7 @@
 The photograph reaches the network as the other tasks' images do: its intensities divided by
 255 (8-bit RGB), scaled keeping its aspect ratio until its longer side fills the input and
 padded with black (MONAI's ``Resize`` and ``SpatialPad``, placed by
-``radlens.tasks.breast_us.preprocess.placement``), and the network's probability is mapped
+``radlens.models.placement``), and the network's probability is mapped
 back onto the photograph with the padding cut away (``to_source``). The coarse mask is the
 largest connected part of the probability above one half, its holes filled: a lesion is one
 region. Training is the shared epoch loop (``radlens.models.training.fit``) on the Dice plus
@@ -22,7 +22,7 @@ import torch
 from monai.networks.nets import UNet
 from monai.transforms import Resize, SpatialPad
 
-from radlens.tasks.breast_us.preprocess import placement, to_source
+from radlens.models.placement import placement, to_source
 from radlens.tasks.dermoscopy.refine import largest_region
 
 log = logging.getLogger(__name__)

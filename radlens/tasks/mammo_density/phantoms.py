@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from radlens.tasks.breast_us.phantoms import png_bytes
+from radlens.datasets.png import png_bytes
 
 Density = Literal["A", "B", "C", "D"]
 DENSITIES: tuple[Density, ...] = ("A", "B", "C", "D")
