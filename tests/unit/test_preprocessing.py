@@ -79,8 +79,15 @@ def test_the_training_loader_and_the_agent_give_the_same_tensor(tmp_path, retrai
         assert torch.allclose(agent, trained, atol=1e-6), float((agent - trained).abs().max())
 
 
-def test_cards_without_a_policy_keep_the_min_max_input_the_agent_always_gave():
-    segmenter = Segmenter("default", device="cpu")
+def test_cards_without_a_policy_keep_the_min_max_input_the_agent_always_gave(tmp_path):
+    """A card written before the policy was recorded (the shipped model's, as it was): the
+    shipped weights with the card's preprocessing taken out."""
+    folder = tmp_path / "old-card"
+    shutil.copytree(model_folder("default"), folder)
+    card = json.loads((folder / "card.json").read_text())
+    card.pop("preprocessing", None)
+    (folder / "card.json").write_text(json.dumps(card))
+    segmenter = Segmenter(str(folder), device="cpu")
     assert segmenter.preprocessing["intensity"] == "min-max"
     image = np.random.default_rng(0).integers(30, 200, (90, 120)).astype(np.float32)
     expected = torch.nn.functional.interpolate(
