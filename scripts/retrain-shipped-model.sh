@@ -53,6 +53,7 @@ esac
 # and the reports went to docs/measured. The temporary folder's name leaves the files: "train",
 # "fresh" and "model" are the folders the phantom commands (recorded as data_commands) write.
 rm -rf "$work/model/ablation-unweighted" "$work/model/test"
+rm -f "$work/model"/fold*/model.pt  # each fold's weights: the selected one is model.pt
 find "$work/model" -maxdepth 1 \( -name '*.json' -o -name '*.md' \) \
   -exec sed -i "s#$work/##g" {} +
 sed -i "s#$work/##g" "$report.md"

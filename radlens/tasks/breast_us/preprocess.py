@@ -10,9 +10,9 @@ network with different values. Now the card names the policy and everything call
   image whose values exceed 255, by the smallest 2^n - 1 that holds them (its bit depth), so a
   stored value means the same brightness on every image; MONAI's ``ScaleIntensityRange`` and
   ``Resize`` (bilinear);
-- ``min-max`` (cards written before the policy was recorded: the shipped model until it is
-  retrained): each image stretched from its minimum to its maximum, as the agent always did
-  for them, so their outputs do not change.
+- ``min-max`` (cards written before the policy was recorded, as the shipped model's was until
+  it was retrained): each image stretched from its minimum to its maximum, as the agent always
+  did for them, so their outputs do not change.
 
 Its geometry is the ``aspect`` policy:
 
@@ -21,7 +21,8 @@ Its geometry is the ``aspect`` policy:
   A lesion keeps its shape: orientation ("taller than wide") and roundness are among the
   ultrasound findings that tell benign from malignant, and stretching a 4:3 frame into a square
   changes both;
-- ``stretch`` (the shipped model's card): resized to the square whatever the aspect ratio.
+- ``stretch`` (cards from before the policy, and ``--aspect stretch``): resized to the square
+  whatever the aspect ratio.
 
 ``placement`` says where the image lies in the input and ``to_source`` maps anything the
 network gives back (probabilities, saliency) from the input to the image: the padding is cut
