@@ -65,6 +65,8 @@ old = json.loads(pathlib.Path(previous).read_text()) if pathlib.Path(previous).i
 for key in ("acceptance", "note"):
     if key in old and key not in new:
         new[key] = old[key]
+if "name" in old:  # the shipped model keeps its name; its version says which weights
+    new["name"] = old["name"]
 new["data_commands"] = [command.replace(work, "") for command in commands]
 pathlib.Path(made).write_text(json.dumps(new, indent=2))
 PY

@@ -75,8 +75,11 @@ def cohort_facts(report: dict[str, Any]) -> dict[str, Any]:
                             "noise": chosen["noise"],
                             "silhouette": round(chosen["silhouette"], 2),
                             "davies_bouldin": round(chosen["davies_bouldin"], 2)},
-        "linear_probe_accuracy_percent": round(100 * probe.get("accuracy", 0)),
-        "linear_probe_auc": round(probe.get("auc_ovr", 0), 2),
+        # None when the probe could not run (a single class among the samples)
+        "linear_probe_accuracy_percent": (None if probe.get("accuracy") is None
+                                          else round(100 * probe["accuracy"])),
+        "linear_probe_auc": (None if probe.get("auc_ovr") is None
+                             else round(probe["auc_ovr"], 2)),
         "per_class": [_row(row) for row in report["per_class"]],
         "per_cluster": [_row(row) for row in report["per_cluster"]],
     }
@@ -115,10 +118,12 @@ def check(text: str, facts: dict[str, Any]) -> list[str]:
 
 def template_cohort(facts: dict[str, Any]) -> str:
     best = facts["best_clustering"]
+    probe = facts["linear_probe_accuracy_percent"]
     lines = [f"**Summary.** {facts['images']} images; the best of nine clusterings is "
              f"{best['algorithm']} with {best['clusters']} cluster(s) (silhouette "
-             f"{best['silhouette']:.2f}). A linear probe on the latents reaches "
-             f"{facts['linear_probe_accuracy_percent']}% accuracy."]
+             f"{best['silhouette']:.2f}). "
+             + (f"A linear probe on the latents reaches {probe}% accuracy." if probe is not None
+                else "A linear probe could not run: the samples hold a single class.")]
     for row in facts["per_cluster"]:
         mix = ", ".join(f"{k} {v}%" for k, v in row["class_percent"].items())
         size = f", mean area {row['area_mm2']:.1f} mm²" if row["area_mm2"] is not None else ""

@@ -11,10 +11,17 @@ import pytest
 
 from tests.helpers import frames_of, radlens_cli, storescu, wait_for
 
+# Eight phantoms the shipped model reads right, class and area: this test checks the agent's
+# path image by image, not the model's accuracy (test_models and docs/breast_us.md measure
+# that: 94 % of fresh phantoms). The model retrained on 7 December 2026 gets all eight right
+# on 5 of the 17 seeds 31-47; seed 31, chosen for the model before it, has one malignant
+# lesion segmented at a quarter of its area.
+SEED = 33
+
 
 def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tmp_path):
-    made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "8", "--seed", "31",
-                       "--dicom")
+    made = radlens_cli("phantoms", "--out", str(tmp_path / "ph"), "--n", "8", "--seed",
+                       str(SEED), "--dicom")
     assert made.returncode == 0, made.stderr
     with open(tmp_path / "ph" / "labels.csv") as handle:
         truth = {row["case_id"]: row for row in csv.DictReader(handle)}
@@ -71,8 +78,9 @@ def test_phantom_studies_pushed_with_storescu_get_class_probabilities(server, tm
     assert report["images"] == 8
     assert report["grouping"] == "predicted class, one sample per image"
     assert len(report["clustering"]) == 9
-    assert {row["group"]: row["samples"] for row in report["per_class"]} == {
-        "normal": 4, "benign": 2, "malignant": 2}
+    expected = {name: sum(row["label"] == name for row in truth.values())
+                for name in ("normal", "benign", "malignant")}  # each predicted right above
+    assert {row["group"]: row["samples"] for row in report["per_class"]} == expected
     assert (tmp_path / "cohort" / "tsne_clusters.png").is_file()
     by_lesion = radlens_cli("cohort", "--from-agent", "--latent", "lesion", "--out",
                             str(tmp_path / "lesions"), env=server.env)
