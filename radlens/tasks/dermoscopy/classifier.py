@@ -166,17 +166,6 @@ class ClassifierEpoch:
     seconds: float
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random flip and quarter turn of the batch: a dermatoscope has no up, and the ABC
-    features do not change with either, so each pair stays a pair."""
-    turns = int(torch.randint(0, 4, (1,), generator=generator))
-    if turns:
-        images = torch.rot90(images, turns, (2, 3))
-    if bool(torch.randint(0, 2, (1,), generator=generator)):
-        images = torch.flip(images, (3,))
-    return images
-
-
 def train_classifier(images: torch.Tensor, abc: torch.Tensor, targets: torch.Tensor,
                      train: list[int], val: list[int], *, shape: ClassifierShape,
                      epochs: int, batch_size: int, learning_rate: float, patience: int,
@@ -191,6 +180,7 @@ def train_classifier(images: torch.Tensor, abc: torch.Tensor, targets: torch.Ten
     import time
 
     from radlens.models.training import EarlyStopping, fit
+    from radlens.tasks.dermoscopy.segment import augment
 
     if batch_size < 2:
         raise ValueError("the alignment needs batches of at least 2 images")
@@ -204,12 +194,12 @@ def train_classifier(images: torch.Tensor, abc: torch.Tensor, targets: torch.Ten
     positives = float(targets[train].sum())
     weight = torch.tensor((len(train) - positives) / max(positives, 1.0), device=device)
 
-    def losses(indices: list[int], augment: bool
+    def losses(indices: list[int], training: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
                           torch.Tensor]:
         x = images[indices].float().div(255).to(device)
-        if augment:
-            x = _augment(x, generator)
+        if training:
+            (x,) = augment(generator, x)
         y = targets[indices].float().to(device)
         logits, feature = network(x)
         classification = F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)

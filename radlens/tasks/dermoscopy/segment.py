@@ -90,15 +90,16 @@ class SegmenterEpoch:
     seconds: float
 
 
-def _augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random flip and quarter turn for a batch's images and masks."""
+def augment(generator: torch.Generator, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same random quarter turn and flip for every (N, C, H, W) batch given (images and
+    their masks): a dermatoscope has no up, and neither the masks nor the ABC features
+    change with either."""
     turns = int(torch.randint(0, 4, (1,), generator=generator))
     if turns:
-        images, masks = torch.rot90(images, turns, (2, 3)), torch.rot90(masks, turns, (2, 3))
+        batches = tuple(torch.rot90(batch, turns, (2, 3)) for batch in batches)
     if bool(torch.randint(0, 2, (1,), generator=generator)):
-        images, masks = torch.flip(images, (3,)), torch.flip(masks, (3,))
-    return images, masks
+        batches = tuple(torch.flip(batch, (3,)) for batch in batches)
+    return batches
 
 
 def train_coarse(images: torch.Tensor, masks: torch.Tensor, train: Sequence[int],
@@ -134,7 +135,7 @@ def train_coarse(images: torch.Tensor, masks: torch.Tensor, train: Sequence[int]
         permutation = torch.randperm(len(order), generator=generator).tolist()
         total, seen = 0.0, 0
         for x, y in batches([order[i] for i in permutation]):
-            x, y = _augment(x, y, generator)
+            x, y = augment(generator, x, y)
             optimiser.zero_grad()
             loss = loss_function(network(x), y)
             loss.backward()
