@@ -143,6 +143,33 @@ lesion_analyses = sa.Table(
     sqlite_autoincrement=True,
 )
 
+# What a task remembers of a patient's study for the patient's later studies (the change since
+# a prior visit, radlens.history). The patient is a salted hash, never the ID; job_id has no
+# foreign key: the observation outlives its job's rows (retention.history_days).
+observations = sa.Table(
+    "observations", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("item", sa.Text, nullable=False),
+    sa.Column("study_instance_uid", sa.Text, nullable=False),
+    sa.Column("study_date", sa.Text),  # YYYY-MM-DD
+    sa.Column("job_id", sa.Integer, nullable=False),
+    sa.Column("observed", sa.Text, nullable=False),  # JSON
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("observations_by_subject", "subject", "task", "item"),
+    sa.Index("observations_by_study", "study_instance_uid"),
+    sa.Index("observations_by_age", "created_at"),
+    sqlite_autoincrement=True,
+)
+
+# This installation's own values (the salt of the patient hash).
+installation = sa.Table(
+    "installation", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
 
 nodes = sa.Table(
     "nodes", metadata,

@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from radlens.agent.worker import Deliver, Worker, write_job_outputs
 from radlens.config import Settings
 from radlens.errors import JobAttemptError, RadlensError, WorkerLostError
 from radlens.findings import ModelRef
+from radlens.history import ObservedItem
 from radlens.logs import kv
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,12 @@ class WorkerStartError(RadlensError):
 @dataclass(frozen=True)
 class JobOutcome:
     """What a job's worker process hands back: the frames to record in the state, the DICOM
-    objects to deliver (none when the model is off) and the stage times."""
+    objects to deliver (none when the model is off) and what the tasks observed for the
+    patient's later studies."""
 
     records: list[FrameRecord]
     outputs: list[Path]
+    observed: list[tuple[str, ObservedItem]] = field(default_factory=list)
 
 
 def resident_mb(pid: int) -> float | None:
@@ -173,8 +176,8 @@ class JobProcess:
                     process.join(1.0)
                     return self._lost(death_reason(process.exitcode), study)
                 if kind == "result":
-                    records, outputs = detail
-                    return JobOutcome(records, outputs)
+                    records, outputs, observed = detail
+                    return JobOutcome(records, outputs, observed)
                 message, trace = detail
                 log.error("job failed in the worker process", extra=kv(
                     job=study.job_id, study=study.study_instance_uid, error=message,
@@ -273,7 +276,7 @@ def child_main(conn: Connection, settings: Settings, llm_vision: bool, index: in
                                             llm=settings.llm, llm_vision=llm_vision,
                                             outputs=settings.outputs,
                                             fsync=settings.storage.fsync)
-            conn.send(("result", (result.records, outputs)))
+            conn.send(("result", (result.records, outputs, result.observed)))
         except Exception as exc:  # noqa: BLE001 - any error is this job's, told to the agent
             conn.send(("error", (f"{type(exc).__name__}: {exc}"[:2000],
                                  traceback.format_exc(limit=20)[-8000:])))
@@ -328,6 +331,10 @@ class ProcessWorker(Worker):
                        for process in self.processes]
         self._running: dict[int, int] = {}  # worker index -> job id
         self._running_lock = threading.Lock()
+
+    @property
+    def compares_priors(self) -> bool:
+        return self.model_enabled
 
     def start_processes(self) -> None:
         """Start every worker process, loading the models in parallel; WorkerStartError (the
@@ -415,9 +422,7 @@ class ProcessWorker(Worker):
         log.info("job started", extra=kv(job=job.id, study=job.study_instance_uid,
                                          attempt=job.attempts, worker=process.index))
         try:
-            study = StudyInput(job_id=job.id, revision=self.queue.revision(job),
-                               study_instance_uid=job.study_instance_uid,
-                               instances=self.queue.instances(job))
+            study = self._study_input(job)
             try:
                 outcome = process.run(study)
             except WorkerLostError:
@@ -429,6 +434,7 @@ class ProcessWorker(Worker):
             if outcome.records:
                 analyses.record(self.queue.db, job.id, job.study_instance_uid,
                                 outcome.records)
+            self._remember(job, study, outcome.observed)
             outputs = self._described(outcome.outputs)
         except Exception as exc:
             self._failed(job, exc)

@@ -9,6 +9,8 @@ study's images together, run once the stream has passed, on what was routed to t
 that cannot be used, or whose analysis fails, carries its reason; it never costs the study. The
 narrative (``reporting``) and the DICOM writers (``dicom_io.writers``) run after
 ``write_findings``, from the findings and those maps (``agent.worker``, ``agent.offline``).
+Before the findings are written, each task may compare them with the patient's earlier studies
+that the runner loaded (``radlens.history``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
 from radlens.errors import ComputeUnavailableError, UnsupportedImageError
 from radlens.findings import ImageInfo, ImageRef, ModelRef, SkippedObject, StudyFindings
+from radlens.history import ObservedItem, PatientHistory
 from radlens.logs import kv
 from radlens.tasks.base import ImageInput, LoadedTask, SeriesVolume, TaskResult
 from radlens.timing import StageTimes
@@ -45,6 +48,9 @@ class StudyInput:
     revision: int
     study_instance_uid: str
     instances: list[JobInstance]
+    # The study's patient and their earlier observations (radlens.history): None where the
+    # runner has no state to read (offline), so nothing is compared or remembered.
+    history: PatientHistory | None = None
 
 
 @dataclass
@@ -61,6 +67,7 @@ class StudyResult:
     findings: StudyFindings
     records: list[Any]
     times: StageTimes = field(default_factory=StageTimes)
+    observed: list[tuple[str, ObservedItem]] = field(default_factory=list)  # (task, item)
 
     def finish(self, results_root: Path, *, fsync: bool = True) -> StudyFindings:
         """The findings again, with every stage's time (the writers' included)."""
@@ -106,6 +113,27 @@ def findings_for(study: StudyInput, outcome: StudyOutcome,
         skipped=outcome.skipped,
         summaries=summaries,
     )
+
+
+def compared_with_prior(findings: StudyFindings, history: PatientHistory | None
+                        ) -> tuple[StudyFindings, list[tuple[str, ObservedItem]]]:
+    """Each task's change since the patient's prior study, and what each remembers of this
+    one. A task that fails here costs the comparison, never the study's findings."""
+    from radlens.tasks.registry import all_tasks
+
+    if history is None or history.subject is None:
+        return findings, []
+    observed: list[tuple[str, ObservedItem]] = []
+    for task in all_tasks():
+        if not task.analysed(findings):
+            continue
+        try:
+            findings = task.compare_with_prior(findings, history)
+            observed += [(task.name, item) for item in task.observations(findings)]
+        except Exception:  # noqa: BLE001 - logged; the findings stand without the change
+            log.exception("comparison with the prior study failed",
+                          extra=kv(task=task.name, study=findings.study_instance_uid))
+    return findings, observed
 
 
 def write_findings(findings: StudyFindings, results_root: Path, *, fsync: bool = True) -> Path:
@@ -278,8 +306,9 @@ def run_study(study: StudyInput, results_root: Path, *, analysers: TaskSet | Non
         _run_deferred(analysers, deferred, outcome, maps_dir, study.job_id, times)
     with times.stage("findings"):
         findings = findings_for(study, outcome, analysers.model_ref if analysers else None)
+        findings, observed = compared_with_prior(findings, study.history)
         path = write_findings(findings, results_root, fsync=fsync)
     log.info("findings written", extra=kv(job=study.job_id, study=study.study_instance_uid,
                                           images=len(outcome.images),
                                           skipped=len(outcome.skipped), path=str(path)))
-    return StudyResult(findings, outcome.records, times)
+    return StudyResult(findings, outcome.records, times, observed)

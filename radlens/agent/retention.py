@@ -5,9 +5,10 @@ running, and none of its instances forwarded is undelivered: then its received i
 once it has been finished for ``retention.spool_days``. Its results folder may go after
 ``retention.results_days`` if, besides, none of its outputs is undelivered. The quarantine is
 kept ``quarantine_days``; the state's rows of jobs finished ``state_days`` ago go with their
-analyses, deliveries and instances. A disk budget (``max_disk_mb``, ``keep_free_mb``) removes
-finished studies oldest first, whatever their age, until the data folder fits again: received
-instances first, then results.
+analyses, deliveries and instances; a patient's remembered observations (the change since a
+prior visit, radlens.history) go ``history_days`` after they were recorded. A disk budget
+(``max_disk_mb``, ``keep_free_mb``) removes finished studies oldest first, whatever their age,
+until the data folder fits again: received instances first, then results.
 
 Removal never races a sender: an instance's file is unlinked and its row deleted in one write
 transaction that first checks the row still belongs to a finished job, and the spool stores an
@@ -30,7 +31,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from radlens import audit
+from radlens import audit, history
 from radlens.agent.pipeline import RESULTS_DIR
 from radlens.audit import AuditLog, NullAuditLog
 from radlens.config import RetentionSettings
@@ -41,6 +42,7 @@ from radlens.db import (
     jobs,
     lesion_analyses,
     nodes,
+    observations,
     outbox,
     quarantine,
 )
@@ -89,6 +91,7 @@ class SweepPlan:
     quarantine: list[int] = field(default_factory=list)  # quarantine row ids
     quarantine_bytes: int = 0
     state_jobs: list[int] = field(default_factory=list)
+    observations: int = 0  # a patient's remembered observations past retention.history_days
     budget: str | None = None  # why the budget removed studies younger than their age limits
 
     @property
@@ -99,6 +102,7 @@ class SweepPlan:
     def summary(self) -> dict[str, object]:
         return {"spool_studies": len(self.spool), "results_studies": len(self.results),
                 "quarantined_files": len(self.quarantine), "state_jobs": len(self.state_jobs),
+                "observations": self.observations,
                 "frees_mb": round(self.frees_bytes / 2**20, 1), "budget": self.budget}
 
 
@@ -250,6 +254,10 @@ class RetentionSweeper:
             if done:
                 plan.state_jobs = [int(r["id"]) for r in self.db.rows(
                     sa.select(jobs.c.id).where(jobs.c.study_instance_uid.in_(done)))]
+        if s.history_days is not None:
+            plan.observations = int(self.db.scalar(
+                sa.select(sa.func.count()).select_from(observations)
+                .where(observations.c.created_at < now - s.history_days * DAY_S)) or 0)
         return plan
 
     def _shortfall(self, use: DiskUse) -> int:
@@ -301,9 +309,13 @@ class RetentionSweeper:
                     outbox.c.created_at < cutoff))
                 conn.execute(sa.delete(nodes).where(nodes.c.stopped_at.is_not(None),
                                                     nodes.c.stopped_at < cutoff))
+        if plan.observations and self.settings.history_days is not None:
+            removed.observations = history.remove_older_than(
+                self.db, self.settings.history_days, now=now)
         self._clear_trash()
         self.last_sweep = removed
-        if removed.spool or removed.results or removed.quarantine or removed.state_jobs:
+        if (removed.spool or removed.results or removed.quarantine or removed.state_jobs
+                or removed.observations):
             log.info("retention sweep", extra=kv(**removed.summary()))
         return removed
 

@@ -21,14 +21,16 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from radlens import history
 from radlens.agent import analyses
 from radlens.agent.outbox import describe_file
 from radlens.agent.pipeline import StudyInput, StudyResult, TaskSet, run_study
-from radlens.agent.queue import Job, JobQueue
+from radlens.agent.queue import Job, JobInstance, JobQueue
 from radlens.config import LlmSettings, OutputSettings
 from radlens.dicom_io.scu import OutgoingFile
 from radlens.errors import JobAttemptError
 from radlens.findings import ModelRef
+from radlens.history import ObservedItem, PatientHistory
 from radlens.logs import kv
 from radlens.memory import release_freed_memory
 
@@ -180,15 +182,14 @@ class Worker:
         log.info("job started", extra=kv(job=job.id, study=job.study_instance_uid,
                                          attempt=job.attempts))
         try:
-            study = StudyInput(job_id=job.id, revision=self.queue.revision(job),
-                               study_instance_uid=job.study_instance_uid,
-                               instances=self.queue.instances(job))
+            study = self._study_input(job)
             result = run_study(study, self.results_root, analysers=self.analysers,
                                fsync=self.fsync)
-            if result.records:
-                with result.times.stage("findings"):
+            with result.times.stage("findings"):
+                if result.records:
                     analyses.record(self.queue.db, job.id, job.study_instance_uid,
                                     result.records)
+                self._remember(job, study, result.observed)
         except Exception as exc:
             self._failed(job, exc)
             self.current_job = None
@@ -206,6 +207,38 @@ class Worker:
             future = self._writers.submit(self._complete, job, study, result)
             self._in_writers[job.id] = future
         future.add_done_callback(lambda _, job_id=job.id: self._release_slot(job_id))
+
+    @property
+    def compares_priors(self) -> bool:
+        """Whether jobs run tasks, which may compare with the patient's earlier studies."""
+        return self.analysers is not None
+
+    def _study_input(self, job: Job) -> StudyInput:
+        """What the pipeline reads of a job: its instances, and the patient's earlier
+        observations once there are tasks to compare with them."""
+        instances = self.queue.instances(job)
+        return StudyInput(job_id=job.id, revision=self.queue.revision(job),
+                          study_instance_uid=job.study_instance_uid, instances=instances,
+                          history=self._patient_history(job, instances))
+
+    def _patient_history(self, job: Job, instances: list[JobInstance]) -> PatientHistory | None:
+        """The patient's earlier observations; a problem reading them costs the comparison
+        with a prior study, never the job."""
+        if not self.compares_priors:
+            return None
+        try:
+            return history.load(self.queue.db, job.study_instance_uid,
+                                [instance.path for instance in instances])
+        except Exception:  # noqa: BLE001 - logged; the study is read without its history
+            log.exception("the patient's earlier studies could not be read",
+                          extra=kv(job=job.id, study=job.study_instance_uid))
+            return None
+
+    def _remember(self, job: Job, study: StudyInput,
+                  observed: list[tuple[str, ObservedItem]]) -> None:
+        """What the tasks observed, for the patient's later studies."""
+        if study.history is not None and study.history.subject is not None:
+            history.record(self.queue.db, job.id, study.history, observed)
 
     def _release_slot(self, job_id: int) -> None:
         with self._in_writers_lock:

@@ -361,6 +361,9 @@ class RetentionSettings(_Section):
     # Rows of finished jobs (their analyses, deliveries and instances), quarantine records and
     # stopped nodes. The cohort analysis reads the analyses: keep them as long as it needs.
     state_days: float | None = Field(default=365.0, ge=0)
+    # What tasks remember of a patient's studies for the change since a prior visit (a
+    # lesion's ABC(D) and probability): follow-up intervals are months to years.
+    history_days: float | None = Field(default=1100.0, ge=0)
     # A budget for the data folder: past it, or with less than keep_free_mb free on its disk,
     # the sweep removes finished studies (received instances, then results), oldest first,
     # whatever their age.
@@ -418,6 +421,43 @@ class DensitySettings(_Section):
     low_tissue_share: float = Field(default=0.6, ge=0, le=1)
 
 
+class PriorVisitSettings(_Section):
+    """How a photograph's lesion is matched with the same lesion in the patient's earlier
+    studies, for the change since the prior visit (docs/dermoscopy.md). The patient is the
+    Patient ID and its issuer; the lesion is what ``match_on`` names, read from the header:
+    ``site`` (the anatomic region's meaning), ``laterality`` (Laterality or ImageLaterality)
+    and ``lesion_id`` (the first group of ``lesion_id_pattern`` in ``lesion_id_attribute``).
+    A photograph whose header lacks its site or identifier is not compared; no side is a
+    value of its own (the back and the abdomen have none)."""
+
+    enabled: bool = True
+    match_on: list[Literal["site", "laterality", "lesion_id"]] = Field(
+        default_factory=lambda: ["site", "laterality", "lesion_id"], min_length=1)
+    lesion_id_attribute: str = "SeriesDescription"
+    lesion_id_pattern: str = r"\blesion\s+(\w+)"
+
+    @field_validator("lesion_id_attribute")
+    @classmethod
+    def _keyword(cls, value: str) -> str:
+        from pydicom.datadict import tag_for_keyword
+
+        if tag_for_keyword(value) is None:
+            raise ValueError(f"{value!r} is not a DICOM attribute keyword")
+        return value
+
+    @field_validator("lesion_id_pattern")
+    @classmethod
+    def _one_group(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"lesion_id_pattern is not a regular expression: {exc}") from exc
+        if compiled.groups != 1:
+            raise ValueError(f"lesion_id_pattern must hold one group (the identifier), not "
+                             f"{compiled.groups}")
+        return value
+
+
 class DermoscopySettings(_Section):
     """The melanoma model on dermoscopic photographs (DMS, or XC as older systems send them).
     Off until a model is trained or shipped: radlens has its phantoms and features so far."""
@@ -428,6 +468,7 @@ class DermoscopySettings(_Section):
     abstain: bool = True  # a photograph unlike the training images gets no reading
     # A SAM2 checkpoint folder (the sam2 extra) as the mask refiner; None: the random walker.
     sam2: Path | None = None
+    prior: PriorVisitSettings = Field(default_factory=PriorVisitSettings)
 
 
 class BundleSettings(_Section):

@@ -5,7 +5,8 @@ unit it was given in, or converted between mm and cm, or a percentage of a proba
 task checks what its own findings are (``radlens.tasks``: the lesions a text names and their
 class, a category and the side it is given); no side, quadrant or clock position may appear
 unless a task's facts state it (2-D images without geometry know none), and no
-identifier-like string.
+identifier-like string and no date but those a task's facts state (a study compared with a
+prior visit gives both dates).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def check(text: str, facts: StudyFacts) -> list[str]:
     from radlens.tasks.registry import all_tasks
 
     text = text.replace(facts.model, "the model")  # its name and version are facts too
+    for date in _stated_dates(facts):  # a study's and its prior visit's, where compared
+        text = text.replace(date, "that date")
     violations = number_violations(text, allowed_numbers(facts))
     sides: frozenset[str] = frozenset()
     for task in all_tasks():
@@ -83,6 +86,17 @@ def check(text: str, facts: StudyFacts) -> list[str]:
                    for m in _UNSUPPORTED.finditer(text)]
     violations += location_and_identifier_violations(text, sides)
     return list(dict.fromkeys(violations))
+
+
+def _stated_dates(facts: StudyFacts) -> frozenset[str]:
+    from radlens.tasks.registry import all_tasks
+
+    dates: frozenset[str] = frozenset()
+    for task in all_tasks():
+        stated = facts.tasks.get(task.name)
+        if stated is not None:
+            dates |= task.stated_dates(stated)
+    return dates
 
 
 def sentences(text: str) -> list[str]:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from radlens.config import OutputSettings, Settings
     from radlens.datasets.summary import DatasetSummary
     from radlens.dicom_io.writers.common import Equipment, SeriesPlan
+    from radlens.history import ObservedItem, PatientHistory
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +428,23 @@ class Task(ABC):
     def named_sides(self, facts: Mapping[str, Any]) -> frozenset[str]:
         """Sides ("left", "right") the facts state, which a narrative may therefore name."""
         return frozenset()
+
+    def stated_dates(self, facts: Mapping[str, Any]) -> frozenset[str]:
+        """Dates (YYYY-MM-DD) the facts state, which a narrative may therefore write: a study's
+        and its prior visit's, when the task compares them. Any other date is refused."""
+        return frozenset()
+
+    # ---- a patient's earlier studies (radlens.history) -----------------------------------
+    def compare_with_prior(self, findings: StudyFindings, history: PatientHistory
+                           ) -> StudyFindings:
+        """The findings with the change since the patient's prior study of what this task
+        observed, where ``history`` holds one (called before the findings are written)."""
+        return findings
+
+    def observations(self, findings: StudyFindings) -> list[ObservedItem]:
+        """What to remember of this study for the patient's later studies (recorded once the
+        findings are written; none by default)."""
+        return []
 
 
 class LoadedTask(ABC):

@@ -109,17 +109,22 @@ def test_a_dermoscopy_study_comes_back_and_what_is_not_one_is_refused(
     photograph gets a reading whose numbers come from its measured mask (a diameter only
     where the spacing is known) and comes back to a storescp as SEG, SR, Grad-CAM overlay
     and PDF, every object dciodvfy-clean, the SR read with dsrdump; each relabelled image is
-    refused by the plausibility check, with why."""
+    refused by the plausibility check, with why. The first photograph's lesion is then sent
+    again, six months later: its reading, SR and narrative give the change since the first
+    visit with both dates, and the state keeps the patient only as a salted key."""
     _, model, result = trained
     assert result.returncode == 0, result.stderr
     made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(tmp_path / "p"),
-                       "--n", "24", "--size", "96", "--seed", "21", "--dicom")
+                       "--n", "24", "--size", "96", "--seed", "21", "--dicom", "--visits", "2")
     assert made.returncode == 0, made.stderr
     chosen: dict[tuple[str, bool], Path] = {}
     for path in sorted((tmp_path / "p" / "dicom").glob("*/*.dcm")):
+        if "_V2" in path.stem:
+            continue
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         chosen.setdefault((str(ds.Modality), "PixelSpacing" in ds), path)
     photographs = [chosen[("DMS", True)], chosen[("XC", False)]]
+    (follow_up,) = (tmp_path / "p" / "dicom").glob(f"*/{photographs[0].stem}_V2.dcm")
     corpus = [_relabelled(name, tmp_path / "corpus")
               for name in ("SC_rgb_rle.dcm", "US1_UNCR.dcm", "SC_rgb_jpeg_dcmd.dcm")]
     server = server_factory(
@@ -151,10 +156,32 @@ def test_a_dermoscopy_study_comes_back_and_what_is_not_one_is_refused(
         assert (measured["diameter_mm"] is not None) == spacing
         assert (measured["levels"]["diameter_mm"] is not None) == spacing
 
+    # Six months later, the same lesion of the same patient: the change since the first visit.
+    (sent,) = storescu_by_syntax(server.port, [follow_up], extra=["-R"])
+    assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
+    wait_for(lambda: len(server.jobs_done()) == 6, 120, "the follow-up visit to be processed")
+    first = pydicom.dcmread(photographs[0], stop_before_pixels=True)
+    (image,) = server.findings(study_of(follow_up))["images"]
+    (reading,) = [a for a in image["analyses"] if a["task"] == "dermoscopy"]
+    prior = reading["prior"]
+    assert prior is not None, reading
+    assert prior["prior_study_instance_uid"] == str(first.StudyInstanceUID)
+    first_date = str(first.StudyDate)
+    assert prior["prior_study_date"] == f"{first_date[:4]}-{first_date[4:6]}-{first_date[6:]}"
+    assert prior["interval_days"] == 180
+    assert {"asymmetry", "border_turns", "colour_score", "melanoma_probability"} <= set(
+        prior["changes"])
+    (before,) = server.findings(str(first.StudyInstanceUID))["images"][0]["analyses"]
+    assert prior["changes"]["asymmetry"]["prior"] == pytest.approx(
+        before["measurements"]["asymmetry"])
+    assert server.query("SELECT COUNT(*) FROM observations")[0][0] == 3
+    assert not server.query("SELECT 1 FROM observations WHERE subject = ?",
+                            (str(first.PatientID),))
+
     wait_for(lambda: server.query("SELECT COUNT(*) FROM outbox WHERE state != 'sent'")[0][0]
-             == 0 and server.query("SELECT COUNT(*) FROM outbox")[0][0] >= 8, 60,
+             == 0 and server.query("SELECT COUNT(*) FROM outbox")[0][0] >= 12, 60,
              "every output to reach the archive")
-    for study in map(study_of, photographs):
+    for study in map(study_of, [*photographs, follow_up]):
         returned = [p for p in archive.files() if study_of(p) == study]
         modalities = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality)
                             for p in returned)
@@ -177,3 +204,10 @@ def test_a_dermoscopy_study_comes_back_and_what_is_not_one_is_refused(
                         "Dermoscopic photography", "Quantitative analysis",
                         "Visual features:", "Risk assessment:"):
             assert concept in tree.stdout, (concept, study)
+        follow_up_sr = study == study_of(follow_up)
+        for concept in ("Asymmetry change since prior visit",
+                        "Probability of melanoma change since prior visit",
+                        "Study date of the prior visit compared",
+                        "Study Instance UID of the prior visit compared",
+                        "Change since the prior visit"):
+            assert (concept in tree.stdout) == follow_up_sr, (concept, study)

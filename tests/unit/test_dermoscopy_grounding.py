@@ -48,3 +48,13 @@ def test_the_numbers_a_narrative_may_write():
     allowed = grounding_numbers(STATED)
     assert {0.19, 1.02, 6.3, 12.0, 0.12, 5.0, 81.0, 0.63} <= allowed
     assert 0.2 in allowed  # 0.19 to one decimal
+
+
+def test_the_asymmetry_measurement_is_not_the_asymmetric_descriptor():
+    """'asymmetry 0.12 to 0.31' states A; only 'asymmetric' or a bare 'asymmetry' names the
+    descriptor, which a photograph without it may not be given."""
+    without = {"photographs": [{**STATED["photographs"][0], "descriptors": []}]}
+    assert violations("Quantitative analysis: asymmetry 0.19 (level 5).", without) == []
+    assert violations("Asymmetry (level 5) is marked.", without) == []
+    assert violations("The lesion shows asymmetry.", without)
+    assert violations("An asymmetric lesion.", without)

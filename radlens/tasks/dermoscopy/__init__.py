@@ -6,7 +6,8 @@ Everything of the task is in this package: phantoms (``phantoms``, ``dicom``), t
 descriptor list (``descriptors``), the ABC(D) features (``features``), the two segmentation
 stages (``segment``, ``refine``), the classifier (``classifier``), the model as one object
 (``model``), training and evaluation (``train``, ``evaluate``, ``research``), the scope and
-plausibility check (``scope``), explanation (``saliency``), its findings (``findings``) and
+plausibility check (``scope``), explanation (``saliency``), its findings (``findings``), the
+change since the patient's prior visit of a lesion (``prior``) and
 the agent's stage (``analyser``) and its part of the study's answer: SEG, SR, overlay, PDF,
 narrative and its grounding (``report``, ``codes``). No model ships yet: the task is off by
 default. The method
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from radlens.datasets.summary import DatasetSummary
     from radlens.dicom_io.writers.common import Equipment, SeriesPlan
     from radlens.findings import StudyFindings
+    from radlens.history import ObservedItem, PatientHistory
     from radlens.tasks.base import (
         ImageOutputs,
         ImagePlans,
@@ -159,6 +161,22 @@ class DermoscopyTask(Task):
         from radlens.tasks.dermoscopy import report
 
         return report.named_sides(facts)
+
+    def stated_dates(self, facts: Mapping[str, Any]) -> frozenset[str]:
+        from radlens.tasks.dermoscopy import report
+
+        return report.stated_dates(facts)
+
+    def compare_with_prior(self, findings: StudyFindings, history: PatientHistory
+                           ) -> StudyFindings:
+        from radlens.tasks.dermoscopy import prior
+
+        return prior.compare_with_prior(findings, history)
+
+    def observations(self, findings: StudyFindings) -> list[ObservedItem]:
+        from radlens.tasks.dermoscopy import prior
+
+        return prior.observations(findings)
 
 
 TASK = DermoscopyTask()

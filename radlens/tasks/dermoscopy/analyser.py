@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radlens.config import DermoscopySettings
+from radlens.config import DermoscopySettings, PriorVisitSettings
 from radlens.findings import DecodedImage, ImageInfo, ModelRef
 from radlens.logs import kv
 from radlens.tasks.base import ImageInput, LoadedTask, Task, TaskResult, abstained_image
@@ -51,10 +51,13 @@ def square_spacing(info: ImageInfo) -> float | None:
     return float(np.sqrt(row * column))
 
 
-def lesion_identity(header: Dataset) -> tuple[str | None, str | None, str | None]:
+def lesion_identity(header: Dataset, *, attribute: str = "SeriesDescription",
+                    pattern: str = r"\blesion\s+(\w+)"
+                    ) -> tuple[str | None, str | None, str | None]:
     """(site, laterality, lesion identifier) as the header states them: the anatomic
-    region's meaning, Laterality or ImageLaterality (L or R), and the lesion's number in the
-    series description ("lesion 2") when a system writes one there."""
+    region's meaning, Laterality or ImageLaterality (L or R), and the lesion's identifier as
+    the first group of ``pattern`` in ``attribute`` ("lesion 2" in the series description, as
+    the phantoms and many capture systems write it)."""
     import re
 
     site = None
@@ -67,9 +70,21 @@ def lesion_identity(header: Dataset) -> tuple[str | None, str | None, str | None
         if value in ("L", "R"):
             laterality = value
             break
-    found = re.search(r"\blesion\s+(\w+)", str(header.get("SeriesDescription", "") or ""),
-                      re.IGNORECASE)
+    found = re.search(pattern, str(header.get(attribute, "") or ""), re.IGNORECASE)
     return site, laterality, found.group(1) if found else None
+
+
+def lesion_key(settings: PriorVisitSettings, site: str | None, laterality: str | None,
+               lesion_id: str | None) -> str | None:
+    """The lesion as every study of the patient names it, by the site's matching rule; None
+    when the header lacks a part the rule needs (no side is a value: the back has none)."""
+    if not settings.enabled:
+        return None
+    parts = {"site": (site or "").strip().lower() or None, "laterality": laterality or "none",
+             "lesion_id": (lesion_id or "").strip().lower() or None}
+    if any(parts[name] is None for name in settings.match_on):
+        return None
+    return "|".join(f"{name}={parts[name]}" for name in settings.match_on)
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,9 @@ class DermoscopyAnalyser(LoadedTask):
         if maps_dir is not None:
             maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid,
                                     analysis.refined.mask, explanation.cam)
-        site, laterality, lesion_id = lesion_identity(header)
+        prior = self.settings.prior
+        site, laterality, lesion_id = lesion_identity(
+            header, attribute=prior.lesion_id_attribute, pattern=prior.lesion_id_pattern)
         reading = DermoscopyReading(
             model=self.model_ref, melanoma_probability=round(analysis.probability, 4),
             assessment="melanoma" if melanoma else "nevus", measurements=measurements,
@@ -186,6 +203,7 @@ class DermoscopyAnalyser(LoadedTask):
             attention_on_lesion=round(explanation.lesion_share, 4),
             ood_score=None if ood_score is None else round(ood_score, 3), site=site,
             laterality=laterality, lesion_id=lesion_id,  # type: ignore[arg-type]
+            lesion_key=lesion_key(prior, site, laterality, lesion_id),
             maps_file=maps_file)
         return info.model_copy(update={"analyses": [*info.analyses, reading]})
 

@@ -41,6 +41,24 @@ DESCRIPTOR_CODES: dict[str, Code] = {
     name: Code(f"RADL{number:03d}", "99RADLENS", name[0].upper() + name[1:])
     for number, name in zip(_DESCRIPTOR_NUMBERS, DESCRIPTORS, strict=True)}
 
+# The change since the patient's prior visit of the lesion (radlens.history): one per value.
+CHANGE_SINCE_PRIOR: dict[str, Code] = {
+    "asymmetry": Code("RADL129", "99RADLENS", "Asymmetry change since prior visit"),
+    "border_turns": Code("RADL130", "99RADLENS", "Border total turning change since prior "
+                         "visit"),
+    "border_per_mm": Code("RADL131", "99RADLENS", "Border mean curvature change since prior "
+                          "visit"),
+    "colour_score": Code("RADL132", "99RADLENS", "Colour score change since prior visit"),
+    "diameter_mm": Code("RADL133", "99RADLENS", "Diameter change since prior visit"),
+    "area_mm2": Code("RADL134", "99RADLENS", "Area change since prior visit"),
+    "melanoma_probability": Code("RADL135", "99RADLENS", "Probability of melanoma change "
+                                 "since prior visit"),
+}
+PRIOR_VISIT_DATE = Code("RADL136", "99RADLENS", "Study date of the prior visit compared")
+PRIOR_VISIT_STUDY = Code("RADL137", "99RADLENS", "Study Instance UID of the prior visit "
+                         "compared")
+COLOUR_SCORE = Code("RADL138", "99RADLENS", "Colour score (sum of HSV standard deviations)")
+
 PRIVATE_REASONS: dict[str, str] = {
     "RADL080": "no concept for a model's probability of melanoma",
     "RADL081": "no concept for an AI's two-way dermoscopic assessment",
@@ -57,6 +75,13 @@ PRIVATE_REASONS: dict[str, str] = {
     "RADL090": "no concept for the cosine similarity of an image and its features' embeddings",
     "RADL091": "no concept for a dermoscopic structure as a finding's property",
     "RADL092": "no concept for an image-text similarity",
+    **dict.fromkeys((code.value for code in CHANGE_SINCE_PRIOR.values()),
+                    "no concept for the change of a lesion's measurement between two visits "
+                    "(DICOM's longitudinal templates track a finding across studies, not the "
+                    "difference of one value)"),
+    "RADL136": "DCM 111060 (Study Date) would read as this study's date inside the group",
+    "RADL137": "DCM 110180 (Study Instance UID) would read as this study's inside the group",
+    "RADL138": "no concept for the sum of a lesion's hue, saturation and value spreads",
     **dict.fromkeys((code.value for code in DESCRIPTOR_CODES.values()),
                     "the dermoscopic descriptors (structures, colours, symmetry) have no DICOM "
                     "or SNOMED CT concept in DICOM's dictionary"),

@@ -39,6 +39,33 @@ class RetrievedDescriptor(BaseModel):
     probability: float = Field(ge=0, le=1)
 
 
+class Change(BaseModel):
+    """One value at the prior visit and now."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prior: float
+    now: float
+    change: float = Field(description="now minus prior")
+
+
+class PriorVisit(BaseModel):
+    """The same lesion at the patient's prior visit, and what changed since."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    study_date: str = Field(description="this study's date, YYYY-MM-DD")
+    prior_study_date: str = Field(description="the prior visit's study date, YYYY-MM-DD")
+    prior_study_instance_uid: str
+    interval_days: int = Field(ge=1)
+    changes: dict[str, Change] = Field(description="asymmetry, border_turns, border_per_mm, "
+                                       "colour_score, diameter_mm, area_mm2, "
+                                       "melanoma_probability: those both visits measured")
+    prior_levels: dict[str, int | None]
+    prior_assessment: Literal["nevus", "melanoma"]
+    prior_model: str = Field(description="the model (name and version) of the prior reading")
+
+
 class DermoscopyReading(TaskFinding):
     """The dermoscopy model's reading of one photograph."""
 
@@ -65,5 +92,10 @@ class DermoscopyReading(TaskFinding):
     laterality: Literal["L", "R"] | None = None
     lesion_id: str | None = Field(default=None, description="how the site identifies the "
                                   "lesion across visits")
+    lesion_key: str | None = Field(default=None, description="the lesion as the site's "
+                                   "matching rule names it in every study of the patient "
+                                   "(None: not compared)")
+    prior: PriorVisit | None = Field(default=None, description="the change since the "
+                                     "patient's prior visit of this lesion, where one is known")
     maps_file: str | None = Field(default=None, description="npz with the lesion mask "
                                   "(lesion_mask) and Grad-CAM (saliency_gradcam)")

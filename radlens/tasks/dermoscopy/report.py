@@ -5,6 +5,9 @@ descriptors as qualitative evaluations, the attention on the lesion and the OOD 
 Grad-CAM overlay with the lesion outlined; the PDF's table and figures; the narrative in the
 published reports' three sections, the facts an LLM may use, and the rules its text is
 checked by (a descriptor the findings do not hold, or that a level contradicts, is refused).
+Where the patient's prior visit of the lesion is known, the group holds the change in each
+value with the prior visit's date and study, and the narrative and PDF state both dates; a
+change the narrative claims against the findings, or without a prior visit, is refused.
 
 Each feature's severity level is a measurement of its own (1 to 5) beside the feature's
 value, its concept naming the feature it grades. A
@@ -13,6 +16,7 @@ photograph without Pixel Spacing states B per pixel and no diameter: nothing is 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -24,7 +28,7 @@ from pydantic import BaseModel
 from radlens.findings import StudyFindings
 from radlens.tasks.base import AnalysedSource, OutputContext, SrContent
 from radlens.tasks.dermoscopy import codes
-from radlens.tasks.dermoscopy.findings import TASK_NAME, DermoscopyReading
+from radlens.tasks.dermoscopy.findings import TASK_NAME, DermoscopyReading, PriorVisit
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +175,8 @@ def _group(image: AnalysedSource, reading: DermoscopyReading, segmentation: Any)
         level("border", m.levels.get("border"))
         measurements += [hd.sr.Measurement(codes.HUE_SD, m.hue_sd, no_units),
                          hd.sr.Measurement(codes.SATURATION_SD, m.saturation_sd, no_units),
-                         hd.sr.Measurement(codes.VALUE_SD, m.value_sd, no_units)]
+                         hd.sr.Measurement(codes.VALUE_SD, m.value_sd, no_units),
+                         hd.sr.Measurement(codes.COLOUR_SCORE, m.colour_score, no_units)]
         level("colour", m.levels.get("colour"))
         if m.diameter_mm is not None:
             measurements.append(hd.sr.Measurement(codes.DIAMETER, m.diameter_mm,
@@ -187,6 +192,13 @@ def _group(image: AnalysedSource, reading: DermoscopyReading, segmentation: Any)
         measurements.append(hd.sr.Measurement(codes.ALIGNMENT, reading.alignment, no_units))
     if reading.ood_score is not None:
         measurements.append(hd.sr.Measurement(common.OOD_SCORE, reading.ood_score, no_units))
+    if reading.prior is not None:
+        units = {"border_per_mm": codes.UCUM_PER_MM, "diameter_mm": common.UCUM_MM,
+                 "area_mm2": common.UCUM_MM2}
+        measurements += [hd.sr.Measurement(codes.CHANGE_SINCE_PRIOR[name], value.change,
+                                           units.get(name, no_units))
+                         for name, value in reading.prior.changes.items()
+                         if name in codes.CHANGE_SINCE_PRIOR]
     evaluations = [hd.sr.QualitativeEvaluation(
         codes.ASSESSMENT, codes.MALIGNANT_MELANOMA if reading.assessment == "melanoma"
         else codes.NEVUS)]
@@ -205,6 +217,15 @@ def _group(image: AnalysedSource, reading: DermoscopyReading, segmentation: Any)
         source_images=[hd.sr.SourceImageForMeasurementGroup(
             referenced_sop_class_uid=image.info.ref.sop_class_uid,
             referenced_sop_instance_uid=image.info.ref.sop_instance_uid)])
+    if reading.prior is not None:
+        content = group[0].ContentSequence
+        content.append(hd.sr.DateContentItem(
+            name=codes.PRIOR_VISIT_DATE,
+            value=dt.date.fromisoformat(reading.prior.prior_study_date),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        content.append(hd.sr.UIDRefContentItem(
+            name=codes.PRIOR_VISIT_STUDY, value=reading.prior.prior_study_instance_uid,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if segmentation is not None:
         seg = segmentation.dataset
         group[0].ContentSequence.append(hd.sr.ImageContentItem(
@@ -315,6 +336,8 @@ def pdf_table(findings: StudyFindings) -> Any:
                      f"{reading.melanoma_probability:.0%}", reading.assessment])
     if not rows:
         return None
+    changes = [f"image {number}: {_change_line(facts_of_prior(reading.prior))}"
+               for number, _, reading in readings_of(findings) if reading.prior is not None]
     return PdfTable(
         title="Dermoscopy: ABC(D) of each lesion",
         columns=("image", "site", "A (level)", "B turns (level)", "C (level)", "D mm (level)",
@@ -323,7 +346,8 @@ def pdf_table(findings: StudyFindings) -> Any:
         footnote="A asymmetry about the principal axes; B the border's total turning (1 when "
                  "convex); C the sum of the hue, saturation and value spreads; D the largest "
                  "diameter where the pixel spacing is known; levels 1 (least) to 5. * An AI "
-                 "suggestion, calibrated; not for diagnostic use.")
+                 "suggestion, calibrated; not for diagnostic use."
+                 + "".join(f" Change since the prior visit, {line}." for line in changes))
 
 
 # ---- narrative, facts and grounding ------------------------------------------------------
@@ -334,7 +358,9 @@ PROMPT_GUIDANCE = (
     "levels 1-5, exactly as the findings give them), 'Visual features:' (only the descriptors "
     "the findings list, never one that contradicts a level, e.g. not 'symmetric' beside an "
     "asymmetry level of 4 or 5) and 'Risk assessment:' (the melanoma probability and the "
-    "assessment as an AI suggestion).")
+    "assessment as an AI suggestion). Where a photograph's facts hold a prior visit, a "
+    "fourth part, 'Change since the prior visit:', gives both dates and each change exactly "
+    "as the facts give them; no other date, and no change the facts do not hold.")
 
 LIMITATIONS = ("Limitations: an automated reading of dermoscopic photographs without the "
                "patient's history, palpation or the lesion's evolution unless a prior visit "
@@ -360,6 +386,27 @@ class PhotographFacts(BaseModel):
     levels: dict[str, int | None]
     descriptors: list[str]
     attention_on_lesion_percent: int | None
+    prior: PriorFacts | None = None
+
+
+class ChangeFacts(BaseModel):
+    """One value at the prior visit and now, as the narrative writes them."""
+
+    prior: float
+    now: float
+    change: float
+
+
+class PriorFacts(BaseModel):
+    """The same lesion at the prior visit: both dates, the interval and each change (A, B,
+    C to 2 decimals, D in mm to 1, the probability in percent and percentage points)."""
+
+    prior_date: str
+    date: str
+    interval_days: int
+    changes: dict[str, ChangeFacts]
+    prior_assessment: str
+    same_model: bool
 
 
 class DermoscopyFacts(BaseModel):
@@ -386,8 +433,44 @@ def facts(findings: StudyFindings) -> DermoscopyFacts | None:
             levels=dict(m.levels) if m is not None else {},
             descriptors=[d.name for d in reading.descriptors],
             attention_on_lesion_percent=None if reading.attention_on_lesion is None
-            else round(100 * reading.attention_on_lesion)))
+            else round(100 * reading.attention_on_lesion),
+            prior=None if reading.prior is None else facts_of_prior(
+                reading.prior, same_model=reading.prior.prior_model
+                == f"{reading.model.name} {reading.model.version}")))
     return DermoscopyFacts(photographs=photographs) if photographs else None
+
+
+# How the narrative names each value compared, its decimals and unit; the probability is in
+# percent, its change in percentage points.
+_CHANGE_NAMES = {"asymmetry": ("asymmetry", 2, ""), "border_turns": ("border", 2, ""),
+                 "colour_score": ("colour", 2, ""), "diameter_mm": ("diameter", 1, " mm"),
+                 "melanoma_probability": ("melanoma probability", 0, "%")}
+
+
+def facts_of_prior(prior: PriorVisit, *, same_model: bool = True) -> PriorFacts:
+    changes = {}
+    for name, (_, digits, unit) in _CHANGE_NAMES.items():
+        value = prior.changes.get(name)
+        if value is None:
+            continue
+        scale = 100.0 if unit == "%" else 1.0
+        before, after = round(scale * value.prior, digits), round(scale * value.now, digits)
+        changes[name] = ChangeFacts(prior=before, now=after, change=round(after - before, digits))
+    return PriorFacts(prior_date=prior.prior_study_date, date=prior.study_date,
+                      interval_days=prior.interval_days, changes=changes,
+                      prior_assessment=prior.prior_assessment, same_model=same_model)
+
+
+def _change_line(prior: PriorFacts) -> str:
+    """"2025-03-01 to 2025-09-01 (184 days): asymmetry 0.12 to 0.25 (+0.13); ..." """
+    parts = []
+    for name, value in prior.changes.items():
+        label, digits, unit = _CHANGE_NAMES[name]
+        change_unit = " points" if unit == "%" else unit
+        parts.append(f"{label} {value.prior:.{digits}f}{unit} to {value.now:.{digits}f}{unit} "
+                     f"({value.change:+.{digits}f}{change_unit})")
+    return (f"{prior.prior_date} to {prior.date} ({prior.interval_days} days): "
+            + ("; ".join(parts) or "nothing both visits measured"))
 
 
 def narrative(findings: StudyFindings) -> Any:
@@ -419,6 +502,12 @@ def narrative(findings: StudyFindings) -> Any:
                      + ".")
         lines.append(f"Risk assessment: {photo.assessment}, melanoma probability "
                      f"{photo.melanoma_probability_percent}% (calibrated).")
+        if photo.prior is not None:
+            lines.append(f"Change since the prior visit: {_change_line(photo.prior)}; then "
+                         f"{photo.prior.prior_assessment}."
+                         + ("" if photo.prior.same_model else " The prior reading was by "
+                            "another model version: a change of model is not a change of "
+                            "the lesion."))
     return NarrativePart(lines=lines, limitations=LIMITATIONS)
 
 
@@ -441,7 +530,22 @@ def grounding_numbers(stated: Mapping[str, Any]) -> set[float]:
                     values.add(round(percent / 100, decimals))
         if photo.diameter_mm is not None:
             values.add(round(photo.diameter_mm / 10, 2))  # in cm
+        if photo.prior is not None:
+            days = photo.prior.interval_days
+            values |= {float(days), round(days / 7), round(days / 30.4375),
+                       round(days / 30.4375, 1), round(days / 365.25, 1)}
+            for change in photo.prior.changes.values():
+                for value in (change.prior, change.now, abs(change.change)):
+                    for decimals in (0, 1, 2, 3):
+                        values.add(round(float(value), decimals))
     return values
+
+
+def stated_dates(stated: Mapping[str, Any]) -> frozenset[str]:
+    """This study's and each prior visit's dates, which the narrative states."""
+    derm = DermoscopyFacts.model_validate(stated)
+    return frozenset(date for p in derm.photographs if p.prior is not None
+                     for date in (p.prior.prior_date, p.prior.date))
 
 
 def named_sides(stated: Mapping[str, Any]) -> frozenset[str]:
@@ -452,7 +556,10 @@ def named_sides(stated: Mapping[str, Any]) -> frozenset[str]:
 # How a narrative may name each descriptor; the pattern must not match its opposite
 # ("symmetric" inside "asymmetric" is not a word of its own).
 _DESCRIBED = {
-    "asymmetric shape": r"\basymmetr(?:ic|y)\b(?!\s+level)", "symmetric shape": r"\bsymmetric\b",
+    # "asymmetry 0.31", "asymmetry (level 4)" or "asymmetry change" is the measurement A, not
+    # the descriptor
+    "asymmetric shape": r"\basymmetric\b|\basymmetry\b(?!\s*(?:[-+(]?\s*\d|\(?level|change))",
+    "symmetric shape": r"\bsymmetric\b",
     "irregular border": r"\birregular(?:ly)?\b[^.;]*\bborder", "regular border":
     r"(?<!ir)\bregular\b[^.;]*\bborder", "multiple colours": r"\b(?:multiple|several|many)\s+"
     r"colou?rs\b", "one or two colours": r"\b(?:one or two|uniform|single)\s+colou?rs?\b",
@@ -470,6 +577,45 @@ _LEVEL = re.compile(r"\b(asymmetry|border|colou?r|diameter)\b[^.;]*?\blevel\s*(\
                     re.IGNORECASE)
 _MELANOMA_CLAIM = re.compile(r"\b(?:suggest\w*|consistent with|likely|suspicious for|"
                              r"indicat\w*|probable)\b[^.;]*\bmelanoma\b", re.IGNORECASE)
+
+
+_CHANGE_WORDS = re.compile(r"\b(?:since the (?:prior|previous|last|earlier) (?:visit|study|"
+                           r"examination)|prior visit|previous visit|(?:has|have) (?:grown|"
+                           r"enlarged|increased|decreased|shrunk)|unchanged|stable)\b",
+                           re.IGNORECASE)
+_RISE = re.compile(r"\b(?:increas\w*|gr[eo]w\w*|enlarg\w*|rose|risen|higher|larger|more)\b",
+                   re.IGNORECASE)
+_FALL = re.compile(r"\b(?:decreas\w*|shr[ua]nk\w*|smaller|lower|fell|fallen|less|regress\w*)\b",
+                   re.IGNORECASE)
+_FEATURE_WORDS = {"asymmetry": r"\basymmetr", "border_turns": r"\bborder",
+                  "colour_score": r"\bcolou?r", "diameter_mm": r"\b(?:diameter|size)",
+                  "melanoma_probability": r"\bprobabilit"}
+
+
+def _change_violations(sentence: str, derm: DermoscopyFacts) -> list[str]:
+    """A change claimed where no prior visit is known, or in the wrong direction."""
+    priors = [p.prior for p in derm.photographs if p.prior is not None]
+    if not priors:
+        if _CHANGE_WORDS.search(sentence):
+            return [f"'{sentence.strip()[:80]}': the findings hold no prior visit to compare "
+                    "with"]
+        return []
+    found = []
+    rises, falls = bool(_RISE.search(sentence)), bool(_FALL.search(sentence))
+    if rises == falls:  # neither, or both (a list of changes): nothing one-way to check
+        return []
+    for name, pattern in _FEATURE_WORDS.items():
+        if not re.search(pattern, sentence, re.IGNORECASE):
+            continue
+        changes = [p.changes[name].change for p in priors if name in p.changes]
+        if not changes:
+            found.append(f"a change of {name.split('_')[0]} is claimed, but the visits do not "
+                         "both measure it")
+        elif rises and all(c <= 0 for c in changes):
+            found.append(f"{name.split('_')[0]} is said to rise, but it did not")
+        elif falls and all(c >= 0 for c in changes):
+            found.append(f"{name.split('_')[0]} is said to fall, but it did not")
+    return found
 
 
 def _named(sentence: str, descriptor: str) -> bool:
@@ -509,6 +655,7 @@ def violations(text: str, stated: Mapping[str, Any] | None) -> list[str]:
             key = "diameter_mm" if feature == "diameter" else feature
             if not any(p.levels.get(key) == level for p in derm.photographs):
                 found.append(f"{feature} level {level} is not in the findings")
+        found += _change_violations(sentence, derm)
         claim = _MELANOMA_CLAIM.search(sentence)
         if claim and not _NEGATED.search(sentence[:claim.end()]) and \
                 all(p.assessment != "melanoma" for p in derm.photographs):
