@@ -247,3 +247,78 @@ def test_mammography_study_in_ohif(viewer):
     assert heat.sum() > 200, "no Grad-CAM heat drawn"
     fetched = (out / "pdf-from-ohif.pdf").read_bytes()
     assert fetched.rstrip(b"\0") == (done.findings_path.parent / "report.pdf").read_bytes()
+
+
+def _sampled(png: Path, image: dict) -> np.ndarray:
+    """The screenshot's colour at each image pixel's centre (rows x columns x RGB)."""
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    (x0, y0), (x1, y1) = image["topLeft"], image["bottomRight"]
+    rows, columns = image["rows"], image["columns"]
+    xs = np.clip(np.floor(x0 + (np.arange(columns) + 0.5) * (x1 - x0) / columns).astype(int),
+                 0, rgb.shape[1] - 1)
+    ys = np.clip(np.floor(y0 + (np.arange(rows) + 0.5) * (y1 - y0) / rows).astype(int),
+                 0, rgb.shape[0] - 1)
+    return rgb[ys[:, None], xs[None, :]]
+
+
+def test_dermoscopy_photograph_in_ohif(viewer):
+    """A dermoscopic photograph (RGB; VL Photographic, which OHIF displays) read by a small
+    dermoscopy model trained here: OHIF opens the colour photograph and draws the SEG's
+    segment over it where the mask is and nowhere else (the photograph is itself in colour,
+    so what the SEG adds is the change from the photograph alone). The SR, overlay and PDF
+    are the other tests' (the writers are shared). The model trains for two epochs: its mask
+    may well be wrong, and this test judges the viewer's drawing of it, not the model."""
+    from tests.helpers import radlens_cli
+
+    root, orthanc, server = viewer
+    data, model = root / "derm-data", root / "derm-model"
+    made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(data), "--n", "48",
+                       "--size", "64", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    trained = radlens_cli("train", "--task", "dermoscopy", "--data", str(data), "--out",
+                          str(model), "--epochs", "2", "--batch-size", "8", "--size", "32",
+                          "--device", "cpu", timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    photographs = root / "derm-study"
+    made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(photographs), "--n",
+                       "12", "--size", "160", "--seed", "5", "--dicom")
+    assert made.returncode == 0, made.stderr
+    # VL Photographic (XC): OHIF 3.13 lists no Dermoscopic Photography Image Storage among
+    # the SOP classes it displays (docs/dermoscopy.md).
+    headers = {p: pydicom.dcmread(p, stop_before_pixels=True)
+               for p in sorted((photographs / "dicom").glob("*/*.dcm"))}
+    source = next(p for p, h in headers.items() if h.Modality == "XC"
+                  and not h.file_meta.TransferSyntaxUID.is_compressed)
+    settings = Settings()
+    settings.storage.fsync = False
+    settings.dermoscopy.enabled, settings.dermoscopy.weights = True, str(model)
+    settings.dermoscopy.abstain = False
+    studies, _ = collect_studies([source])
+    (uid,) = studies
+    done = process_study(uid, studies[uid], root / "results", load_tasks(settings), settings)
+    assert done.outputs.seg and done.outputs.overlay and done.outputs.pdf
+    _push(orthanc, [source, *done.outputs.all])
+    out = ARTIFACTS / "dermoscopy"
+    facts = _drive(server, source, out, "source,photo,seg")
+    assert not [e for e in facts["consoleErrors"] if "IMAGE_LOAD" in e], facts["consoleErrors"]
+    assert not [t for t in facts["steps"]["seg"]["toasts"] if "wrong" in t], facts["steps"]
+
+    seg = hd.seg.segread(done.outputs.seg[0])
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    lesion = seg.get_pixels_by_source_instance([ds.SOPInstanceUID],
+                                               skip_overlap_checks=True)[0].any(axis=-1)
+    assert 0.01 < lesion.mean() < 0.6, "the model's lesion is not a lesion-sized region"
+    before, after = facts["steps"]["photo"]["image"], facts["steps"]["seg"]["image"]
+    assert before is not None and after is not None
+    assert (before["rows"], before["columns"]) == lesion.shape == (ds.Rows, ds.Columns)
+    photograph = _sampled(out / "source.png", before)
+    assert photograph.std() > 10, "the photograph is not drawn"
+    assert (np.abs(photograph[..., 0] - photograph[..., 2]) > 20).mean() > 0.3, \
+        "the photograph is not drawn in colour"
+    tinted = np.abs(_sampled(out / "seg.png", after) - photograph).sum(axis=-1) > 40
+    near = ndimage.binary_dilation(lesion, iterations=2)
+    core = ndimage.binary_erosion(lesion, iterations=2)
+    assert tinted.sum() > 0.5 * lesion.sum(), "no SEG overlay drawn"
+    assert (tinted & near).sum() / tinted.sum() >= 0.9  # nothing else tinted
+    assert (tinted & core).sum() / max(1, core.sum()) >= 0.8  # the lesion is covered
+    assert facts["steps"]["seg"]["segments"] == [1]

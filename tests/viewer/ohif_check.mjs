@@ -1,6 +1,7 @@
 // Drives OHIF in Debian's Chromium (playwright-core) through one study and writes screenshots
 // and facts.json to the output folder; the Python test judges them. Steps, in order, from:
-// source (open the study), seg, sr, overlay, pmap. Exits 1 on any page error.
+// source (open the study), photo (open its XC or DMS photograph), seg, sr, overlay, pmap. Exits 1 on
+// any page error.
 //   node ohif_check.mjs VIEWER_URL OUT_DIR SOURCE_SOP_UID STEP,STEP,...
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
@@ -82,13 +83,35 @@ const steps = {
     await page.screenshot({ path: join(outDir, 'source.png') });
     return { image: await imageOnScreen() };
   },
+  async photo() {
+    // A photograph's study: OHIF may hang the overlay first; open the photograph itself.
+    for (const modality of ['XC', 'DMS']) {
+      const label = page.locator('[data-cy=series-modality-label]',
+                                 { hasText: new RegExp(`^${modality}$`) });
+      if (await label.count()) {
+        await openSeries(modality);
+        break;
+      }
+    }
+    await page.screenshot({ path: join(outDir, 'source.png') });
+    return { image: await imageOnScreen() };
+  },
   async seg() {
     await openSeries('SEG');
     await answerYes();
+    const load = page.getByRole('button', { name: 'LOAD' });
+    if (await load.count()) {
+      await load.first().click();
+      await settle(4000);
+      await answerYes();
+    }
     await page.screenshot({ path: join(outDir, 'seg.png') });
+    const toasts = await page.evaluate(() => Array.from(
+      document.querySelectorAll('[data-sonner-toast], [role=status], .toast, [class*=notification]'))
+      .map((e) => e.innerText).filter(Boolean));
     const segments = await page.evaluate(() => window.services.segmentationService
       .getSegmentations().map((s) => Object.keys(s.segments || {}).length));
-    return { image: await imageOnScreen(), segments };
+    return { image: await imageOnScreen(), segments, toasts };
   },
   async sr() {
     await openSeries('SR');
