@@ -170,7 +170,7 @@ def _findings(reading: DermoscopyReading, study: str = "5.2") -> StudyFindings:
                      transfer_syntax_uid="1.2.840.10008.1.2.1", rows=64, columns=64, frames=1,
                      channels=3, spacing=None, analyses=[reading])
     return StudyFindings(study_instance_uid=study, job_id=2, revision=1,
-                         radlens_version="test", images=[info])
+                         radlens_version="test", model=MODEL, images=[info])
 
 
 def _history(values: dict[str, object], study_date: str = "2025-09-01") -> PatientHistory:
@@ -244,7 +244,10 @@ def test_grounding_refuses_another_date_or_a_change_the_findings_do_not_hold(tex
 
 
 def test_grounding_refuses_a_change_without_a_prior_visit():
-    stated = StudyFacts.from_findings(_findings(_reading(0.31, 0.64)))
+    findings = _findings(_reading(0.31, 0.64))
+    stated = StudyFacts.from_findings(findings)
+    assert grounding.check(template_narrative(findings).text, stated) == []
+    assert grounding.check("The lesion is unchanged.", stated)
     found = grounding.check("The lesion has grown since the prior visit.", stated)
     assert any("no prior visit" in v for v in found), found
     assert facts(_findings(_reading(0.31, 0.64))).photographs[0].prior is None

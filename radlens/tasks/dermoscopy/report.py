@@ -579,10 +579,11 @@ _MELANOMA_CLAIM = re.compile(r"\b(?:suggest\w*|consistent with|likely|suspicious
                              r"indicat\w*|probable)\b[^.;]*\bmelanoma\b", re.IGNORECASE)
 
 
-_CHANGE_WORDS = re.compile(r"\b(?:since the (?:prior|previous|last|earlier) (?:visit|study|"
-                           r"examination)|prior visit|previous visit|(?:has|have) (?:grown|"
-                           r"enlarged|increased|decreased|shrunk)|unchanged|stable)\b",
-                           re.IGNORECASE)
+# A claim of change over time (not a mention: "unless a prior visit is stated" claims none).
+_CHANGE_WORDS = re.compile(r"\b(?:(?:since|from|compared (?:with|to)) the (?:prior|previous|"
+                           r"last|earlier|first) (?:visit|study|examination)|(?:has|have) "
+                           r"(?:grown|enlarged|increased|decreased|shrunk|changed)|unchanged|"
+                           r"stable)\b", re.IGNORECASE)
 _RISE = re.compile(r"\b(?:increas\w*|gr[eo]w\w*|enlarg\w*|rose|risen|higher|larger|more)\b",
                    re.IGNORECASE)
 _FALL = re.compile(r"\b(?:decreas\w*|shr[ua]nk\w*|smaller|lower|fell|fallen|less|regress\w*)\b",
