@@ -266,8 +266,8 @@ def train(
     config: ConfigOption = None,
 ) -> None:
     """Train a task's model (radlens models lists the tasks): the lesion network with the
-    published settings (docs/method.md), or the breast density model (--task mammo_density,
-    docs/mammo_density.md)."""
+    published settings (docs/method.md), the breast density model (--task mammo_density,
+    docs/mammo_density.md) or the melanoma model (--task dermoscopy, docs/dermoscopy.md)."""
     from radlens.tasks.base import TaskError, TaskUsageError, TrainRequest
 
     cli_settings(config)
@@ -314,7 +314,8 @@ def evaluate(
 ) -> None:
     """Evaluate a task's model on a labelled dataset (the lesion model: segmentation and
     classification, or compare architectures trained identically; --task mammo_density:
-    accuracy, per-category AUC and the confusion matrix)."""
+    accuracy, per-category AUC and the confusion matrix; --task dermoscopy: accuracy, AUC,
+    masks by class and confounder, pair similarities, descriptor precision)."""
     from radlens.tasks.base import TaskError
 
     cli_settings(config)
