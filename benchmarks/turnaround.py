@@ -111,7 +111,7 @@ def main() -> None:
                         help="worker.concurrency for the agent (default: the agent's)")
     parser.add_argument("--dermoscopy-model", type=Path, default=None,
                         help="a trained dermoscopy weights folder: also time a 1-image "
-                             "dermoscopy study with the task on (radlens ships none yet)")
+                             "dermoscopy study with the task on (the shipped one: dermoscopy)")
     parser.add_argument("--isolation", choices=("process", "thread"), default=None,
                         help="worker.isolation: jobs in worker processes (the default) or in "
                              "the agent's own process, to measure what isolation costs")

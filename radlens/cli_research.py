@@ -256,6 +256,8 @@ def train(
     test_fraction: Annotated[float, typer.Option(
         min=0.0, max=0.5, help="share of patients held out first as the test set, reported "
         "only (0: none)")] = 0.2,
+    segmenter_epochs: Annotated[int | None, typer.Option(
+        min=1, help="dermoscopy: the coarse UNet's epochs (default: --epochs)")] = None,
     aspect: Annotated[str, typer.Option(
         help="lesions: how an image that is not square becomes the square input: pad (keep "
              "its aspect ratio, black borders) or stretch (docs/breast_us.md)")] = "pad",
@@ -278,7 +280,8 @@ def train(
         command="radlens " + " ".join(sys.argv[1:]),
         options={"arch": arch, "workers": workers, "class_weights": class_weights,
                  "test": test, "ablation": ablation, "clip": clip, "layout": layout,
-                 "test_fraction": test_fraction, "aspect": aspect})
+                 "test_fraction": test_fraction, "aspect": aspect,
+                 "segmenter_epochs": segmenter_epochs})
     with _bars() as progress:
         try:
             summary = chosen.train(request, _Bars(progress))

@@ -40,7 +40,7 @@ MODULE_SECONDS = {
     "integration/test_delivery.py": 37, "unit/test_models.py": 36,
     "integration/test_task_plugins.py": 27, "integration/test_mammography.py": 27,
     "unit/test_config.py": 26, "unit/test_mammo_phantoms.py": 19,
-    "integration/test_dermoscopy.py": 65, "unit/test_dermoscopy_segmentation.py": 20,
+    "integration/test_dermoscopy.py": 95, "unit/test_dermoscopy_segmentation.py": 20,
     "integration/test_retraction.py": 19, "integration/test_health_metrics.py": 19,
 }
 

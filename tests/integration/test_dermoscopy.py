@@ -211,3 +211,25 @@ def test_a_dermoscopy_study_comes_back_and_what_is_not_one_is_refused(
                         "Study Instance UID of the prior visit compared",
                         "Change since the prior visit"):
             assert (concept in tree.stdout) == follow_up_sr, (concept, study)
+
+
+def test_the_shipped_model_verifies_and_holds_on_new_phantoms(tmp_path):
+    """The model radlens ships as ``dermoscopy`` matches its card's hashes, states its note,
+    and on 60 new phantoms (seed 7, not its training or its measured seed) stays near its
+    measured figures: a guard against weights or preprocessing drifting from the card. The
+    bounds sit below the 400-image figures by this sample's spread (8 melanomas)."""
+    assert radlens_cli("models", "verify", "dermoscopy").returncode == 0
+    listed = radlens_cli("models", env={"COLUMNS": "400"})
+    assert "shipped: dermoscopy = radlens-dermoscopy" in listed.stdout, listed.stdout
+    data = tmp_path / "new"
+    assert radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(data), "--n", "60",
+                       "--seed", "7").returncode == 0
+    out = tmp_path / "eval"
+    result = radlens_cli("evaluate", "--task", "dermoscopy", "--data", str(data), "--model",
+                         "dermoscopy", "--out", str(out), "--device", "cpu", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    figures = report["classification"]
+    assert figures["cases"] == 60
+    assert figures["accuracy"] >= 0.80 and figures["auc"] >= 0.85, figures
+    assert report["segmentation"]["all"]["refined_dice"] >= 0.90

@@ -9,9 +9,9 @@ stages (``segment``, ``refine``), the classifier (``classifier``), the model as 
 plausibility check (``scope``), explanation (``saliency``), its findings (``findings``), the
 change since the patient's prior visit of a lesion (``prior``) and
 the agent's stage (``analyser``) and its part of the study's answer: SEG, SR, overlay, PDF,
-narrative and its grounding (``report``, ``codes``). No model ships yet: the task is off by
-default. The method
-and figures are in docs/dermoscopy.md.
+narrative and its grounding (``report``, ``codes``). A model trained on phantoms ships
+(``weights/dermoscopy``); it misses three of its targets, so the task is off by default. The
+method and figures are in docs/dermoscopy.md.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ class DermoscopyTask(Task):
             return DermoscopyAnalyser.load(settings.dermoscopy, self, device=device)
         except (ModelError, ValueError) as exc:
             raise TaskError(f"cannot load dermoscopy model {settings.dermoscopy.weights!r}: "
-                            f"{exc} (radlens ships none yet: train one with radlens train "
-                            "--task dermoscopy, or set dermoscopy.enabled to false)") from exc
+                            f"{exc} (radlens ships one named dermoscopy; or train one "
+                            "with radlens train --task dermoscopy, or set "
+                            "dermoscopy.enabled to false)") from exc
 
     def write_phantoms(self, out: Path, *, n: int, seed: int, size: int | None, dicom: bool,
                        options: Mapping[str, Any], progress: ResearchProgress = SILENT) -> str:

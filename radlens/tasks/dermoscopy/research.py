@@ -45,7 +45,8 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
 
     options = request.options
     settings = DermoscopyTrainSettings(
-        epochs=request.epochs, segmenter_epochs=request.epochs,
+        epochs=request.epochs,
+        segmenter_epochs=int(options.get("segmenter_epochs") or request.epochs),
         batch_size=max(2, request.batch_size), learning_rate=request.learning_rate,
         patience=request.patience, folds=request.folds, seed=request.seed,
         device=request.device, size=request.size or 128,
