@@ -109,9 +109,13 @@ class RadlensServer:
         return self.process.wait(timeout=timeout)
 
     def kill9(self) -> None:
+        """kill -9 of the agent. Returns once its listener processes, which exit within a
+        second of their agent, have let the port go: a restart must not take the old ones,
+        still listening, for itself."""
         assert self.process is not None
         self.process.kill()
         self.process.wait(timeout=30)
+        wait_for(lambda: not port_open(self.port), 30, "the killed node's listeners to exit")
 
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.data_dir / "radlens.sqlite", timeout=30)
