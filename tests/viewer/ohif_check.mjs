@@ -66,6 +66,33 @@ async function imageOnScreen() {
   }, sourceSopUid);
 }
 
+// Pixels of a screenshot, inside the image's box, whose channels differ by more than 40 (the
+// Python test's "coloured"), counted by the browser itself: Node has no PNG decoder here.
+async function colouredPixels(png, box) {
+  return page.evaluate(async ({ data, box }) => {
+    const image = new Image();
+    image.src = `data:image/png;base64,${data}`;
+    await image.decode();
+    const canvas = document.createElement('canvas');
+    canvas.width = image.width;
+    canvas.height = image.height;
+    const context = canvas.getContext('2d');
+    context.drawImage(image, 0, 0);
+    const [x0, y0] = box.topLeft.map((v) => Math.max(0, Math.floor(v)));
+    const x1 = Math.min(image.width, Math.ceil(box.bottomRight[0]));
+    const y1 = Math.min(image.height, Math.ceil(box.bottomRight[1]));
+    if (x1 <= x0 || y1 <= y0) return 0;
+    const pixels = context.getImageData(x0, y0, x1 - x0, y1 - y0).data;
+    let count = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+      const high = Math.max(pixels[i], pixels[i + 1], pixels[i + 2]);
+      const low = Math.min(pixels[i], pixels[i + 1], pixels[i + 2]);
+      if (high - low > 40) count += 1;
+    }
+    return count;
+  }, { data: png.toString('base64'), box });
+}
+
 async function openSeries(modality, nth = 0) {
   await page.locator('[data-cy=series-modality-label]', { hasText: new RegExp(`^${modality}$`) })
     .nth(nth).dblclick();
@@ -190,7 +217,17 @@ const steps = {
       (enabled) => enabled.viewport.getActors && enabled.viewport.getActors().length >= 2);
     await page.waitForFunction(fused, null, { timeout: 90000 }).catch(() => {});
     await settle(3000);
-    await page.screenshot({ path: join(outDir, 'pmap.png') });
+    // Drawn is not painted either: under load the map's colours can reach the canvas seconds
+    // after its actor. Render again and look until the image shows a map's worth of colour
+    // (the viewport's own coloured widgets hold a few thousand pixels), for up to 30 s.
+    const box = await imageOnScreen();
+    for (let tries = 0; tries < 10; tries += 1) {
+      const shot = await page.screenshot({ path: join(outDir, 'pmap.png') });
+      if (!box || (await colouredPixels(shot, box)) > 10000) break;
+      await page.evaluate(() => window.cornerstone.getEnabledElements()
+        .forEach((enabled) => enabled.viewport.render()));
+      await settle(3000);
+    }
     const actors = await page.evaluate(() => Math.max(0, ...window.cornerstone.getEnabledElements()
       .map((enabled) => (enabled.viewport.getActors ? enabled.viewport.getActors().length : 0))));
     return { image: await imageOnScreen(), actors };
