@@ -198,6 +198,21 @@ def radlens_cli(*args: str, env: dict[str, str] | None = None,
                           env=full_env)
 
 
+def train_small_dermoscopy_model(root: Path, *extra: str
+                                 ) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    """48 dermoscopy phantoms and a model trained on them for two epochs at 32 pixels, through
+    the CLI: the real training path, small enough for a test. Returns the data folder, the
+    weights folder and the training run (its return code is the caller's to assert)."""
+    data, model = root / "data", root / "model"
+    made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(data), "--n", "48",
+                       "--size", "64", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    result = radlens_cli("train", "--task", "dermoscopy", "--data", str(data), "--out",
+                         str(model), "--epochs", "2", "--batch-size", "8", "--size", "32",
+                         "--device", "cpu", *extra, timeout=300)
+    return data, model, result
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a node's ``/metrics``, by name and labels."""
     import urllib.request

@@ -23,21 +23,14 @@ from tests.helpers import (
     radlens_cli,
     require_tool,
     storescu_by_syntax,
+    train_small_dermoscopy_model,
     wait_for,
 )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dermoscopy")
-    data, model = root / "data", root / "model"
-    made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(data), "--n", "48",
-                       "--size", "64", "--seed", "3")
-    assert made.returncode == 0, made.stderr
-    result = radlens_cli("train", "--task", "dermoscopy", "--data", str(data), "--out",
-                         str(model), "--epochs", "2", "--batch-size", "8", "--size", "32",
-                         "--device", "cpu", "--ablation", timeout=300)
-    return data, model, result
+    return train_small_dermoscopy_model(tmp_path_factory.mktemp("dermoscopy"), "--ablation")
 
 
 def test_train_and_evaluate_write_what_the_card_and_report_promise(trained, tmp_path):

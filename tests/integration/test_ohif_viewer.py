@@ -268,16 +268,11 @@ def test_dermoscopy_photograph_in_ohif(viewer):
     so what the SEG adds is the change from the photograph alone). The SR, overlay and PDF
     are the other tests' (the writers are shared). The model trains for two epochs: its mask
     may well be wrong, and this test judges the viewer's drawing of it, not the model."""
-    from tests.helpers import radlens_cli
+    from tests.helpers import radlens_cli, train_small_dermoscopy_model
 
     root, orthanc, server = viewer
-    data, model = root / "derm-data", root / "derm-model"
-    made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(data), "--n", "48",
-                       "--size", "64", "--seed", "3")
-    assert made.returncode == 0, made.stderr
-    trained = radlens_cli("train", "--task", "dermoscopy", "--data", str(data), "--out",
-                          str(model), "--epochs", "2", "--batch-size", "8", "--size", "32",
-                          "--device", "cpu", timeout=300)
+    (root / "derm").mkdir()
+    _, model, trained = train_small_dermoscopy_model(root / "derm")
     assert trained.returncode == 0, trained.stderr
     photographs = root / "derm-study"
     made = radlens_cli("phantoms", "--task", "dermoscopy", "--out", str(photographs), "--n",

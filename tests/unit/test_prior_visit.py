@@ -131,7 +131,7 @@ def test_the_lesion_is_matched_by_the_sites_rule():
     region = Dataset()
     region.CodeMeaning = "Back"
     header.AnatomicRegionSequence = [region]
-    identity = lesion_identity(header)
+    identity = lesion_identity(header, PriorVisitSettings())
     assert identity == ("Back", None, "2")
     assert lesion_key(PriorVisitSettings(), *identity) == KEY
     assert lesion_key(PriorVisitSettings(enabled=False), *identity) is None
@@ -139,7 +139,7 @@ def test_the_lesion_is_matched_by_the_sites_rule():
     assert lesion_key(PriorVisitSettings(match_on=["site", "laterality"]), "Back", "L",
                       None) == "site=back|laterality=L"
     header.SeriesDescription = "naevus #7"
-    assert lesion_identity(header, pattern=r"#(\d+)")[2] == "7"
+    assert lesion_identity(header, PriorVisitSettings(lesion_id_pattern=r"#(\d+)"))[2] == "7"
     with pytest.raises(ValueError, match="one group"):
         PriorVisitSettings(lesion_id_pattern=r"lesion \w+")
     with pytest.raises(ValueError, match="keyword"):

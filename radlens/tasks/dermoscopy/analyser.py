@@ -51,13 +51,13 @@ def square_spacing(info: ImageInfo) -> float | None:
     return float(np.sqrt(row * column))
 
 
-def lesion_identity(header: Dataset, *, attribute: str = "SeriesDescription",
-                    pattern: str = r"\blesion\s+(\w+)"
+def lesion_identity(header: Dataset, rule: PriorVisitSettings
                     ) -> tuple[str | None, str | None, str | None]:
     """(site, laterality, lesion identifier) as the header states them: the anatomic
     region's meaning, Laterality or ImageLaterality (L or R), and the lesion's identifier as
-    the first group of ``pattern`` in ``attribute`` ("lesion 2" in the series description, as
-    the phantoms and many capture systems write it)."""
+    the first group of the rule's ``lesion_id_pattern`` in its ``lesion_id_attribute`` (by
+    default "lesion 2" in the series description, as the phantoms and many capture systems
+    write it)."""
     import re
 
     site = None
@@ -70,7 +70,8 @@ def lesion_identity(header: Dataset, *, attribute: str = "SeriesDescription",
         if value in ("L", "R"):
             laterality = value
             break
-    found = re.search(pattern, str(header.get(attribute, "") or ""), re.IGNORECASE)
+    found = re.search(rule.lesion_id_pattern, str(header.get(rule.lesion_id_attribute, "") or ""),
+                      re.IGNORECASE)
     return site, laterality, found.group(1) if found else None
 
 
@@ -187,8 +188,7 @@ class DermoscopyAnalyser(LoadedTask):
             maps_file = _write_maps(maps_dir, info.ref.sop_instance_uid,
                                     analysis.refined.mask, explanation.cam)
         prior = self.settings.prior
-        site, laterality, lesion_id = lesion_identity(
-            header, attribute=prior.lesion_id_attribute, pattern=prior.lesion_id_pattern)
+        site, laterality, lesion_id = lesion_identity(header, prior)
         reading = DermoscopyReading(
             model=self.model_ref, melanoma_probability=round(analysis.probability, 4),
             assessment="melanoma" if melanoma else "nevus", measurements=measurements,
