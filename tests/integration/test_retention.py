@@ -131,10 +131,11 @@ def test_the_scheduled_sweep_keeps_what_a_destination_has_not_taken(server_facto
     # The received instances go at the next sweep; the results wait for the destination.
     wait_for(lambda: not server.query("SELECT 1 FROM instances"), 30,
              "the sweep to remove the received instances")
+    # The sweep logs its summary once it has gone through every study (after the rows
+    # above went), so the line may come a moment after the query sees them gone; the spool
+    # is read only then, since the sweep removes the emptied study folders as it goes.
+    wait_for(lambda: "retention sweep" in server.log(), 30, "the sweep's summary in the log")
     assert not list((server.data_dir / "spool").rglob("*.dcm"))
     pending = server.query("SELECT path FROM outbox WHERE state = 'pending'")
     assert pending and all(Path(r["path"]).is_file() for r in pending)
-    # The sweep logs its summary once it has gone through every study (after the rows
-    # above went), so the line may come a moment after the query sees them gone.
-    wait_for(lambda: "retention sweep" in server.log(), 30, "the sweep's summary in the log")
     assert server.stop() == 0
