@@ -258,6 +258,12 @@ def train(
         "only (0: none)")] = 0.2,
     segmenter_epochs: Annotated[int | None, typer.Option(
         min=1, help="dermoscopy: the coarse UNet's epochs (default: --epochs)")] = None,
+    alignment_weight: Annotated[float | None, typer.Option(
+        min=0.0, help="dermoscopy: the weight of the NT-Xent alignment loss beside the "
+        "classification's (default 1; 0 trains without it)")] = None,
+    alignment_temperature: Annotated[float | None, typer.Option(
+        min=0.01, max=1.0, help="dermoscopy: NT-Xent's temperature (default 0.1; higher asks "
+        "more of the positive pairs' similarity)")] = None,
     aspect: Annotated[str, typer.Option(
         help="lesions: how an image that is not square becomes the square input: pad (keep "
              "its aspect ratio, black borders) or stretch (docs/breast_us.md)")] = "pad",
@@ -281,7 +287,8 @@ def train(
         options={"arch": arch, "workers": workers, "class_weights": class_weights,
                  "test": test, "ablation": ablation, "clip": clip, "layout": layout,
                  "test_fraction": test_fraction, "aspect": aspect,
-                 "segmenter_epochs": segmenter_epochs})
+                 "segmenter_epochs": segmenter_epochs, "alignment_weight": alignment_weight,
+                 "alignment_temperature": alignment_temperature})
     with _bars() as progress:
         try:
             summary = chosen.train(request, _Bars(progress))

@@ -51,9 +51,9 @@ case "$task" in
     data_commands=("radlens phantoms --task dermoscopy --out train --n 3200 --seed 1"
                    "radlens phantoms --task dermoscopy --out fresh --n 400 --seed 99")
     "$radlens" phantoms --task dermoscopy --out "$work/train" --n 3200 --seed 1
-    "$radlens" train --task dermoscopy --data "$work/train" --out "$work/model" --epochs 70 \
-      --segmenter-epochs 30 --batch-size 32 --learning-rate 3e-4 --patience 12 --seed 0 \
-      --device "$device"
+    "$radlens" train --task dermoscopy --data "$work/train" --out "$work/model" --epochs 80 \
+      --segmenter-epochs 30 --batch-size 32 --learning-rate 3e-4 --patience 12 \
+      --alignment-weight 3 --seed 0 --device "$device"
     "$radlens" phantoms --task dermoscopy --out "$work/fresh" --n 400 --seed 99
     "$radlens" evaluate --task dermoscopy --data "$work/fresh" --model "$work/model" \
       --out "$work/eval" --device "$device"

@@ -90,3 +90,23 @@ def test_retrieval_keeps_one_of_each_pair_and_precision_counts_the_true_ones():
     assert top == ["asymmetric shape", "regular border", "blue-gray areas"]
     assert precision_at(top, {"asymmetric shape", "irregular border"}) == pytest.approx(1 / 3)
     assert precision_at([], {"streaks"}) == 0.0
+
+
+def test_confounder_painting_marks_about_its_share_of_photographs_and_repeats():
+    from radlens.tasks.dermoscopy.augment import paint_confounders
+
+    images = torch.full((200, 3, 64, 64), 0.8)  # pale skin, nothing on it
+    painted = paint_confounders(torch.Generator().manual_seed(3), images, 0.2)
+    changed = (painted - images).abs().flatten(1).amax(dim=1) > 0.05
+    # an image is painted when ink or hair is drawn for it: 1 - 0.8 ** 2 = 0.36 expected
+    assert 0.25 < float(changed.float().mean()) < 0.47
+    assert torch.equal(images, torch.full((200, 3, 64, 64), 0.8))  # the input is kept
+    again = paint_confounders(torch.Generator().manual_seed(3), images, 0.2)
+    assert torch.equal(painted, again)
+    # ink is purple (blue above red above green), hair dark: neither is the skin's colour
+    marks = painted[changed].permute(0, 2, 3, 1).reshape(-1, 3)
+    marks = marks[(marks - 0.8).abs().amax(dim=1) > 0.3]
+    purple = (marks[:, 2] > marks[:, 0]) & (marks[:, 0] > marks[:, 1])
+    dark = marks.amax(dim=1) < 0.3
+    assert bool((purple | dark).all()) and bool(purple.any()) and bool(dark.any())
+    assert paint_confounders(torch.Generator(), images, 0.0) is images

@@ -56,6 +56,33 @@ def test_the_random_walker_refines_a_blocky_coarse_mask_towards_the_truth():
     assert min(refined_scores) >= min(coarse_scores) - 0.02  # the agreement rule's floor
 
 
+def test_a_large_photograph_is_refined_on_the_lesions_box_at_the_working_size():
+    """A dermatoscope's 2048-pixel photograph costs what a small one does (the walker works
+    on the lesion's box at no more than WORKING_SIZE pixels) and gives the same lesion: the
+    refined mask, brought down to the phantom's size, matches the small photograph's."""
+    case = make_case(21, 3)
+    factor = 8
+    large = np.repeat(np.repeat(case.image, factor, axis=0), factor, axis=1)
+    coarse = _coarse(case.mask)
+    large_coarse = np.repeat(np.repeat(coarse, factor, axis=0), factor, axis=1)
+    small = refine(case.image, coarse, RandomWalkerRefiner())
+    refined = refine(large, large_coarse, RandomWalkerRefiner())
+    assert refined.mask.shape == large.shape[:2] and refined.kept
+    brought_down = refined.mask[factor // 2::factor, factor // 2::factor]
+    assert dice(brought_down, small.mask) > 0.95
+    assert dice(brought_down, case.mask) > dice(coarse, case.mask)
+
+
+def test_a_lesion_running_off_the_frame_is_refined_to_the_frames_edge():
+    case = make_case(21, 2)
+    rows = np.nonzero(case.mask.any(axis=1))[0]
+    middle = (rows.min() + rows.max()) // 2
+    image, truth = case.image[middle:], case.mask[middle:]  # the lesion's upper half cut off
+    refined = refine(image, _coarse(truth), RandomWalkerRefiner())
+    assert refined.kept and refined.mask[0].any()
+    assert dice(refined.mask, truth) > dice(_coarse(truth), truth)
+
+
 class _RunsOff:
     """A refiner that takes the whole frame for lesion."""
 

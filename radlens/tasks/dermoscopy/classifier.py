@@ -171,15 +171,19 @@ def train_classifier(images: torch.Tensor, abc: torch.Tensor, targets: torch.Ten
                      epochs: int, batch_size: int, learning_rate: float, patience: int,
                      alignment_weight: float, freeze_encoder: bool, seed: int, device: str,
                      descriptors: torch.Tensor | None = None, descriptor_weight: float = 1.0,
-                     on_epoch=None) -> tuple[CrossModalClassifier, list[ClassifierEpoch], int]:
+                     confounder_rate: float = 0.0, on_epoch=None
+                     ) -> tuple[CrossModalClassifier, list[ClassifierEpoch], int]:
     """Train on prepared ``images`` (N, 3, s, s) uint8, standardised ``abc`` (N, 8) and
     ``targets`` (N,) 0/1; the melanoma class is weighted by the nevi per melanoma of the
     training cases. ``descriptors`` (N, 13): each image's true descriptors (1/0), a row of
-    -1 where the folder states none. Returns the network holding the epoch of lowest
-    validation loss, the history and that epoch."""
+    -1 where the folder states none. ``confounder_rate``: the share of training photographs
+    painted with an ink mark, and independently with hairs (``augment.paint_confounders``).
+    Returns the network holding the epoch of lowest validation loss, the history and that
+    epoch."""
     import time
 
     from radlens.models.training import EarlyStopping, fit
+    from radlens.tasks.dermoscopy.augment import paint_confounders
     from radlens.tasks.dermoscopy.segment import augment
 
     if batch_size < 2:
@@ -200,6 +204,7 @@ def train_classifier(images: torch.Tensor, abc: torch.Tensor, targets: torch.Ten
         x = images[indices].float().div(255).to(device)
         if training:
             (x,) = augment(generator, x)
+            x = paint_confounders(generator, x, confounder_rate)
         y = targets[indices].float().to(device)
         logits, feature = network(x)
         classification = F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)

@@ -286,7 +286,7 @@ def _pigment(rng: np.random.Generator, lesion: _Lesion, yy: np.ndarray, xx: np.n
     return colour, sorted(colours, key=order.__getitem__)
 
 
-def _hair(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:
+def paint_hair(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:
     """Curved dark strands crossing the frame (and the lesion)."""
     for _ in range(int(rng.integers(3, 14))):
         start = rng.uniform(-0.1, 1.1, 2) * size
@@ -325,7 +325,7 @@ def _ruler(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int,
                   width=width)
 
 
-def _ink(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int, cy: float,
+def paint_ink(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int, cy: float,
          cx: float, reach: float) -> None:
     """A surgical marker's purple dots or arc beside the lesion."""
     colour = (int(rng.integers(70, 110)), int(rng.integers(30, 60)),
@@ -430,11 +430,11 @@ def make_case(seed: int, index: int, *, size: int = 256, visit: int = 1,
     draw = ImageDraw.Draw(overlay)
     for name in confounders:
         if name == "hair":
-            _hair(shot, draw, size)
+            paint_hair(shot, draw, size)
         elif name == "ruler":
             _ruler(shot, draw, size, spacing_mm)
         elif name == "ink":
-            _ink(shot, draw, size, cy, cx, radius_px)
+            paint_ink(shot, draw, size, cy, cx, radius_px)
         elif name == "bubbles":
             _bubbles(shot, draw, size)
         elif name == "specular":

@@ -2,21 +2,28 @@
 mask from foreground and background points sampled from it.
 
 ``sample_points`` draws the prompts (foreground points deep inside the coarse mask,
-background points in a ring around it), and a ``Refiner`` turns them into a mask:
+background points in a ring around it, and the coarse mask itself), and a ``Refiner`` turns
+them into a mask:
 
-- ``RandomWalkerRefiner`` (the default, no weights needed): scikit-image's random walker,
-  seeded with the points, on the photograph smoothed (a median filter takes hair and the
-  pigment network's mesh away) and converted to CIELAB, at a working size of at most
-  ``WORKING_SIZE`` pixels so that any photograph costs the same; the probability comes back
-  to the photograph's size;
+- ``RandomWalkerRefiner`` (the default, no weights needed): scikit-image's random walker
+  deciding only the band along the coarse mask's edge. Every pixel deeper inside the coarse
+  mask than ``BAND`` of the photograph's longer side is a foreground seed, every pixel
+  farther outside a background seed (the sparse points are among them), and the walker
+  places the edge inside that band from the colours: the coarse UNet sees the photograph at
+  128 pixels, the walker at up to ``WORKING_SIZE`` on the lesion's box, so the edge it finds
+  is finer than the coarse one. The photograph is smoothed first (a median filter takes hair
+  and the pigment network's mesh away) and converted to CIELAB; cropping to the lesion's
+  box and the working size bound the cost, whatever the photograph's size;
 - ``Sam2Refiner``: SAM2 from a folder the site provides (its checkpoint, and the name of its
   config), with the ``sam2`` package installed (the ``sam2`` extra); nothing is downloaded.
+  It takes the sparse points, as the published method prompts it.
 
 A refined mask that disagrees with the coarse one it was prompted from (Dice below
 ``MIN_AGREEMENT``) is not believed: the coarse mask stands and the result says why, because a
 refiner that ran off along a hair or into skin of the lesion's colour is worse than the mask
-it started from. scikit-image's ``random_walker`` does the solving (the direct sparse solver,
-fast at the working size); the point sampling and the agreement rule are written here.
+it started from. scikit-image's ``random_walker`` does the solving (the direct sparse solver:
+only the band's pixels are unknowns); the seeding, the point sampling and the agreement rule
+are written here.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
-WORKING_SIZE = 128  # the random walker's longer side, in pixels
+WORKING_SIZE = 256  # the random walker's longer side on the lesion's box, in pixels
+BAND = 0.015  # half the width of the band the random walker decides, share of the longer side
 FOREGROUND_POINTS = 24
 BACKGROUND_POINTS = 48
 MIN_AGREEMENT = 0.85  # Dice between refined and coarse below which the coarse mask stands
@@ -45,10 +53,12 @@ class RefinerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Prompts:
-    """Points in (row, column) of the photograph: inside and outside the lesion."""
+    """Points in (row, column) of the photograph, inside and outside the lesion, and the
+    coarse mask they were drawn from (a refiner may seed from it densely)."""
 
     foreground: np.ndarray  # (n, 2) int
     background: np.ndarray  # (m, 2) int
+    coarse: np.ndarray | None = None  # bool (H, W)
 
 
 @dataclass(frozen=True)
@@ -97,17 +107,19 @@ def sample_points(coarse: np.ndarray, *, foreground: int = FOREGROUND_POINTS,
             return points.astype(int)
         return points[np.sort(rng.choice(len(points), count, replace=False))].astype(int)
 
-    return Prompts(pick(core, foreground), pick(ring, background))
+    return Prompts(pick(core, foreground), pick(ring, background), region)
 
 
 class RandomWalkerRefiner:
-    """scikit-image's random walker seeded with the prompts (see the module's docstring)."""
+    """scikit-image's random walker on the coarse mask's edge band (see the module's
+    docstring); with no coarse mask in the prompts, seeded with the points alone."""
 
     name = "random walker"
 
-    def __init__(self, *, working_size: int = WORKING_SIZE,
+    def __init__(self, *, working_size: int = WORKING_SIZE, band: float = BAND,
                  beta: float = RANDOM_WALKER_BETA) -> None:
         self.working_size = working_size
+        self.band = band
         self.beta = beta
 
     def segment(self, image: np.ndarray, prompts: Prompts) -> np.ndarray:
@@ -116,24 +128,43 @@ class RandomWalkerRefiner:
         from skimage.transform import resize
 
         height, width = image.shape[:2]
-        scale = min(1.0, self.working_size / max(height, width))
-        shape = (max(8, round(height * scale)), max(8, round(width * scale)))
-        small = resize(image, shape, order=1, anti_aliasing=scale < 1.0, preserve_range=False)
+        band = max(1.0, self.band * max(height, width))
+        top, left, bottom, right = 0, 0, height, width
+        if prompts.coarse is not None and prompts.coarse.any():
+            rows, columns = np.nonzero(prompts.coarse)
+            margin = int(np.ceil(4 * band)) + 2
+            top, bottom = max(0, rows.min() - margin), min(height, rows.max() + margin + 1)
+            left, right = max(0, columns.min() - margin), min(width, columns.max() + margin + 1)
+        box_height, box_width = bottom - top, right - left
+        scale = min(1.0, self.working_size / max(box_height, box_width))
+        shape = (max(8, round(box_height * scale)), max(8, round(box_width * scale)))
+        small = resize(image[top:bottom, left:right], shape, order=1,
+                       anti_aliasing=scale < 1.0, preserve_range=False)
         smooth = np.stack([ndimage.median_filter(small[..., k], size=5) for k in range(3)],
                           axis=-1)
         features = rgb2lab(np.clip(smooth, 0, 1)) / np.array([100.0, 128.0, 128.0])
         labels = np.zeros(shape, dtype=np.int32)
+        if prompts.coarse is not None:
+            region = resize(prompts.coarse[top:bottom, left:right].astype(np.float32), shape,
+                            order=1) > 0.5
+            labels[ndimage.distance_transform_edt(region) > band * scale] = 1
+            labels[ndimage.distance_transform_edt(~region) > band * scale] = 2
         for value, points in ((1, prompts.foreground), (2, prompts.background)):
-            rows = np.clip(np.round(points[:, 0] * shape[0] / height).astype(int), 0,
+            inside = ((points[:, 0] >= top) & (points[:, 0] < bottom)
+                      & (points[:, 1] >= left) & (points[:, 1] < right))
+            rows = np.clip(np.round((points[inside, 0] - top) * scale).astype(int), 0,
                            shape[0] - 1)
-            columns = np.clip(np.round(points[:, 1] * shape[1] / width).astype(int), 0,
+            columns = np.clip(np.round((points[inside, 1] - left) * scale).astype(int), 0,
                               shape[1] - 1)
             labels[rows, columns] = value
         if not (labels == 1).any() or not (labels == 2).any():
-            raise ValueError("the random walker needs foreground and background points")
+            raise ValueError("the random walker needs foreground and background seeds")
         probability = random_walker(features, labels, beta=self.beta, mode="bf",
                                     channel_axis=-1, return_full_prob=True)[0]
-        return resize(probability, (height, width), order=1) > 0.5
+        mask = np.zeros((height, width), dtype=bool)
+        mask[top:bottom, left:right] = resize(probability, (box_height, box_width),
+                                              order=1) > 0.5
+        return mask
 
 
 # The config each published SAM2 checkpoint was released with, for a folder that names none.

@@ -39,6 +39,11 @@ def write_phantoms(out: Path, *, n: int, seed: int, size: int | None, dicom: boo
             f"{seen} to {out}")
 
 
+def _given(options: dict, key: str, default: float) -> float:
+    value = options.get(key)
+    return default if value is None else value
+
+
 def train(request: TrainRequest, progress: ResearchProgress) -> str:
     from radlens.tasks.dermoscopy.datasets import DermoscopyDataError
     from radlens.tasks.dermoscopy.train import DermoscopyTrainSettings, run_training
@@ -50,7 +55,9 @@ def train(request: TrainRequest, progress: ResearchProgress) -> str:
         batch_size=max(2, request.batch_size), learning_rate=request.learning_rate,
         patience=request.patience, folds=request.folds, seed=request.seed,
         device=request.device, size=request.size or 128,
-        test_fraction=float(options.get("test_fraction", 0.2)))
+        test_fraction=float(options.get("test_fraction", 0.2)),
+        alignment_weight=float(_given(options, "alignment_weight", 1.0)),
+        alignment_temperature=float(_given(options, "alignment_temperature", 0.1)))
     started: set[str] = set()
 
     def tell(key: str, label: str, done: int, total: int, info: str = "") -> None:

@@ -67,6 +67,8 @@ class DermoscopyTrainSettings:
     device: str = "auto"
     size: int = 128  # the classifier's input; the coarse UNet's is SEGMENTER_SIZE
     alignment_weight: float = 1.0
+    alignment_temperature: float = 0.1  # NT-Xent's temperature
+    confounder_rate: float = 0.2  # photographs painted with ink, and with hair, in training
     descriptor_weight: float = 1.0
     freeze_encoder: bool = False
     test_fraction: float = 0.2
@@ -179,7 +181,8 @@ def run_training(data: Path, settings: DermoscopyTrainSettings, out: Path, *, co
         learning_rate=1e-3, patience=settings.patience, seed=settings.seed, device=device,
         on_epoch=lambda r: tell("segmenter", "coarse UNet", r.epoch, settings.segmenter_epochs,
                                 f"val Dice {r.val_dice:.3f}"))
-    shape = ClassifierShape(image_size=settings.size)
+    shape = ClassifierShape(image_size=settings.size,
+                            temperature=settings.alignment_temperature)
 
     def train_fold(fold: int, train: list[int], val: list[int],
                    alignment_weight: float = settings.alignment_weight) -> dict[str, Any]:
@@ -192,6 +195,7 @@ def run_training(data: Path, settings: DermoscopyTrainSettings, out: Path, *, co
             shape=shape, epochs=settings.epochs, batch_size=settings.batch_size,
             learning_rate=settings.learning_rate, patience=settings.patience,
             alignment_weight=alignment_weight, freeze_encoder=settings.freeze_encoder,
+            confounder_rate=settings.confounder_rate,
             seed=settings.seed + fold, device=device, descriptors=prepared.descriptors,
             descriptor_weight=settings.descriptor_weight,
             on_epoch=lambda r: tell(key, f"classifier {key}", r.epoch, settings.epochs,
