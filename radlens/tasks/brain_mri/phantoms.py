@@ -13,6 +13,9 @@ map lies, and then seen by a scanner in its patient's own pose:
   homogeneously enhancing, well-circumscribed mass pressing into the brain, often with a
   dural tail (a thin enhancing strip along the surface beside it); pituitary, in the sella
   in the midline, homogeneously enhancing, growing upwards; or no tumour;
+- **the contrasts**: T1 after contrast (what the task reads), the same T1 before it (the
+  tumour without its enhancement) and T2 (fluid, oedema and necrosis bright, white matter
+  dark), so that a study has the series a scanner sends beside the one the task reads;
 - **the scan**: a rigid pose and a scale of the head (the patient's own size and position in
   the scanner), axial slices 1 to 6 mm thick (the slice profile blurs along the slice
   direction), a field of view of 220 mm on a ``size``-pixel matrix, a smooth multiplicative
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 LABELS = ("glioma", "meningioma", "pituitary", "no tumour")
 MIX = (0.3, 0.25, 0.2, 0.25)
 CORE, OEDEMA = 1, 2  # the mask's values
+CONTRASTS = ("T1+C", "T1", "T2")  # T1 after contrast, before it, and T2
 FIELD_OF_VIEW_MM = 220.0
 COVERAGE_MM = 168.0  # the slab's extent along the slices' normal
 THICKNESSES_MM = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -64,7 +68,7 @@ class BrainCase:
     case_id: str
     patient_id: str
     label: str
-    image: object  # SimpleITK.Image, int16, the scan
+    images: dict[str, object]  # each of CONTRASTS: SimpleITK.Image, int16, on one grid
     mask: object  # SimpleITK.Image, uint8, CORE / OEDEMA on the scan's grid
     structures: tuple[tuple[str, float], ...]  # (structure label, share of the core)
     side: str  # "left", "right", "midline" or "" (no tumour)
@@ -73,24 +77,55 @@ class BrainCase:
     pixel_spacing_mm: float
     pose: Pose
 
+    @property
+    def image(self) -> object:
+        """The T1 after contrast: what the task reads."""
+        return self.images["T1+C"]
+
+
+@dataclass
+class Head:
+    """One head in MNI space, arrays (z, y, x) on the template's grid: the T1 intensities
+    before contrast (white matter near 1), what gadolinium adds to them, and the T2
+    intensities (fluid near 1.4)."""
+
+    t1: np.ndarray
+    enhancement: np.ndarray
+    t2: np.ndarray
+
+    def copy(self) -> Head:
+        return Head(self.t1.copy(), self.enhancement.copy(), self.t2.copy())
+
+    def contrast(self, name: str) -> np.ndarray:
+        if name == "T1":
+            return self.t1
+        if name == "T1+C":
+            return self.t1 + self.enhancement
+        if name == "T2":
+            return self.t2
+        raise ValueError(f"no contrast {name!r}: T1, T1+C or T2")
+
 
 @lru_cache(maxsize=1)
-def _head(atlas: Atlas) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(the head's T1 intensities in MNI space, the brain mask, the depth inside the brain
-    in mm), arrays (z, y, x) on the template's grid; white matter near 1."""
+def _head(atlas: Atlas) -> tuple[Head, np.ndarray, np.ndarray]:
+    """(the healthy head, the brain mask, the depth inside the brain in mm)."""
     import SimpleITK as sitk
 
     template = sitk.GetArrayFromImage(atlas.template).astype(np.float32)
     brain = template > 0
     white = float(np.percentile(template[brain], 90))
-    head = template / white
+    t1 = template / white
+    # T2 inside the brain: fluid bright, white matter dark, grey matter between
+    t2 = np.where(brain, np.clip(1.5 - 1.05 * t1, 0.3, 1.4), 0.0).astype(np.float32)
     outside = ndimage.distance_transform_edt(~brain)
-    head[(outside > 0) & (outside <= 2.0)] = 0.12  # cerebrospinal fluid
-    head[(outside > 2.0) & (outside <= 7.0)] = 0.06  # the skull's cortex
-    head[(outside > 3.8) & (outside <= 5.2)] = 0.45  # its marrow
-    head[(outside > 7.0) & (outside <= 12.0)] = 0.85  # the scalp's fat
+    for low, high, t1_value, t2_value in ((0.0, 2.0, 0.12, 1.4),  # cerebrospinal fluid
+                                          (2.0, 7.0, 0.06, 0.05),  # the skull's cortex
+                                          (3.8, 5.2, 0.45, 0.5),  # its marrow
+                                          (7.0, 12.0, 0.85, 0.7)):  # the scalp's fat
+        layer = (outside > low) & (outside <= high)
+        t1[layer], t2[layer] = t1_value, t2_value
     depth = ndimage.distance_transform_edt(brain).astype(np.float32)
-    return head, brain, depth
+    return Head(t1, np.zeros_like(t1), t2), brain, depth
 
 
 def _ras_to_index(atlas: Atlas, ras: Iterable[float]) -> np.ndarray:
@@ -124,66 +159,75 @@ def _ball_box(centre: np.ndarray, reach: float, shape: tuple[int, ...]
     return box, grid
 
 
-def _glioma(rng: np.random.Generator, head: np.ndarray, brain: np.ndarray,
-            depth: np.ndarray, mask: np.ndarray) -> None:
-    candidates = np.argwhere((head > 0.85) & (depth > 18) & brain)
+def _glioma(rng: np.random.Generator, head: Head, brain: np.ndarray, depth: np.ndarray,
+            mask: np.ndarray) -> None:
+    candidates = np.argwhere((head.t1 > 0.85) & (depth > 18) & brain)
     centre = candidates[rng.integers(len(candidates))].astype(np.float32)
     radius = float(rng.uniform(10, 22))
-    box, offset = _ball_box(centre, 1.8 * radius, head.shape)
+    box, offset = _ball_box(centre, 1.8 * radius, brain.shape)
     distance = np.sqrt((offset ** 2).sum(axis=0))
     lumpy = 1.0 + 0.22 * _smooth_noise(rng, distance.shape, radius / 3)
     relative = distance / (radius * lumpy)
     inside = brain[box]
     core = (relative < 1.0) & inside
     oedema = (relative >= 1.0) & (relative < float(rng.uniform(1.4, 1.8))) & inside
-    necrosis = relative < float(rng.uniform(0.45, 0.65))
-    region = head[box]
-    region[oedema] *= 0.72  # oedema: hypointense on T1
-    region[core] = 1.35 + 0.08 * lumpy[core]  # the enhancing rim
-    region[core & necrosis] = 0.3 + 0.05 * lumpy[core & necrosis]  # the necrotic centre
+    necrotic = core & (relative < float(rng.uniform(0.45, 0.65)))
+    rim = core & ~necrotic
+    t1, enhancement, t2 = head.t1[box], head.enhancement[box], head.t2[box]
+    t1[oedema] *= 0.72  # oedema: dark on T1, bright on T2
+    t2[oedema] = 1.15
+    t1[rim] = 0.75 + 0.05 * lumpy[rim]
+    enhancement[rim] = 0.6 + 0.05 * lumpy[rim]  # the enhancing rim
+    t2[rim] = 0.95
+    t1[necrotic] = 0.3 + 0.05 * lumpy[necrotic]  # the necrotic centre: no enhancement
+    t2[necrotic] = 1.35
     mask[box][oedema] = OEDEMA
     mask[box][core] = CORE
 
 
-def _meningioma(rng: np.random.Generator, head: np.ndarray, brain: np.ndarray,
-                depth: np.ndarray, mask: np.ndarray) -> None:
+def _meningioma(rng: np.random.Generator, head: Head, brain: np.ndarray, depth: np.ndarray,
+                mask: np.ndarray) -> None:
     # on the convexity or the falx, above the skull base
     surface = np.argwhere(brain & (depth <= 1.5)
-                          & (np.arange(head.shape[0])[:, None, None] > head.shape[0] * 0.45))
+                          & (np.arange(brain.shape[0])[:, None, None] > brain.shape[0] * 0.45))
     point = surface[rng.integers(len(surface))].astype(np.float32)
     radius = float(rng.uniform(8, 22))
     # pushed outwards along the surface's normal (away from the brain near the point):
     # dural-based, pressing into the brain
-    near, _ = _ball_box(point, 10.0, head.shape)
+    near, _ = _ball_box(point, 10.0, brain.shape)
     normal = point - (np.argwhere(brain[near]) + [s.start for s in near]).mean(axis=0)
     normal /= float(np.linalg.norm(normal)) + 1e-6
     centre = point + normal * radius * float(rng.uniform(0.2, 0.45))
-    box, offset = _ball_box(centre, 1.8 * radius, head.shape)
+    box, offset = _ball_box(centre, 1.8 * radius, brain.shape)
     distance = np.sqrt((offset ** 2).sum(axis=0))
     outside_brain = ndimage.distance_transform_edt(~brain[box]) if not brain[box].all() else \
         np.zeros(distance.shape, dtype=np.float32)
     within_dura = brain[box] | (outside_brain <= 2.0)
     tumour = (distance < radius) & within_dura
-    region = head[box]
-    if rng.random() < 0.7:  # the dural tail
+    t1, enhancement, t2 = head.t1[box], head.enhancement[box], head.t2[box]
+    if rng.random() < 0.7:  # the dural tail: thickened dura that enhances
         tail = (~brain[box]) & (outside_brain <= 2.0) & (distance < 1.7 * radius) & ~tumour
-        region[tail] = 1.1
-    region[tumour] = 1.25 + 0.03 * _smooth_noise(rng, distance.shape, 2)[tumour]
+        enhancement[tail] = 1.1 - t1[tail]
+    texture = 0.03 * _smooth_noise(rng, distance.shape, 2)[tumour]
+    t1[tumour] = 0.85 + texture
+    enhancement[tumour] = 0.4  # homogeneous
+    t2[tumour] = 0.8 + texture
     mask[box][tumour] = CORE
 
 
-def _pituitary(rng: np.random.Generator, atlas: Atlas, head: np.ndarray,
-               mask: np.ndarray) -> None:
+def _pituitary(rng: np.random.Generator, atlas: Atlas, head: Head, mask: np.ndarray) -> None:
     radius = float(rng.uniform(6, 14))
     sella = np.asarray(SELLA_RAS_MM) + np.array([rng.normal(0, 0.8), rng.normal(0, 1.5),
                                                  0.35 * radius])
     centre = _ras_to_index(atlas, sella)
-    box, offset = _ball_box(centre, 1.5 * radius, head.shape)
+    box, offset = _ball_box(centre, 1.5 * radius, mask.shape)
     stretch = np.array([1.0, 1.0, float(rng.uniform(1.0, 1.25))]).reshape(3, 1, 1, 1)
     distance = np.sqrt(((offset / stretch) ** 2).sum(axis=0))
     tumour = distance < radius
-    region = head[box]
-    region[tumour] = 1.2 + 0.03 * _smooth_noise(rng, distance.shape, 2)[tumour]
+    texture = 0.03 * _smooth_noise(rng, distance.shape, 2)[tumour]
+    head.t1[box][tumour] = 0.8 + texture
+    head.enhancement[box][tumour] = 0.4
+    head.t2[box][tumour] = 0.75 + texture
     mask[box][tumour] = CORE
 
 
@@ -194,17 +238,13 @@ def _pose(rng: np.random.Generator) -> Pose:
                 shift_mm=tuple(float(v) for v in rng.normal(0, 6, 3)))  # type: ignore[arg-type]
 
 
-def scan(atlas: Atlas, head: np.ndarray, mask: np.ndarray, pose: Pose, *, size: int,
-         thickness: float, rng: np.random.Generator) -> tuple[object, object]:
-    """The head and its mask in MNI space as the scanner sees them: (int16 image, uint8
-    mask) as SimpleITK images on the scan's axial grid."""
+def scan(atlas: Atlas, head: Head, mask: np.ndarray, pose: Pose, *, size: int,
+         thickness: float, rng: np.random.Generator) -> tuple[dict[str, object], object]:
+    """The head and its mask in MNI space as the scanner sees them: each contrast of
+    ``CONTRASTS`` as an int16 SimpleITK image on the scan's axial grid (one coil: one bias
+    field; each acquisition its own noise), and the uint8 mask on the same grid."""
     import SimpleITK as sitk
 
-    mni = sitk.GetImageFromArray(ndimage.gaussian_filter1d(
-        head, sigma=max(0.0, (thickness - 1.0) / 2.355), axis=0) if thickness > 1 else head)
-    mni.CopyInformation(atlas.template)
-    labels = sitk.GetImageFromArray(mask)
-    labels.CopyInformation(atlas.template)
     spacing = FIELD_OF_VIEW_MM / size
     slices = int(np.ceil(COVERAGE_MM / thickness))
     grid = sitk.Image(size, size, slices, sitk.sitkFloat32)
@@ -220,22 +260,33 @@ def scan(atlas: Atlas, head: np.ndarray, mask: np.ndarray, pose: Pose, *, size: 
     transform.SetMatrix(tuple(matrix.ravel()))
     transform.SetCenter(tuple(centre))
     transform.SetTranslation(pose.shift_mm)
-    image = sitk.Resample(mni, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    labels = sitk.GetImageFromArray(mask)
+    labels.CopyInformation(atlas.template)
     truth = sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    values = sitk.GetArrayFromImage(image)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in values.shape],
-                          indexing="ij")
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32)
+                            for n in (slices, size, size)], indexing="ij")
     terms = rng.normal(0, 0.12, 6)
     bias = np.exp(terms[0] * x + terms[1] * y + terms[2] * z + terms[3] * x * y
                   + terms[4] * (x ** 2 - 0.33) + terms[5] * (y ** 2 - 0.33))
+    del x, y, z
     sigma = float(rng.uniform(0.015, 0.045))
-    real = values * bias + rng.normal(0, sigma, values.shape).astype(np.float32)
-    imaginary = rng.normal(0, sigma, values.shape).astype(np.float32)
-    magnitude = np.sqrt(real ** 2 + imaginary ** 2)
-    scanned = sitk.GetImageFromArray(np.clip(magnitude * 1000, 0, 32767).round()
-                                     .astype(np.int16))
-    scanned.CopyInformation(image)
-    return scanned, truth
+    images: dict[str, object] = {}
+    for name in CONTRASTS:
+        values = head.contrast(name)
+        if thickness > 1:  # the slice profile
+            values = ndimage.gaussian_filter1d(values, sigma=(thickness - 1.0) / 2.355, axis=0)
+        mni = sitk.GetImageFromArray(values)
+        mni.CopyInformation(atlas.template)
+        seen = sitk.GetArrayFromImage(sitk.Resample(mni, grid, transform, sitk.sitkLinear, 0.0,
+                                                    sitk.sitkFloat32))
+        real = seen * bias + rng.normal(0, sigma, seen.shape).astype(np.float32)
+        imaginary = rng.normal(0, sigma, seen.shape).astype(np.float32)
+        magnitude = np.sqrt(real ** 2 + imaginary ** 2)
+        image = sitk.GetImageFromArray(np.clip(magnitude * 1000, 0, 32767).round()
+                                       .astype(np.int16))
+        image.CopyInformation(truth)
+        images[name] = image
+    return images, truth
 
 
 def make_case(seed: int, index: int, *, size: int = 192, label: str | None = None,
@@ -248,7 +299,7 @@ def make_case(seed: int, index: int, *, size: int = 192, label: str | None = Non
         raise ValueError(f"{chosen!r} is not one of {', '.join(LABELS)}")
     base, brain, depth = _head(atlas)
     head = base.copy()
-    mask = np.zeros(head.shape, dtype=np.uint8)
+    mask = np.zeros(brain.shape, dtype=np.uint8)
     if chosen == "glioma":
         _glioma(rng, head, brain, depth, mask)
     elif chosen == "meningioma":
@@ -257,7 +308,7 @@ def make_case(seed: int, index: int, *, size: int = 192, label: str | None = Non
         _pituitary(rng, atlas, head, mask)
     pose = _pose(rng)
     thickness = float(rng.choice(THICKNESSES_MM))
-    image, truth = scan(atlas, head, mask, pose, size=size, thickness=thickness, rng=rng)
+    images, truth = scan(atlas, head, mask, pose, size=size, thickness=thickness, rng=rng)
 
     import SimpleITK as sitk
 
@@ -270,7 +321,7 @@ def make_case(seed: int, index: int, *, size: int = 192, label: str | None = Non
         x = _index_to_ras(atlas, np.argwhere(core).mean(axis=0))[0]
         side = "midline" if abs(x) < 5.0 else ("left" if x < 0 else "right")
     patient_id = f"B{seed % 1000:03d}{index:05d}"
-    return BrainCase(case_id=patient_id, patient_id=patient_id, label=chosen, image=image,
+    return BrainCase(case_id=patient_id, patient_id=patient_id, label=chosen, images=images,
                      mask=truth, structures=structures, side=side,
                      core_ml=round(float(core.sum()) / pose.scale ** 3 / 1000.0, 2),
                      slice_thickness_mm=thickness, pixel_spacing_mm=FIELD_OF_VIEW_MM / size,
