@@ -2,13 +2,13 @@
 T1 after contrast, each slice its own MR Image Storage file.
 
 The study is what the task must choose from: the localiser (three orthogonal slices in one
-series, ImageType's fourth value LOCALIZER), the axial T2 (spin echo, long TR and TE), the axial T1 before
-contrast (spin echo, short TR and TE) and the same T1 after gadolinium (ContrastBolusAgent
-stated, SeriesDescription saying so, as scanners write it). The three axial series share
-one frame of reference and the case's grid: ImagePositionPatient and ImageOrientationPatient
-come from the SimpleITK image's origin, direction and spacing (LPS, as DICOM's patient
-coordinates). Files are named by a hash of their UID, so a folder listing, and so storescu,
-sends the slices in no particular order.
+series, ImageType's fourth value LOCALIZER), the axial T2 (spin echo, long TR and TE), the
+axial T1 before contrast (spin echo, short TR and TE) and the same T1 after gadolinium
+(ContrastBolusAgent stated, SeriesDescription saying so, as scanners write it). The three
+axial series share one frame of reference and the case's grid: ImagePositionPatient and
+ImageOrientationPatient come from the SimpleITK image's origin, direction and spacing (LPS,
+as DICOM's patient coordinates). Files are named by a hash of their UID, so a folder
+listing, and so storescu, sends the slices in no particular order.
 """
 
 from __future__ import annotations
