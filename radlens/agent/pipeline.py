@@ -27,6 +27,7 @@ from radlens.agent.queue import JobInstance
 from radlens.agent.routing import ImageFacts, Router
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
+from radlens.dicom_io.volumes import SeriesRefused, check_series
 from radlens.errors import ComputeUnavailableError, UnsupportedImageError
 from radlens.findings import ImageInfo, ImageRef, ModelRef, SkippedObject, StudyFindings
 from radlens.history import ObservedItem, PatientHistory
@@ -225,12 +226,17 @@ def _run_deferred(analysers: TaskSet, deferred: _Deferred, outcome: StudyOutcome
                 outcome.images[index] = info
 
     def fail(instances: list[JobInstance], name: str, exc: Exception) -> None:
-        log.exception("analysis failed", extra=kv(job=job_id, task=name))
+        if isinstance(exc, SeriesRefused):  # the series, not radlens, is at fault
+            log.info("series refused", extra=kv(job=job_id, task=name, reason=str(exc)))
+            reason = f"the series was not read as a volume: {exc}"
+        else:
+            log.exception("analysis failed", extra=kv(job=job_id, task=name))
+            reason = _failure(exc)
         for instance in instances:
             index = by_uid.get(instance.sop_instance_uid)
             if index is not None:
                 outcome.images[index] = outcome.images[index].model_copy(
-                    update={"not_analysed": f"{name}: {_failure(exc)}"})
+                    update={"not_analysed": f"{name}: {reason}"})
 
     for name, series in deferred.series.items():
         loaded = analysers.tasks[name]
@@ -262,10 +268,16 @@ def _run_deferred(analysers: TaskSet, deferred: _Deferred, outcome: StudyOutcome
 def read_volume(instances: list[JobInstance], infos: list[ImageInfo]) -> SeriesVolume:
     """One series as a volume, built by highdicom from the slices' headers: it sorts them along
     their normal and takes spacing, orientation and position from Image Position and Orientation
-    (Patient). Raises ValueError (highdicom's) for slices that make no regular volume."""
+    (Patient). The headers are checked first (``check_series``; the datasets' pixels are
+    read only when used): slices that make no regular volume raise SeriesRefused with the
+    reason before any pixel is read; highdicom's own ValueError remains for what the check
+    does not cover."""
     import highdicom as hd
 
-    datasets = hd.spatial.sort_datasets([pixels.read_dataset(i.path) for i in instances])
+    datasets = [pixels.read_dataset(i.path) for i in instances]
+    if not (len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1):
+        check_series(datasets)
+    datasets = hd.spatial.sort_datasets(datasets)
     volume = hd.get_volume_from_series(datasets, dtype="float32")
     sources = tuple(str(ds.SOPInstanceUID) for ds in datasets)
     order = {uid: n for n, uid in enumerate(sources)}

@@ -165,3 +165,21 @@ def test_a_series_is_read_as_a_volume_in_its_spatial_order(tmp_path):
     assert values == [by_uid[uid] for uid in volume.sources]  # the map goes back slice by slice
     assert sorted(values) == [1, 2, 3] and values in ([2, 3, 1], [1, 3, 2])
     assert [info.ref.sop_instance_uid for info in volume.infos] == list(volume.sources)
+
+
+def test_a_series_with_a_missing_slice_is_refused_before_its_pixels_are_read(tmp_path):
+    from radlens.agent.pipeline import read_volume
+    from radlens.agent.queue import JobInstance
+    from radlens.dicom_io import pixels
+    from radlens.dicom_io.volumes import SeriesRefused
+
+    study, series = generate_uid(), generate_uid()
+    paths = [_slice(tmp_path, study, series, z, n)
+             for n, z in ((1, 0.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0))]
+    instances = [JobInstance(sop_instance_uid=str(pixels.read_dataset(p).SOPInstanceUID),
+                             sop_class_uid=CTImageStorage, series_instance_uid=series,
+                             transfer_syntax_uid=ExplicitVRLittleEndian, path=p,
+                             calling_aet="CT1") for p in paths]
+    infos = [pixels.describe(pixels.read_dataset(p)) for p in paths]
+    with pytest.raises(SeriesRefused, match="missing slices: 1 absent between 4.00 and 8.00"):
+        read_volume(instances, infos)
