@@ -143,7 +143,8 @@ def models(ctx: typer.Context, config: ConfigOption = None) -> None:
         described = "states no scope"
         if scope is not None:
             described = (f"{', '.join(scope.modalities)} {', '.join(scope.body_parts)}"
-                         + (f"; {scope.geometry.describe()}" if scope.geometry else ""))
+                         + (f"; {scope.geometry.describe()}" if scope.geometry else "")
+                         + (f"; series {scope.series.describe()}" if scope.series else ""))
         tasks.add_row(task.name, task.origin, f"{card.get('name')} {card.get('version')}",
                       reads, described, "yes" if task.enabled(settings) else "no")
     console.print(tasks)

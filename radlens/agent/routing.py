@@ -39,6 +39,11 @@ class ImageFacts:
     rows: int = 0  # 0: not stated (or not a number)
     columns: int = 0
     bits_stored: int = 0
+    image_type: tuple[str, ...] = ()
+    contrast_agent: str = ""
+    scanning_sequence: tuple[str, ...] = ()
+    echo_time_ms: float | None = None
+    series_description: str = ""
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> ImageFacts:
@@ -57,11 +62,34 @@ class ImageFacts:
                    descriptions=descriptions,
                    frames=max(1, _number(ds, "NumberOfFrames")),
                    rows=_number(ds, "Rows"), columns=_number(ds, "Columns"),
-                   bits_stored=_number(ds, "BitsStored"))
+                   bits_stored=_number(ds, "BitsStored"),
+                   image_type=_values(ds, "ImageType"),
+                   contrast_agent=_text(ds, "ContrastBolusAgent"),
+                   scanning_sequence=_values(ds, "ScanningSequence"),
+                   echo_time_ms=_decimal(ds, "EchoTime"),
+                   series_description=_text(ds, "SeriesDescription"))
 
     @property
     def states_anatomy(self) -> bool:
         return bool(self.body_part or self.anatomic_region_codes)
+
+
+def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    """A multi-valued code string's values, upper case ("" values dropped)."""
+    try:
+        value = ds.get(keyword)
+        items = [value] if isinstance(value, str) else list(value or [])
+        return tuple(str(v).strip().upper() for v in items if str(v).strip())
+    except Exception:  # a value pydicom cannot convert
+        return ()
+
+
+def _decimal(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else float(value)
+    except Exception:
+        return None
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -187,8 +215,16 @@ def _outside_technical_scope(scope: ModelScope | None, facts: ImageFacts) -> str
     if facts.photometric not in scope.photometric_interpretations:
         return f"photometric interpretation {facts.photometric or 'unknown'}"
     if scope.geometry is not None:
-        return scope.geometry.refusal(frames=facts.frames, rows=facts.rows,
-                                      columns=facts.columns, bits_stored=facts.bits_stored)
+        refusal = scope.geometry.refusal(frames=facts.frames, rows=facts.rows,
+                                         columns=facts.columns, bits_stored=facts.bits_stored)
+        if refusal is not None:
+            return refusal
+    if scope.series is not None:
+        return scope.series.refusal(image_type=facts.image_type,
+                                    contrast_agent=facts.contrast_agent,
+                                    scanning_sequence=facts.scanning_sequence,
+                                    echo_time_ms=facts.echo_time_ms,
+                                    series_description=facts.series_description)
     return None
 
 

@@ -55,6 +55,86 @@ class ImageGeometry(BaseModel):
                 f"{self.min_bits_stored} to {self.max_bits_stored} bits stored")
 
 
+class SeriesSelection(BaseModel):
+    """Which series of a study a model reads, from the headers, as MONAI Deploy's series
+    selector picks them by attribute values and patterns: a brain study holds a localiser, a
+    T2 and a T1 before and after contrast, and a model trained on one of them reads that one.
+    Each criterion given must hold; a series failing one is not read, and the reason names
+    the criterion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    contrast: Literal["with", "without", "any"] = Field(
+        "any", description="'with': ContrastBolusAgent must be stated; 'without': must not")
+    scanning_sequences: list[str] = Field(
+        default_factory=list, description="ScanningSequence values (SE, GR, IR, EP, RM); the "
+        "header must state one of them")
+    max_echo_time_ms: float | None = Field(
+        None, gt=0, description="EchoTime at most (a T1 weighting's short echo)")
+    description: str | None = Field(
+        None, description="a regular expression searched case-insensitively in "
+        "SeriesDescription")
+    excluded_image_types: list[str] = Field(
+        default_factory=lambda: ["LOCALIZER"],
+        description="ImageType values that keep an image out (a localiser)")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> SeriesSelection:
+        if self.description is not None:
+            import re
+
+            try:
+                re.compile(self.description)
+            except re.error as exc:
+                raise ValueError(f"description {self.description!r} is not a regular "
+                                 f"expression: {exc}") from exc
+        return self
+
+    def refusal(self, *, image_type: tuple[str, ...], contrast_agent: str,
+                scanning_sequence: tuple[str, ...], echo_time_ms: float | None,
+                series_description: str) -> str | None:
+        """Why the image's series is not the one the model reads; None when it is."""
+        import re
+
+        excluded = [t for t in image_type if t.upper() in
+                    {e.upper() for e in self.excluded_image_types}]
+        if excluded:
+            return f"image type {excluded[0]} (not a series the model reads)"
+        if self.contrast == "with" and not contrast_agent:
+            return "no contrast agent stated (the model reads series after contrast)"
+        if self.contrast == "without" and contrast_agent:
+            return f"contrast agent {contrast_agent} (the model reads series without contrast)"
+        if self.scanning_sequences and not (
+                {s.upper() for s in scanning_sequence}
+                & {s.upper() for s in self.scanning_sequences}):
+            stated = "\\".join(scanning_sequence) or "not stated"
+            return (f"scanning sequence {stated} (the model reads "
+                    f"{', '.join(self.scanning_sequences)})")
+        if self.max_echo_time_ms is not None and (
+                echo_time_ms is None or echo_time_ms > self.max_echo_time_ms):
+            stated = "not stated" if echo_time_ms is None else f"{echo_time_ms:g} ms"
+            return (f"echo time {stated} (the model reads echo times up to "
+                    f"{self.max_echo_time_ms:g} ms)")
+        if self.description is not None and not re.search(self.description,
+                                                          series_description, re.IGNORECASE):
+            return (f"series description {series_description!r} does not match "
+                    f"{self.description!r}")
+        return None
+
+    def describe(self) -> str:
+        parts = [f"{'with' if self.contrast == 'with' else 'without'} contrast"
+                 if self.contrast != "any" else ""]
+        if self.scanning_sequences:
+            parts.append(f"sequence {'/'.join(self.scanning_sequences)}")
+        if self.max_echo_time_ms is not None:
+            parts.append(f"echo time up to {self.max_echo_time_ms:g} ms")
+        if self.description is not None:
+            parts.append(f"description matching {self.description!r}")
+        if self.excluded_image_types:
+            parts.append(f"no {'/'.join(self.excluded_image_types)} images")
+        return ", ".join(p for p in parts if p)
+
+
 class AnatomicRegion(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -75,6 +155,8 @@ class ModelScope(BaseModel):
     photometric_interpretations: list[str] = Field(min_length=1)
     geometry: ImageGeometry | None = Field(
         None, description="the pixel matrices it reads; a card without it is not checked")
+    series: SeriesSelection | None = Field(
+        None, description="which series of a study it reads; a card without it reads any")
     intended_use: str
 
     @classmethod

@@ -183,3 +183,48 @@ def test_a_series_with_a_missing_slice_is_refused_before_its_pixels_are_read(tmp
     infos = [pixels.describe(pixels.read_dataset(p)) for p in paths]
     with pytest.raises(SeriesRefused, match="missing slices: 1 absent between 4.00 and 8.00"):
         read_volume(instances, infos)
+
+
+def test_a_series_task_reads_only_the_series_its_card_selects(tmp_path):
+    """A phantom brain study (localiser, T2, T1, T1 after contrast): a scope selecting T1
+    spin echo after contrast takes series 4 alone and says why each other is not read."""
+    import pydicom
+    from pydicom.uid import MRImageStorage
+
+    from radlens.tasks.brain_mri import phantoms
+    from radlens.tasks.brain_mri.dicom import write_brain_study
+
+    case = phantoms.make_case(2, 3, size=32, label="pituitary")
+    files = write_brain_study(tmp_path, case, uid_seed="routing")
+    scope = ModelScope.model_validate({
+        "modalities": ["MR"], "body_parts": ["HEAD", "BRAIN"],
+        "anatomic_regions": [{"value": "12738006", "meaning": "Brain"}],
+        "sop_classes": [MRImageStorage], "photometric_interpretations": ["MONOCHROME2"],
+        "series": {"contrast": "with", "scanning_sequences": ["SE", "GR", "IR"],
+                   "max_echo_time_ms": 30, "description": "t1"},
+        "intended_use": "tests"})
+    router = Router(RoutingSettings(), {"brain": scope})
+    decisions = {}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        decisions.setdefault(int(ds.SeriesNumber), set()).add(
+            router.route(ImageFacts.from_dataset(ds)).reason)
+    assert decisions[4] == {"body part HEAD is in scope"}
+    assert decisions[1] == {"outside the model's scope: image type LOCALIZER (not a series "
+                            "the model reads)"}
+    assert decisions[2] == {"outside the model's scope: no contrast agent stated (the model "
+                            "reads series after contrast)"}
+    assert decisions[3] == decisions[2]
+    t2 = ImageFacts(modality="MR", body_part="HEAD", anatomic_region_codes=(),
+                    sop_class_uid=MRImageStorage, photometric="MONOCHROME2", descriptions="",
+                    contrast_agent="Gadobutrol", scanning_sequence=("SE",), echo_time_ms=100.0,
+                    series_description="t2_tse_tra")
+    assert router.route(t2).reason == ("outside the model's scope: echo time 100 ms (the model "
+                                       "reads echo times up to 30 ms)")
+    flair = ImageFacts(modality="MR", body_part="HEAD", anatomic_region_codes=(),
+                       sop_class_uid=MRImageStorage, photometric="MONOCHROME2", descriptions="",
+                       contrast_agent="Gadobutrol", scanning_sequence=("IR",), echo_time_ms=9.0,
+                       series_description="flair_post")
+    assert "series description 'flair_post' does not match 't1'" in router.route(flair).reason
+    with pytest.raises(ValueError, match="not a regular expression"):
+        ModelScope.model_validate({**scope.model_dump(), "series": {"description": "t1("}})
