@@ -238,6 +238,24 @@ def _pose(rng: np.random.Generator) -> Pose:
                 shift_mm=tuple(float(v) for v in rng.normal(0, 6, 3)))  # type: ignore[arg-type]
 
 
+HEAD_CENTRE_LPS = (0.0, 18.0, 8.0)  # the head's middle sits behind and above MNI 0
+
+
+def pose_transform(pose: Pose) -> object:
+    """The SimpleITK transform from a point of the scan to the MNI point it shows: a rotation
+    about the head's middle, a scale and a shift (the truth a registration should find)."""
+    import SimpleITK as sitk
+
+    transform = sitk.AffineTransform(3)
+    rotation = sitk.Euler3DTransform()
+    rotation.SetRotation(*[np.deg2rad(a) for a in pose.angles_deg])
+    matrix = np.asarray(rotation.GetMatrix()).reshape(3, 3) * pose.scale
+    transform.SetMatrix(tuple(matrix.ravel()))
+    transform.SetCenter(HEAD_CENTRE_LPS)
+    transform.SetTranslation(pose.shift_mm)
+    return transform
+
+
 def scan(atlas: Atlas, head: Head, mask: np.ndarray, pose: Pose, *, size: int,
          thickness: float, rng: np.random.Generator) -> tuple[dict[str, object], object]:
     """The head and its mask in MNI space as the scanner sees them: each contrast of
@@ -249,17 +267,9 @@ def scan(atlas: Atlas, head: Head, mask: np.ndarray, pose: Pose, *, size: int,
     slices = int(np.ceil(COVERAGE_MM / thickness))
     grid = sitk.Image(size, size, slices, sitk.sitkFloat32)
     grid.SetSpacing((spacing, spacing, thickness))
-    centre = np.array([0.0, 18.0, 8.0])  # LPS: the head's middle sits behind and above MNI 0
-    grid.SetOrigin(tuple(centre - np.array([spacing * (size - 1) / 2, spacing * (size - 1) / 2,
-                                             thickness * (slices - 1) / 2])))
-    # scanner point p -> MNI point: rotate about the head's middle, scale, shift
-    transform = sitk.AffineTransform(3)
-    rotation = sitk.Euler3DTransform()
-    rotation.SetRotation(*[np.deg2rad(a) for a in pose.angles_deg])
-    matrix = np.asarray(rotation.GetMatrix()).reshape(3, 3) * pose.scale
-    transform.SetMatrix(tuple(matrix.ravel()))
-    transform.SetCenter(tuple(centre))
-    transform.SetTranslation(pose.shift_mm)
+    grid.SetOrigin(tuple(np.asarray(HEAD_CENTRE_LPS) - np.array(
+        [spacing * (size - 1) / 2, spacing * (size - 1) / 2, thickness * (slices - 1) / 2])))
+    transform = pose_transform(pose)
     labels = sitk.GetImageFromArray(mask)
     labels.CopyInformation(atlas.template)
     truth = sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
