@@ -271,14 +271,18 @@ def read_volume(instances: list[JobInstance], infos: list[ImageInfo]) -> SeriesV
     (Patient). The headers are checked first (``check_series``; the datasets' pixels are
     read only when used): slices that make no regular volume raise SeriesRefused with the
     reason before any pixel is read; highdicom's own ValueError remains for what the check
-    does not cover."""
+    does not cover. A series of one multi-frame image (Enhanced MR) is one volume, placed by
+    its per-frame functional groups (``highdicom.Image.get_volume``)."""
     import highdicom as hd
 
     datasets = [pixels.read_dataset(i.path) for i in instances]
-    if not (len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1):
+    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        # one multi-frame image (Enhanced MR or CT): its frames' functional groups place them
+        volume = hd.Image.from_dataset(datasets[0]).get_volume(dtype="float32")
+    else:
         check_series(datasets)
-    datasets = hd.spatial.sort_datasets(datasets)
-    volume = hd.get_volume_from_series(datasets, dtype="float32")
+        datasets = hd.spatial.sort_datasets(datasets)
+        volume = hd.get_volume_from_series(datasets, dtype="float32")
     sources = tuple(str(ds.SOPInstanceUID) for ds in datasets)
     order = {uid: n for n, uid in enumerate(sources)}
     return SeriesVolume(volume=volume, sources=sources, infos=tuple(sorted(

@@ -73,3 +73,41 @@ def test_highdicom_builds_the_case_volume_back_at_the_same_points(study):
         assert volume.array[tuple(index)] == truth[plane, row, column]
     with pytest.raises(ValueError, match="orientation"):
         hd.get_volume_from_series([pydicom.dcmread(p) for p in by_series[1]])
+
+
+def test_the_enhanced_study_is_one_clean_multi_frame_image_a_series_read_as_the_volume(
+        tmp_path):
+    """Each axial series as one Enhanced MR Image: dciodvfy-clean, and the agent's
+    read_volume places its frames where the case's slices are."""
+    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian
+
+    from radlens.agent.pipeline import read_volume
+    from radlens.agent.queue import JobInstance
+    from radlens.dicom_io import pixels
+    from tests.helpers import dciodvfy_errors
+
+    case = phantoms.make_case(3, 2, size=32, label="meningioma")
+    files = write_brain_study(tmp_path, case, uid_seed="enhanced", enhanced=True)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    multi = [(p, h) for p, h in zip(files, headers, strict=True)
+             if h.SOPClassUID == EnhancedMRImageStorage]
+    assert len(multi) == 3 and len(files) == 6  # three enhanced series, three localiser slices
+    slices = case.image.GetSize()[2]
+    assert all(int(h.NumberOfFrames) == slices for _, h in multi)
+    for path, _ in multi:
+        assert dciodvfy_errors(path) == []
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
+                                timeout=60)
+        assert "Warning" not in result.stdout + result.stderr
+    post = next(p for p, h in multi if "ContrastBolusAgentSequence" in h)
+    instance = JobInstance(sop_instance_uid=str(pydicom.dcmread(post).SOPInstanceUID),
+                           sop_class_uid=EnhancedMRImageStorage,
+                           series_instance_uid="1", transfer_syntax_uid=ExplicitVRLittleEndian,
+                           path=post, calling_aet="MR1")
+    volume = read_volume([instance], [pixels.describe(pixels.read_dataset(post))]).volume
+    truth = sitk.GetArrayFromImage(case.image)
+    assert volume.shape == truth.shape
+    for index in np.random.default_rng(1).integers(0, truth.shape, size=(50, 3)):
+        point = volume.affine @ np.array([*index, 1.0])
+        column, row, plane = case.image.TransformPhysicalPointToIndex(tuple(point[:3]))
+        assert volume.array[tuple(index)] == truth[plane, row, column]

@@ -1,5 +1,6 @@
 """A phantom brain case as the MR study a scanner sends: a localiser, a T2, a T1 before and a
-T1 after contrast, each slice its own MR Image Storage file.
+T1 after contrast, each slice its own MR Image Storage file, or each axial series one
+Enhanced MR Image (multi-frame) as newer scanners send it.
 
 The study is what the task must choose from: the localiser (three orthogonal slices in one
 series, ImageType's fourth value LOCALIZER), the axial T2 (spin echo, long TR and TE), the
@@ -119,8 +120,10 @@ def _localizer(case: Any, image: Any) -> list[tuple[np.ndarray, tuple, tuple, tu
 
 
 def write_brain_study(folder: Path, case: Any, *, uid_seed: str,
-                      study_date: date | None = None) -> list[Path]:
-    """The case's study under ``folder``/<case id>: one file a slice, every series."""
+                      study_date: date | None = None, enhanced: bool = False) -> list[Path]:
+    """The case's study under ``folder``/<case id>: one file a slice, every series; with
+    ``enhanced`` each axial series is one Enhanced MR Image (the localiser stays three
+    single slices)."""
     import SimpleITK as sitk
 
     study_uid = _uid(uid_seed, case.case_id, "study")
@@ -134,6 +137,14 @@ def write_brain_study(folder: Path, case: Any, *, uid_seed: str,
         series_uid = _uid(study_uid, number)
         common = dict(study_uid=study_uid, series_uid=series_uid, series_number=number,
                       description=description, timing=timing, study_date=day)
+        if enhanced and contrast is not None:
+            ds = enhanced_mr_dataset(case, contrast, study_uid=study_uid, frame_uid=frame_uid,
+                                     series_number=number, description=description,
+                                     timing=timing, study_date=day)
+            path = target / f"{hashlib.sha256(ds.SOPInstanceUID.encode()).hexdigest()[:16]}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            written.append(path)
+            continue
         if contrast is None:
             slices = [dict(pixels=p, position=pos, orientation=o, spacing=s,
                            thickness=s[0], localizer=True, contrast=False,
@@ -157,3 +168,170 @@ def write_brain_study(folder: Path, case: Any, *, uid_seed: str,
             ds.save_as(path, enforce_file_format=True)
             written.append(path)
     return written
+
+
+def _item(**values: Any) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+BRAIN = ("12738006", "SCT", "Brain")
+GADOBUTROL = ("407976008", "SCT", "Gadobutrol")
+GADOLINIUM = ("58281002", "SCT", "Gadolinium")
+INTRAVENOUS = ("47625008", "SCT", "Intravenous route")
+
+
+def enhanced_mr_dataset(case: Any, contrast: str, *, study_uid: str, frame_uid: str,
+                        series_number: int, description: str, timing: tuple[float, float],
+                        study_date: str) -> Dataset:
+    """One axial series of the case as a single Enhanced MR Image (multi-frame): every slice
+    a frame, its position in the Plane Position functional group, the sequence in the MR
+    functional groups, contrast in the Enhanced Contrast/Bolus module when given."""
+    import SimpleITK as sitk
+    from pydicom.uid import EnhancedMRImageStorage
+
+    image = case.images[contrast]
+    values = sitk.GetArrayFromImage(image)
+    frames, rows, columns = values.shape
+    spacing = image.GetSpacing()
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    orientation = [round(float(v), 6) for v in (*direction[:, 0], *direction[:, 1])]
+    series_uid = _uid(study_uid, series_number, "enhanced")
+    sop_uid = _uid(series_uid, 1)
+    acquired = f"{study_date}090000"
+    weighting = "T2" if contrast == "T2" else "T1"
+    with_contrast = contrast == "T1+C"
+    ds = synthetic_header(
+        sop_class_uid=EnhancedMRImageStorage, sop_uid=sop_uid, study_uid=study_uid,
+        series_uid=series_uid, modality="MR", body_part=BODY_PART, patient_id=case.patient_id,
+        patient_name=f"Phantom^Brain{case.patient_id[-4:]}", patient_sex="O",
+        study_date=study_date, study_time="090000", accession=f"A{case.patient_id}",
+        series_number=series_number, instance_number=1,
+        image_type=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
+        study_description="MRI brain with and without contrast",
+        series_description=description)
+    ds.AcquisitionDateTime = acquired
+    ds.AcquisitionDuration = 120.0
+    ds.PatientPosition = "HFS"
+    ds.ManufacturerModelName = "phantom"
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = "1"
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.AcquisitionContextSequence = []
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, columns
+    ds.NumberOfFrames = frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.AcquisitionContrast = weighting
+    ds.ContentQualification = "RESEARCH"
+    ds.ResonantNucleus = "1H"
+    ds.KSpaceFiltering = "NONE"
+    ds.MagneticFieldStrength = FIELD_STRENGTH_T
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.ImageComments = "radlens phantom"
+    # MR Pulse Sequence
+    ds.PulseSequenceName = "SE"
+    ds.MRAcquisitionType = "2D"
+    ds.EchoPulseSequence = "SPIN"
+    ds.MultipleSpinEcho = "NO"
+    ds.MultiPlanarExcitation = "NO"
+    ds.PhaseContrast = "NO"
+    ds.TimeOfFlightContrast = "NO"
+    ds.SteadyStatePulseSequence = "NONE"
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SaturationRecovery = "NO"
+    ds.SpectrallySelectedSuppression = "NONE"
+    ds.OversamplingPhase = "NONE"
+    ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+    ds.SegmentedKSpaceTraversal = "SINGLE"
+    ds.RectilinearPhaseEncodeReordering = "LINEAR"
+    ds.NumberOfKSpaceTrajectories = 1
+    if with_contrast:
+        ds.ContrastBolusAgentSequence = [_item(
+            **{k: v for k, v in zip(("CodeValue", "CodingSchemeDesignator", "CodeMeaning"),
+                                     GADOBUTROL, strict=True)},
+            ContrastBolusAgentNumber=1,
+            ContrastBolusAdministrationRouteSequence=[_code_item(*INTRAVENOUS)],
+            ContrastBolusIngredientCodeSequence=[_code_item(*GADOLINIUM)],
+            ContrastBolusVolume=7.5, ContrastBolusIngredientConcentration=604.72)]
+    dimensions = _uid(sop_uid, "dimensions")
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dimensions)]
+    ds.DimensionOrganizationType = "3D"
+    ds.DimensionIndexSequence = [
+        _item(DimensionOrganizationUID=dimensions, DimensionIndexPointer=0x00209056,
+              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
+        _item(DimensionOrganizationUID=dimensions, DimensionIndexPointer=0x00209057,
+              FunctionalGroupPointer=0x00209111,
+              DimensionDescriptionLabel="In-Stack Position Number")]
+    repetition, echo = timing
+    shared = _item(
+        PixelMeasuresSequence=[_item(PixelSpacing=[round(spacing[1], 6), round(spacing[0], 6)],
+                                     SliceThickness=round(spacing[2], 3),
+                                     SpacingBetweenSlices=round(spacing[2], 3))],
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=orientation)],
+        FrameAnatomySequence=[_item(AnatomicRegionSequence=[_code_item(*BRAIN)],
+                                    FrameLaterality="U")],
+        PixelValueTransformationSequence=[_item(RescaleIntercept=0, RescaleSlope=1,
+                                                RescaleType="US")],
+        FrameVOILUTSequence=[_item(WindowCenter=700, WindowWidth=1400)],
+        MRImageFrameTypeSequence=[_item(
+            FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
+            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+            ComplexImageComponent="MAGNITUDE", AcquisitionContrast=weighting)],
+        MRTimingAndRelatedParametersSequence=[_item(
+            RepetitionTime=repetition, FlipAngle=90.0,
+            EchoTrainLength=15 if echo > 50 else 1, RFEchoTrainLength=15 if echo > 50 else 1,
+            GradientEchoTrainLength=0, GradientOutputType="DB_DT", GradientOutput=10.0,
+            OperatingModeSequence=[
+                _item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL")],
+            SpecificAbsorptionRateSequence=[_item(
+                SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",
+                SpecificAbsorptionRateValue=0.5)])],
+        MRFOVGeometrySequence=[_item(
+            InPlanePhaseEncodingDirection="ROW", MRAcquisitionFrequencyEncodingSteps=columns,
+            MRAcquisitionPhaseEncodingStepsInPlane=rows, PercentSampling=100.0,
+            PercentPhaseFieldOfView=100.0)],
+        MREchoSequence=[_item(EffectiveEchoTime=echo)],
+        MRModifierSequence=[_item(
+            InversionRecovery="NO", FlowCompensation="NONE", T2Preparation="NO",
+            SpectrallySelectedExcitation="NONE", SpatialPresaturation="NONE",
+            PartialFourier="NO", ParallelAcquisition="NO")],
+        MRImagingModifierSequence=[_item(
+            MagnetizationTransfer="NONE", BloodSignalNulling="NO", Tagging="NONE",
+            TransmitterFrequency=63.87, PixelBandwidth=150.0)],
+        MRReceiveCoilSequence=[_item(ReceiveCoilName="HEAD", ReceiveCoilManufacturerName="",
+                                     ReceiveCoilType="VOLUME", QuadratureReceiveCoil="YES")],
+        MRTransmitCoilSequence=[_item(TransmitCoilName="BODY", TransmitCoilManufacturerName="",
+                                      TransmitCoilType="BODY")],
+        MRAveragesSequence=[_item(NumberOfAverages=1)])
+    if with_contrast:
+        shared.ContrastBolusUsageSequence = [_item(
+            ContrastBolusAgentNumber=1, ContrastBolusAgentAdministered="YES",
+            ContrastBolusAgentDetected="YES", ContrastBolusAgentPhase="STEADY_STATE")]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = [_item(
+        FrameContentSequence=[_item(
+            StackID="1", InStackPositionNumber=k + 1, DimensionIndexValues=[1, k + 1],
+            FrameAcquisitionDateTime=acquired, FrameReferenceDateTime=acquired,
+            FrameAcquisitionDuration=100.0, FrameAcquisitionNumber=1)],
+        PlanePositionSequence=[_item(ImagePositionPatient=[
+            round(v, 4) for v in image.TransformIndexToPhysicalPoint((0, 0, k))])])
+        for k in range(frames)]
+    ds.PixelData = np.ascontiguousarray(values.astype(np.int16)).tobytes()
+    return ds
