@@ -42,6 +42,8 @@ MODULE_SECONDS = {
     "unit/test_config.py": 26, "unit/test_mammo_phantoms.py": 19,
     "integration/test_dermoscopy.py": 95, "unit/test_dermoscopy_segmentation.py": 20,
     "integration/test_retraction.py": 19, "integration/test_health_metrics.py": 19,
+    "unit/test_brain_mri_registration.py": 40, "unit/test_brain_mri_dicom.py": 30,
+    "unit/test_brain_mri_network.py": 16, "unit/test_brain_mri_phantoms.py": 12,
 }
 
 
