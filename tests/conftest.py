@@ -44,7 +44,7 @@ MODULE_SECONDS = {
     "integration/test_retraction.py": 19, "integration/test_health_metrics.py": 19,
     "unit/test_brain_mri_registration.py": 40, "unit/test_brain_mri_dicom.py": 30,
     "unit/test_brain_mri_network.py": 16, "unit/test_brain_mri_phantoms.py": 12,
-    "unit/test_brain_mri_datasets.py": 18,
+    "unit/test_brain_mri_datasets.py": 18, "unit/test_brain_mri_training.py": 20,
 }
 
 

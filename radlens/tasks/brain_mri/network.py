@@ -66,12 +66,13 @@ class ClassificationOnly(nn.Module):
 
 
 def joint_loss(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor,
-               masks: torch.Tensor, *, segmentation_weight: float = 1.0) -> torch.Tensor:
-    """The classification's cross-entropy plus ``segmentation_weight`` times the masks' Dice
-    and cross-entropy (MONAI's ``DiceCELoss`` on the three segments, one-hot from ``masks``
-    (B, 1, H, W) of 0/1/2)."""
+               masks: torch.Tensor, *, class_weights: torch.Tensor | None = None,
+               segmentation_weight: float = 1.0) -> torch.Tensor:
+    """The classification's cross-entropy (``class_weights`` per class) plus
+    ``segmentation_weight`` times the masks' Dice and cross-entropy (MONAI's ``DiceCELoss``
+    on the three segments, one-hot from ``masks`` (B, 1, H, W) of 0/1/2)."""
     from monai.losses import DiceCELoss
 
     segmentation = DiceCELoss(to_onehot_y=True, softmax=True)(mask_logits, masks)
-    return nn.functional.cross_entropy(class_logits, classes) + segmentation_weight * \
-        segmentation
+    return nn.functional.cross_entropy(class_logits, classes, weight=class_weights) + \
+        segmentation_weight * segmentation
