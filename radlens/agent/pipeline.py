@@ -27,7 +27,7 @@ from radlens.agent.queue import JobInstance
 from radlens.agent.routing import ImageFacts, Router
 from radlens.dicom_io import pixels
 from radlens.dicom_io.spool import write_durably
-from radlens.dicom_io.volumes import SeriesRefused, check_series
+from radlens.dicom_io.volumes import SeriesRefused, check_multiframe, check_series
 from radlens.errors import ComputeUnavailableError, UnsupportedImageError
 from radlens.findings import ImageInfo, ImageRef, ModelRef, SkippedObject, StudyFindings
 from radlens.history import ObservedItem, PatientHistory
@@ -278,6 +278,7 @@ def read_volume(instances: list[JobInstance], infos: list[ImageInfo]) -> SeriesV
     datasets = [pixels.read_dataset(i.path) for i in instances]
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
         # one multi-frame image (Enhanced MR or CT): its frames' functional groups place them
+        check_multiframe(datasets[0])
         volume = hd.Image.from_dataset(datasets[0]).get_volume(dtype="float32")
     else:
         check_series(datasets)

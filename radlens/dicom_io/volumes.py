@@ -131,3 +131,13 @@ def check_series(headers: Sequence[Dataset]) -> SeriesGeometry:
     return SeriesGeometry(slices=count, rows=rows, columns=columns, spacing_mm=step,
                           pixel_spacing_mm=(float(pixel_spacing[0]), float(pixel_spacing[1])),
                           normal=(float(normal[0]), float(normal[1]), float(normal[2])))
+
+
+def check_multiframe(ds: Dataset) -> None:
+    """A multi-frame image read as a volume: within ``MAX_VOXELS`` (highdicom places its
+    frames from their functional groups and refuses what it cannot place)."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * columns * frames > MAX_VOXELS:
+        raise SeriesRefused(f"{frames} frames of {rows}x{columns} are more than the "
+                            f"{MAX_VOXELS} voxels one volume may hold")

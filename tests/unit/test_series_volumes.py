@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from radlens.dicom_io.volumes import MAX_VOXELS, SeriesRefused, check_series
+from radlens.dicom_io.volumes import (
+    MAX_VOXELS,
+    SeriesRefused,
+    check_multiframe,
+    check_series,
+)
 
 
 def _slice(number: int, z: float, *, orientation=(1, 0, 0, 0, 1, 0), x: float = -100.0,
@@ -73,3 +78,13 @@ def test_a_slice_without_its_position_and_a_series_too_large_are_refused():
     mixed[2].FrameOfReferenceUID = "1.2.4"
     with pytest.raises(SeriesRefused, match="2 frames of reference"):
         check_series(mixed)
+
+
+def test_a_multi_frame_image_too_large_for_a_volume_is_refused_from_its_header():
+    ds = Dataset()
+    ds.Rows, ds.Columns = 1024, 1024
+    ds.NumberOfFrames = MAX_VOXELS // (1024 * 1024)
+    check_multiframe(ds)
+    ds.NumberOfFrames += 1
+    with pytest.raises(SeriesRefused, match="257 frames of 1024x1024 are more than"):
+        check_multiframe(ds)
