@@ -10,7 +10,7 @@ plausibility check (``scope``), explanation (``saliency``), its findings (``find
 change since the patient's prior visit of a lesion (``prior``) and
 the agent's stage (``analyser``) and its part of the study's answer: SEG, SR, overlay, PDF,
 narrative and its grounding (``report``, ``codes``). A model trained on phantoms ships
-(``weights/dermoscopy``); it misses three of its targets, so the task is off by default. The
+(``weights/dermoscopy``); it misses two of its targets, so the task is off by default. The
 method and figures are in docs/dermoscopy.md.
 """
 
