@@ -12,11 +12,12 @@ import pytest
 from tests.helpers import RadlensServer, free_port, port_open, require_tool, wait_for
 
 # Under pytest-xdist every worker (and every agent a test starts) is one of several processes
-# on few cores: torch's default of a thread per core would run twice as many threads as
-# there are cores. One thread each, set before any test imports torch; a value the caller
-# set stands.
+# on few cores: torch's (and ITK's) default of a thread per core would run twice as many
+# threads as there are cores. One thread each, set before any test imports torch or
+# SimpleITK; a value the caller set stands.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")  # SimpleITK's too
 
 # Seconds each module took in the whole suite (pytest --durations=0 on the 2-core machine,
 # 2026-12-07), each beside the others. The suite runs under pytest-xdist, whole modules per
@@ -42,9 +43,9 @@ MODULE_SECONDS = {
     "unit/test_config.py": 26, "unit/test_mammo_phantoms.py": 19,
     "integration/test_dermoscopy.py": 95, "unit/test_dermoscopy_segmentation.py": 20,
     "integration/test_retraction.py": 19, "integration/test_health_metrics.py": 19,
-    "unit/test_brain_mri_registration.py": 40, "unit/test_brain_mri_dicom.py": 30,
-    "unit/test_brain_mri_network.py": 16, "unit/test_brain_mri_phantoms.py": 12,
-    "unit/test_brain_mri_datasets.py": 18, "unit/test_brain_mri_training.py": 20,
+    "unit/test_brain_mri_registration.py": 30, "unit/test_brain_mri_dicom.py": 12,
+    "unit/test_brain_mri_network.py": 10, "unit/test_brain_mri_phantoms.py": 10,
+    "unit/test_brain_mri_training.py": 9,
 }
 
 

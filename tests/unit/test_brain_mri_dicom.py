@@ -20,7 +20,7 @@ from tests.helpers import require_tool
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    case = phantoms.make_case(3, 0, size=40, label="glioma")
+    case = phantoms.make_case(9, 0, size=40, label="glioma")  # 6 mm slices: few files
     folder = tmp_path_factory.mktemp("brain")
     files = write_brain_study(folder, case, uid_seed="test")
     by_series = defaultdict(list)
@@ -86,7 +86,7 @@ def test_the_enhanced_study_is_one_clean_multi_frame_image_a_series_read_as_the_
     from radlens.dicom_io import pixels
     from tests.helpers import dciodvfy_errors
 
-    case = phantoms.make_case(3, 2, size=32, label="meningioma")
+    case = phantoms.make_case(9, 1, size=32, label="meningioma")
     files = write_brain_study(tmp_path, case, uid_seed="enhanced", enhanced=True)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     multi = [(p, h) for p, h in zip(files, headers, strict=True)

@@ -24,8 +24,8 @@ def _stacks(cases) -> Stacks:
 
 
 def test_the_network_trains_on_stacks_and_reads_a_volume():
-    cases = [phantoms.make_case(9, k, size=32, label=label)
-             for k, label in enumerate(phantoms.LABELS)]
+    cases = [phantoms.make_case(9, k, size=32, label=label)  # thick slices: few stacks
+             for k, label in zip((0, 1, 5, 4), phantoms.LABELS, strict=True)]
     stacks = _stacks(cases)
     # every third slice of three volumes to train on, of the glioma's to validate on
     train = [i for i, c in enumerate(stacks.cases) if c != cases[0].case_id][::3]

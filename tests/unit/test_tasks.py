@@ -194,7 +194,7 @@ def test_a_series_task_reads_only_the_series_its_card_selects(tmp_path):
     from radlens.tasks.brain_mri import phantoms
     from radlens.tasks.brain_mri.dicom import write_brain_study
 
-    case = phantoms.make_case(2, 3, size=32, label="pituitary")
+    case = phantoms.make_case(9, 5, size=32, label="pituitary")  # thick slices
     files = write_brain_study(tmp_path, case, uid_seed="routing")
     scope = ModelScope.model_validate({
         "modalities": ["MR"], "body_parts": ["HEAD", "BRAIN"],
