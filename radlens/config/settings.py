@@ -522,14 +522,9 @@ class RoutingRule(_Section):
 
     @model_validator(mode="after")
     def _valid_pattern(self) -> RoutingRule:
-        if self.description is not None:
-            import re
+        from radlens.models.scope import check_description_pattern
 
-            try:
-                re.compile(self.description)
-            except re.error as exc:
-                raise ValueError(f"description {self.description!r} is not a regular "
-                                 f"expression: {exc}") from None
+        check_description_pattern(self.description)
         return self
 
 

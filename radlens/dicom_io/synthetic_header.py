@@ -4,6 +4,8 @@ modality's own attributes (ultrasound regions, mammography views) and pixels."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
@@ -51,3 +53,12 @@ def synthetic_header(*, sop_class_uid: str, sop_uid: str, study_uid: str, series
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance_number
     return ds
+
+
+def dataset_item(**values: Any) -> Dataset:
+    """A sequence item with the given keywords set: the nested functional groups of the
+    multi-frame phantoms are many of these."""
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item

@@ -55,6 +55,19 @@ class ImageGeometry(BaseModel):
                 f"{self.min_bits_stored} to {self.max_bits_stored} bits stored")
 
 
+def check_description_pattern(pattern: str | None) -> None:
+    """ValueError unless ``pattern`` (a description criterion) is a regular expression."""
+    if pattern is None:
+        return
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"description {pattern!r} is not a regular expression: {exc}"
+                         ) from None
+
+
 class SeriesSelection(BaseModel):
     """Which series of a study a model reads, from the headers, as MONAI Deploy's series
     selector picks them by attribute values and patterns: a brain study holds a localiser, a
@@ -80,14 +93,7 @@ class SeriesSelection(BaseModel):
 
     @model_validator(mode="after")
     def _pattern(self) -> SeriesSelection:
-        if self.description is not None:
-            import re
-
-            try:
-                re.compile(self.description)
-            except re.error as exc:
-                raise ValueError(f"description {self.description!r} is not a regular "
-                                 f"expression: {exc}") from exc
+        check_description_pattern(self.description)
         return self
 
     def refusal(self, *, image_type: tuple[str, ...], contrast_agent: str,

@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 
+from radlens.dicom_io.synthetic_header import dataset_item as _item
 from radlens.dicom_io.synthetic_header import synthetic_header
 
 BODY_PART = "HEAD"
@@ -141,9 +142,7 @@ def write_brain_study(folder: Path, case: Any, *, uid_seed: str,
             ds = enhanced_mr_dataset(case, contrast, study_uid=study_uid, frame_uid=frame_uid,
                                      series_number=number, description=description,
                                      timing=timing, study_date=day)
-            path = target / f"{hashlib.sha256(ds.SOPInstanceUID.encode()).hexdigest()[:16]}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            written.append(path)
+            written.append(_save(ds, target))
             continue
         if contrast is None:
             slices = [dict(pixels=p, position=pos, orientation=o, spacing=s,
@@ -162,23 +161,20 @@ def write_brain_study(folder: Path, case: Any, *, uid_seed: str,
                            localizer=False, contrast=contrast == "T1+C", frame_uid=frame_uid)
                       for k in range(values.shape[0])]
         for instance, described in enumerate(slices, 1):
-            ds = _mr_dataset(case, instance=instance, **common, **described)
-            name = hashlib.sha256(ds.SOPInstanceUID.encode()).hexdigest()[:16]
-            path = target / f"{name}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            written.append(path)
+            written.append(_save(_mr_dataset(case, instance=instance, **common, **described),
+                                 target))
     return written
 
 
-def _item(**values: Any) -> Dataset:
-    item = Dataset()
-    for keyword, value in values.items():
-        setattr(item, keyword, value)
-    return item
+def _save(ds: Dataset, folder: Path) -> Path:
+    """``ds`` in ``folder`` under a hash of its UID: a listing is in no slice order."""
+    path = folder / f"{hashlib.sha256(ds.SOPInstanceUID.encode()).hexdigest()[:16]}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
-def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
-    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+def _code_item(value: str, scheme: str, meaning: str, **more: Any) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning, **more)
 
 
 BRAIN = ("12738006", "SCT", "Brain")
@@ -263,10 +259,8 @@ def enhanced_mr_dataset(case: Any, contrast: str, *, study_uid: str, frame_uid: 
     ds.RectilinearPhaseEncodeReordering = "LINEAR"
     ds.NumberOfKSpaceTrajectories = 1
     if with_contrast:
-        ds.ContrastBolusAgentSequence = [_item(
-            **{k: v for k, v in zip(("CodeValue", "CodingSchemeDesignator", "CodeMeaning"),
-                                     GADOBUTROL, strict=True)},
-            ContrastBolusAgentNumber=1,
+        ds.ContrastBolusAgentSequence = [_code_item(
+            *GADOBUTROL, ContrastBolusAgentNumber=1,
             ContrastBolusAdministrationRouteSequence=[_code_item(*INTRAVENOUS)],
             ContrastBolusIngredientCodeSequence=[_code_item(*GADOLINIUM)],
             ContrastBolusVolume=7.5, ContrastBolusIngredientConcentration=604.72)]

@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from radlens.dicom_io.synthetic_header import synthetic_header
+from radlens.dicom_io.synthetic_header import dataset_item, synthetic_header
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
@@ -106,13 +106,6 @@ def mammogram_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: st
     return ds
 
 
-def _item(**values: Any) -> Dataset:
-    item = Dataset()
-    for keyword, value in values.items():
-        setattr(item, keyword, value)
-    return item
-
-
 def tomosynthesis_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid: str,
                           frame_of_reference_uid: str, instance_number: int,
                           slices: int = TOMOSYNTHESIS_SLICES) -> Dataset:
@@ -153,36 +146,36 @@ def tomosynthesis_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid
     ds.PixelRepresentation = 0
     ds.PresentationLUTShape = "IDENTITY"
     ds.LossyImageCompression = "00"
-    ds.SharedFunctionalGroupsSequence = [_item(
-        PixelMeasuresSequence=[_item(PixelSpacing=[spacing, spacing],
+    ds.SharedFunctionalGroupsSequence = [dataset_item(
+        PixelMeasuresSequence=[dataset_item(PixelSpacing=[spacing, spacing],
                                      SliceThickness=SLICE_THICKNESS_MM)],
-        PlaneOrientationSequence=[_item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])],
-        FrameAnatomySequence=[_item(AnatomicRegionSequence=[_code(*BREAST)],
+        PlaneOrientationSequence=[dataset_item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])],
+        FrameAnatomySequence=[dataset_item(AnatomicRegionSequence=[_code(*BREAST)],
                                     FrameLaterality=view.laterality)],
-        PixelValueTransformationSequence=[_item(RescaleIntercept=0, RescaleSlope=1,
+        PixelValueTransformationSequence=[dataset_item(RescaleIntercept=0, RescaleSlope=1,
                                                 RescaleType="US")])]
     dimensions = generate_uid(entropy_srcs=[sop_uid, "dimensions"])
-    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dimensions)]
+    ds.DimensionOrganizationSequence = [dataset_item(DimensionOrganizationUID=dimensions)]
     ds.DimensionOrganizationType = "3D"
-    ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=dimensions,
+    ds.DimensionIndexSequence = [dataset_item(DimensionOrganizationUID=dimensions,
                                        DimensionIndexPointer=0x00200032,
                                        FunctionalGroupPointer=0x00209113)]
-    ds.PerFrameFunctionalGroupsSequence = [_item(
-        FrameContentSequence=[_item(DimensionIndexValues=[k + 1],
+    ds.PerFrameFunctionalGroupsSequence = [dataset_item(
+        FrameContentSequence=[dataset_item(DimensionIndexValues=[k + 1],
                                     FrameAcquisitionDateTime="20260101090000",
                                     FrameReferenceDateTime="20260101090000",
                                     FrameAcquisitionDuration=100.0)],
-        PlanePositionSequence=[_item(ImagePositionPatient=[0, 0, k * SLICE_THICKNESS_MM])],
-        XRay3DFrameTypeSequence=[_item(FrameType=frame_type, PixelPresentation="MONOCHROME",
+        PlanePositionSequence=[dataset_item(ImagePositionPatient=[0, 0, k * SLICE_THICKNESS_MM])],
+        XRay3DFrameTypeSequence=[dataset_item(FrameType=frame_type, PixelPresentation="MONOCHROME",
                                        VolumetricProperties="VOLUME",
                                        VolumeBasedCalculationTechnique="NONE",
                                        ReconstructionIndex=1)])
         for k in range(slices)]
-    ds.XRay3DReconstructionSequence = [_item(
+    ds.XRay3DReconstructionSequence = [dataset_item(
         ReconstructionDescription="phantom: the view blurred away from its focal plane",
         ApplicationName="radlens", ApplicationVersion="1", ApplicationManufacturer="radlens",
         AlgorithmType="ITERATIVE", AlgorithmDescription="none", AcquisitionIndex=[1])]
-    ds.XRay3DAcquisitionSequence = [_item(
+    ds.XRay3DAcquisitionSequence = [dataset_item(
         FieldOfViewShape="RECTANGLE",
         FieldOfViewDimensionsInFloat=[round(rows * spacing, 3), round(columns * spacing, 3)],
         FieldOfViewOrigin=[0, 0], XRayReceptorType="DIGITAL_DETECTOR",
@@ -191,7 +184,7 @@ def tomosynthesis_dataset(view: Any, *, study_uid: str, series_uid: str, sop_uid
         EstimatedRadiographicMagnificationFactor=1.08, ExposureControlMode="AUTOMATIC",
         ExposureControlModeDescription="phantom", FilterMaterial=["ALUMINUM"],
         FilterType="FLAT", FocalSpots=[0.3], HalfValueLayer=0.5,
-        PaddleDescription="phantom", PerProjectionAcquisitionSequence=[_item(
+        PaddleDescription="phantom", PerProjectionAcquisitionSequence=[dataset_item(
             KVP=30, XRayTubeCurrentInmA=100.0, FrameAcquisitionDuration=100.0,
             ExposureTimeInms=100.0, ExposureInmAs=10.0, RelativeXRayExposure=1000,
             PositionerPrimaryAngle=0.0)])]
